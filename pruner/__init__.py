@@ -1,0 +1,68 @@
+"""onnx-pruner: prune an ONNX model to the smallest one that stays within an accuracy tolerance.
+
+Example::
+
+    import pruner
+
+    result = pruner.prune("model.onnx", "eval.npz", pruner.PruneOptions(tolerance=pruner.Tolerance(0.01)))
+    result.save("pruned.onnx")
+    print(result.report.sparsity, result.report.final)
+"""
+
+from __future__ import annotations
+
+from ._analysis import Inspection, PrunableWeight, SkippedWeight
+from ._errors import (
+    CancelledError,
+    InvalidConfigError,
+    InvalidEvalSetError,
+    InvalidInputError,
+    InvalidModelError,
+    PrunerError,
+    ResourceLimitError,
+    UnsupportedModelError,
+)
+from ._evalset import EvalSet, load_eval_set
+from ._model import load_model, save_model
+from ._options import Allocation, Criterion, MetricKind, Mode, Objective, PruneOptions, Tolerance
+from ._plan import LayerPlan, PlanIssue, PruningPlan, apply_plan, check_plan
+from ._prune import PruneResult, inspect, prune
+from ._report import CandidateRecord, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
+
+__all__ = [
+    "Allocation",
+    "CancelledError",
+    "CandidateRecord",
+    "Criterion",
+    "EvalSet",
+    "EventKind",
+    "Inspection",
+    "InvalidConfigError",
+    "InvalidEvalSetError",
+    "InvalidInputError",
+    "InvalidModelError",
+    "LayerPlan",
+    "LayerReport",
+    "MetricKind",
+    "Mode",
+    "Objective",
+    "PlanIssue",
+    "ProgressEvent",
+    "PrunableWeight",
+    "PruneOptions",
+    "PruneResult",
+    "PrunerError",
+    "PruningPlan",
+    "Report",
+    "ResourceLimitError",
+    "SkippedWeight",
+    "SplitMetric",
+    "Tolerance",
+    "apply_plan",
+    "check_plan",
+    "inspect",
+    "load_eval_set",
+    "load_model",
+    "prune",
+    "save_model",
+]

@@ -1,0 +1,205 @@
+"""Which weights can be pruned, and why the others cannot."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+
+from ._graph import GraphIndex
+
+__all__ = ["Inspection", "PrunableWeight", "SkippedWeight", "analyze"]
+
+PRUNABLE_DTYPES = {
+    TensorProto.FLOAT: "float32",
+    TensorProto.FLOAT16: "float16",
+    TensorProto.BFLOAT16: "bfloat16",
+}
+
+
+@dataclass(frozen=True)
+class PrunableWeight:
+    """A weight tensor the pruner may zero.
+
+    ``channel_axis`` is the axis of output channels (Conv filters, Gemm/MatMul
+    output neurons): the l1/l2 criteria zero whole slices along it.
+    """
+
+    name: str
+    op_type: str
+    nodes: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    channel_axis: int
+    from_constant: bool = False
+
+    @property
+    def params(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def channels(self) -> int:
+        return self.shape[self.channel_axis]
+
+
+@dataclass(frozen=True)
+class SkippedWeight:
+    """A weight-like tensor that is left alone, with the reason."""
+
+    name: str
+    op_type: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """The prunable layers of a model and what was skipped."""
+
+    layers: tuple[PrunableWeight, ...]
+    skipped: tuple[SkippedWeight, ...]
+    total_params: int
+    """Elements of all initializers and Constant tensors."""
+
+    @property
+    def prunable_params(self) -> int:
+        return sum(layer.params for layer in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        total = max(self.total_params, 1)
+        return {
+            "total_params": self.total_params,
+            "prunable_params": self.prunable_params,
+            "layers": [
+                {**asdict(layer), "params": layer.params, "share": layer.params / total} for layer in self.layers
+            ],
+            "skipped": [asdict(s) for s in self.skipped],
+        }
+
+
+def _weight_slots(node: onnx.NodeProto) -> dict[int, int]:
+    """Input index of each weight operand of ``node`` -> its output-channel axis (may be negative)."""
+    if node.domain not in ("", "ai.onnx"):
+        return {}
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    if node.op_type == "Conv":
+        return {1: 0}
+    if node.op_type == "ConvTranspose":
+        return {1: 1}
+    if node.op_type == "Gemm":
+        return {0: 1 if attrs.get("transA", 0) else 0, 1: 0 if attrs.get("transB", 0) else 1}
+    if node.op_type == "MatMul":
+        return {0: -2, 1: -1}
+    return {}
+
+
+def _tensor(index: GraphIndex, name: str) -> TensorProto | None:
+    if name in index.initializers:
+        return index.initializers[name]
+    node = index.constants.get(name)
+    if node is not None:
+        for attr in node.attribute:
+            if attr.name == "value" and attr.HasField("t"):
+                return attr.t
+    return None
+
+
+def _matches(patterns: tuple[str, ...], names: list[str]) -> str | None:
+    for pattern in patterns:
+        if any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            return pattern
+    return None
+
+
+def analyze(
+    model: onnx.ModelProto,
+    *,
+    include: tuple[str, ...] = (),
+    exclude: tuple[str, ...] = (),
+    index: GraphIndex | None = None,
+) -> Inspection:
+    """Find the prunable weights of ``model``; pure, never modifies it."""
+    index = index or GraphIndex.build(model.graph)
+    candidates: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    for node in model.graph.node:
+        for slot, axis in _weight_slots(node).items():
+            if slot < len(node.input) and node.input[slot] and _tensor(index, node.input[slot]) is not None:
+                candidates.setdefault(node.input[slot], []).append((node, axis))
+
+    layers: list[PrunableWeight] = []
+    skipped: list[SkippedWeight] = []
+    for name, slots in candidates.items():
+        tensor = _tensor(index, name)
+        assert tensor is not None
+        op_type = slots[0][0].op_type
+        node_names = [index.node_name(n) for n, _ in slots]
+
+        def skip(reason: str, *, _name: str = name, _op: str = op_type) -> None:
+            skipped.append(SkippedWeight(_name, _op, reason))
+
+        shape = tuple(int(d) for d in tensor.dims)
+        if tensor.data_type not in PRUNABLE_DTYPES:
+            skip(f"dtype {TensorProto.DataType.Name(tensor.data_type).lower()} is not float32/float16/bfloat16")
+            continue
+        if len(shape) < 2:
+            skip(f"has {len(shape)} dimension(s); only weights of 2+ dimensions are pruned")
+            continue
+        if int(np.prod(shape)) == 0:
+            skip("is empty")
+            continue
+        if name in index.graph_inputs:
+            skip("is also a graph input, so callers may override it at run time")
+            continue
+        weight_uses = {(id(n), i) for n, _ in slots for i, inp in enumerate(n.input) if inp == name}
+        others = [u for u in index.uses(name) if (id(u.node), u.index) not in weight_uses]
+        if any(u.in_subgraph for u in index.uses(name)):
+            skip("is read inside a subgraph (If/Loop/Scan)")
+            continue
+        if others:
+            u = others[0]
+            skip(f"is also read by {index.node_name(u.node)} ({u.node.op_type}) as a non-weight input")
+            continue
+        if name in index.graph_outputs:
+            skip("is a graph output")
+            continue
+        axes = {axis % len(shape) for _, axis in slots}
+        if len(axes) > 1:
+            skip("is shared by nodes that disagree on its output-channel axis")
+            continue
+        pattern = _matches(exclude, [name, *node_names])
+        if pattern is not None:
+            skip(f"excluded by pattern {pattern!r}")
+            continue
+        if include and _matches(include, [name, *node_names]) is None:
+            skip("not matched by any include pattern")
+            continue
+        layers.append(
+            PrunableWeight(
+                name=name,
+                op_type=op_type,
+                nodes=tuple(node_names),
+                shape=shape,
+                dtype=PRUNABLE_DTYPES[tensor.data_type],
+                channel_axis=axes.pop(),
+                from_constant=name not in index.initializers,
+            )
+        )
+
+    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    total += sum(int(np.prod(_tensor(index, n).dims)) for n in index.constants if _tensor(index, n) is not None)  # type: ignore[union-attr]
+    return Inspection(tuple(layers), tuple(skipped), total)
+
+
+def read_weight(model_index: GraphIndex, name: str) -> np.ndarray:
+    """The weight as float32 (scores and masks are computed in float32)."""
+    tensor = _tensor(model_index, name)
+    if tensor is None:
+        raise KeyError(name)
+    return numpy_helper.to_array(tensor).astype(np.float32, copy=False)
+
+
+def tensor_proto(model_index: GraphIndex, name: str) -> TensorProto | None:
+    return _tensor(model_index, name)

@@ -1,0 +1,60 @@
+"""Errors raised by onnx-pruner.
+
+Every error the library raises on purpose derives from :class:`PrunerError`::
+
+    PrunerError
+    ├── InvalidInputError          the caller gave us something we cannot use
+    │   ├── InvalidModelError      not ONNX, truncated, fails the checker, bad external data
+    │   ├── InvalidEvalSetError    eval set does not match the model, NaN, pickled data
+    │   └── InvalidConfigError     an option is out of range or inconsistent
+    ├── UnsupportedModelError      a valid model that onnxruntime or the pruner cannot run
+    ├── ResourceLimitError         input over a configured size limit
+    └── CancelledError             the caller asked the run to stop
+
+Messages say what is wrong and what to fix; they never carry a traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CancelledError",
+    "InvalidConfigError",
+    "InvalidEvalSetError",
+    "InvalidInputError",
+    "InvalidModelError",
+    "PrunerError",
+    "ResourceLimitError",
+    "UnsupportedModelError",
+]
+
+
+class PrunerError(Exception):
+    """Base class of every error onnx-pruner raises on purpose."""
+
+
+class InvalidInputError(PrunerError):
+    """The caller's input (model, eval set or options) cannot be used."""
+
+
+class InvalidModelError(InvalidInputError):
+    """The model is not a valid, self-contained ONNX model."""
+
+
+class InvalidEvalSetError(InvalidInputError):
+    """The eval set cannot be read or does not match the model."""
+
+
+class InvalidConfigError(InvalidInputError):
+    """An option is out of range or inconsistent with the others."""
+
+
+class UnsupportedModelError(PrunerError):
+    """A valid model that onnxruntime (or the pruner) cannot run."""
+
+
+class ResourceLimitError(PrunerError):
+    """An input exceeds a configured size limit."""
+
+
+class CancelledError(PrunerError):
+    """The run was stopped through its stop event."""

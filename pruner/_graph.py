@@ -1,0 +1,77 @@
+"""One small index over an ONNX graph: who produces and who consumes each tensor.
+
+Built once per model; every graph question in the library goes through it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import onnx
+
+__all__ = ["GraphIndex", "Use"]
+
+
+@dataclass(frozen=True)
+class Use:
+    """One consumption of a tensor: ``node.input[index]``; ``in_subgraph`` if inside If/Loop/Scan."""
+
+    node: onnx.NodeProto
+    index: int
+    in_subgraph: bool = False
+
+
+@dataclass
+class GraphIndex:
+    """Producers, consumers, initializers and Constant nodes of the main graph."""
+
+    graph: onnx.GraphProto
+    initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
+    constants: dict[str, onnx.NodeProto] = field(default_factory=dict)
+    consumers: dict[str, list[Use]] = field(default_factory=lambda: defaultdict(list))
+    graph_inputs: set[str] = field(default_factory=set)
+    graph_outputs: set[str] = field(default_factory=set)
+
+    @classmethod
+    def build(cls, graph: onnx.GraphProto) -> GraphIndex:
+        index = cls(graph)
+        index.initializers = {t.name: t for t in graph.initializer}
+        index.graph_inputs = {v.name for v in graph.input}
+        index.graph_outputs = {v.name for v in graph.output}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                index.constants[node.output[0]] = node
+            for i, name in enumerate(node.input):
+                if name:
+                    index.consumers[name].append(Use(node, i))
+            for sub_name in _subgraph_inputs(node):
+                index.consumers[sub_name].append(Use(node, -1, in_subgraph=True))
+        return index
+
+    def uses(self, name: str) -> list[Use]:
+        return self.consumers.get(name, [])
+
+    def node_name(self, node: onnx.NodeProto) -> str:
+        return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
+
+
+def _subgraph_inputs(node: onnx.NodeProto) -> Iterator[str]:
+    """Outer-scope names read inside the node's subgraphs."""
+    for attr in node.attribute:
+        subgraphs = list(attr.graphs)
+        if attr.HasField("g"):
+            subgraphs.append(attr.g)
+        for sub in subgraphs:
+            yield from _free_names(sub)
+
+
+def _free_names(graph: onnx.GraphProto) -> Iterator[str]:
+    local = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in local:
+                yield name
+        yield from _subgraph_inputs(node)
+        local.update(node.output)

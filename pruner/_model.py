@@ -1,0 +1,213 @@
+"""Loading, validating and writing ONNX models.
+
+A model is accepted only when it parses, passes ``onnx.checker`` with
+``full_check=True`` (strict shape inference) and, where it uses external data,
+every data file lies inside the model's own folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto
+
+from ._errors import InvalidModelError
+
+__all__ = ["load_model", "model_bytes", "save_model", "session_source"]
+
+logger = logging.getLogger(__name__)
+
+PROTOBUF_LIMIT = 2_000_000_000
+"""Models whose serialized size exceeds this are written with external data."""
+
+
+def load_model(source: str | os.PathLike[str] | bytes) -> onnx.ModelProto:
+    """Load and fully validate a model from a path or from its serialized bytes.
+
+    Raises:
+        InvalidModelError: the file is missing, not ONNX, truncated, fails the
+            checker, or references external data it may not use.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        model = _parse(bytes(source), "the model bytes")
+        external = _external_tensors(model)
+        if external:
+            raise InvalidModelError(
+                f"the model references external data (tensor {external[0].name!r}); a model sent as "
+                "bytes must be self-contained: save it with all tensors inside the .onnx file"
+            )
+        _check(model)
+        return model
+
+    path = Path(source)
+    if not path.is_file():
+        raise InvalidModelError(f"model file {str(path)!r} does not exist or is not a file")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise InvalidModelError(f"cannot read model file {str(path)!r}: {e.strerror}") from e
+    model = _parse(data, repr(str(path)))
+    del data
+    external = _external_tensors(model)
+    if external:
+        _check_external_locations(external, path.parent)
+        try:
+            onnx.load_external_data_for_model(model, str(path.parent))
+        except Exception as e:  # onnx raises several types here
+            raise InvalidModelError(f"cannot load the external data of {str(path)!r}: {e}") from e
+        _check(model, path)
+    else:
+        _check(model)
+    return model
+
+
+def _parse(data: bytes, what: str) -> onnx.ModelProto:
+    if not data:
+        raise InvalidModelError(f"{what} is empty, not an ONNX model")
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError) as e:
+        raise InvalidModelError(f"{what} is not an ONNX model or is truncated (protobuf parse failed: {e})") from e
+    if not model.HasField("graph") or not model.graph.node:
+        raise InvalidModelError(f"{what} is not an ONNX model or is truncated: it has no graph nodes")
+    return model
+
+
+def _check(model: onnx.ModelProto, path: Path | None = None) -> None:
+    if not model.opset_import:
+        raise InvalidModelError("the model declares no opset (opset_import is empty)")
+    try:
+        if path is not None:
+            onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(model, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidModelError(f"the model fails the ONNX checker: {first}") from e
+    except ValueError as e:  # e.g. a model over 2 GB given in memory
+        raise InvalidModelError(f"the model cannot be checked: {e}") from e
+
+
+def _iter_tensors(graph: onnx.GraphProto) -> Iterator[TensorProto]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _iter_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _iter_tensors(sub)
+
+
+def _external_tensors(model: onnx.ModelProto) -> list[TensorProto]:
+    return [t for t in _iter_tensors(model.graph) if t.data_location == TensorProto.EXTERNAL]
+
+
+def _check_external_locations(tensors: list[TensorProto], folder: Path) -> None:
+    root = folder.resolve()
+    for tensor in tensors:
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        if not location:
+            raise InvalidModelError(f"tensor {tensor.name!r} has external data without a location")
+        rel = Path(location)
+        if rel.is_absolute() or location.startswith(("/", "\\")) or ".." in rel.parts or ":" in location:
+            raise InvalidModelError(
+                f"tensor {tensor.name!r} points to external data {location!r} outside the model's "
+                "folder; only relative paths inside that folder are allowed"
+            )
+        target = (root / rel).resolve()
+        if not target.is_relative_to(root):
+            raise InvalidModelError(
+                f"tensor {tensor.name!r}: external data {location!r} resolves outside the model's folder"
+            )
+        if not target.is_file():
+            raise InvalidModelError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
+        size = target.stat().st_size
+        offset = int(info.get("offset", "0") or 0)
+        length = int(info.get("length", "0") or 0)
+        if offset < 0 or length < 0 or offset + length > size:
+            raise InvalidModelError(
+                f"tensor {tensor.name!r}: external data range {offset}+{length} exceeds {location!r} ({size} bytes)"
+            )
+
+
+def model_bytes(model: onnx.ModelProto) -> bytes:
+    """Serialize a model that fits in one protobuf message."""
+    return model.SerializeToString()
+
+
+@contextlib.contextmanager
+def session_source(model: onnx.ModelProto) -> Iterator[str | bytes]:
+    """What onnxruntime should load: bytes, or a temporary path for models over 2 GB."""
+    if model.ByteSize() < PROTOBUF_LIMIT:
+        yield model.SerializeToString()
+        return
+    with tempfile.TemporaryDirectory(prefix="onnx-pruner-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        _write_external(model, path)
+        yield path
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
+    """Write a model atomically; models over 2 GB get an external-data file beside them.
+
+    Nothing is left at ``path`` if writing fails.
+    """
+    target = Path(path)
+    folder = target.parent if str(target.parent) else Path(".")
+    large = model.ByteSize() >= PROTOBUF_LIMIT
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        if large:
+            data_name = target.name + ".data"
+            tmp_data = folder / f".{data_name}.tmp"
+            _write_external(model, tmp_name, location=tmp_data.name)
+            # the model refers to the final data name; rename data first, then the model
+            _relocate_external(tmp_name, tmp_data.name, data_name)
+            os.replace(tmp_data, folder / data_name)
+        else:
+            with open(tmp_name, "wb") as f:
+                f.write(model.SerializeToString())
+        os.replace(tmp_name, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+
+
+def _write_external(model: onnx.ModelProto, path: str, location: str = "model.onnx.data") -> None:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    onnx.save_model(
+        copy,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=1024,
+    )
+
+
+def _relocate_external(model_path: str, old: str, new: str) -> None:
+    model = onnx.load(model_path, load_external_data=False)
+    for tensor in _external_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
+    with open(model_path, "wb") as f:
+        f.write(model.SerializeToString())

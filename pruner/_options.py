@@ -1,0 +1,226 @@
+"""Options of a pruning run: frozen, keyword-only, validated on construction."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ._errors import InvalidConfigError
+
+__all__ = [
+    "Allocation",
+    "Criterion",
+    "MetricKind",
+    "Mode",
+    "Objective",
+    "PruneOptions",
+    "Tolerance",
+]
+
+DEFAULT_TOLERANCE = "0.01"
+DEFAULT_MAX_EVALUATIONS = 12
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_HOLDOUT_FRACTION = 0.2
+DEFAULT_LAYER_CAP = 0.98
+DEFAULT_RESOLUTION = 0.01
+DEFAULT_TOP_K = 5
+MAX_BATCH_SIZE = 65536
+
+
+class Mode(enum.Enum):
+    """How weights are pruned."""
+
+    ZERO = "zero"
+    """Set weights to zero; tensor shapes stay the same."""
+
+
+class Criterion(enum.Enum):
+    """How weights are scored; the lowest scores are pruned first."""
+
+    MAGNITUDE = "magnitude"
+    """|w| of each element."""
+    L1 = "l1"
+    """L1 norm of each output channel; whole channels are zeroed."""
+    L2 = "l2"
+    """L2 norm of each output channel; whole channels are zeroed."""
+
+
+class Allocation(enum.Enum):
+    """How a global sparsity level is shared between layers."""
+
+    GLOBAL = "global"
+    """One threshold on the raw scores across all layers."""
+    NORMALIZED = "normalized"
+    """One threshold on scores divided by their layer's RMS score."""
+    LAMP = "lamp"
+    """One threshold on layer-adaptive magnitude scores (Lee et al., 2021)."""
+    UNIFORM = "uniform"
+    """The same sparsity in every layer."""
+
+
+class Objective(enum.Enum):
+    """What 'smallest' means in the search."""
+
+    PARAMS = "params"
+    """Nonzero prunable parameters."""
+
+
+class MetricKind(enum.Enum):
+    """Quality measure of a candidate; see README for the definitions."""
+
+    ACCURACY = "accuracy"
+    TOPK = "topk"
+    MSE = "mse"
+    MAE = "mae"
+    AGREEMENT = "agreement"
+    COSINE = "cosine"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self not in (MetricKind.MSE, MetricKind.MAE)
+
+    @property
+    def needs_labels(self) -> bool:
+        return self in (MetricKind.ACCURACY, MetricKind.TOPK, MetricKind.MSE, MetricKind.MAE)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Allowed loss of the metric against the unpruned baseline.
+
+    ``Tolerance(0.01)`` allows one metric point (0.01 absolute);
+    ``Tolerance(0.01, relative=True)`` allows 1% of the baseline value.
+    """
+
+    value: float
+    relative: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
+            raise InvalidConfigError(f"tolerance must be a finite number, got {self.value!r}")
+        if self.value < 0:
+            raise InvalidConfigError(f"tolerance must be >= 0, got {self.value}")
+        if self.relative and self.value > 100:
+            raise InvalidConfigError(f"relative tolerance must be <= 100%, got {self.value * 100:g}%")
+
+    @classmethod
+    def parse(cls, text: str) -> Tolerance:
+        """Parse ``"0.01"`` (absolute) or ``"1%"`` (relative)."""
+        raw = text.strip()
+        relative = raw.endswith("%")
+        number = raw[:-1].strip() if relative else raw
+        try:
+            value = float(number)
+        except ValueError:
+            raise InvalidConfigError(
+                f"tolerance {text!r} is not a number; use e.g. 0.01 (absolute) or 1% (relative)"
+            ) from None
+        return cls(value / 100 if relative else value, relative=relative)
+
+    def allowed_loss(self, baseline: float) -> float:
+        """The largest metric loss that still passes, in metric units."""
+        return self.value * abs(baseline) if self.relative else self.value
+
+    def __str__(self) -> str:
+        return f"{self.value * 100:g}%" if self.relative else f"{self.value:g}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneOptions:
+    """Everything that steers a pruning run. All fields have defaults."""
+
+    mode: Mode = Mode.ZERO
+    criterion: Criterion = Criterion.MAGNITUDE
+    allocation: Allocation = Allocation.LAMP
+    metric: MetricKind = MetricKind.ACCURACY
+    top_k: int = DEFAULT_TOP_K
+    output: str | None = None
+    """Model output the metric reads; the first output when None."""
+    tolerance: Tolerance = Tolerance(float(DEFAULT_TOLERANCE))
+    objective: Objective = Objective.PARAMS
+    max_evaluations: int = DEFAULT_MAX_EVALUATIONS
+    """Candidate evaluations on the search split (the baseline and the confirmation are extra)."""
+    max_seconds: float | None = None
+    """Wall-clock budget of the search; the best model found so far is returned."""
+    seed: int = 0
+    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION
+    batch_size: int = DEFAULT_BATCH_SIZE
+    threads: int = 0
+    """onnxruntime intra-op threads; 0 lets onnxruntime choose."""
+    layer_cap: float = DEFAULT_LAYER_CAP
+    """No layer loses more than this share of its weights."""
+    resolution: float = DEFAULT_RESOLUTION
+    """Step of the global sparsity bisection."""
+    include: tuple[str, ...] = ()
+    """Globs on node or initializer names; when set, only matching layers are pruned."""
+    exclude: tuple[str, ...] = ()
+    """Globs on node or initializer names whose layers are never pruned."""
+    sparse_initializers: bool = False
+    """Store zeroed weights as ONNX sparse_initializer where that makes the file smaller."""
+
+    def __post_init__(self) -> None:
+        for name, enum_type in (
+            ("mode", Mode),
+            ("criterion", Criterion),
+            ("allocation", Allocation),
+            ("metric", MetricKind),
+            ("objective", Objective),
+        ):
+            if not isinstance(getattr(self, name), enum_type):
+                choices = ", ".join(m.value for m in enum_type)
+                raise InvalidConfigError(f"{name} must be one of: {choices}; got {getattr(self, name)!r}")
+        if not isinstance(self.tolerance, Tolerance):
+            raise InvalidConfigError("tolerance must be a Tolerance; use Tolerance.parse('0.01')")
+        _check_int("max_evaluations", self.max_evaluations, 1, 10_000)
+        _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
+        _check_int("top_k", self.top_k, 1, 1_000_000)
+        _check_int("threads", self.threads, 0, 1024)
+        _check_int("seed", self.seed, 0, 2**32 - 1)
+        if self.max_seconds is not None:
+            _check_float("max_seconds", self.max_seconds, 0.0, 30 * 24 * 3600.0, low_open=True)
+        _check_float("holdout_fraction", self.holdout_fraction, 0.0, 0.9)
+        _check_float("layer_cap", self.layer_cap, 0.0, 1.0, low_open=True, high_open=True)
+        _check_float("resolution", self.resolution, 0.001, 0.25)
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):
+                raise InvalidConfigError(f"{name} must be a tuple of non-empty glob strings")
+        if self.output is not None and (not isinstance(self.output, str) or not self.output):
+            raise InvalidConfigError("output must be a non-empty output name or None")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready view: enums as their values, the tolerance as text."""
+        out = asdict(self)
+        for key, value in out.items():
+            if isinstance(value, enum.Enum):
+                out[key] = value.value
+            elif isinstance(value, tuple):
+                out[key] = list(value)
+        out["tolerance"] = str(self.tolerance)
+        return out
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidConfigError(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+
+
+def _check_float(
+    name: str,
+    value: object,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        assert isinstance(value, (int, float))
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        raise InvalidConfigError(f"{name} must be a number in {lo}{low:g}, {high:g}{hi}, got {value!r}")

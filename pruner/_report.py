@@ -1,0 +1,118 @@
+"""Results of a run: the report (JSON-serialisable) and progress events."""
+
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["CandidateRecord", "EventKind", "LayerReport", "ProgressEvent", "Report", "SplitMetric"]
+
+
+class EventKind(enum.Enum):
+    BASELINE = "baseline"
+    CANDIDATE = "candidate"
+    NEW_BEST = "new_best"
+    CONFIRM = "confirm"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """Emitted to ``on_progress`` while a run goes on."""
+
+    kind: EventKind
+    message: str
+    evaluation: int = 0
+    max_evaluations: int = 0
+    sparsity: float | None = None
+    nonzero_params: int | None = None
+    metric: float | None = None
+    passed: bool | None = None
+
+
+@dataclass(frozen=True)
+class SplitMetric:
+    """A metric value on the search split and on the held-out split (None when there is none)."""
+
+    search: float
+    holdout: float | None
+
+
+@dataclass(frozen=True)
+class LayerReport:
+    name: str
+    op_type: str
+    shape: tuple[int, ...]
+    params: int
+    nonzero_before: int
+    nonzero_after: int
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.nonzero_after / self.params if self.params else 0.0
+
+
+@dataclass(frozen=True)
+class CandidateRecord:
+    """One evaluated candidate (the trace)."""
+
+    index: int
+    phase: str
+    sparsity: float
+    nonzero_params: int
+    metric: float
+    passed: bool
+    complete: bool
+    """False when evaluation stopped early because the candidate could no longer pass."""
+    samples: int
+    seconds: float
+
+
+@dataclass
+class Report:
+    """Everything a run did and measured. ``to_json()`` is the CLI's ``--report``."""
+
+    tool_version: str
+    versions: dict[str, str]
+    options: dict[str, Any]
+    metric: str
+    higher_is_better: bool
+    output: str
+    samples: dict[str, int]
+    baseline: SplitMetric
+    final: SplitMetric
+    allowed_loss: float
+    status: str
+    """``pruned`` or ``unchanged`` (nothing passed the tolerance, or nothing was prunable)."""
+    total_params: int
+    prunable_params: int
+    nonzero_before: int
+    nonzero_after: int
+    bytes_before: int
+    bytes_after: int
+    layers: list[LayerReport]
+    skipped: list[dict[str, str]]
+    trace: list[CandidateRecord]
+    evaluations: int
+    confirmations: int
+    probes: int
+    stopped_by: str
+    plan: dict[str, Any]
+    timings: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def sparsity(self) -> float:
+        """Share of prunable params that are zero in the result."""
+        return 1.0 - self.nonzero_after / self.prunable_params if self.prunable_params else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["sparsity"] = self.sparsity
+        out["layers"] = [{**asdict(layer), "sparsity": layer.sparsity} for layer in self.layers]
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)

@@ -1,0 +1,246 @@
+"""The ``onnx-prune`` command line: ``prune`` and ``inspect``.
+
+Exit codes: 0 success, 1 internal error, 2 bad input, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pruner
+from pruner import (
+    Allocation,
+    Criterion,
+    MetricKind,
+    ProgressEvent,
+    PruneOptions,
+    PrunerError,
+    Tolerance,
+)
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+DEFAULTS = PruneOptions()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="onnx-prune", description="Prune ONNX models within an accuracy tolerance.")
+    parser.add_argument("--version", action="version", version=f"onnx-prune {pruner._prune.tool_version()}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("prune", help="prune a model to the smallest one within tolerance")
+    p.add_argument("model", help="input .onnx model")
+    p.add_argument(
+        "--eval", required=True, dest="eval_set", help=".npz eval set: one array per input, optional 'labels'"
+    )
+    p.add_argument("-o", "--out", required=True, help="where to write the pruned .onnx")
+    p.add_argument("--report", help="where to write the JSON report")
+    p.add_argument("--metric", choices=[m.value for m in MetricKind], default=DEFAULTS.metric.value)
+    p.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="k of the topk metric (default %(default)s)")
+    p.add_argument("--output", help="model output the metric reads (default: the first)")
+    p.add_argument(
+        "--tolerance", default=str(DEFAULTS.tolerance), help="allowed metric loss: 0.01 (absolute) or 1%% (relative)"
+    )
+    p.add_argument("--criterion", choices=[c.value for c in Criterion], default=DEFAULTS.criterion.value)
+    p.add_argument("--allocation", choices=[a.value for a in Allocation], default=DEFAULTS.allocation.value)
+    p.add_argument("--max-evaluations", type=int, default=DEFAULTS.max_evaluations)
+    p.add_argument("--max-seconds", type=float, help="wall-clock budget of the search")
+    p.add_argument("--seed", type=int, default=DEFAULTS.seed)
+    p.add_argument("--holdout", type=float, default=DEFAULTS.holdout_fraction, help="held-out share of the eval set")
+    p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    p.add_argument("--threads", type=int, default=DEFAULTS.threads, help="onnxruntime intra-op threads (0: auto)")
+    p.add_argument("--layer-cap", type=float, default=DEFAULTS.layer_cap, help="max sparsity of any layer")
+    p.add_argument("--include", action="append", default=[], metavar="GLOB", help="prune only matching layers")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never prune matching layers")
+    p.add_argument("--sparse-initializers", action="store_true", help="store zeroed weights as sparse_initializer")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("inspect", help="list the prunable layers of a model")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--include", action="append", default=[], metavar="GLOB")
+    i.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> PruneOptions:
+    return PruneOptions(
+        criterion=Criterion(args.criterion),
+        allocation=Allocation(args.allocation),
+        metric=MetricKind(args.metric),
+        top_k=args.top_k,
+        output=args.output,
+        tolerance=Tolerance.parse(args.tolerance),
+        max_evaluations=args.max_evaluations,
+        max_seconds=args.max_seconds,
+        seed=args.seed,
+        holdout_fraction=args.holdout,
+        batch_size=args.batch_size,
+        threads=args.threads,
+        layer_cap=args.layer_cap,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+        sparse_initializers=args.sparse_initializers,
+    )
+
+
+def _check_writable(path: str, what: str) -> None:
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise pruner.InvalidConfigError(f"{what} folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise pruner.InvalidConfigError(f"{what} folder {str(folder)!r} is not writable")
+
+
+class _Progress:
+    """tqdm bar over candidate evaluations, fed by the library's progress events."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=total, desc="pruning", unit="eval", disable=not enabled, file=sys.stderr, leave=False)
+        self.best = "-"
+
+    def __call__(self, event: ProgressEvent) -> None:
+        kind = event.kind
+        if kind is pruner.EventKind.CANDIDATE:
+            self.bar.update(1)
+        elif kind is pruner.EventKind.NEW_BEST and event.sparsity is not None:
+            self.best = f"{event.sparsity:.1%}"
+        self.bar.set_postfix_str(f"best {self.best} | {event.message}", refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _summary(report: pruner.Report) -> str:
+    def metric(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    rows = [
+        ("status", report.status),
+        (f"{report.metric} (search split)", f"{metric(report.baseline.search)} -> {metric(report.final.search)}"),
+        (f"{report.metric} (held-out split)", f"{metric(report.baseline.holdout)} -> {metric(report.final.holdout)}"),
+        ("allowed loss", f"{report.allowed_loss:.4g}"),
+        ("prunable params", f"{report.prunable_params:,} of {report.total_params:,}"),
+        ("nonzero prunable params", f"{report.nonzero_before:,} -> {report.nonzero_after:,}"),
+        ("sparsity", f"{report.sparsity:.1%}"),
+        ("file bytes", f"{report.bytes_before:,} -> {report.bytes_after:,}"),
+        ("evaluations", f"{report.evaluations} (+{report.confirmations} held-out, {report.probes} probes)"),
+        ("wall time", f"{report.timings['total']:.2f} s"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines += [f"note: {n}" for n in report.notes]
+    if report.layers:
+        lines.append("")
+        name_width = max(12, *(len(la.name) for la in report.layers))
+        lines.append(f"{'layer':<{name_width}}  {'op':<14} {'params':>10} {'sparsity':>9}")
+        for la in report.layers:
+            lines.append(f"{la.name:<{name_width}}  {la.op_type:<14} {la.params:>10,} {la.sparsity:>9.1%}")
+    return "\n".join(lines)
+
+
+def _write_atomic(files: Sequence[tuple[str, bytes]]) -> None:
+    """Write all files or none: temp files first, renames last."""
+    temps: list[tuple[str, str]] = []
+    try:
+        for path, data in files:
+            fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).parent)
+            temps.append((tmp, path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        for tmp, path in temps:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _ in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    options = _options(args)
+    _check_writable(args.out, "output")
+    if args.report:
+        _check_writable(args.report, "report")
+    progress = _Progress(options.max_evaluations, enabled=not args.quiet and sys.stderr.isatty())
+    stop = threading.Event()
+    try:
+        result = pruner.prune(args.model, args.eval_set, options, on_progress=progress, stop=stop)
+    finally:
+        progress.close()
+    result.save(args.out)
+    if args.report:
+        _write_atomic([(args.report, result.report.to_json().encode())])
+    print(_summary(result.report))
+    return EXIT_OK
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    inspection = pruner.inspect(args.model, include=tuple(args.include), exclude=tuple(args.exclude))
+    data: dict[str, Any] = inspection.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    layers = data["layers"]
+    name_width = max([5, *(len(la["name"]) for la in layers)])
+    print(f"{'layer':<{name_width}}  {'op':<14} {'shape':<20} {'params':>10} {'share':>7}")
+    for la in layers:
+        shape = "x".join(map(str, la["shape"]))
+        print(f"{la['name']:<{name_width}}  {la['op_type']:<14} {shape:<20} {la['params']:>10,} {la['share']:>7.1%}")
+    print(
+        f"\n{len(layers)} prunable layer(s), {data['prunable_params']:,} of {data['total_params']:,} params "
+        f"({data['prunable_params'] / max(data['total_params'], 1):.1%})"
+    )
+    for s in data["skipped"]:
+        print(f"skipped {s['name']} ({s['op_type']}): {s['reason']}")
+    return EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``onnx-prune`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        if args.command == "prune":
+            return _cmd_prune(args)
+        return _cmd_inspect(args)
+    except (pruner.InvalidInputError, pruner.UnsupportedModelError, pruner.ResourceLimitError) as e:
+        print(f"onnx-prune: error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except (KeyboardInterrupt, pruner.CancelledError):
+        print("onnx-prune: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except PrunerError as e:
+        print(f"onnx-prune: error: {e}", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception as e:
+        if args.debug:
+            raise
+        print(f"onnx-prune: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())
