@@ -203,6 +203,14 @@ class ZeroSpace:
             if out[i] < u.max_amount and need * 2 >= u.params_per_unit:
                 out[i] += 1
                 need -= u.params_per_unit
+        # a threshold on tied or discrete scores can overshoot: give back the last units
+        for i in reversed(by_fraction * max(1, len(out))):
+            u = self.layers[i]
+            if need >= 0:
+                break
+            if out[i] > 0 and -need * 2 >= u.params_per_unit:
+                out[i] -= 1
+                need += u.params_per_unit
         return tuple(out)
 
     def push(self, config: Config, layer_ids: Sequence[int], step: float) -> Config:

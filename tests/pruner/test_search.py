@@ -1,0 +1,110 @@
+"""The search logic, on a fake candidate space and judge (no onnxruntime)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytest
+
+from pruner._search import Judgement, Phase, search
+
+Config = tuple[int, ...]
+
+
+class FakeSpace:
+    """Layers of 100 units each; a config is the amount zeroed per layer."""
+
+    def __init__(self, n_layers: int = 4, units: int = 100) -> None:
+        self.units = units
+        self.n = n_layers
+
+    @property
+    def n_layers(self) -> int:
+        return self.n
+
+    @property
+    def max_level(self) -> float:
+        return 0.98
+
+    def empty(self) -> Config:
+        return (0,) * self.n
+
+    def at_level(self, level: float) -> Config:
+        return (round(level * self.units),) * self.n
+
+    def nonzero(self, config: Config) -> int:
+        return self.n * self.units - sum(config)
+
+    def sparsity(self, config: Config) -> float:
+        return sum(config) / (self.n * self.units)
+
+    def push(self, config: Config, layer_ids: Sequence[int], step: float) -> Config:
+        out = list(config)
+        for i in layer_ids:
+            room = 98 - out[i]
+            out[i] += min(room, max(1, round(step * room))) if room > 0 else 0
+        return tuple(out)
+
+
+def judge_by(limit: Sequence[int]):  # type: ignore[no-untyped-def]
+    """A judge passing configs whose every layer is at most its limit."""
+
+    def judge(config: Config) -> Judgement:
+        ok = all(a <= cap for a, cap in zip(config, limit, strict=True))
+        return Judgement(ok, 1.0 if ok else 0.0, True, 10, 0.0)
+
+    return judge
+
+
+def test_bisection_finds_the_boundary_at_resolution() -> None:
+    space = FakeSpace()
+    outcome = search(space, judge_by([37] * 4), None, max_evaluations=20, resolution=0.01)
+    assert space.sparsity(outcome.best) == pytest.approx(0.37)
+    assert all(t.phase is Phase.BISECT for t in outcome.trials)
+    assert len(outcome.trials) <= 7
+
+
+def test_max_evaluations_is_respected_and_best_so_far_returned() -> None:
+    space = FakeSpace()
+    outcome = search(space, judge_by([90] * 4), None, max_evaluations=3, resolution=0.01)
+    assert len(outcome.trials) == 3
+    assert outcome.stopped_by == "max_evaluations"
+    assert space.sparsity(outcome.best) > 0
+
+
+def test_max_seconds_zero_budget_evaluates_nothing() -> None:
+    space = FakeSpace()
+    outcome = search(space, judge_by([90] * 4), None, max_evaluations=20, max_seconds=1e-9)
+    assert outcome.trials == [] or outcome.stopped_by == "max_seconds"
+    assert outcome.best == space.empty() or space.sparsity(outcome.best) > 0
+
+
+def test_refinement_pushes_insensitive_layers_beyond_the_global_level() -> None:
+    space = FakeSpace()
+    limits = [20, 90, 90, 20]
+
+    def probe(config: Config) -> float:
+        # layers 0 and 3 are sensitive: deviation grows fast with their amount
+        return sum(a * (10.0 if i in (0, 3) else 0.01) for i, a in enumerate(config))
+
+    outcome = search(space, judge_by(limits), probe, max_evaluations=16, resolution=0.01)
+    best = outcome.best
+    assert best[0] <= 20 and best[3] <= 20
+    assert best[1] > 40 and best[2] > 40, best
+    assert any(t.phase is Phase.REFINE and t.judgement.passed for t in outcome.trials)
+    assert outcome.probes > 0
+
+
+def test_everything_fails_returns_the_unpruned_config() -> None:
+    space = FakeSpace()
+    outcome = search(space, judge_by([0] * 4), lambda c: float(sum(c)), max_evaluations=12)
+    assert outcome.best == space.empty()
+    assert outcome.passing() == []
+
+
+def test_passing_is_sorted_smallest_first() -> None:
+    space = FakeSpace()
+    outcome = search(space, judge_by([60] * 4), None, max_evaluations=12)
+    sizes = [t.nonzero for t in outcome.passing()]
+    assert sizes == sorted(sizes)
+    assert outcome.passing()[0].config == outcome.best
