@@ -1,9 +1,13 @@
 """Running candidates through onnxruntime, cheaply.
 
-The model is serialized once. A candidate only swaps weight tensors, which
-onnxruntime takes through ``SessionOptions.add_initializer``: no protobuf
-work per candidate, and the pruned weights stay constant initializers so
-onnxruntime still pre-packs and folds them like in the deployed model.
+The model is serialized once, without the prunable weights. A candidate's
+bytes are that prefix followed by its weights, each serialized as a one-tensor
+``ModelProto`` fragment: protobuf merges concatenated messages, so onnxruntime
+sees an ordinary model whose pruned weights are real initializers (folded and
+pre-packed as in deployment) and the rest of the model is never re-serialized.
+(``SessionOptions.add_initializer`` would avoid even that, but onnxruntime
+ignores it where an optimizer folded the original tensor, e.g. float16 weights
+behind an inserted Cast, so it cannot be trusted here.)
 """
 
 from __future__ import annotations
@@ -15,45 +19,88 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnxruntime as ort
+from onnx import numpy_helper
 
 from ._errors import CancelledError, UnsupportedModelError
 from ._evalset import EvalSet, InputSpec
 from ._metrics import Metric
+from ._model import PROTOBUF_LIMIT, session_source
 
 __all__ = ["EvalOutcome", "Evaluator", "make_session"]
 
 logger = logging.getLogger(__name__)
 
 
-def make_session(
-    source: str | bytes,
-    *,
-    threads: int = 0,
-    overrides: Mapping[str, np.ndarray] | None = None,
-) -> ort.InferenceSession:
-    """An onnxruntime CPU session, with weights optionally replaced by ``overrides``."""
+def make_session(source: str | bytes, *, threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime CPU session."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
-    keep = []
-    for name, array in (overrides or {}).items():
-        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array))
-        keep.append(value)
-        options.add_initializer(name, value)
     try:
-        session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
         raise UnsupportedModelError(f"onnxruntime cannot load the model: {_first_line(e)}") from e
-    # the OrtValues must outlive the session that reads them
-    session._pruner_keep = keep  # type: ignore[attr-defined]
-    return session
+
+
+def _fragment(tensor: onnx.TensorProto) -> bytes:
+    """A serialized ModelProto holding only ``tensor`` as an initializer (to append to a model)."""
+    holder = onnx.ModelProto()
+    holder.graph.initializer.append(tensor)
+    return holder.SerializeToString()
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
+
+
+class CandidateModels:
+    """Builds onnxruntime sessions of a model with some initializers replaced."""
+
+    def __init__(self, model: onnx.ModelProto, swappable: set[str], *, threads: int = 0) -> None:
+        self.threads = threads
+        self.created = 0
+        self._model = model
+        self._large = model.ByteSize() >= PROTOBUF_LIMIT
+        self._defaults: dict[str, bytes] = {}
+        self._dtypes = {t.name: t.data_type for t in model.graph.initializer if t.name in swappable}
+        if self._large:
+            self._base = b""
+            return
+        base = onnx.ModelProto()
+        base.CopyFrom(model)
+        kept = []
+        for tensor in base.graph.initializer:
+            if tensor.name in swappable:
+                self._defaults[tensor.name] = _fragment(tensor)
+            else:
+                kept.append(tensor)
+        del base.graph.initializer[:]
+        base.graph.initializer.extend(kept)
+        self._base = base.SerializeToString()
+
+    def session(self, overrides: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
+        self.created += 1
+        overrides = overrides or {}
+        if self._large:
+            return self._large_session(overrides)
+        parts = [self._base]
+        for name, default in self._defaults.items():
+            array = overrides.get(name)
+            parts.append(default if array is None else _fragment(numpy_helper.from_array(array, name)))
+        return make_session(b"".join(parts), threads=self.threads)
+
+    def _large_session(self, overrides: Mapping[str, np.ndarray]) -> ort.InferenceSession:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(self._model)
+        for tensor in copy.graph.initializer:
+            if tensor.name in overrides:
+                tensor.CopyFrom(numpy_helper.from_array(overrides[tensor.name], tensor.name))
+        with session_source(copy) as source:
+            return make_session(source, threads=self.threads)
 
 
 @dataclass(frozen=True)
@@ -72,7 +119,7 @@ class Evaluator:
     """Batched metric evaluation of candidates on an eval set.
 
     Args:
-        source: the serialized model (or a path for models over 2 GB).
+        models: builds the sessions of candidates.
         specs: the model inputs, for fixed batch dimensions.
         output: the output the metric reads.
         metric: the metric.
@@ -83,21 +130,19 @@ class Evaluator:
 
     def __init__(
         self,
-        source: str | bytes,
+        models: CandidateModels | None,
         specs: list[InputSpec],
         output: str,
         metric: Metric,
         evalset: EvalSet,
         *,
         batch_size: int,
-        threads: int = 0,
         stop: threading.Event | None = None,
     ) -> None:
-        self.source = source
+        self.models = models
         self.output = output
         self.metric = metric
         self.evalset = evalset
-        self.threads = threads
         self.stop = stop
         fixed = {s.fixed_batch for s in specs if s.fixed_batch is not None}
         if len(fixed) > 1:
@@ -105,11 +150,11 @@ class Evaluator:
         self.fixed_batch = fixed.pop() if fixed else None
         self.batch_size = self.fixed_batch or batch_size
         self.reference: np.ndarray | None = None
-        self.sessions_created = 0
 
     def session(self, overrides: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
-        self.sessions_created += 1
-        return make_session(self.source, threads=self.threads, overrides=overrides)
+        if self.models is None:
+            raise TypeError("this evaluator has no candidate models; pass a session")
+        return self.models.session(overrides)
 
     def _batches(self, indices: np.ndarray) -> list[np.ndarray]:
         return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from ._analysis import Inspection, analyze
 from ._errors import InvalidConfigError, InvalidEvalSetError, InvalidModelError, UnsupportedModelError
 from ._evalset import EvalSet, load_eval_set, model_inputs, validate_eval_set
-from ._evaluate import Evaluator, make_session
+from ._evaluate import CandidateModels, Evaluator, make_session
 from ._graph import GraphIndex
 from ._metrics import Metric
 from ._model import _check, load_model, save_model, session_source
@@ -84,7 +84,7 @@ def tool_version() -> str:
 
 
 def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    holdout = int(round(n * fraction))
+    holdout = round(n * fraction)
     if fraction > 0 and holdout == 0 and n >= 2:
         holdout = 1
     if n - holdout < 1:
@@ -175,121 +175,117 @@ def prune(
     working = _constants_to_initializers(original, {la.name for la in inspection.layers if la.from_constant})
     timings["load"] = time.perf_counter() - t_start
 
-    with session_source(working) as source:
-        evaluator = Evaluator(
-            source, specs, output, metric, data, batch_size=options.batch_size, threads=options.threads, stop=stop
-        )
-        t0 = time.perf_counter()
-        reference = evaluator.outputs(evaluator.session(), np.arange(len(data)))
-        evaluator.reference = reference
+    models = CandidateModels(working, {la.name for la in inspection.layers}, threads=options.threads)
+    evaluator = Evaluator(models, specs, output, metric, data, batch_size=options.batch_size, stop=stop)
+    t0 = time.perf_counter()
+    reference = evaluator.outputs(evaluator.session(), np.arange(len(data)))
+    evaluator.reference = reference
 
-        def measure(idx: np.ndarray, out: np.ndarray) -> float:
-            labels = None if data.labels is None else data.labels[idx]
-            return float(metric.per_sample(out[idx], labels, reference[idx]).mean()) if len(idx) else float("nan")
+    def measure(idx: np.ndarray, out: np.ndarray) -> float:
+        labels = None if data.labels is None else data.labels[idx]
+        return float(metric.per_sample(out[idx], labels, reference[idx]).mean()) if len(idx) else float("nan")
 
-        baseline = SplitMetric(measure(search_idx, reference), measure(hold_idx, reference) if len(hold_idx) else None)
-        timings["baseline"] = time.perf_counter() - t0
-        for name, value in (("search", baseline.search), ("holdout", baseline.holdout)):
-            if value is not None and not np.isfinite(value):
-                raise UnsupportedModelError(f"the unpruned model's metric on the {name} split is not finite")
-        allowed = options.tolerance.allowed_loss(baseline.search)
-        bound = metric.passing_bound(baseline.search, allowed)
+    baseline = SplitMetric(measure(search_idx, reference), measure(hold_idx, reference) if len(hold_idx) else None)
+    timings["baseline"] = time.perf_counter() - t0
+    for name, value in (("search", baseline.search), ("holdout", baseline.holdout)):
+        if value is not None and not np.isfinite(value):
+            raise UnsupportedModelError(f"the unpruned model's metric on the {name} split is not finite")
+    allowed = options.tolerance.allowed_loss(baseline.search)
+    bound = metric.passing_bound(baseline.search, allowed)
+    emit(
+        ProgressEvent(EventKind.BASELINE, f"baseline {metric.kind.value} {baseline.search:.4f}", metric=baseline.search)
+    )
+
+    t0 = time.perf_counter()
+    index = GraphIndex.build(working.graph)
+    gran = granularity(options.criterion)
+    weights: dict[str, np.ndarray] = {}
+    units: list[LayerUnits] = []
+    for layer in inspection.layers:
+        tensor = index.initializers[layer.name]
+        weight = numpy_helper.to_array(tensor)
+        weights[layer.name] = weight
+        scores = unit_scores(options.criterion, layer, weight)
+        order = prune_order(scores)
+        units.append(build_units(layer, weight, scores, order, gran, options.allocation, options.layer_cap))
+    space = ZeroSpace(units, options.allocation)
+    timings["scoring"] = time.perf_counter() - t0
+
+    def overrides(config: Config) -> dict[str, np.ndarray]:
+        return {
+            u.layer.name: zeroed_copy(weights[u.layer.name], u.order, amount, gran, u.layer.channel_axis)
+            for u, amount in zip(units, config, strict=True)
+            if amount
+        }
+
+    def judge(config: Config) -> Judgement:
+        result = evaluator.evaluate(search_idx, overrides=overrides(config), bound=bound)
+        passed = result.complete and metric.loss(baseline.search, result.value) <= allowed + 1e-9
+        return Judgement(passed, result.value, result.complete, result.samples, result.seconds)
+
+    probe_idx = search_idx[:PROBE_SAMPLES]
+
+    def probe(config: Config) -> float:
+        return evaluator.deviation(probe_idx, overrides(config))
+
+    def on_trial(trial: Trial, better: bool) -> None:
+        j = trial.judgement
         emit(
             ProgressEvent(
-                EventKind.BASELINE, f"baseline {metric.kind.value} {baseline.search:.4f}", metric=baseline.search
+                EventKind.CANDIDATE,
+                f"{trial.phase.value} sparsity {trial.sparsity:.1%}: {metric.kind.value} "
+                f"{j.value:.4f}{'' if j.complete else ' (stopped early)'} {'pass' if j.passed else 'fail'}",
+                evaluation=trial.index,
+                max_evaluations=options.max_evaluations,
+                sparsity=trial.sparsity,
+                nonzero_params=trial.nonzero,
+                metric=j.value,
+                passed=j.passed,
             )
         )
-
-        t0 = time.perf_counter()
-        index = GraphIndex.build(working.graph)
-        gran = granularity(options.criterion)
-        weights: dict[str, np.ndarray] = {}
-        units: list[LayerUnits] = []
-        for layer in inspection.layers:
-            tensor = index.initializers[layer.name]
-            weight = numpy_helper.to_array(tensor)
-            weights[layer.name] = weight
-            scores = unit_scores(options.criterion, layer, weight)
-            order = prune_order(scores)
-            units.append(build_units(layer, weight, scores, order, gran, options.allocation, options.layer_cap))
-        space = ZeroSpace(units, options.allocation)
-        timings["scoring"] = time.perf_counter() - t0
-
-        def overrides(config: Config) -> dict[str, np.ndarray]:
-            return {
-                u.layer.name: zeroed_copy(weights[u.layer.name], u.order, amount, gran, u.layer.channel_axis)
-                for u, amount in zip(units, config, strict=True)
-                if amount
-            }
-
-        def judge(config: Config) -> Judgement:
-            result = evaluator.evaluate(search_idx, overrides=overrides(config), bound=bound)
-            passed = result.complete and metric.loss(baseline.search, result.value) <= allowed + 1e-9
-            return Judgement(passed, result.value, result.complete, result.samples, result.seconds)
-
-        probe_idx = search_idx[:PROBE_SAMPLES]
-
-        def probe(config: Config) -> float:
-            return evaluator.deviation(probe_idx, overrides(config))
-
-        def on_trial(trial: Trial, better: bool) -> None:
-            j = trial.judgement
+        if better:
             emit(
                 ProgressEvent(
-                    EventKind.CANDIDATE,
-                    f"{trial.phase.value} sparsity {trial.sparsity:.1%}: {metric.kind.value} "
-                    f"{j.value:.4f}{'' if j.complete else ' (stopped early)'} {'pass' if j.passed else 'fail'}",
+                    EventKind.NEW_BEST,
+                    f"new best: sparsity {trial.sparsity:.1%}",
                     evaluation=trial.index,
                     max_evaluations=options.max_evaluations,
                     sparsity=trial.sparsity,
                     nonzero_params=trial.nonzero,
                     metric=j.value,
-                    passed=j.passed,
+                    passed=True,
                 )
             )
-            if better:
-                emit(
-                    ProgressEvent(
-                        EventKind.NEW_BEST,
-                        f"new best: sparsity {trial.sparsity:.1%}",
-                        evaluation=trial.index,
-                        max_evaluations=options.max_evaluations,
-                        sparsity=trial.sparsity,
-                        nonzero_params=trial.nonzero,
-                        metric=j.value,
-                        passed=True,
-                    )
-                )
 
-        t0 = time.perf_counter()
-        if units:
-            outcome = search(
-                space,
-                judge,
-                probe,
-                max_evaluations=options.max_evaluations,
-                max_seconds=options.max_seconds,
-                resolution=options.resolution,
-                on_trial=on_trial,
-            )
-        else:
-            notes.append("no prunable weights: the model is returned unchanged")
-            outcome = search(space, judge, None, max_evaluations=0)
-        timings["search"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    if units:
+        outcome = search(
+            space,
+            judge,
+            probe,
+            max_evaluations=options.max_evaluations,
+            max_seconds=options.max_seconds,
+            resolution=options.resolution,
+            on_trial=on_trial,
+        )
+    else:
+        notes.append("no prunable weights: the model is returned unchanged")
+        outcome = search(space, judge, None, max_evaluations=0)
+    timings["search"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        chosen, confirmations = _confirm(
-            outcome.passing(), space, evaluator, hold_idx, baseline, metric, options, overrides, notes
+    t0 = time.perf_counter()
+    chosen, confirmations = _confirm(
+        outcome.passing(), space, evaluator, hold_idx, baseline, metric, options, overrides, notes
+    )
+    emit(
+        ProgressEvent(
+            EventKind.CONFIRM,
+            f"confirmed sparsity {space.sparsity(chosen):.1%} on {len(hold_idx)} held-out samples",
+            sparsity=space.sparsity(chosen),
+            nonzero_params=space.nonzero(chosen),
         )
-        emit(
-            ProgressEvent(
-                EventKind.CONFIRM,
-                f"confirmed sparsity {space.sparsity(chosen):.1%} on {len(hold_idx)} held-out samples",
-                sparsity=space.sparsity(chosen),
-                nonzero_params=space.nonzero(chosen),
-            )
-        )
-        timings["confirm"] = time.perf_counter() - t0
+    )
+    timings["confirm"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     plan = PruningPlan(
@@ -301,10 +297,10 @@ def prune(
         ),
     )
     pruned = apply_plan(plan, working, orders={u.layer.name: u.order for u in units}) if any(chosen) else working
-    if options.sparse_initializers:
-        converted = to_sparse_initializers(pruned, [u.layer.name for u, a in zip(units, chosen, strict=True) if a])
-        if converted:
-            notes.append(f"{len(converted)} weight(s) stored as sparse_initializer; onnxruntime densifies them at load")
+    if options.sparse_initializers and any(chosen):
+        pruned = _with_sparse_initializers(
+            pruned, [u.layer.name for u, a in zip(units, chosen, strict=True) if a], notes
+        )
     final = _final_metric(pruned, original, specs, output, metric, data, reference, search_idx, hold_idx, options)
     if (
         final.holdout is not None
@@ -391,6 +387,26 @@ def prune(
     return PruneResult(pruned, plan, report)
 
 
+def _with_sparse_initializers(model: onnx.ModelProto, names: list[str], notes: list[str]) -> onnx.ModelProto:
+    """The model with zeroed weights as sparse_initializer, if it still passes the full checker."""
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(model)
+    converted = to_sparse_initializers(candidate, names)
+    if not converted:
+        notes.append("sparse_initializer not used: no pruned weight is sparse enough to get smaller")
+        return model
+    try:
+        _check(candidate)
+    except InvalidModelError:
+        notes.append(
+            "sparse_initializer not used: the ONNX checker's strict shape inference rejects sparse "
+            "tensors as inputs of the pruned ops, and every model we return must pass it"
+        )
+        return model
+    notes.append(f"{len(converted)} weight(s) stored as sparse_initializer; onnxruntime densifies them at load")
+    return candidate
+
+
 def _confirm(
     passing: list[Trial],
     space: ZeroSpace,
@@ -446,11 +462,9 @@ def _final_metric(
     ] != [o.name for o in original.graph.output]:
         raise UnsupportedModelError("internal error: the pruned model's inputs or outputs changed")
     with session_source(pruned) as source:
-        evaluator = Evaluator(
-            source, specs, output, metric, data, batch_size=options.batch_size, threads=options.threads
-        )
-        evaluator.reference = reference
         session = make_session(source, threads=options.threads)
-        search_value = evaluator.evaluate(search_idx, session=session).value
-        hold_value = evaluator.evaluate(hold_idx, session=session).value if len(hold_idx) else None
+    evaluator = Evaluator(None, specs, output, metric, data, batch_size=options.batch_size)
+    evaluator.reference = reference
+    search_value = evaluator.evaluate(search_idx, session=session).value
+    hold_value = evaluator.evaluate(hold_idx, session=session).value if len(hold_idx) else None
     return SplitMetric(search_value, hold_value)

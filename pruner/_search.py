@@ -148,7 +148,7 @@ def search(
 
 def _bisect(space: SearchSpace, evaluate: Callable[[Config, Phase], bool], resolution: float) -> tuple[int, int]:
     """Largest passing level on a grid of ``resolution``: returns (passing step, failing step)."""
-    top = int(math.floor(space.max_level / resolution + 1e-9))
+    top = math.floor(space.max_level / resolution + 1e-9)
     lo, hi = 0, top + 1
     while hi - lo > 1:
         mid = (lo + hi) // 2

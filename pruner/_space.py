@@ -91,7 +91,7 @@ def build_units(
         layer=layer,
         units=units,
         params_per_unit=ppu,
-        max_amount=int(math.floor(cap * units + 1e-9)),
+        max_amount=math.floor(cap * units + 1e-9),
         order=order,
         sketch=sketch,
         sketch_ranks=ranks,
@@ -193,7 +193,7 @@ class ZeroSpace:
 
     def _round(self, real: list[float], target: float) -> Config:
         """Integer amounts near ``real`` whose params are as close to ``target`` as units allow."""
-        out = [min(int(math.floor(r + 1e-9)), u.max_amount) for r, u in zip(real, self.layers, strict=True)]
+        out = [min(math.floor(r + 1e-9), u.max_amount) for r, u in zip(real, self.layers, strict=True)]
         need = round(target) - sum(a * u.params_per_unit for a, u in zip(out, self.layers, strict=True))
         by_fraction = sorted(range(len(out)), key=lambda i: (-(real[i] - math.floor(real[i] + 1e-9)), i))
         for i in by_fraction * max(1, len(out)):
@@ -219,5 +219,5 @@ class ZeroSpace:
         for i in layer_ids:
             u = self.layers[i]
             room = u.max_amount - out[i]
-            out[i] += min(room, max(1, int(round(step * room)))) if room > 0 else 0
+            out[i] += min(room, max(1, round(step * room))) if room > 0 else 0
         return tuple(out)

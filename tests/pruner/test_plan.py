@@ -44,9 +44,7 @@ def make_space(model: onnx.ModelProto, criterion: Criterion, allocation: Allocat
     for layer in analyze(model).layers:
         weight = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == layer.name))
         scores = unit_scores(criterion, layer, weight)
-        units.append(
-            build_units(layer, weight, scores, prune_order(scores), granularity(criterion), allocation, 0.98)
-        )
+        units.append(build_units(layer, weight, scores, prune_order(scores), granularity(criterion), allocation, 0.98))
     return ZeroSpace(units, allocation)
 
 
@@ -85,7 +83,9 @@ def _plan(model: onnx.ModelProto, criterion: Criterion, level: float) -> Pruning
     return PruningPlan(
         pruner.Mode.ZERO,
         criterion,
-        tuple(LayerPlan(u.layer.name, a, u.units, u.layer.channel_axis) for u, a in zip(space.layers, config, strict=True)),
+        tuple(
+            LayerPlan(u.layer.name, a, u.units, u.layer.channel_axis) for u, a in zip(space.layers, config, strict=True)
+        ),
     )
 
 

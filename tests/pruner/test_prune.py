@@ -1,0 +1,225 @@
+"""End-to-end runs of pruner.prune with real onnxruntime sessions."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import pruner
+from pruner import EventKind, MetricKind, PruneOptions, Tolerance
+
+MLP_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g ({dtype}[N, 16] x) => ({dtype}[N, 6] y) {{
+    h = Gemm <transB = 1> (x, w1, b1)
+    r = Relu (h)
+    y = MatMul (r, w2)
+}}
+"""
+
+
+def mlp(dtype: str = "float", batch: str = "N", seed: int = 0) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    np_dtype = {"float": np.float32, "float16": np.float16}[dtype]
+    model = onnx.parser.parse_model(MLP_TEXT.format(dtype=dtype).replace("[N,", f"[{batch},"))
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array((rng.standard_normal((48, 16)) * rng.random((48, 1))).astype(np_dtype), "w1"),
+            numpy_helper.from_array(np.zeros(48, np_dtype), "b1"),
+            numpy_helper.from_array(rng.standard_normal((48, 6)).astype(np_dtype), "w2"),
+        ]
+    )
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def evalset(model: onnx.ModelProto, n: int = 400, seed: int = 1) -> pruner.EvalSet:
+    dtype = np.float16 if model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else np.float32
+    x = np.random.default_rng(seed).standard_normal((n, 16)).astype(dtype)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    batch = model.graph.input[0].type.tensor_type.shape.dim[0]
+    if batch.HasField("dim_value"):
+        y = np.concatenate([session.run(None, {"x": x[i : i + 1]})[0] for i in range(n)])
+    else:
+        y = session.run(None, {"x": x})[0]
+    return pruner.EvalSet({"x": x}, y.argmax(-1).astype(np.int64))
+
+
+def assert_deliverable(result: pruner.PruneResult, original: onnx.ModelProto, data: pruner.EvalSet) -> None:
+    """Every returned model: full checker, same I/O, runs in onnxruntime."""
+    onnx.checker.check_model(result.model, full_check=True)
+    assert [i.name for i in result.model.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in result.model.graph.output] == [o.name for o in original.graph.output]
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    first = {k: v[:1] for k, v in data.inputs.items()}
+    (out,) = session.run(None, first)
+    assert np.isfinite(out).all()
+
+
+def test_prune_zeroes_weights_within_tolerance() -> None:
+    model = mlp()
+    data = evalset(model)
+    result = pruner.prune(model, data, PruneOptions(tolerance=Tolerance(0.05)))
+    report = result.report
+    assert_deliverable(result, model, data)
+    assert report.status == "pruned"
+    assert report.sparsity > 0.2
+    assert report.baseline.search - report.final.search <= 0.05 + 1e-9
+    assert report.baseline.holdout is not None and report.final.holdout is not None
+    assert report.baseline.holdout - report.final.holdout <= 0.05 + 1e-9
+    zeros = sum(int((numpy_helper.to_array(t) == 0).sum()) for t in result.model.graph.initializer if t.name != "b1")
+    assert report.nonzero_before - report.nonzero_after == zeros
+    assert 1 <= report.evaluations <= PruneOptions().max_evaluations
+    assert all(c.samples <= report.samples["search"] for c in report.trace)
+
+
+def test_final_metric_comes_from_the_serialized_model() -> None:
+    model = mlp()
+    data = evalset(model)
+    result = pruner.prune(model, data, PruneOptions(tolerance=Tolerance(0.05), holdout_fraction=0.0))
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    acc = float((session.run(None, data.inputs)[0].argmax(-1) == data.labels).mean())
+    assert result.report.final.search == pytest.approx(acc)
+    assert result.report.final.holdout is None
+    assert any("not confirmed" in n for n in result.report.notes)
+
+
+def test_same_seed_same_result_and_caller_model_untouched() -> None:
+    model = mlp()
+    before = model.SerializeToString()
+    data = evalset(model)
+    options = PruneOptions(tolerance=Tolerance(0.05), seed=7)
+    a = pruner.prune(model, data, options)
+    b = pruner.prune(model, data, options)
+    assert model.SerializeToString() == before
+    assert a.model.SerializeToString() == b.model.SerializeToString()
+    assert a.report.sparsity == b.report.sparsity
+
+
+def test_nothing_passes_returns_original_unchanged() -> None:
+    model = mlp()
+    data = evalset(model)
+    result = pruner.prune(model, data, PruneOptions(tolerance=Tolerance(0.0), metric=MetricKind.COSINE))
+    # cosine drops below 1.0 at the first zeroed weight
+    assert result.report.status == "unchanged"
+    assert result.model.SerializeToString() == model.SerializeToString()
+    assert result.report.nonzero_after == result.report.nonzero_before
+
+
+@pytest.mark.parametrize("metric", [MetricKind.AGREEMENT, MetricKind.COSINE, MetricKind.TOPK])
+def test_label_free_and_topk_metrics(metric: MetricKind) -> None:
+    model = mlp()
+    data = evalset(model)
+    if metric is not MetricKind.TOPK:
+        data = pruner.EvalSet(data.inputs)
+    result = pruner.prune(model, data, PruneOptions(metric=metric, tolerance=Tolerance(0.05), top_k=2))
+    assert_deliverable(result, model, data)
+    assert result.report.baseline.search == pytest.approx(1.0)
+    assert result.report.sparsity > 0
+
+
+def test_regression_metric_lower_is_better() -> None:
+    model = mlp()
+    x = evalset(model).inputs["x"]
+    y = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    data = pruner.EvalSet({"x": x}, y)
+    result = pruner.prune(model, data, PruneOptions(metric=MetricKind.MSE, tolerance=Tolerance(0.5, relative=True)))
+    assert result.report.baseline.search == pytest.approx(0.0)
+    # relative tolerance of a zero baseline allows nothing
+    assert result.report.status == "unchanged"
+    result = pruner.prune(model, data, PruneOptions(metric=MetricKind.MSE, tolerance=Tolerance(0.5)))
+    assert result.report.final.search <= 0.5 + 1e-6
+    assert result.report.sparsity > 0
+
+
+def test_float16_weights_are_written_back_as_float16() -> None:
+    model = mlp("float16")
+    data = evalset(model)
+    result = pruner.prune(model, data, PruneOptions(tolerance=Tolerance(0.05)))
+    assert_deliverable(result, model, data)
+    dtypes = {t.name: t.data_type for t in result.model.graph.initializer}
+    assert dtypes["w1"] == onnx.TensorProto.FLOAT16
+    assert result.report.sparsity > 0
+
+
+def test_fixed_batch_dimension_model() -> None:
+    model = mlp(batch="1")
+    data = evalset(model, n=101)
+    result = pruner.prune(model, data, PruneOptions(tolerance=Tolerance(0.05), batch_size=32))
+    assert_deliverable(result, model, data)
+    assert result.report.samples["search"] + result.report.samples["holdout"] == 101
+
+
+def test_constant_node_weight_is_pruned() -> None:
+    model = mlp()
+    w2 = next(t for t in model.graph.initializer if t.name == "w2")
+    const = onnx.helper.make_node("Constant", [], ["w2"], value=w2)
+    kept = [t for t in model.graph.initializer if t.name != "w2"]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    model.graph.node.insert(0, const)
+    onnx.checker.check_model(model, full_check=True)
+    data = evalset(model)
+    result = pruner.prune(model, data, PruneOptions(tolerance=Tolerance(0.05)))
+    assert_deliverable(result, model, data)
+    assert "w2" in [layer.name for layer in result.report.layers]
+
+
+def test_progress_events_in_order() -> None:
+    model = mlp()
+    events: list[pruner.ProgressEvent] = []
+    pruner.prune(model, evalset(model), PruneOptions(tolerance=Tolerance(0.05)), on_progress=events.append)
+    kinds = [e.kind for e in events]
+    assert kinds[0] is EventKind.BASELINE
+    assert kinds[-1] is EventKind.DONE
+    assert EventKind.CANDIDATE in kinds and EventKind.CONFIRM in kinds
+    candidates = [e for e in events if e.kind is EventKind.CANDIDATE]
+    assert [e.evaluation for e in candidates] == list(range(1, len(candidates) + 1))
+
+
+def test_stop_event_cancels() -> None:
+    model = mlp()
+    stop = threading.Event()
+
+    def on_progress(event: pruner.ProgressEvent) -> None:
+        if event.kind is EventKind.CANDIDATE:
+            stop.set()
+
+    with pytest.raises(pruner.CancelledError):
+        pruner.prune(model, evalset(model), PruneOptions(), on_progress=on_progress, stop=stop)
+
+
+def test_sparse_initializers_never_break_the_checker() -> None:
+    model = mlp()
+    data = evalset(model)
+    options = PruneOptions(tolerance=Tolerance(0.3), sparse_initializers=True, layer_cap=0.9)
+    result = pruner.prune(model, data, options)
+    assert_deliverable(result, model, data)
+    assert result.report.sparsity > 0
+    assert any("sparse_initializer" in n for n in result.report.notes)
+
+
+def test_include_exclude_limit_the_layers() -> None:
+    model = mlp()
+    data = evalset(model)
+    result = pruner.prune(model, data, PruneOptions(tolerance=Tolerance(0.05), exclude=("w2",)))
+    assert [layer.name for layer in result.report.layers] == ["w1"]
+    assert any(s["name"] == "w2" and "w2" in s["reason"] for s in result.report.skipped)
+    w2 = numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == "w2"))
+    assert (w2 != 0).all()
+
+
+def test_report_is_json() -> None:
+    import json
+
+    model = mlp()
+    result = pruner.prune(model, evalset(model), PruneOptions(tolerance=Tolerance(0.05)))
+    data = json.loads(result.report.to_json())
+    for key in ("versions", "options", "baseline", "final", "trace", "layers", "timings", "plan"):
+        assert key in data
+    assert pruner.PruningPlan.from_dict(data["plan"]) == result.plan
