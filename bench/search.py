@@ -1,0 +1,228 @@
+"""Benchmark of the zero-mode search (issue 2). Prints tables; asserts nothing.
+
+    python bench/search.py            # fixtures + allocation comparison + sweep reference
+    python bench/search.py --big-mlp  # also the ~200 MB MLP peak-memory run
+
+For each fixture at tolerance 0.01: sparsity reached, evaluations, wall time,
+final metric on both splits, and the overhead ratio = wall time / (evaluations
+x one plain onnxruntime pass of the eval set through the original model). The
+reference is a plain global-magnitude sweep at 5% steps on the same split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pruner  # noqa: E402
+from common import fixtures, plain_pass_seconds, table  # noqa: E402
+from pruner import Allocation, PruneOptions, Tolerance  # noqa: E402
+from pruner._metrics import Metric  # noqa: E402
+from pruner._prune import _split  # noqa: E402
+
+
+def sweep(model: Path, evalset: pruner.EvalSet, tolerance: float) -> tuple[float, float, int]:
+    """Plain global magnitude at 5% steps: (best passing sparsity on search split, its holdout metric, evals)."""
+    best, best_hold, evals = 0.0, float("nan"), 0
+    for step in range(1, 20):
+        level = step * 0.05
+        options = PruneOptions(
+            allocation=Allocation.GLOBAL, tolerance=Tolerance(tolerance), max_evaluations=1, resolution=0.05
+        )
+        # a one-candidate run at a fixed level: bisection with the grid collapsed to [level]
+        result = _fixed_level(model, evalset, options, level)
+        evals += 1
+        if result is None:
+            continue
+        best, best_hold = level, result
+    return best, best_hold, evals
+
+
+def _fixed_level(model: Path, evalset: pruner.EvalSet, options: PruneOptions, level: float) -> float | None:
+    """Holdout metric of the global-magnitude model at ``level`` if it passes on the search split, else None."""
+    import onnx
+    from onnx import numpy_helper
+
+    from pruner._analysis import analyze
+    from pruner._plan import LayerPlan, PruningPlan, apply_plan
+    from pruner._score import prune_order, unit_scores
+    from pruner._space import ZeroSpace, build_units
+    from pruner._score import Granularity
+
+    proto = onnx.load(str(model))
+    units = []
+    for layer in analyze(proto).layers:
+        w = numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == layer.name))
+        s = unit_scores(options.criterion, layer, w)
+        units.append(build_units(layer, w, s, prune_order(s), Granularity.ELEMENT, Allocation.GLOBAL, options.layer_cap))
+    space = ZeroSpace(units, Allocation.GLOBAL)
+    config = space.at_level(level)
+    plan = PruningPlan(
+        options.mode,
+        options.criterion,
+        tuple(LayerPlan(u.layer.name, a, u.units) for u, a in zip(units, config, strict=True)),
+    )
+    pruned = apply_plan(plan, proto)
+    search_idx, hold_idx = _split(len(evalset), options.holdout_fraction, options.seed)
+    metric = Metric(options.metric)
+    base = _accuracy(proto.SerializeToString(), evalset, metric)
+    cand = _accuracy(pruned.SerializeToString(), evalset, metric)
+    if base[search_idx].mean() - cand[search_idx].mean() > options.tolerance.value + 1e-9:
+        return None
+    return float(cand[hold_idx].mean())
+
+
+def _accuracy(model_bytes: bytes, evalset: pruner.EvalSet, metric: Metric) -> np.ndarray:
+    session = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    fixed = session.get_inputs()[0].shape[0]
+    step = fixed if isinstance(fixed, int) else 256
+    outs = []
+    n = len(evalset)
+    for i in range(0, n, step):
+        rows = np.arange(i, min(i + step, n))
+        if len(rows) < step and isinstance(fixed, int):
+            rows = np.concatenate([rows, np.repeat(rows[-1:], step - len(rows))])
+        outs.append(session.run(None, {k: v[rows] for k, v in evalset.inputs.items()})[0][: min(step, n - i)])
+    return metric.per_sample(np.concatenate(outs), evalset.labels, None)
+
+
+def run_fixtures(tolerance: float, allocations: list[Allocation]) -> None:
+    rows = []
+    alloc_rows = []
+    for name, model, evals in fixtures():
+        evalset = pruner.load_eval_set(evals)
+        pass_s = plain_pass_seconds(model, evalset)
+        for allocation in allocations:
+            start = time.perf_counter()
+            result = pruner.prune(model, evalset, PruneOptions(tolerance=Tolerance(tolerance), allocation=allocation))
+            wall = time.perf_counter() - start
+            r = result.report
+            alloc_rows.append((name, allocation.value, f"{r.sparsity:.1%}", r.evaluations, f"{wall:.2f}"))
+            if allocation is PruneOptions().allocation:
+                ratio = wall / max(r.evaluations, 1) / pass_s
+                rows.append(
+                    (
+                        name,
+                        f"{r.sparsity:.1%}",
+                        r.evaluations,
+                        r.probes,
+                        f"{wall:.2f}",
+                        f"{r.baseline.search:.4f}/{r.final.search:.4f}",
+                        f"{r.baseline.holdout:.4f}/{r.final.holdout:.4f}",
+                        f"{pass_s * 1000:.1f}",
+                        f"{ratio:.2f}",
+                        _sweep_cell(model, evalset, tolerance),
+                    )
+                )
+    print(f"\nDefault settings (allocation {PruneOptions().allocation.value}), tolerance {tolerance}")
+    print(
+        table(
+            [
+                "fixture",
+                "sparsity",
+                "evals",
+                "probes",
+                "wall s",
+                "search base/final",
+                "holdout base/final",
+                "pass ms",
+                "overhead",
+                "sweep best (20 evals)",
+            ],
+            rows,
+        )
+    )
+    print("\nAllocation comparison (magnitude criterion)")
+    print(table(["fixture", "allocation", "sparsity", "evals", "wall s"], alloc_rows))
+
+
+def _sweep_cell(model: Path, evalset: pruner.EvalSet, tolerance: float) -> str:
+    best, hold, evals = sweep(model, evalset, tolerance)
+    return f"{best:.0%} (holdout {hold:.4f})"
+
+
+BIG_MLP_SCRIPT = r"""
+import resource, sys, time
+import numpy as np, onnx
+from onnx import helper, numpy_helper, TensorProto
+import onnxruntime as ort
+import pruner
+dims = [1024, 4096, 4096, 4096, 2048, 10]
+rng = np.random.default_rng(0)
+nodes, inits, prev = [], [], "x"
+for i, (a, b) in enumerate(zip(dims, dims[1:])):
+    w = (rng.standard_normal((a, b), dtype=np.float32) / np.sqrt(a)).astype(np.float32)
+    inits.append(numpy_helper.from_array(w, f"w{i}"))
+    nodes.append(helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]))
+    prev = f"m{i}"
+    if i < len(dims) - 2:
+        nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
+        prev = f"r{i}"
+nodes[-1].output[0] = "y"
+g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dims[0]])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", dims[-1]])], inits)
+model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+path = sys.argv[1]
+onnx.save(model, path)
+size = model.ByteSize()
+del model, g, inits, nodes, w
+x = rng.standard_normal((256, dims[0]), dtype=np.float32)
+evalset = pruner.EvalSet({"x": x})
+start = time.perf_counter()
+r = pruner.prune(path, evalset, pruner.PruneOptions(metric=pruner.MetricKind.AGREEMENT, tolerance=pruner.Tolerance(0.02)))
+wall = time.perf_counter() - start
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(f"{size} {peak} {r.report.sparsity} {r.report.evaluations} {wall}")
+"""
+
+
+def run_big_mlp() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "big.onnx"
+        baseline = subprocess.run(
+            [sys.executable, "-c", "import resource, onnxruntime, onnx, numpy, pruner; "
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
+            capture_output=True, text=True, check=True,
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", BIG_MLP_SCRIPT, str(path)], capture_output=True, text=True, check=True
+        )
+    size, peak, sparsity, evals, wall = done.stdout.split()
+    size_mb, peak_mb, base_mb = int(size) / 2**20, int(peak) / 2**20, int(baseline.stdout) / 2**20
+    print("\nGenerated MLP (MatMul 1024-4096-4096-4096-2048-10), agreement metric, tolerance 0.02, 256 samples")
+    print(
+        table(
+            ["model MB", "peak RSS MB", "imports MB", "peak / model", "(peak - imports) / model", "sparsity", "evals", "wall s"],
+            [(f"{size_mb:.0f}", f"{peak_mb:.0f}", f"{base_mb:.0f}", f"{peak_mb / size_mb:.2f}",
+              f"{(peak_mb - base_mb) / size_mb:.2f}", f"{float(sparsity):.1%}", evals, f"{float(wall):.1f}")],
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--big-mlp", action="store_true", help="also run the ~200 MB MLP memory benchmark")
+    parser.add_argument("--big-only", action="store_true")
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()} {platform.processor() or ''} cores={__import__('os').cpu_count()} "
+          f"python {platform.python_version()} onnxruntime {ort.__version__}")
+    if not args.big_only:
+        run_fixtures(args.tolerance, list(Allocation))
+    if args.big_mlp or args.big_only:
+        run_big_mlp()
+
+
+if __name__ == "__main__":
+    main()

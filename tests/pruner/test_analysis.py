@@ -1,0 +1,323 @@
+"""pruner.inspect: which weights are prunable, along which axis, and why others are skipped."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+import pruner
+from pruner import Inspection, PrunableWeight, SkippedWeight
+from tests.helpers import parse, seeded, tiny_mlp
+
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
+
+
+def inspect(body: str, weights: dict[str, np.ndarray], **kwargs: tuple[str, ...]) -> Inspection:
+    return pruner.inspect(parse(HEADER + body, weights), **kwargs)
+
+
+def only_layer(inspection: Inspection) -> PrunableWeight:
+    assert inspection.skipped == ()
+    assert len(inspection.layers) == 1
+    return inspection.layers[0]
+
+
+def only_skipped(inspection: Inspection) -> SkippedWeight:
+    assert inspection.layers == ()
+    assert len(inspection.skipped) == 1
+    return inspection.skipped[0]
+
+
+# --- weights found, and their output-channel axis -----------------------------------------------
+
+
+def test_conv_weight_axis_0() -> None:
+    layer = only_layer(
+        inspect("g (float[N, 3, 8, 8] x) => (float[N, 5, 6, 6] y) { y = Conv (x, w) }", {"w": seeded((5, 3, 3, 3))})
+    )
+    assert (layer.name, layer.op_type, layer.channel_axis) == ("w", "Conv", 0)
+    assert layer.shape == (5, 3, 3, 3)
+    assert layer.channels == 5
+    assert layer.params == 135
+    assert layer.dtype == "float32"
+    assert layer.from_constant is False
+
+
+def test_conv_transpose_weight_axis_1() -> None:
+    layer = only_layer(
+        inspect(
+            "g (float[N, 3, 8, 8] x) => (float[N, 5, 10, 10] y) { y = ConvTranspose (x, w) }",
+            {"w": seeded((3, 5, 3, 3))},
+        )
+    )
+    assert (layer.op_type, layer.channel_axis, layer.channels) == ("ConvTranspose", 1, 5)
+
+
+def test_gemm_trans_b_1_axis_0() -> None:
+    layer = only_layer(
+        inspect("g (float[N, 8] x) => (float[N, 4] y) { y = Gemm <transB = 1> (x, w) }", {"w": seeded((4, 8))})
+    )
+    assert (layer.op_type, layer.channel_axis, layer.channels) == ("Gemm", 0, 4)
+
+
+def test_gemm_trans_b_0_axis_1() -> None:
+    layer = only_layer(inspect("g (float[N, 8] x) => (float[N, 4] y) { y = Gemm (x, w) }", {"w": seeded((8, 4))}))
+    assert (layer.op_type, layer.channel_axis, layer.channels) == ("Gemm", 1, 4)
+
+
+def test_gemm_bias_is_not_a_weight() -> None:
+    inspection = inspect(
+        "g (float[N, 8] x) => (float[N, 4] y) { y = Gemm (x, w, b) }", {"w": seeded((8, 4)), "b": seeded((4,))}
+    )
+    assert [layer.name for layer in inspection.layers] == ["w"]
+    assert inspection.skipped == ()
+    assert inspection.total_params == 36
+
+
+def test_gemm_constant_a_with_trans_a() -> None:
+    # A' = A^T is [M, K]: the M rows of the output come from axis 1 of A
+    layer = only_layer(
+        inspect("g (float[8, N] x) => (float[4, N] y) { y = Gemm <transA = 1> (w, x) }", {"w": seeded((8, 4))})
+    )
+    assert (layer.channel_axis, layer.channels) == (1, 4)
+
+
+def test_matmul_constant_operand_1_axis_last() -> None:
+    layer = only_layer(inspect("g (float[N, 8] x) => (float[N, 4] y) { y = MatMul (x, w) }", {"w": seeded((8, 4))}))
+    assert (layer.op_type, layer.channel_axis, layer.channels) == ("MatMul", 1, 4)
+
+
+def test_matmul_batched_constant_operand_1_axis_last() -> None:
+    layer = only_layer(
+        inspect("g (float[2, N, 8] x) => (float[2, N, 4] y) { y = MatMul (x, w) }", {"w": seeded((2, 8, 4))})
+    )
+    assert (layer.channel_axis, layer.channels) == (2, 4)
+
+
+def test_matmul_constant_operand_0_found() -> None:
+    layer = only_layer(inspect("g (float[8, N] x) => (float[4, N] y) { y = MatMul (w, x) }", {"w": seeded((4, 8))}))
+    assert (layer.name, layer.op_type) == ("w", "MatMul")
+    assert (layer.channel_axis, layer.channels) == (0, 4)
+
+
+def test_constant_node_weight_found() -> None:
+    values = ", ".join(["0.5"] * 32)
+    layer = only_layer(
+        inspect(
+            f"g (float[N, 8] x) => (float[N, 4] y) {{ w = Constant <value = float[8, 4] {{{values}}}> ()\n"
+            "y = MatMul (x, w) }",
+            {},
+        )
+    )
+    assert layer.name == "w"
+    assert layer.from_constant is True
+    assert (layer.shape, layer.channel_axis) == ((8, 4), 1)
+
+
+def test_shared_initializer_listed_once_with_both_nodes() -> None:
+    inspection = inspect(
+        "g (float[N, 8] x) => (float[N, 8] y) { [first] h = MatMul (x, w)\n[second] y = MatMul (h, w) }",
+        {"w": seeded((8, 8))},
+    )
+    layer = only_layer(inspection)
+    assert layer.name == "w"
+    assert layer.nodes == ("first", "second")
+    assert inspection.total_params == inspection.prunable_params == 64
+
+
+def test_unnamed_nodes_get_readable_names() -> None:
+    layer = only_layer(inspect("g (float[N, 8] x) => (float[N, 4] y) { y = MatMul (x, w) }", {"w": seeded((8, 4))}))
+    assert layer.nodes == ("MatMul(y)",)
+
+
+def test_tiny_mlp_layers() -> None:
+    inspection = pruner.inspect(tiny_mlp())
+    assert [(la.name, la.op_type, la.channel_axis) for la in inspection.layers] == [
+        ("w1", "Gemm", 0),
+        ("w2", "MatMul", 1),
+    ]
+    assert inspection.total_params == 16 * 8 + 16 + 16 * 4
+    assert inspection.prunable_params == 16 * 8 + 16 * 4
+
+
+def test_inspect_from_path_and_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "m.onnx"
+    onnx.save_model(tiny_mlp(), str(path))
+    from_model = pruner.inspect(tiny_mlp())
+    assert pruner.inspect(path) == from_model
+    assert pruner.inspect(path.read_bytes()) == from_model
+
+
+def test_inspect_bad_model_raises() -> None:
+    with pytest.raises(pruner.InvalidModelError):
+        pruner.inspect(b"not a model")
+
+
+def test_to_dict_is_json_ready() -> None:
+    data = json.loads(json.dumps(pruner.inspect(tiny_mlp()).to_dict()))
+    assert [la["name"] for la in data["layers"]] == ["w1", "w2"]
+    assert data["layers"][0]["params"] == 128
+    assert data["layers"][0]["share"] == pytest.approx(128 / 208)
+    assert data["prunable_params"] == 192
+
+
+def test_inspect_does_not_modify_the_model() -> None:
+    model = tiny_mlp()
+    before = model.SerializeToString()
+    pruner.inspect(model)
+    assert model.SerializeToString() == before
+
+
+# --- dtypes -------------------------------------------------------------------------------------
+
+
+def test_float16_weight_found() -> None:
+    layer = only_layer(
+        inspect(
+            "g (float16[N, 8] x) => (float16[N, 4] y) { y = MatMul (x, w) }", {"w": seeded((8, 4), dtype=np.float16)}
+        )
+    )
+    assert layer.dtype == "float16"
+    assert layer.channel_axis == 1
+
+
+@pytest.mark.parametrize(
+    ("onnx_type", "np_type", "name"),
+    [("int32", np.int32, "int32"), ("int64", np.int64, "int64"), ("double", np.float64, "double")],
+)
+def test_non_float_weight_skipped(onnx_type: str, np_type: type, name: str) -> None:
+    # int8 cannot feed MatMul/Gemm/Conv in a model that passes the checker; these types can
+    skipped = only_skipped(
+        inspect(
+            f"g ({onnx_type}[N, 8] x) => ({onnx_type}[N, 4] y) {{ y = MatMul (x, w) }}",
+            {"w": (seeded((8, 4)) * 10).astype(np_type)},
+        )
+    )
+    assert skipped.name == "w"
+    assert skipped.op_type == "MatMul"
+    assert name in skipped.reason
+    assert "dtype" in skipped.reason
+
+
+def test_one_dimensional_weight_skipped() -> None:
+    skipped = only_skipped(inspect("g (float[N, 8] x) => (float[N] y) { y = MatMul (x, w) }", {"w": seeded((8,))}))
+    assert skipped.name == "w"
+    assert "1 dimension" in skipped.reason
+
+
+# --- shared with non-weight uses, graph I/O, subgraphs ------------------------------------------
+
+
+def test_initializer_also_read_by_add_is_skipped() -> None:
+    skipped = only_skipped(
+        inspect(
+            "g (float[N, 8] x) => (float[N, 8] y) { h = MatMul (x, w)\n[residual] y = Add (h, w) }",
+            {"w": seeded((8, 8))},
+        )
+    )
+    assert skipped.name == "w"
+    assert "residual" in skipped.reason
+    assert "Add" in skipped.reason
+
+
+def test_initializer_shared_with_disagreeing_axes_is_skipped() -> None:
+    # operand 1 of one MatMul (axis 1) and operand 0 of another (axis 0)
+    skipped = only_skipped(
+        inspect(
+            "g (float[N, 8] x) => (float[8, 8] y) { h = MatMul (x, w)\ny = MatMul (w, h) }",
+            {"w": seeded((8, 8))},
+        )
+    )
+    assert "axis" in skipped.reason
+
+
+def test_initializer_that_is_a_graph_input_is_skipped() -> None:
+    skipped = only_skipped(
+        inspect("g (float[N, 8] x, float[8, 4] w) => (float[N, 4] y) { y = MatMul (x, w) }", {"w": seeded((8, 4))})
+    )
+    assert "graph input" in skipped.reason
+
+
+def test_initializer_that_is_a_graph_output_is_skipped() -> None:
+    skipped = only_skipped(
+        inspect("g (float[N, 8] x) => (float[N, 4] y, float[8, 4] w) { y = MatMul (x, w) }", {"w": seeded((8, 4))})
+    )
+    assert "graph output" in skipped.reason
+
+
+IF_BODY = """g (float[N, 8] x, bool c) => (float[N, 4] y) {{
+    h = MatMul (x, {outer})
+    y = If (c) <
+        then_branch = then_g () => (float[N, 4] a) {{ a = MatMul (x, w) }},
+        else_branch = else_g () => (float[N, 4] b) {{ b = Identity (h) }}
+    >
+}}"""
+
+
+def test_initializer_used_inside_if_subgraph_is_skipped() -> None:
+    skipped = only_skipped(inspect(IF_BODY.format(outer="w"), {"w": seeded((8, 4))}))
+    assert skipped.name == "w"
+    assert "subgraph" in skipped.reason
+
+
+def test_initializer_used_only_inside_if_subgraph_is_not_pruned() -> None:
+    inspection = inspect(IF_BODY.format(outer="w0"), {"w": seeded((8, 4)), "w0": seeded((8, 4), 1)})
+    assert [layer.name for layer in inspection.layers] == ["w0"]
+
+
+# --- include / exclude --------------------------------------------------------------------------
+
+TWO_LAYERS = "g (float[N, 8] x) => (float[N, 4] y) { [enc_fc] h = MatMul (x, w_enc)\n[dec_fc] y = MatMul (h, w_dec) }"
+TWO_WEIGHTS = {"w_enc": seeded((8, 8)), "w_dec": seeded((8, 4), 1)}
+
+
+def names(inspection: Inspection) -> tuple[list[str], dict[str, str]]:
+    return [la.name for la in inspection.layers], {s.name: s.reason for s in inspection.skipped}
+
+
+def test_exclude_by_node_name() -> None:
+    layers, skipped = names(inspect(TWO_LAYERS, TWO_WEIGHTS, exclude=("dec_*",)))
+    assert layers == ["w_enc"]
+    assert list(skipped) == ["w_dec"]
+    assert "dec_*" in skipped["w_dec"]
+
+
+def test_exclude_by_initializer_name() -> None:
+    layers, skipped = names(inspect(TWO_LAYERS, TWO_WEIGHTS, exclude=("w_e?c",)))
+    assert layers == ["w_dec"]
+    assert "w_e?c" in skipped["w_enc"]
+
+
+def test_include_by_node_name() -> None:
+    layers, skipped = names(inspect(TWO_LAYERS, TWO_WEIGHTS, include=("enc_*",)))
+    assert layers == ["w_enc"]
+    assert list(skipped) == ["w_dec"]
+    assert "include" in skipped["w_dec"]
+
+
+def test_include_by_initializer_name() -> None:
+    layers, skipped = names(inspect(TWO_LAYERS, TWO_WEIGHTS, include=("w_dec",)))
+    assert layers == ["w_dec"]
+    assert "include" in skipped["w_enc"]
+
+
+def test_include_miss_reason_names_the_patterns() -> None:
+    # the user should see which patterns were tried, as an exclude reason names its pattern
+    _, skipped = names(inspect(TWO_LAYERS, TWO_WEIGHTS, include=("enc_*", "w_x*")))
+    assert "enc_*" in skipped["w_dec"]
+    assert "w_x*" in skipped["w_dec"]
+
+
+def test_exclude_wins_over_include() -> None:
+    layers, skipped = names(inspect(TWO_LAYERS, TWO_WEIGHTS, include=("*",), exclude=("w_enc",)))
+    assert layers == ["w_dec"]
+    assert "w_enc" in skipped["w_enc"]
+
+
+def test_globs_are_case_sensitive() -> None:
+    layers, _ = names(inspect(TWO_LAYERS, TWO_WEIGHTS, exclude=("DEC_*",)))
+    assert layers == ["w_enc", "w_dec"]

@@ -1,0 +1,195 @@
+"""The onnx-prune CLI on bad input: exit code 2, one short error line, nothing written."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from tests.helpers import tiny_mlp, tiny_mlp_evalset, write_npz
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+EXIT_BAD_INPUT = 2
+
+
+@dataclass(frozen=True)
+class Files:
+    """Inputs of one test; ``out`` is the (empty) folder the CLI writes to."""
+
+    model: Path
+    evalset: Path
+    out: Path
+
+    @property
+    def pruned(self) -> Path:
+        return self.out / "pruned.onnx"
+
+    @property
+    def report(self) -> Path:
+        return self.out / "report.json"
+
+    def fill(self, template: str) -> str:
+        return template.format(model=self.model, eval=self.evalset, tmp=self.model.parent)
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> Files:
+    model = tmp_path / "model.onnx"
+    onnx.save_model(tiny_mlp(), str(model))
+    evalset = write_npz(tmp_path / "eval.npz", tiny_mlp_evalset(32))
+    out = tmp_path / "out"
+    out.mkdir()
+    return Files(model, evalset, out)
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def assert_bad_input(proc: subprocess.CompletedProcess[str], *patterns: str) -> None:
+    """Exit 2 with one error line (after argparse's usage block, if any) matching every pattern."""
+    assert proc.returncode == EXIT_BAD_INPUT, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert lines, "no error message"
+    error_lines = [line for line in lines if "error:" in line]
+    assert error_lines == [lines[-1]]
+    if len(lines) > 1:
+        assert lines[0].startswith("usage:")
+        assert len(lines) <= 20
+    for pattern in patterns:
+        assert re.search(pattern, lines[-1]), f"{pattern!r} not in {lines[-1]!r}"
+
+
+def prune_args(files: Files, *args: str | Path) -> list[str | Path]:
+    return ["prune", *args, "-o", files.pruned, "--report", files.report, "--quiet"]
+
+
+def write_bad_inputs(folder: Path) -> None:
+    data = tiny_mlp().SerializeToString()
+    (folder / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    (folder / "notes.onnx").write_text("not a model\n")
+    arrays = tiny_mlp_evalset(32)
+    np.savez(
+        folder / "pickled.npz",
+        x=np.array([{"a": 1}] * 32, dtype=object),
+        labels=arrays["labels"],
+        allow_pickle=True,
+    )
+    write_npz(folder / "renamed.npz", {"input": arrays["x"], "labels": arrays["labels"]})
+    with_nan = arrays["x"].copy()
+    with_nan[3, 1] = np.nan
+    write_npz(folder / "nan.npz", {"x": with_nan, "labels": arrays["labels"]})
+
+
+# (id, arguments before -o/--report with {model}/{eval}/{tmp} placeholders, regexes the error line must match)
+PRUNE_CASES = [
+    ("missing-model", ["{tmp}/none.onnx", "--eval", "{eval}"], [r"none\.onnx", "does not exist"]),
+    ("truncated-model", ["{tmp}/truncated.onnx", "--eval", "{eval}"], [r"truncated\.onnx", "truncated"]),
+    ("not-onnx", ["{tmp}/notes.onnx", "--eval", "{eval}"], [r"notes\.onnx", "not an ONNX model"]),
+    ("missing-evalset", ["{model}", "--eval", "{tmp}/none.npz"], [r"none\.npz", "does not exist"]),
+    ("pickled-evalset", ["{model}", "--eval", "{tmp}/pickled.npz"], [r"pickled\.npz", "pickle"]),
+    ("wrong-input-name", ["{model}", "--eval", "{tmp}/renamed.npz"], ["'x'", "'input'"]),
+    ("nan-evalset", ["{model}", "--eval", "{tmp}/nan.npz"], ["'x'", "NaN"]),
+    ("tolerance-abc", ["{model}", "--eval", "{eval}", "--tolerance", "abc"], ["tolerance", "abc"]),
+    ("tolerance-negative", ["{model}", "--eval", "{eval}", "--tolerance", "-1"], ["tolerance", ">= 0"]),
+    ("tolerance-nan", ["{model}", "--eval", "{eval}", "--tolerance", "nan"], ["tolerance", "finite"]),
+    ("tolerance-over-100%", ["{model}", "--eval", "{eval}", "--tolerance", "150%"], ["tolerance", "100%"]),
+    ("max-evaluations-0", ["{model}", "--eval", "{eval}", "--max-evaluations", "0"], ["max.evaluations", "0"]),
+    ("batch-size-0", ["{model}", "--eval", "{eval}", "--batch-size", "0"], ["batch.size", "0"]),
+    ("batch-size-abc", ["{model}", "--eval", "{eval}", "--batch-size", "abc"], ["batch-size", "abc"]),
+    ("holdout-1.5", ["{model}", "--eval", "{eval}", "--holdout", "1.5"], ["holdout", r"1\.5"]),
+    ("layer-cap-0", ["{model}", "--eval", "{eval}", "--layer-cap", "0"], ["layer.cap", "0"]),
+    ("top-k-0", ["{model}", "--eval", "{eval}", "--top-k", "0"], ["top.k", "0"]),
+    ("max-seconds-0", ["{model}", "--eval", "{eval}", "--max-seconds", "0"], ["max.seconds"]),
+    ("threads-negative", ["{model}", "--eval", "{eval}", "--threads", "-1"], ["threads"]),
+    ("unknown-metric", ["{model}", "--eval", "{eval}", "--metric", "f1"], ["--metric", "f1"]),
+    ("unknown-output", ["{model}", "--eval", "{eval}", "--output", "zzz"], ["'zzz'", "not a model output"]),
+    ("empty-include", ["{model}", "--eval", "{eval}", "--include="], ["include"]),
+]
+
+
+@pytest.mark.parametrize(("args", "patterns"), [c[1:] for c in PRUNE_CASES], ids=[c[0] for c in PRUNE_CASES])
+def test_prune_bad_input(files: Files, args: list[str], patterns: list[str]) -> None:
+    write_bad_inputs(files.model.parent)
+    proc = run_cli(*prune_args(files, *(files.fill(a) for a in args)))
+    assert_bad_input(proc, *patterns)
+    # neither the model nor the report, nor any temp file
+    assert list(files.out.iterdir()) == []
+
+
+def test_output_folder_does_not_exist(files: Files) -> None:
+    target = files.out / "missing" / "pruned.onnx"
+    proc = run_cli("prune", files.model, "--eval", files.evalset, "-o", target, "--report", files.report)
+    assert_bad_input(proc, "output folder", "missing", "does not exist")
+    assert list(files.out.iterdir()) == []
+
+
+def test_report_folder_does_not_exist(files: Files) -> None:
+    report = files.out / "missing" / "report.json"
+    proc = run_cli("prune", files.model, "--eval", files.evalset, "-o", files.pruned, "--report", report)
+    assert_bad_input(proc, "report folder", "missing", "does not exist")
+    assert list(files.out.iterdir()) == []
+
+
+def test_output_path_is_a_folder(files: Files) -> None:
+    target = files.out / "taken"
+    target.mkdir()
+    proc = run_cli("prune", files.model, "--eval", files.evalset, "-o", target, "--report", files.report)
+    assert_bad_input(proc, "taken")
+    assert list(files.out.iterdir()) == [target]
+    assert list(target.iterdir()) == []
+
+
+def test_report_path_is_a_folder(files: Files) -> None:
+    report = files.out / "taken"
+    report.mkdir()
+    proc = run_cli("prune", files.model, "--eval", files.evalset, "-o", files.pruned, "--report", report)
+    assert_bad_input(proc, "taken")
+    # all or nothing: a failed run must not leave the pruned model behind
+    assert list(files.out.iterdir()) == [report]
+    assert list(report.iterdir()) == []
+
+
+def test_good_input_writes_model_and_report(files: Files) -> None:
+    # the control for the cases above: the same command line with good input succeeds
+    proc = run_cli(*prune_args(files, files.model, "--eval", files.evalset, "--max-evaluations", "2"))
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in files.out.iterdir()) == ["pruned.onnx", "report.json"]
+    onnx.checker.check_model(onnx.load(str(files.pruned)), full_check=True)
+
+
+INSPECT_CASES = [
+    ("missing", "none.onnx", [r"none\.onnx", "does not exist"]),
+    ("truncated", "truncated.onnx", [r"truncated\.onnx", "truncated"]),
+    ("not-onnx", "notes.onnx", [r"notes\.onnx", "not an ONNX model"]),
+]
+
+
+@pytest.mark.parametrize("json_flag", [False, True], ids=["text", "json"])
+@pytest.mark.parametrize(("name", "patterns"), [c[1:] for c in INSPECT_CASES], ids=[c[0] for c in INSPECT_CASES])
+def test_inspect_bad_model(tmp_path: Path, name: str, patterns: list[str], json_flag: bool) -> None:
+    write_bad_inputs(tmp_path)
+    proc = run_cli("inspect", tmp_path / name, *(["--json"] if json_flag else []))
+    assert_bad_input(proc, *patterns)
+
+
+def test_inspect_good_model_exits_0(files: Files) -> None:
+    proc = run_cli("inspect", files.model, "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert '"w1"' in proc.stdout
