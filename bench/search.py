@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -25,11 +24,12 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import pruner  # noqa: E402
-from common import fixtures, plain_pass_seconds, table  # noqa: E402
-from pruner import Allocation, PruneOptions, Tolerance  # noqa: E402
-from pruner._metrics import Metric  # noqa: E402
-from pruner._prune import _split  # noqa: E402
+from common import fixtures, plain_pass_seconds, table
+
+import pruner
+from pruner import Allocation, PruneOptions, Tolerance
+from pruner._metrics import Metric
+from pruner._prune import _split
 
 
 def sweep(model: Path, evalset: pruner.EvalSet, tolerance: float) -> tuple[float, float, int]:
@@ -56,16 +56,17 @@ def _fixed_level(model: Path, evalset: pruner.EvalSet, options: PruneOptions, le
 
     from pruner._analysis import analyze
     from pruner._plan import LayerPlan, PruningPlan, apply_plan
-    from pruner._score import prune_order, unit_scores
+    from pruner._score import Granularity, prune_order, unit_scores
     from pruner._space import ZeroSpace, build_units
-    from pruner._score import Granularity
 
     proto = onnx.load(str(model))
     units = []
     for layer in analyze(proto).layers:
         w = numpy_helper.to_array(next(t for t in proto.graph.initializer if t.name == layer.name))
         s = unit_scores(options.criterion, layer, w)
-        units.append(build_units(layer, w, s, prune_order(s), Granularity.ELEMENT, Allocation.GLOBAL, options.layer_cap))
+        units.append(
+            build_units(layer, w, s, prune_order(s), Granularity.ELEMENT, Allocation.GLOBAL, options.layer_cap)
+        )
     space = ZeroSpace(units, Allocation.GLOBAL)
     config = space.at_level(level)
     plan = PruningPlan(
@@ -148,7 +149,7 @@ def run_fixtures(tolerance: float, allocations: list[Allocation]) -> None:
 
 
 def _sweep_cell(model: Path, evalset: pruner.EvalSet, tolerance: float) -> str:
-    best, hold, evals = sweep(model, evalset, tolerance)
+    best, hold, _ = sweep(model, evalset, tolerance)
     return f"{best:.0%} (holdout {hold:.4f})"
 
 
@@ -180,7 +181,8 @@ del model, g, inits, nodes, w
 x = rng.standard_normal((256, dims[0]), dtype=np.float32)
 evalset = pruner.EvalSet({"x": x})
 start = time.perf_counter()
-r = pruner.prune(path, evalset, pruner.PruneOptions(metric=pruner.MetricKind.AGREEMENT, tolerance=pruner.Tolerance(0.02)))
+options = pruner.PruneOptions(metric=pruner.MetricKind.AGREEMENT, tolerance=pruner.Tolerance(0.02))
+r = pruner.prune(path, evalset, options)
 wall = time.perf_counter() - start
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(f"{size} {peak} {r.report.sparsity} {r.report.evaluations} {wall}")
@@ -191,9 +193,15 @@ def run_big_mlp() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "big.onnx"
         baseline = subprocess.run(
-            [sys.executable, "-c", "import resource, onnxruntime, onnx, numpy, pruner; "
-             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                "-c",
+                "import resource, onnxruntime, onnx, numpy, pruner; "
+                "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         done = subprocess.run(
             [sys.executable, "-c", BIG_MLP_SCRIPT, str(path)], capture_output=True, text=True, check=True
@@ -203,9 +211,28 @@ def run_big_mlp() -> None:
     print("\nGenerated MLP (MatMul 1024-4096-4096-4096-2048-10), agreement metric, tolerance 0.02, 256 samples")
     print(
         table(
-            ["model MB", "peak RSS MB", "imports MB", "peak / model", "(peak - imports) / model", "sparsity", "evals", "wall s"],
-            [(f"{size_mb:.0f}", f"{peak_mb:.0f}", f"{base_mb:.0f}", f"{peak_mb / size_mb:.2f}",
-              f"{(peak_mb - base_mb) / size_mb:.2f}", f"{float(sparsity):.1%}", evals, f"{float(wall):.1f}")],
+            [
+                "model MB",
+                "peak RSS MB",
+                "imports MB",
+                "peak / model",
+                "(peak - imports) / model",
+                "sparsity",
+                "evals",
+                "wall s",
+            ],
+            [
+                (
+                    f"{size_mb:.0f}",
+                    f"{peak_mb:.0f}",
+                    f"{base_mb:.0f}",
+                    f"{peak_mb / size_mb:.2f}",
+                    f"{(peak_mb - base_mb) / size_mb:.2f}",
+                    f"{float(sparsity):.1%}",
+                    evals,
+                    f"{float(wall):.1f}",
+                )
+            ],
         )
     )
 
@@ -216,8 +243,10 @@ def main() -> None:
     parser.add_argument("--big-mlp", action="store_true", help="also run the ~200 MB MLP memory benchmark")
     parser.add_argument("--big-only", action="store_true")
     args = parser.parse_args()
-    print(f"machine: {platform.machine()} {platform.processor() or ''} cores={__import__('os').cpu_count()} "
-          f"python {platform.python_version()} onnxruntime {ort.__version__}")
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''} cores={__import__('os').cpu_count()} "
+        f"python {platform.python_version()} onnxruntime {ort.__version__}"
+    )
     if not args.big_only:
         run_fixtures(args.tolerance, list(Allocation))
     if args.big_mlp or args.big_only:

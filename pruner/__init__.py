@@ -23,7 +23,7 @@ from ._errors import (
     UnsupportedModelError,
 )
 from ._evalset import EvalSet, load_eval_set
-from ._model import load_model, save_model
+from ._model import check_output_path, load_model, save_model
 from ._options import Allocation, Criterion, MetricKind, Mode, Objective, PruneOptions, Tolerance
 from ._plan import LayerPlan, PlanIssue, PruningPlan, apply_plan, check_plan
 from ._prune import PruneResult, inspect, prune
@@ -58,7 +58,9 @@ __all__ = [
     "SkippedWeight",
     "SplitMetric",
     "Tolerance",
+    "UnsupportedModelError",
     "apply_plan",
+    "check_output_path",
     "check_plan",
     "inspect",
     "load_eval_set",

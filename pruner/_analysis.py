@@ -14,7 +14,7 @@ from ._graph import GraphIndex
 
 __all__ = ["Inspection", "PrunableWeight", "SkippedWeight", "analyze"]
 
-PRUNABLE_DTYPES = {
+PRUNABLE_DTYPES: dict[int, str] = {
     TensorProto.FLOAT: "float32",
     TensorProto.FLOAT16: "float16",
     TensorProto.BFLOAT16: "bfloat16",
@@ -174,7 +174,7 @@ def analyze(
             skip(f"excluded by pattern {pattern!r}")
             continue
         if include and _matches(include, [name, *node_names]) is None:
-            skip("not matched by any include pattern")
+            skip(f"not matched by any include pattern ({', '.join(include)})")
             continue
         layers.append(
             PrunableWeight(
@@ -188,8 +188,8 @@ def analyze(
             )
         )
 
-    total = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
-    total += sum(int(np.prod(_tensor(index, n).dims)) for n in index.constants if _tensor(index, n) is not None)  # type: ignore[union-attr]
+    constants = [t for t in (_tensor(index, n) for n in index.constants) if t is not None]
+    total = sum(int(np.prod(t.dims)) for t in [*model.graph.initializer, *constants])
     return Inspection(tuple(layers), tuple(skipped), total)
 
 

@@ -15,6 +15,8 @@ from ._errors import InvalidEvalSetError
 __all__ = ["EvalSet", "InputSpec", "load_eval_set", "model_inputs"]
 
 LABELS_KEY = "labels"
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = b"PK"
 
 
 @dataclass(frozen=True)
@@ -56,23 +58,34 @@ def load_eval_set(source: str | os.PathLike[str] | bytes) -> EvalSet:
     """
     what = "the eval set bytes" if isinstance(source, (bytes, bytearray)) else repr(str(source))
     try:
-        handle = io.BytesIO(bytes(source)) if isinstance(source, (bytes, bytearray)) else source
-        with np.load(handle, allow_pickle=False) as npz:
-            if not isinstance(npz, np.lib.npyio.NpzFile):
-                raise InvalidEvalSetError(f"{what} is a single .npy array; expected an .npz archive")
-            arrays = {key: npz[key] for key in npz.files}
-    except InvalidEvalSetError:
-        raise
+        if isinstance(source, (bytes, bytearray)):
+            handle: io.BufferedIOBase | io.BytesIO = io.BytesIO(bytes(source))
+        else:
+            handle = open(source, "rb")
     except FileNotFoundError as e:
         raise InvalidEvalSetError(f"eval set file {what} does not exist") from e
-    except ValueError as e:
-        if "pickle" in str(e).lower():
+    except OSError as e:
+        raise InvalidEvalSetError(f"cannot read eval set file {what}: {e.strerror or e}") from e
+    with handle:
+        magic = handle.read(len(_NPY_MAGIC))
+        handle.seek(0)
+        if magic == _NPY_MAGIC:
             raise InvalidEvalSetError(
-                f"{what} contains pickled object arrays, which are never loaded; store plain numeric arrays"
-            ) from e
-        raise InvalidEvalSetError(f"{what} is not a readable .npz archive: {e}") from e
-    except (OSError, zipfile.BadZipFile, EOFError) as e:
-        raise InvalidEvalSetError(f"{what} is not a readable .npz archive: {e}") from e
+                f"{what} is a single .npy array; expected an .npz archive with one array per model input"
+            )
+        if magic[:2] != _ZIP_MAGIC:
+            raise InvalidEvalSetError(f"{what} is not a readable .npz archive (no zip header)")
+        try:
+            with np.load(handle, allow_pickle=False) as npz:
+                arrays = {key: npz[key] for key in npz.files}
+        except ValueError as e:
+            if "pickle" in str(e).lower():
+                raise InvalidEvalSetError(
+                    f"{what} contains pickled object arrays, which are never loaded; store plain numeric arrays"
+                ) from e
+            raise InvalidEvalSetError(f"{what} is not a readable .npz archive: {e}") from e
+        except (OSError, zipfile.BadZipFile, EOFError) as e:
+            raise InvalidEvalSetError(f"{what} is not a readable .npz archive: {e}") from e
     if not arrays:
         raise InvalidEvalSetError(f"{what} holds no arrays")
     labels = arrays.pop(LABELS_KEY, None)

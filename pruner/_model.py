@@ -11,16 +11,16 @@ import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
-from ._errors import InvalidModelError
+from ._errors import InvalidConfigError, InvalidModelError
 
-__all__ = ["load_model", "model_bytes", "save_model", "session_source"]
+__all__ = ["check_output_path", "load_model", "model_bytes", "save_model", "session_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,32 +162,92 @@ def session_source(model: onnx.ModelProto) -> Iterator[str | bytes]:
         yield path
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike[str]) -> None:
-    """Write a model atomically; models over 2 GB get an external-data file beside them.
+def check_output_path(path: str | os.PathLike[str], what: str = "output") -> None:
+    """Check up front that a file can be written at ``path``; ``what`` names it in errors.
 
-    Nothing is left at ``path`` if writing fails.
+    Raises:
+        InvalidConfigError: the path is an existing folder, or its folder is
+            missing or not writable.
     """
     target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    large = model.ByteSize() >= PROTOBUF_LIMIT
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    os.close(fd)
+    folder = target.parent
+    if target.is_dir():
+        raise InvalidConfigError(f"{what} path {str(target)!r} is a folder; give a file name")
+    if not folder.is_dir():
+        raise InvalidConfigError(f"{what} folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InvalidConfigError(f"{what} folder {str(folder)!r} is not writable")
+
+
+def save_model(
+    model: onnx.ModelProto,
+    path: str | os.PathLike[str],
+    *,
+    companions: Sequence[tuple[str | os.PathLike[str], bytes]] = (),
+) -> None:
+    """Write a model, and companion files such as its report, all or nothing.
+
+    Models over 2 GB get an external-data file ``<name>.data`` beside them. Files
+    get the mode any new file of the user gets (0666 less the umask). Everything
+    is written to temporary files first and renamed at the end, so a failure
+    leaves no file behind and never replaces an existing one with half a file.
+
+    Raises:
+        InvalidConfigError: see :func:`check_output_path`.
+    """
+    target = Path(path)
+    check_output_path(target)
+    for companion, _ in companions:
+        check_output_path(companion)
+    staged: list[tuple[str, Path]] = []
     try:
-        if large:
+        if model.ByteSize() >= PROTOBUF_LIMIT:
             data_name = target.name + ".data"
-            tmp_data = folder / f".{data_name}.tmp"
-            _write_external(model, tmp_name, location=tmp_data.name)
-            # the model refers to the final data name; rename data first, then the model
-            _relocate_external(tmp_name, tmp_data.name, data_name)
-            os.replace(tmp_data, folder / data_name)
+            tmp_data = _temp_file(target.parent / data_name)
+            staged.append((tmp_data, target.parent / data_name))
+            tmp_model = _temp_file(target)
+            staged.append((tmp_model, target))
+            _write_external(model, tmp_model, location=Path(tmp_data).name)
+            # the model must refer to the final data name, not the temporary one
+            _relocate_external(tmp_model, Path(tmp_data).name, data_name)
         else:
-            with open(tmp_name, "wb") as f:
-                f.write(model.SerializeToString())
-        os.replace(tmp_name, target)
+            staged.append((_temp_file(target, model.SerializeToString()), target))
+        for companion, data in companions:
+            staged.append((_temp_file(Path(companion), data), Path(companion)))
+        for tmp, final in staged:
+            os.replace(tmp, final)
+    except BaseException:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
+
+
+def _temp_file(final: Path, data: bytes | None = None) -> str:
+    """A new file beside ``final`` with the user's default mode, holding ``data``."""
+    fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            if data is not None:
+                f.write(data)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
+            os.unlink(name)
         raise
+    return name
+
+
+def _umask() -> int:
+    # os.umask can only be read by setting it; /proc avoids the race where it can
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_external(model: onnx.ModelProto, path: str, location: str = "model.onnx.data") -> None:

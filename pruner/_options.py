@@ -102,7 +102,7 @@ class Tolerance:
             raise InvalidConfigError(f"tolerance must be a finite number, got {self.value!r}")
         if self.value < 0:
             raise InvalidConfigError(f"tolerance must be >= 0, got {self.value}")
-        if self.relative and self.value > 100:
+        if self.relative and self.value > 1:
             raise InvalidConfigError(f"relative tolerance must be <= 100%, got {self.value * 100:g}%")
 
     @classmethod

@@ -50,9 +50,13 @@ class PruneResult:
     plan: PruningPlan
     report: Report
 
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the model atomically (with external data when over 2 GB)."""
-        save_model(self.model, path)
+    def save(self, path: str | os.PathLike[str], report_path: str | os.PathLike[str] | None = None) -> None:
+        """Write the model (with external data when over 2 GB) and optionally the JSON report.
+
+        All or nothing: if any file cannot be written, none is.
+        """
+        companions = [] if report_path is None else [(report_path, self.report.to_json().encode())]
+        save_model(self.model, path, companions=companions)
 
 
 def _load(source: ModelSource) -> onnx.ModelProto:

@@ -6,15 +6,11 @@ Exit codes: 0 success, 1 internal error, 2 bad input, 130 interrupted.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import sys
-import tempfile
 import threading
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import pruner
@@ -103,14 +99,6 @@ def _options(args: argparse.Namespace) -> PruneOptions:
     )
 
 
-def _check_writable(path: str, what: str) -> None:
-    folder = Path(path).parent
-    if not folder.is_dir():
-        raise pruner.InvalidConfigError(f"{what} folder {str(folder)!r} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise pruner.InvalidConfigError(f"{what} folder {str(folder)!r} is not writable")
-
-
 class _Progress:
     """tqdm bar over candidate evaluations, fed by the library's progress events."""
 
@@ -160,37 +148,18 @@ def _summary(report: pruner.Report) -> str:
     return "\n".join(lines)
 
 
-def _write_atomic(files: Sequence[tuple[str, bytes]]) -> None:
-    """Write all files or none: temp files first, renames last."""
-    temps: list[tuple[str, str]] = []
-    try:
-        for path, data in files:
-            fd, tmp = tempfile.mkstemp(prefix=f".{Path(path).name}.", dir=Path(path).parent)
-            temps.append((tmp, path))
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        for tmp, path in temps:
-            os.replace(tmp, path)
-    finally:
-        for tmp, _ in temps:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-
-
 def _cmd_prune(args: argparse.Namespace) -> int:
     options = _options(args)
-    _check_writable(args.out, "output")
+    pruner.check_output_path(args.out, "output")
     if args.report:
-        _check_writable(args.report, "report")
+        pruner.check_output_path(args.report, "report")
     progress = _Progress(options.max_evaluations, enabled=not args.quiet and sys.stderr.isatty())
     stop = threading.Event()
     try:
         result = pruner.prune(args.model, args.eval_set, options, on_progress=progress, stop=stop)
     finally:
         progress.close()
-    result.save(args.out)
-    if args.report:
-        _write_atomic([(args.report, result.report.to_json().encode())])
+    result.save(args.out, args.report)
     print(_summary(result.report))
     return EXIT_OK
 

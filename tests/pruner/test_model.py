@@ -319,7 +319,7 @@ def test_save_model_to_str_path(tmp_path: Path) -> None:
 def test_save_model_failure_leaves_nothing(tmp_path: Path) -> None:
     target = tmp_path / "taken"
     target.mkdir()  # a folder where the file should go: the final rename fails
-    with pytest.raises(OSError):
+    with pytest.raises(pruner.InvalidConfigError, match=r"taken.*is a folder"):
         pruner.save_model(tiny_mlp(), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
     assert list(target.iterdir()) == []

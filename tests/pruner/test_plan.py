@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 import pytest
@@ -73,7 +75,7 @@ def test_channel_sparsity_is_within_one_channel_per_layer(level: float, allocati
 def test_levels_are_monotone() -> None:
     space = make_space(make_model(), Criterion.MAGNITUDE, Allocation.LAMP)
     configs = [space.at_level(x / 100) for x in range(0, 99)]
-    for a, b in zip(configs, configs[1:], strict=False):
+    for a, b in itertools.pairwise(configs):
         assert all(x <= y for x, y in zip(a, b, strict=True))
 
 
