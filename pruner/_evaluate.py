@@ -1,36 +1,51 @@
 """Running candidates through onnxruntime, cheaply.
 
-The model is serialized once, without the prunable weights. A candidate's
-bytes are that prefix followed by its weights, each serialized as a one-tensor
-``ModelProto`` fragment: protobuf merges concatenated messages, so onnxruntime
-sees an ordinary model whose pruned weights are real initializers (folded and
-pre-packed as in deployment) and the rest of the model is never re-serialized.
-(``SessionOptions.add_initializer`` would avoid even that, but onnxruntime
-ignores it where an optimizer folded the original tensor, e.g. float16 weights
-behind an inserted Cast, so it cannot be trusted here.)
+A model is split once into its prunable weights (numpy arrays, the source of
+truth from then on) and the rest, serialized once. Candidates then run one of
+two ways, whichever the run measures to be cheaper (always the first for
+large weights, where it is also the one that holds no second copy of them):
+
+* **fed**: one session of the rest, with the prunable weights turned into graph
+  inputs that every run feeds. No session per candidate, no serialization.
+* **built**: a session per candidate from the rest's bytes followed by the
+  weights, each hand-encoded as a one-tensor ``ModelProto`` fragment: protobuf
+  merges concatenated messages, so onnxruntime sees an ordinary model whose
+  weights are real initializers (folded and pre-packed as in deployment).
+  (``SessionOptions.add_initializer`` would be cheaper still, but onnxruntime
+  ignores it where an optimizer folded the original tensor, e.g. float16
+  weights behind an inserted Cast, so it cannot be trusted.)
+
+The written model is always built the second way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from ._errors import CancelledError, UnsupportedModelError
 from ._evalset import EvalSet, InputSpec
 from ._metrics import Metric
 from ._model import PROTOBUF_LIMIT, session_source
 
-__all__ = ["EvalOutcome", "Evaluator", "make_session"]
+__all__ = ["EvalOutcome", "Evaluator", "FedWeights", "ModelBuilder", "Runner", "SplitModel", "make_session"]
 
 logger = logging.getLogger(__name__)
+
+Runner = Callable[[Mapping[str, np.ndarray]], np.ndarray]
+"""Runs one batch of model inputs and returns the output the metric reads."""
+
+FEEDABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
+"""Weight types onnxruntime's Python API accepts as numpy inputs."""
 
 
 def make_session(source: str | bytes, *, threads: int = 0) -> ort.InferenceSession:
@@ -39,17 +54,20 @@ def make_session(source: str | bytes, *, threads: int = 0) -> ort.InferenceSessi
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
+    # without the arena, memory goes back after each run instead of staying reserved for the
+    # largest intermediate seen: fed weights are re-packed per run and would keep a copy here
+    options.enable_cpu_mem_arena = False
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
         raise UnsupportedModelError(f"onnxruntime cannot load the model: {_first_line(e)}") from e
 
 
-def _fragment(tensor: onnx.TensorProto) -> bytes:
-    """A serialized ModelProto holding only ``tensor`` as an initializer (to append to a model)."""
-    holder = onnx.ModelProto()
-    holder.graph.initializer.append(tensor)
-    return holder.SerializeToString()
+def session_runner(session: ort.InferenceSession, output: str) -> Runner:
+    def run(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(session.run([output], dict(feeds))[0])
+
+    return run
 
 
 def _first_line(e: BaseException) -> str:
@@ -57,50 +75,159 @@ def _first_line(e: BaseException) -> str:
     return text.splitlines()[0] if text else type(e).__name__
 
 
-class CandidateModels:
-    """Builds onnxruntime sessions of a model with some initializers replaced."""
+@dataclass
+class SplitModel:
+    """A model split into its prunable weights and everything else."""
 
-    def __init__(self, model: onnx.ModelProto, swappable: set[str], *, threads: int = 0) -> None:
-        self.threads = threads
-        self.created = 0
-        self._model = model
-        self._large = model.ByteSize() >= PROTOBUF_LIMIT
-        self._defaults: dict[str, bytes] = {}
-        self._dtypes = {t.name: t.data_type for t in model.graph.initializer if t.name in swappable}
-        if self._large:
-            self._base = b""
+    rest: onnx.ModelProto
+    """The model without the prunable initializers and the Constant nodes that made weights."""
+    weights: dict[str, np.ndarray]
+    """The prunable weights in their original dtype, in the order they are written back."""
+    data_types: dict[str, int]
+
+    @classmethod
+    def take(cls, model: onnx.ModelProto, names: set[str]) -> SplitModel:
+        """Move the tensors ``names`` (initializers or Constant outputs) out of ``model``.
+
+        ``model`` is emptied of them (pass a copy to keep the original) and should be
+        dropped by the caller: its memory is released only with it.
+        """
+        weights: dict[str, np.ndarray] = {}
+        data_types: dict[str, int] = {}
+
+        def take_tensor(tensor: onnx.TensorProto, name: str) -> None:
+            array = np.ascontiguousarray(numpy_helper.to_array(tensor))
+            # raw data comes back as a read-only view of a bytes copy; the final model is pruned in place
+            weights[name] = array if array.flags.writeable else array.copy()
+            data_types[name] = tensor.data_type
+
+        graph = model.graph
+        taken = [i for i, t in enumerate(graph.initializer) if t.name in names]
+        for i in taken:
+            take_tensor(graph.initializer[i], graph.initializer[i].name)
+        for i in reversed(taken):
+            del graph.initializer[i]
+        constants = [i for i, n in enumerate(graph.node) if n.op_type == "Constant" and n.output[0] in names]
+        for i in constants:
+            node = graph.node[i]
+            take_tensor(next(a.t for a in node.attribute if a.name == "value"), node.output[0])
+        for i in reversed(constants):
+            del graph.node[i]
+        # protobuf frees a message's memory only with the whole message: keep a fresh, small copy
+        rest = onnx.ModelProto()
+        rest.CopyFrom(model)
+        return cls(rest, weights, data_types)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(w.nbytes for w in self.weights.values())
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, payload_size: int) -> bytes:
+    """The key and length of a length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(payload_size)
+
+
+def _fragment(name: str, data_type: int, array: np.ndarray) -> list[bytes | memoryview]:
+    """The parts of a serialized ``ModelProto`` whose graph holds only this initializer.
+
+    Hand-encoded so the weight's bytes are copied once, into the joined model,
+    instead of into a TensorProto, its serialization and then the join.
+    """
+    little = array.astype(array.dtype.newbyteorder("<"), copy=False)
+    raw = np.ascontiguousarray(little).reshape(-1).view(np.uint8).data
+    encoded_name = name.encode()
+    head = b"".join(
+        [
+            *(_varint(1 << 3) + _varint(d) for d in array.shape),  # TensorProto.dims = 1
+            _varint(2 << 3) + _varint(data_type),  # data_type = 2
+            _field(8, len(encoded_name)) + encoded_name,  # name = 8
+            _field(9, raw.nbytes),  # raw_data = 9
+        ]
+    )
+    tensor_size = len(head) + raw.nbytes
+    initializer = _field(5, tensor_size)  # GraphProto.initializer = 5
+    graph = _field(7, len(initializer) + tensor_size)  # ModelProto.graph = 7
+    return [graph, initializer, head, raw]
+
+
+class ModelBuilder:
+    """Serialized models of the split model with given weights."""
+
+    def __init__(self, split: SplitModel) -> None:
+        self.split = split
+        self._prefix = split.rest.SerializeToString()
+        self.large = len(self._prefix) + split.weight_bytes >= PROTOBUF_LIMIT
+
+    def to_bytes(self, weights: Mapping[str, np.ndarray]) -> bytes:
+        """The model with ``weights`` (all prunable tensors) as initializers."""
+        parts: list[bytes | memoryview] = [self._prefix]
+        for name, data_type in self.split.data_types.items():
+            parts += _fragment(name, data_type, weights[name])
+        return b"".join(parts)
+
+    def to_proto(self, weights: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+        model = onnx.ModelProto()
+        if self.large:
+            model.CopyFrom(self.split.rest)
+            for name, data_type in self.split.data_types.items():
+                tensor = numpy_helper.from_array(weights[name], name)
+                assert tensor.data_type == data_type
+                model.graph.initializer.append(tensor)
+        else:
+            model.ParseFromString(self.to_bytes(weights))
+        return model
+
+    @contextlib.contextmanager
+    def source(self, weights: Mapping[str, np.ndarray]) -> Iterator[str | bytes]:
+        """What onnxruntime should load: bytes, or a temporary path for models over 2 GB."""
+        if not self.large:
+            yield self.to_bytes(weights)
             return
-        base = onnx.ModelProto()
-        base.CopyFrom(model)
-        kept = []
-        for tensor in base.graph.initializer:
-            if tensor.name in swappable:
-                self._defaults[tensor.name] = _fragment(tensor)
-            else:
-                kept.append(tensor)
-        del base.graph.initializer[:]
-        base.graph.initializer.extend(kept)
-        self._base = base.SerializeToString()
+        with session_source(self.to_proto(weights)) as source:
+            yield source
 
-    def session(self, overrides: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
-        self.created += 1
-        overrides = overrides or {}
-        if self._large:
-            return self._large_session(overrides)
-        parts = [self._base]
-        for name, default in self._defaults.items():
-            array = overrides.get(name)
-            parts.append(default if array is None else _fragment(numpy_helper.from_array(array, name)))
-        return make_session(b"".join(parts), threads=self.threads)
+    def session(self, weights: Mapping[str, np.ndarray], *, threads: int = 0) -> ort.InferenceSession:
+        with self.source(weights) as source:
+            return make_session(source, threads=threads)
 
-    def _large_session(self, overrides: Mapping[str, np.ndarray]) -> ort.InferenceSession:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(self._model)
-        for tensor in copy.graph.initializer:
-            if tensor.name in overrides:
-                tensor.CopyFrom(numpy_helper.from_array(overrides[tensor.name], tensor.name))
-        with session_source(copy) as source:
-            return make_session(source, threads=self.threads)
+
+class FedWeights:
+    """One session of the split model with its prunable weights as graph inputs."""
+
+    def __init__(self, split: SplitModel, output: str, *, threads: int = 0) -> None:
+        fed = onnx.ModelProto()
+        fed.CopyFrom(split.rest)
+        existing = {i.name for i in fed.graph.input}
+        for name, array in split.weights.items():
+            if name not in existing:
+                fed.graph.input.append(helper.make_tensor_value_info(name, split.data_types[name], list(array.shape)))
+        self.output = output
+        self.session = make_session(fed.SerializeToString(), threads=threads)
+
+    @staticmethod
+    def possible(split: SplitModel) -> bool:
+        return all(t in FEEDABLE for t in split.data_types.values())
+
+    def runner(self, weights: Mapping[str, np.ndarray]) -> Runner:
+        session, output, fixed = self.session, self.output, dict(weights)
+
+        def run(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+            return np.asarray(session.run([output], {**feeds, **fixed})[0])
+
+        return run
 
 
 @dataclass(frozen=True)
@@ -119,18 +246,20 @@ class Evaluator:
     """Batched metric evaluation of candidates on an eval set.
 
     Args:
-        models: builds the sessions of candidates.
+        candidates: makes a runner for a candidate's weights (None: pass runners).
         specs: the model inputs, for fixed batch dimensions.
         output: the output the metric reads.
         metric: the metric.
         evalset: all samples; evaluation calls select rows by index.
-        reference: the unpruned model's ``output`` for every sample, for
-            label-free metrics and probes.
+        stop: cancels evaluation (checked before every batch).
+
+    ``reference`` holds the unpruned model's ``output`` for every sample, for
+    label-free metrics and probes.
     """
 
     def __init__(
         self,
-        models: CandidateModels | None,
+        candidates: Callable[[Mapping[str, np.ndarray]], Runner] | None,
         specs: list[InputSpec],
         output: str,
         metric: Metric,
@@ -139,7 +268,7 @@ class Evaluator:
         batch_size: int,
         stop: threading.Event | None = None,
     ) -> None:
-        self.models = models
+        self.candidates = candidates
         self.output = output
         self.metric = metric
         self.evalset = evalset
@@ -151,54 +280,55 @@ class Evaluator:
         self.batch_size = self.fixed_batch or batch_size
         self.reference: np.ndarray | None = None
 
-    def session(self, overrides: Mapping[str, np.ndarray] | None = None) -> ort.InferenceSession:
-        if self.models is None:
-            raise TypeError("this evaluator has no candidate models; pass a session")
-        return self.models.session(overrides)
+    def runner(self, weights: Mapping[str, np.ndarray]) -> Runner:
+        if self.candidates is None:
+            raise TypeError("this evaluator makes no candidates; pass a runner")
+        return self.candidates(weights)
 
     def _batches(self, indices: np.ndarray) -> list[np.ndarray]:
         return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
 
-    def run(self, session: ort.InferenceSession, rows: np.ndarray) -> np.ndarray:
+    def run(self, runner: Runner, rows: np.ndarray) -> np.ndarray:
         """The chosen output for ``rows`` (one batch)."""
+        if self.stop is not None and self.stop.is_set():
+            raise CancelledError("the run was cancelled")
         n = len(rows)
         if self.fixed_batch is not None and n < self.fixed_batch:
             rows = np.concatenate([rows, np.repeat(rows[-1:], self.fixed_batch - n)])
         feeds = {name: array[rows] for name, array in self.evalset.inputs.items()}
         try:
-            (out,) = session.run([self.output], feeds)
+            out = runner(feeds)
         except Exception as e:  # onnxruntime raises its own exception types
             raise UnsupportedModelError(f"onnxruntime failed to run the model: {_first_line(e)}") from e
-        out = np.asarray(out)
         if out.ndim == 0 or out.shape[0] != len(rows):
             raise UnsupportedModelError(
                 f"output {self.output!r} has shape {list(out.shape)}: its first axis is not the sample axis"
             )
         return out[:n]
 
-    def outputs(self, session: ort.InferenceSession, indices: np.ndarray) -> np.ndarray:
+    def outputs(self, runner: Runner, indices: np.ndarray) -> np.ndarray:
         """The chosen output for all ``indices``, in order."""
-        return np.concatenate([self.run(session, b) for b in self._batches(indices)])
+        return np.concatenate([self.run(runner, b) for b in self._batches(indices)])
 
     def evaluate(
         self,
         indices: np.ndarray,
         *,
-        overrides: Mapping[str, np.ndarray] | None = None,
-        session: ort.InferenceSession | None = None,
+        weights: Mapping[str, np.ndarray] | None = None,
+        runner: Runner | None = None,
         bound: float | None = None,
     ) -> EvalOutcome:
         """Metric on ``indices``; stops early once the mean cannot reach ``bound``."""
         start = time.perf_counter()
-        session = session or self.session(overrides)
+        if runner is None:
+            assert weights is not None
+            runner = self.runner(weights)
         labels = self.evalset.labels
         total = len(indices)
         score_sum = 0.0
         seen = 0
         for rows in self._batches(indices):
-            if self.stop is not None and self.stop.is_set():
-                raise CancelledError("the run was cancelled")
-            out = self.run(session, rows)
+            out = self.run(runner, rows)
             ref = None if self.reference is None else self.reference[rows]
             scores = self.metric.per_sample(out, None if labels is None else labels[rows], ref)
             score_sum += float(scores.sum())
@@ -207,9 +337,9 @@ class Evaluator:
                 return EvalOutcome(score_sum / seen, False, seen, time.perf_counter() - start)
         return EvalOutcome(score_sum / total, True, total, time.perf_counter() - start)
 
-    def deviation(self, indices: np.ndarray, overrides: Mapping[str, np.ndarray]) -> float:
+    def deviation(self, indices: np.ndarray, weights: Mapping[str, np.ndarray]) -> float:
         """Relative squared error of the output vs the unpruned model: a smooth, label-free proxy."""
         assert self.reference is not None
-        out = self.outputs(self.session(overrides), indices).astype(np.float64)
+        out = self.outputs(self.runner(weights), indices).astype(np.float64)
         ref = self.reference[indices].astype(np.float64)
         return float(((out - ref) ** 2).sum() / max((ref**2).sum(), 1e-30))

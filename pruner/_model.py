@@ -43,7 +43,7 @@ def load_model(source: str | os.PathLike[str] | bytes) -> onnx.ModelProto:
                 f"the model references external data (tensor {external[0].name!r}); a model sent as "
                 "bytes must be self-contained: save it with all tensors inside the .onnx file"
             )
-        _check(model)
+        _check(model, bytes(source))
         return model
 
     path = Path(source)
@@ -62,9 +62,8 @@ def load_model(source: str | os.PathLike[str] | bytes) -> onnx.ModelProto:
             onnx.load_external_data_for_model(model, str(path.parent))
         except Exception as e:  # onnx raises several types here
             raise InvalidModelError(f"cannot load the external data of {str(path)!r}: {e}") from e
-        _check(model, path)
-    else:
-        _check(model)
+    # by path: the checker reads the file itself instead of a serialization of the model
+    _check(model, path)
     return model
 
 
@@ -81,14 +80,16 @@ def _parse(data: bytes, what: str) -> onnx.ModelProto:
     return model
 
 
-def _check(model: onnx.ModelProto, path: Path | None = None) -> None:
+def _check(model: onnx.ModelProto, source: Path | bytes | None = None) -> None:
+    """Full checker run on ``model``; ``source`` (its file, or its serialized bytes)
+    spares the checker a serialization of its own."""
     if not model.opset_import:
         raise InvalidModelError("the model declares no opset (opset_import is empty)")
     try:
-        if path is not None:
-            onnx.checker.check_model(str(path), full_check=True)
+        if isinstance(source, Path):
+            onnx.checker.check_model(str(source), full_check=True)
         else:
-            onnx.checker.check_model(model, full_check=True)
+            onnx.checker.check_model(model if source is None else source, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InvalidModelError(f"the model fails the ONNX checker: {first}") from e
@@ -180,12 +181,12 @@ def check_output_path(path: str | os.PathLike[str], what: str = "output") -> Non
 
 
 def save_model(
-    model: onnx.ModelProto,
+    model: onnx.ModelProto | bytes,
     path: str | os.PathLike[str],
     *,
     companions: Sequence[tuple[str | os.PathLike[str], bytes]] = (),
 ) -> None:
-    """Write a model, and companion files such as its report, all or nothing.
+    """Write a model (or its serialized bytes), and companion files such as its report, all or nothing.
 
     Models over 2 GB get an external-data file ``<name>.data`` beside them. Files
     get the mode any new file of the user gets (0666 less the umask). Everything
@@ -201,7 +202,9 @@ def save_model(
         check_output_path(companion)
     staged: list[tuple[str, Path]] = []
     try:
-        if model.ByteSize() >= PROTOBUF_LIMIT:
+        if isinstance(model, bytes):
+            staged.append((_temp_file(target, model), target))
+        elif model.ByteSize() >= PROTOBUF_LIMIT:
             data_name = target.name + ".data"
             tmp_data = _temp_file(target.parent / data_name)
             staged.append((tmp_data, target.parent / data_name))

@@ -133,7 +133,7 @@ class PruneOptions:
 
     mode: Mode = Mode.ZERO
     criterion: Criterion = Criterion.MAGNITUDE
-    allocation: Allocation = Allocation.LAMP
+    allocation: Allocation = Allocation.NORMALIZED
     metric: MetricKind = MetricKind.ACCURACY
     top_k: int = DEFAULT_TOP_K
     output: str | None = None

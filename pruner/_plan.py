@@ -19,9 +19,9 @@ from onnx import numpy_helper
 from ._analysis import PrunableWeight, tensor_proto
 from ._graph import GraphIndex
 from ._options import Criterion, Mode
-from ._score import Granularity, granularity, prune_order, unit_scores
+from ._score import Granularity, granularity, lowest, unit_scores
 
-__all__ = ["LayerPlan", "PlanIssue", "PruningPlan", "apply_plan", "check_plan", "zeroed_copy"]
+__all__ = ["LayerPlan", "PlanIssue", "PruningPlan", "apply_plan", "check_plan", "pruned_weight", "zero_lowest"]
 
 
 @dataclass(frozen=True)
@@ -101,26 +101,30 @@ def check_plan(plan: PruningPlan, model: onnx.ModelProto) -> list[PlanIssue]:
     return issues
 
 
-def zeroed_copy(weight: np.ndarray, order: np.ndarray, amount: int, gran: Granularity, channel_axis: int) -> np.ndarray:
-    """``weight`` with its first ``amount`` units in ``order`` set to zero (a new array)."""
-    out = weight.copy()
+def zero_lowest(
+    weight: np.ndarray, scores: np.ndarray, amount: int, gran: Granularity, channel_axis: int
+) -> np.ndarray:
+    """Zero, in place, the ``amount`` lowest-scoring units of ``weight``; returns ``weight``."""
     if amount:
+        mask = lowest(scores, amount)
         if gran is Granularity.ELEMENT:
-            out.reshape(-1)[order[:amount]] = 0
+            weight[mask.reshape(weight.shape)] = 0
         else:
-            np.moveaxis(out, channel_axis, 0)[order[:amount]] = 0
-    return out
+            np.moveaxis(weight, channel_axis, 0)[mask] = 0
+    return weight
 
 
-def apply_plan(
-    plan: PruningPlan,
-    model: onnx.ModelProto,
-    *,
-    orders: Mapping[str, np.ndarray] | None = None,
-) -> onnx.ModelProto:
+def pruned_weight(plan: PruningPlan, layer: LayerPlan, weight: np.ndarray) -> np.ndarray:
+    """``weight`` (any float dtype) pruned as ``layer`` of ``plan`` says, in place."""
+    if layer.amount == 0:
+        return weight
+    info = PrunableWeight(layer.tensor, "", (), tuple(weight.shape), "", layer.channel_axis)
+    scores = unit_scores(plan.criterion, info, weight)
+    return zero_lowest(weight, scores, layer.amount, plan.granularity, layer.channel_axis)
+
+
+def apply_plan(plan: PruningPlan, model: onnx.ModelProto) -> onnx.ModelProto:
     """A pruned copy of ``model``; the caller's model is never changed.
-
-    ``orders`` may supply precomputed prune orders (from the search) to skip rescoring.
 
     Raises:
         ValueError: the plan does not fit the model (see :func:`check_plan`).
@@ -131,17 +135,11 @@ def apply_plan(
     out = onnx.ModelProto()
     out.CopyFrom(model)
     index = GraphIndex.build(out.graph)
-    gran = plan.granularity
     for layer in plan.layers:
         if layer.amount == 0:
             continue
         tensor = tensor_proto(index, layer.tensor)
         assert tensor is not None
-        weight = numpy_helper.to_array(tensor)
-        order = (orders or {}).get(layer.tensor)
-        if order is None:
-            info = PrunableWeight(layer.tensor, "", (), tuple(weight.shape), "", layer.channel_axis)
-            order = prune_order(unit_scores(plan.criterion, info, weight))
-        pruned = zeroed_copy(weight, order, layer.amount, gran, layer.channel_axis)
-        tensor.CopyFrom(numpy_helper.from_array(pruned, tensor.name))
+        weight = pruned_weight(plan, layer, numpy_helper.to_array(tensor).copy())
+        tensor.CopyFrom(numpy_helper.from_array(weight, tensor.name))
     return out

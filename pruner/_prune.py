@@ -7,26 +7,25 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import numpy_helper
 
 from ._analysis import Inspection, analyze
 from ._errors import InvalidConfigError, InvalidEvalSetError, InvalidModelError, UnsupportedModelError
-from ._evalset import EvalSet, load_eval_set, model_inputs, validate_eval_set
-from ._evaluate import CandidateModels, Evaluator, make_session
-from ._graph import GraphIndex
+from ._evalset import EvalSet, InputSpec, load_eval_set, model_inputs, validate_eval_set
+from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._metrics import Metric
 from ._model import _check, load_model, save_model, session_source
 from ._options import PruneOptions
-from ._plan import LayerPlan, PruningPlan, apply_plan, zeroed_copy
+from ._plan import LayerPlan, PruningPlan, zero_lowest
 from ._report import CandidateRecord, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
-from ._score import granularity, prune_order, unit_scores
+from ._score import granularity, unit_scores
 from ._search import Judgement, Trial, search
 from ._space import Config, LayerUnits, ZeroSpace, build_units
 from ._sparse import to_sparse_initializers
@@ -37,6 +36,11 @@ logger = logging.getLogger(__name__)
 
 PROBE_SAMPLES = 128
 """Samples the refinement probes run on (a slice of the search split)."""
+FED_ALWAYS_BYTES = 64 * 2**20
+"""From this much prunable weight data on, candidates always run with their weights
+fed as inputs (one copy of the weights in memory) and scores are recomputed per candidate."""
+STRATEGY_BATCHES = 4
+"""Batches timed to choose between fed and built candidates."""
 
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
 EvalSource = str | os.PathLike[str] | bytes | EvalSet
@@ -49,6 +53,8 @@ class PruneResult:
     model: onnx.ModelProto
     plan: PruningPlan
     report: Report
+    model_bytes: bytes | None = field(default=None, repr=False)
+    """The serialized model as checked and measured (None for models over 2 GB)."""
 
     def save(self, path: str | os.PathLike[str], report_path: str | os.PathLike[str] | None = None) -> None:
         """Write the model (with external data when over 2 GB) and optionally the JSON report.
@@ -56,7 +62,7 @@ class PruneResult:
         All or nothing: if any file cannot be written, none is.
         """
         companions = [] if report_path is None else [(report_path, self.report.to_json().encode())]
-        save_model(self.model, path, companions=companions)
+        save_model(self.model if self.model_bytes is None else self.model_bytes, path, companions=companions)
 
 
 def _load(source: ModelSource) -> onnx.ModelProto:
@@ -95,25 +101,6 @@ def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
         raise InvalidEvalSetError(f"eval set has {n} sample(s): too few to keep a held-out split of {fraction:g}")
     perm = np.random.default_rng(seed).permutation(n)
     return np.sort(perm[holdout:]), np.sort(perm[:holdout])
-
-
-def _constants_to_initializers(model: onnx.ModelProto, names: set[str]) -> onnx.ModelProto:
-    """A copy where the Constant nodes producing ``names`` are initializers (so they can be swapped)."""
-    if not names:
-        return model
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    keep = []
-    for node in out.graph.node:
-        if node.op_type == "Constant" and node.output[0] in names:
-            tensor = next(a.t for a in node.attribute if a.name == "value")
-            tensor.name = node.output[0]
-            out.graph.initializer.append(tensor)
-        else:
-            keep.append(node)
-    del out.graph.node[:]
-    out.graph.node.extend(keep)
-    return out
 
 
 def _output_shape(model: onnx.ModelProto, name: str) -> tuple[int | None, ...]:
@@ -176,14 +163,22 @@ def prune(
                 inspection.skipped,
                 inspection.total_params,
             )
-    working = _constants_to_initializers(original, {la.name for la in inspection.layers if la.from_constant})
+    io_names = ([i.name for i in original.graph.input], list(outputs))
+    bytes_before = original.ByteSize()
+    # the split takes the weights out of the model it is given: never the caller's
+    working = _copy(original) if isinstance(model, onnx.ModelProto) else original
+    del original
+    split = SplitModel.take(working, {la.name for la in inspection.layers})
+    del working
+    builder = ModelBuilder(split)
     timings["load"] = time.perf_counter() - t_start
 
-    models = CandidateModels(working, {la.name for la in inspection.layers}, threads=options.threads)
-    evaluator = Evaluator(models, specs, output, metric, data, batch_size=options.batch_size, stop=stop)
     t0 = time.perf_counter()
-    reference = evaluator.outputs(evaluator.session(), np.arange(len(data)))
-    evaluator.reference = reference
+    evaluator = Evaluator(None, specs, output, metric, data, batch_size=options.batch_size, stop=stop)
+    evaluator.candidates, strategy = _choose_strategy(builder, evaluator, search_idx, options)
+    notes.append(strategy)
+    reference = evaluator.reference
+    assert reference is not None
 
     def measure(idx: np.ndarray, out: np.ndarray) -> float:
         labels = None if data.labels is None else data.labels[idx]
@@ -201,36 +196,40 @@ def prune(
     )
 
     t0 = time.perf_counter()
-    index = GraphIndex.build(working.graph)
     gran = granularity(options.criterion)
-    weights: dict[str, np.ndarray] = {}
+    keep_scores = split.weight_bytes < FED_ALWAYS_BYTES
+    scores: dict[str, np.ndarray] = {}
     units: list[LayerUnits] = []
     for layer in inspection.layers:
-        tensor = index.initializers[layer.name]
-        weight = numpy_helper.to_array(tensor)
-        weights[layer.name] = weight
-        scores = unit_scores(options.criterion, layer, weight)
-        order = prune_order(scores)
-        units.append(build_units(layer, weight, scores, order, gran, options.allocation, options.layer_cap))
+        weight = split.weights[layer.name]
+        layer_scores = unit_scores(options.criterion, layer, weight)
+        units.append(build_units(layer, weight, layer_scores, gran, options.allocation, options.layer_cap))
+        if keep_scores:
+            scores[layer.name] = layer_scores
+        del layer_scores
     space = ZeroSpace(units, options.allocation)
     timings["scoring"] = time.perf_counter() - t0
 
-    def overrides(config: Config) -> dict[str, np.ndarray]:
-        return {
-            u.layer.name: zeroed_copy(weights[u.layer.name], u.order, amount, gran, u.layer.channel_axis)
-            for u, amount in zip(units, config, strict=True)
-            if amount
-        }
+    def candidate(config: Config, *, in_place: bool = False) -> dict[str, np.ndarray]:
+        """The weights a config describes (the originals where nothing is pruned)."""
+        out = dict(split.weights)
+        for u, amount in zip(units, config, strict=True):
+            if amount:
+                name = u.layer.name
+                weight = out[name] if in_place else out[name].copy()
+                unit = scores[name] if keep_scores else unit_scores(options.criterion, u.layer, weight)
+                out[name] = zero_lowest(weight, unit, amount, gran, u.layer.channel_axis)
+        return out
 
     def judge(config: Config) -> Judgement:
-        result = evaluator.evaluate(search_idx, overrides=overrides(config), bound=bound)
+        result = evaluator.evaluate(search_idx, weights=candidate(config), bound=bound)
         passed = result.complete and metric.loss(baseline.search, result.value) <= allowed + 1e-9
         return Judgement(passed, result.value, result.complete, result.samples, result.seconds)
 
     probe_idx = search_idx[:PROBE_SAMPLES]
 
     def probe(config: Config) -> float:
-        return evaluator.deviation(probe_idx, overrides(config))
+        return evaluator.deviation(probe_idx, candidate(config))
 
     def on_trial(trial: Trial, better: bool) -> None:
         j = trial.judgement
@@ -279,7 +278,7 @@ def prune(
 
     t0 = time.perf_counter()
     chosen, confirmations = _confirm(
-        outcome.passing(), space, evaluator, hold_idx, baseline, metric, options, overrides, notes
+        outcome.passing(), space, evaluator, hold_idx, baseline, metric, options, candidate, notes
     )
     emit(
         ProgressEvent(
@@ -300,26 +299,46 @@ def prune(
             for u, amount in zip(units, chosen, strict=True)
         ),
     )
-    pruned = apply_plan(plan, working, orders={u.layer.name: u.order for u in units}) if any(chosen) else working
-    if options.sparse_initializers and any(chosen):
-        pruned = _with_sparse_initializers(
-            pruned, [u.layer.name for u, a in zip(units, chosen, strict=True) if a], notes
-        )
-    final = _final_metric(pruned, original, specs, output, metric, data, reference, search_idx, hold_idx, options)
-    if (
-        final.holdout is not None
-        and metric.loss(baseline.holdout or 0.0, final.holdout)
-        > options.tolerance.allowed_loss(baseline.holdout or 0.0) + 1e-9
-        and any(chosen)
-    ):
-        # cannot happen unless onnxruntime is nondeterministic; never hand out a model that misses
-        notes.append("the written model missed the tolerance on the held-out split; returning the original")
-        chosen = space.empty()
-        plan = PruningPlan(
-            options.mode, options.criterion, tuple(LayerPlan(p.tensor, 0, p.units, p.channel_axis) for p in plan.layers)
-        )
-        pruned = working
-        final = _final_metric(pruned, original, specs, output, metric, data, reference, search_idx, hold_idx, options)
+    final_check = _FinalCheck(io_names, specs, output, metric, data, reference, search_idx, hold_idx, options)
+    evaluator.candidates = None
+
+    def unchanged() -> tuple[onnx.ModelProto, bytes | None, SplitMetric]:
+        # the split reordered the model's tensors; hand back the very model we were given
+        model_again = _copy(model) if isinstance(model, onnx.ModelProto) else _load(model)
+        again = ModelBuilder(SplitModel.take(model_again, set()))
+        return final_check(again.to_proto({}) if again.large else again.to_bytes({}), [], notes)
+
+    if any(chosen):
+        # large weights are pruned in place: the originals are not needed once the winner is known
+        final_weights = candidate(chosen, in_place=not keep_scores)
+        scores.clear()
+        built = builder.to_proto(final_weights) if builder.large else builder.to_bytes(final_weights)
+        # from here on the model exists only as ``built``; a fallback reloads the original
+        del final_weights
+        split.weights.clear()
+        pruned_names = [u.layer.name for u, a in zip(units, chosen, strict=True) if a]
+        pruned, pruned_bytes, final = final_check(built, pruned_names if options.sparse_initializers else [], notes)
+        del built
+        if (
+            final.holdout is not None
+            and metric.loss(baseline.holdout or 0.0, final.holdout)
+            > options.tolerance.allowed_loss(baseline.holdout or 0.0) + 1e-9
+        ):
+            # the written model runs its weights as initializers, the search may have fed them as
+            # inputs: at the edge of the tolerance a rounding can differ; never hand out a model that misses
+            notes.append("the written model missed the tolerance on the held-out split; returning the original")
+            chosen = space.empty()
+            plan = PruningPlan(
+                options.mode,
+                options.criterion,
+                tuple(LayerPlan(p.tensor, 0, p.units, p.channel_axis) for p in plan.layers),
+            )
+            del pruned, pruned_bytes
+            pruned, pruned_bytes, final = unchanged()
+    else:
+        split.weights.clear()
+        scores.clear()
+        pruned, pruned_bytes, final = unchanged()
     timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
@@ -350,8 +369,8 @@ def prune(
         prunable_params=space.total_params,
         nonzero_before=space.nonzero(space.empty()),
         nonzero_after=space.nonzero(chosen),
-        bytes_before=original.ByteSize(),
-        bytes_after=pruned.ByteSize(),
+        bytes_before=bytes_before,
+        bytes_after=pruned.ByteSize() if pruned_bytes is None else len(pruned_bytes),
         layers=layer_reports,
         skipped=[{"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in inspection.skipped],
         trace=[
@@ -388,17 +407,16 @@ def prune(
             passed=True,
         )
     )
-    return PruneResult(pruned, plan, report)
+    return PruneResult(pruned, plan, report, pruned_bytes)
 
 
-def _with_sparse_initializers(model: onnx.ModelProto, names: list[str], notes: list[str]) -> onnx.ModelProto:
+def _with_sparse_initializers(data: bytes, names: list[str], notes: list[str]) -> bytes:
     """The model with zeroed weights as sparse_initializer, if it still passes the full checker."""
-    candidate = onnx.ModelProto()
-    candidate.CopyFrom(model)
+    candidate = onnx.ModelProto.FromString(data)
     converted = to_sparse_initializers(candidate, names)
     if not converted:
         notes.append("sparse_initializer not used: no pruned weight is sparse enough to get smaller")
-        return model
+        return data
     try:
         _check(candidate)
     except InvalidModelError:
@@ -406,9 +424,9 @@ def _with_sparse_initializers(model: onnx.ModelProto, names: list[str], notes: l
             "sparse_initializer not used: the ONNX checker's strict shape inference rejects sparse "
             "tensors as inputs of the pruned ops, and every model we return must pass it"
         )
-        return model
+        return data
     notes.append(f"{len(converted)} weight(s) stored as sparse_initializer; onnxruntime densifies them at load")
-    return candidate
+    return candidate.SerializeToString()
 
 
 def _confirm(
@@ -419,7 +437,7 @@ def _confirm(
     baseline: SplitMetric,
     metric: Metric,
     options: PruneOptions,
-    overrides: Callable[[Config], dict[str, np.ndarray]],
+    candidate: Callable[[Config], dict[str, np.ndarray]],
     notes: list[str],
 ) -> tuple[Config, int]:
     """The smallest search-passing config that also passes on the held-out split."""
@@ -432,7 +450,7 @@ def _confirm(
     allowed = options.tolerance.allowed_loss(baseline.holdout)
     bound = metric.passing_bound(baseline.holdout, allowed)
     for count, trial in enumerate(passing, start=1):
-        result = evaluator.evaluate(hold_idx, overrides=overrides(trial.config), bound=bound)
+        result = evaluator.evaluate(hold_idx, weights=candidate(trial.config), bound=bound)
         if result.complete and metric.loss(baseline.holdout, result.value) <= allowed + 1e-9:
             if count > 1:
                 notes.append(
@@ -444,31 +462,119 @@ def _confirm(
     return space.empty(), len(passing)
 
 
-def _final_metric(
-    pruned: onnx.ModelProto,
-    original: onnx.ModelProto,
-    specs: list,  # type: ignore[type-arg]
-    output: str,
-    metric: Metric,
-    data: EvalSet,
-    reference: np.ndarray,
-    search_idx: np.ndarray,
-    hold_idx: np.ndarray,
-    options: PruneOptions,
-) -> SplitMetric:
-    """Validate the written model and measure it with a fresh session from its serialized form."""
-    try:
-        _check(pruned)
-    except InvalidModelError as e:  # a bug of ours; never hand such a model out
-        raise UnsupportedModelError(f"internal error: the pruned model fails the checker ({e})") from e
-    if [i.name for i in pruned.graph.input] != [i.name for i in original.graph.input] or [
-        o.name for o in pruned.graph.output
-    ] != [o.name for o in original.graph.output]:
-        raise UnsupportedModelError("internal error: the pruned model's inputs or outputs changed")
-    with session_source(pruned) as source:
-        session = make_session(source, threads=options.threads)
-    evaluator = Evaluator(None, specs, output, metric, data, batch_size=options.batch_size)
-    evaluator.reference = reference
-    search_value = evaluator.evaluate(search_idx, session=session).value
-    hold_value = evaluator.evaluate(hold_idx, session=session).value if len(hold_idx) else None
-    return SplitMetric(search_value, hold_value)
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    return out
+
+
+def _choose_strategy(
+    builder: ModelBuilder, evaluator: Evaluator, search_idx: np.ndarray, options: PruneOptions
+) -> tuple[Callable[[Mapping[str, np.ndarray]], Runner], str]:
+    """Measure the baseline (into ``evaluator.reference``) and pick how candidates run.
+
+    Feeding the weights as inputs saves a session per candidate but runs
+    without constant folding and pre-packing; which is cheaper depends on the
+    model, so it is timed on a few batches of the search split.
+    """
+    split, output, threads = builder.split, evaluator.output, options.threads
+    everything = np.arange(len(evaluator.evalset))
+    fed: FedWeights | None = None
+    why = ""
+    if FedWeights.possible(split):
+        try:
+            fed = FedWeights(split, output, threads=threads)
+        except UnsupportedModelError as e:
+            why = f" (onnxruntime cannot run the weights as inputs: {e})"
+    else:
+        why = " (bfloat16 weights cannot be fed as inputs)"
+
+    def built(weights: Mapping[str, np.ndarray]) -> Runner:
+        return session_runner(builder.session(weights, threads=threads), output)
+
+    if fed is not None and split.weight_bytes >= FED_ALWAYS_BYTES:
+        # one set of weights in memory, not one more per session
+        evaluator.reference = evaluator.outputs(fed.runner(split.weights), everything)
+        return fed.runner, "candidates ran with their weights fed as inputs of one session (large weights)"
+    t0 = time.perf_counter()
+    base = built(split.weights)
+    created = time.perf_counter() - t0
+    evaluator.reference = evaluator.outputs(base, everything)
+    if fed is None:
+        return built, "candidates ran as sessions of the built model" + why
+    sample = search_idx[: STRATEGY_BATCHES * evaluator.batch_size]
+    fed_runner = fed.runner(split.weights)
+    fed_out = evaluator.outputs(fed_runner, sample)  # also warms the session up
+    ref = evaluator.reference[sample]
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    if not np.allclose(fed_out, ref, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
+        return built, "candidates ran as sessions of the built model (fed weights changed the outputs)"
+    timed = {}
+    for name, runner in (("fed", fed_runner), ("built", base)):
+        t0 = time.perf_counter()
+        evaluator.outputs(runner, sample)
+        timed[name] = (time.perf_counter() - t0) * len(search_idx) / max(len(sample), 1)
+    if timed["fed"] <= created + timed["built"]:
+        return fed.runner, "candidates ran with their weights fed as inputs of one session (measured faster)"
+    return built, "candidates ran as sessions of the built model (measured faster)"
+
+
+class _FinalCheck:
+    """Validates the model we return and measures it with a fresh session from its serialized form."""
+
+    def __init__(
+        self,
+        io_names: tuple[list[str], list[str]],
+        specs: list[InputSpec],
+        output: str,
+        metric: Metric,
+        data: EvalSet,
+        reference: np.ndarray,
+        search_idx: np.ndarray,
+        hold_idx: np.ndarray,
+        options: PruneOptions,
+    ) -> None:
+        self.io_names = io_names
+        self.evaluator = Evaluator(None, specs, output, metric, data, batch_size=options.batch_size)
+        self.evaluator.reference = reference
+        self.search_idx, self.hold_idx = search_idx, hold_idx
+        self.threads = options.threads
+
+    def __call__(
+        self, built: onnx.ModelProto | bytes, sparse: list[str], notes: list[str]
+    ) -> tuple[onnx.ModelProto, bytes | None, SplitMetric]:
+        """Check and measure ``built`` (bytes, or a ModelProto when over 2 GB); returns
+        the model, its bytes and its metric. Peak memory: about three copies of the model."""
+        if isinstance(built, onnx.ModelProto):
+            with session_source(built) as path:
+                assert isinstance(path, str)
+                self._validate(built, Path(path))
+                final = self._measure(make_session(path, threads=self.threads))
+            return built, None, final
+        data = built
+        if sparse:
+            data = _with_sparse_initializers(data, sparse, notes)
+        try:
+            onnx.checker.check_model(data, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+            raise UnsupportedModelError(f"internal error: the pruned model fails the checker ({e})") from e
+        final = self._measure(make_session(data, threads=self.threads))
+        model = onnx.ModelProto.FromString(data)
+        self._validate(model, None)
+        return model, data, final
+
+    def _validate(self, model: onnx.ModelProto, path: Path | None) -> None:
+        if path is not None:
+            try:
+                _check(model, path)
+            except InvalidModelError as e:  # a bug of ours; never hand such a model out
+                raise UnsupportedModelError(f"internal error: the pruned model fails the checker ({e})") from e
+        names = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
+        if names != self.io_names:
+            raise UnsupportedModelError("internal error: the pruned model's inputs or outputs changed")
+
+    def _measure(self, session: ort.InferenceSession) -> SplitMetric:
+        runner = session_runner(session, self.evaluator.output)
+        search_value = self.evaluator.evaluate(self.search_idx, runner=runner).value
+        hold_value = self.evaluator.evaluate(self.hold_idx, runner=runner).value if len(self.hold_idx) else None
+        return SplitMetric(search_value, hold_value)

@@ -1,7 +1,7 @@
 """Scoring criteria: one score per prunable unit (element or output channel).
 
 Scorers are plug-ins: a function from a layer and its float32 weight to unit
-scores. Lower scores are pruned first; ties go to the lower index.
+scores. Lower scores are pruned first; ties go to the lower index (see :func:`lowest`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 from ._analysis import PrunableWeight
 from ._options import Criterion
 
-__all__ = ["SCORERS", "Granularity", "granularity", "unit_scores"]
+__all__ = ["SCORERS", "Granularity", "granularity", "lowest", "unit_scores"]
 
 
 class Granularity(enum.Enum):
@@ -55,7 +55,25 @@ def unit_scores(criterion: Criterion, layer: PrunableWeight, weight: np.ndarray)
     return SCORERS[criterion][1](layer, weight.astype(np.float32, copy=False))
 
 
-def prune_order(scores: np.ndarray) -> np.ndarray:
-    """Unit indices from the first to prune to the last (stable: ties by index)."""
-    order = np.argsort(scores, kind="stable")
-    return order.astype(np.int32) if len(order) < 2**31 else order
+def lowest(scores: np.ndarray, amount: int) -> np.ndarray:
+    """Boolean mask of the ``amount`` lowest-scoring units: the prune order.
+
+    Ties go to the lower index and NaN scores count as +inf, so the mask is
+    exactly the first ``amount`` entries of a stable argsort. Computed with a
+    partition (O(n), no index array kept), which is what lets the search hold
+    nothing per layer beyond the weights themselves.
+    """
+    n = len(scores)
+    mask = np.zeros(n, dtype=bool)
+    if amount <= 0:
+        return mask
+    if amount >= n:
+        mask[:] = True
+        return mask
+    if np.isnan(scores).any():
+        scores = np.where(np.isnan(scores), np.inf, scores)
+    kth = np.partition(scores, amount - 1)[amount - 1]
+    np.less(scores, kth, out=mask)
+    need = amount - int(np.count_nonzero(mask))
+    mask[np.flatnonzero(scores == kth)[:need]] = True
+    return mask

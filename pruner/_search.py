@@ -2,9 +2,8 @@
 
 Knows nothing of ONNX: it walks a candidate space (configs, their sizes, how
 to push layers further) and asks a judge whether a config passes. Phase 1
-bisects a global sparsity level; phase 2 refines per layer group, pushing the
-groups a cheap label-free probe finds least sensitive and backing off from the
-ones that break the metric.
+bisects a global sparsity level; phase 2 moves sparsity between layer groups,
+from those a cheap label-free probe finds sensitive to those it finds cheap.
 """
 
 from __future__ import annotations
@@ -23,8 +22,12 @@ logger = logging.getLogger(__name__)
 
 Config = tuple[int, ...]
 MAX_PROBE_GROUPS = 16
-INITIAL_PUSH = 0.5
-"""Share of a layer's remaining weights the first refinement round tries to prune."""
+PROBE_PUSH = 0.25
+"""Share of a group's remaining weights a probe prunes to measure its marginal cost."""
+MIN_STEP = 1 / 32
+"""Finest step along a refinement direction."""
+SOFTNESS = (1.0, 0.5, 0.25)
+"""Exponents applied to the target shares, tried in turn when a direction finds nothing."""
 
 
 class SearchSpace(Protocol):
@@ -45,6 +48,8 @@ class SearchSpace(Protocol):
     def sparsity(self, config: Config) -> float: ...
 
     def push(self, config: Config, layer_ids: Sequence[int], step: float) -> Config: ...
+
+    def blend(self, config: Config, targets: Sequence[float], t: float) -> Config: ...
 
 
 class Phase(enum.Enum):
@@ -138,9 +143,9 @@ def search(
         return verdict.passed
 
     try:
-        lo, hi = _bisect(space, evaluate, resolution)
+        _bisect(space, evaluate, resolution)
         if probe is not None:
-            _refine(space, evaluate, probe, outcome, lo, hi, resolution)
+            _refine(space, evaluate, probe, outcome)
     except _Budget as b:
         outcome.stopped_by = b.reason
     return outcome
@@ -164,40 +169,63 @@ def _refine(
     evaluate: Callable[[Config, Phase], bool],
     probe: Callable[[Config], float],
     outcome: SearchOutcome,
-    lo: int,
-    hi: int,
-    resolution: float,
 ) -> None:
-    """Push the least sensitive layer groups further while the metric holds."""
-    step = INITIAL_PUSH
+    """Move sparsity from sensitive layer groups to insensitive ones while the metric holds.
+
+    The bisection leaves every layer on one global threshold. A label-free probe
+    measures each group's marginal cost (output deviation per weight pruned);
+    each group's target share of its units is the cheapest cost over its own
+    (the cheapest go to the layer cap, one ten times as costly to a tenth). The search then bisects the
+    step along the line from the best config towards that target: the cheap
+    groups get pruned further while the sensitive ones are given weights back,
+    the revert loop of accuracy-aware quantization applied to pruning.
+    If no step passes, the shares are softened (raised to a power below one,
+    so fewer weights are given back) and the step bisected again. Repeated
+    from each new best until a round finds nothing or the budget runs out.
+    """
     groups = _groups(space.n_layers)
-    while step >= resolution:
+    while True:
         best = outcome.best
         base = probe(best)
         outcome.probes += 1
-        costs = []
+        costs: list[tuple[float, int]] = []
         for gi, group in enumerate(groups):
-            pushed = space.push(best, group, step)
+            pushed = space.push(best, group, PROBE_PUSH)
             gain = space.nonzero(best) - space.nonzero(pushed)
             if gain <= 0:
                 continue
-            deviation = probe(pushed)
             outcome.probes += 1
-            costs.append((max(deviation - base, 0.0) / gain, gi))
+            costs.append((max(probe(pushed) - base, 0.0) / gain, gi))
         if not costs:
             return
-        pending = [gi for _, gi in sorted(costs)]
-        progressed = False
-        k = (len(pending) + 1) // 2
-        while pending and k >= 1:
-            ids = [i for gi in pending[:k] for i in groups[gi]]
-            if evaluate(space.push(outcome.best, ids, step), Phase.REFINE):
-                progressed = True
-                pending = pending[k:]
-                k = (len(pending) + 1) // 2
-            elif k == 1:
+        shares = [1.0] * space.n_layers  # groups at their cap stay there
+        cheapest = min((c for c, _ in costs if c > 0), default=0.0)
+        for cost, gi in costs:
+            for i in groups[gi]:
+                shares[i] = cheapest / cost if cost > 0 else 1.0
+        # milder and milder: the full reallocation may give back more than it prunes
+        for softness in SOFTNESS:
+            targets = [share**softness for share in shares]
+            if _bisect_direction(space, evaluate, best, targets):
                 break
-            else:
-                k = (k + 1) // 2 if k > 2 else 1
-        if not progressed:
-            step /= 2
+        else:
+            return
+
+
+def _bisect_direction(
+    space: SearchSpace, evaluate: Callable[[Config, Phase], bool], best: Config, targets: Sequence[float]
+) -> bool:
+    """Largest passing step towards ``targets`` that makes the model smaller; True if one passed."""
+    lo, hi = 0.0, 1.0
+    found = False
+    while hi - lo > MIN_STEP:
+        mid = (lo + hi) / 2
+        config = space.blend(best, targets, mid)
+        if space.nonzero(config) >= space.nonzero(best):
+            lo = mid  # not smaller yet: only further along can help
+            continue
+        if evaluate(config, Phase.REFINE):
+            lo, found = mid, True
+        else:
+            hi = mid
+    return found

@@ -2,8 +2,8 @@
 global sparsity level to them.
 
 A config is a tuple with the number of units zeroed in each layer. Units are
-pruned in a fixed order per layer (lowest score first), so a config alone
-determines the model.
+pruned in a fixed order per layer (lowest score first, see ``_score.lowest``),
+so a config alone determines the model.
 """
 
 from __future__ import annotations
@@ -33,8 +33,6 @@ class LayerUnits:
     units: int
     params_per_unit: int
     max_amount: int
-    order: np.ndarray
-    """Unit indices, first to prune first."""
     sketch: np.ndarray
     """Sorted allocation scores at evenly spaced ranks (ranks in ``sketch_ranks``)."""
     sketch_ranks: np.ndarray
@@ -44,46 +42,49 @@ class LayerUnits:
     """Elements that are already zero (element units)."""
 
 
-def allocation_scores(sorted_scores: np.ndarray, allocation: Allocation) -> np.ndarray:
-    """Monotone per-layer transform of ascending scores that makes layers comparable."""
-    s = sorted_scores.astype(np.float64)
-    if allocation is Allocation.NORMALIZED:
-        rms = math.sqrt(float(np.mean(s * s))) or 1.0
-        return s / rms
-    if allocation is Allocation.LAMP:
-        sq = s * s
-        tail = np.cumsum(sq[::-1])[::-1]
+def allocation_scores(sorted_scores: np.ndarray, ranks: np.ndarray, allocation: Allocation) -> np.ndarray:
+    """A monotone per-layer transform of ascending scores that makes layers comparable,
+    evaluated at ``ranks`` only (sums over the whole layer in float64, without float64
+    copies of it: a layer may hold hundreds of millions of scores)."""
+    s = sorted_scores
+    at = s[ranks].astype(np.float64)
+    if allocation in (Allocation.NORMALIZED, Allocation.LAMP):
+        # sums of squares of the segments between sketch ranks (the first rank is 0)
+        segments = np.add.reduceat(np.square(s, dtype=np.float32), ranks, dtype=np.float64)
+        if allocation is Allocation.NORMALIZED:
+            rms = math.sqrt(float(segments.sum()) / max(len(s), 1)) or 1.0
+            return at / rms
+        tail = np.cumsum(segments[::-1])[::-1]
         with np.errstate(invalid="ignore", divide="ignore"):
-            lamp = np.where(tail > 0, sq / tail, 0.0)
+            lamp = np.where(tail > 0, at * at / tail, 0.0)
         # LAMP is monotone in |w| in exact arithmetic; keep it so after rounding
         return np.maximum.accumulate(lamp)
-    return s
+    return at
 
 
 def build_units(
     layer: PrunableWeight,
     weight: np.ndarray,
     scores: np.ndarray,
-    order: np.ndarray,
     gran: Granularity,
     allocation: Allocation,
     cap: float,
 ) -> LayerUnits:
     units = len(scores)
     ppu = layer.params // units
-    sorted_scores = scores[order]
-    transformed = allocation_scores(sorted_scores, allocation)
+    finite = np.where(np.isnan(scores), np.inf, scores) if np.isnan(scores).any() else scores
+    sorted_scores = np.sort(finite)
     if units <= SKETCH_POINTS:
         ranks = np.arange(units)
-        sketch = transformed
     else:
         ranks = np.unique(np.linspace(0, units - 1, SKETCH_POINTS).astype(np.int64))
-        sketch = transformed[ranks]
+    sketch = allocation_scores(sorted_scores, ranks, allocation)
+    del sorted_scores
     nnz_cum = None
     zeros = 0
     if gran is Granularity.CHANNEL:
         rows = np.moveaxis(weight, layer.channel_axis, 0).reshape(units, -1)
-        nnz = np.count_nonzero(rows, axis=1)[order]
+        nnz = np.count_nonzero(rows, axis=1)[np.argsort(finite, kind="stable")]
         nnz_cum = np.concatenate([[0], np.cumsum(nnz)])
     else:
         zeros = int(layer.params - np.count_nonzero(weight))
@@ -92,7 +93,6 @@ def build_units(
         units=units,
         params_per_unit=ppu,
         max_amount=math.floor(cap * units + 1e-9),
-        order=order,
         sketch=sketch,
         sketch_ranks=ranks,
         zero_units_nnz=nnz_cum,
@@ -220,4 +220,12 @@ class ZeroSpace:
             u = self.layers[i]
             room = u.max_amount - out[i]
             out[i] += min(room, max(1, round(step * room))) if room > 0 else 0
+        return tuple(out)
+
+    def blend(self, config: Config, targets: Sequence[float], t: float) -> Config:
+        """Step ``t`` of the way from ``config`` to ``targets`` (per layer, a share of its units; capped)."""
+        out = []
+        for amount, target, u in zip(config, targets, self.layers, strict=True):
+            goal = min(target * u.units, u.max_amount)
+            out.append(min(max(round(amount + t * (goal - amount)), 0), u.max_amount))
         return tuple(out)

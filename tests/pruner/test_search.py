@@ -45,6 +45,9 @@ class FakeSpace:
             out[i] += min(room, max(1, round(step * room))) if room > 0 else 0
         return tuple(out)
 
+    def blend(self, config: Config, targets: Sequence[float], t: float) -> Config:
+        return tuple(round(a + t * (min(g * self.units, 98) - a)) for a, g in zip(config, targets, strict=True))
+
 
 def judge_by(limit: Sequence[int]):  # type: ignore[no-untyped-def]
     """A judge passing configs whose every layer is at most its limit."""
