@@ -1,0 +1,114 @@
+"""End to end through the ``onnx-prune`` command line on every committed fixture."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import numpy_helper
+
+import pruner
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = REPO_ROOT / "tests" / "fixtures"
+# (model, eval set): mlp_b1 has a fixed batch of 1 and shares the MLP's eval set
+CASES = [
+    ("mlp", "mlp"),
+    ("mlp_b1", "mlp"),
+    ("cnn", "cnn"),
+    ("cnn_bn", "cnn_bn"),
+    ("attention", "attention"),
+    ("compact", "compact"),
+]
+
+
+def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def accuracy(model_path: Path, evalset: pruner.EvalSet) -> float:
+    """Accuracy of a written model over the whole eval set, by a session of our own."""
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    fixed = session.get_inputs()[0].shape[0]
+    step = fixed if isinstance(fixed, int) else 128
+    right = 0
+    for i in range(0, len(evalset), step):
+        feeds = {k: v[i : i + step] for k, v in evalset.inputs.items()}
+        (logits,) = session.run(None, feeds)
+        assert evalset.labels is not None
+        right += int((logits.argmax(-1) == evalset.labels[i : i + step]).sum())
+    return right / len(evalset)
+
+
+@pytest.mark.parametrize(("name", "eval_name"), CASES)
+def test_prune_fixture_end_to_end(tmp_path: Path, name: str, eval_name: str) -> None:
+    model_path = FIXTURES / f"{name}.onnx"
+    eval_path = FIXTURES / f"{eval_name}_eval.npz"
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    proc = run_cli(
+        "prune", model_path, "--eval", eval_path, "--metric", "accuracy", "--tolerance", "0.01",
+        "-o", out, "--report", report_path, "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "sparsity" in proc.stdout
+
+    report = json.loads(report_path.read_text())
+    original, pruned = onnx.load(str(model_path)), onnx.load(str(out))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [i.name for i in pruned.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in pruned.graph.output] == [o.name for o in original.graph.output]
+    assert pruned.opset_import == original.opset_import
+
+    # the report's numbers are those of the written file
+    weights = {t.name: numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    assert sum(int(np.count_nonzero(weights[n])) for n in layers) == report["nonzero_after"]
+    assert report["bytes_after"] == out.stat().st_size
+    evalset = pruner.load_eval_set(eval_path)
+    n_search, n_hold = report["samples"]["search"], report["samples"]["holdout"]
+    final = report["final"]
+    overall = (final["search"] * n_search + final["holdout"] * n_hold) / (n_search + n_hold)
+    assert accuracy(out, evalset) == pytest.approx(overall, abs=1e-9)
+
+    # within tolerance on both splits, and something was pruned: every fixture has slack at 0.01
+    base = report["baseline"]
+    assert base["search"] - final["search"] <= 0.01 + 1e-9
+    assert base["holdout"] - final["holdout"] <= 0.01 + 1e-9
+    assert report["status"] == "pruned"
+    assert report["nonzero_after"] < report["nonzero_before"]
+    assert report["evaluations"] <= 12
+
+
+def test_inspect_fixture_lists_layers_and_json(tmp_path: Path) -> None:
+    text = run_cli("inspect", FIXTURES / "cnn_bn.onnx")
+    assert text.returncode == 0, text.stderr
+    as_json = run_cli("inspect", FIXTURES / "cnn_bn.onnx", "--json")
+    data = json.loads(as_json.stdout)
+    assert data["layers"], data
+    for layer in data["layers"]:
+        assert layer["name"] in text.stdout
+        assert layer["op_type"] in ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+def test_label_free_metric_and_relative_tolerance(tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    proc = run_cli(
+        "prune", FIXTURES / "attention.onnx", "--eval", FIXTURES / "attention_eval.npz",
+        "--metric", "cosine", "--tolerance", "0.5%", "--criterion", "l2", "-o", out, "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)

@@ -1,0 +1,33 @@
+"""The public API is what ``pruner.__all__`` says, and nothing drifts silently."""
+
+from __future__ import annotations
+
+import inspect
+
+import pruner
+
+EXPECTED = {
+    "Allocation", "CancelledError", "CandidateRecord", "Criterion", "EvalSet", "EventKind", "Inspection",
+    "InvalidConfigError", "InvalidEvalSetError", "InvalidInputError", "InvalidModelError", "LayerPlan",
+    "LayerReport", "MetricKind", "Mode", "Objective", "PlanIssue", "ProgressEvent", "PrunableWeight",
+    "PruneOptions", "PruneResult", "PrunerError", "PruningPlan", "Report", "ResourceLimitError",
+    "SkippedWeight", "SplitMetric", "Tolerance", "UnsupportedModelError", "apply_plan", "check_output_path",
+    "check_plan", "inspect", "load_eval_set", "load_model", "prune", "save_model",
+}  # fmt: skip
+
+
+def test_all_is_the_expected_api() -> None:
+    # adding or removing a public name is a decision: update EXPECTED and the README with it
+    assert set(pruner.__all__) == EXPECTED
+    assert len(pruner.__all__) == len(set(pruner.__all__))
+
+
+def test_every_exported_member_exists_and_is_documented() -> None:
+    for name in pruner.__all__:
+        member = getattr(pruner, name)
+        assert inspect.getdoc(member), f"pruner.{name} has no docstring"
+
+
+def test_public_names_not_in_all_are_modules_or_private() -> None:
+    public = {n for n in dir(pruner) if not n.startswith("_")}
+    assert public - set(pruner.__all__) <= {"annotations"}
