@@ -102,11 +102,16 @@ def check_plan(plan: PruningPlan, model: onnx.ModelProto) -> list[PlanIssue]:
 
 
 def zero_lowest(
-    weight: np.ndarray, scores: np.ndarray, amount: int, gran: Granularity, channel_axis: int
+    weight: np.ndarray,
+    scores: np.ndarray,
+    amount: int,
+    gran: Granularity,
+    channel_axis: int,
+    hint: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> np.ndarray:
     """Zero, in place, the ``amount`` lowest-scoring units of ``weight``; returns ``weight``."""
     if amount:
-        mask = lowest(scores, amount)
+        mask = lowest(scores, amount, hint)
         if gran is Granularity.ELEMENT:
             weight[mask.reshape(weight.shape)] = 0
         else:

@@ -218,7 +218,8 @@ def prune(
                 name = u.layer.name
                 weight = out[name] if in_place else out[name].copy()
                 unit = scores[name] if keep_scores else unit_scores(options.criterion, u.layer, weight)
-                out[name] = zero_lowest(weight, unit, amount, gran, u.layer.channel_axis)
+                hint = (u.sketch_ranks, u.raw_sketch)
+                out[name] = zero_lowest(weight, unit, amount, gran, u.layer.channel_axis, hint)
         return out
 
     def judge(config: Config) -> Judgement:

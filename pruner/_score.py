@@ -55,13 +55,15 @@ def unit_scores(criterion: Criterion, layer: PrunableWeight, weight: np.ndarray)
     return SCORERS[criterion][1](layer, weight.astype(np.float32, copy=False))
 
 
-def lowest(scores: np.ndarray, amount: int) -> np.ndarray:
+def lowest(scores: np.ndarray, amount: int, hint: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Boolean mask of the ``amount`` lowest-scoring units: the prune order.
 
     Ties go to the lower index and NaN scores count as +inf, so the mask is
     exactly the first ``amount`` entries of a stable argsort. Computed with a
     partition (O(n), no index array kept), which is what lets the search hold
-    nothing per layer beyond the weights themselves.
+    nothing per layer beyond the weights themselves. ``hint`` (ranks, values) is
+    a sample of the sorted scores (ranks ascending, the last one n - 1): with it
+    only the scores between the two sample points around ``amount`` are partitioned.
     """
     n = len(scores)
     mask = np.zeros(n, dtype=bool)
@@ -72,8 +74,22 @@ def lowest(scores: np.ndarray, amount: int) -> np.ndarray:
         return mask
     if np.isnan(scores).any():
         scores = np.where(np.isnan(scores), np.inf, scores)
-    kth = np.partition(scores, amount - 1)[amount - 1]
+    kth = _kth(scores, amount - 1, hint)
     np.less(scores, kth, out=mask)
     need = amount - int(np.count_nonzero(mask))
     mask[np.flatnonzero(scores == kth)[:need]] = True
     return mask
+
+
+def _kth(scores: np.ndarray, k: int, hint: tuple[np.ndarray, np.ndarray] | None) -> float:
+    """The k-th smallest score (0-based)."""
+    if hint is None:
+        return float(np.partition(scores, k)[k])
+    ranks, values = hint
+    j = int(np.searchsorted(ranks, k, side="right")) - 1
+    if ranks[j] == k:
+        return float(values[j])
+    lo, hi = values[j], values[j + 1]
+    below = int(np.count_nonzero(scores < lo))
+    band = scores[(scores >= lo) & (scores <= hi)]
+    return float(np.partition(band, k - below)[k - below])

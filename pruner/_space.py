@@ -36,6 +36,8 @@ class LayerUnits:
     sketch: np.ndarray
     """Sorted allocation scores at evenly spaced ranks (ranks in ``sketch_ranks``)."""
     sketch_ranks: np.ndarray
+    raw_sketch: np.ndarray
+    """Sorted raw scores (NaN as +inf) at ``sketch_ranks``: finds a prune threshold fast."""
     zero_units_nnz: np.ndarray | None
     """Cumulative nonzero params of the first k units in order (channel units only)."""
     zeros: int
@@ -79,6 +81,7 @@ def build_units(
     else:
         ranks = np.unique(np.linspace(0, units - 1, SKETCH_POINTS).astype(np.int64))
     sketch = allocation_scores(sorted_scores, ranks, allocation)
+    raw_sketch = sorted_scores[ranks].copy()
     del sorted_scores
     nnz_cum = None
     zeros = 0
@@ -95,6 +98,7 @@ def build_units(
         max_amount=math.floor(cap * units + 1e-9),
         sketch=sketch,
         sketch_ranks=ranks,
+        raw_sketch=raw_sketch,
         zero_units_nnz=nnz_cum,
         zeros=zeros,
     )

@@ -172,3 +172,17 @@ def test_lowest_is_a_stable_argsort_prefix(scores: list[float], data: st.DataObj
     expected = np.zeros(len(scores), dtype=bool)
     expected[np.argsort(np.where(np.isnan(array), np.inf, array), kind="stable")[:amount]] = True
     np.testing.assert_array_equal(lowest(array, amount), expected)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    scores=st.lists(st.sampled_from([0.0, 0.5, 1.0, 2.0, 3.0, float("nan")]), min_size=2, max_size=60),
+    points=st.integers(2, 8),
+    data=st.data(),
+)
+def test_lowest_with_a_sorted_sample_hint_is_the_same(scores: list[float], points: int, data: st.DataObject) -> None:
+    array = np.array(scores, dtype=np.float32)
+    amount = data.draw(st.integers(0, len(scores)))
+    ranks = np.unique(np.linspace(0, len(scores) - 1, points).astype(np.int64))
+    values = np.sort(np.where(np.isnan(array), np.inf, array))[ranks]
+    np.testing.assert_array_equal(lowest(array, amount, (ranks, values)), lowest(array, amount))
