@@ -141,6 +141,35 @@ def run_fixtures(tolerance: float, allocations: list[Allocation]) -> None:
     print(table(["fixture", "allocation", "sparsity", "evals", "wall s"], alloc_rows))
 
 
+def run_tiled(tolerance: float, times: int = 10) -> None:
+    """The overhead ratio once fixed costs (checker, session creation) are amortized: every
+    fixture's eval set repeated ``times`` over (the fixtures' 720 samples run in a few ms)."""
+    rows = []
+    for name, model, evals in fixtures():
+        small = pruner.load_eval_set(evals)
+        assert small.labels is not None
+        evalset = pruner.EvalSet(
+            {k: np.concatenate([v] * times) for k, v in small.inputs.items()}, np.concatenate([small.labels] * times)
+        )
+        pass_s = plain_pass_seconds(model, evalset)
+        start = time.perf_counter()
+        result = pruner.prune(model, evalset, PruneOptions(tolerance=Tolerance(tolerance)))
+        wall = time.perf_counter() - start
+        r = result.report
+        rows.append(
+            (
+                name,
+                len(evalset),
+                f"{pass_s * 1000:.1f}",
+                r.evaluations,
+                f"{wall:.2f}",
+                f"{wall / r.evaluations / pass_s:.2f}",
+            )
+        )
+    print(f"\nOverhead on eval sets repeated {times}x (default settings, tolerance {tolerance})")
+    print(table(["fixture", "samples", "pass ms", "evals", "wall s", "overhead"], rows))
+
+
 def _sweep_cell(model: Path, evalset: pruner.EvalSet, tolerance: float) -> str:
     best, hold, _ = sweep(model, evalset, tolerance)
     return f"{best:.0%} (holdout {hold:.4f})"
@@ -243,6 +272,7 @@ def main() -> None:
     )
     if not args.big_only:
         run_fixtures(args.tolerance, list(Allocation))
+        run_tiled(args.tolerance)
     if args.big_mlp or args.big_only:
         run_big_mlp()
 

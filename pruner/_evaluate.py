@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 Runner = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 """Runs one batch of model inputs and returns the output the metric reads."""
 
+METRIC_CHUNK = 64
+"""Samples per metric update (and early-abort test) at least."""
+
 FEEDABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
 """Weight types onnxruntime's Python API accepts as numpy inputs."""
 
@@ -327,8 +330,12 @@ class Evaluator:
         total = len(indices)
         score_sum = 0.0
         seen = 0
-        for rows in self._batches(indices):
-            out = self.run(runner, rows)
+        # the metric and the early-abort test run per chunk of batches: per batch of one,
+        # their Python overhead would cost more than the model
+        chunk = self.batch_size * max(1, METRIC_CHUNK // self.batch_size)
+        for start_row in range(0, total, chunk):
+            rows = indices[start_row : start_row + chunk]
+            out = self.outputs(runner, rows)
             ref = None if self.reference is None else self.reference[rows]
             scores = self.metric.per_sample(out, None if labels is None else labels[rows], ref)
             score_sum += float(scores.sum())

@@ -39,8 +39,8 @@ PROBE_SAMPLES = 128
 FED_ALWAYS_BYTES = 64 * 2**20
 """From this much prunable weight data on, candidates always run with their weights
 fed as inputs (one copy of the weights in memory) and scores are recomputed per candidate."""
-STRATEGY_BATCHES = 4
-"""Batches timed to choose between fed and built candidates."""
+STRATEGY_SAMPLES = 512
+"""Samples (at least four batches) timed to choose between fed and built candidates."""
 
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
 EvalSource = str | os.PathLike[str] | bytes | EvalSet
@@ -503,7 +503,7 @@ def _choose_strategy(
     evaluator.reference = evaluator.outputs(base, everything)
     if fed is None:
         return built, "candidates ran as sessions of the built model" + why
-    sample = search_idx[: STRATEGY_BATCHES * evaluator.batch_size]
+    sample = search_idx[: max(STRATEGY_SAMPLES, 4 * evaluator.batch_size)]
     fed_runner = fed.runner(split.weights)
     fed_out = evaluator.outputs(fed_runner, sample)  # also warms the session up
     ref = evaluator.reference[sample]
