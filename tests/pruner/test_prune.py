@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -223,3 +224,35 @@ def test_report_is_json() -> None:
     for key in ("versions", "options", "baseline", "final", "trace", "layers", "timings", "plan"):
         assert key in data
     assert pruner.PruningPlan.from_dict(data["plan"]) == result.plan
+
+
+def test_models_over_the_protobuf_limit_go_through_external_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a 2 GB model is too slow for a test: lower the limit so the tiny model takes the large path
+    import pruner._evaluate
+    import pruner._model
+
+    monkeypatch.setattr(pruner._model, "PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(pruner._evaluate, "PROTOBUF_LIMIT", 1000)
+    model = mlp()
+    source = tmp_path / "in" / "model.onnx"
+    source.parent.mkdir()
+    onnx.save_model(
+        onnx.ModelProto.FromString(model.SerializeToString()),
+        str(source),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    result = pruner.prune(source, evalset(model), PruneOptions(tolerance=Tolerance(0.05)))
+    assert result.model_bytes is None
+    assert result.report.status == "pruned"
+    out = tmp_path / "out" / "pruned.onnx"
+    out.parent.mkdir()
+    result.save(out, tmp_path / "out" / "report.json")
+    assert sorted(p.name for p in out.parent.iterdir()) == ["pruned.onnx", "pruned.onnx.data", "report.json"]
+    onnx.checker.check_model(str(out), full_check=True)
+    reloaded = onnx.load(str(out))
+    assert sum(int((numpy_helper.to_array(t) == 0).sum()) for t in reloaded.graph.initializer) > 0
+    ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
