@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 from dataclasses import asdict, dataclass, field
@@ -116,3 +117,22 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Report:
+        """The report ``to_dict`` describes (e.g. one received from the gRPC service)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in fields}
+        values["baseline"] = SplitMetric(**data["baseline"])
+        values["final"] = SplitMetric(**data["final"])
+        layer_fields = {f.name for f in dataclasses.fields(LayerReport)}
+        values["layers"] = [
+            LayerReport(**{**{k: v for k, v in la.items() if k in layer_fields}, "shape": tuple(la["shape"])})
+            for la in data["layers"]
+        ]
+        values["trace"] = [CandidateRecord(**t) for t in data["trace"]]
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        return cls.from_dict(json.loads(text))

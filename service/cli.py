@@ -8,10 +8,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+import grpc
 
 import pruner
 from pruner import (
@@ -23,6 +26,7 @@ from pruner import (
     PrunerError,
     Tolerance,
 )
+from service.client import Connection, RemoteError, RemoteResult
 
 EXIT_OK = 0
 EXIT_INTERNAL = 1
@@ -69,13 +73,34 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never prune matching layers")
     p.add_argument("--sparse-initializers", action="store_true", help="store zeroed weights as sparse_initializer")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _remote_arguments(p)
 
     i = sub.add_parser("inspect", help="list the prunable layers of a model")
     i.add_argument("model")
     i.add_argument("--json", action="store_true", help="machine-readable output")
     i.add_argument("--include", action="append", default=[], metavar="GLOB")
     i.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    _remote_arguments(i)
     return parser
+
+
+def _remote_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--server", metavar="HOST:PORT", help="run the job on an onnx-pruner gRPC server")
+    p.add_argument("--token-file", help="file with the server's bearer token (default: $ONNX_PRUNER_TOKEN if set)")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA certificate of the server; connects with TLS")
+    p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+
+
+def _connection(args: argparse.Namespace) -> Connection:
+    token = os.environ.get("ONNX_PRUNER_TOKEN")
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            raise pruner.InvalidConfigError(f"cannot read token file {args.token_file!r}: {e.strerror or e}") from e
+    if args.tls_ca and not Path(args.tls_ca).is_file():
+        raise pruner.InvalidConfigError(f"TLS CA file {args.tls_ca!r} does not exist")
+    return Connection(args.server, token=token or None, tls_ca=args.tls_ca, tls=args.tls)
 
 
 def _options(args: argparse.Namespace) -> PruneOptions:
@@ -154,9 +179,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.report:
         pruner.check_output_path(args.report, "report")
     progress = _Progress(options.max_evaluations, enabled=not args.quiet and sys.stderr.isatty())
-    stop = threading.Event()
+    result: pruner.PruneResult | RemoteResult
     try:
-        result = pruner.prune(args.model, args.eval_set, options, on_progress=progress, stop=stop)
+        if args.server:
+            with _connection(args) as connection:
+                result = connection.prune(args.model, args.eval_set, options, on_progress=progress)
+        else:
+            result = pruner.prune(args.model, args.eval_set, options, on_progress=progress)
     finally:
         progress.close()
     result.save(args.out, args.report)
@@ -165,8 +194,13 @@ def _cmd_prune(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    inspection = pruner.inspect(args.model, include=tuple(args.include), exclude=tuple(args.exclude))
-    data: dict[str, Any] = inspection.to_dict()
+    data: dict[str, Any]
+    if args.server:
+        with _connection(args) as connection:
+            data = connection.inspect(args.model, include=tuple(args.include), exclude=tuple(args.exclude))
+    else:
+        inspection = pruner.inspect(args.model, include=tuple(args.include), exclude=tuple(args.exclude))
+        data = inspection.to_dict()
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
@@ -201,6 +235,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KeyboardInterrupt, pruner.CancelledError):
         print("onnx-prune: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except RemoteError as e:
+        return _remote_failure(e, args.server)
     except PrunerError as e:
         print(f"onnx-prune: error: {e}", file=sys.stderr)
         return EXIT_INTERNAL
@@ -209,6 +245,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"onnx-prune: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _remote_failure(error: RemoteError, server: str) -> int:
+    """Exit code and message of a failed remote call: the server's own words for bad input."""
+    code = error.code
+    if code is grpc.StatusCode.INVALID_ARGUMENT:
+        print(f"onnx-prune: error: {error.message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if code is grpc.StatusCode.CANCELLED:
+        print("onnx-prune: the job was cancelled; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if code is grpc.StatusCode.UNAVAILABLE:
+        print(f"onnx-prune: error: cannot reach the server at {server}: {error.message}", file=sys.stderr)
+    else:
+        print(f"onnx-prune: error: the server said {code.name}: {error.message}", file=sys.stderr)
+    return (
+        EXIT_BAD_INPUT
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        else EXIT_INTERNAL
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,250 @@
+"""Conversions between the gRPC messages and the library's types, both directions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import helper, numpy_helper
+
+import pruner
+from pruner import Allocation, Criterion, EventKind, MetricKind, Mode, Objective, PruneOptions, Tolerance
+from service._gen.onnxpruner.v1 import pruner_pb2 as pb
+
+__all__ = [
+    "EvalTensors",
+    "event_from_proto",
+    "event_to_proto",
+    "inspection_to_proto",
+    "options_from_proto",
+    "options_to_proto",
+]
+
+# library enum <-> proto enum value; UNSPECIFIED (0) means the library's default
+_MODES = {Mode.ZERO: pb.MODE_ZERO}
+_CRITERIA = {Criterion.MAGNITUDE: pb.CRITERION_MAGNITUDE, Criterion.L1: pb.CRITERION_L1, Criterion.L2: pb.CRITERION_L2}
+_ALLOCATIONS = {
+    Allocation.GLOBAL: pb.ALLOCATION_GLOBAL,
+    Allocation.NORMALIZED: pb.ALLOCATION_NORMALIZED,
+    Allocation.LAMP: pb.ALLOCATION_LAMP,
+    Allocation.UNIFORM: pb.ALLOCATION_UNIFORM,
+}
+_METRICS = {
+    MetricKind.ACCURACY: pb.METRIC_ACCURACY,
+    MetricKind.TOPK: pb.METRIC_TOPK,
+    MetricKind.MSE: pb.METRIC_MSE,
+    MetricKind.MAE: pb.METRIC_MAE,
+    MetricKind.AGREEMENT: pb.METRIC_AGREEMENT,
+    MetricKind.COSINE: pb.METRIC_COSINE,
+}
+_OBJECTIVES = {Objective.PARAMS: pb.OBJECTIVE_PARAMS}
+_EVENTS = {
+    EventKind.BASELINE: pb.EVENT_KIND_BASELINE,
+    EventKind.CANDIDATE: pb.EVENT_KIND_CANDIDATE,
+    EventKind.NEW_BEST: pb.EVENT_KIND_NEW_BEST,
+    EventKind.CONFIRM: pb.EVENT_KIND_CONFIRM,
+    EventKind.DONE: pb.EVENT_KIND_DONE,
+}
+# (proto field, library field) of the optional scalars, copied when set
+_SCALARS = [
+    ("top_k", "top_k"),
+    ("max_evaluations", "max_evaluations"),
+    ("max_seconds", "max_seconds"),
+    ("seed", "seed"),
+    ("holdout_fraction", "holdout_fraction"),
+    ("batch_size", "batch_size"),
+    ("layer_cap", "layer_cap"),
+]
+
+
+def _from_enum(table: Mapping[Any, Any], value: int, field: str) -> Any:
+    for member, number in table.items():
+        if number == value:
+            return member
+    raise pruner.InvalidConfigError(f"{field} has an unknown value {value}")
+
+
+def options_from_proto(config: pb.PruneConfig, *, threads: int = 0) -> PruneOptions:
+    """The library options a config asks for; unset fields keep the library's defaults.
+
+    Raises:
+        pruner.InvalidConfigError: an unknown enum value or an option out of range.
+    """
+    kwargs: dict[str, Any] = {"threads": threads}
+    for name, table in (
+        ("mode", _MODES),
+        ("criterion", _CRITERIA),
+        ("allocation", _ALLOCATIONS),
+        ("metric", _METRICS),
+        ("objective", _OBJECTIVES),
+    ):
+        value = getattr(config, name)
+        if value:
+            kwargs[name] = _from_enum(table, value, name)
+    for field, option in _SCALARS:
+        if config.HasField(field):
+            kwargs[option] = getattr(config, field)
+    if config.output_name:
+        kwargs["output"] = config.output_name
+    if config.HasField("tolerance"):
+        kwargs["tolerance"] = Tolerance(config.tolerance.value, relative=config.tolerance.relative)
+    if config.include:
+        kwargs["include"] = tuple(config.include)
+    if config.exclude:
+        kwargs["exclude"] = tuple(config.exclude)
+    kwargs["sparse_initializers"] = config.sparse_initializers
+    return PruneOptions(**kwargs)
+
+
+def options_to_proto(options: PruneOptions) -> pb.PruneConfig:
+    """The config that asks a server for ``options`` (``threads`` is the server's choice)."""
+    config = pb.PruneConfig(
+        mode=_MODES[options.mode],
+        criterion=_CRITERIA[options.criterion],
+        allocation=_ALLOCATIONS[options.allocation],
+        metric=_METRICS[options.metric],
+        objective=_OBJECTIVES[options.objective],
+        output_name=options.output or "",
+        tolerance=pb.Tolerance(value=options.tolerance.value, relative=options.tolerance.relative),
+        include=list(options.include),
+        exclude=list(options.exclude),
+        sparse_initializers=options.sparse_initializers,
+    )
+    for field, option in _SCALARS:
+        value = getattr(options, option)
+        if value is not None:
+            setattr(config, field, value)
+    return config
+
+
+def event_to_proto(event: pruner.ProgressEvent) -> pb.ProgressEvent:
+    out = pb.ProgressEvent(
+        kind=_EVENTS[event.kind],
+        message=event.message,
+        evaluation=event.evaluation,
+        max_evaluations=event.max_evaluations,
+    )
+    for name in ("sparsity", "nonzero_params", "metric", "passed"):
+        value = getattr(event, name)
+        if value is not None:
+            setattr(out, name, value)
+    return out
+
+
+def event_from_proto(event: pb.ProgressEvent) -> pruner.ProgressEvent:
+    def optional(name: str) -> Any:
+        return getattr(event, name) if event.HasField(name) else None
+
+    return pruner.ProgressEvent(
+        kind=_from_enum(_EVENTS, event.kind, "event kind"),
+        message=event.message,
+        evaluation=event.evaluation,
+        max_evaluations=event.max_evaluations,
+        sparsity=optional("sparsity"),
+        nonzero_params=optional("nonzero_params"),
+        metric=optional("metric"),
+        passed=optional("passed"),
+    )
+
+
+def inspection_to_proto(inspection: pruner.Inspection) -> pb.InspectResponse:
+    data = inspection.to_dict()
+    return pb.InspectResponse(
+        layers=[
+            pb.PrunableLayer(
+                name=la["name"],
+                op_type=la["op_type"],
+                nodes=list(la["nodes"]),
+                shape=list(la["shape"]),
+                params=la["params"],
+                share=la["share"],
+            )
+            for la in data["layers"]
+        ],
+        skipped=[pb.SkippedLayer(name=s["name"], op_type=s["op_type"], reason=s["reason"]) for s in data["skipped"]],
+        total_params=data["total_params"],
+        prunable_params=data["prunable_params"],
+        json=json.dumps(data, indent=2),
+    )
+
+
+class EvalTensors:
+    """Collects an eval set sent as ``EvalTensor`` headers and ``eval_tensor_data`` chunks."""
+
+    def __init__(self) -> None:
+        self._done: dict[str, np.ndarray] = {}
+        self._header: onnx.TensorProto | None = None
+        self._chunks: list[bytes] = []
+
+    def start(self, message: pb.EvalTensor) -> None:
+        self._finish()
+        tensor = onnx.TensorProto()
+        try:
+            tensor.ParseFromString(message.tensor_proto)
+        except DecodeError as e:
+            raise pruner.InvalidEvalSetError(f"an eval_tensor is not a serialized onnx.TensorProto ({e})") from e
+        if not tensor.name:
+            raise pruner.InvalidEvalSetError("an eval_tensor has no name; name it after a model input or 'labels'")
+        if tensor.name in self._done:
+            raise pruner.InvalidEvalSetError(f"eval tensor {tensor.name!r} was sent twice")
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise pruner.InvalidEvalSetError(f"eval tensor {tensor.name!r} refers to external data; send its bytes")
+        self._header = tensor
+        self._chunks = []
+
+    def add(self, data: bytes) -> None:
+        if self._header is None:
+            raise pruner.InvalidEvalSetError("eval_tensor_data arrived before any eval_tensor header")
+        self._chunks.append(data)
+
+    def _finish(self) -> None:
+        tensor, chunks = self._header, self._chunks
+        if tensor is None:
+            return
+        self._header, self._chunks = None, []
+        name = tensor.name
+        if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+            raise pruner.InvalidEvalSetError(f"eval tensor {name!r} has data type {tensor.data_type}; send numbers")
+        try:
+            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        except (KeyError, ValueError, TypeError) as e:
+            raise pruner.InvalidEvalSetError(f"eval tensor {name!r} has an unknown data type {tensor.data_type}") from e
+        dims = tuple(int(d) for d in tensor.dims)
+        if any(d < 0 for d in dims):
+            raise pruner.InvalidEvalSetError(f"eval tensor {name!r} has negative dims {list(dims)}")
+        if chunks:
+            if tensor.raw_data or _has_typed_data(tensor):
+                raise pruner.InvalidEvalSetError(f"eval tensor {name!r} has inline data and data chunks")
+            raw = b"".join(chunks)
+            expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+            if len(raw) != expected:
+                raise pruner.InvalidEvalSetError(
+                    f"eval tensor {name!r}: {len(raw)} data bytes, dims {list(dims)} of {dtype} need {expected}"
+                )
+            array = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(dims)
+        else:
+            try:
+                array = numpy_helper.to_array(tensor)
+            except Exception as e:  # onnx raises several types for inconsistent tensors
+                raise pruner.InvalidEvalSetError(f"eval tensor {name!r} cannot be read: {e}") from e
+        self._done[name] = array
+
+    def evalset(self) -> pruner.EvalSet:
+        self._finish()
+        if not self._done:
+            raise pruner.InvalidEvalSetError("no eval set was sent")
+        arrays = dict(self._done)
+        labels = arrays.pop("labels", None)
+        return pruner.EvalSet(arrays, labels)
+
+    def __bool__(self) -> bool:
+        return bool(self._done) or self._header is not None
+
+
+def _has_typed_data(tensor: onnx.TensorProto) -> bool:
+    fields: Iterable[str] = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
+    return any(len(getattr(tensor, f)) for f in fields)
