@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -112,3 +113,60 @@ def test_label_free_metric_and_relative_tolerance(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+
+
+@pytest.fixture
+def server_address() -> Iterator[str]:
+    from service.server import ServerConfig, create_server, set_serving
+
+    server, port, health = create_server(ServerConfig(address="127.0.0.1:0"))
+    server.start()
+    set_serving(health, True)
+    yield f"127.0.0.1:{port}"
+    server.stop(None)
+
+
+def test_server_mode_writes_what_local_mode_writes(tmp_path: Path, server_address: str) -> None:
+    outputs = {}
+    for mode in ("local", "remote"):
+        out, report = tmp_path / f"{mode}.onnx", tmp_path / f"{mode}.json"
+        remote = ["--server", server_address] if mode == "remote" else []
+        proc = run_cli(
+            "prune", FIXTURES / "cnn.onnx", "--eval", FIXTURES / "cnn_eval.npz", "--max-evaluations", "4",
+            "-o", out, "--report", report, "--quiet", *remote,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        outputs[mode] = (json.loads(report.read_text()), onnx.load(str(out)), proc.stdout)
+    (local_report, _, local_out), (remote_report, remote_model, remote_out) = outputs.values()
+    onnx.checker.check_model(remote_model, full_check=True)
+    for key in ("status", "nonzero_after", "bytes_after", "baseline", "final", "evaluations"):
+        assert remote_report[key] == local_report[key], key
+    assert local_out.splitlines()[:8] == remote_out.splitlines()[:8]
+
+
+def test_server_mode_bad_input_exits_2_with_the_servers_message(tmp_path: Path, server_address: str) -> None:
+    proc = run_cli(
+        "prune", FIXTURES / "mlp.onnx", "--eval", FIXTURES / "cnn_eval.npz", "-o", tmp_path / "o.onnx",
+        "--server", server_address,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "eval input 'input' has shape" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_server_mode_inspect(server_address: str) -> None:
+    local = run_cli("inspect", FIXTURES / "compact.onnx", "--json")
+    remote = run_cli("inspect", FIXTURES / "compact.onnx", "--json", "--server", server_address)
+    assert remote.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout) == json.loads(local.stdout)
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
+    proc = run_cli(
+        "prune", FIXTURES / "mlp.onnx", "--eval", FIXTURES / "mlp_eval.npz", "-o", tmp_path / "o.onnx",
+        "--server", "127.0.0.1:1",
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert "cannot reach the server at 127.0.0.1:1" in proc.stderr
+    assert "Traceback" not in proc.stderr

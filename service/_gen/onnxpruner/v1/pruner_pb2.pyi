@@ -51,7 +51,6 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_NEW_BEST: _ClassVar[EventKind]
     EVENT_KIND_CONFIRM: _ClassVar[EventKind]
     EVENT_KIND_DONE: _ClassVar[EventKind]
-
 CRITERION_UNSPECIFIED: Criterion
 CRITERION_MAGNITUDE: Criterion
 CRITERION_L1: Criterion
@@ -91,14 +90,7 @@ class PruneRequest(_message.Message):
     eval_npz_chunk: bytes
     eval_tensor: EvalTensor
     eval_tensor_data: bytes
-    def __init__(
-        self,
-        config: _Optional[_Union[PruneConfig, _Mapping]] = ...,
-        model_chunk: _Optional[bytes] = ...,
-        eval_npz_chunk: _Optional[bytes] = ...,
-        eval_tensor: _Optional[_Union[EvalTensor, _Mapping]] = ...,
-        eval_tensor_data: _Optional[bytes] = ...,
-    ) -> None: ...
+    def __init__(self, config: _Optional[_Union[PruneConfig, _Mapping]] = ..., model_chunk: _Optional[bytes] = ..., eval_npz_chunk: _Optional[bytes] = ..., eval_tensor: _Optional[_Union[EvalTensor, _Mapping]] = ..., eval_tensor_data: _Optional[bytes] = ...) -> None: ...
 
 class EvalTensor(_message.Message):
     __slots__ = ("tensor_proto",)
@@ -115,25 +107,7 @@ class Tolerance(_message.Message):
     def __init__(self, value: _Optional[float] = ..., relative: _Optional[bool] = ...) -> None: ...
 
 class PruneConfig(_message.Message):
-    __slots__ = (
-        "mode",
-        "criterion",
-        "allocation",
-        "metric",
-        "top_k",
-        "output_name",
-        "tolerance",
-        "objective",
-        "max_evaluations",
-        "max_seconds",
-        "seed",
-        "holdout_fraction",
-        "batch_size",
-        "layer_cap",
-        "include",
-        "exclude",
-        "sparse_initializers",
-    )
+    __slots__ = ("mode", "criterion", "allocation", "metric", "top_k", "output_name", "tolerance", "objective", "max_evaluations", "max_seconds", "seed", "holdout_fraction", "batch_size", "layer_cap", "include", "exclude", "sparse_initializers")
     MODE_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
@@ -168,26 +142,7 @@ class PruneConfig(_message.Message):
     include: _containers.RepeatedScalarFieldContainer[str]
     exclude: _containers.RepeatedScalarFieldContainer[str]
     sparse_initializers: bool
-    def __init__(
-        self,
-        mode: _Optional[_Union[Mode, str]] = ...,
-        criterion: _Optional[_Union[Criterion, str]] = ...,
-        allocation: _Optional[_Union[Allocation, str]] = ...,
-        metric: _Optional[_Union[Metric, str]] = ...,
-        top_k: _Optional[int] = ...,
-        output_name: _Optional[str] = ...,
-        tolerance: _Optional[_Union[Tolerance, _Mapping]] = ...,
-        objective: _Optional[_Union[Objective, str]] = ...,
-        max_evaluations: _Optional[int] = ...,
-        max_seconds: _Optional[float] = ...,
-        seed: _Optional[int] = ...,
-        holdout_fraction: _Optional[float] = ...,
-        batch_size: _Optional[int] = ...,
-        layer_cap: _Optional[float] = ...,
-        include: _Optional[_Iterable[str]] = ...,
-        exclude: _Optional[_Iterable[str]] = ...,
-        sparse_initializers: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., allocation: _Optional[_Union[Allocation, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., top_k: _Optional[int] = ..., output_name: _Optional[str] = ..., tolerance: _Optional[_Union[Tolerance, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., max_evaluations: _Optional[int] = ..., max_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., holdout_fraction: _Optional[float] = ..., batch_size: _Optional[int] = ..., layer_cap: _Optional[float] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., sparse_initializers: _Optional[bool] = ...) -> None: ...
 
 class PruneResponse(_message.Message):
     __slots__ = ("progress", "result", "model_chunk")
@@ -197,12 +152,7 @@ class PruneResponse(_message.Message):
     progress: ProgressEvent
     result: PruneResult
     model_chunk: bytes
-    def __init__(
-        self,
-        progress: _Optional[_Union[ProgressEvent, _Mapping]] = ...,
-        result: _Optional[_Union[PruneResult, _Mapping]] = ...,
-        model_chunk: _Optional[bytes] = ...,
-    ) -> None: ...
+    def __init__(self, progress: _Optional[_Union[ProgressEvent, _Mapping]] = ..., result: _Optional[_Union[PruneResult, _Mapping]] = ..., model_chunk: _Optional[bytes] = ...) -> None: ...
 
 class ProgressEvent(_message.Message):
     __slots__ = ("kind", "message", "evaluation", "max_evaluations", "sparsity", "nonzero_params", "metric", "passed")
@@ -222,17 +172,7 @@ class ProgressEvent(_message.Message):
     nonzero_params: int
     metric: float
     passed: bool
-    def __init__(
-        self,
-        kind: _Optional[_Union[EventKind, str]] = ...,
-        message: _Optional[str] = ...,
-        evaluation: _Optional[int] = ...,
-        max_evaluations: _Optional[int] = ...,
-        sparsity: _Optional[float] = ...,
-        nonzero_params: _Optional[int] = ...,
-        metric: _Optional[float] = ...,
-        passed: _Optional[bool] = ...,
-    ) -> None: ...
+    def __init__(self, kind: _Optional[_Union[EventKind, str]] = ..., message: _Optional[str] = ..., evaluation: _Optional[int] = ..., max_evaluations: _Optional[int] = ..., sparsity: _Optional[float] = ..., nonzero_params: _Optional[int] = ..., metric: _Optional[float] = ..., passed: _Optional[bool] = ...) -> None: ...
 
 class PruneResult(_message.Message):
     __slots__ = ("report_json", "status", "model_size", "model_sha256")
@@ -244,13 +184,7 @@ class PruneResult(_message.Message):
     status: str
     model_size: int
     model_sha256: str
-    def __init__(
-        self,
-        report_json: _Optional[str] = ...,
-        status: _Optional[str] = ...,
-        model_size: _Optional[int] = ...,
-        model_sha256: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, report_json: _Optional[str] = ..., status: _Optional[str] = ..., model_size: _Optional[int] = ..., model_sha256: _Optional[str] = ...) -> None: ...
 
 class InspectRequest(_message.Message):
     __slots__ = ("config", "model_chunk")
@@ -258,9 +192,7 @@ class InspectRequest(_message.Message):
     MODEL_CHUNK_FIELD_NUMBER: _ClassVar[int]
     config: InspectConfig
     model_chunk: bytes
-    def __init__(
-        self, config: _Optional[_Union[InspectConfig, _Mapping]] = ..., model_chunk: _Optional[bytes] = ...
-    ) -> None: ...
+    def __init__(self, config: _Optional[_Union[InspectConfig, _Mapping]] = ..., model_chunk: _Optional[bytes] = ...) -> None: ...
 
 class InspectConfig(_message.Message):
     __slots__ = ("include", "exclude")
@@ -284,15 +216,7 @@ class PrunableLayer(_message.Message):
     shape: _containers.RepeatedScalarFieldContainer[int]
     params: int
     share: float
-    def __init__(
-        self,
-        name: _Optional[str] = ...,
-        op_type: _Optional[str] = ...,
-        nodes: _Optional[_Iterable[str]] = ...,
-        shape: _Optional[_Iterable[int]] = ...,
-        params: _Optional[int] = ...,
-        share: _Optional[float] = ...,
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., op_type: _Optional[str] = ..., nodes: _Optional[_Iterable[str]] = ..., shape: _Optional[_Iterable[int]] = ..., params: _Optional[int] = ..., share: _Optional[float] = ...) -> None: ...
 
 class SkippedLayer(_message.Message):
     __slots__ = ("name", "op_type", "reason")
@@ -302,9 +226,7 @@ class SkippedLayer(_message.Message):
     name: str
     op_type: str
     reason: str
-    def __init__(
-        self, name: _Optional[str] = ..., op_type: _Optional[str] = ..., reason: _Optional[str] = ...
-    ) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., op_type: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class InspectResponse(_message.Message):
     __slots__ = ("layers", "skipped", "total_params", "prunable_params", "json")
@@ -318,11 +240,4 @@ class InspectResponse(_message.Message):
     total_params: int
     prunable_params: int
     json: str
-    def __init__(
-        self,
-        layers: _Optional[_Iterable[_Union[PrunableLayer, _Mapping]]] = ...,
-        skipped: _Optional[_Iterable[_Union[SkippedLayer, _Mapping]]] = ...,
-        total_params: _Optional[int] = ...,
-        prunable_params: _Optional[int] = ...,
-        json: _Optional[str] = ...,
-    ) -> None: ...
+    def __init__(self, layers: _Optional[_Iterable[_Union[PrunableLayer, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[SkippedLayer, _Mapping]]] = ..., total_params: _Optional[int] = ..., prunable_params: _Optional[int] = ..., json: _Optional[str] = ...) -> None: ...

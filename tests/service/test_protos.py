@@ -1,0 +1,32 @@
+"""The committed gRPC stubs match the protos, and the API obeys its compatibility rules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from service._gen.onnxpruner.v1 import pruner_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_committed_stubs_are_fresh() -> None:
+    done = subprocess.run(
+        [sys.executable, "tools/gen_protos.py", "--check"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_every_enum_starts_with_unspecified_zero() -> None:
+    # unset fields must mean "the library's default", so new values never change old clients' meaning
+    for enum in pb.DESCRIPTOR.enum_types_by_name.values():
+        assert enum.values[0].number == 0 and enum.values[0].name.endswith("_UNSPECIFIED"), enum.name
+
+
+def test_config_scalars_are_optional() -> None:
+    # a zero that means "unset" would make e.g. seed 0 or layer_cap 0 unsayable
+    config = pb.PruneConfig.DESCRIPTOR
+    for field in config.fields:
+        if field.type in (field.TYPE_UINT32, field.TYPE_UINT64, field.TYPE_DOUBLE):
+            assert field.has_presence, field.name
