@@ -1,6 +1,7 @@
 """The ``onnx-prune`` command line: ``prune`` and ``inspect``.
 
-Exit codes: 0 success, 1 internal error, 2 bad input, 130 interrupted.
+Exit codes: 0 success, 1 internal error, 2 bad input, 3 nothing pruned (with
+``--fail-unchanged``), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from service.client import Connection, RemoteError, RemoteResult
 EXIT_OK = 0
 EXIT_INTERNAL = 1
 EXIT_BAD_INPUT = 2
+EXIT_UNCHANGED = 3
 EXIT_INTERRUPTED = 130
 DEFAULTS = PruneOptions()
 
@@ -73,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never prune matching layers")
     p.add_argument("--sparse-initializers", action="store_true", help="store zeroed weights as sparse_initializer")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--fail-unchanged",
+        action="store_true",
+        help="exit 3 when no candidate passed the tolerance (for pipelines; the files are still written)",
+    )
     _remote_arguments(p)
 
     i = sub.add_parser("inspect", help="list the prunable layers of a model")
@@ -190,6 +197,9 @@ def _cmd_prune(args: argparse.Namespace) -> int:
         progress.close()
     result.save(args.out, args.report)
     print(_summary(result.report))
+    if args.fail_unchanged and result.report.status == "unchanged":
+        print("onnx-prune: nothing could be pruned within the tolerance", file=sys.stderr)
+        return EXIT_UNCHANGED
     return EXIT_OK
 
 

@@ -170,3 +170,12 @@ def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "cannot reach the server at 127.0.0.1:1" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_fail_unchanged_exits_3_when_nothing_passes(tmp_path: Path) -> None:
+    out = tmp_path / "out.onnx"
+    args = ["prune", FIXTURES / "mlp.onnx", "--eval", FIXTURES / "mlp_eval.npz", "--metric", "cosine"]
+    proc = run_cli(*args, "--tolerance", "0", "-o", out, "--quiet", "--fail-unchanged")
+    assert proc.returncode == 3, proc.stderr
+    assert "nothing could be pruned" in proc.stderr
+    assert out.exists()
