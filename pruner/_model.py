@@ -20,7 +20,7 @@ from onnx import TensorProto
 
 from ._errors import InvalidConfigError, InvalidModelError
 
-__all__ = ["check_output_path", "load_model", "model_bytes", "save_model", "session_source"]
+__all__ = ["check_output_path", "load_model", "save_model", "session_source"]
 
 logger = logging.getLogger(__name__)
 
@@ -144,11 +144,6 @@ def _check_external_locations(tensors: list[TensorProto], folder: Path) -> None:
             raise InvalidModelError(
                 f"tensor {tensor.name!r}: external data range {offset}+{length} exceeds {location!r} ({size} bytes)"
             )
-
-
-def model_bytes(model: onnx.ModelProto) -> bytes:
-    """Serialize a model that fits in one protobuf message."""
-    return model.SerializeToString()
 
 
 @contextlib.contextmanager

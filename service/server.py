@@ -143,7 +143,8 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
         finally:
             self._slots.release()
 
-    def _add(self, job: _Job, buffer: bytearray, data: bytes, what: str, limit: int) -> None:
+    @staticmethod
+    def _add(buffer: bytearray, data: bytes, what: str, limit: int) -> None:
         if len(buffer) + len(data) > limit:
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the {what} exceeds the server's limit of {limit} bytes")
         buffer += data
@@ -178,10 +179,10 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
                     raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the config was sent twice")
                 config = request.config
             elif kind == "model_chunk":
-                self._add(job, model, request.model_chunk, "model", self.config.max_model_bytes)
+                self._add(model, request.model_chunk, "model", self.config.max_model_bytes)
                 job.model_bytes = len(model)
             elif kind == "eval_npz_chunk":
-                self._add(job, npz, request.eval_npz_chunk, "eval set", self.config.max_eval_bytes)
+                self._add(npz, request.eval_npz_chunk, "eval set", self.config.max_eval_bytes)
                 job.eval_bytes = len(npz)
             elif kind == "eval_tensor":
                 tensors.start(request.eval_tensor)
@@ -273,7 +274,7 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
                             raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "the config must come first")
                         config = request.config
                     elif kind == "model_chunk":
-                        self._add(job, model, request.model_chunk, "model", self.config.max_model_bytes)
+                        self._add(model, request.model_chunk, "model", self.config.max_model_bytes)
                         job.model_bytes = len(model)
                     else:
                         raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, "an InspectRequest carries nothing")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,9 +11,8 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.helpers import tiny_mlp, tiny_mlp_evalset, write_npz
+from tests.helpers import run_cli, tiny_mlp, tiny_mlp_evalset, write_npz
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_BAD_INPUT = 2
 
 
@@ -46,17 +44,6 @@ def files(tmp_path: Path) -> Files:
     out = tmp_path / "out"
     out.mkdir()
     return Files(model, evalset, out)
-
-
-def run_cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "service.cli", *map(str, args)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def assert_bad_input(proc: subprocess.CompletedProcess[str], *patterns: str) -> None:
