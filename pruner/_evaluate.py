@@ -344,9 +344,9 @@ class Evaluator:
                 return EvalOutcome(score_sum / seen, False, seen, time.perf_counter() - start)
         return EvalOutcome(score_sum / total, True, total, time.perf_counter() - start)
 
-    def deviation(self, indices: np.ndarray, weights: Mapping[str, np.ndarray]) -> float:
+    def deviation(self, indices: np.ndarray, runner: Runner) -> float:
         """Relative squared error of the output vs the unpruned model: a smooth, label-free proxy."""
         assert self.reference is not None
-        out = self.outputs(self.runner(weights), indices).astype(np.float64)
+        out = self.outputs(runner, indices).astype(np.float64)
         ref = self.reference[indices].astype(np.float64)
         return float(((out - ref) ** 2).sum() / max((ref**2).sum(), 1e-30))

@@ -34,6 +34,8 @@ class Mode(enum.Enum):
 
     ZERO = "zero"
     """Set weights to zero; tensor shapes stay the same."""
+    REMOVE = "remove"
+    """Remove whole channels, neurons and their coupled slices: tensors shrink."""
 
 
 class Criterion(enum.Enum):
@@ -64,7 +66,9 @@ class Objective(enum.Enum):
     """What 'smallest' means in the search."""
 
     PARAMS = "params"
-    """Nonzero prunable parameters."""
+    """Nonzero prunable parameters (the default in zero mode)."""
+    BYTES = "bytes"
+    """Bytes of the pruned weights (remove mode; its default)."""
 
 
 class MetricKind(enum.Enum):
@@ -139,7 +143,8 @@ class PruneOptions:
     output: str | None = None
     """Model output the metric reads; the first output when None."""
     tolerance: Tolerance = Tolerance(float(DEFAULT_TOLERANCE))
-    objective: Objective = Objective.PARAMS
+    objective: Objective | None = None
+    """What smallest means; None: the mode's default (params in zero mode, bytes in remove mode)."""
     max_evaluations: int = DEFAULT_MAX_EVALUATIONS
     """Candidate evaluations on the search split (the baseline and the confirmation are extra)."""
     max_seconds: float | None = None
@@ -159,6 +164,8 @@ class PruneOptions:
     """Globs on node or initializer names whose layers are never pruned."""
     sparse_initializers: bool = False
     """Store zeroed weights as ONNX sparse_initializer where that makes the file smaller."""
+    channel_multiple: int = 1
+    """Remove mode: keep every layer's channel count a multiple of this (8 or 16 suit SIMD kernels)."""
 
     def __post_init__(self) -> None:
         for name, enum_type in (
@@ -168,12 +175,17 @@ class PruneOptions:
             ("metric", MetricKind),
             ("objective", Objective),
         ):
+            if name == "objective" and self.objective is None:
+                continue
             if not isinstance(getattr(self, name), enum_type):
                 choices = ", ".join(m.value for m in enum_type)
                 raise InvalidConfigError(f"{name} must be one of: {choices}; got {getattr(self, name)!r}")
         if not isinstance(self.tolerance, Tolerance):
             raise InvalidConfigError("tolerance must be a Tolerance; use Tolerance.parse('0.01')")
         _check_int("max_evaluations", self.max_evaluations, 1, 10_000)
+        _check_int("channel_multiple", self.channel_multiple, 1, 1024)
+        if self.mode is Mode.ZERO and self.objective is Objective.BYTES:
+            raise InvalidConfigError("objective bytes needs mode remove: zeroed weights take as many bytes")
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _check_int("top_k", self.top_k, 1, 1_000_000)
         _check_int("threads", self.threads, 0, 1024)
@@ -199,7 +211,14 @@ class PruneOptions:
             elif isinstance(value, tuple):
                 out[key] = list(value)
         out["tolerance"] = str(self.tolerance)
+        out["objective"] = self.effective_objective.value
         return out
+
+    @property
+    def effective_objective(self) -> Objective:
+        if self.objective is not None:
+            return self.objective
+        return Objective.BYTES if self.mode is Mode.REMOVE else Objective.PARAMS
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:

@@ -22,8 +22,9 @@ from ._evalset import EvalSet, InputSpec, load_eval_set, model_inputs, validate_
 from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._metrics import Metric
 from ._model import _check, load_model, save_model, session_source
-from ._options import PruneOptions
+from ._options import Mode, PruneOptions
 from ._plan import LayerPlan, PruningPlan, zero_lowest
+from ._remove import Remover
 from ._report import CandidateRecord, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
 from ._score import granularity, unit_scores
 from ._search import Judgement, Trial, search
@@ -165,18 +166,30 @@ def prune(
             )
     io_names = ([i.name for i in original.graph.input], list(outputs))
     bytes_before = original.ByteSize()
-    # the split takes the weights out of the model it is given: never the caller's
-    working = _copy(original) if isinstance(model, onnx.ModelProto) else original
-    del original
-    split = SplitModel.take(working, {la.name for la in inspection.layers})
-    del working
-    builder = ModelBuilder(split)
-    timings["load"] = time.perf_counter() - t_start
-
-    t0 = time.perf_counter()
     evaluator = Evaluator(None, specs, output, metric, data, batch_size=options.batch_size, stop=stop)
-    evaluator.candidates, strategy = _choose_strategy(builder, evaluator, search_idx, options)
-    notes.append(strategy)
+    remover: Remover | None = None
+    if options.mode is Mode.REMOVE:
+        t0 = time.perf_counter()
+        remover = Remover(original, options)
+        timings["load"] = t0 - t_start
+        timings["scoring"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        evaluator.reference = evaluator.outputs(
+            session_runner(make_session(original.SerializeToString(), threads=options.threads), output),
+            np.arange(len(data)),
+        )
+        notes.append("candidates ran as sessions of the pruned models")
+    else:
+        # the split takes the weights out of the model it is given: never the caller's
+        working = _copy(original) if isinstance(model, onnx.ModelProto) else original
+        del original
+        split = SplitModel.take(working, {la.name for la in inspection.layers})
+        del working
+        builder = ModelBuilder(split)
+        timings["load"] = time.perf_counter() - t_start
+        t0 = time.perf_counter()
+        evaluator.candidates, strategy = _choose_strategy(builder, evaluator, search_idx, options)
+        notes.append(strategy)
     reference = evaluator.reference
     assert reference is not None
 
@@ -195,20 +208,33 @@ def prune(
         ProgressEvent(EventKind.BASELINE, f"baseline {metric.kind.value} {baseline.search:.4f}", metric=baseline.search)
     )
 
-    t0 = time.perf_counter()
-    gran = granularity(options.criterion)
-    keep_scores = split.weight_bytes < FED_ALWAYS_BYTES
     scores: dict[str, np.ndarray] = {}
     units: list[LayerUnits] = []
-    for layer in inspection.layers:
-        weight = split.weights[layer.name]
-        layer_scores = unit_scores(options.criterion, layer, weight)
-        units.append(build_units(layer, weight, layer_scores, gran, options.allocation, options.layer_cap))
-        if keep_scores:
-            scores[layer.name] = layer_scores
-        del layer_scores
-    space = ZeroSpace(units, options.allocation)
-    timings["scoring"] = time.perf_counter() - t0
+    keep_scores = True
+    if remover is not None:
+        space: ZeroSpace = remover.space
+        units = remover.space.layers
+
+        def runner_of(config: Config) -> Runner:
+            assert remover is not None
+            return remover.runner(config, output, options.threads)
+
+    else:
+        t0 = time.perf_counter()
+        gran = granularity(options.criterion)
+        keep_scores = split.weight_bytes < FED_ALWAYS_BYTES
+        for layer in inspection.layers:
+            weight = split.weights[layer.name]
+            layer_scores = unit_scores(options.criterion, layer, weight)
+            units.append(build_units(layer, weight, layer_scores, gran, options.allocation, options.layer_cap))
+            if keep_scores:
+                scores[layer.name] = layer_scores
+            del layer_scores
+        space = ZeroSpace(units, options.allocation)
+        timings["scoring"] = time.perf_counter() - t0
+
+        def runner_of(config: Config) -> Runner:
+            return evaluator.runner(candidate(config))
 
     def candidate(config: Config, *, in_place: bool = False) -> dict[str, np.ndarray]:
         """The weights a config describes (the originals where nothing is pruned)."""
@@ -223,14 +249,14 @@ def prune(
         return out
 
     def judge(config: Config) -> Judgement:
-        result = evaluator.evaluate(search_idx, weights=candidate(config), bound=bound)
+        result = evaluator.evaluate(search_idx, runner=runner_of(config), bound=bound)
         passed = result.complete and metric.loss(baseline.search, result.value) <= allowed + 1e-9
         return Judgement(passed, result.value, result.complete, result.samples, result.seconds)
 
     probe_idx = search_idx[:PROBE_SAMPLES]
 
     def probe(config: Config) -> float:
-        return evaluator.deviation(probe_idx, candidate(config))
+        return evaluator.deviation(probe_idx, runner_of(config))
 
     def on_trial(trial: Trial, better: bool) -> None:
         j = trial.judgement
@@ -279,7 +305,7 @@ def prune(
 
     t0 = time.perf_counter()
     chosen, confirmations = _confirm(
-        outcome.passing(), space, evaluator, hold_idx, baseline, metric, options, candidate, notes
+        outcome.passing(), space, evaluator, hold_idx, baseline, metric, options, runner_of, notes
     )
     emit(
         ProgressEvent(
@@ -310,14 +336,19 @@ def prune(
         return final_check(again.to_proto({}) if again.large else again.to_bytes({}), [], notes)
 
     if any(chosen):
-        # large weights are pruned in place: the originals are not needed once the winner is known
-        final_weights = candidate(chosen, in_place=not keep_scores)
-        scores.clear()
-        built = builder.to_proto(final_weights) if builder.large else builder.to_bytes(final_weights)
-        # from here on the model exists only as ``built``; a fallback reloads the original
-        del final_weights
-        split.weights.clear()
         pruned_names = [u.layer.name for u, a in zip(units, chosen, strict=True) if a]
+        built: onnx.ModelProto | bytes
+        if remover is not None:
+            built = remover.to_bytes(chosen)
+            pruned_names = []
+        else:
+            # large weights are pruned in place: the originals are not needed once the winner is known
+            final_weights = candidate(chosen, in_place=not keep_scores)
+            scores.clear()
+            built = builder.to_proto(final_weights) if builder.large else builder.to_bytes(final_weights)
+            # from here on the model exists only as ``built``; a fallback reloads the original
+            del final_weights
+            split.weights.clear()
         pruned, pruned_bytes, final = final_check(built, pruned_names if options.sparse_initializers else [], notes)
         del built
         if (
@@ -337,7 +368,8 @@ def prune(
             del pruned, pruned_bytes
             pruned, pruned_bytes, final = unchanged()
     else:
-        split.weights.clear()
+        if remover is None:
+            split.weights.clear()
         scores.clear()
         pruned, pruned_bytes, final = unchanged()
     timings["write"] = time.perf_counter() - t0
@@ -354,6 +386,10 @@ def prune(
         )
         for i, (u, amount) in enumerate(zip(units, chosen, strict=True))
     ]
+    skipped = [{"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in inspection.skipped]
+    if remover is not None:
+        layer_reports = remover.layer_reports(chosen)
+        skipped = [{"name": name, "op_type": "channels", "reason": why} for name, why in remover.skipped]
     report = Report(
         tool_version=tool_version(),
         versions=_versions(),
@@ -373,7 +409,7 @@ def prune(
         bytes_before=bytes_before,
         bytes_after=pruned.ByteSize() if pruned_bytes is None else len(pruned_bytes),
         layers=layer_reports,
-        skipped=[{"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in inspection.skipped],
+        skipped=skipped,
         trace=[
             CandidateRecord(
                 t.index,
@@ -438,7 +474,7 @@ def _confirm(
     baseline: SplitMetric,
     metric: Metric,
     options: PruneOptions,
-    candidate: Callable[[Config], dict[str, np.ndarray]],
+    runner_of: Callable[[Config], Runner],
     notes: list[str],
 ) -> tuple[Config, int]:
     """The smallest search-passing config that also passes on the held-out split."""
@@ -451,7 +487,7 @@ def _confirm(
     allowed = options.tolerance.allowed_loss(baseline.holdout)
     bound = metric.passing_bound(baseline.holdout, allowed)
     for count, trial in enumerate(passing, start=1):
-        result = evaluator.evaluate(hold_idx, weights=candidate(trial.config), bound=bound)
+        result = evaluator.evaluate(hold_idx, runner=runner_of(trial.config), bound=bound)
         if result.complete and metric.loss(baseline.holdout, result.value) <= allowed + 1e-9:
             if count > 1:
                 notes.append(

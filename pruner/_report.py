@@ -49,6 +49,9 @@ class LayerReport:
     params: int
     nonzero_before: int
     nonzero_after: int
+    channels_before: int | None = None
+    """Remove mode: output channels (components) of the family before and after."""
+    channels_after: int | None = None
 
     @property
     def sparsity(self) -> float:

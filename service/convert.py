@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 # library enum <-> proto enum value; UNSPECIFIED (0) means the library's default
-_MODES = {Mode.ZERO: pb.MODE_ZERO}
+_MODES = {Mode.ZERO: pb.MODE_ZERO, Mode.REMOVE: pb.MODE_REMOVE}
 _CRITERIA = {Criterion.MAGNITUDE: pb.CRITERION_MAGNITUDE, Criterion.L1: pb.CRITERION_L1, Criterion.L2: pb.CRITERION_L2}
 _ALLOCATIONS = {
     Allocation.GLOBAL: pb.ALLOCATION_GLOBAL,
@@ -41,7 +41,7 @@ _METRICS = {
     MetricKind.AGREEMENT: pb.METRIC_AGREEMENT,
     MetricKind.COSINE: pb.METRIC_COSINE,
 }
-_OBJECTIVES = {Objective.PARAMS: pb.OBJECTIVE_PARAMS}
+_OBJECTIVES = {Objective.PARAMS: pb.OBJECTIVE_PARAMS, Objective.BYTES: pb.OBJECTIVE_BYTES}
 _EVENTS = {
     EventKind.BASELINE: pb.EVENT_KIND_BASELINE,
     EventKind.CANDIDATE: pb.EVENT_KIND_CANDIDATE,
@@ -58,6 +58,7 @@ _SCALARS = [
     ("holdout_fraction", "holdout_fraction"),
     ("batch_size", "batch_size"),
     ("layer_cap", "layer_cap"),
+    ("channel_multiple", "channel_multiple"),
 ]
 
 
@@ -107,7 +108,7 @@ def options_to_proto(options: PruneOptions) -> pb.PruneConfig:
         criterion=_CRITERIA[options.criterion],
         allocation=_ALLOCATIONS[options.allocation],
         metric=_METRICS[options.metric],
-        objective=_OBJECTIVES[options.objective],
+        objective=_OBJECTIVES[options.objective] if options.objective else pb.OBJECTIVE_UNSPECIFIED,
         output_name=options.output or "",
         tolerance=pb.Tolerance(value=options.tolerance.value, relative=options.tolerance.relative),
         include=list(options.include),

@@ -19,6 +19,7 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MODE_UNSPECIFIED: _ClassVar[Mode]
     MODE_ZERO: _ClassVar[Mode]
+    MODE_REMOVE: _ClassVar[Mode]
 
 class Allocation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -42,6 +43,7 @@ class Objective(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     OBJECTIVE_UNSPECIFIED: _ClassVar[Objective]
     OBJECTIVE_PARAMS: _ClassVar[Objective]
+    OBJECTIVE_BYTES: _ClassVar[Objective]
 
 class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -57,6 +59,7 @@ CRITERION_L1: Criterion
 CRITERION_L2: Criterion
 MODE_UNSPECIFIED: Mode
 MODE_ZERO: Mode
+MODE_REMOVE: Mode
 ALLOCATION_UNSPECIFIED: Allocation
 ALLOCATION_GLOBAL: Allocation
 ALLOCATION_NORMALIZED: Allocation
@@ -71,6 +74,7 @@ METRIC_AGREEMENT: Metric
 METRIC_COSINE: Metric
 OBJECTIVE_UNSPECIFIED: Objective
 OBJECTIVE_PARAMS: Objective
+OBJECTIVE_BYTES: Objective
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_BASELINE: EventKind
 EVENT_KIND_CANDIDATE: EventKind
@@ -107,7 +111,7 @@ class Tolerance(_message.Message):
     def __init__(self, value: _Optional[float] = ..., relative: _Optional[bool] = ...) -> None: ...
 
 class PruneConfig(_message.Message):
-    __slots__ = ("mode", "criterion", "allocation", "metric", "top_k", "output_name", "tolerance", "objective", "max_evaluations", "max_seconds", "seed", "holdout_fraction", "batch_size", "layer_cap", "include", "exclude", "sparse_initializers")
+    __slots__ = ("mode", "criterion", "allocation", "metric", "top_k", "output_name", "tolerance", "objective", "max_evaluations", "max_seconds", "seed", "holdout_fraction", "batch_size", "layer_cap", "include", "exclude", "sparse_initializers", "channel_multiple")
     MODE_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +129,7 @@ class PruneConfig(_message.Message):
     INCLUDE_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     SPARSE_INITIALIZERS_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     mode: Mode
     criterion: Criterion
     allocation: Allocation
@@ -142,7 +147,8 @@ class PruneConfig(_message.Message):
     include: _containers.RepeatedScalarFieldContainer[str]
     exclude: _containers.RepeatedScalarFieldContainer[str]
     sparse_initializers: bool
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., allocation: _Optional[_Union[Allocation, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., top_k: _Optional[int] = ..., output_name: _Optional[str] = ..., tolerance: _Optional[_Union[Tolerance, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., max_evaluations: _Optional[int] = ..., max_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., holdout_fraction: _Optional[float] = ..., batch_size: _Optional[int] = ..., layer_cap: _Optional[float] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., sparse_initializers: _Optional[bool] = ...) -> None: ...
+    channel_multiple: int
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., allocation: _Optional[_Union[Allocation, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., top_k: _Optional[int] = ..., output_name: _Optional[str] = ..., tolerance: _Optional[_Union[Tolerance, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., max_evaluations: _Optional[int] = ..., max_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., holdout_fraction: _Optional[float] = ..., batch_size: _Optional[int] = ..., layer_cap: _Optional[float] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., sparse_initializers: _Optional[bool] = ..., channel_multiple: _Optional[int] = ...) -> None: ...
 
 class PruneResponse(_message.Message):
     __slots__ = ("progress", "result", "model_chunk")

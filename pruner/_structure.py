@@ -1,0 +1,782 @@
+"""Channel groups for structured pruning, derived from per-op rules.
+
+Every channel of every tensor that carries channels (activations along their
+channel axis, weights along their in/out-channel axes, biases, normalization
+parameters) is an *atom*. Each op contributes rules that tie atoms together: a
+Conv ties its output channel k to row k of its weight and to its bias k; the
+next Conv ties its input channel k to column k of its weight; Add ties channel
+k of both inputs and of the output; Concat ties its inputs' channels to offset
+positions of the output; Flatten ties a channel to its block of features; and
+so on (``RULES``). Connected atoms form a *component*: one channel that can only
+be removed everywhere at once. Components touching the same tensors form a
+*family* (one layer's output channels, say); the search decides how many
+components of each family to remove.
+
+An op without a rule, a graph input or output, or a subgraph reading a tensor
+*freezes* the atoms it touches: their components are never removed, and the
+report says why. Removing components slices every tensor they touch and then
+fixes the attributes and shape constants that name channel counts (``group``
+of depthwise convs, ``split`` sizes, Reshape targets).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ._graph import GraphIndex
+
+__all__ = ["Family", "Structure", "analyze_structure", "remove_components", "zero_components"]
+
+Slot = tuple[str, int]
+"""A tensor and one of its axes."""
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, object]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+@dataclass
+class Family:
+    """Components that touch the same tensors: the removable channels of one layer (or coupled layers)."""
+
+    name: str
+    components: np.ndarray
+    """Component ids, in channel order of the family's first slot."""
+    params_per_component: np.ndarray
+    """Weight elements removed with each component."""
+    slots: tuple[Slot, ...]
+    param_slots: tuple[Slot, ...]
+
+
+@dataclass
+class Fixup:
+    """An attribute or constant that names a channel count, and the slot whose count it is."""
+
+    kind: str
+    node: int
+    slots: tuple[Slot, ...]
+    detail: tuple[object, ...] = ()
+
+
+@dataclass
+class Structure:
+    """The atoms of a model and how they group."""
+
+    slot_base: dict[Slot, int]
+    slot_size: dict[Slot, int]
+    component: np.ndarray
+    """Component id of every atom."""
+    frozen: dict[int, str]
+    """Frozen component -> why."""
+    families: list[Family]
+    skipped: list[tuple[str, str]]
+    """(what, why) of every channel set that is left alone."""
+    params: set[str]
+    fixups: list[Fixup]
+
+    def atoms(self, slot: Slot) -> np.ndarray:
+        base = self.slot_base[slot]
+        return self.component[base : base + self.slot_size[slot]]
+
+
+class _Builder:
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.index = GraphIndex.build(model.graph)
+        self.producer: dict[str, int] = {}
+        self.node_index = {id(node): i for i, node in enumerate(model.graph.node)}
+        for i, node in enumerate(model.graph.node):
+            for out in node.output:
+                self.producer[out] = i
+        inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
+        self.shapes: dict[str, tuple[int | None, ...]] = {}
+        for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
+            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+                self.shapes[value.name] = tuple(
+                    d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim
+                )
+        for name, tensor in self.index.initializers.items():
+            self.shapes[name] = tuple(tensor.dims)
+        for name, node in self.index.constants.items():
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                self.shapes[name] = tuple(value.dims)
+        self.slot_base: dict[Slot, int] = {}
+        self.slot_size: dict[Slot, int] = {}
+        self.parent: list[int] = []
+        self.frozen: dict[int, str] = {}
+        self.todo: list[Slot] = []
+        self.done: set[tuple[int, Slot]] = set()
+        self.fixups: list[Fixup] = []
+        self.params: set[str] = set()
+        self.producer_slots: set[Slot] = set()
+        """Output-channel axes of seed weights: what families are named after."""
+
+    # --- atoms --------------------------------------------------------------------------------
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.index.initializers or name in self.index.constants
+
+    def constant(self, name: str) -> np.ndarray | None:
+        if name in self.index.initializers:
+            return numpy_helper.to_array(self.index.initializers[name])
+        node = self.index.constants.get(name)
+        if node is not None:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            return None if value is None else numpy_helper.to_array(value)
+        return None
+
+    def dim(self, name: str, axis: int) -> int | None:
+        shape = self.shapes.get(name)
+        if shape is None or not -len(shape) <= axis < len(shape):
+            return None
+        return shape[axis]
+
+    def rank(self, name: str) -> int | None:
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape)
+
+    def slot(self, name: str, axis: int, size: int) -> int:
+        """The first atom of ``name`` along ``axis``; registers (and schedules) the slot if new."""
+        rank = self.rank(name)
+        if rank is not None and axis < 0:
+            axis += rank
+        key = (name, axis)
+        if key in self.slot_base:
+            if self.slot_size[key] != size:
+                raise _Conflict(f"{name} axis {axis} has {self.slot_size[key]} channels, a rule says {size}")
+            return self.slot_base[key]
+        base = len(self.parent)
+        self.parent.extend(range(base, base + size))
+        self.slot_base[key] = base
+        self.slot_size[key] = size
+        if self.is_constant(name):
+            self.params.add(name)
+        else:
+            self.todo.append(key)
+        return base
+
+    def find(self, a: int) -> int:
+        parent = self.parent
+        root = a
+        while parent[root] != root:
+            root = parent[root]
+        while parent[a] != root:
+            parent[a], a = root, parent[a]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+            for r in (ra, rb):
+                if r in self.frozen and min(ra, rb) not in self.frozen:
+                    self.frozen[min(ra, rb)] = self.frozen[r]
+
+    def link(self, a: str, axis_a: int, b: str, axis_b: int, size: int) -> None:
+        """Channel k of ``a`` along ``axis_a`` is channel k of ``b`` along ``axis_b``."""
+        base_a, base_b = self.slot(a, axis_a, size), self.slot(b, axis_b, size)
+        for k in range(size):
+            self.union(base_a + k, base_b + k)
+
+    def link_map(self, a: str, axis_a: int, size_a: int, b: str, axis_b: int, size_b: int, to_b: np.ndarray) -> None:
+        """Channel ``k`` of ``a`` is every position ``to_b[k]`` (an array per k) of ``b``."""
+        base_a, base_b = self.slot(a, axis_a, size_a), self.slot(b, axis_b, size_b)
+        for k in range(size_a):
+            for position in np.atleast_1d(to_b[k]):
+                self.union(base_a + k, base_b + int(position))
+
+    def freeze(self, name: str, axis: int, size: int, reason: str) -> None:
+        base = self.slot(name, axis, size)
+        for k in range(size):
+            root = self.find(base + k)
+            self.frozen.setdefault(root, reason)
+
+    # --- propagation ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        for node_index, node in enumerate(self.model.graph.node):
+            if node.op_type in SEEDS and node.domain in ("", "ai.onnx"):
+                self.apply(node_index, None)
+        while self.todo:
+            name, axis = self.todo.pop()
+            size = self.slot_size[(name, axis)]
+            if name in self.index.graph_outputs:
+                self.freeze(name, axis, size, f"{name!r} is a graph output")
+            if name in self.index.graph_inputs:
+                self.freeze(name, axis, size, f"{name!r} is a graph input")
+            touching = []
+            if name in self.producer:
+                touching.append(self.producer[name])
+            for use in self.index.uses(name):
+                if use.in_subgraph:
+                    self.freeze(name, axis, size, f"{name!r} is read inside a subgraph")
+                    continue
+                touching.append(self.node_index[id(use.node)])
+            for node_index in touching:
+                self.apply(node_index, (name, axis))
+
+    def apply(self, node_index: int, trigger: Slot | None) -> None:
+        key = (node_index, trigger or ("", -1))
+        if key in self.done:
+            return
+        self.done.add(key)
+        node = self.model.graph.node[node_index]
+        rule = RULES.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        try:
+            if rule is None:
+                raise _Stop(f"no channel rule for {node.op_type}")
+            rule(self, node_index, node, trigger)
+        except (_Stop, _Conflict) as stop:
+            if trigger is not None:
+                name, axis = trigger
+                what = node.name or node.op_type
+                self.freeze(name, axis, self.slot_size[trigger], f"{what} ({node.op_type}): {stop}")
+
+    def finish(self) -> Structure:
+        n = len(self.parent)
+        roots = np.array([self.find(i) for i in range(n)], dtype=np.int64)
+        _, component = np.unique(roots, return_inverse=True)
+        frozen: dict[int, str] = {}
+        for root, reason in self.frozen.items():
+            frozen.setdefault(int(component[root]), reason)
+        families, skipped = self._families(component, frozen)
+        return Structure(
+            dict(self.slot_base), dict(self.slot_size), component, frozen, families, skipped, self.params, self.fixups
+        )
+
+    def _name(self, signature: tuple[Slot, ...]) -> str:
+        """A family is named after the weight whose output channels it is (else any of its weights)."""
+        producers = [name for name, axis in signature if (name, axis) in self.producer_slots]
+        params = [name for name, _ in signature if name in self.params]
+        return (producers or params or [signature[0][0]])[0]
+
+    def _families(self, component: np.ndarray, frozen: dict[int, str]) -> tuple[list[Family], list[tuple[str, str]]]:
+        touched: dict[int, set[Slot]] = defaultdict(set)
+        params: dict[int, int] = defaultdict(int)
+        for slot, base in self.slot_base.items():
+            size = self.slot_size[slot]
+            name, axis = slot
+            per_channel = 1
+            if name in self.params:
+                dims = [d or 0 for d in self.shapes[name]]
+                per_channel = math.prod(dims) // dims[axis] if dims[axis] else 0
+            for k in range(size):
+                c = int(component[base + k])
+                touched[c].add(slot)
+                if name in self.params:
+                    params[c] += per_channel
+        by_signature: dict[tuple[Slot, ...], list[int]] = defaultdict(list)
+        skipped: dict[str, str] = {}
+        for c, slots in touched.items():
+            signature = tuple(sorted(slots))
+            if c in frozen:
+                skipped.setdefault(self._name(signature), frozen[c])
+                continue
+            if not any(s[0] in self.params for s in signature):
+                continue
+            by_signature[signature].append(c)
+        families = []
+        for signature, comps in by_signature.items():
+            first = signature[0]
+            base = self.slot_base[first]
+            order = {int(component[base + k]): k for k in range(self.slot_size[first])}
+            comps.sort(key=lambda c: order.get(c, 0))
+            families.append(
+                Family(
+                    name=self._name(signature),
+                    components=np.array(comps, dtype=np.int64),
+                    params_per_component=np.array([params[c] for c in comps], dtype=np.int64),
+                    slots=signature,
+                    param_slots=tuple(s for s in signature if s[0] in self.params),
+                )
+            )
+        families.sort(key=lambda f: f.name)
+        return families, sorted(skipped.items())
+
+
+class _Stop(Exception):
+    """A rule cannot relate these channels: freeze them."""
+
+
+class _Conflict(Exception):
+    """Two rules disagree on a tensor's channel count."""
+
+
+def analyze_structure(model: onnx.ModelProto) -> Structure:
+    """Atoms, components and families of ``model`` (not changed)."""
+    builder = _Builder(model)
+    builder.run()
+    return builder.finish()
+
+
+# --- the rules ------------------------------------------------------------------------------------
+# A rule gets the node and the slot that triggered it (None for a seed) and links every
+# slot the node relates to it. It raises _Stop when it cannot.
+
+Rule = Callable[[_Builder, int, onnx.NodeProto, Slot | None], None]
+
+
+def _axis(b: _Builder, trigger: Slot | None, name: str) -> int | None:
+    if trigger is None or trigger[0] != name:
+        return None
+    rank = b.rank(name)
+    return trigger[1] % rank if rank else trigger[1]
+
+
+def _need(value: int | None, what: str) -> int:
+    if value is None:
+        raise _Stop(f"{what} is not known statically")
+    return value
+
+
+def _conv(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    x, w, y = node.input[0], node.input[1], node.output[0]
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if not b.is_constant(w) or (bias and not b.is_constant(bias)):
+        raise _Stop("weight or bias is not a constant")
+    if trigger is not None and trigger[1] % (b.rank(trigger[0]) or 1) != 1:
+        raise _Stop("only the channel axis (1) of a conv can shrink")
+    shape = b.shapes[w]
+    group = int(_attrs(node).get("group", 1))  # type: ignore[call-overload]
+    transpose = node.op_type == "ConvTranspose"
+    c_in = _need(b.dim(x, 1), "input channels")
+    c_out = _need(b.dim(y, 1), "output channels")
+    out_axis, in_axis = (1, 0) if transpose else (0, 1)
+    b.producer_slots.add((w, out_axis))
+    if group == 1:
+        if trigger is None or trigger[0] == y:
+            b.link(y, 1, w, out_axis, c_out)
+            if bias:
+                b.link(y, 1, bias, 0, c_out)
+        if trigger is not None and trigger[0] == x:
+            b.link(x, 1, w, in_axis, c_in)
+        return
+    if not transpose and group == c_in == c_out and shape[1] == 1:
+        b.link(x, 1, y, 1, c_out)
+        b.link(y, 1, w, 0, c_out)
+        if bias:
+            b.link(y, 1, bias, 0, c_out)
+        b.fixups.append(Fixup("group", i, ((y, 1),)))
+        return
+    raise _Stop(f"grouped convolution (group={group}) is not pruned")
+
+
+def _gemm(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    a, w, y = node.input[0], node.input[1], node.output[0]
+    attrs = _attrs(node)
+    if attrs.get("transA", 0) or not b.is_constant(w):
+        raise _Stop("only Gemm with a constant B and no transA")
+    trans_b = bool(attrs.get("transB", 0))
+    n_out = _need(b.dim(y, 1), "Gemm output width")
+    b.producer_slots.add((w, 0 if trans_b else 1))
+    if trigger is None or trigger[0] == y:
+        if trigger is not None and trigger[1] % 2 != 1:
+            raise _Stop("the batch axis of a Gemm output cannot shrink")
+        b.link(y, 1, w, 0 if trans_b else 1, n_out)
+        if len(node.input) > 2 and node.input[2]:
+            c = node.input[2]
+            c_shape = b.shapes.get(c)
+            if not b.is_constant(c) or c_shape is None:
+                raise _Stop("Gemm C is not a constant")
+            if c_shape and c_shape[-1] == n_out and n_out > 1:
+                b.link(y, 1, c, len(c_shape) - 1, n_out)
+                if len(c_shape) == 2 and c_shape[0] != 1:
+                    raise _Stop("Gemm C is a full matrix")
+    if trigger is not None and trigger[0] == a:
+        if trigger[1] % 2 != 1:
+            raise _Stop("the batch axis of a Gemm input cannot shrink")
+        b.link(a, 1, w, 1 if trans_b else 0, _need(b.dim(a, 1), "Gemm input width"))
+
+
+def _matmul(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    a, w, y = node.input[0], node.input[1], node.output[0]
+    if not b.is_constant(w) or b.is_constant(a) or len(b.shapes.get(w, ())) != 2:
+        raise _Stop("only MatMul of an activation by a constant 2-D weight")
+    rank_y = _need(b.rank(y), "MatMul output rank")
+    b.producer_slots.add((w, 1))
+    if trigger is None or trigger[0] == y:
+        if trigger is not None and trigger[1] % rank_y != rank_y - 1:
+            raise _Stop("only the last axis of a MatMul output can shrink")
+        b.link(y, rank_y - 1, w, 1, _need(b.dim(w, 1), "MatMul width"))
+    if trigger is not None and trigger[0] == a:
+        rank_a = _need(b.rank(a), "MatMul input rank")
+        if trigger[1] % rank_a != rank_a - 1:
+            raise _Stop("only the last axis of a MatMul input can shrink")
+        b.link(a, rank_a - 1, w, 0, _need(b.dim(w, 0), "MatMul depth"))
+
+
+def _same_shape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    """Unary ops, activations, casts: channel k in is channel k out."""
+    assert trigger is not None
+    x, y = node.input[0], node.output[0]
+    if trigger[0] not in (x, y):
+        raise _Stop("a side input of a unary op carries channels")
+    axis = trigger[1]
+    b.link(x, axis, y, axis, b.slot_size[trigger])
+    for extra in node.output[1:]:
+        if extra and b.index.uses(extra):
+            raise _Stop(f"its second output {extra!r} is used")
+
+
+def _channel_only(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    """Pooling, Resize, Pad: spatial ops that keep the channel axis (1)."""
+    assert trigger is not None
+    if trigger[1] != 1:
+        raise _Stop("only the channel axis passes through")
+    x, y = node.input[0], node.output[0]
+    if node.op_type == "Resize":
+        if len(node.input) > 3 and node.input[3]:
+            raise _Stop("Resize with explicit sizes")
+        scales = b.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        if scales is None or scales.size < 2 or scales[1] != 1:
+            raise _Stop("Resize scales of the channel axis must be a constant 1")
+    if node.op_type == "Pad":
+        pads = b.constant(node.input[1]) if len(node.input) > 1 else np.array(_attrs(node).get("pads", []))
+        axes = b.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        if pads is None or axes is not None:
+            raise _Stop("Pad without constant pads over all axes")
+        rank = pads.size // 2
+        if pads[1] or pads[rank + 1]:
+            raise _Stop("Pad pads the channel axis")
+    b.link(x, 1, y, 1, b.slot_size[trigger])
+    for extra in node.output[1:]:
+        if extra and b.index.uses(extra):
+            raise _Stop(f"its second output {extra!r} is used")
+
+
+def _normalization(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    """BatchNormalization, InstanceNormalization: per-channel parameters follow the channels."""
+    assert trigger is not None
+    if trigger[1] != 1:
+        raise _Stop("only the channel axis passes through")
+    x, y = node.input[0], node.output[0]
+    size = b.slot_size[trigger]
+    b.link(x, 1, y, 1, size)
+    for param in node.input[1:]:
+        if not b.is_constant(param):
+            raise _Stop("normalization parameters are not constants")
+        b.link(y, 1, param, 0, size)
+    if any(out and b.index.uses(out) for out in node.output[1:]):
+        raise _Stop("training outputs are used")
+
+
+def _elementwise(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    """Add, Mul, ...: inputs broadcast against the output; a full-size axis shares its channels."""
+    assert trigger is not None
+    y = node.output[0]
+    rank_y = _need(b.rank(y), "output rank")
+    name, axis = trigger
+    size = b.slot_size[trigger]
+    if name == y:
+        out_axis = axis
+    else:
+        rank_in = _need(b.rank(name), "input rank")
+        out_axis = axis + rank_y - rank_in
+    b.slot(y, out_axis, size)
+    for operand in node.input:
+        if not operand:
+            continue
+        rank_in = _need(b.rank(operand), "input rank")
+        in_axis = out_axis - (rank_y - rank_in)
+        if in_axis < 0:
+            continue
+        dim = b.dim(operand, in_axis)
+        if dim == 1 and size != 1:
+            continue  # broadcast: the same value for every channel
+        if dim != size:
+            raise _Stop(f"input {operand!r} has {dim} along the channel axis, not {size}")
+        b.link(y, out_axis, operand, in_axis, size)
+
+
+def _concat(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    assert trigger is not None
+    y = node.output[0]
+    rank = _need(b.rank(y), "Concat rank")
+    cat = int(_attrs(node)["axis"]) % rank  # type: ignore[call-overload]
+    axis = trigger[1]
+    if axis != cat:
+        for x in node.input:
+            b.link(x, axis, y, axis, b.slot_size[trigger])
+        return
+    total = _need(b.dim(y, cat), "Concat output size")
+    offset = 0
+    for x in node.input:
+        size = _need(b.dim(x, cat), "Concat input size")
+        b.link_map(x, cat, size, y, cat, total, offset + np.arange(size))
+        offset += size
+
+
+def _split(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    assert trigger is not None
+    x = node.input[0]
+    rank = _need(b.rank(x), "Split rank")
+    split_axis = int(_attrs(node).get("axis", 0)) % rank  # type: ignore[call-overload]
+    axis = trigger[1]
+    if axis != split_axis:
+        for y in node.output:
+            b.link(x, axis, y, axis, b.slot_size[trigger])
+        return
+    total = _need(b.dim(x, axis), "Split input size")
+    offset = 0
+    slots = []
+    for y in node.output:
+        size = _need(b.dim(y, axis), "Split output size")
+        b.link_map(y, axis, size, x, axis, total, offset + np.arange(size))
+        slots.append((y, axis))
+        offset += size
+    if len(node.input) > 1 and node.input[1] and not b.is_constant(node.input[1]):
+        raise _Stop("Split sizes are not a constant")
+    b.fixups.append(Fixup("split", i, tuple(slots)))
+
+
+def _transpose(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    assert trigger is not None
+    x, y = node.input[0], node.output[0]
+    rank = _need(b.rank(x), "Transpose rank")
+    perm = list(_attrs(node).get("perm", list(reversed(range(rank)))))  # type: ignore[call-overload]
+    size = b.slot_size[trigger]
+    if trigger[0] == x:
+        b.link(x, trigger[1], y, perm.index(trigger[1]), size)
+    else:
+        b.link(x, perm[trigger[1]], y, trigger[1], size)
+
+
+def _flatten_like(b: _Builder, x: str, y: str, start: int, trigger: Slot) -> int:
+    """Channel c of ``x`` (axis >= start) is a block of features of ``y``'s axis 1; returns the axis."""
+    shape = b.shapes.get(x)
+    if shape is None:
+        raise _Stop("input shape unknown")
+    axis = trigger[1] if trigger[0] == x else start
+    if axis < start:
+        raise _Stop("only an axis that is flattened into the features can shrink")
+    dims = shape[start:]
+    if any(d is None for d in dims):
+        raise _Stop("flattened dims are not static")
+    size = _need(shape[axis], "channels")
+    inner = math.prod(shape[axis + 1 :])  # type: ignore[arg-type]
+    outer = math.prod(shape[start:axis])  # type: ignore[arg-type]
+    features = math.prod(dims)  # type: ignore[arg-type]
+    blocks = np.arange(outer)[:, None] * (size * inner) + np.arange(inner)[None, :]
+    to_y = [(blocks + c * inner).reshape(-1) for c in range(size)]
+    b.link_map(x, axis, size, y, 1, features, to_y)  # type: ignore[arg-type]
+    return axis
+
+
+def _flatten(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    assert trigger is not None
+    x, y = node.input[0], node.output[0]
+    rank = _need(b.rank(x), "Flatten rank")
+    start = int(_attrs(node).get("axis", 1)) % rank  # type: ignore[call-overload]
+    if start != 1:
+        raise _Stop("only Flatten(axis=1)")
+    if trigger[0] == y and trigger[1] != 1:
+        raise _Stop("the batch axis of a Flatten output cannot shrink")
+    _flatten_like(b, x, y, start, trigger)
+
+
+def _reshape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    """Only the flattening Reshape [N, C, ...] -> [N, C*...] (shape constant [N|0|-1, -1|C*...])."""
+    assert trigger is not None
+    x, shape_name, y = node.input[0], node.input[1], node.output[0]
+    target = b.constant(shape_name)
+    in_shape, out_shape = b.shapes.get(x), b.shapes.get(y)
+    if target is None or in_shape is None or out_shape is None or len(out_shape) != 2 or len(in_shape) < 2:
+        raise _Stop("only a Reshape that flattens [N, C, ...] to [N, features] with a constant shape")
+    if out_shape[0] is not None and in_shape[0] is not None and out_shape[0] != in_shape[0]:
+        raise _Stop("the Reshape mixes the batch axis into the features")
+    if trigger[0] == y and trigger[1] != 1:
+        raise _Stop("the batch axis cannot shrink")
+    _flatten_like(b, x, y, 1, trigger)
+    if int(target[1]) > 0:
+        b.fixups.append(Fixup("reshape", i, ((y, 1),), (shape_name, 1)))
+
+
+def _squeeze(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    assert trigger is not None
+    x, y = node.input[0], node.output[0]
+    rank_x, rank_y = _need(b.rank(x), "rank"), _need(b.rank(y), "rank")
+    axes_value = b.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else _attrs(node).get("axes")
+    if axes_value is None:
+        raise _Stop("axes are not constant")
+    unsqueeze = node.op_type == "Unsqueeze"
+    axes = sorted(int(a) % (rank_y if unsqueeze else rank_x) for a in np.atleast_1d(np.asarray(axes_value)))
+    short, long = (x, y) if unsqueeze else (y, x)
+    kept = [a for a in range(max(rank_x, rank_y)) if a not in axes]  # long-axis index of each short axis
+    size = b.slot_size[trigger]
+    if trigger[0] == short:
+        b.link(short, trigger[1], long, kept[trigger[1]], size)
+    else:
+        if trigger[1] in axes:
+            raise _Stop("a squeezed axis cannot carry channels")
+        b.link(short, kept.index(trigger[1]), long, trigger[1], size)
+
+
+def _reduce(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    """Reductions and Softmax/LayerNormalization over other axes keep the channels."""
+    assert trigger is not None
+    x, y = node.input[0], node.output[0]
+    rank = _need(b.rank(x), "rank")
+    attrs = _attrs(node)
+    axis = trigger[1]
+    if node.op_type in ("Softmax", "LogSoftmax", "Hardmax"):
+        reduced = {int(attrs.get("axis", -1)) % rank}  # type: ignore[call-overload]
+    elif node.op_type == "LayerNormalization":
+        start = int(attrs.get("axis", -1)) % rank  # type: ignore[call-overload]
+        reduced = set(range(start, rank))
+    else:
+        if not int(attrs.get("keepdims", 1)):  # type: ignore[call-overload]
+            raise _Stop("reduction without keepdims")
+        value = b.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attrs.get("axes")
+        if value is None:
+            raise _Stop("reduction over all axes")
+        reduced = {int(a) % rank for a in np.atleast_1d(np.asarray(value))}
+    if axis in reduced:
+        raise _Stop(f"{node.op_type} mixes the channels")
+    b.link(x, axis, y, axis, b.slot_size[trigger])
+
+
+SEEDS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+_UNARY = """Relu LeakyRelu PRelu Sigmoid Tanh Clip HardSigmoid HardSwish Elu Selu Celu Softplus Softsign Erf Gelu
+Mish Exp Log Abs Neg Sqrt Reciprocal Identity Dropout Cast Floor Ceil Round Sign ThresholdedRelu Sin Cos""".split()
+RULES: dict[str, Rule] = {
+    "Conv": _conv,
+    "ConvTranspose": _conv,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    **{op: _same_shape for op in _UNARY if op != "PRelu"},
+    **{op: _channel_only for op in "MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool Resize Pad".split()},
+    "BatchNormalization": _normalization,
+    "InstanceNormalization": _normalization,
+    **{op: _elementwise for op in "Add Sub Mul Div Max Min Sum Mean Pow PRelu Where".split()},
+    "Concat": _concat,
+    "Split": _split,
+    "Transpose": _transpose,
+    "Flatten": _flatten,
+    "Reshape": _reshape,
+    "Squeeze": _squeeze,
+    "Unsqueeze": _squeeze,
+    **{
+        op: _reduce
+        for op in "ReduceMean ReduceSum ReduceMax ReduceMin Softmax LogSoftmax Hardmax LayerNormalization".split()
+    },
+}
+
+
+# --- applying ---------------------------------------------------------------------------------------
+
+
+def _remaining(structure: Structure, removed: np.ndarray, slot: Slot) -> np.ndarray:
+    """Positions of ``slot`` that stay."""
+    return np.flatnonzero(~np.isin(structure.atoms(slot), removed))
+
+
+NEUTRAL = {"Div": 1.0, "Pow": 1.0}
+"""Value that makes a per-channel operand of these ops harmless when zeroing (x / 1)."""
+
+
+def zero_components(model: onnx.ModelProto, structure: Structure, removed: Sequence[int]) -> onnx.ModelProto:
+    """A copy of ``model`` whose weights for ``removed`` components are zero (shapes kept).
+
+    Removing those components from this copy must not change its outputs: the
+    invariant the op-rule tests check.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    removed_array = np.asarray(removed, dtype=np.int64)
+    neutral_params = _neutral_params(out)
+    for name, array in _param_arrays(out).items():
+        changed = False
+        for tensor, axis in structure.slot_base:
+            if tensor != name:
+                continue
+            positions = np.flatnonzero(np.isin(structure.atoms((tensor, axis)), removed_array))
+            if len(positions):
+                index = [slice(None)] * array.ndim
+                index[axis] = positions  # type: ignore[call-overload]
+                array[tuple(index)] = neutral_params.get(name, 0.0)
+                changed = True
+        if changed:
+            _set_param(out, name, array)
+    return out
+
+
+def remove_components(model: onnx.ModelProto, structure: Structure, removed: Sequence[int]) -> onnx.ModelProto:
+    """A copy of ``model`` without the ``removed`` components: tensors sliced, counts fixed, shapes refreshed."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    removed_array = np.asarray(removed, dtype=np.int64)
+    for name, array in _param_arrays(out).items():
+        sliced = array
+        for (tensor, axis), _ in structure.slot_base.items():
+            if tensor == name:
+                sliced = np.take(sliced, _remaining(structure, removed_array, (tensor, axis)), axis=axis)
+        if sliced.shape != array.shape:
+            _set_param(out, name, sliced)
+    graph = out.graph
+    for fix in structure.fixups:
+        node = graph.node[fix.node]
+        counts = [len(_remaining(structure, removed_array, slot)) for slot in fix.slots]
+        if fix.kind == "group":
+            for attr in node.attribute:
+                if attr.name == "group":
+                    attr.i = counts[0]
+        elif fix.kind == "split":
+            if len(node.input) > 1 and node.input[1]:
+                _set_param(out, node.input[1], np.array(counts, dtype=np.int64))
+            else:
+                for attr in node.attribute:
+                    if attr.name == "split":
+                        del attr.ints[:]
+                        attr.ints.extend(counts)
+        elif fix.kind == "reshape":
+            shape_name, position = fix.detail
+            target = _param_arrays(out, {str(shape_name)})[str(shape_name)].copy()
+            target[int(position)] = counts[0]  # type: ignore[call-overload]
+            _set_param(out, str(shape_name), target)
+    del graph.value_info[:]
+    return out
+
+
+def _param_arrays(model: onnx.ModelProto, names: set[str] | None = None) -> dict[str, np.ndarray]:
+    out = {}
+    for tensor in model.graph.initializer:
+        if names is None or tensor.name in names:
+            out[tensor.name] = numpy_helper.to_array(tensor).copy()
+    for node in model.graph.node:
+        if node.op_type == "Constant" and (names is None or node.output[0] in names):
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                out[node.output[0]] = numpy_helper.to_array(value).copy()
+    return out
+
+
+def _set_param(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
+    for tensor in model.graph.initializer:
+        if tensor.name == name:
+            tensor.CopyFrom(numpy_helper.from_array(array, name))
+            return
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] == name:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    attr.t.CopyFrom(numpy_helper.from_array(array, name))
+                    return
+    raise KeyError(name)
+
+
+def _neutral_params(model: onnx.ModelProto) -> dict[str, float]:
+    out = {}
+    for node in model.graph.node:
+        value = NEUTRAL.get(node.op_type)
+        if value is not None:
+            for name in node.input[1:]:
+                out[name] = value
+    return out
