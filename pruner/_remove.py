@@ -26,29 +26,51 @@ __all__ = ["Remover"]
 
 
 def component_scores(model: onnx.ModelProto, structure: Structure, family: Family, criterion: Criterion) -> np.ndarray:
-    """Importance of each component of ``family``: its weight slices' norms, summed over the coupled slices."""
-    params = {t.name: t for t in model.graph.initializer}
-    constants = {n.output[0]: n for n in model.graph.node if n.op_type == "Constant"}
+    """Importance of each component of ``family``, summed over its coupled weight slices.
+
+    Only the weights of Conv/Gemm/MatMul count (output rows of producers, input
+    columns of consumers); a BatchNormalization between them scales the rows by
+    its per-channel gain |gamma| / sqrt(var + eps), as folding it would.
+    """
+    arrays = _constants(model)
     index = {int(c): i for i, c in enumerate(family.components)}
-    total = np.zeros(len(family.components), dtype=np.float64)
+    gain = np.ones(len(family.components), dtype=np.float64)
+    for scale, var, eps in structure.scales:
+        if (scale, 0) in structure.slot_base and scale in arrays and var in arrays:
+            factor = np.abs(arrays[scale].astype(np.float64)) / np.sqrt(arrays[var].astype(np.float64) + eps)
+            for position, component in enumerate(structure.atoms((scale, 0))):
+                i = index.get(int(component))
+                if i is not None:
+                    gain[i] *= factor[position]
+    produced = np.zeros(len(family.components), dtype=np.float64)
+    consumed = np.zeros(len(family.components), dtype=np.float64)
     for name, axis in family.param_slots:
-        tensor = params.get(name)
-        if tensor is None:
-            tensor = next(a.t for a in constants[name].attribute if a.name == "value")
-        weight = numpy_helper.to_array(tensor).astype(np.float64)
+        is_producer = (name, axis) in structure.producer_slots
+        if not is_producer and (name, axis) not in structure.consumer_slots:
+            continue
+        weight = arrays[name].astype(np.float64)
         rows = np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
-        if criterion is Criterion.L2:
-            per_row = (rows * rows).sum(axis=1)
-        else:  # magnitude and l1: summed |w| of the slice
-            per_row = np.abs(rows).sum(axis=1)
-        atoms = structure.atoms((name, axis))
-        for position, component in enumerate(atoms):
+        per_row = (rows * rows).sum(axis=1) if criterion is Criterion.L2 else np.abs(rows).sum(axis=1)
+        target = produced if is_producer else consumed
+        for position, component in enumerate(structure.atoms((name, axis))):
             i = index.get(int(component))
             if i is not None:
-                total[i] += per_row[position]
+                target[i] += per_row[position]
     if criterion is Criterion.L2:
-        total = np.sqrt(total)
+        total = np.sqrt(produced) * gain + np.sqrt(consumed)
+    else:
+        total = produced * gain + consumed
     return total.astype(np.float32)
+
+
+def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                out[node.output[0]] = numpy_helper.to_array(value)
+    return out
 
 
 def _family_units(family: Family, scores: np.ndarray, options: PruneOptions) -> LayerUnits:

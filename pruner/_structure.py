@@ -80,6 +80,9 @@ class Structure:
     """(what, why) of every channel set that is left alone."""
     params: set[str]
     fixups: list[Fixup]
+    producer_slots: set[Slot]
+    consumer_slots: set[Slot]
+    scales: list[tuple[str, str, float]]
 
     def atoms(self, slot: Slot) -> np.ndarray:
         base = self.slot_base[slot]
@@ -118,6 +121,10 @@ class _Builder:
         self.params: set[str] = set()
         self.producer_slots: set[Slot] = set()
         """Output-channel axes of seed weights: what families are named after."""
+        self.consumer_slots: set[Slot] = set()
+        """Input-channel axes of seed weights."""
+        self.scales: list[tuple[str, str, float]] = []
+        """(scale, variance, epsilon) of every BatchNormalization: its per-channel gain."""
 
     # --- atoms --------------------------------------------------------------------------------
 
@@ -249,7 +256,17 @@ class _Builder:
             frozen.setdefault(int(component[root]), reason)
         families, skipped = self._families(component, frozen)
         return Structure(
-            dict(self.slot_base), dict(self.slot_size), component, frozen, families, skipped, self.params, self.fixups
+            dict(self.slot_base),
+            dict(self.slot_size),
+            component,
+            frozen,
+            families,
+            skipped,
+            self.params,
+            self.fixups,
+            self.producer_slots,
+            self.consumer_slots,
+            self.scales,
         )
 
     def _name(self, signature: tuple[Slot, ...]) -> str:
@@ -358,6 +375,7 @@ def _conv(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> No
                 b.link(y, 1, bias, 0, c_out)
         if trigger is not None and trigger[0] == x:
             b.link(x, 1, w, in_axis, c_in)
+            b.consumer_slots.add((w, in_axis))
         return
     if not transpose and group == c_in == c_out and shape[1] == 1:
         b.link(x, 1, y, 1, c_out)
@@ -394,6 +412,7 @@ def _gemm(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> No
         if trigger[1] % 2 != 1:
             raise _Stop("the batch axis of a Gemm input cannot shrink")
         b.link(a, 1, w, 1 if trans_b else 0, _need(b.dim(a, 1), "Gemm input width"))
+        b.consumer_slots.add((w, 1 if trans_b else 0))
 
 
 def _matmul(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
@@ -411,6 +430,7 @@ def _matmul(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> 
         if trigger[1] % rank_a != rank_a - 1:
             raise _Stop("only the last axis of a MatMul input can shrink")
         b.link(a, rank_a - 1, w, 0, _need(b.dim(w, 0), "MatMul depth"))
+        b.consumer_slots.add((w, 0))
 
 
 def _same_shape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
@@ -466,6 +486,8 @@ def _normalization(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | No
         b.link(y, 1, param, 0, size)
     if any(out and b.index.uses(out) for out in node.output[1:]):
         raise _Stop("training outputs are used")
+    if node.op_type == "BatchNormalization":
+        b.scales.append((node.input[1], node.input[4], float(_attrs(node).get("epsilon", 1e-5))))  # type: ignore[arg-type]
 
 
 def _elementwise(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
