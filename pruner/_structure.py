@@ -417,6 +417,9 @@ def _gemm(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> No
 
 def _matmul(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     a, w, y = node.input[0], node.input[1], node.output[0]
+    if trigger is not None and not b.is_constant(a) and not b.is_constant(w):
+        _batched_matmul(b, node, trigger)
+        return
     if not b.is_constant(w) or b.is_constant(a) or len(b.shapes.get(w, ())) != 2:
         raise _Stop("only MatMul of an activation by a constant 2-D weight")
     rank_y = _need(b.rank(y), "MatMul output rank")
@@ -431,6 +434,31 @@ def _matmul(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> 
             raise _Stop("only the last axis of a MatMul input can shrink")
         b.link(a, rank_a - 1, w, 0, _need(b.dim(w, 0), "MatMul depth"))
         b.consumer_slots.add((w, 0))
+
+
+def _batched_matmul(b: _Builder, node: onnx.NodeProto, trigger: Slot) -> None:
+    """MatMul of two activations (attention): Y[..., m, n] = sum_k A[..., m, k] B[..., k, n].
+
+    Batch axes (heads) pass through; A's rows are Y's rows, B's columns Y's
+    columns; A's k and B's k are one channel (dropping it from both drops one
+    term of the sum, as pruning query-key dimensions does).
+    """
+    a, w, y = node.input[0], node.input[1], node.output[0]
+    ranks = {name: _need(b.rank(name), "MatMul rank") for name in (a, w, y)}
+    if min(ranks.values()) < 2:
+        raise _Stop("MatMul of vectors")
+    name, axis = trigger
+    size = b.slot_size[trigger]
+    from_end = axis - ranks[name]  # -1 last axis, -2 the one before, lower: batch axes
+    if from_end <= -3:
+        for operand in (a, w, y):
+            in_axis = ranks[operand] + from_end
+            if in_axis >= 0 and b.dim(operand, in_axis) != 1:
+                b.link(name, axis, operand, in_axis, size)
+        return
+    pairs = {(a, -1): (w, -2), (w, -2): (a, -1), (a, -2): (y, -2), (y, -2): (a, -2), (w, -1): (y, -1), (y, -1): (w, -1)}
+    other, other_from_end = pairs[(name, from_end)]
+    b.link(name, axis, other, ranks[other] + other_from_end, size)
 
 
 def _same_shape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
@@ -604,10 +632,41 @@ def _flatten(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) ->
     _flatten_like(b, x, y, start, trigger)
 
 
+def _heads(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot) -> bool:
+    """Reshape [..., H] <-> [..., heads, H / heads] (attention): channel c belongs to head c // head_dim.
+
+    Whole heads go together; the shape constant's head count (or width) is updated.
+    Returns False when the node is not such a reshape.
+    """
+    x, shape_name, y = node.input[0], node.input[1], node.output[0]
+    in_shape, out_shape, target = b.shapes.get(x), b.shapes.get(y), b.constant(shape_name)
+    if in_shape is None or out_shape is None or target is None or None in in_shape[1:] or None in out_shape[1:]:
+        return False
+    split = len(out_shape) == len(in_shape) + 1 and in_shape[1:-1] == out_shape[1:-2]
+    merge = len(in_shape) == len(out_shape) + 1 and out_shape[1:-1] == in_shape[1:-2]
+    if not (split or merge):
+        return False
+    wide, narrow = (x, y) if split else (y, x)  # [..., H] and [..., heads, head_dim]
+    rank_wide = len(b.shapes[wide])
+    heads, head_dim = b.shapes[narrow][-2], b.shapes[narrow][-1]
+    width = b.shapes[wide][-1]
+    if heads is None or head_dim is None or width != heads * head_dim:
+        return False
+    if trigger not in ((wide, rank_wide - 1), (narrow, rank_wide - 1)):
+        raise _Stop("only whole heads can shrink through a head reshape")
+    b.link_map(wide, rank_wide - 1, width, narrow, rank_wide - 1, heads, np.arange(width) // head_dim)
+    index = rank_wide - 1
+    if int(target[index]) > 0:
+        b.fixups.append(Fixup("reshape", i, ((y, index),), (shape_name, index)))
+    return True
+
+
 def _reshape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
-    """Only the flattening Reshape [N, C, ...] -> [N, C*...] (shape constant [N|0|-1, -1|C*...])."""
+    """The flattening Reshape [N, C, ...] -> [N, C*...], and the attention head split/merge."""
     assert trigger is not None
     x, shape_name, y = node.input[0], node.input[1], node.output[0]
+    if _heads(b, i, node, trigger):
+        return
     target = b.constant(shape_name)
     in_shape, out_shape = b.shapes.get(x), b.shapes.get(y)
     if target is None or in_shape is None or out_shape is None or len(out_shape) != 2 or len(in_shape) < 2:
@@ -743,6 +802,8 @@ def remove_components(model: onnx.ModelProto, structure: Structure, removed: Seq
         if sliced.shape != array.shape:
             _set_param(out, name, sliced)
     graph = out.graph
+    shape_values: dict[int, np.ndarray] = {}
+    replaced: set[str] = set()
     for fix in structure.fixups:
         node = graph.node[fix.node]
         counts = [len(_remaining(structure, removed_array, slot)) for slot in fix.slots]
@@ -759,10 +820,21 @@ def remove_components(model: onnx.ModelProto, structure: Structure, removed: Seq
                         del attr.ints[:]
                         attr.ints.extend(counts)
         elif fix.kind == "reshape":
-            shape_name, position = fix.detail
-            target = _param_arrays(out, {str(shape_name)})[str(shape_name)].copy()
-            target[int(position)] = counts[0]  # type: ignore[call-overload]
-            _set_param(out, str(shape_name), target)
+            # shape constants are often shared (every head split of a model): give this node its own
+            shape_name, position = str(fix.detail[0]), int(fix.detail[1])  # type: ignore[call-overload]
+            target = shape_values.setdefault(fix.node, _param_arrays(model, {shape_name})[shape_name].copy())
+            target[position] = counts[0]
+            own = f"{shape_name}__{node.name or fix.node}"
+            if own not in {t.name for t in graph.initializer}:
+                graph.initializer.append(numpy_helper.from_array(target, own))
+            else:
+                _set_param(out, own, target)
+            node.input[1] = own
+            replaced.add(shape_name)
+    used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+    for k in reversed(range(len(graph.initializer))):
+        if graph.initializer[k].name in replaced and graph.initializer[k].name not in used:
+            del graph.initializer[k]
     del graph.value_info[:]
     return out
 
