@@ -835,6 +835,10 @@ def remove_components(model: onnx.ModelProto, structure: Structure, removed: Seq
     for k in reversed(range(len(graph.initializer))):
         if graph.initializer[k].name in replaced and graph.initializer[k].name not in used:
             del graph.initializer[k]
+    for k in reversed(range(len(graph.node))):
+        node = graph.node[k]
+        if node.op_type == "Constant" and node.output[0] in replaced and node.output[0] not in used:
+            del graph.node[k]
     del graph.value_info[:]
     return out
 

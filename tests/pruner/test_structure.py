@@ -1,0 +1,318 @@
+"""Channel rules: every op rule on a tiny graph, and whole architectures.
+
+The guard against coupling bugs: zero the weights of the channels chosen for
+removal (so they are zero, and contribute zero, everywhere downstream), then
+remove them; onnxruntime must give the same outputs for both models.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from pruner._structure import analyze_structure, remove_components, zero_components
+from tests.helpers import parse
+from tests.models import ARCHITECTURES, INPUT_SHAPES
+
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {session.get_inputs()[0].name: x})[0])
+
+
+def weights_for(text: str, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights for the initializers a graph declares as ``float[...] name`` inputs of the body."""
+    model = onnx.parser.parse_model(HEADER + text)
+    rng = np.random.default_rng(seed)
+    out = {}
+    declared = {v.name: v for v in model.graph.input}
+    for name, value in declared.items():
+        if name == "x":
+            continue
+        dims = [d.dim_value for d in value.type.tensor_type.shape.dim]
+        elem = value.type.tensor_type.elem_type
+        if elem == onnx.TensorProto.INT64:
+            raise AssertionError("give int64 constants inline")
+        array = rng.standard_normal(dims).astype(np.float32)
+        if name.startswith("var"):
+            array = np.abs(array) + 0.5
+        if name.startswith("div"):
+            array = np.abs(array) + 0.5
+        out[name] = array
+    return out
+
+
+def build(text: str, seed: int = 0) -> onnx.ModelProto:
+    """The graph with its weight inputs turned into initializers."""
+    weights = weights_for(text, seed)
+    model = parse(HEADER + text, check=False)
+    inputs = [v for v in model.graph.input if v.name not in weights]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    for name, array in weights.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def check_removal(model: onnx.ModelProto, x: np.ndarray, share: float = 0.3, seed: int = 0) -> onnx.ModelProto:
+    """Removes ``share`` of every family's channels; asserts the invariant and returns the pruned model."""
+    structure = analyze_structure(model)
+    assert structure.families, structure.skipped
+    rng = np.random.default_rng(seed)
+    removed: list[int] = []
+    for family in structure.families:
+        count = max(1, int(share * len(family.components))) if len(family.components) > 1 else 0
+        removed += [int(c) for c in rng.choice(family.components, count, replace=False)]
+    assert removed
+    zeroed = zero_components(model, structure, removed)
+    pruned = remove_components(model, structure, removed)
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [i.name for i in pruned.graph.input] == [i.name for i in model.graph.input]
+    assert [o.name for o in pruned.graph.output] == [o.name for o in model.graph.output]
+    assert pruned.ByteSize() < model.ByteSize()
+    np.testing.assert_allclose(run(pruned, x), run(zeroed, x), atol=1e-5, rtol=1e-5)
+    return pruned
+
+
+IMAGE = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
+TOKENS = np.random.default_rng(6).standard_normal((2, 5, 6)).astype(np.float32)
+
+# (id, graph body, input); weights are the float[...] inputs other than x
+RULES = {
+    "conv-relu-conv": """
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[8] b1, float[4, 8, 1, 1] w2) => (float[N, 4, 8, 8] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    r = Relu (h)
+    y = Conv (r, w2)
+}""",
+    "batchnorm": """
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[8] sc, float[8] bi, float[8] mean, float[8] var,
+   float[4, 8, 3, 3] w2) => (float[N, 4, 8, 8] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    n = BatchNormalization (h, sc, bi, mean, var)
+    r = Relu (n)
+    y = Conv <pads = [1, 1, 1, 1]> (r, w2)
+}""",
+    "depthwise": """
+g (float[N, 3, 8, 8] x, float[8, 3, 1, 1] w1, float[8, 1, 3, 3] dw, float[8] db, float[4, 8, 1, 1] w2)
+  => (float[N, 4, 8, 8] y) {
+    h = Conv (x, w1)
+    d = Conv <group = 8, pads = [1, 1, 1, 1]> (h, dw, db)
+    c = Clip (d)
+    y = Conv (c, w2)
+}""",
+    "residual-add": """
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[8, 8, 3, 3] w2, float[8, 3, 1, 1] ws, float[4, 8, 1, 1] w3)
+  => (float[N, 4, 8, 8] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    r = Relu (h)
+    a = Conv <pads = [1, 1, 1, 1]> (r, w2)
+    s = Conv (x, ws)
+    t = Add (a, s)
+    u = Relu (t)
+    y = Conv (u, w3)
+}""",
+    "concat": """
+g (float[N, 3, 8, 8] x, float[6, 3, 3, 3] w1, float[5, 3, 1, 1] w2, float[4, 11, 1, 1] w3) => (float[N, 4, 8, 8] y) {
+    a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    b = Conv (x, w2)
+    c = Concat <axis = 1> (a, b)
+    y = Conv (c, w3)
+}""",
+    "split": """
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[4, 4, 1, 1] wa, float[4, 4, 1, 1] wb) => (float[N, 4, 8, 8] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    sizes = Constant <value = int64[2] {4, 4}> ()
+    a, b = Split <axis = 1> (h, sizes)
+    ya = Conv (a, wa)
+    yb = Conv (b, wb)
+    y = Add (ya, yb)
+}""",
+    "flatten-gemm": """
+g (float[N, 3, 8, 8] x, float[6, 3, 3, 3] w1, float[10, 24] g1, float[10] gb, float[3, 10] g2) => (float[N, 3] y) {
+    h = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (x, w1)
+    p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (h)
+    f = Flatten <axis = 1> (p)
+    z = Gemm <transB = 1> (f, g1, gb)
+    r = Relu (z)
+    y = Gemm <transB = 1> (r, g2)
+}""",
+    "reshape-gemm": """
+g (float[N, 3, 8, 8] x, float[6, 3, 3, 3] w1, float[24, 3] g1) => (float[N, 3] y) {
+    h = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (x, w1)
+    p = AveragePool <kernel_shape = [2, 2], strides = [2, 2]> (h)
+    shape = Constant <value = int64[2] {-1, 24}> ()
+    f = Reshape (p, shape)
+    y = MatMul (f, g1)
+}""",
+    "per-channel-constants": """
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[1, 8, 1, 1] m, float[8, 1, 1] a, float[1, 8, 1, 1] div,
+   float[8, 1, 1] slope, float[4, 8, 1, 1] w2) => (float[N, 4, 8, 8] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    s = Mul (h, m)
+    t = Add (a, s)
+    u = Div (t, div)
+    v = PRelu (u, slope)
+    y = Conv (v, w2)
+}""",
+    "pool-resize-pad": """
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[4, 8, 3, 3] w2) => (float[N, 4, 8, 8] y) {
+    h = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (x, w1)
+    r = Sigmoid (h)
+    scales = Constant <value = float[4] {1.0, 1.0, 2.0, 2.0}> ()
+    u = Resize <mode = "nearest"> (r, , scales)
+    pads = Constant <value = int64[8] {0, 0, 1, 1, 0, 0, 1, 1}> ()
+    p = Pad (u, pads)
+    y = Conv (p, w2)
+}""",
+    "squeeze-excite": """
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[2, 8, 1, 1] wr, float[8, 2, 1, 1] we, float[4, 8, 1, 1] w2)
+  => (float[N, 4, 8, 8] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    s = GlobalAveragePool (h)
+    r = Conv (s, wr)
+    a = Relu (r)
+    e = Conv (a, we)
+    g = HardSigmoid (e)
+    m = Mul (h, g)
+    y = Conv (m, w2)
+}""",
+    "instance-norm-convtranspose": """
+g (float[N, 3, 8, 8] x, float[3, 6, 2, 2] wt, float[6] bt, float[6] sc, float[6] bi, float[4, 6, 1, 1] w2)
+  => (float[N, 4, 16, 16] y) {
+    t = ConvTranspose <strides = [2, 2]> (x, wt, bt)
+    n = InstanceNormalization (t, sc, bi)
+    y = Conv (n, w2)
+}""",
+    "gap-squeeze-gemm": """
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[8, 3] m) => (float[N, 3] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    p = GlobalMaxPool (h)
+    axes = Constant <value = int64[2] {2, 3}> ()
+    s = Squeeze (p, axes)
+    y = MatMul (s, m)
+}""",
+    "transformer-mlp": """
+g (float[N, 5, 6] x, float[6, 12] up, float[12] ub, float[12, 6] down) => (float[N, 5, 6] y) {
+    h = MatMul (x, up)
+    b = Add (ub, h)
+    t = Transpose <perm = [0, 2, 1]> (b)
+    k = Transpose <perm = [0, 2, 1]> (t)
+    two = Constant <value = float {1.4142135}> ()
+    d = Div (k, two)
+    e = Erf (d)
+    one = Constant <value = float {1.0}> ()
+    f = Add (e, one)
+    g = Mul (k, f)
+    y = MatMul (g, down)
+}""",
+    "attention-query-key": """
+g (float[N, 5, 6] x, float[6, 8] wq, float[6, 8] wk, float[6, 8] wv, float[8, 6] wo) => (float[N, 5, 6] y) {
+    q = MatMul (x, wq)
+    k = MatMul (x, wk)
+    v = MatMul (x, wv)
+    kt = Transpose <perm = [0, 2, 1]> (k)
+    s = MatMul (q, kt)
+    p = Softmax <axis = -1> (s)
+    c = MatMul (p, v)
+    y = MatMul (c, wo)
+}""",
+    "attention-heads": """
+g (float[N, 5, 6] x, float[6, 8] wq, float[6, 8] wk, float[6, 8] wv, float[8, 6] wo) => (float[N, 5, 6] y) {
+    split = Constant <value = int64[4] {0, 0, 4, 2}> ()
+    merge = Constant <value = int64[3] {0, 0, 8}> ()
+    q0 = MatMul (x, wq)
+    k0 = MatMul (x, wk)
+    v0 = MatMul (x, wv)
+    q1 = Reshape (q0, split)
+    k1 = Reshape (k0, split)
+    v1 = Reshape (v0, split)
+    q = Transpose <perm = [0, 2, 1, 3]> (q1)
+    k = Transpose <perm = [0, 2, 3, 1]> (k1)
+    v = Transpose <perm = [0, 2, 1, 3]> (v1)
+    s = MatMul (q, k)
+    p = Softmax <axis = -1> (s)
+    c = MatMul (p, v)
+    ct = Transpose <perm = [0, 2, 1, 3]> (c)
+    m = Reshape (ct, merge)
+    y = MatMul (m, wo)
+}""",
+}
+INPUTS = {"transformer-mlp": TOKENS, "attention-query-key": TOKENS, "attention-heads": TOKENS}
+
+
+@pytest.mark.parametrize("name", list(RULES))
+def test_rule_removal_equals_zeroing(name: str) -> None:
+    model = build(RULES[name])
+    pruned = check_removal(model, INPUTS.get(name, IMAGE))
+    assert pruned.graph.node
+
+
+def test_depthwise_group_follows_the_channels() -> None:
+    pruned = check_removal(build(RULES["depthwise"]), IMAGE, share=0.5)
+    (depthwise,) = [n for n in pruned.graph.node if any(a.name == "group" and a.i > 1 for a in n.attribute)]
+    group = next(a.i for a in depthwise.attribute if a.name == "group")
+    weight = next(t for t in pruned.graph.initializer if t.name == "dw")
+    assert group == weight.dims[0] == 4
+
+
+def test_split_sizes_and_head_counts_are_updated() -> None:
+    pruned = check_removal(build(RULES["split"]), IMAGE, share=0.5)
+    sizes = [n for n in pruned.graph.node if n.op_type == "Split"][0].input[1]
+    assert constants(pruned)[sizes].sum() < 8
+    heads = check_removal(build(RULES["attention-heads"]), TOKENS, share=0.5)
+    reshapes = [n for n in heads.graph.node if n.op_type == "Reshape"]
+    values = constants(heads)
+    assert sorted(int(values[n.input[1]][2]) for n in reshapes) == [2, 2, 2, 4]  # 2 of 4 heads, width 4
+
+
+def constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    out = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            out[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
+    return out
+
+
+def test_grouped_conv_and_unknown_ops_freeze_their_channels() -> None:
+    model = build("""
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[8, 4, 3, 3] wg, float[8, 3, 1, 1] w3, float[4, 8, 1, 1] w4)
+  => (float[N, 4, 8, 8] y, float[N, 8, 8, 8] z) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    g = Conv <group = 2, pads = [1, 1, 1, 1]> (h, wg)
+    t = Conv (x, w3)
+    z = LpNormalization <axis = 1> (t)
+    y = Conv (g, w4)
+}""")
+    structure = analyze_structure(model)
+    reasons = dict(structure.skipped)
+    assert "grouped convolution" in reasons["w1"]
+    assert "no channel rule for LpNormalization" in reasons["w3"]
+    assert [f.name for f in structure.families] == []
+
+
+def test_graph_outputs_are_never_shrunk() -> None:
+    model = build(RULES["conv-relu-conv"])
+    reasons = dict(analyze_structure(model).skipped)
+    assert "graph output" in reasons["w2"]
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_architectures_prune_30_percent_of_channels(name: str) -> None:
+    model = ARCHITECTURES[name]()
+    x = np.random.default_rng(7).standard_normal((2, *INPUT_SHAPES[name])).astype(np.float32)
+    pruned = check_removal(model, x, share=0.3)
+    assert pruned.ByteSize() < 0.9 * model.ByteSize()
+
+
+def test_resnet_coverage_is_every_conv_but_the_classifier() -> None:
+    model = ARCHITECTURES["resnet18"]()
+    structure = analyze_structure(model)
+    covered = {name for family in structure.families for name, _ in family.param_slots}
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert all(n.input[1] in covered for n in convs)
