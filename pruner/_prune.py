@@ -387,8 +387,9 @@ def prune(
         for i, (u, amount) in enumerate(zip(units, chosen, strict=True))
     ]
     skipped = [{"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in inspection.skipped]
+    params = (space.total_params, space.nonzero(space.empty()), space.nonzero(chosen))
     if remover is not None:
-        layer_reports = remover.layer_reports(chosen)
+        layer_reports, params = remover.summary(chosen, pruned)
         skipped = [{"name": name, "op_type": "channels", "reason": why} for name, why in remover.skipped]
     report = Report(
         tool_version=tool_version(),
@@ -403,9 +404,9 @@ def prune(
         allowed_loss=allowed,
         status="pruned" if any(chosen) else "unchanged",
         total_params=inspection.total_params,
-        prunable_params=space.total_params,
-        nonzero_before=space.nonzero(space.empty()),
-        nonzero_after=space.nonzero(chosen),
+        prunable_params=params[0],
+        nonzero_before=params[1],
+        nonzero_after=params[2],
         bytes_before=bytes_before,
         bytes_after=pruned.ByteSize() if pruned_bytes is None else len(pruned_bytes),
         layers=layer_reports,

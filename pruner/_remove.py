@@ -179,20 +179,33 @@ class Remover:
     def runner(self, config: Config, output: str, threads: int) -> Runner:
         return session_runner(make_session(self.to_bytes(config), threads=threads), output)
 
-    def layer_reports(self, config: Config) -> list[LayerReport]:
-        out = []
-        for i, (family, amount) in enumerate(zip(self.families, config, strict=True)):
-            before = self.space.layer_nonzero(i, 0)
-            out.append(
+    def summary(self, config: Config, pruned: onnx.ModelProto) -> tuple[list[LayerReport], tuple[int, int, int]]:
+        """Per-family reports and (prunable, before, after) weight counts, read off the two models.
+
+        A family's params are those of the weights whose output channels it is;
+        they also shrink when the family before them loses channels.
+        """
+        before = {t.name: math.prod(t.dims) for t in self.model.graph.initializer}
+        after = {t.name: math.prod(t.dims) for t in pruned.graph.initializer}
+        reports = []
+        for family, amount in zip(self.families, config, strict=True):
+            names = sorted({name for name, axis in family.param_slots if (name, axis) in self.structure.producer_slots})
+            names = names or sorted({name for name, _ in family.param_slots})
+            size_before = sum(before.get(n, 0) for n in names)
+            size_after = sum(after.get(n, 0) for n in names)
+            channels = len(family.components)
+            reports.append(
                 LayerReport(
                     family.name,
                     "channels",
-                    (len(family.components),),
-                    before,
-                    before,
-                    self.space.layer_nonzero(i, amount),
-                    channels_before=len(family.components),
-                    channels_after=len(family.components) - amount,
+                    (channels,),
+                    size_before,
+                    size_before,
+                    size_after,
+                    channels_before=channels,
+                    channels_after=channels - amount,
                 )
             )
-        return out
+        touched = {name for family in self.structure.families for name, _ in family.param_slots}
+        total = sum(before.get(n, 0) for n in touched)
+        return reports, (total, total, sum(after.get(n, 0) for n in touched))

@@ -22,6 +22,8 @@ from pruner import (
     Allocation,
     Criterion,
     MetricKind,
+    Mode,
+    Objective,
     ProgressEvent,
     PruneOptions,
     PrunerError,
@@ -61,6 +63,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="model output the metric reads (default: the first)")
     p.add_argument(
         "--tolerance", default=str(DEFAULTS.tolerance), help="allowed metric loss: 0.01 (absolute) or 1%% (relative)"
+    )
+    p.add_argument(
+        "--mode",
+        choices=[m.value for m in Mode],
+        default=DEFAULTS.mode.value,
+        help="zero weights (shapes kept) or remove channels (smaller, faster model)",
+    )
+    p.add_argument(
+        "--objective",
+        choices=[o.value for o in Objective],
+        help="what smallest means (default: params in zero mode, bytes in remove mode)",
+    )
+    p.add_argument(
+        "--channel-multiple",
+        type=int,
+        default=DEFAULTS.channel_multiple,
+        help="remove mode: keep channel counts a multiple of this (e.g. 8)",
     )
     p.add_argument("--criterion", choices=[c.value for c in Criterion], default=DEFAULTS.criterion.value)
     p.add_argument("--allocation", choices=[a.value for a in Allocation], default=DEFAULTS.allocation.value)
@@ -112,6 +131,9 @@ def _connection(args: argparse.Namespace) -> Connection:
 
 def _options(args: argparse.Namespace) -> PruneOptions:
     return PruneOptions(
+        mode=Mode(args.mode),
+        objective=Objective(args.objective) if args.objective else None,
+        channel_multiple=args.channel_multiple,
         criterion=Criterion(args.criterion),
         allocation=Allocation(args.allocation),
         metric=MetricKind(args.metric),
@@ -164,6 +186,13 @@ def _summary(report: pruner.Report) -> str:
         ("prunable params", f"{report.prunable_params:,} of {report.total_params:,}"),
         ("nonzero prunable params", f"{report.nonzero_before:,} -> {report.nonzero_after:,}"),
         ("sparsity", f"{report.sparsity:.1%}"),
+    ]
+    if report.options.get("mode") == "remove":
+        rows[-3:] = [
+            ("params of prunable layers", f"{report.prunable_params:,} of {report.total_params:,}"),
+            ("params left", f"{report.nonzero_before:,} -> {report.nonzero_after:,} ({report.sparsity:.1%} removed)"),
+        ]
+    rows += [
         ("file bytes", f"{report.bytes_before:,} -> {report.bytes_after:,}"),
         ("evaluations", f"{report.evaluations} (+{report.confirmations} held-out, {report.probes} probes)"),
         ("wall time", f"{report.timings['total']:.2f} s"),
@@ -175,8 +204,14 @@ def _summary(report: pruner.Report) -> str:
         lines.append("")
         name_width = max(12, *(len(la.name) for la in report.layers))
         lines.append(f"{'layer':<{name_width}}  {'op':<14} {'params':>10} {'sparsity':>9}")
-        for la in report.layers:
-            lines.append(f"{la.name:<{name_width}}  {la.op_type:<14} {la.params:>10,} {la.sparsity:>9.1%}")
+        if any(la.channels_before is not None for la in report.layers):
+            lines[-1] = f"{'layer':<{name_width}}  {'params':>10} {'channels':>12} {'removed':>8}"
+            for la in report.layers:
+                channels = f"{la.channels_before} -> {la.channels_after}"
+                lines.append(f"{la.name:<{name_width}}  {la.params:>10,} {channels:>12} {la.sparsity:>8.1%}")
+        else:
+            for la in report.layers:
+                lines.append(f"{la.name:<{name_width}}  {la.op_type:<14} {la.params:>10,} {la.sparsity:>9.1%}")
     return "\n".join(lines)
 
 

@@ -263,7 +263,7 @@ def test_depthwise_group_follows_the_channels() -> None:
 
 def test_split_sizes_and_head_counts_are_updated() -> None:
     pruned = check_removal(build(RULES["split"]), IMAGE, share=0.5)
-    sizes = [n for n in pruned.graph.node if n.op_type == "Split"][0].input[1]
+    sizes = next(n for n in pruned.graph.node if n.op_type == "Split").input[1]
     assert constants(pruned)[sizes].sum() < 8
     heads = check_removal(build(RULES["attention-heads"]), TOKENS, share=0.5)
     reshapes = [n for n in heads.graph.node if n.op_type == "Reshape"]

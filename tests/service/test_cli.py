@@ -167,3 +167,43 @@ def test_fail_unchanged_exits_3_when_nothing_passes(tmp_path: Path) -> None:
     assert proc.returncode == 3, proc.stderr
     assert "nothing could be pruned" in proc.stderr
     assert out.exists()
+
+
+@pytest.mark.parametrize(("name", "eval_name"), CASES)
+def test_remove_mode_end_to_end(tmp_path: Path, name: str, eval_name: str) -> None:
+    model_path, eval_path = FIXTURES / f"{name}.onnx", FIXTURES / f"{eval_name}_eval.npz"
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    proc = run_cli(
+        "prune", model_path, "--eval", eval_path, "--mode", "remove", "--tolerance", "0.01",
+        "-o", out, "--report", report_path, "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(report_path.read_text())
+    pruned, original = onnx.load(str(out)), onnx.load(str(model_path))
+    onnx.checker.check_model(pruned, full_check=True)
+    assert [i.name for i in pruned.graph.input] == [i.name for i in original.graph.input]
+    assert [o.name for o in pruned.graph.output] == [o.name for o in original.graph.output]
+    assert report["bytes_after"] == out.stat().st_size
+    evalset = pruner.load_eval_set(eval_path)
+    n_search, n_hold = report["samples"]["search"], report["samples"]["holdout"]
+    final = report["final"]
+    overall = (final["search"] * n_search + final["holdout"] * n_hold) / (n_search + n_hold)
+    assert accuracy(out, evalset) == pytest.approx(overall, abs=1e-9)
+    assert report["baseline"]["holdout"] - final["holdout"] <= 0.01 + 1e-9
+    for layer in report["layers"]:
+        assert 1 <= layer["channels_after"] <= layer["channels_before"]
+    if report["status"] == "pruned":
+        assert report["bytes_after"] < report["bytes_before"]
+    assert any("graph output" in s["reason"] for s in report["skipped"])
+
+
+def test_remove_mode_keeps_channel_multiples(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    proc = run_cli(
+        "prune", FIXTURES / "cnn.onnx", "--eval", FIXTURES / "cnn_eval.npz", "--mode", "remove",
+        "--channel-multiple", "8", "--tolerance", "0.02", "-o", tmp_path / "o.onnx", "--report", report_path,
+        "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    layers = json.loads(report_path.read_text())["layers"]
+    assert all(la["channels_after"] % 8 == 0 for la in layers if la["channels_before"] % 8 == 0), layers

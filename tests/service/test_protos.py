@@ -30,3 +30,34 @@ def test_config_scalars_are_optional() -> None:
     for field in config.fields:
         if field.type in (field.TYPE_UINT32, field.TYPE_UINT64, field.TYPE_DOUBLE):
             assert field.has_presence, field.name
+
+
+def test_options_survive_the_round_trip_through_the_config() -> None:
+    import pruner
+    from service import convert
+
+    cases = [
+        pruner.PruneOptions(),
+        pruner.PruneOptions(
+            mode=pruner.Mode.REMOVE,
+            objective=pruner.Objective.BYTES,
+            channel_multiple=8,
+            criterion=pruner.Criterion.L2,
+            allocation=pruner.Allocation.LAMP,
+            metric=pruner.MetricKind.TOPK,
+            top_k=3,
+            output="logits",
+            tolerance=pruner.Tolerance(0.02, relative=True),
+            max_evaluations=20,
+            max_seconds=60.0,
+            seed=0,
+            holdout_fraction=0.0,
+            batch_size=1,
+            layer_cap=0.5,
+            include=("a*",),
+            exclude=("b",),
+            sparse_initializers=True,
+        ),
+    ]
+    for options in cases:
+        assert convert.options_from_proto(convert.options_to_proto(options)) == options
