@@ -164,8 +164,10 @@ class PruneOptions:
     """Globs on node or initializer names whose layers are never pruned."""
     sparse_initializers: bool = False
     """Store zeroed weights as ONNX sparse_initializer where that makes the file smaller."""
-    channel_multiple: int = 1
-    """Remove mode: keep every layer's channel count a multiple of this (8 or 16 suit SIMD kernels)."""
+    channel_multiple: int | None = None
+    """Remove mode: keep every layer's channel count a multiple of this. None: 8 for layers whose
+    count is a multiple of 8 (onnxruntime's fast blocked conv kernels need it: odd counts can make
+    a smaller model slower), 1 for the others."""
 
     def __post_init__(self) -> None:
         for name, enum_type in (
@@ -183,7 +185,8 @@ class PruneOptions:
         if not isinstance(self.tolerance, Tolerance):
             raise InvalidConfigError("tolerance must be a Tolerance; use Tolerance.parse('0.01')")
         _check_int("max_evaluations", self.max_evaluations, 1, 10_000)
-        _check_int("channel_multiple", self.channel_multiple, 1, 1024)
+        if self.channel_multiple is not None:
+            _check_int("channel_multiple", self.channel_multiple, 1, 1024)
         if self.mode is Mode.ZERO and self.objective is Objective.BYTES:
             raise InvalidConfigError("objective bytes needs mode remove: zeroed weights take as many bytes")
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)

@@ -84,7 +84,7 @@ def _family_units(family: Family, scores: np.ndarray, options: PruneOptions) -> 
         ranks = np.arange(units)
     else:
         ranks = np.unique(np.linspace(0, units - 1, SKETCH_POINTS).astype(np.int64))
-    multiple = options.channel_multiple
+    multiple = channel_multiple(units, options)
     keep_at_least = max(1, multiple) if units >= multiple else 1
     cap = min(math.floor(options.layer_cap * units + 1e-9), units - keep_at_least)
     return LayerUnits(
@@ -100,24 +100,33 @@ def _family_units(family: Family, scores: np.ndarray, options: PruneOptions) -> 
     )
 
 
+def channel_multiple(channels: int, options: PruneOptions) -> int:
+    """The multiple a family of ``channels`` keeps its count at."""
+    if options.channel_multiple is not None:
+        return options.channel_multiple
+    return AUTO_MULTIPLE if channels % AUTO_MULTIPLE == 0 else 1
+
+
+AUTO_MULTIPLE = 8
+
+
 class RemoveSpace(ZeroSpace):
-    """ZeroSpace whose amounts keep every family's remaining channels a multiple of N."""
+    """ZeroSpace whose amounts keep every family's remaining channels a multiple of its N."""
 
     def __init__(self, layers: list[LayerUnits], options: PruneOptions) -> None:
         super().__init__(layers, options.allocation)
-        self.multiple = options.channel_multiple
+        self.multiples = [channel_multiple(u.units, options) for u in layers]
 
     def _snap(self, config: Config) -> Config:
-        if self.multiple <= 1:
-            return config
         out = []
-        for amount, u in zip(config, self.layers, strict=True):
-            if u.units <= self.multiple:
+        for amount, u, multiple in zip(config, self.layers, self.multiples, strict=True):
+            if multiple <= 1:
+                out.append(amount)
+            elif u.units <= multiple:
                 out.append(0)
-                continue
-            remaining = u.units - amount
-            remaining = math.ceil(remaining / self.multiple) * self.multiple
-            out.append(max(0, u.units - remaining))
+            else:
+                remaining = math.ceil((u.units - amount) / multiple) * multiple
+                out.append(max(0, u.units - remaining))
         return tuple(out)
 
     def at_level(self, level: float) -> Config:
@@ -125,12 +134,10 @@ class RemoveSpace(ZeroSpace):
 
     def push(self, config: Config, layer_ids: list[int], step: float) -> Config:  # type: ignore[override]
         pushed = super().push(config, layer_ids, step)
-        if self.multiple <= 1:
-            return pushed
         # a push must move by at least one multiple where it moves at all
         bumped = tuple(
-            min(a + self.multiple - 1, u.max_amount) if a > c else a
-            for a, c, u in zip(pushed, config, self.layers, strict=True)
+            min(a + multiple - 1, u.max_amount) if a > c else a
+            for a, c, u, multiple in zip(pushed, config, self.layers, self.multiples, strict=True)
         )
         return self._snap(bumped)
 

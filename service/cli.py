@@ -78,8 +78,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--channel-multiple",
         type=int,
-        default=DEFAULTS.channel_multiple,
-        help="remove mode: keep channel counts a multiple of this (e.g. 8)",
+        help="remove mode: keep channel counts a multiple of this (default: 8 where a layer has a multiple "
+        "of 8, as onnxruntime's fast conv kernels need, else 1)",
     )
     p.add_argument("--criterion", choices=[c.value for c in Criterion], default=DEFAULTS.criterion.value)
     p.add_argument("--allocation", choices=[a.value for a in Allocation], default=DEFAULTS.allocation.value)

@@ -1,0 +1,165 @@
+"""Benchmark of remove mode (issue 4). Prints tables; asserts nothing.
+
+    python bench/structure.py
+
+1. Coverage: for each architecture shape (built with random weights by
+   tests/models.py) and each fixture, the share of Conv/Gemm/MatMul layers whose
+   output channels the dependency graph can remove. Layers whose outputs are graph
+   outputs (the classifier) cannot be, by design.
+2. Remove mode on the fixtures at tolerance 0.01: bytes ratio and onnxruntime CPU
+   latency ratio (batch 64, one thread, median of 200 runs) of the pruned model vs
+   the original, evaluations, wall time, metric on the held-out split; with channel
+   counts free (multiple 1) and the default (multiples of 8 kept where a layer had them).
+"""
+
+from __future__ import annotations
+
+import itertools
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common import fixtures, table
+
+import pruner
+from pruner._remove import Remover
+from pruner._structure import analyze_structure
+from tests.models import ARCHITECTURES, INPUT_SHAPES
+
+
+def coverage(model: onnx.ModelProto) -> tuple[int, int, int, list[str]]:
+    """(layers, removable, feeding graph outputs, why the rest are not removable)."""
+    structure = analyze_structure(model)
+    in_family = {slot for family in structure.families for slot in family.param_slots}
+    constants = {t.name for t in model.graph.initializer}
+    removable = output = 0
+    reasons = set()
+    for slot in sorted(structure.producer_slots):
+        if slot[0] not in constants:
+            continue
+        if slot in in_family:
+            removable += 1
+            continue
+        why = structure.frozen.get(int(structure.atoms(slot)[0]), "not analysed") if slot in structure.slot_base else ""
+        if "graph output" in why:
+            output += 1
+        else:
+            reasons.add(why.split(": ", 1)[-1] or "no rule reached it")
+    return len(structure.producer_slots), removable, output, sorted(reasons)
+
+
+def removal_latency(model: onnx.ModelProto, share: float, multiple: int | None, x: dict[str, np.ndarray]) -> str:
+    """Latency ratio after removing ``share`` of every family's lowest-L1 channels (no accuracy search)."""
+    options = pruner.PruneOptions(mode=pruner.Mode.REMOVE, channel_multiple=multiple)
+    remover = Remover(model, options)
+    config = remover.space.at_level(share)
+    pruned = remover.to_bytes(config)
+    return f"{latency(model.SerializeToString(), x) / latency(pruned, x):.2f}x ({model.ByteSize() / len(pruned):.2f}x)"
+
+
+def latency(model: bytes, x: dict[str, np.ndarray], runs: int = 200) -> float:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    for _ in range(5):
+        session.run(None, x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def batch_of(evalset: pruner.EvalSet, model: onnx.ModelProto, size: int = 64) -> dict[str, np.ndarray]:
+    fixed = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value
+    n = fixed or size
+    return {k: v[:n] for k, v in evalset.inputs.items()}
+
+
+def main() -> None:
+    print(f"machine: {platform.machine()} python {platform.python_version()} onnxruntime {ort.__version__}")
+    rows = []
+    for name, build in ARCHITECTURES.items():
+        layers, covered, at_output, reasons = coverage(build())
+        rows.append(
+            (name, layers, covered, at_output, f"{covered / max(layers - at_output, 1):.0%}", "; ".join(reasons))
+        )
+    for name, model_path, _ in fixtures():
+        layers, covered, at_output, reasons = coverage(onnx.load(str(model_path)))
+        rows.append(
+            (name, layers, covered, at_output, f"{covered / max(layers - at_output, 1):.0%}", "; ".join(reasons))
+        )
+    print("\nCoverage: layers whose output channels can be removed")
+    headers = ["model", "layers", "removable", "feed outputs", "removable / others", "why others are not"]
+    print(table(headers, rows))
+
+    rows = []
+    rng = np.random.default_rng(0)
+    for name, build in ARCHITECTURES.items():
+        model = build()
+        shape = INPUT_SHAPES[name]
+        x = {"input": rng.standard_normal((16, *shape)).astype(np.float32)}
+        rows.append(
+            (
+                name,
+                removal_latency(model, 0.3, 1, x),
+                removal_latency(model, 0.3, None, x),
+                removal_latency(model, 0.5, 1, x),
+                removal_latency(model, 0.5, None, x),
+            )
+        )
+    print("\nSpeed-up (and size reduction) of the architectures after removing a share of channels")
+    print("(batch 16, 1 thread; 'auto' keeps multiples of 8 where a layer had them)")
+    print(table(["model", "30%, any count", "30%, auto", "50%, any count", "50%, auto"], rows))
+
+    rows = []
+    for (name, model_path, eval_path), multiple in itertools.product(fixtures(), (1, None)):
+        evalset = pruner.load_eval_set(eval_path)
+        start = time.perf_counter()
+        options = pruner.PruneOptions(mode=pruner.Mode.REMOVE, channel_multiple=multiple)
+        result = pruner.prune(model_path, evalset, options)
+        wall = time.perf_counter() - start
+        r = result.report
+        original = model_path.read_bytes()
+        assert result.model_bytes is not None
+        x = batch_of(evalset, onnx.load(str(model_path)))
+        ratio = latency(original, x) / latency(result.model_bytes, x)
+        rows.append(
+            (
+                name,
+                multiple or "auto",
+                f"{r.bytes_before / r.bytes_after:.2f}x",
+                f"{ratio:.2f}x",
+                r.evaluations,
+                f"{wall:.2f}",
+                f"{r.baseline.holdout:.4f}/{r.final.holdout:.4f}",
+                ", ".join(f"{la.channels_before}->{la.channels_after}" for la in r.layers),
+            )
+        )
+    print("\nRemove mode, tolerance 0.01 (latency: batch 64, 1 thread, median of 200)")
+    headers = [
+        "fixture",
+        "multiple",
+        "smaller",
+        "faster",
+        "evals",
+        "wall s",
+        "holdout base/final",
+        "channels per layer",
+    ]
+    print(table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()
