@@ -69,6 +69,8 @@ class Objective(enum.Enum):
     """Nonzero prunable parameters (the default in zero mode)."""
     BYTES = "bytes"
     """Bytes of the pruned weights (remove mode; its default)."""
+    LATENCY = "latency"
+    """onnxruntime CPU latency of one batch, median of repeated runs (remove mode)."""
 
 
 class MetricKind(enum.Enum):
@@ -187,8 +189,10 @@ class PruneOptions:
         _check_int("max_evaluations", self.max_evaluations, 1, 10_000)
         if self.channel_multiple is not None:
             _check_int("channel_multiple", self.channel_multiple, 1, 1024)
-        if self.mode is Mode.ZERO and self.objective is Objective.BYTES:
-            raise InvalidConfigError("objective bytes needs mode remove: zeroed weights take as many bytes")
+        if self.mode is Mode.ZERO and self.objective in (Objective.BYTES, Objective.LATENCY):
+            raise InvalidConfigError(
+                f"objective {self.objective.value} needs mode remove: zeroed weights take as many bytes and as long"
+            )
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _check_int("top_k", self.top_k, 1, 1_000_000)
         _check_int("threads", self.threads, 0, 1024)

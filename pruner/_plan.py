@@ -19,6 +19,7 @@ from onnx import numpy_helper
 from ._analysis import PrunableWeight, tensor_proto
 from ._graph import GraphIndex
 from ._options import Criterion, Mode
+from ._remove import removal_problems, replay_removal
 from ._score import Granularity, granularity, lowest, unit_scores
 
 __all__ = ["LayerPlan", "PlanIssue", "PruningPlan", "apply_plan", "check_plan", "pruned_weight", "zero_lowest"]
@@ -79,6 +80,9 @@ class PlanIssue:
 
 def check_plan(plan: PruningPlan, model: onnx.ModelProto) -> list[PlanIssue]:
     """Reasons the plan does not fit the model; empty when it can be applied."""
+    if plan.mode is Mode.REMOVE:
+        triples = [(layer.tensor, layer.amount, layer.units) for layer in plan.layers]
+        return [PlanIssue(name, why) for name, why in removal_problems(model, triples)]
     index = GraphIndex.build(model.graph)
     issues = []
     for layer in plan.layers:
@@ -137,6 +141,8 @@ def apply_plan(plan: PruningPlan, model: onnx.ModelProto) -> onnx.ModelProto:
     issues = check_plan(plan, model)
     if issues:
         raise ValueError("plan does not fit the model: " + "; ".join(f"{i.tensor}: {i.reason}" for i in issues))
+    if plan.mode is Mode.REMOVE:
+        return replay_removal(model, plan.criterion, {layer.tensor: layer.amount for layer in plan.layers})
     out = onnx.ModelProto()
     out.CopyFrom(model)
     index = GraphIndex.build(out.graph)

@@ -22,7 +22,7 @@ from ._evalset import EvalSet, InputSpec, load_eval_set, model_inputs, validate_
 from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._metrics import Metric
 from ._model import _check, load_model, save_model, session_source
-from ._options import Mode, PruneOptions
+from ._options import Mode, Objective, PruneOptions
 from ._plan import LayerPlan, PruningPlan, zero_lowest
 from ._remove import Remover
 from ._report import CandidateRecord, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
@@ -248,10 +248,16 @@ def prune(
                 out[name] = zero_lowest(weight, unit, amount, gran, u.layer.channel_axis, hint)
         return out
 
+    timing_rows = search_idx[: evaluator.batch_size]
+
     def judge(config: Config) -> Judgement:
-        result = evaluator.evaluate(search_idx, runner=runner_of(config), bound=bound)
+        runner = runner_of(config)
+        result = evaluator.evaluate(search_idx, runner=runner, bound=bound)
         passed = result.complete and metric.loss(baseline.search, result.value) <= allowed + 1e-9
-        return Judgement(passed, result.value, result.complete, result.samples, result.seconds)
+        cost = None
+        if passed and options.effective_objective is Objective.LATENCY:
+            cost = _latency(evaluator, runner, timing_rows)
+        return Judgement(passed, result.value, result.complete, result.samples, result.seconds, cost)
 
     probe_idx = search_idx[:PROBE_SAMPLES]
 
@@ -422,6 +428,7 @@ def prune(
                 t.judgement.complete,
                 t.judgement.samples,
                 t.judgement.seconds,
+                t.judgement.cost,
             )
             for t in outcome.trials
         ],
@@ -498,6 +505,20 @@ def _confirm(
             return trial.config, count
     notes.append("no search candidate passed on the held-out split; the model is returned unchanged")
     return space.empty(), len(passing)
+
+
+LATENCY_RUNS = 15
+
+
+def _latency(evaluator: Evaluator, runner: Runner, rows: np.ndarray) -> float:
+    """Median seconds of one batch through ``runner`` (after one warm-up run)."""
+    evaluator.run(runner, rows)
+    times = []
+    for _ in range(LATENCY_RUNS):
+        start = time.perf_counter()
+        evaluator.run(runner, rows)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -22,7 +22,7 @@ from ._score import lowest
 from ._space import SKETCH_POINTS, Config, LayerUnits, ZeroSpace, allocation_scores
 from ._structure import Family, Structure, analyze_structure, remove_components
 
-__all__ = ["Remover"]
+__all__ = ["Remover", "removal_problems", "replay_removal"]
 
 
 def component_scores(model: onnx.ModelProto, structure: Structure, family: Family, criterion: Criterion) -> np.ndarray:
@@ -216,3 +216,29 @@ class Remover:
         touched = {name for family in self.structure.families for name, _ in family.param_slots}
         total = sum(before.get(n, 0) for n in touched)
         return reports, (total, total, sum(after.get(n, 0) for n in touched))
+
+
+def removal_problems(model: onnx.ModelProto, layers: list[tuple[str, int, int]]) -> list[tuple[str, str]]:
+    """(family, why) for every (family, amount, units) of a removal plan that does not fit ``model``."""
+    families = {f.name: f for f in analyze_structure(model).families}
+    problems = []
+    for name, amount, units in layers:
+        family = families.get(name)
+        if family is None:
+            problems.append((name, "no removable channel family of this name"))
+        elif len(family.components) != units:
+            problems.append((name, f"has {len(family.components)} channels, the plan expects {units}"))
+        elif not 0 <= amount < units:
+            problems.append((name, f"amount {amount} outside [0, {units})"))
+    return problems
+
+
+def replay_removal(model: onnx.ModelProto, criterion: Criterion, amounts: dict[str, int]) -> onnx.ModelProto:
+    """``model`` without the lowest-scoring ``amounts[family]`` channels of each family (a plan's replay)."""
+    structure = analyze_structure(model)
+    removed = [
+        family.components[lowest(component_scores(model, structure, family, criterion), amounts[family.name])]
+        for family in structure.families
+        if amounts.get(family.name)
+    ]
+    return remove_components(model, structure, list(np.concatenate(removed)) if removed else [])

@@ -72,6 +72,8 @@ class CandidateRecord:
     """False when evaluation stopped early because the candidate could no longer pass."""
     samples: int
     seconds: float
+    latency: float | None = None
+    """Objective latency: median seconds of one batch (passing candidates only)."""
 
 
 @dataclass

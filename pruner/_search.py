@@ -67,6 +67,8 @@ class Judgement:
     complete: bool
     samples: int
     seconds: float
+    cost: float | None = None
+    """What the objective measures of a passing candidate when it is not its size (e.g. latency)."""
 
 
 @dataclass(frozen=True)
@@ -90,8 +92,13 @@ class SearchOutcome:
     """converged, max_evaluations or max_seconds."""
 
     def passing(self) -> list[Trial]:
-        """Passing trials, smallest model first."""
-        return sorted((t for t in self.trials if t.judgement.passed), key=lambda t: (t.nonzero, t.index))
+        """Passing trials, best first: lowest cost if the judge measures one, else smallest."""
+        return sorted((t for t in self.trials if t.judgement.passed), key=_rank)
+
+
+def _rank(trial: Trial) -> tuple[float, int, int]:
+    cost = trial.judgement.cost
+    return (cost if cost is not None else float(trial.nonzero), trial.nonzero, trial.index)
 
 
 class _Budget(Exception):
@@ -123,6 +130,7 @@ def search(
     start = time.monotonic()
     outcome = SearchOutcome(best=space.empty())
     seen: dict[Config, Judgement] = {}
+    seen_trials: dict[Config, Trial] = {}
 
     def evaluate(config: Config, phase: Phase) -> bool:
         if config in seen:
@@ -135,7 +143,12 @@ def search(
         seen[config] = verdict
         trial = Trial(len(outcome.trials) + 1, phase, config, space.sparsity(config), space.nonzero(config), verdict)
         outcome.trials.append(trial)
-        better = verdict.passed and trial.nonzero < space.nonzero(outcome.best)
+        best = seen_trials.get(outcome.best)
+        if best is None:  # the unpruned model, never evaluated: anything smaller that passes beats it
+            better = verdict.passed and trial.nonzero < space.nonzero(outcome.best)
+        else:
+            better = verdict.passed and _rank(trial) < _rank(best)
+        seen_trials[config] = trial
         if better:
             outcome.best = config
         if on_trial is not None:
@@ -206,7 +219,7 @@ def _refine(
         # milder and milder: the full reallocation may give back more than it prunes
         for softness in SOFTNESS:
             targets = [share**softness for share in shares]
-            if _bisect_direction(space, evaluate, best, targets):
+            if _bisect_direction(space, evaluate, best, targets) and outcome.best != best:
                 break
         else:
             return

@@ -44,6 +44,7 @@ class Objective(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OBJECTIVE_UNSPECIFIED: _ClassVar[Objective]
     OBJECTIVE_PARAMS: _ClassVar[Objective]
     OBJECTIVE_BYTES: _ClassVar[Objective]
+    OBJECTIVE_LATENCY: _ClassVar[Objective]
 
 class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -75,6 +76,7 @@ METRIC_COSINE: Metric
 OBJECTIVE_UNSPECIFIED: Objective
 OBJECTIVE_PARAMS: Objective
 OBJECTIVE_BYTES: Objective
+OBJECTIVE_LATENCY: Objective
 EVENT_KIND_UNSPECIFIED: EventKind
 EVENT_KIND_BASELINE: EventKind
 EVENT_KIND_CANDIDATE: EventKind
