@@ -111,3 +111,19 @@ def test_passing_is_sorted_smallest_first() -> None:
     sizes = [t.nonzero for t in outcome.passing()]
     assert sizes == sorted(sizes)
     assert outcome.passing()[0].config == outcome.best
+
+
+def test_a_measured_cost_ranks_passing_candidates() -> None:
+    # latency objective: among passing configs the cheapest wins, not the smallest
+    space = FakeSpace()
+
+    def judge(config: Config) -> Judgement:
+        ok = all(a <= 60 for a in config)
+        cost = abs(config[0] - 30) + 1.0 if ok else None  # fastest near 30, not at the largest passing level
+        return Judgement(ok, 1.0, True, 10, 0.0, cost)
+
+    outcome = search(space, judge, None, max_evaluations=12, resolution=0.01)
+    costs = [t.judgement.cost for t in outcome.passing()]
+    assert costs == sorted(costs)
+    assert outcome.passing()[0].config == outcome.best
+    assert outcome.best[0] != 60

@@ -207,3 +207,27 @@ def test_remove_mode_keeps_channel_multiples(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     layers = json.loads(report_path.read_text())["layers"]
     assert all(la["channels_after"] % 8 == 0 for la in layers if la["channels_before"] % 8 == 0), layers
+
+
+def test_latency_objective(tmp_path: Path) -> None:
+    report_path = tmp_path / "report.json"
+    proc = run_cli(
+        "prune", FIXTURES / "mlp.onnx", "--eval", FIXTURES / "mlp_eval.npz", "--mode", "remove",
+        "--objective", "latency", "--threads", "1", "--max-evaluations", "5", "-o", tmp_path / "o.onnx",
+        "--report", report_path, "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(report_path.read_text())
+    assert report["options"]["objective"] == "latency"
+    timed = [t for t in report["trace"] if t["passed"]]
+    assert timed and all(t["latency"] > 0 for t in timed)
+    assert all(t["latency"] is None for t in report["trace"] if not t["passed"])
+
+
+def test_zero_mode_refuses_byte_and_latency_objectives(tmp_path: Path) -> None:
+    proc = run_cli(
+        "prune", FIXTURES / "mlp.onnx", "--eval", FIXTURES / "mlp_eval.npz", "--objective", "latency",
+        "-o", tmp_path / "o.onnx",
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "needs mode remove" in proc.stderr
