@@ -442,3 +442,14 @@ def _serving(address: str) -> bool:
         return healthy(address) == health_pb2.HealthCheckResponse.SERVING
     except grpc.RpcError:
         return False
+
+
+def test_remote_remove_mode_matches_local(start_server: Start) -> None:
+    address = start_server()
+    options = pruner.PruneOptions(mode=pruner.Mode.REMOVE, max_evaluations=4)
+    fixture, evals = FIXTURES / "cnn_bn.onnx", FIXTURES / "cnn_bn_eval.npz"
+    with Connection(address) as connection:
+        remote = connection.prune(fixture, evals, options)
+    local = pruner.prune(fixture, evals, options)
+    assert remote.report.bytes_after == local.report.bytes_after < local.report.bytes_before
+    assert [la.channels_after for la in remote.report.layers] == [la.channels_after for la in local.report.layers]
