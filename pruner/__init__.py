@@ -24,7 +24,7 @@ from ._errors import (
 )
 from ._evalset import EvalSet, load_eval_set
 from ._model import check_output_path, load_model, save_model
-from ._options import Allocation, Criterion, MetricKind, Mode, Objective, PruneOptions, Tolerance
+from ._options import Allocation, Criterion, MetricKind, Mode, Objective, PruneOptions, Recovery, Tolerance
 from ._plan import LayerPlan, PlanIssue, PruningPlan, apply_plan, check_plan
 from ._prune import PruneResult, inspect, prune
 from ._report import CandidateRecord, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
@@ -53,6 +53,7 @@ __all__ = [
     "PruneResult",
     "PrunerError",
     "PruningPlan",
+    "Recovery",
     "Report",
     "ResourceLimitError",
     "SkippedWeight",

@@ -26,6 +26,7 @@ DEFAULT_HOLDOUT_FRACTION = 0.2
 DEFAULT_LAYER_CAP = 0.98
 DEFAULT_RESOLUTION = 0.01
 DEFAULT_TOP_K = 5
+DEFAULT_CALIBRATION_SAMPLES = 256
 MAX_BATCH_SIZE = 65536
 
 
@@ -47,6 +48,18 @@ class Criterion(enum.Enum):
     """L1 norm of each output channel; whole channels are zeroed."""
     L2 = "l2"
     """L2 norm of each output channel; whole channels are zeroed."""
+    ACTIVATION = "activation"
+    """|w| times the L2 norm of its input over calibration data (Wanda); zero mode."""
+
+
+class Recovery(enum.Enum):
+    """What is done after pruning to win accuracy back, from calibration data."""
+
+    NONE = "none"
+    BIAS = "bias"
+    """Shift each pruned layer's bias so its mean output on calibration data is unchanged."""
+    LSQ = "lsq"
+    """Refit the kept weights by least squares (SparseGPT-style OBS updates), then correct the bias."""
 
 
 class Allocation(enum.Enum):
@@ -166,6 +179,10 @@ class PruneOptions:
     """Globs on node or initializer names whose layers are never pruned."""
     sparse_initializers: bool = False
     """Store zeroed weights as ONNX sparse_initializer where that makes the file smaller."""
+    recover: Recovery = Recovery.NONE
+    """Zero mode: recovery from calibration activations (search split only)."""
+    calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
+    """Samples of the search split whose activations calibrate the activation criterion and recovery."""
     channel_multiple: int | None = None
     """Remove mode: keep every layer's channel count a multiple of this. None: 8 for layers whose
     count is a multiple of 8 (onnxruntime's fast blocked conv kernels need it: odd counts can make
@@ -178,6 +195,7 @@ class PruneOptions:
             ("allocation", Allocation),
             ("metric", MetricKind),
             ("objective", Objective),
+            ("recover", Recovery),
         ):
             if name == "objective" and self.objective is None:
                 continue
@@ -187,6 +205,9 @@ class PruneOptions:
         if not isinstance(self.tolerance, Tolerance):
             raise InvalidConfigError("tolerance must be a Tolerance; use Tolerance.parse('0.01')")
         _check_int("max_evaluations", self.max_evaluations, 1, 10_000)
+        _check_int("calibration_samples", self.calibration_samples, 1, 1_000_000)
+        if self.mode is Mode.REMOVE and (self.recover is not Recovery.NONE or self.criterion is Criterion.ACTIVATION):
+            raise InvalidConfigError("recovery and the activation criterion work in zero mode only (for now)")
         if self.channel_multiple is not None:
             _check_int("channel_multiple", self.channel_multiple, 1, 1024)
         if self.mode is Mode.ZERO and self.objective in (Objective.BYTES, Objective.LATENCY):

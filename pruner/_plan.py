@@ -22,7 +22,16 @@ from ._options import Criterion, Mode
 from ._remove import removal_problems, replay_removal
 from ._score import Granularity, granularity, lowest, unit_scores
 
-__all__ = ["LayerPlan", "PlanIssue", "PruningPlan", "apply_plan", "check_plan", "pruned_weight", "zero_lowest"]
+__all__ = [
+    "LayerPlan",
+    "PlanIssue",
+    "PruningPlan",
+    "apply_plan",
+    "check_plan",
+    "element_mask",
+    "pruned_weight",
+    "zero_lowest",
+]
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,15 @@ def zero_lowest(
         else:
             np.moveaxis(weight, channel_axis, 0)[mask] = 0
     return weight
+
+
+def element_mask(shape: tuple[int, ...], units: np.ndarray, gran: Granularity, channel_axis: int) -> np.ndarray:
+    """Per-element mask (True = pruned) of a unit mask from :func:`lowest`."""
+    if gran is Granularity.ELEMENT:
+        return units.reshape(shape)
+    mask = np.zeros(shape, dtype=bool)
+    np.moveaxis(mask, channel_axis, 0)[units] = True
+    return mask
 
 
 def pruned_weight(plan: PruningPlan, layer: LayerPlan, weight: np.ndarray) -> np.ndarray:

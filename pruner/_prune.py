@@ -22,11 +22,12 @@ from ._evalset import EvalSet, InputSpec, load_eval_set, model_inputs, validate_
 from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._metrics import Metric
 from ._model import _check, load_model, save_model, session_source
-from ._options import Mode, Objective, PruneOptions
-from ._plan import LayerPlan, PruningPlan, zero_lowest
+from ._options import Criterion, Mode, Objective, PruneOptions, Recovery
+from ._plan import LayerPlan, PruningPlan, element_mask, zero_lowest
+from ._recover import Calibration, calibrate
 from ._remove import Remover
 from ._report import CandidateRecord, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
-from ._score import granularity, unit_scores
+from ._score import granularity, lowest, unit_scores
 from ._search import Judgement, Trial, search
 from ._space import Config, LayerUnits, ZeroSpace, build_units
 from ._sparse import to_sparse_initializers
@@ -180,10 +181,18 @@ def prune(
         )
         notes.append("candidates ran as sessions of the pruned models")
     else:
+        calibration = None
+        if options.criterion is Criterion.ACTIVATION or options.recover is not Recovery.NONE:
+            t0 = time.perf_counter()
+            calibration = _calibrate(original, inspection, data, search_idx, evaluator, options, notes)
+            timings["calibration"] = time.perf_counter() - t0
+        biases = set()
+        if calibration is not None and options.recover is not Recovery.NONE:
+            biases = {la.bias for la in calibration.layouts.values() if la.bias is not None}
         # the split takes the weights out of the model it is given: never the caller's
         working = _copy(original) if isinstance(model, onnx.ModelProto) else original
         del original
-        split = SplitModel.take(working, {la.name for la in inspection.layers})
+        split = SplitModel.take(working, {la.name for la in inspection.layers} | biases)
         del working
         builder = ModelBuilder(split)
         timings["load"] = time.perf_counter() - t_start
@@ -225,7 +234,7 @@ def prune(
         keep_scores = split.weight_bytes < FED_ALWAYS_BYTES
         for layer in inspection.layers:
             weight = split.weights[layer.name]
-            layer_scores = unit_scores(options.criterion, layer, weight)
+            layer_scores = unit_scores(options.criterion, layer, weight, calibration)
             units.append(build_units(layer, weight, layer_scores, gran, options.allocation, options.layer_cap))
             if keep_scores:
                 scores[layer.name] = layer_scores
@@ -236,16 +245,35 @@ def prune(
         def runner_of(config: Config) -> Runner:
             return evaluator.runner(candidate(config))
 
+    recovered: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] = {}
+    """Recovered weights by (layer, amount): candidates of a search share most layers' amounts."""
+
     def candidate(config: Config, *, in_place: bool = False) -> dict[str, np.ndarray]:
-        """The weights a config describes (the originals where nothing is pruned)."""
+        """The weights a config describes (the originals where nothing is pruned), recovered if asked."""
         out = dict(split.weights)
         for u, amount in zip(units, config, strict=True):
-            if amount:
-                name = u.layer.name
+            if not amount:
+                continue
+            name = u.layer.name
+            unit = scores[name] if keep_scores else unit_scores(options.criterion, u.layer, out[name], calibration)
+            hint = (u.sketch_ranks, u.raw_sketch)
+            layout = None if calibration is None else calibration.layouts.get(name)
+            if options.recover is Recovery.NONE or layout is None:
                 weight = out[name] if in_place else out[name].copy()
-                unit = scores[name] if keep_scores else unit_scores(options.criterion, u.layer, weight)
-                hint = (u.sketch_ranks, u.raw_sketch)
                 out[name] = zero_lowest(weight, unit, amount, gran, u.layer.channel_axis, hint)
+                continue
+            assert calibration is not None
+            key = (name, amount)
+            if key not in recovered:
+                mask = element_mask(out[name].shape, lowest(unit, amount, hint), gran, u.layer.channel_axis)
+                result = calibration.recover(name, out[name], mask, reconstruct=options.recover is Recovery.LSQ)
+                if not keep_scores:  # large layers: recompute rather than hold copies
+                    recovered.clear()
+                recovered[key] = result
+            out[name], shift = recovered[key]
+            if shift is not None and layout.bias in out:
+                bias = out[layout.bias]
+                out[layout.bias] = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
         return out
 
     timing_rows = search_idx[: evaluator.batch_size]
@@ -519,6 +547,34 @@ def _latency(evaluator: Evaluator, runner: Runner, rows: np.ndarray) -> float:
         evaluator.run(runner, rows)
         times.append(time.perf_counter() - start)
     return float(np.median(times))
+
+
+def _calibrate(
+    model: onnx.ModelProto,
+    inspection: Inspection,
+    data: EvalSet,
+    search_idx: np.ndarray,
+    evaluator: Evaluator,
+    options: PruneOptions,
+    notes: list[str],
+) -> Calibration:
+    """Layer input statistics on a seeded sample of the search split (never the held-out one)."""
+    count = min(options.calibration_samples, len(search_idx))
+    rows = np.sort(np.random.default_rng(options.seed).choice(search_idx, count, replace=False))
+    calibration = calibrate(
+        model,
+        list(inspection.layers),
+        data,
+        rows,
+        batch_size=evaluator.batch_size,
+        fixed_batch=evaluator.fixed_batch,
+        full=options.recover is Recovery.LSQ,
+        threads=options.threads,
+    )
+    notes.append(f"calibrated on {count} samples of the search split")
+    for name, why in calibration.skipped.items():
+        notes.append(f"{name}: no calibration ({why}); scored by magnitude, not recovered")
+    return calibration
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Callable
+from typing import Protocol
 
 import numpy as np
 
@@ -43,6 +44,7 @@ SCORERS: dict[Criterion, tuple[Granularity, Scorer]] = {
     Criterion.MAGNITUDE: (Granularity.ELEMENT, _magnitude),
     Criterion.L1: (Granularity.CHANNEL, _channel_norm(1)),
     Criterion.L2: (Granularity.CHANNEL, _channel_norm(2)),
+    Criterion.ACTIVATION: (Granularity.ELEMENT, _magnitude),  # scaled by input norms in unit_scores
 }
 
 
@@ -50,8 +52,22 @@ def granularity(criterion: Criterion) -> Granularity:
     return SCORERS[criterion][0]
 
 
-def unit_scores(criterion: Criterion, layer: PrunableWeight, weight: np.ndarray) -> np.ndarray:
-    """Float32 score of every unit of ``layer`` (flattened elements or channels)."""
+class ActivationScores(Protocol):
+    def activation_scores(self, layer: PrunableWeight, weight: np.ndarray) -> np.ndarray | None: ...
+
+
+def unit_scores(
+    criterion: Criterion, layer: PrunableWeight, weight: np.ndarray, calibration: ActivationScores | None = None
+) -> np.ndarray:
+    """Float32 score of every unit of ``layer`` (flattened elements or channels).
+
+    The activation criterion needs ``calibration``; a layer it has no statistics
+    for is scored by magnitude.
+    """
+    if criterion is Criterion.ACTIVATION and calibration is not None:
+        scores = calibration.activation_scores(layer, weight)
+        if scores is not None:
+            return scores
     return SCORERS[criterion][1](layer, weight.astype(np.float32, copy=False))
 
 

@@ -10,7 +10,7 @@ EXPECTED = {
     "Allocation", "CancelledError", "CandidateRecord", "Criterion", "EvalSet", "EventKind", "Inspection",
     "InvalidConfigError", "InvalidEvalSetError", "InvalidInputError", "InvalidModelError", "LayerPlan",
     "LayerReport", "MetricKind", "Mode", "Objective", "PlanIssue", "ProgressEvent", "PrunableWeight",
-    "PruneOptions", "PruneResult", "PrunerError", "PruningPlan", "Report", "ResourceLimitError",
+    "PruneOptions", "PruneResult", "PrunerError", "PruningPlan", "Recovery", "Report", "ResourceLimitError",
     "SkippedWeight", "SplitMetric", "Tolerance", "UnsupportedModelError", "apply_plan", "check_output_path",
     "check_plan", "inspect", "load_eval_set", "load_model", "prune", "save_model",
 }  # fmt: skip
