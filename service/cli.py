@@ -27,6 +27,7 @@ from pruner import (
     ProgressEvent,
     PruneOptions,
     PrunerError,
+    Recovery,
     Tolerance,
 )
 from service.client import Connection, RemoteError, RemoteResult
@@ -82,6 +83,19 @@ def _parser() -> argparse.ArgumentParser:
         "of 8, as onnxruntime's fast conv kernels need, else 1)",
     )
     p.add_argument("--criterion", choices=[c.value for c in Criterion], default=DEFAULTS.criterion.value)
+    p.add_argument(
+        "--recover",
+        choices=[r.value for r in Recovery],
+        default=DEFAULTS.recover.value,
+        help="zero mode: win accuracy back from calibration data: bias correction, or lsq (least-squares refit "
+        "of the kept weights, then bias correction)",
+    )
+    p.add_argument(
+        "--calibration-samples",
+        type=int,
+        default=DEFAULTS.calibration_samples,
+        help="samples of the search split used for calibration (default %(default)s)",
+    )
     p.add_argument("--allocation", choices=[a.value for a in Allocation], default=DEFAULTS.allocation.value)
     p.add_argument("--max-evaluations", type=int, default=DEFAULTS.max_evaluations)
     p.add_argument("--max-seconds", type=float, help="wall-clock budget of the search")
@@ -135,6 +149,8 @@ def _options(args: argparse.Namespace) -> PruneOptions:
         objective=Objective(args.objective) if args.objective else None,
         channel_multiple=args.channel_multiple,
         criterion=Criterion(args.criterion),
+        recover=Recovery(args.recover),
+        calibration_samples=args.calibration_samples,
         allocation=Allocation(args.allocation),
         metric=MetricKind(args.metric),
         top_k=args.top_k,

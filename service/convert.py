@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 import pruner
-from pruner import Allocation, Criterion, EventKind, MetricKind, Mode, Objective, PruneOptions, Tolerance
+from pruner import Allocation, Criterion, EventKind, MetricKind, Mode, Objective, PruneOptions, Recovery, Tolerance
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 
 __all__ = [
@@ -26,7 +26,13 @@ __all__ = [
 
 # library enum <-> proto enum value; UNSPECIFIED (0) means the library's default
 _MODES = {Mode.ZERO: pb.MODE_ZERO, Mode.REMOVE: pb.MODE_REMOVE}
-_CRITERIA = {Criterion.MAGNITUDE: pb.CRITERION_MAGNITUDE, Criterion.L1: pb.CRITERION_L1, Criterion.L2: pb.CRITERION_L2}
+_CRITERIA = {
+    Criterion.MAGNITUDE: pb.CRITERION_MAGNITUDE,
+    Criterion.L1: pb.CRITERION_L1,
+    Criterion.L2: pb.CRITERION_L2,
+    Criterion.ACTIVATION: pb.CRITERION_ACTIVATION,
+}
+_RECOVERIES = {Recovery.NONE: pb.RECOVERY_NONE, Recovery.BIAS: pb.RECOVERY_BIAS, Recovery.LSQ: pb.RECOVERY_LSQ}
 _ALLOCATIONS = {
     Allocation.GLOBAL: pb.ALLOCATION_GLOBAL,
     Allocation.NORMALIZED: pb.ALLOCATION_NORMALIZED,
@@ -63,6 +69,7 @@ _SCALARS = [
     ("batch_size", "batch_size"),
     ("layer_cap", "layer_cap"),
     ("channel_multiple", "channel_multiple"),
+    ("calibration_samples", "calibration_samples"),
 ]
 
 
@@ -86,6 +93,7 @@ def options_from_proto(config: pb.PruneConfig, *, threads: int = 0) -> PruneOpti
         ("allocation", _ALLOCATIONS),
         ("metric", _METRICS),
         ("objective", _OBJECTIVES),
+        ("recover", _RECOVERIES),
     ):
         value = getattr(config, name)
         if value:
@@ -118,6 +126,7 @@ def options_to_proto(options: PruneOptions) -> pb.PruneConfig:
         include=list(options.include),
         exclude=list(options.exclude),
         sparse_initializers=options.sparse_initializers,
+        recover=_RECOVERIES[options.recover],
     )
     for field, option in _SCALARS:
         value = getattr(options, option)

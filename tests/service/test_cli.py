@@ -231,3 +231,28 @@ def test_zero_mode_refuses_byte_and_latency_objectives(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 2
     assert "needs mode remove" in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "attention", "compact"])
+@pytest.mark.parametrize(
+    "method",
+    [["--criterion", "activation"], ["--recover", "bias"], ["--recover", "lsq", "--calibration-samples", "128"]],
+)
+def test_recovery_methods_end_to_end(tmp_path: Path, name: str, method: list[str]) -> None:
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    proc = run_cli(
+        "prune", FIXTURES / f"{name}.onnx", "--eval", FIXTURES / f"{name}_eval.npz", *method,
+        "-o", out, "--report", report_path, "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(report_path.read_text())
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert report["baseline"]["holdout"] - report["final"]["holdout"] <= 0.01 + 1e-9
+    assert accuracy(out, pruner.load_eval_set(FIXTURES / f"{name}_eval.npz")) == pytest.approx(
+        (
+            report["final"]["search"] * report["samples"]["search"]
+            + report["final"]["holdout"] * report["samples"]["holdout"]
+        )
+        / (report["samples"]["search"] + report["samples"]["holdout"]),
+        abs=1e-9,
+    )

@@ -38,11 +38,13 @@ def test_options_survive_the_round_trip_through_the_config() -> None:
 
     cases = [
         pruner.PruneOptions(),
+        pruner.PruneOptions(criterion=pruner.Criterion.ACTIVATION, recover=pruner.Recovery.LSQ),
         pruner.PruneOptions(
             mode=pruner.Mode.REMOVE,
             objective=pruner.Objective.BYTES,
             channel_multiple=8,
             criterion=pruner.Criterion.L2,
+            calibration_samples=64,
             allocation=pruner.Allocation.LAMP,
             metric=pruner.MetricKind.TOPK,
             top_k=3,

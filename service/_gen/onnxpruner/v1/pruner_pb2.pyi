@@ -14,6 +14,14 @@ class Criterion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CRITERION_MAGNITUDE: _ClassVar[Criterion]
     CRITERION_L1: _ClassVar[Criterion]
     CRITERION_L2: _ClassVar[Criterion]
+    CRITERION_ACTIVATION: _ClassVar[Criterion]
+
+class Recovery(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RECOVERY_UNSPECIFIED: _ClassVar[Recovery]
+    RECOVERY_NONE: _ClassVar[Recovery]
+    RECOVERY_BIAS: _ClassVar[Recovery]
+    RECOVERY_LSQ: _ClassVar[Recovery]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -58,6 +66,11 @@ CRITERION_UNSPECIFIED: Criterion
 CRITERION_MAGNITUDE: Criterion
 CRITERION_L1: Criterion
 CRITERION_L2: Criterion
+CRITERION_ACTIVATION: Criterion
+RECOVERY_UNSPECIFIED: Recovery
+RECOVERY_NONE: Recovery
+RECOVERY_BIAS: Recovery
+RECOVERY_LSQ: Recovery
 MODE_UNSPECIFIED: Mode
 MODE_ZERO: Mode
 MODE_REMOVE: Mode
@@ -113,7 +126,7 @@ class Tolerance(_message.Message):
     def __init__(self, value: _Optional[float] = ..., relative: _Optional[bool] = ...) -> None: ...
 
 class PruneConfig(_message.Message):
-    __slots__ = ("mode", "criterion", "allocation", "metric", "top_k", "output_name", "tolerance", "objective", "max_evaluations", "max_seconds", "seed", "holdout_fraction", "batch_size", "layer_cap", "include", "exclude", "sparse_initializers", "channel_multiple")
+    __slots__ = ("mode", "criterion", "allocation", "metric", "top_k", "output_name", "tolerance", "objective", "max_evaluations", "max_seconds", "seed", "holdout_fraction", "batch_size", "layer_cap", "include", "exclude", "sparse_initializers", "channel_multiple", "recover", "calibration_samples")
     MODE_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +145,8 @@ class PruneConfig(_message.Message):
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     SPARSE_INITIALIZERS_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    RECOVER_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     mode: Mode
     criterion: Criterion
     allocation: Allocation
@@ -150,7 +165,9 @@ class PruneConfig(_message.Message):
     exclude: _containers.RepeatedScalarFieldContainer[str]
     sparse_initializers: bool
     channel_multiple: int
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., allocation: _Optional[_Union[Allocation, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., top_k: _Optional[int] = ..., output_name: _Optional[str] = ..., tolerance: _Optional[_Union[Tolerance, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., max_evaluations: _Optional[int] = ..., max_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., holdout_fraction: _Optional[float] = ..., batch_size: _Optional[int] = ..., layer_cap: _Optional[float] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., sparse_initializers: _Optional[bool] = ..., channel_multiple: _Optional[int] = ...) -> None: ...
+    recover: Recovery
+    calibration_samples: int
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., allocation: _Optional[_Union[Allocation, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., top_k: _Optional[int] = ..., output_name: _Optional[str] = ..., tolerance: _Optional[_Union[Tolerance, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., max_evaluations: _Optional[int] = ..., max_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., holdout_fraction: _Optional[float] = ..., batch_size: _Optional[int] = ..., layer_cap: _Optional[float] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., sparse_initializers: _Optional[bool] = ..., channel_multiple: _Optional[int] = ..., recover: _Optional[_Union[Recovery, str]] = ..., calibration_samples: _Optional[int] = ...) -> None: ...
 
 class PruneResponse(_message.Message):
     __slots__ = ("progress", "result", "model_chunk")

@@ -1,0 +1,157 @@
+"""Recovery from calibration activations, on tiny graphs with known activations."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+import pruner
+from pruner._analysis import analyze
+from pruner._recover import _unfold, calibrate
+from tests.helpers import parse
+
+HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def gemm_model(weight: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
+    out, width = weight.shape
+    text = HEADER + f"g (float[N, {width}] x) => (float[N, {out}] y) {{ y = Gemm <transB = 1> (x, w, b) }}"
+    return parse(text, {"w": weight, "b": bias})
+
+
+def correlated_inputs(n: int, width: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((width, width))
+    return (rng.standard_normal((n, width)) @ mix + 0.5).astype(np.float32)
+
+
+def calibrated(model: onnx.ModelProto, x: np.ndarray, full: bool = True):  # type: ignore[no-untyped-def]
+    layers = list(analyze(model).layers)
+    evalset = pruner.EvalSet({"x": x})
+    return calibrate(model, layers, evalset, np.arange(len(x)), batch_size=64, fixed_batch=None, full=full)
+
+
+def test_reconstruction_beats_masking_and_keeps_the_mask() -> None:
+    rng = np.random.default_rng(1)
+    weight, bias = rng.standard_normal((6, 12)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    x = correlated_inputs(400, 12)
+    calibration = calibrated(gemm_model(weight, bias), x)
+    mask = np.abs(weight) < np.quantile(np.abs(weight), 0.6)
+    masked, _ = calibration.recover("w", weight, mask, reconstruct=False)
+    refit, _ = calibration.recover("w", weight, mask, reconstruct=True)
+    np.testing.assert_array_equal(masked == 0, mask | (weight == 0))
+    assert np.all(refit[mask] == 0)
+    reference = x @ weight.T
+    error_masked = np.mean((x @ masked.T - reference) ** 2)
+    error_refit = np.mean((x @ refit.T - reference) ** 2)
+    assert error_refit < 0.8 * error_masked
+    # close to the exact per-row least-squares fit
+    exact = np.zeros_like(weight)
+    for row in range(weight.shape[0]):
+        keep = ~mask[row]
+        exact[row, keep] = np.linalg.lstsq(x[:, keep], reference[:, row], rcond=None)[0]
+    assert error_refit <= np.mean((x @ exact.T - reference) ** 2) * 1.05 + 1e-6
+
+
+def test_bias_correction_restores_the_mean_output() -> None:
+    rng = np.random.default_rng(2)
+    weight, bias = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    x = correlated_inputs(300, 8, seed=3)
+    calibration = calibrated(gemm_model(weight, bias), x, full=False)
+    mask = np.zeros_like(weight, dtype=bool)
+    mask[:, :4] = True
+    pruned, shift = calibration.recover("w", weight, mask, reconstruct=False)
+    assert shift is not None
+    before = (x @ weight.T + bias).mean(axis=0)
+    after = (x @ pruned.T + bias + shift).mean(axis=0)
+    np.testing.assert_allclose(after, before, atol=1e-4)
+    assert np.abs((x @ pruned.T + bias).mean(axis=0) - before).max() > 0.1  # without the shift it drifts
+
+
+def test_activation_scores_are_wanda() -> None:
+    rng = np.random.default_rng(4)
+    weight, bias = rng.standard_normal((3, 7)).astype(np.float32), np.zeros(3, np.float32)
+    x = correlated_inputs(50, 7, seed=5)
+    model = gemm_model(weight, bias)
+    calibration = calibrated(model, x, full=False)
+    layer = analyze(model).layers[0]
+    scores = calibration.activation_scores(layer, weight)
+    assert scores is not None
+    expected = np.abs(weight) * np.sqrt((x.astype(np.float64) ** 2).mean(axis=0))[None, :]
+    np.testing.assert_allclose(scores.reshape(weight.shape), expected, rtol=1e-5)
+
+
+def test_conv_statistics_unfold_receptive_fields() -> None:
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    conv = {"kernel": [3, 2], "strides": [2, 1], "pads": [1, 0, 1, 1], "dilations": [1, 2]}
+    rows = _unfold(x, conv)
+    weight = rng.standard_normal((4, 3, 3, 2)).astype(np.float32)
+    text = HEADER + (
+        "g (float[N, 3, 7, 6] x) => (float[N, 4, 4, 5] y) "
+        "{ y = Conv <strides = [2, 1], pads = [1, 0, 1, 1], dilations = [1, 2]> (x, w) }"
+    )
+    import onnxruntime as ort
+
+    model = parse(text, {"w": weight})
+    (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    direct = (rows @ weight.reshape(4, -1).T).reshape(2, 4, 5, 4).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(direct, y, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("criterion", "recover"),
+    [
+        (pruner.Criterion.ACTIVATION, pruner.Recovery.NONE),
+        (pruner.Criterion.MAGNITUDE, pruner.Recovery.BIAS),
+        (pruner.Criterion.MAGNITUDE, pruner.Recovery.LSQ),
+        (pruner.Criterion.ACTIVATION, pruner.Recovery.LSQ),
+    ],
+)
+def test_methods_end_to_end(criterion: pruner.Criterion, recover: pruner.Recovery) -> None:
+    options = pruner.PruneOptions(criterion=criterion, recover=recover)
+    result = pruner.prune(FIXTURES / "cnn_bn.onnx", FIXTURES / "cnn_bn_eval.npz", options)
+    report = result.report
+    assert report.status == "pruned"
+    assert report.baseline.holdout is not None and report.final.holdout is not None
+    assert report.baseline.holdout - report.final.holdout <= 0.01 + 1e-9
+    assert any("calibrated on" in note for note in report.notes)
+
+
+def test_calibration_never_sees_the_held_out_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pruner._prune as run
+
+    seen: list[np.ndarray] = []
+    real = run.calibrate
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(np.asarray(args[3]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(run, "calibrate", spy)
+    options = pruner.PruneOptions(recover=pruner.Recovery.LSQ, max_evaluations=2)
+    evalset = pruner.load_eval_set(FIXTURES / "mlp_eval.npz")
+    pruner.prune(FIXTURES / "mlp.onnx", evalset, options)
+    _, held_out = run._split(len(evalset), options.holdout_fraction, options.seed)
+    (rows,) = seen
+    assert len(rows) == options.calibration_samples
+    assert not set(rows.tolist()) & set(held_out.tolist())
+
+
+def test_recovery_only_in_zero_mode() -> None:
+    with pytest.raises(pruner.InvalidConfigError, match="zero mode only"):
+        pruner.PruneOptions(mode=pruner.Mode.REMOVE, recover=pruner.Recovery.LSQ)
+
+
+def test_recovered_biases_are_written(tmp_path: Path) -> None:
+    options = pruner.PruneOptions(recover=pruner.Recovery.BIAS, tolerance=pruner.Tolerance(0.02))
+    result = pruner.prune(FIXTURES / "mlp.onnx", FIXTURES / "mlp_eval.npz", options)
+    before = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(FIXTURES / "mlp.onnx")).graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    changed = [n for n in before if n.endswith("bias") and not np.array_equal(before[n], after[n])]
+    assert changed
