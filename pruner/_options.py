@@ -179,6 +179,9 @@ class PruneOptions:
     """Globs on node or initializer names whose layers are never pruned."""
     sparse_initializers: bool = False
     """Store zeroed weights as ONNX sparse_initializer where that makes the file smaller."""
+    target_sparsity: float | None = None
+    """Skip the search: evaluate only this global level (share of prunable params zeroed, or removed
+    in remove mode) and return it if it passes, the original otherwise."""
     recover: Recovery = Recovery.NONE
     """Zero mode: recovery from calibration activations (search split only)."""
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
@@ -206,6 +209,8 @@ class PruneOptions:
             raise InvalidConfigError("tolerance must be a Tolerance; use Tolerance.parse('0.01')")
         _check_int("max_evaluations", self.max_evaluations, 1, 10_000)
         _check_int("calibration_samples", self.calibration_samples, 1, 1_000_000)
+        if self.target_sparsity is not None:
+            _check_float("target_sparsity", self.target_sparsity, 0.0, 1.0, low_open=True, high_open=True)
         if self.mode is Mode.REMOVE and (self.recover is not Recovery.NONE or self.criterion is Criterion.ACTIVATION):
             raise InvalidConfigError("recovery and the activation criterion work in zero mode only (for now)")
         if self.channel_multiple is not None:

@@ -331,6 +331,7 @@ def prune(
             max_seconds=options.max_seconds,
             resolution=options.resolution,
             on_trial=on_trial,
+            target=options.target_sparsity,
         )
     else:
         notes.append("no prunable weights: the model is returned unchanged")

@@ -121,10 +121,12 @@ def search(
     max_seconds: float | None = None,
     resolution: float = 0.01,
     on_trial: Callable[[Trial, bool], None] | None = None,
+    target: float | None = None,
 ) -> SearchOutcome:
     """Find the smallest config the judge passes, within the budgets.
 
-    The empty config (the unpruned model) is taken to pass without asking.
+    The empty config (the unpruned model) is taken to pass without asking. With
+    ``target``, only the config at that level is evaluated.
     ``on_trial(trial, is_new_best)`` is called after every evaluation.
     """
     start = time.monotonic()
@@ -156,6 +158,9 @@ def search(
         return verdict.passed
 
     try:
+        if target is not None:
+            evaluate(space.at_level(target), Phase.BISECT)
+            return outcome
         _bisect(space, evaluate, resolution)
         if probe is not None:
             _refine(space, evaluate, probe, outcome)

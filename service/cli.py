@@ -99,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--allocation", choices=[a.value for a in Allocation], default=DEFAULTS.allocation.value)
     p.add_argument("--max-evaluations", type=int, default=DEFAULTS.max_evaluations)
     p.add_argument("--max-seconds", type=float, help="wall-clock budget of the search")
+    p.add_argument(
+        "--target-sparsity", type=float, help="skip the search: try only this sparsity (kept if within tolerance)"
+    )
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--holdout", type=float, default=DEFAULTS.holdout_fraction, help="held-out share of the eval set")
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
@@ -158,6 +161,7 @@ def _options(args: argparse.Namespace) -> PruneOptions:
         tolerance=Tolerance.parse(args.tolerance),
         max_evaluations=args.max_evaluations,
         max_seconds=args.max_seconds,
+        target_sparsity=args.target_sparsity,
         seed=args.seed,
         holdout_fraction=args.holdout,
         batch_size=args.batch_size,

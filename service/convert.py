@@ -70,6 +70,7 @@ _SCALARS = [
     ("layer_cap", "layer_cap"),
     ("channel_multiple", "channel_multiple"),
     ("calibration_samples", "calibration_samples"),
+    ("target_sparsity", "target_sparsity"),
 ]
 
 

@@ -45,6 +45,7 @@ def test_options_survive_the_round_trip_through_the_config() -> None:
             channel_multiple=8,
             criterion=pruner.Criterion.L2,
             calibration_samples=64,
+            target_sparsity=0.5,
             allocation=pruner.Allocation.LAMP,
             metric=pruner.MetricKind.TOPK,
             top_k=3,

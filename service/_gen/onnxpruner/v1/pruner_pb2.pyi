@@ -126,7 +126,7 @@ class Tolerance(_message.Message):
     def __init__(self, value: _Optional[float] = ..., relative: _Optional[bool] = ...) -> None: ...
 
 class PruneConfig(_message.Message):
-    __slots__ = ("mode", "criterion", "allocation", "metric", "top_k", "output_name", "tolerance", "objective", "max_evaluations", "max_seconds", "seed", "holdout_fraction", "batch_size", "layer_cap", "include", "exclude", "sparse_initializers", "channel_multiple", "recover", "calibration_samples")
+    __slots__ = ("mode", "criterion", "allocation", "metric", "top_k", "output_name", "tolerance", "objective", "max_evaluations", "max_seconds", "seed", "holdout_fraction", "batch_size", "layer_cap", "include", "exclude", "sparse_initializers", "channel_multiple", "recover", "calibration_samples", "target_sparsity")
     MODE_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,7 @@ class PruneConfig(_message.Message):
     CHANNEL_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
     RECOVER_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_SAMPLES_FIELD_NUMBER: _ClassVar[int]
+    TARGET_SPARSITY_FIELD_NUMBER: _ClassVar[int]
     mode: Mode
     criterion: Criterion
     allocation: Allocation
@@ -167,7 +168,8 @@ class PruneConfig(_message.Message):
     channel_multiple: int
     recover: Recovery
     calibration_samples: int
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., allocation: _Optional[_Union[Allocation, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., top_k: _Optional[int] = ..., output_name: _Optional[str] = ..., tolerance: _Optional[_Union[Tolerance, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., max_evaluations: _Optional[int] = ..., max_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., holdout_fraction: _Optional[float] = ..., batch_size: _Optional[int] = ..., layer_cap: _Optional[float] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., sparse_initializers: _Optional[bool] = ..., channel_multiple: _Optional[int] = ..., recover: _Optional[_Union[Recovery, str]] = ..., calibration_samples: _Optional[int] = ...) -> None: ...
+    target_sparsity: float
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., allocation: _Optional[_Union[Allocation, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., top_k: _Optional[int] = ..., output_name: _Optional[str] = ..., tolerance: _Optional[_Union[Tolerance, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., max_evaluations: _Optional[int] = ..., max_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., holdout_fraction: _Optional[float] = ..., batch_size: _Optional[int] = ..., layer_cap: _Optional[float] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., sparse_initializers: _Optional[bool] = ..., channel_multiple: _Optional[int] = ..., recover: _Optional[_Union[Recovery, str]] = ..., calibration_samples: _Optional[int] = ..., target_sparsity: _Optional[float] = ...) -> None: ...
 
 class PruneResponse(_message.Message):
     __slots__ = ("progress", "result", "model_chunk")
