@@ -124,10 +124,16 @@ def main() -> None:
     print(table(["model", "30%, any count", "30%, auto", "50%, any count", "50%, auto"], rows))
 
     rows = []
-    for (name, model_path, eval_path), multiple in itertools.product(fixtures(), (1, None)):
+    settings = [
+        (1, pruner.Recovery.NONE),
+        (None, pruner.Recovery.NONE),
+        (1, pruner.Recovery.LSQ),
+        (None, pruner.Recovery.LSQ),
+    ]
+    for (name, model_path, eval_path), (multiple, recover) in itertools.product(fixtures(), settings):
         evalset = pruner.load_eval_set(eval_path)
         start = time.perf_counter()
-        options = pruner.PruneOptions(mode=pruner.Mode.REMOVE, channel_multiple=multiple)
+        options = pruner.PruneOptions(mode=pruner.Mode.REMOVE, channel_multiple=multiple, recover=recover)
         result = pruner.prune(model_path, evalset, options)
         wall = time.perf_counter() - start
         r = result.report
@@ -139,6 +145,7 @@ def main() -> None:
             (
                 name,
                 multiple or "auto",
+                recover.value,
                 f"{r.bytes_before / r.bytes_after:.2f}x",
                 f"{ratio:.2f}x",
                 r.evaluations,
@@ -151,6 +158,7 @@ def main() -> None:
     headers = [
         "fixture",
         "multiple",
+        "recover",
         "smaller",
         "faster",
         "evals",

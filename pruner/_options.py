@@ -183,7 +183,8 @@ class PruneOptions:
     """Skip the search: evaluate only this global level (share of prunable params zeroed, or removed
     in remove mode) and return it if it passes, the original otherwise."""
     recover: Recovery = Recovery.NONE
-    """Zero mode: recovery from calibration activations (search split only)."""
+    """Recovery from calibration activations (search split only): in remove mode the layers that
+    consumed removed channels are refit."""
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
     """Samples of the search split whose activations calibrate the activation criterion and recovery."""
     channel_multiple: int | None = None
@@ -211,8 +212,8 @@ class PruneOptions:
         _check_int("calibration_samples", self.calibration_samples, 1, 1_000_000)
         if self.target_sparsity is not None:
             _check_float("target_sparsity", self.target_sparsity, 0.0, 1.0, low_open=True, high_open=True)
-        if self.mode is Mode.REMOVE and (self.recover is not Recovery.NONE or self.criterion is Criterion.ACTIVATION):
-            raise InvalidConfigError("recovery and the activation criterion work in zero mode only (for now)")
+        if self.mode is Mode.REMOVE and self.criterion is Criterion.ACTIVATION:
+            raise InvalidConfigError("the activation criterion works in zero mode only (for now)")
         if self.channel_multiple is not None:
             _check_int("channel_multiple", self.channel_multiple, 1, 1024)
         if self.mode is Mode.ZERO and self.objective in (Objective.BYTES, Objective.LATENCY):

@@ -171,7 +171,11 @@ def prune(
     remover: Remover | None = None
     if options.mode is Mode.REMOVE:
         t0 = time.perf_counter()
-        remover = Remover(original, options)
+        recovery = None
+        if options.recover is not Recovery.NONE:
+            recovery = _calibrate(original, inspection, data, search_idx, evaluator, options, notes)
+            timings["calibration"] = time.perf_counter() - t0
+        remover = Remover(original, options, recovery)
         timings["load"] = t0 - t_start
         timings["scoring"] = time.perf_counter() - t0
         t0 = time.perf_counter()

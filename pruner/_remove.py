@@ -16,7 +16,8 @@ from onnx import numpy_helper
 
 from ._analysis import PrunableWeight
 from ._evaluate import Runner, make_session, session_runner
-from ._options import Criterion, PruneOptions
+from ._options import Criterion, PruneOptions, Recovery
+from ._recover import Calibration
 from ._report import LayerReport
 from ._score import lowest
 from ._space import SKETCH_POINTS, Config, LayerUnits, ZeroSpace, allocation_scores
@@ -148,9 +149,10 @@ class RemoveSpace(ZeroSpace):
 class Remover:
     """Families, scores and the search space of remove mode, and the models a config describes."""
 
-    def __init__(self, model: onnx.ModelProto, options: PruneOptions) -> None:
+    def __init__(self, model: onnx.ModelProto, options: PruneOptions, calibration: Calibration | None = None) -> None:
         self.model = model
         self.options = options
+        self.calibration = calibration
         self.structure = analyze_structure(model)
         self.skipped = [(what, why) for what, why in self.structure.skipped]
         self.families = []
@@ -178,7 +180,42 @@ class Remover:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def to_proto(self, config: Config) -> onnx.ModelProto:
-        return remove_components(self.model, self.structure, list(self.removed(config)))
+        removed = self.removed(config)
+        model = self.model if self.calibration is None or not len(removed) else self._refit(removed)
+        return remove_components(model, self.structure, list(removed))
+
+    def _refit(self, removed: np.ndarray) -> onnx.ModelProto:
+        """A copy whose consumers of removed channels are refit to do without them.
+
+        Removing input channels of a layer is masking whole input columns: the same
+        least-squares fit (and bias correction) as zero mode recovers the kept columns,
+        and the columns, zero now, are then sliced away with the channels.
+        """
+        calibration = self.calibration
+        assert calibration is not None
+        out = onnx.ModelProto()
+        out.CopyFrom(self.model)
+        arrays = _constants(out)
+        changed: dict[str, np.ndarray] = {}
+        for name, axis in sorted(self.structure.consumer_slots):
+            if name not in calibration.layouts or (name, axis) not in self.structure.slot_base:
+                continue
+            positions = np.flatnonzero(np.isin(self.structure.atoms((name, axis)), removed))
+            if not len(positions):
+                continue
+            weight = changed.get(name, arrays[name])
+            mask = np.zeros(weight.shape, dtype=bool)
+            np.moveaxis(mask, axis, 0)[positions] = True
+            reconstruct = self.options.recover is Recovery.LSQ
+            changed[name], shift = calibration.recover(name, weight, mask, reconstruct=reconstruct)
+            bias = calibration.layouts[name].bias
+            if shift is not None and bias is not None:
+                current = changed.get(bias, arrays[bias])
+                changed[bias] = (current.astype(np.float64) + shift.reshape(current.shape)).astype(current.dtype)
+        for tensor in out.graph.initializer:
+            if tensor.name in changed:
+                tensor.CopyFrom(numpy_helper.from_array(changed[tensor.name], tensor.name))
+        return out
 
     def to_bytes(self, config: Config) -> bytes:
         return self.to_proto(config).SerializeToString()

@@ -143,9 +143,9 @@ def test_calibration_never_sees_the_held_out_split(monkeypatch: pytest.MonkeyPat
     assert not set(rows.tolist()) & set(held_out.tolist())
 
 
-def test_recovery_only_in_zero_mode() -> None:
+def test_activation_criterion_only_in_zero_mode() -> None:
     with pytest.raises(pruner.InvalidConfigError, match="zero mode only"):
-        pruner.PruneOptions(mode=pruner.Mode.REMOVE, recover=pruner.Recovery.LSQ)
+        pruner.PruneOptions(mode=pruner.Mode.REMOVE, criterion=pruner.Criterion.ACTIVATION)
 
 
 def test_recovered_biases_are_written(tmp_path: Path) -> None:
@@ -155,3 +155,40 @@ def test_recovered_biases_are_written(tmp_path: Path) -> None:
     after = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
     changed = [n for n in before if n.endswith("bias") and not np.array_equal(before[n], after[n])]
     assert changed
+
+
+def test_remove_mode_refit_only_changes_kept_columns() -> None:
+    # removal after the refit must equal the refit model itself: the removed columns are zero
+    import onnxruntime as ort
+
+    from pruner._prune import _split
+    from pruner._remove import Remover
+    from pruner._structure import remove_components
+
+    model = onnx.load(str(FIXTURES / "cnn_bn.onnx"))
+    evalset = pruner.load_eval_set(FIXTURES / "cnn_bn_eval.npz")
+    options = pruner.PruneOptions(mode=pruner.Mode.REMOVE, recover=pruner.Recovery.LSQ)
+    search, _ = _split(len(evalset), options.holdout_fraction, options.seed)
+    calibration = calibrate(
+        model, list(analyze(model).layers), evalset, search[:128], batch_size=64, fixed_batch=None, full=True
+    )
+    remover = Remover(model, options, calibration)
+    removed = remover.removed(remover.space.at_level(0.4))
+    refit = remover._refit(removed)
+    pruned = remove_components(refit, remover.structure, list(removed))
+
+    def run(m: onnx.ModelProto) -> np.ndarray:
+        session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(None, {"input": evalset.inputs["input"][:32]})[0])
+
+    np.testing.assert_allclose(run(pruned), run(refit), atol=1e-4)
+    assert not np.allclose(run(refit), run(remove_components(model, remover.structure, list(removed))), atol=1e-3)
+
+
+def test_remove_mode_recovery_gets_smaller_models() -> None:
+    plain = pruner.PruneOptions(mode=pruner.Mode.REMOVE)
+    refit = pruner.PruneOptions(mode=pruner.Mode.REMOVE, recover=pruner.Recovery.LSQ)
+    model, evals = FIXTURES / "cnn_bn.onnx", FIXTURES / "cnn_bn_eval.npz"
+    without, with_refit = pruner.prune(model, evals, plain).report, pruner.prune(model, evals, refit).report
+    assert with_refit.bytes_after < 0.8 * without.bytes_after
+    assert with_refit.baseline.holdout - with_refit.final.holdout <= 0.01 + 1e-9  # type: ignore[operator]

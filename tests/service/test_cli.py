@@ -256,3 +256,19 @@ def test_recovery_methods_end_to_end(tmp_path: Path, name: str, method: list[str
         / (report["samples"]["search"] + report["samples"]["holdout"]),
         abs=1e-9,
     )
+
+
+@pytest.mark.parametrize("name", ["cnn", "cnn_bn", "mlp_b1"])
+def test_remove_mode_with_refit_end_to_end(tmp_path: Path, name: str) -> None:
+    evals = FIXTURES / f"{name.removesuffix('_b1')}_eval.npz"
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    proc = run_cli(
+        "prune", FIXTURES / f"{name}.onnx", "--eval", evals, "--mode", "remove", "--recover", "lsq",
+        "-o", out, "--report", report_path, "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(report_path.read_text())
+    onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+    assert report["status"] == "pruned"
+    assert report["baseline"]["holdout"] - report["final"]["holdout"] <= 0.01 + 1e-9
+    assert report["bytes_after"] == out.stat().st_size < report["bytes_before"]
