@@ -37,6 +37,8 @@ class Mode(enum.Enum):
     """Set weights to zero; tensor shapes stay the same."""
     REMOVE = "remove"
     """Remove whole channels, neurons and their coupled slices: tensors shrink."""
+    NM = "nm"
+    """N:M semi-structured zeroing (e.g. 2:4) of whole layers, for sparse tensor cores."""
 
 
 class Criterion(enum.Enum):
@@ -179,6 +181,8 @@ class PruneOptions:
     """Globs on node or initializer names whose layers are never pruned."""
     sparse_initializers: bool = False
     """Store zeroed weights as ONNX sparse_initializer where that makes the file smaller."""
+    nm: tuple[int, int] = (2, 4)
+    """N:M mode: keep N of every M weights along the reduction axis."""
     target_sparsity: float | None = None
     """Skip the search: evaluate only this global level (share of prunable params zeroed, or removed
     in remove mode) and return it if it passes, the original otherwise."""
@@ -210,13 +214,22 @@ class PruneOptions:
             raise InvalidConfigError("tolerance must be a Tolerance; use Tolerance.parse('0.01')")
         _check_int("max_evaluations", self.max_evaluations, 1, 10_000)
         _check_int("calibration_samples", self.calibration_samples, 1, 1_000_000)
+        if (
+            not isinstance(self.nm, tuple)
+            or len(self.nm) != 2
+            or not all(isinstance(v, int) for v in self.nm)
+            or not 1 <= self.nm[0] < self.nm[1] <= 64
+        ):
+            raise InvalidConfigError(f"nm must be (N, M) with 1 <= N < M <= 64, got {self.nm!r}")
+        if self.mode is Mode.NM and self.criterion in (Criterion.L1, Criterion.L2):
+            raise InvalidConfigError("N:M mode scores single weights: use criterion magnitude or activation")
         if self.target_sparsity is not None:
             _check_float("target_sparsity", self.target_sparsity, 0.0, 1.0, low_open=True, high_open=True)
         if self.mode is Mode.REMOVE and self.criterion is Criterion.ACTIVATION:
             raise InvalidConfigError("the activation criterion works in zero mode only (for now)")
         if self.channel_multiple is not None:
             _check_int("channel_multiple", self.channel_multiple, 1, 1024)
-        if self.mode is Mode.ZERO and self.objective in (Objective.BYTES, Objective.LATENCY):
+        if self.mode is not Mode.REMOVE and self.objective in (Objective.BYTES, Objective.LATENCY):
             raise InvalidConfigError(
                 f"objective {self.objective.value} needs mode remove: zeroed weights take as many bytes and as long"
             )

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from ._analysis import PrunableWeight, tensor_proto
 from ._graph import GraphIndex
+from ._nm import nm_mask
 from ._options import Criterion, Mode
 from ._remove import removal_problems, replay_removal
 from ._score import Granularity, granularity, lowest, unit_scores
@@ -51,27 +52,34 @@ class PruningPlan:
     mode: Mode
     criterion: Criterion
     layers: tuple[LayerPlan, ...]
+    nm: tuple[int, int] | None = None
+    """N:M mode: the N and M every converted layer keeps."""
 
     @property
     def granularity(self) -> Granularity:
         return granularity(self.criterion)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "mode": self.mode.value,
             "criterion": self.criterion.value,
             "layers": [vars(layer).copy() for layer in self.layers],
         }
+        if self.nm is not None:
+            out["nm"] = list(self.nm)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PruningPlan:
+        nm = data.get("nm")
         return cls(
             Mode(data["mode"]),
             Criterion(data["criterion"]),
             tuple(LayerPlan(**layer) for layer in data["layers"]),
+            None if nm is None else (int(nm[0]), int(nm[1])),
         )
 
     @classmethod
@@ -93,6 +101,13 @@ def check_plan(plan: PruningPlan, model: onnx.ModelProto) -> list[PlanIssue]:
         triples = [(layer.tensor, layer.amount, layer.units) for layer in plan.layers]
         return [PlanIssue(name, why) for name, why in removal_problems(model, triples)]
     index = GraphIndex.build(model.graph)
+    if plan.mode is Mode.NM:
+        missing = [layer.tensor for layer in plan.layers if tensor_proto(index, layer.tensor) is None]
+        issues = [PlanIssue(name, "no initializer or Constant of this name") for name in missing]
+        issues += [PlanIssue(la.tensor, "N:M amount must be 0 or 1") for la in plan.layers if la.amount not in (0, 1)]
+        if plan.nm is None:
+            issues.append(PlanIssue("", "an N:M plan needs its N and M"))
+        return issues
     issues = []
     for layer in plan.layers:
         tensor = tensor_proto(index, layer.tensor)
@@ -147,6 +162,12 @@ def pruned_weight(plan: PruningPlan, layer: LayerPlan, weight: np.ndarray) -> np
         return weight
     info = PrunableWeight(layer.tensor, "", (), tuple(weight.shape), "", layer.channel_axis)
     scores = unit_scores(plan.criterion, info, weight)
+    if plan.mode is Mode.NM:
+        assert plan.nm is not None
+        mask = nm_mask(info, scores, *plan.nm)
+        if mask is not None:
+            weight[mask] = 0
+        return weight
     return zero_lowest(weight, scores, layer.amount, plan.granularity, layer.channel_axis)
 
 

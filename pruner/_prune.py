@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -22,6 +23,7 @@ from ._evalset import EvalSet, InputSpec, load_eval_set, model_inputs, validate_
 from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._metrics import Metric
 from ._model import _check, load_model, save_model, session_source
+from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
 from ._options import Criterion, Mode, Objective, PruneOptions, Recovery
 from ._plan import LayerPlan, PruningPlan, element_mask, zero_lowest
 from ._recover import Calibration, calibrate
@@ -29,7 +31,7 @@ from ._remove import Remover
 from ._report import CandidateRecord, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
 from ._score import granularity, lowest, unit_scores
 from ._search import Judgement, Trial, search
-from ._space import Config, LayerUnits, ZeroSpace, build_units
+from ._space import Config, ZeroSpace, build_units
 from ._sparse import to_sparse_initializers
 
 __all__ = ["PruneResult", "inspect", "prune"]
@@ -222,16 +224,27 @@ def prune(
     )
 
     scores: dict[str, np.ndarray] = {}
-    units: list[LayerUnits] = []
+    units: list[Any] = []  # LayerUnits, or NMUnit in N:M mode
+    space: ZeroSpace | NMSpace
     keep_scores = True
     if remover is not None:
-        space: ZeroSpace = remover.space
+        space = remover.space
         units = remover.space.layers
 
         def runner_of(config: Config) -> Runner:
             assert remover is not None
             return remover.runner(config, output, options.threads)
 
+    elif options.mode is Mode.NM:
+        t0 = time.perf_counter()
+        gran = granularity(options.criterion)
+        nm_masks, nm_space, units = _nm_space(inspection, split.weights, options, calibration, notes)
+        space = nm_space
+
+        def runner_of(config: Config) -> Runner:
+            return evaluator.runner(candidate(config))
+
+        timings["scoring"] = time.perf_counter() - t0
     else:
         t0 = time.perf_counter()
         gran = granularity(options.criterion)
@@ -259,6 +272,19 @@ def prune(
             if not amount:
                 continue
             name = u.layer.name
+            layout = None if calibration is None else calibration.layouts.get(name)
+            if options.mode is Mode.NM:
+                if options.recover is Recovery.NONE or layout is None or calibration is None:
+                    out[name] = np.where(nm_masks[name], 0, out[name]).astype(out[name].dtype)
+                else:
+                    if (name, 1) not in recovered:
+                        reconstruct = options.recover is Recovery.LSQ
+                        recovered[(name, 1)] = calibration.recover(
+                            name, out[name], nm_masks[name], reconstruct=reconstruct
+                        )
+                    out[name], shift = recovered[(name, 1)]
+                    _shift_bias(out, layout.bias, shift)
+                continue
             unit = scores[name] if keep_scores else unit_scores(options.criterion, u.layer, out[name], calibration)
             hint = (u.sketch_ranks, u.raw_sketch)
             layout = None if calibration is None else calibration.layouts.get(name)
@@ -275,9 +301,7 @@ def prune(
                     recovered.clear()
                 recovered[key] = result
             out[name], shift = recovered[key]
-            if shift is not None and layout.bias in out:
-                bias = out[layout.bias]
-                out[layout.bias] = (bias.astype(np.float64) + shift.reshape(bias.shape)).astype(bias.dtype)
+            _shift_bias(out, layout.bias, shift)
         return out
 
     timing_rows = search_idx[: evaluator.batch_size]
@@ -295,6 +319,12 @@ def prune(
 
     def probe(config: Config) -> float:
         return evaluator.deviation(probe_idx, runner_of(config))
+
+    if isinstance(space, NMSpace):
+        t0 = time.perf_counter()
+        space.rank(lambda i: probe(space.one(i)))
+        notes.append(f"N:M layers ranked by one label-free probe each ({space.n_layers} probes)")
+        timings["scoring"] += time.perf_counter() - t0
 
     def on_trial(trial: Trial, better: bool) -> None:
         j = trial.judgement
@@ -330,7 +360,7 @@ def prune(
         outcome = search(
             space,
             judge,
-            probe,
+            None if options.mode is Mode.NM else probe,  # a layer is N:M or not: nothing to refine
             max_evaluations=options.max_evaluations,
             max_seconds=options.max_seconds,
             resolution=options.resolution,
@@ -364,6 +394,7 @@ def prune(
             LayerPlan(u.layer.name, amount, u.units, u.layer.channel_axis)
             for u, amount in zip(units, chosen, strict=True)
         ),
+        options.nm if options.mode is Mode.NM else None,
     )
     final_check = _FinalCheck(io_names, specs, output, metric, data, reference, search_idx, hold_idx, options)
     evaluator.candidates = None
@@ -403,6 +434,7 @@ def prune(
                 options.mode,
                 options.criterion,
                 tuple(LayerPlan(p.tensor, 0, p.units, p.channel_axis) for p in plan.layers),
+                plan.nm,
             )
             del pruned, pruned_bytes
             pruned, pruned_bytes, final = unchanged()
@@ -509,7 +541,7 @@ def _with_sparse_initializers(data: bytes, names: list[str], notes: list[str]) -
 
 def _confirm(
     passing: list[Trial],
-    space: ZeroSpace,
+    space: ZeroSpace | NMSpace,
     evaluator: Evaluator,
     hold_idx: np.ndarray,
     baseline: SplitMetric,
@@ -541,6 +573,39 @@ def _confirm(
 
 
 LATENCY_RUNS = 15
+
+
+def _shift_bias(weights: dict[str, np.ndarray], bias: str | None, shift: np.ndarray | None) -> None:
+    """Add a recovered bias shift to the bias in ``weights`` (in its own dtype)."""
+    if shift is None or bias is None or bias not in weights:
+        return
+    current = weights[bias]
+    weights[bias] = (current.astype(np.float64) + shift.reshape(current.shape)).astype(current.dtype)
+
+
+def _nm_space(
+    inspection: Inspection,
+    weights: dict[str, np.ndarray],
+    options: PruneOptions,
+    calibration: Calibration | None,
+    notes: list[str],
+) -> tuple[dict[str, np.ndarray], NMSpace, list[NMUnit]]:
+    """N:M masks of every layer (by the criterion's element scores) and the space over them."""
+    n, m = options.nm
+    masks: dict[str, np.ndarray] = {}
+    nonzero, zeroed = [], []
+    for layer in inspection.layers:
+        weight = weights[layer.name]
+        mask = nm_mask(layer, unit_scores(options.criterion, layer, weight, calibration), n, m)
+        if mask is None:
+            notes.append(
+                f"{layer.name}: reduction axis of {layer.shape[reduction_axis(layer)]} is not a multiple of {m}"
+            )
+            mask = np.zeros(weight.shape, dtype=bool)
+        masks[layer.name] = mask
+        nonzero.append(int(np.count_nonzero(weight)))
+        zeroed.append(int(np.count_nonzero(weight[mask])))
+    return masks, NMSpace(inspection.layers, nonzero, zeroed), [NMUnit(layer) for layer in inspection.layers]
 
 
 def _latency(evaluator: Evaluator, runner: Runner, rows: np.ndarray) -> float:

@@ -69,8 +69,9 @@ def _parser() -> argparse.ArgumentParser:
         "--mode",
         choices=[m.value for m in Mode],
         default=DEFAULTS.mode.value,
-        help="zero weights (shapes kept) or remove channels (smaller, faster model)",
+        help="zero weights (shapes kept), remove channels (smaller, faster model) or nm (N:M per layer)",
     )
+    p.add_argument("--nm", default="2:4", metavar="N:M", help="N:M mode: keep N of every M weights (default 2:4)")
     p.add_argument(
         "--objective",
         choices=[o.value for o in Objective],
@@ -149,6 +150,7 @@ def _connection(args: argparse.Namespace) -> Connection:
 def _options(args: argparse.Namespace) -> PruneOptions:
     return PruneOptions(
         mode=Mode(args.mode),
+        nm=_nm(args.nm),
         objective=Objective(args.objective) if args.objective else None,
         channel_multiple=args.channel_multiple,
         criterion=Criterion(args.criterion),
@@ -171,6 +173,13 @@ def _options(args: argparse.Namespace) -> PruneOptions:
         exclude=tuple(args.exclude),
         sparse_initializers=args.sparse_initializers,
     )
+
+
+def _nm(text: str) -> tuple[int, int]:
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise pruner.InvalidConfigError(f"--nm must look like 2:4, got {text!r}")
+    return int(parts[0]), int(parts[1])
 
 
 class _Progress:

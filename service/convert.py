@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 # library enum <-> proto enum value; UNSPECIFIED (0) means the library's default
-_MODES = {Mode.ZERO: pb.MODE_ZERO, Mode.REMOVE: pb.MODE_REMOVE}
+_MODES = {Mode.ZERO: pb.MODE_ZERO, Mode.REMOVE: pb.MODE_REMOVE, Mode.NM: pb.MODE_NM}
 _CRITERIA = {
     Criterion.MAGNITUDE: pb.CRITERION_MAGNITUDE,
     Criterion.L1: pb.CRITERION_L1,
@@ -111,6 +111,12 @@ def options_from_proto(config: pb.PruneConfig, *, threads: int = 0) -> PruneOpti
     if config.exclude:
         kwargs["exclude"] = tuple(config.exclude)
     kwargs["sparse_initializers"] = config.sparse_initializers
+    if config.HasField("nm_n") or config.HasField("nm_m"):
+        default_n, default_m = PruneOptions().nm
+        kwargs["nm"] = (
+            config.nm_n if config.HasField("nm_n") else default_n,
+            config.nm_m if config.HasField("nm_m") else default_m,
+        )
     return PruneOptions(**kwargs)
 
 
@@ -128,6 +134,8 @@ def options_to_proto(options: PruneOptions) -> pb.PruneConfig:
         exclude=list(options.exclude),
         sparse_initializers=options.sparse_initializers,
         recover=_RECOVERIES[options.recover],
+        nm_n=options.nm[0],
+        nm_m=options.nm[1],
     )
     for field, option in _SCALARS:
         value = getattr(options, option)

@@ -186,3 +186,34 @@ def test_lowest_with_a_sorted_sample_hint_is_the_same(scores: list[float], point
     ranks = np.unique(np.linspace(0, len(scores) - 1, points).astype(np.int64))
     values = np.sort(np.where(np.isnan(array), np.inf, array))[ranks]
     np.testing.assert_array_equal(lowest(array, amount, (ranks, values)), lowest(array, amount))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_m=st.sampled_from([(1, 2), (2, 4), (1, 4), (3, 8), (4, 8)]),
+    shape_kind=st.sampled_from(["conv", "gemm", "matmul"]),
+    seed=st.integers(0, 1000),
+)
+def test_nm_masks_keep_exactly_n_of_every_m(n_m: tuple[int, int], shape_kind: str, seed: int) -> None:
+    from pruner._analysis import PrunableWeight
+    from pruner._nm import nm_mask, reduction_axis
+
+    n, m = n_m
+    shape, axis = {"conv": ((6, 16, 3, 3), 0), "gemm": ((5, 24), 0), "matmul": ((32, 7), 1)}[shape_kind]
+    layer = PrunableWeight("w", "", (), shape, "float32", axis)
+    scores = np.random.default_rng(seed).random(shape).astype(np.float32).reshape(-1)
+    mask = nm_mask(layer, scores, n, m)
+    assert mask is not None
+    kept = np.moveaxis(~mask, reduction_axis(layer), -1).reshape(-1, m)
+    assert (kept.sum(axis=1) == n).all()
+    # the kept ones are the best of their group
+    best = np.moveaxis(scores.reshape(shape), reduction_axis(layer), -1).reshape(-1, m)
+    assert (np.where(kept, best, np.inf).min(axis=1) >= np.where(kept, -np.inf, best).max(axis=1)).all()
+
+
+def test_nm_layer_not_divisible_is_none() -> None:
+    from pruner._analysis import PrunableWeight
+    from pruner._nm import nm_mask
+
+    layer = PrunableWeight("w", "", (), (4, 6), "float32", 0)
+    assert nm_mask(layer, np.ones(24, np.float32), 2, 4) is None

@@ -272,3 +272,36 @@ def test_remove_mode_with_refit_end_to_end(tmp_path: Path, name: str) -> None:
     assert report["status"] == "pruned"
     assert report["baseline"]["holdout"] - report["final"]["holdout"] <= 0.01 + 1e-9
     assert report["bytes_after"] == out.stat().st_size < report["bytes_before"]
+
+
+@pytest.mark.parametrize("method", [[], ["--recover", "lsq"]])
+def test_nm_mode_end_to_end(tmp_path: Path, method: list[str]) -> None:
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    proc = run_cli(
+        "prune", FIXTURES / "cnn.onnx", "--eval", FIXTURES / "cnn_eval.npz", "--mode", "nm", "--nm", "2:4", *method,
+        "-o", out, "--report", report_path, "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(report_path.read_text())
+    assert report["status"] == "pruned" and report["plan"]["nm"] == [2, 4]
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    layers = pruner.inspect(FIXTURES / "cnn.onnx").layers
+    converted = [la for la in layers if la.name in {p["tensor"] for p in report["plan"]["layers"] if p["amount"]}]
+    assert converted
+    for layer in converted:
+        from pruner._nm import reduction_axis
+
+        groups = np.moveaxis(weights[layer.name], reduction_axis(layer), -1).reshape(-1, 4)
+        assert (np.count_nonzero(groups, axis=1) <= 2).all()
+    assert report["baseline"]["holdout"] - report["final"]["holdout"] <= 0.01 + 1e-9
+
+
+def test_nm_plan_replays(tmp_path: Path) -> None:
+    result = pruner.prune(FIXTURES / "mlp.onnx", FIXTURES / "mlp_eval.npz", pruner.PruneOptions(mode=pruner.Mode.NM))
+    plan = pruner.PruningPlan.from_json(result.plan.to_json())
+    replayed = pruner.apply_plan(plan, onnx.load(str(FIXTURES / "mlp.onnx")))
+    expected = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    for tensor in replayed.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), expected[tensor.name])

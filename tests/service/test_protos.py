@@ -46,6 +46,7 @@ def test_options_survive_the_round_trip_through_the_config() -> None:
             criterion=pruner.Criterion.L2,
             calibration_samples=64,
             target_sparsity=0.5,
+            nm=(1, 8),
             allocation=pruner.Allocation.LAMP,
             metric=pruner.MetricKind.TOPK,
             top_k=3,
