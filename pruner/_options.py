@@ -75,6 +75,9 @@ class Allocation(enum.Enum):
     """One threshold on layer-adaptive magnitude scores (Lee et al., 2021)."""
     UNIFORM = "uniform"
     """The same sparsity in every layer."""
+    SENSITIVITY = "sensitivity"
+    """Per-layer sensitivity profiles (output deviation with only that layer pruned at a few
+    levels) decide: sparsity goes where it costs least per weight."""
 
 
 class Objective(enum.Enum):
@@ -183,6 +186,8 @@ class PruneOptions:
     """Store zeroed weights as ONNX sparse_initializer where that makes the file smaller."""
     nm: tuple[int, int] = (2, 4)
     """N:M mode: keep N of every M weights along the reduction axis."""
+    sensitivity: dict[str, list[list[float]]] | None = None
+    """A profile from an earlier report (``report.sensitivity``) to reuse instead of measuring it."""
     target_sparsity: float | None = None
     """Skip the search: evaluate only this global level (share of prunable params zeroed, or removed
     in remove mode) and return it if it passes, the original otherwise."""
@@ -223,6 +228,16 @@ class PruneOptions:
             raise InvalidConfigError(f"nm must be (N, M) with 1 <= N < M <= 64, got {self.nm!r}")
         if self.mode is Mode.NM and self.criterion in (Criterion.L1, Criterion.L2):
             raise InvalidConfigError("N:M mode scores single weights: use criterion magnitude or activation")
+        if self.sensitivity is not None and not (
+            isinstance(self.sensitivity, dict)
+            and all(
+                isinstance(k, str)
+                and isinstance(v, list)
+                and all(isinstance(p, list) and len(p) == 2 and all(_finite(x) for x in p) for p in v)
+                for k, v in self.sensitivity.items()
+            )
+        ):
+            raise InvalidConfigError("sensitivity must map layer names to [[sparsity, deviation], ...] lists")
         if self.target_sparsity is not None:
             _check_float("target_sparsity", self.target_sparsity, 0.0, 1.0, low_open=True, high_open=True)
         if self.mode is Mode.REMOVE and self.criterion is Criterion.ACTIVATION:
@@ -266,6 +281,10 @@ class PruneOptions:
         if self.objective is not None:
             return self.objective
         return Objective.BYTES if self.mode is Mode.REMOVE else Objective.PARAMS
+
+
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:

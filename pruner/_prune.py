@@ -24,14 +24,14 @@ from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, 
 from ._metrics import Metric
 from ._model import _check, load_model, save_model, session_source
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
-from ._options import Criterion, Mode, Objective, PruneOptions, Recovery
+from ._options import Allocation, Criterion, Mode, Objective, PruneOptions, Recovery
 from ._plan import LayerPlan, PruningPlan, element_mask, zero_lowest
 from ._recover import Calibration, calibrate
 from ._remove import Remover
 from ._report import CandidateRecord, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
 from ._score import granularity, lowest, unit_scores
 from ._search import Judgement, Trial, search
-from ._space import Config, ZeroSpace, build_units
+from ._space import PROFILE_LEVELS, Config, ZeroSpace, build_units, sensitivity_sketch
 from ._sparse import to_sparse_initializers
 
 __all__ = ["PruneResult", "inspect", "prune"]
@@ -320,6 +320,12 @@ def prune(
     def probe(config: Config) -> float:
         return evaluator.deviation(probe_idx, runner_of(config))
 
+    sensitivity: dict[str, list[list[float]]] = {}
+    if options.allocation is Allocation.SENSITIVITY and isinstance(space, ZeroSpace) and units:
+        t0 = time.perf_counter()
+        sensitivity = _sensitivity(space, probe, options, notes)
+        timings["sensitivity"] = time.perf_counter() - t0
+
     if isinstance(space, NMSpace):
         t0 = time.perf_counter()
         space.rank(lambda i: probe(space.one(i)))
@@ -503,6 +509,7 @@ def prune(
         stopped_by=outcome.stopped_by,
         plan=plan.to_dict(),
         timings=timings,
+        sensitivity=sensitivity,
         notes=notes,
     )
     emit(
@@ -573,6 +580,29 @@ def _confirm(
 
 
 LATENCY_RUNS = 15
+
+
+def _sensitivity(
+    space: ZeroSpace, probe: Callable[[Config], float], options: PruneOptions, notes: list[str]
+) -> dict[str, list[list[float]]]:
+    """Measure (or reuse) every layer's sensitivity profile and make it the space's allocation."""
+    cached = options.sensitivity or {}
+    profiles: dict[str, list[list[float]]] = {}
+    measured = 0
+    for i, u in enumerate(space.layers):
+        profile = cached.get(u.layer.name)
+        if profile is None or len(profile) != len(PROFILE_LEVELS):
+            profile = []
+            for level in PROFILE_LEVELS:
+                config = list(space.empty())
+                config[i] = min(round(level * u.units), u.max_amount)
+                profile.append([level, probe(tuple(config))])
+                measured += 1
+        profiles[u.layer.name] = profile
+        u.sketch = sensitivity_sketch(u, profile)
+    reused = len(space.layers) - measured // len(PROFILE_LEVELS)
+    notes.append(f"sensitivity profiles: {measured} probes" + (f", {reused} layer(s) reused" if reused else ""))
+    return profiles
 
 
 def _shift_bias(weights: dict[str, np.ndarray], bias: str | None, shift: np.ndarray | None) -> None:

@@ -108,6 +108,9 @@ class Report:
     plan: dict[str, Any]
     timings: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    sensitivity: dict[str, list[list[float]]] = field(default_factory=dict)
+    """Allocation "sensitivity": each layer's [[sparsity, output deviation], ...]; pass it back as
+    ``PruneOptions(sensitivity=...)`` to skip measuring it again."""
 
     @property
     def sparsity(self) -> float:

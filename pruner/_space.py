@@ -233,3 +233,24 @@ class ZeroSpace:
             goal = min(target * u.units, u.max_amount)
             out.append(min(max(round(amount + t * (goal - amount)), 0), u.max_amount))
         return tuple(out)
+
+
+PROFILE_LEVELS = (0.25, 0.5, 0.75)
+"""Sparsities at which a layer's sensitivity is measured."""
+
+
+def sensitivity_sketch(u: LayerUnits, profile: list[list[float]]) -> np.ndarray:
+    """Allocation scores from a sensitivity profile: the marginal deviation per weight pruned,
+    interpolated along the layer's prune order and kept increasing, at the sketch ranks.
+
+    A global threshold on it gives each layer the sparsity where pruning one more weight
+    costs the same everywhere.
+    """
+    levels = np.array([0.0, *(p[0] for p in profile)])
+    deviations = np.maximum.accumulate(np.array([0.0, *(p[1] for p in profile)]))
+    slopes = np.diff(deviations) / np.maximum(np.diff(levels), 1e-9)
+    middles = (levels[:-1] + levels[1:]) / 2
+    share = (u.sketch_ranks + 1) / max(u.units, 1)
+    marginal = np.interp(share, middles, slopes) / max(u.layer.params, 1)
+    # ties (flat profiles) are broken by the layer's own prune order
+    return np.maximum.accumulate(marginal + 1e-15 * share)

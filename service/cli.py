@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--criterion", choices=[c.value for c in Criterion], default=DEFAULTS.criterion.value)
     p.add_argument(
+        "--sensitivity-from",
+        metavar="REPORT",
+        help="allocation sensitivity: reuse the profile of an earlier run's JSON report",
+    )
+    p.add_argument(
         "--recover",
         choices=[r.value for r in Recovery],
         default=DEFAULTS.recover.value,
@@ -164,6 +169,7 @@ def _options(args: argparse.Namespace) -> PruneOptions:
         max_evaluations=args.max_evaluations,
         max_seconds=args.max_seconds,
         target_sparsity=args.target_sparsity,
+        sensitivity=_profile(args.sensitivity_from),
         seed=args.seed,
         holdout_fraction=args.holdout,
         batch_size=args.batch_size,
@@ -173,6 +179,19 @@ def _options(args: argparse.Namespace) -> PruneOptions:
         exclude=tuple(args.exclude),
         sparse_initializers=args.sparse_initializers,
     )
+
+
+def _profile(path: str | None) -> dict[str, list[list[float]]] | None:
+    if path is None:
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise pruner.InvalidConfigError(f"cannot read a report from {path!r}: {e}") from e
+    profile = data.get("sensitivity") if isinstance(data, dict) else None
+    if not profile:
+        raise pruner.InvalidConfigError(f"{path!r} holds no sensitivity profile (run with --allocation sensitivity)")
+    return profile
 
 
 def _nm(text: str) -> tuple[int, int]:

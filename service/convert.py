@@ -38,6 +38,7 @@ _ALLOCATIONS = {
     Allocation.NORMALIZED: pb.ALLOCATION_NORMALIZED,
     Allocation.LAMP: pb.ALLOCATION_LAMP,
     Allocation.UNIFORM: pb.ALLOCATION_UNIFORM,
+    Allocation.SENSITIVITY: pb.ALLOCATION_SENSITIVITY,
 }
 _METRICS = {
     MetricKind.ACCURACY: pb.METRIC_ACCURACY,
@@ -111,6 +112,11 @@ def options_from_proto(config: pb.PruneConfig, *, threads: int = 0) -> PruneOpti
     if config.exclude:
         kwargs["exclude"] = tuple(config.exclude)
     kwargs["sparse_initializers"] = config.sparse_initializers
+    if config.sensitivity_json:
+        try:
+            kwargs["sensitivity"] = json.loads(config.sensitivity_json)
+        except ValueError as e:
+            raise pruner.InvalidConfigError(f"sensitivity_json is not JSON: {e}") from e
     if config.HasField("nm_n") or config.HasField("nm_m"):
         default_n, default_m = PruneOptions().nm
         kwargs["nm"] = (
@@ -136,6 +142,7 @@ def options_to_proto(options: PruneOptions) -> pb.PruneConfig:
         recover=_RECOVERIES[options.recover],
         nm_n=options.nm[0],
         nm_m=options.nm[1],
+        sensitivity_json=json.dumps(options.sensitivity) if options.sensitivity else "",
     )
     for field, option in _SCALARS:
         value = getattr(options, option)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 
@@ -272,3 +273,18 @@ def test_remove_plan_replays_to_the_same_model(tmp_path: Path) -> None:
         np.testing.assert_array_equal(weights[tensor.name], numpy_helper.to_array(tensor))
     wrong = pruner.PruningPlan(plan.mode, plan.criterion, (pruner.LayerPlan("nope", 1, 4),))
     assert [i.reason for i in pruner.check_plan(wrong, model)] == ["no removable channel family of this name"]
+
+
+def test_sensitivity_profile_is_reported_and_reused() -> None:
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    model, evals = fixtures / "mlp.onnx", fixtures / "mlp_eval.npz"
+    first = pruner.prune(model, evals, PruneOptions(allocation=pruner.Allocation.SENSITIVITY)).report
+    profile = first.sensitivity
+    assert set(profile) == {la.name for la in first.layers}
+    assert all(len(points) == 3 and points[0][1] <= points[-1][1] * 10 for points in profile.values())
+    again = PruneOptions(allocation=pruner.Allocation.SENSITIVITY, sensitivity=json.loads(json.dumps(profile)))
+    second = pruner.prune(model, evals, again).report
+    assert second.nonzero_after == first.nonzero_after
+    assert any("0 probes" in note for note in second.notes)
+    with pytest.raises(pruner.InvalidConfigError, match="sensitivity"):
+        PruneOptions(sensitivity={"w": [[0.5, float("nan")]]})

@@ -47,6 +47,7 @@ def test_options_survive_the_round_trip_through_the_config() -> None:
             calibration_samples=64,
             target_sparsity=0.5,
             nm=(1, 8),
+            sensitivity={"w": [[0.25, 0.1], [0.5, 0.2], [0.75, 0.5]]},
             allocation=pruner.Allocation.LAMP,
             metric=pruner.MetricKind.TOPK,
             top_k=3,

@@ -37,6 +37,7 @@ class Allocation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALLOCATION_NORMALIZED: _ClassVar[Allocation]
     ALLOCATION_LAMP: _ClassVar[Allocation]
     ALLOCATION_UNIFORM: _ClassVar[Allocation]
+    ALLOCATION_SENSITIVITY: _ClassVar[Allocation]
 
 class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -81,6 +82,7 @@ ALLOCATION_GLOBAL: Allocation
 ALLOCATION_NORMALIZED: Allocation
 ALLOCATION_LAMP: Allocation
 ALLOCATION_UNIFORM: Allocation
+ALLOCATION_SENSITIVITY: Allocation
 METRIC_UNSPECIFIED: Metric
 METRIC_ACCURACY: Metric
 METRIC_TOPK: Metric
@@ -128,7 +130,7 @@ class Tolerance(_message.Message):
     def __init__(self, value: _Optional[float] = ..., relative: _Optional[bool] = ...) -> None: ...
 
 class PruneConfig(_message.Message):
-    __slots__ = ("mode", "criterion", "allocation", "metric", "top_k", "output_name", "tolerance", "objective", "max_evaluations", "max_seconds", "seed", "holdout_fraction", "batch_size", "layer_cap", "include", "exclude", "sparse_initializers", "channel_multiple", "recover", "calibration_samples", "target_sparsity", "nm_n", "nm_m")
+    __slots__ = ("mode", "criterion", "allocation", "metric", "top_k", "output_name", "tolerance", "objective", "max_evaluations", "max_seconds", "seed", "holdout_fraction", "batch_size", "layer_cap", "include", "exclude", "sparse_initializers", "channel_multiple", "recover", "calibration_samples", "target_sparsity", "nm_n", "nm_m", "sensitivity_json")
     MODE_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +154,7 @@ class PruneConfig(_message.Message):
     TARGET_SPARSITY_FIELD_NUMBER: _ClassVar[int]
     NM_N_FIELD_NUMBER: _ClassVar[int]
     NM_M_FIELD_NUMBER: _ClassVar[int]
+    SENSITIVITY_JSON_FIELD_NUMBER: _ClassVar[int]
     mode: Mode
     criterion: Criterion
     allocation: Allocation
@@ -175,7 +178,8 @@ class PruneConfig(_message.Message):
     target_sparsity: float
     nm_n: int
     nm_m: int
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., allocation: _Optional[_Union[Allocation, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., top_k: _Optional[int] = ..., output_name: _Optional[str] = ..., tolerance: _Optional[_Union[Tolerance, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., max_evaluations: _Optional[int] = ..., max_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., holdout_fraction: _Optional[float] = ..., batch_size: _Optional[int] = ..., layer_cap: _Optional[float] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., sparse_initializers: _Optional[bool] = ..., channel_multiple: _Optional[int] = ..., recover: _Optional[_Union[Recovery, str]] = ..., calibration_samples: _Optional[int] = ..., target_sparsity: _Optional[float] = ..., nm_n: _Optional[int] = ..., nm_m: _Optional[int] = ...) -> None: ...
+    sensitivity_json: str
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., allocation: _Optional[_Union[Allocation, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., top_k: _Optional[int] = ..., output_name: _Optional[str] = ..., tolerance: _Optional[_Union[Tolerance, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., max_evaluations: _Optional[int] = ..., max_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., holdout_fraction: _Optional[float] = ..., batch_size: _Optional[int] = ..., layer_cap: _Optional[float] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., sparse_initializers: _Optional[bool] = ..., channel_multiple: _Optional[int] = ..., recover: _Optional[_Union[Recovery, str]] = ..., calibration_samples: _Optional[int] = ..., target_sparsity: _Optional[float] = ..., nm_n: _Optional[int] = ..., nm_m: _Optional[int] = ..., sensitivity_json: _Optional[str] = ...) -> None: ...
 
 class PruneResponse(_message.Message):
     __slots__ = ("progress", "result", "model_chunk")
