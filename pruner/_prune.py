@@ -287,7 +287,6 @@ def prune(
                 continue
             unit = scores[name] if keep_scores else unit_scores(options.criterion, u.layer, out[name], calibration)
             hint = (u.sketch_ranks, u.raw_sketch)
-            layout = None if calibration is None else calibration.layouts.get(name)
             if options.recover is Recovery.NONE or layout is None:
                 weight = out[name] if in_place else out[name].copy()
                 out[name] = zero_lowest(weight, unit, amount, gran, u.layer.channel_axis, hint)
