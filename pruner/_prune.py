@@ -7,7 +7,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -60,13 +60,19 @@ class PruneResult:
     model_bytes: bytes | None = field(default=None, repr=False)
     """The serialized model as checked and measured (None for models over 2 GB)."""
 
-    def save(self, path: str | os.PathLike[str], report_path: str | os.PathLike[str] | None = None) -> None:
-        """Write the model (with external data when over 2 GB) and optionally the JSON report.
-
-        All or nothing: if any file cannot be written, none is.
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        report_path: str | os.PathLike[str] | None = None,
+        *,
+        extra: Sequence[tuple[str | os.PathLike[str], bytes]] = (),
+    ) -> None:
+        """Write the model (with external data when over 2 GB), optionally the JSON report and
+        ``extra`` files (e.g. a plot). All or nothing: if any file cannot be written, none is.
         """
         companions = [] if report_path is None else [(report_path, self.report.to_json().encode())]
-        save_model(self.model if self.model_bytes is None else self.model_bytes, path, companions=companions)
+        model = self.model if self.model_bytes is None else self.model_bytes
+        save_model(model, path, companions=[*companions, *extra])
 
 
 def _load(source: ModelSource) -> onnx.ModelProto:

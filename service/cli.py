@@ -30,6 +30,7 @@ from pruner import (
     Recovery,
     Tolerance,
 )
+from service import views
 from service.client import Connection, RemoteError, RemoteResult
 
 EXIT_OK = 0
@@ -59,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-o", "--out", required=True, help="where to write the pruned .onnx")
     p.add_argument("--report", help="where to write the JSON report")
+    p.add_argument("--plot", metavar="PNG", help="write the metric-vs-size plot of every candidate (needs [plot])")
+    p.add_argument("--html", metavar="HTML", help="write a self-contained HTML report (needs [plot])")
     p.add_argument("--metric", choices=[m.value for m in MetricKind], default=DEFAULTS.metric.value)
     p.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="k of the topk metric (default %(default)s)")
     p.add_argument("--output", help="model output the metric reads (default: the first)")
@@ -266,8 +269,11 @@ def _summary(report: pruner.Report) -> str:
 def _cmd_prune(args: argparse.Namespace) -> int:
     options = _options(args)
     pruner.check_output_path(args.out, "output")
-    if args.report:
-        pruner.check_output_path(args.report, "report")
+    for path, what in ((args.report, "report"), (args.plot, "plot"), (args.html, "html")):
+        if path:
+            pruner.check_output_path(path, what)
+    if args.plot or args.html:
+        views.require_matplotlib()
     progress = _Progress(options.max_evaluations, enabled=not args.quiet and sys.stderr.isatty())
     result: pruner.PruneResult | RemoteResult
     try:
@@ -278,7 +284,12 @@ def _cmd_prune(args: argparse.Namespace) -> int:
             result = pruner.prune(args.model, args.eval_set, options, on_progress=progress)
     finally:
         progress.close()
-    result.save(args.out, args.report)
+    extra = []
+    if args.plot:
+        extra.append((args.plot, views.trade_off_png(result.report)))
+    if args.html:
+        extra.append((args.html, views.html_page(result.report, Path(args.model).name).encode()))
+    result.save(args.out, args.report, extra=extra)
     print(_summary(result.report))
     if args.fail_unchanged and result.report.status == "unchanged":
         print("onnx-prune: nothing could be pruned within the tolerance", file=sys.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,10 +39,16 @@ class RemoteResult:
     model_bytes: bytes
     report: pruner.Report
 
-    def save(self, path: str | os.PathLike[str], report_path: str | os.PathLike[str] | None = None) -> None:
-        """Write the model and optionally the report, all or nothing (as ``PruneResult.save``)."""
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        report_path: str | os.PathLike[str] | None = None,
+        *,
+        extra: Sequence[tuple[str | os.PathLike[str], bytes]] = (),
+    ) -> None:
+        """Write the model, optionally the report and extra files, all or nothing (as ``PruneResult.save``)."""
         companions = [] if report_path is None else [(report_path, self.report.to_json().encode())]
-        pruner.save_model(self.model_bytes, path, companions=companions)
+        pruner.save_model(self.model_bytes, path, companions=[*companions, *extra])
 
 
 def _chunks(source: Source) -> Iterator[bytes]:

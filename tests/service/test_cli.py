@@ -305,3 +305,43 @@ def test_nm_plan_replays(tmp_path: Path) -> None:
     expected = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
     for tensor in replayed.graph.initializer:
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), expected[tensor.name])
+
+
+def test_plot_and_html_are_written_with_the_runs_numbers(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="the plot extra (pip install 'onnx-pruner[plot]')")
+    files = {
+        k: tmp_path / v for k, v in {"out": "o.onnx", "report": "r.json", "plot": "p.png", "html": "r.html"}.items()
+    }
+    proc = run_cli(
+        "prune", FIXTURES / "cnn_bn.onnx", "--eval", FIXTURES / "cnn_bn_eval.npz", "--mode", "remove",
+        "-o", files["out"], "--report", files["report"], "--plot", files["plot"], "--html", files["html"], "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert files["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads(files["report"].read_text())
+    page = files["html"].read_text()
+    assert "data:image/png;base64," in page
+    assert f"{report['final']['search']:.4f}" in page and f"{report['sparsity']:.1%}" in page
+    for layer in report["layers"]:
+        assert layer["name"] in page and f"{layer['channels_before']} → {layer['channels_after']}" in page
+    assert page.count("<tr>") >= len(report["trace"]) + len(report["layers"])
+
+
+def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path) -> None:
+    # a site dir shadowing matplotlib with a module that fails to import
+    fake = tmp_path / "site"
+    (fake / "matplotlib").mkdir(parents=True)
+    (fake / "matplotlib" / "__init__.py").write_text("raise ImportError('no matplotlib here')\n")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": f"{fake}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "service.cli", "prune", str(FIXTURES / "mlp.onnx"), "--eval",
+         str(FIXTURES / "mlp_eval.npz"), "-o", str(tmp_path / "o.onnx"), "--plot", str(tmp_path / "p.png")],
+        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "pip install 'onnx-pruner[plot]'" in proc.stderr
+    assert not (tmp_path / "o.onnx").exists()
