@@ -90,7 +90,8 @@ def trade_off_png(report: pruner.Report) -> bytes:
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    thead = f"<thead><tr>{head}</tr></thead>" if headers else ""
+    return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
 def html_page(report: pruner.Report, model_name: str = "model") -> str:
@@ -145,7 +146,7 @@ th {{ background: #f0f0f0; }}
 img {{ max-width: 100%; }}
 </style></head><body>
 <h1>onnx-pruner report: {html.escape(model_name)}</h1>
-{_table(["", ""], summary)}
+{_table([], summary)}
 <img alt="metric vs size of every candidate" src="data:image/png;base64,{png}">
 <h2>Layers</h2>
 {_table(layer_headers, layer_rows)}
