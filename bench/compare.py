@@ -1,0 +1,233 @@
+"""Side by side with the other ONNX pruning tool a user could pick today (issue 6).
+
+    python -m venv /tmp/peer --system-site-packages
+    /tmp/peer/bin/pip install -r bench/requirements-compare.txt
+    /tmp/peer/bin/python bench/compare.py            # writes bench/results/compare.{txt,png}
+
+The peer, onnxsim 0.8.1, ships pruning functions but no tolerance search. It
+gets the benefit of the doubt: each of its functions is swept over sparsity in
+5% steps and its best model that passes the tolerance on the same search split
+is taken (the held-out metric is then reported for it, unconfirmed). onnx-pruner
+runs its own search (which also confirms on the held-out split) with its
+defaults and with its best settings (least-squares recovery). For every model:
+bytes and nonzero params, onnxruntime CPU latency (batch 64, 1 thread,
+median), held-out metric, wall time and onnxruntime evaluations.
+"""
+
+from __future__ import annotations
+
+import io
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import fixtures, table
+
+import pruner
+from pruner import Mode, PruneOptions, Recovery, Tolerance
+from pruner._metrics import Metric
+from pruner._prune import _split
+
+TOLERANCES = (0.005, 0.01, 0.02)
+LEVELS = [round(0.05 * i, 2) for i in range(1, 20)]
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def accuracy(model: bytes, evalset: pruner.EvalSet, rows: np.ndarray) -> float:
+    session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
+    fixed = session.get_inputs()[0].shape[0]
+    step = fixed if isinstance(fixed, int) else 256
+    outs = []
+    for i in range(0, len(rows), step):
+        batch = rows[i : i + step]
+        real = len(batch)
+        if isinstance(fixed, int) and real < fixed:
+            batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - real)])
+        outs.append(session.run(None, {k: v[batch] for k, v in evalset.inputs.items()})[0][:real])
+    return float(Metric(pruner.MetricKind.ACCURACY).per_sample(np.concatenate(outs), evalset.labels[rows], None).mean())
+
+
+def nonzero(model: onnx.ModelProto) -> int:
+    layers = {la.name for la in pruner.inspect(model).layers}
+    return sum(int(np.count_nonzero(numpy_helper.to_array(t))) for t in model.graph.initializer if t.name in layers)
+
+
+def latency(model: bytes, x: dict[str, np.ndarray]) -> float:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+    for _ in range(5):
+        session.run(None, x)
+    times = []
+    for _ in range(100):
+        start = time.perf_counter()
+        session.run(None, x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peer_functions(
+    calibration: list[dict[str, np.ndarray]],
+) -> dict[str, Callable[[onnx.ModelProto, float], onnx.ModelProto]]:
+    from onnxsim import pruning
+
+    return {
+        "magnitude (global)": lambda m, s: pruning.apply_magnitude_pruning(m, sparsity=s, global_sparsity=True),
+        "magnitude": lambda m, s: pruning.apply_magnitude_pruning(m, sparsity=s),
+        "wanda": lambda m, s: pruning.apply_wanda_pruning(m, calibration_data=calibration, sparsity=s),
+        "sparsegpt": lambda m, s: pruning.apply_sparsegpt_pruning(m, calibration_data=calibration, sparsity=s),
+        "structured": lambda m, s: pruning.apply_structured_pruning(m, sparsity=s),
+        "structured wanda": lambda m, s: pruning.apply_structured_wanda_pruning(
+            m, calibration_data=calibration, sparsity=s
+        ),
+    }
+
+
+def main() -> None:
+    import onnxsim
+
+    versions = f"onnxruntime {ort.__version__}, onnx {onnx.__version__}, onnxsim {onnxsim.__version__}"
+    header = (
+        f"machine: {platform.machine()} {platform.processor() or ''} python {platform.python_version()}; {versions}"
+    )
+    rows: list[tuple[object, ...]] = []
+    best_bytes: dict[tuple[str, str], float] = {}
+    for name, model_path, eval_path in fixtures():
+        evalset = pruner.load_eval_set(eval_path)
+        original = onnx.load(str(model_path))
+        search, hold = _split(len(evalset), 0.2, 0)
+        base_search = accuracy(original.SerializeToString(), evalset, search)
+        base_hold = accuracy(original.SerializeToString(), evalset, hold)
+        fixed = original.graph.input[0].type.tensor_type.shape.dim[0].dim_value
+        x = {k: v[: fixed or 64] for k, v in evalset.inputs.items()}
+        base_latency = latency(original.SerializeToString(), x)
+        batch = fixed or 32
+        calibration = [{k: v[search[i : i + batch]] for k, v in evalset.inputs.items()} for i in range(0, 128, batch)]
+
+        # the peer's sweeps, evaluated once and judged at every tolerance
+        swept: dict[str, list[tuple[float, bytes, float, int]]] = {}
+        sweep_seconds: dict[str, float] = {}
+        for label, function in peer_functions(calibration).items():
+            start = time.perf_counter()
+            points = []
+            for level in LEVELS:
+                try:
+                    pruned = function(onnx.load(str(model_path)), level)
+                    data = pruned.SerializeToString()
+                    points.append((level, data, accuracy(data, evalset, search), nonzero(pruned)))
+                except Exception as e:  # the peer raises for models it cannot handle
+                    print(f"  peer {label} on {name} at {level}: {type(e).__name__}: {str(e)[:80]}", file=sys.stderr)
+                    break
+            swept[label] = points
+            sweep_seconds[label] = time.perf_counter() - start
+
+        for tolerance in TOLERANCES:
+            entries: list[tuple[str, bytes, float, int, float, int]] = []  # label, model, holdout, nnz, wall, evals
+            for label, options in (
+                ("onnx-pruner default", PruneOptions(tolerance=Tolerance(tolerance))),
+                ("onnx-pruner lsq", PruneOptions(tolerance=Tolerance(tolerance), recover=Recovery.LSQ)),
+                ("onnx-pruner remove", PruneOptions(mode=Mode.REMOVE, tolerance=Tolerance(tolerance))),
+                (
+                    "onnx-pruner remove lsq",
+                    PruneOptions(
+                        mode=Mode.REMOVE, channel_multiple=1, tolerance=Tolerance(tolerance), recover=Recovery.LSQ
+                    ),
+                ),
+            ):
+                start = time.perf_counter()
+                result = pruner.prune(model_path, evalset, options)
+                wall = time.perf_counter() - start
+                assert result.model_bytes is not None and result.report.final.holdout is not None
+                evaluations = result.report.evaluations + result.report.confirmations + 2  # + baseline + final
+                entries.append(
+                    (label, result.model_bytes, result.report.final.holdout, nonzero(result.model), wall, evaluations)
+                )
+            for label, points in swept.items():
+                passing = [p for p in points if base_search - p[2] <= tolerance + 1e-9]
+                if not passing:
+                    data = original.SerializeToString()
+                    entries.append(
+                        (f"onnxsim {label}", data, base_hold, nonzero(original), sweep_seconds[label], len(points))
+                    )
+                    continue
+                smallest = min(passing, key=lambda p: (p[3], len(p[1])))
+                entries.append(
+                    (
+                        f"onnxsim {label}",
+                        smallest[1],
+                        accuracy(smallest[1], evalset, hold),
+                        smallest[3],
+                        sweep_seconds[label],
+                        len(points),
+                    )
+                )
+            for label, data, holdout, nnz, wall, evaluations in entries:
+                rows.append(
+                    (
+                        name,
+                        tolerance,
+                        label,
+                        f"{len(data):,}",
+                        f"{nnz:,}",
+                        f"{base_latency / latency(data, x):.2f}x",
+                        f"{base_hold:.4f}/{holdout:.4f}",
+                        f"{wall:.2f}",
+                        evaluations,
+                    )
+                )
+                if tolerance == 0.01:
+                    best_bytes[(name, label)] = nnz / max(nonzero(original), 1)
+    headers = [
+        "fixture",
+        "tol",
+        "tool / setting",
+        "bytes",
+        "nonzero",
+        "faster",
+        "holdout base/final",
+        "wall s",
+        "evals",
+    ]
+    text = f"{header}\n\n" + table(headers, rows)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "compare.txt").write_text(text + "\n")
+    plot(best_bytes, RESULTS / "compare.png")
+
+
+def plot(shares: dict[tuple[str, str], float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({n for n, _ in shares})
+    labels = sorted({label for _, label in shares}, key=lambda s: (not s.startswith("onnx-pruner"), s))
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
+    width = 0.8 / len(labels)
+    for i, label in enumerate(labels):
+        values = [shares.get((n, label), np.nan) for n in names]
+        ax.bar(np.arange(len(names)) + i * width, values, width, label=label)
+    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
+    ax.set_ylabel("nonzero prunable params kept (share)")
+    ax.set_title("Smallest model within tolerance 0.01 (lower is better)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    path.write_bytes(buffer.getvalue())
+
+
+if __name__ == "__main__":
+    main()
