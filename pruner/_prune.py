@@ -7,31 +7,28 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from ._analysis import Inspection, analyze
+from ._candidates import ChannelCandidates, WeightCandidates
 from ._errors import InvalidConfigError, InvalidEvalSetError, InvalidModelError, UnsupportedModelError
 from ._evalset import EvalSet, InputSpec, load_eval_set, model_inputs, validate_eval_set
-from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
+from ._evaluate import Evaluator, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._metrics import Metric
 from ._model import _check, load_model, save_model, session_source
-from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
-from ._options import Allocation, Criterion, Mode, Objective, PruneOptions, Recovery
-from ._plan import LayerPlan, PruningPlan, element_mask, zero_lowest
-from ._recover import Calibration, calibrate
-from ._remove import Remover
-from ._report import CandidateRecord, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
-from ._score import granularity, lowest, unit_scores
+from ._nm import NMSpace
+from ._options import Mode, Objective, PruneOptions
+from ._plan import LayerPlan, PruningPlan
+from ._report import CandidateRecord, EventKind, ProgressEvent, Report, SplitMetric
 from ._search import Judgement, Trial, search
-from ._space import PROFILE_LEVELS, Config, ZeroSpace, build_units, sensitivity_sketch
+from ._space import Config, ZeroSpace
 from ._sparse import to_sparse_initializers
 
 __all__ = ["PruneResult", "inspect", "prune"]
@@ -40,12 +37,6 @@ logger = logging.getLogger(__name__)
 
 PROBE_SAMPLES = 128
 """Samples the refinement probes run on (a slice of the search split)."""
-FED_ALWAYS_BYTES = 64 * 2**20
-"""From this much prunable weight data on, candidates always run with their weights
-fed as inputs (one copy of the weights in memory) and scores are recomputed per candidate."""
-STRATEGY_SAMPLES = 512
-"""Samples (at least four batches) timed to choose between fed and built candidates."""
-
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
 EvalSource = str | os.PathLike[str] | bytes | EvalSet
 
@@ -175,42 +166,15 @@ def prune(
             )
     io_names = ([i.name for i in original.graph.input], list(outputs))
     bytes_before = original.ByteSize()
+    timings["load"] = time.perf_counter() - t_start
     evaluator = Evaluator(None, specs, output, metric, data, batch_size=options.batch_size, stop=stop)
-    remover: Remover | None = None
-    if options.mode is Mode.REMOVE:
-        t0 = time.perf_counter()
-        recovery = None
-        if options.recover is not Recovery.NONE:
-            recovery = _calibrate(original, inspection, data, search_idx, evaluator, options, notes)
-            timings["calibration"] = time.perf_counter() - t0
-        remover = Remover(original, options, recovery)
-        timings["load"] = t0 - t_start
-        timings["scoring"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        evaluator.reference = evaluator.outputs(
-            session_runner(make_session(original.SerializeToString(), threads=options.threads), output),
-            np.arange(len(data)),
-        )
-        notes.append("candidates ran as sessions of the pruned models")
-    else:
-        calibration = None
-        if options.criterion is Criterion.ACTIVATION or options.recover is not Recovery.NONE:
-            t0 = time.perf_counter()
-            calibration = _calibrate(original, inspection, data, search_idx, evaluator, options, notes)
-            timings["calibration"] = time.perf_counter() - t0
-        biases = set()
-        if calibration is not None and options.recover is not Recovery.NONE:
-            biases = {la.bias for la in calibration.layouts.values() if la.bias is not None}
-        # the split takes the weights out of the model it is given: never the caller's
-        working = _copy(original) if isinstance(model, onnx.ModelProto) else original
-        del original
-        split = SplitModel.take(working, {la.name for la in inspection.layers} | biases)
-        del working
-        builder = ModelBuilder(split)
-        timings["load"] = time.perf_counter() - t_start
-        t0 = time.perf_counter()
-        evaluator.candidates, strategy = _choose_strategy(builder, evaluator, search_idx, options)
-        notes.append(strategy)
+    kind = ChannelCandidates if options.mode is Mode.REMOVE else WeightCandidates
+    # candidates take the model they are given apart: never the caller's
+    owned = _copy(original) if isinstance(model, onnx.ModelProto) else original
+    del original
+    candidates = kind(owned, inspection, data, search_idx, evaluator, options, notes, timings)
+    del owned
+    space, units = candidates.space, candidates.units
     reference = evaluator.reference
     assert reference is not None
 
@@ -219,7 +183,6 @@ def prune(
         return float(metric.per_sample(out[idx], labels, reference[idx]).mean()) if len(idx) else float("nan")
 
     baseline = SplitMetric(measure(search_idx, reference), measure(hold_idx, reference) if len(hold_idx) else None)
-    timings["baseline"] = time.perf_counter() - t0
     for name, value in (("search", baseline.search), ("holdout", baseline.holdout)):
         if value is not None and not np.isfinite(value):
             raise UnsupportedModelError(f"the unpruned model's metric on the {name} split is not finite")
@@ -229,90 +192,10 @@ def prune(
         ProgressEvent(EventKind.BASELINE, f"baseline {metric.kind.value} {baseline.search:.4f}", metric=baseline.search)
     )
 
-    scores: dict[str, np.ndarray] = {}
-    units: list[Any] = []  # LayerUnits, or NMUnit in N:M mode
-    space: ZeroSpace | NMSpace
-    keep_scores = True
-    if remover is not None:
-        space = remover.space
-        units = remover.space.layers
-
-        def runner_of(config: Config) -> Runner:
-            assert remover is not None
-            return remover.runner(config, output, options.threads)
-
-    elif options.mode is Mode.NM:
-        t0 = time.perf_counter()
-        gran = granularity(options.criterion)
-        nm_masks, nm_space, units = _nm_space(inspection, split.weights, options, calibration, notes)
-        space = nm_space
-
-        def runner_of(config: Config) -> Runner:
-            return evaluator.runner(candidate(config))
-
-        timings["scoring"] = time.perf_counter() - t0
-    else:
-        t0 = time.perf_counter()
-        gran = granularity(options.criterion)
-        keep_scores = split.weight_bytes < FED_ALWAYS_BYTES
-        for layer in inspection.layers:
-            weight = split.weights[layer.name]
-            layer_scores = unit_scores(options.criterion, layer, weight, calibration)
-            units.append(build_units(layer, weight, layer_scores, gran, options.allocation, options.layer_cap))
-            if keep_scores:
-                scores[layer.name] = layer_scores
-            del layer_scores
-        space = ZeroSpace(units, options.allocation)
-        timings["scoring"] = time.perf_counter() - t0
-
-        def runner_of(config: Config) -> Runner:
-            return evaluator.runner(candidate(config))
-
-    recovered: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] = {}
-    """Recovered weights by (layer, amount): candidates of a search share most layers' amounts."""
-
-    def candidate(config: Config, *, in_place: bool = False) -> dict[str, np.ndarray]:
-        """The weights a config describes (the originals where nothing is pruned), recovered if asked."""
-        out = dict(split.weights)
-        for u, amount in zip(units, config, strict=True):
-            if not amount:
-                continue
-            name = u.layer.name
-            layout = None if calibration is None else calibration.layouts.get(name)
-            if options.mode is Mode.NM:
-                if options.recover is Recovery.NONE or layout is None or calibration is None:
-                    out[name] = np.where(nm_masks[name], 0, out[name]).astype(out[name].dtype)
-                else:
-                    if (name, 1) not in recovered:
-                        reconstruct = options.recover is Recovery.LSQ
-                        recovered[(name, 1)] = calibration.recover(
-                            name, out[name], nm_masks[name], reconstruct=reconstruct
-                        )
-                    out[name], shift = recovered[(name, 1)]
-                    _shift_bias(out, layout.bias, shift)
-                continue
-            unit = scores[name] if keep_scores else unit_scores(options.criterion, u.layer, out[name], calibration)
-            hint = (u.sketch_ranks, u.raw_sketch)
-            if options.recover is Recovery.NONE or layout is None:
-                weight = out[name] if in_place else out[name].copy()
-                out[name] = zero_lowest(weight, unit, amount, gran, u.layer.channel_axis, hint)
-                continue
-            assert calibration is not None
-            key = (name, amount)
-            if key not in recovered:
-                mask = element_mask(out[name].shape, lowest(unit, amount, hint), gran, u.layer.channel_axis)
-                result = calibration.recover(name, out[name], mask, reconstruct=options.recover is Recovery.LSQ)
-                if not keep_scores:  # large layers: recompute rather than hold copies
-                    recovered.clear()
-                recovered[key] = result
-            out[name], shift = recovered[key]
-            _shift_bias(out, layout.bias, shift)
-        return out
-
     timing_rows = search_idx[: evaluator.batch_size]
 
     def judge(config: Config) -> Judgement:
-        runner = runner_of(config)
+        runner = candidates.runner(config)
         result = evaluator.evaluate(search_idx, runner=runner, bound=bound)
         passed = result.complete and metric.loss(baseline.search, result.value) <= allowed + 1e-9
         cost = None
@@ -323,19 +206,11 @@ def prune(
     probe_idx = search_idx[:PROBE_SAMPLES]
 
     def probe(config: Config) -> float:
-        return evaluator.deviation(probe_idx, runner_of(config))
+        return evaluator.deviation(probe_idx, candidates.runner(config))
 
-    sensitivity: dict[str, list[list[float]]] = {}
-    if options.allocation is Allocation.SENSITIVITY and isinstance(space, ZeroSpace) and units:
-        t0 = time.perf_counter()
-        sensitivity = _sensitivity(space, probe, options, notes)
-        timings["sensitivity"] = time.perf_counter() - t0
-
-    if isinstance(space, NMSpace):
-        t0 = time.perf_counter()
-        space.rank(lambda i: probe(space.one(i)))
-        notes.append(f"N:M layers ranked by one label-free probe each ({space.n_layers} probes)")
-        timings["scoring"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sensitivity = candidates.with_probe(probe)
+    timings["profiles"] = time.perf_counter() - t0
 
     def on_trial(trial: Trial, better: bool) -> None:
         j = trial.judgement
@@ -371,7 +246,7 @@ def prune(
         outcome = search(
             space,
             judge,
-            None if options.mode is Mode.NM else probe,  # a layer is N:M or not: nothing to refine
+            probe if candidates.refinable else None,
             max_evaluations=options.max_evaluations,
             max_seconds=options.max_seconds,
             resolution=options.resolution,
@@ -385,7 +260,7 @@ def prune(
 
     t0 = time.perf_counter()
     chosen, confirmations = _confirm(
-        outcome.passing(), space, evaluator, hold_idx, baseline, metric, options, runner_of, notes
+        outcome.passing(), space, evaluator, hold_idx, baseline, metric, options, candidates.runner, notes
     )
     emit(
         ProgressEvent(
@@ -399,13 +274,7 @@ def prune(
 
     t0 = time.perf_counter()
     plan = PruningPlan(
-        options.mode,
-        options.criterion,
-        tuple(
-            LayerPlan(u.layer.name, amount, u.units, u.layer.channel_axis)
-            for u, amount in zip(units, chosen, strict=True)
-        ),
-        options.nm if options.mode is Mode.NM else None,
+        options.mode, options.criterion, candidates.plan_layers(chosen), options.nm if options.mode is Mode.NM else None
     )
     final_check = _FinalCheck(io_names, specs, output, metric, data, reference, search_idx, hold_idx, options)
     evaluator.candidates = None
@@ -417,20 +286,9 @@ def prune(
         return final_check(again.to_proto({}) if again.large else again.to_bytes({}), [], notes)
 
     if any(chosen):
-        pruned_names = [u.layer.name for u, a in zip(units, chosen, strict=True) if a]
-        built: onnx.ModelProto | bytes
-        if remover is not None:
-            built = remover.to_bytes(chosen)
-            pruned_names = []
-        else:
-            # large weights are pruned in place: the originals are not needed once the winner is known
-            final_weights = candidate(chosen, in_place=not keep_scores)
-            scores.clear()
-            built = builder.to_proto(final_weights) if builder.large else builder.to_bytes(final_weights)
-            # from here on the model exists only as ``built``; a fallback reloads the original
-            del final_weights
-            split.weights.clear()
-        pruned, pruned_bytes, final = final_check(built, pruned_names if options.sparse_initializers else [], notes)
+        sparse = candidates.sparse_names(chosen) if options.sparse_initializers else []
+        built = candidates.build(chosen)
+        pruned, pruned_bytes, final = final_check(built, sparse, notes)
         del built
         if (
             final.holdout is not None
@@ -450,29 +308,15 @@ def prune(
             del pruned, pruned_bytes
             pruned, pruned_bytes, final = unchanged()
     else:
-        if remover is None:
-            split.weights.clear()
-        scores.clear()
+        candidates.release()
         pruned, pruned_bytes, final = unchanged()
     timings["write"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
 
-    layer_reports = [
-        LayerReport(
-            u.layer.name,
-            u.layer.op_type,
-            u.layer.shape,
-            u.layer.params,
-            space.layer_nonzero(i, 0),
-            space.layer_nonzero(i, amount),
-        )
-        for i, (u, amount) in enumerate(zip(units, chosen, strict=True))
+    layer_reports, params, skipped_channels = candidates.summary(chosen, pruned)
+    skipped = skipped_channels or [
+        {"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in inspection.skipped
     ]
-    skipped = [{"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in inspection.skipped]
-    params = (space.total_params, space.nonzero(space.empty()), space.nonzero(chosen))
-    if remover is not None:
-        layer_reports, params = remover.summary(chosen, pruned)
-        skipped = [{"name": name, "op_type": "channels", "reason": why} for name, why in remover.skipped]
     report = Report(
         tool_version=tool_version(),
         versions=_versions(),
@@ -587,62 +431,6 @@ def _confirm(
 LATENCY_RUNS = 15
 
 
-def _sensitivity(
-    space: ZeroSpace, probe: Callable[[Config], float], options: PruneOptions, notes: list[str]
-) -> dict[str, list[list[float]]]:
-    """Measure (or reuse) every layer's sensitivity profile and make it the space's allocation."""
-    cached = options.sensitivity or {}
-    profiles: dict[str, list[list[float]]] = {}
-    measured = 0
-    for i, u in enumerate(space.layers):
-        profile = cached.get(u.layer.name)
-        if profile is None or len(profile) != len(PROFILE_LEVELS):
-            profile = []
-            for level in PROFILE_LEVELS:
-                config = list(space.empty())
-                config[i] = min(round(level * u.units), u.max_amount)
-                profile.append([level, probe(tuple(config))])
-                measured += 1
-        profiles[u.layer.name] = profile
-        u.sketch = sensitivity_sketch(u, profile)
-    reused = len(space.layers) - measured // len(PROFILE_LEVELS)
-    notes.append(f"sensitivity profiles: {measured} probes" + (f", {reused} layer(s) reused" if reused else ""))
-    return profiles
-
-
-def _shift_bias(weights: dict[str, np.ndarray], bias: str | None, shift: np.ndarray | None) -> None:
-    """Add a recovered bias shift to the bias in ``weights`` (in its own dtype)."""
-    if shift is None or bias is None or bias not in weights:
-        return
-    current = weights[bias]
-    weights[bias] = (current.astype(np.float64) + shift.reshape(current.shape)).astype(current.dtype)
-
-
-def _nm_space(
-    inspection: Inspection,
-    weights: dict[str, np.ndarray],
-    options: PruneOptions,
-    calibration: Calibration | None,
-    notes: list[str],
-) -> tuple[dict[str, np.ndarray], NMSpace, list[NMUnit]]:
-    """N:M masks of every layer (by the criterion's element scores) and the space over them."""
-    n, m = options.nm
-    masks: dict[str, np.ndarray] = {}
-    nonzero, zeroed = [], []
-    for layer in inspection.layers:
-        weight = weights[layer.name]
-        mask = nm_mask(layer, unit_scores(options.criterion, layer, weight, calibration), n, m)
-        if mask is None:
-            notes.append(
-                f"{layer.name}: reduction axis of {layer.shape[reduction_axis(layer)]} is not a multiple of {m}"
-            )
-            mask = np.zeros(weight.shape, dtype=bool)
-        masks[layer.name] = mask
-        nonzero.append(int(np.count_nonzero(weight)))
-        zeroed.append(int(np.count_nonzero(weight[mask])))
-    return masks, NMSpace(inspection.layers, nonzero, zeroed), [NMUnit(layer) for layer in inspection.layers]
-
-
 def _latency(evaluator: Evaluator, runner: Runner, rows: np.ndarray) -> float:
     """Median seconds of one batch through ``runner`` (after one warm-up run)."""
     evaluator.run(runner, rows)
@@ -654,89 +442,10 @@ def _latency(evaluator: Evaluator, runner: Runner, rows: np.ndarray) -> float:
     return float(np.median(times))
 
 
-def _calibrate(
-    model: onnx.ModelProto,
-    inspection: Inspection,
-    data: EvalSet,
-    search_idx: np.ndarray,
-    evaluator: Evaluator,
-    options: PruneOptions,
-    notes: list[str],
-) -> Calibration:
-    """Layer input statistics on a seeded sample of the search split (never the held-out one)."""
-    count = min(options.calibration_samples, len(search_idx))
-    rows = np.sort(np.random.default_rng(options.seed).choice(search_idx, count, replace=False))
-    calibration = calibrate(
-        model,
-        list(inspection.layers),
-        data,
-        rows,
-        batch_size=evaluator.batch_size,
-        fixed_batch=evaluator.fixed_batch,
-        full=options.recover is Recovery.LSQ,
-        threads=options.threads,
-    )
-    notes.append(f"calibrated on {count} samples of the search split")
-    for name, why in calibration.skipped.items():
-        notes.append(f"{name}: no calibration ({why}); scored by magnitude, not recovered")
-    return calibration
-
-
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
-
-
-def _choose_strategy(
-    builder: ModelBuilder, evaluator: Evaluator, search_idx: np.ndarray, options: PruneOptions
-) -> tuple[Callable[[Mapping[str, np.ndarray]], Runner], str]:
-    """Measure the baseline (into ``evaluator.reference``) and pick how candidates run.
-
-    Feeding the weights as inputs saves a session per candidate but runs
-    without constant folding and pre-packing; which is cheaper depends on the
-    model, so it is timed on a few batches of the search split.
-    """
-    split, output, threads = builder.split, evaluator.output, options.threads
-    everything = np.arange(len(evaluator.evalset))
-    fed: FedWeights | None = None
-    why = ""
-    if FedWeights.possible(split):
-        try:
-            fed = FedWeights(split, output, threads=threads)
-        except UnsupportedModelError as e:
-            why = f" (onnxruntime cannot run the weights as inputs: {e})"
-    else:
-        why = " (bfloat16 weights cannot be fed as inputs)"
-
-    def built(weights: Mapping[str, np.ndarray]) -> Runner:
-        return session_runner(builder.session(weights, threads=threads), output)
-
-    if fed is not None and split.weight_bytes >= FED_ALWAYS_BYTES:
-        # one set of weights in memory, not one more per session
-        evaluator.reference = evaluator.outputs(fed.runner(split.weights), everything)
-        return fed.runner, "candidates ran with their weights fed as inputs of one session (large weights)"
-    t0 = time.perf_counter()
-    base = built(split.weights)
-    created = time.perf_counter() - t0
-    evaluator.reference = evaluator.outputs(base, everything)
-    if fed is None:
-        return built, "candidates ran as sessions of the built model" + why
-    sample = search_idx[: max(STRATEGY_SAMPLES, 4 * evaluator.batch_size)]
-    fed_runner = fed.runner(split.weights)
-    fed_out = evaluator.outputs(fed_runner, sample)  # also warms the session up
-    ref = evaluator.reference[sample]
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    if not np.allclose(fed_out, ref, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
-        return built, "candidates ran as sessions of the built model (fed weights changed the outputs)"
-    timed = {}
-    for name, runner in (("fed", fed_runner), ("built", base)):
-        t0 = time.perf_counter()
-        evaluator.outputs(runner, sample)
-        timed[name] = (time.perf_counter() - t0) * len(search_idx) / max(len(sample), 1)
-    if timed["fed"] <= created + timed["built"]:
-        return fed.runner, "candidates ran with their weights fed as inputs of one session (measured faster)"
-    return built, "candidates ran as sessions of the built model (measured faster)"
 
 
 class _FinalCheck:

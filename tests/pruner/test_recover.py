@@ -124,16 +124,17 @@ def test_methods_end_to_end(criterion: pruner.Criterion, recover: pruner.Recover
 
 
 def test_calibration_never_sees_the_held_out_split(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pruner._candidates as candidates
     import pruner._prune as run
 
     seen: list[np.ndarray] = []
-    real = run.calibrate
+    real = candidates.calibrate
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
         seen.append(np.asarray(args[3]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(run, "calibrate", spy)
+    monkeypatch.setattr(candidates, "calibrate", spy)
     options = pruner.PruneOptions(recover=pruner.Recovery.LSQ, max_evaluations=2)
     evalset = pruner.load_eval_set(FIXTURES / "mlp_eval.npz")
     pruner.prune(FIXTURES / "mlp.onnx", evalset, options)

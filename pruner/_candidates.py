@@ -1,0 +1,385 @@
+"""Candidate generators: what each mode prunes, how a config becomes a model to run, and
+what the written model is. ``prune()`` drives any of them through the same search.
+
+* :class:`WeightCandidates` (zero and N:M modes): the prunable weights are split out of
+  the model; a config zeroes (and, with recovery, refits) some of them, and candidates
+  run with the weights fed as inputs or as built sessions, whichever is cheaper.
+* :class:`ChannelCandidates` (remove mode): a config removes channel components; every
+  candidate is a rebuilt, smaller model.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ._analysis import Inspection
+from ._errors import UnsupportedModelError
+from ._evalset import EvalSet
+from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
+from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
+from ._options import Allocation, Criterion, Mode, PruneOptions, Recovery
+from ._plan import LayerPlan, element_mask, zero_lowest
+from ._recover import Calibration, calibrate
+from ._remove import Remover
+from ._report import LayerReport
+from ._score import granularity, lowest, unit_scores
+from ._space import PROFILE_LEVELS, Config, ZeroSpace, build_units, sensitivity_sketch
+
+__all__ = ["ChannelCandidates", "WeightCandidates"]
+
+logger = logging.getLogger(__name__)
+
+FED_ALWAYS_BYTES = 64 * 2**20
+"""From this much prunable weight data on, candidates always run with their weights
+fed as inputs (one copy of the weights in memory) and scores are recomputed per candidate."""
+STRATEGY_SAMPLES = 512
+"""Samples (at least four batches) timed to choose between fed and built candidates."""
+
+Probe = Callable[[Config], float]
+
+
+class WeightCandidates:
+    """Zero and N:M modes. Takes ownership of ``model`` (pass a copy to keep it)."""
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        inspection: Inspection,
+        data: EvalSet,
+        search_idx: np.ndarray,
+        evaluator: Evaluator,
+        options: PruneOptions,
+        notes: list[str],
+        timings: dict[str, float],
+    ) -> None:
+        self.options = options
+        self.evaluator = evaluator
+        self.notes = notes
+        self.calibration: Calibration | None = None
+        start = time.perf_counter()
+        if options.criterion is Criterion.ACTIVATION or options.recover is not Recovery.NONE:
+            self.calibration = _calibrate(model, inspection, data, search_idx, evaluator, options, notes)
+            timings["calibration"] = time.perf_counter() - start
+        biases = set()
+        if self.calibration is not None and options.recover is not Recovery.NONE:
+            biases = {la.bias for la in self.calibration.layouts.values() if la.bias is not None}
+        self.split = SplitModel.take(model, {la.name for la in inspection.layers} | biases)
+        del model
+        self.builder = ModelBuilder(self.split)
+        start = time.perf_counter()
+        evaluator.candidates, strategy = _choose_strategy(self.builder, evaluator, search_idx, options)
+        timings["baseline"] = time.perf_counter() - start
+        notes.append(strategy)
+
+        start = time.perf_counter()
+        self.gran = granularity(options.criterion)
+        self.scores: dict[str, np.ndarray] = {}
+        self.keep_scores = self.split.weight_bytes < FED_ALWAYS_BYTES
+        self.recovered: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] = {}
+        """Recovered weights by (layer, amount): candidates of a search share most layers' amounts."""
+        self.nm_masks: dict[str, np.ndarray] = {}
+        self.space: ZeroSpace | NMSpace
+        self.units: list[Any]
+        if options.mode is Mode.NM:
+            self.space, self.units = self._nm_space(inspection)
+        else:
+            units = []
+            for layer in inspection.layers:
+                weight = self.split.weights[layer.name]
+                scores = unit_scores(options.criterion, layer, weight, self.calibration)
+                units.append(build_units(layer, weight, scores, self.gran, options.allocation, options.layer_cap))
+                if self.keep_scores:
+                    self.scores[layer.name] = scores
+            self.space, self.units = ZeroSpace(units, options.allocation), units
+        timings["scoring"] = time.perf_counter() - start
+
+    @property
+    def refinable(self) -> bool:
+        """Whether the search's per-layer refinement applies (an N:M layer is all or nothing)."""
+        return not isinstance(self.space, NMSpace)
+
+    def runner(self, config: Config) -> Runner:
+        return self.evaluator.runner(self.weights(config))
+
+    def with_probe(self, probe: Probe) -> dict[str, list[list[float]]]:
+        """Finish the space with label-free probes: N:M ranking or sensitivity profiles."""
+        if isinstance(self.space, NMSpace):
+            space = self.space
+            space.rank(lambda i: probe(space.one(i)))
+            self.notes.append(f"N:M layers ranked by one label-free probe each ({space.n_layers} probes)")
+            return {}
+        if self.options.allocation is Allocation.SENSITIVITY and self.units:
+            return _sensitivity(self.space, probe, self.options, self.notes)
+        return {}
+
+    def weights(self, config: Config, *, in_place: bool = False) -> dict[str, np.ndarray]:
+        """The weights a config describes (the originals where nothing is pruned), recovered if asked."""
+        options, calibration = self.options, self.calibration
+        out = dict(self.split.weights)
+        for u, amount in zip(self.units, config, strict=True):
+            if not amount:
+                continue
+            name = u.layer.name
+            layout = None if calibration is None else calibration.layouts.get(name)
+            recover = options.recover is not Recovery.NONE and layout is not None and calibration is not None
+            if isinstance(self.space, NMSpace):
+                mask = self.nm_masks[name]
+                if not recover:
+                    out[name] = np.where(mask, 0, out[name]).astype(out[name].dtype)
+                    continue
+            else:
+                scores = self.scores[name] if self.keep_scores else None
+                if scores is None:
+                    scores = unit_scores(options.criterion, u.layer, out[name], calibration)
+                hint = (u.sketch_ranks, u.raw_sketch)
+                if not recover:
+                    weight = out[name] if in_place else out[name].copy()
+                    out[name] = zero_lowest(weight, scores, amount, self.gran, u.layer.channel_axis, hint)
+                    continue
+                mask = element_mask(out[name].shape, lowest(scores, amount, hint), self.gran, u.layer.channel_axis)
+            assert calibration is not None and layout is not None
+            key = (name, amount)
+            if key not in self.recovered:
+                result = calibration.recover(name, out[name], mask, reconstruct=options.recover is Recovery.LSQ)
+                if not self.keep_scores:  # large layers: recompute rather than hold copies
+                    self.recovered.clear()
+                self.recovered[key] = result
+            out[name], shift = self.recovered[key]
+            _shift_bias(out, layout.bias, shift)
+        return out
+
+    def build(self, config: Config) -> onnx.ModelProto | bytes:
+        """The model to write (bytes, or a ModelProto over 2 GB). The candidates are spent afterwards."""
+        # large weights are pruned in place: the originals are not needed once the winner is known
+        weights = self.weights(config, in_place=not self.keep_scores)
+        self.scores.clear()
+        built = self.builder.to_proto(weights) if self.builder.large else self.builder.to_bytes(weights)
+        del weights
+        self.release()
+        return built
+
+    def release(self) -> None:
+        """Drop the weights: from here on a fallback reloads the original."""
+        self.split.weights.clear()
+        self.scores.clear()
+        self.recovered.clear()
+
+    def sparse_names(self, config: Config) -> list[str]:
+        return [u.layer.name for u, a in zip(self.units, config, strict=True) if a]
+
+    def plan_layers(self, config: Config) -> tuple[LayerPlan, ...]:
+        pairs = zip(self.units, config, strict=True)
+        return tuple(LayerPlan(u.layer.name, a, u.units, u.layer.channel_axis) for u, a in pairs)
+
+    def summary(
+        self, config: Config, pruned: onnx.ModelProto
+    ) -> tuple[list[LayerReport], tuple[int, int, int], list[dict[str, str]] | None]:
+        """Per-layer reports, (prunable, before, after) params, and skipped items (None: the inspection's)."""
+        space = self.space
+        reports = [
+            LayerReport(
+                u.layer.name,
+                u.layer.op_type,
+                u.layer.shape,
+                u.layer.params,
+                space.layer_nonzero(i, 0),
+                space.layer_nonzero(i, amount),
+            )
+            for i, (u, amount) in enumerate(zip(self.units, config, strict=True))
+        ]
+        return reports, (space.total_params, space.nonzero(space.empty()), space.nonzero(config)), None
+
+    def _nm_space(self, inspection: Inspection) -> tuple[NMSpace, list[NMUnit]]:
+        """N:M masks of every layer (by the criterion's element scores) and the space over them."""
+        n, m = self.options.nm
+        nonzero, zeroed = [], []
+        for layer in inspection.layers:
+            weight = self.split.weights[layer.name]
+            mask = nm_mask(layer, unit_scores(self.options.criterion, layer, weight, self.calibration), n, m)
+            if mask is None:
+                size = layer.shape[reduction_axis(layer)]
+                self.notes.append(f"{layer.name}: left dense, its reduction axis of {size} is not a multiple of {m}")
+                mask = np.zeros(weight.shape, dtype=bool)
+            self.nm_masks[layer.name] = mask
+            nonzero.append(int(np.count_nonzero(weight)))
+            zeroed.append(int(np.count_nonzero(weight[mask])))
+        return NMSpace(inspection.layers, nonzero, zeroed), [NMUnit(layer) for layer in inspection.layers]
+
+
+class ChannelCandidates:
+    """Remove mode: every candidate is the model without some channel components."""
+
+    refinable = True
+
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        inspection: Inspection,
+        data: EvalSet,
+        search_idx: np.ndarray,
+        evaluator: Evaluator,
+        options: PruneOptions,
+        notes: list[str],
+        timings: dict[str, float],
+    ) -> None:
+        self.options = options
+        self.evaluator = evaluator
+        start = time.perf_counter()
+        calibration = None
+        if options.recover is not Recovery.NONE:
+            calibration = _calibrate(model, inspection, data, search_idx, evaluator, options, notes)
+            timings["calibration"] = time.perf_counter() - start
+        self.remover = Remover(model, options, calibration)
+        self.space: ZeroSpace = self.remover.space
+        self.units: list[Any] = self.remover.space.layers
+        timings["scoring"] = time.perf_counter() - start
+        start = time.perf_counter()
+        session = make_session(model.SerializeToString(), threads=options.threads)
+        evaluator.reference = evaluator.outputs(session_runner(session, evaluator.output), np.arange(len(data)))
+        timings["baseline"] = time.perf_counter() - start
+        notes.append("candidates ran as sessions of the pruned models")
+        self.notes = notes
+
+    def runner(self, config: Config) -> Runner:
+        return self.remover.runner(config, self.evaluator.output, self.options.threads)
+
+    def with_probe(self, probe: Probe) -> dict[str, list[list[float]]]:
+        if self.options.allocation is Allocation.SENSITIVITY and self.units:
+            return _sensitivity(self.space, probe, self.options, self.notes)
+        return {}
+
+    def build(self, config: Config) -> bytes:
+        return self.remover.to_bytes(config)
+
+    def release(self) -> None:
+        pass
+
+    def sparse_names(self, config: Config) -> list[str]:
+        return []  # removed channels leave nothing sparse behind
+
+    def plan_layers(self, config: Config) -> tuple[LayerPlan, ...]:
+        pairs = zip(self.units, config, strict=True)
+        return tuple(LayerPlan(u.layer.name, a, u.units, u.layer.channel_axis) for u, a in pairs)
+
+    def summary(
+        self, config: Config, pruned: onnx.ModelProto
+    ) -> tuple[list[LayerReport], tuple[int, int, int], list[dict[str, str]] | None]:
+        reports, params = self.remover.summary(config, pruned)
+        skipped = [{"name": name, "op_type": "channels", "reason": why} for name, why in self.remover.skipped]
+        return reports, params, skipped
+
+
+def _sensitivity(
+    space: ZeroSpace, probe: Probe, options: PruneOptions, notes: list[str]
+) -> dict[str, list[list[float]]]:
+    """Measure (or reuse) every layer's sensitivity profile and make it the space's allocation."""
+    cached = options.sensitivity or {}
+    profiles: dict[str, list[list[float]]] = {}
+    measured = 0
+    for i, u in enumerate(space.layers):
+        profile = cached.get(u.layer.name)
+        if profile is None or len(profile) != len(PROFILE_LEVELS):
+            profile = []
+            for level in PROFILE_LEVELS:
+                config = list(space.empty())
+                config[i] = min(round(level * u.units), u.max_amount)
+                profile.append([level, probe(tuple(config))])
+                measured += 1
+        profiles[u.layer.name] = profile
+        u.sketch = sensitivity_sketch(u, profile)
+    reused = len(space.layers) - measured // len(PROFILE_LEVELS)
+    notes.append(f"sensitivity profiles: {measured} probes" + (f", {reused} layer(s) reused" if reused else ""))
+    return profiles
+
+
+def _shift_bias(weights: dict[str, np.ndarray], bias: str | None, shift: np.ndarray | None) -> None:
+    """Add a recovered bias shift to the bias in ``weights`` (in its own dtype)."""
+    if shift is None or bias is None or bias not in weights:
+        return
+    current = weights[bias]
+    weights[bias] = (current.astype(np.float64) + shift.reshape(current.shape)).astype(current.dtype)
+
+
+def _calibrate(
+    model: onnx.ModelProto,
+    inspection: Inspection,
+    data: EvalSet,
+    search_idx: np.ndarray,
+    evaluator: Evaluator,
+    options: PruneOptions,
+    notes: list[str],
+) -> Calibration:
+    """Layer input statistics on a seeded sample of the search split (never the held-out one)."""
+    count = min(options.calibration_samples, len(search_idx))
+    rows = np.sort(np.random.default_rng(options.seed).choice(search_idx, count, replace=False))
+    calibration = calibrate(
+        model,
+        list(inspection.layers),
+        data,
+        rows,
+        batch_size=evaluator.batch_size,
+        fixed_batch=evaluator.fixed_batch,
+        full=options.recover is Recovery.LSQ,
+        threads=options.threads,
+    )
+    notes.append(f"calibrated on {count} samples of the search split")
+    for name, why in calibration.skipped.items():
+        notes.append(f"{name}: no calibration ({why}); scored by magnitude, not recovered")
+    return calibration
+
+
+def _choose_strategy(
+    builder: ModelBuilder, evaluator: Evaluator, search_idx: np.ndarray, options: PruneOptions
+) -> tuple[Callable[[Mapping[str, np.ndarray]], Runner], str]:
+    """Measure the baseline (into ``evaluator.reference``) and pick how candidates run.
+
+    Feeding the weights as inputs saves a session per candidate but runs
+    without constant folding and pre-packing; which is cheaper depends on the
+    model, so it is timed on a few batches of the search split.
+    """
+    split, output, threads = builder.split, evaluator.output, options.threads
+    everything = np.arange(len(evaluator.evalset))
+    fed: FedWeights | None = None
+    why = ""
+    if FedWeights.possible(split):
+        try:
+            fed = FedWeights(split, output, threads=threads)
+        except UnsupportedModelError as e:
+            why = f" (onnxruntime cannot run the weights as inputs: {e})"
+    else:
+        why = " (bfloat16 weights cannot be fed as inputs)"
+
+    def built(weights: Mapping[str, np.ndarray]) -> Runner:
+        return session_runner(builder.session(weights, threads=threads), output)
+
+    if fed is not None and split.weight_bytes >= FED_ALWAYS_BYTES:
+        # one set of weights in memory, not one more per session
+        evaluator.reference = evaluator.outputs(fed.runner(split.weights), everything)
+        return fed.runner, "candidates ran with their weights fed as inputs of one session (large weights)"
+    start = time.perf_counter()
+    base = built(split.weights)
+    created = time.perf_counter() - start
+    evaluator.reference = evaluator.outputs(base, everything)
+    if fed is None:
+        return built, "candidates ran as sessions of the built model" + why
+    sample = search_idx[: max(STRATEGY_SAMPLES, 4 * evaluator.batch_size)]
+    fed_runner = fed.runner(split.weights)
+    fed_out = evaluator.outputs(fed_runner, sample)  # also warms the session up
+    ref = evaluator.reference[sample]
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    if not np.allclose(fed_out, ref, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
+        return built, "candidates ran as sessions of the built model (fed weights changed the outputs)"
+    timed = {}
+    for name, runner in (("fed", fed_runner), ("built", base)):
+        start = time.perf_counter()
+        evaluator.outputs(runner, sample)
+        timed[name] = (time.perf_counter() - start) * len(search_idx) / max(len(sample), 1)
+    if timed["fed"] <= created + timed["built"]:
+        return fed.runner, "candidates ran with their weights fed as inputs of one session (measured faster)"
+    return built, "candidates ran as sessions of the built model (measured faster)"
