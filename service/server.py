@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def shutdown(signum: int, frame: object) -> None:
         logger.info(json.dumps({"event": "stopping", "signal": signum, "grace": config.grace}))
-        set_serving(health_servicer, False)
+        health_servicer.enter_graceful_shutdown()  # NOT_SERVING for every service, for good
         server.stop(config.grace).wait()
         stopped.set()
 
