@@ -44,7 +44,26 @@ STRATEGY_SAMPLES = 512
 Probe = Callable[[Config], float]
 
 
-class WeightCandidates:
+class _Candidates:
+    """What both kinds share: the plan of a config and the probed allocations."""
+
+    options: PruneOptions
+    notes: list[str]
+    space: ZeroSpace | NMSpace
+    units: list[Any]
+
+    def plan_layers(self, config: Config) -> tuple[LayerPlan, ...]:
+        pairs = zip(self.units, config, strict=True)
+        return tuple(LayerPlan(u.layer.name, a, u.units, u.layer.channel_axis) for u, a in pairs)
+
+    def with_probe(self, probe: Probe) -> dict[str, list[list[float]]]:
+        """Finish the space with label-free probes (sensitivity profiles when asked)."""
+        if self.options.allocation is Allocation.SENSITIVITY and self.units and isinstance(self.space, ZeroSpace):
+            return _sensitivity(self.space, probe, self.options, self.notes)
+        return {}
+
+
+class WeightCandidates(_Candidates):
     """Zero and N:M modes. Takes ownership of ``model`` (pass a copy to keep it)."""
 
     def __init__(
@@ -114,9 +133,7 @@ class WeightCandidates:
             space.rank(lambda i: probe(space.one(i)))
             self.notes.append(f"N:M layers ranked by one label-free probe each ({space.n_layers} probes)")
             return {}
-        if self.options.allocation is Allocation.SENSITIVITY and self.units:
-            return _sensitivity(self.space, probe, self.options, self.notes)
-        return {}
+        return super().with_probe(probe)
 
     def weights(self, config: Config, *, in_place: bool = False) -> dict[str, np.ndarray]:
         """The weights a config describes (the originals where nothing is pruned), recovered if asked."""
@@ -173,10 +190,6 @@ class WeightCandidates:
     def sparse_names(self, config: Config) -> list[str]:
         return [u.layer.name for u, a in zip(self.units, config, strict=True) if a]
 
-    def plan_layers(self, config: Config) -> tuple[LayerPlan, ...]:
-        pairs = zip(self.units, config, strict=True)
-        return tuple(LayerPlan(u.layer.name, a, u.units, u.layer.channel_axis) for u, a in pairs)
-
     def summary(
         self, config: Config, pruned: onnx.ModelProto
     ) -> tuple[list[LayerReport], tuple[int, int, int], list[dict[str, str]] | None]:
@@ -212,7 +225,7 @@ class WeightCandidates:
         return NMSpace(inspection.layers, nonzero, zeroed), [NMUnit(layer) for layer in inspection.layers]
 
 
-class ChannelCandidates:
+class ChannelCandidates(_Candidates):
     """Remove mode: every candidate is the model without some channel components."""
 
     refinable = True
@@ -249,11 +262,6 @@ class ChannelCandidates:
     def runner(self, config: Config) -> Runner:
         return self.remover.runner(config, self.evaluator.output, self.options.threads)
 
-    def with_probe(self, probe: Probe) -> dict[str, list[list[float]]]:
-        if self.options.allocation is Allocation.SENSITIVITY and self.units:
-            return _sensitivity(self.space, probe, self.options, self.notes)
-        return {}
-
     def build(self, config: Config) -> bytes:
         return self.remover.to_bytes(config)
 
@@ -262,10 +270,6 @@ class ChannelCandidates:
 
     def sparse_names(self, config: Config) -> list[str]:
         return []  # removed channels leave nothing sparse behind
-
-    def plan_layers(self, config: Config) -> tuple[LayerPlan, ...]:
-        pairs = zip(self.units, config, strict=True)
-        return tuple(LayerPlan(u.layer.name, a, u.units, u.layer.channel_axis) for u, a in pairs)
 
     def summary(
         self, config: Config, pruned: onnx.ModelProto
