@@ -107,7 +107,22 @@ PRUNE_CASES = [
     ("unknown-metric", ["{model}", "--eval", "{eval}", "--metric", "f1"], ["--metric", "f1"]),
     ("unknown-output", ["{model}", "--eval", "{eval}", "--output", "zzz"], ["'zzz'", "not a model output"]),
     ("empty-include", ["{model}", "--eval", "{eval}", "--include="], ["include"]),
-]
+    ("unknown-mode", ["{model}", "--eval", "{eval}", "--mode", "prune"], ["--mode", "prune"]),
+    ("nm-backwards", ["{model}", "--eval", "{eval}", "--mode", "nm", "--nm", "4:2"], ["nm", r"\(4, 2\)"]),
+    ("nm-garbage", ["{model}", "--eval", "{eval}", "--mode", "nm", "--nm", "two:four"], ["--nm", "two:four"]),
+    ("channel-multiple-0", ["{model}", "--eval", "{eval}", "--mode", "remove", "--channel-multiple", "0"],
+     ["channel.multiple", "0"]),
+    ("calibration-0", ["{model}", "--eval", "{eval}", "--recover", "lsq", "--calibration-samples", "0"],
+     ["calibration.samples", "0"]),
+    ("target-sparsity-2", ["{model}", "--eval", "{eval}", "--target-sparsity", "2"], ["target.sparsity", "2"]),
+    ("bytes-in-zero-mode", ["{model}", "--eval", "{eval}", "--objective", "bytes"], ["bytes", "mode remove"]),
+    ("activation-remove", ["{model}", "--eval", "{eval}", "--mode", "remove", "--criterion", "activation"],
+     ["activation", "zero mode"]),
+    ("nm-channels", ["{model}", "--eval", "{eval}", "--mode", "nm", "--criterion", "l2"], ["N:M", "magnitude"]),
+    ("sensitivity-missing", ["{model}", "--eval", "{eval}", "--sensitivity-from", "{tmp}/none.json"],
+     ["none.json"]),
+    ("sensitivity-not-report", ["{model}", "--eval", "{eval}", "--sensitivity-from", "{eval}"], ["eval.npz"]),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize(("args", "patterns"), [c[1:] for c in PRUNE_CASES], ids=[c[0] for c in PRUNE_CASES])
