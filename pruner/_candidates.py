@@ -245,7 +245,7 @@ class ChannelCandidates(_Candidates):
         self.evaluator = evaluator
         start = time.perf_counter()
         calibration = None
-        if options.recover is not Recovery.NONE:
+        if options.recover is not Recovery.NONE or options.criterion is Criterion.ACTIVATION:
             calibration = _calibrate(model, inspection, data, search_idx, evaluator, options, notes)
             timings["calibration"] = time.perf_counter() - start
         self.remover = Remover(model, options, calibration)

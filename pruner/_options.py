@@ -51,7 +51,7 @@ class Criterion(enum.Enum):
     L2 = "l2"
     """L2 norm of each output channel; whole channels are zeroed."""
     ACTIVATION = "activation"
-    """|w| times the L2 norm of its input over calibration data (Wanda); zero mode."""
+    """|w| times the L2 norm of its input over calibration data (Wanda; summed per channel in remove mode)."""
 
 
 class Recovery(enum.Enum):
@@ -240,8 +240,6 @@ class PruneOptions:
             raise InvalidConfigError("sensitivity must map layer names to [[sparsity, deviation], ...] lists")
         if self.target_sparsity is not None:
             _check_float("target_sparsity", self.target_sparsity, 0.0, 1.0, low_open=True, high_open=True)
-        if self.mode is Mode.REMOVE and self.criterion is Criterion.ACTIVATION:
-            raise InvalidConfigError("the activation criterion works in zero mode only (for now)")
         if self.channel_multiple is not None:
             _check_int("channel_multiple", self.channel_multiple, 1, 1024)
         if self.mode is not Mode.REMOVE and self.objective in (Objective.BYTES, Objective.LATENCY):

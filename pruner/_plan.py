@@ -98,6 +98,8 @@ class PlanIssue:
 def check_plan(plan: PruningPlan, model: onnx.ModelProto) -> list[PlanIssue]:
     """Reasons the plan does not fit the model; empty when it can be applied."""
     if plan.mode is Mode.REMOVE:
+        if plan.criterion is Criterion.ACTIVATION:
+            return [PlanIssue("", "an activation-scored removal needs the run's calibration data to replay")]
         triples = [(layer.tensor, layer.amount, layer.units) for layer in plan.layers]
         return [PlanIssue(name, why) for name, why in removal_problems(model, triples)]
     index = GraphIndex.build(model.graph)

@@ -26,13 +26,28 @@ from ._structure import Family, Structure, analyze_structure, remove_components
 __all__ = ["Remover", "removal_problems", "replay_removal"]
 
 
-def component_scores(model: onnx.ModelProto, structure: Structure, family: Family, criterion: Criterion) -> np.ndarray:
+def component_scores(
+    model: onnx.ModelProto,
+    structure: Structure,
+    family: Family,
+    criterion: Criterion,
+    calibration: Calibration | None = None,
+) -> np.ndarray:
     """Importance of each component of ``family``, summed over its coupled weight slices.
 
     Only the weights of Conv/Gemm/MatMul count (output rows of producers, input
     columns of consumers); a BatchNormalization between them scales the rows by
-    its per-channel gain |gamma| / sqrt(var + eps), as folding it would.
+    its per-channel gain |gamma| / sqrt(var + eps), as folding it would. The
+    activation criterion (the group form of Wanda) scores a channel by what its
+    consumers draw from it: sum |W_ij| * ||x_j|| over the consumers' columns of
+    that channel, from calibration statistics; a family whose consumers have none
+    is scored by magnitude.
     """
+    if criterion is Criterion.ACTIVATION and calibration is not None:
+        drawn = _activation_scores(structure, family, calibration, _constants(model))
+        if drawn is not None:
+            return drawn
+        criterion = Criterion.MAGNITUDE
     arrays = _constants(model)
     index = {int(c): i for i, c in enumerate(family.components)}
     gain = np.ones(len(family.components), dtype=np.float64)
@@ -62,6 +77,28 @@ def component_scores(model: onnx.ModelProto, structure: Structure, family: Famil
     else:
         total = produced * gain + consumed
     return total.astype(np.float32)
+
+
+def _activation_scores(
+    structure: Structure, family: Family, calibration: Calibration, arrays: dict[str, np.ndarray]
+) -> np.ndarray | None:
+    index = {int(c): i for i, c in enumerate(family.components)}
+    total = np.zeros(len(family.components), dtype=np.float64)
+    found = False
+    for name, axis in family.param_slots:
+        layout, stats = calibration.layouts.get(name), calibration.stats.get(name)
+        if (name, axis) not in structure.consumer_slots or layout is None or stats is None or stats.squares is None:
+            continue
+        found = True
+        rows = np.abs(layout.rows(arrays[name].astype(np.float64)))
+        drawn = (rows * stats.norms[None, :]).sum(axis=0)  # per input column
+        channels = structure.slot_size[(name, axis)]
+        per_channel = drawn.reshape(channels, -1).sum(axis=1)  # columns are channel-major
+        for position, component in enumerate(structure.atoms((name, axis))):
+            i = index.get(int(component))
+            if i is not None:
+                total[i] += per_channel[position]
+    return total.astype(np.float32) if found else None
 
 
 def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
@@ -166,7 +203,9 @@ class Remover:
                 self.skipped.append((family.name, f"excluded by {excluded[0]!r}"))
                 continue
             self.families.append(family)
-        self.scores = [component_scores(model, self.structure, f, options.criterion) for f in self.families]
+        self.scores = [
+            component_scores(model, self.structure, f, options.criterion, calibration) for f in self.families
+        ]
         units = [_family_units(f, s, options) for f, s in zip(self.families, self.scores, strict=True)]
         self.space = RemoveSpace(units, options)
 
@@ -181,7 +220,8 @@ class Remover:
 
     def to_proto(self, config: Config) -> onnx.ModelProto:
         removed = self.removed(config)
-        model = self.model if self.calibration is None or not len(removed) else self._refit(removed)
+        refit = self.calibration is not None and self.options.recover is not Recovery.NONE and len(removed)
+        model = self._refit(removed) if refit else self.model
         return remove_components(model, self.structure, list(removed))
 
     def _refit(self, removed: np.ndarray) -> onnx.ModelProto:
@@ -258,7 +298,7 @@ class Remover:
 def removal_problems(model: onnx.ModelProto, layers: list[tuple[str, int, int]]) -> list[tuple[str, str]]:
     """(family, why) for every (family, amount, units) of a removal plan that does not fit ``model``."""
     families = {f.name: f for f in analyze_structure(model).families}
-    problems = []
+    problems: list[tuple[str, str]] = []
     for name, amount, units in layers:
         family = families.get(name)
         if family is None:

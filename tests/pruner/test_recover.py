@@ -144,9 +144,28 @@ def test_calibration_never_sees_the_held_out_split(monkeypatch: pytest.MonkeyPat
     assert not set(rows.tolist()) & set(held_out.tolist())
 
 
-def test_activation_criterion_only_in_zero_mode() -> None:
-    with pytest.raises(pruner.InvalidConfigError, match="zero mode only"):
-        pruner.PruneOptions(mode=pruner.Mode.REMOVE, criterion=pruner.Criterion.ACTIVATION)
+def test_channel_activation_scores_are_what_consumers_draw() -> None:
+    from pruner._remove import component_scores
+    from pruner._structure import analyze_structure
+
+    rng = np.random.default_rng(8)
+    w1, w2 = rng.standard_normal((6, 5)).astype(np.float32), rng.standard_normal((4, 6)).astype(np.float32)
+    text = HEADER + (
+        "g (float[N, 5] x) => (float[N, 4] y) "
+        "{ h = Gemm <transB = 1> (x, w1) r = Relu (h) y = Gemm <transB = 1> (r, w2) }"
+    )
+    model = parse(text, {"w1": w1, "w2": w2})
+    x = correlated_inputs(64, 5, seed=9)
+    calibration = calibrated(model, x, full=False)
+    structure = analyze_structure(model)
+    (family,) = structure.families
+    scores = component_scores(model, structure, family, pruner.Criterion.ACTIVATION, calibration)
+    hidden = np.maximum(x @ w1.T, 0)
+    expected = (np.abs(w2) * np.sqrt((hidden.astype(np.float64) ** 2).mean(axis=0))[None, :]).sum(axis=0)
+    order = structure.atoms(("w2", 1))
+    np.testing.assert_allclose(scores[np.argsort(order)], expected, rtol=1e-4)
+    plan = pruner.PruningPlan(pruner.Mode.REMOVE, pruner.Criterion.ACTIVATION, ())
+    assert "calibration" in pruner.check_plan(plan, model)[0].reason
 
 
 def test_recovered_biases_are_written(tmp_path: Path) -> None:

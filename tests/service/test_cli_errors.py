@@ -116,8 +116,6 @@ PRUNE_CASES = [
      ["calibration.samples", "0"]),
     ("target-sparsity-2", ["{model}", "--eval", "{eval}", "--target-sparsity", "2"], ["target.sparsity", "2"]),
     ("bytes-in-zero-mode", ["{model}", "--eval", "{eval}", "--objective", "bytes"], ["bytes", "mode remove"]),
-    ("activation-remove", ["{model}", "--eval", "{eval}", "--mode", "remove", "--criterion", "activation"],
-     ["activation", "zero mode"]),
     ("nm-channels", ["{model}", "--eval", "{eval}", "--mode", "nm", "--criterion", "l2"], ["N:M", "magnitude"]),
     ("sensitivity-missing", ["{model}", "--eval", "{eval}", "--sensitivity-from", "{tmp}/none.json"],
      ["none.json"]),
