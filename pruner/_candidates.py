@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from ._report import LayerReport
 from ._score import granularity, lowest, unit_scores
 from ._space import PROFILE_LEVELS, Config, ZeroSpace, build_units, sensitivity_sketch
 
-__all__ = ["ChannelCandidates", "WeightCandidates"]
+__all__ = ["ChannelCandidates", "RunContext", "WeightCandidates"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,20 @@ STRATEGY_SAMPLES = 512
 """Samples (at least four batches) timed to choose between fed and built candidates."""
 
 Probe = Callable[[Config], float]
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """What a run knows before it builds candidates: shared by every kind."""
+
+    inspection: Inspection
+    data: EvalSet
+    search_idx: np.ndarray
+    evaluator: Evaluator
+    options: PruneOptions
+    notes: list[str]
+    """Appended to: ends up in the report."""
+    timings: dict[str, float]
 
 
 class _Candidates:
@@ -66,17 +81,9 @@ class _Candidates:
 class WeightCandidates(_Candidates):
     """Zero and N:M modes. Takes ownership of ``model`` (pass a copy to keep it)."""
 
-    def __init__(
-        self,
-        model: onnx.ModelProto,
-        inspection: Inspection,
-        data: EvalSet,
-        search_idx: np.ndarray,
-        evaluator: Evaluator,
-        options: PruneOptions,
-        notes: list[str],
-        timings: dict[str, float],
-    ) -> None:
+    def __init__(self, model: onnx.ModelProto, run: RunContext) -> None:
+        inspection, data, search_idx, evaluator = run.inspection, run.data, run.search_idx, run.evaluator
+        options, notes, timings = run.options, run.notes, run.timings
         self.options = options
         self.evaluator = evaluator
         self.notes = notes
@@ -230,17 +237,9 @@ class ChannelCandidates(_Candidates):
 
     refinable = True
 
-    def __init__(
-        self,
-        model: onnx.ModelProto,
-        inspection: Inspection,
-        data: EvalSet,
-        search_idx: np.ndarray,
-        evaluator: Evaluator,
-        options: PruneOptions,
-        notes: list[str],
-        timings: dict[str, float],
-    ) -> None:
+    def __init__(self, model: onnx.ModelProto, run: RunContext) -> None:
+        inspection, data, search_idx, evaluator = run.inspection, run.data, run.search_idx, run.evaluator
+        options, notes, timings = run.options, run.notes, run.timings
         self.options = options
         self.evaluator = evaluator
         start = time.perf_counter()

@@ -17,7 +17,7 @@ import onnx
 import onnxruntime as ort
 
 from ._analysis import Inspection, analyze
-from ._candidates import ChannelCandidates, WeightCandidates
+from ._candidates import ChannelCandidates, RunContext, WeightCandidates
 from ._errors import InvalidConfigError, InvalidEvalSetError, InvalidModelError, UnsupportedModelError
 from ._evalset import EvalSet, InputSpec, load_eval_set, model_inputs, validate_eval_set
 from ._evaluate import Evaluator, ModelBuilder, Runner, SplitModel, make_session, session_runner
@@ -172,7 +172,7 @@ def prune(
     # candidates take the model they are given apart: never the caller's
     owned = _copy(original) if isinstance(model, onnx.ModelProto) else original
     del original
-    candidates = kind(owned, inspection, data, search_idx, evaluator, options, notes, timings)
+    candidates = kind(owned, RunContext(inspection, data, search_idx, evaluator, options, notes, timings))
     del owned
     space, units = candidates.space, candidates.units
     reference = evaluator.reference
