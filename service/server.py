@@ -402,7 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     token = os.environ.get("ONNX_PRUNER_TOKEN")
     if args.token_file:
-        token = Path(args.token_file).read_text().strip()
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as e:
+            print(f"onnx-pruner server: error: cannot read the token file: {e}", file=sys.stderr)
+            return 2
     try:
         config = ServerConfig(
             address=args.address,
@@ -422,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     handler = logging.StreamHandler()
     handler.setFormatter(_JsonLogs())
     logging.basicConfig(level=config.log_level, handlers=[handler], force=True)
-    server, port, health_servicer = create_server(config)
+    try:
+        server, port, health_servicer = create_server(config)
+    except OSError as e:  # an unreadable certificate or key, a port in use
+        print(f"onnx-pruner server: error: {e}", file=sys.stderr)
+        return 2
     server.start()
     set_serving(health_servicer, True)
     serving = {"event": "serving", "address": config.address, "port": port, "max_jobs": config.max_jobs}

@@ -453,3 +453,31 @@ def test_remote_remove_mode_matches_local(start_server: Start) -> None:
     local = pruner.prune(fixture, evals, options)
     assert remote.report.bytes_after == local.report.bytes_after < local.report.bytes_before
     assert [la.channels_after for la in remote.report.layers] == [la.channels_after for la in local.report.layers]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "words"),
+    [
+        (["--tls-cert", "/nope.pem", "--tls-key", "/nope.key"], {}, ["nope"]),
+        ([], {"ONNX_PRUNER_MAX_JOBS": "abc"}, ["abc"]),
+        (["--max-jobs", "0"], {}, ["max_jobs"]),
+        (["--token-file", "/nope"], {}, ["token file"]),
+    ],
+)
+def test_server_refuses_bad_settings_with_one_line(args: list[str], env: dict[str, str], words: list[str]) -> None:
+    import os
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "--address", "127.0.0.1:0", *args],
+        cwd=Path(__file__).resolve().parents[2],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    for word in words:
+        assert word in done.stderr
