@@ -482,10 +482,16 @@ def _channel_only(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | Non
     x, y = node.input[0], node.output[0]
     if node.op_type == "Resize":
         if len(node.input) > 3 and node.input[3]:
-            raise _Stop("Resize with explicit sizes")
-        scales = b.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if scales is None or scales.size < 2 or scales[1] != 1:
-            raise _Stop("Resize scales of the channel axis must be a constant 1")
+            sizes = b.constant(node.input[3])
+            axes = _attrs(node).get("axes")
+            if sizes is None or axes is not None or sizes.size < 2:
+                raise _Stop("Resize sizes must be a constant over all axes")
+            # sizes name the channel count: it follows the channels (a per-node copy, as for Reshape)
+            b.fixups.append(Fixup("reshape", i, ((y, 1),), (node.input[3], 1, 3)))
+        else:
+            scales = b.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            if scales is None or scales.size < 2 or scales[1] != 1:
+                raise _Stop("Resize scales of the channel axis must be a constant 1")
     if node.op_type == "Pad":
         pads = b.constant(node.input[1]) if len(node.input) > 1 else np.array(_attrs(node).get("pads", []))
         axes = b.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
@@ -829,7 +835,7 @@ def remove_components(model: onnx.ModelProto, structure: Structure, removed: Seq
                 graph.initializer.append(numpy_helper.from_array(target, own))
             else:
                 _set_param(out, own, target)
-            node.input[1] = own
+            node.input[int(fix.detail[2]) if len(fix.detail) > 2 else 1] = own  # type: ignore[call-overload]
             replaced.add(shape_name)
     used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
     for k in reversed(range(len(graph.initializer))):

@@ -170,6 +170,13 @@ g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[4, 8, 3, 3] w2) => (float[N,
     p = Pad (u, pads)
     y = Conv (p, w2)
 }""",
+    "resize-sizes": """
+g (float[N, 3, 8, 8] x, float[6, 3, 3, 3] w1, float[4, 6, 1, 1] w2) => (float[N, 4, 16, 16] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    sizes = Constant <value = int64[4] {2, 6, 16, 16}> ()
+    u = Resize <mode = "nearest"> (h, , , sizes)
+    y = Conv (u, w2)
+}""",
     "squeeze-excite": """
 g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[2, 8, 1, 1] wr, float[8, 2, 1, 1] we, float[4, 8, 1, 1] w2)
   => (float[N, 4, 8, 8] y) {
