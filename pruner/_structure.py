@@ -170,6 +170,11 @@ class _Builder:
             self.todo.append(key)
         return base
 
+    def add_fixup(self, fixup: Fixup) -> None:
+        """Record a fixup once (a rule runs once per slot that triggers it)."""
+        if fixup not in self.fixups:
+            self.fixups.append(fixup)
+
     def find(self, a: int) -> int:
         parent = self.parent
         root = a
@@ -382,7 +387,7 @@ def _conv(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> No
         b.link(y, 1, w, 0, c_out)
         if bias:
             b.link(y, 1, bias, 0, c_out)
-        b.fixups.append(Fixup("group", i, ((y, 1),)))
+        b.add_fixup(Fixup("group", i, ((y, 1),)))
         return
     raise _Stop(f"grouped convolution (group={group}) is not pruned")
 
@@ -487,7 +492,7 @@ def _channel_only(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | Non
             if sizes is None or axes is not None or sizes.size < 2:
                 raise _Stop("Resize sizes must be a constant over all axes")
             # sizes name the channel count: it follows the channels (a per-node copy, as for Reshape)
-            b.fixups.append(Fixup("reshape", i, ((y, 1),), (node.input[3], 1, 3)))
+            b.add_fixup(Fixup("reshape", i, ((y, 1),), (node.input[3], 1, 3)))
         else:
             scales = b.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if scales is None or scales.size < 2 or scales[1] != 1:
@@ -590,7 +595,36 @@ def _split(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> N
         offset += size
     if len(node.input) > 1 and node.input[1] and not b.is_constant(node.input[1]):
         raise _Stop("Split sizes are not a constant")
-    b.fixups.append(Fixup("split", i, tuple(slots)))
+    b.add_fixup(Fixup("split", i, tuple(slots)))
+
+
+def _slice(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    """Slice with constant starts/ends/axes and step 1: a channel range of the input is the output."""
+    assert trigger is not None
+    x, y = node.input[0], node.output[0]
+    rank = _need(b.rank(x), "Slice rank")
+
+    def constant(k: int) -> np.ndarray | None:
+        return b.constant(node.input[k]) if len(node.input) > k and node.input[k] else None
+
+    starts, ends, axes, steps = constant(1), constant(2), constant(3), constant(4)
+    if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None):
+        raise _Stop("Slice bounds are not constants")
+    if steps is not None and np.any(steps != 1):
+        raise _Stop("Slice with steps other than 1")
+    if axes is None:
+        axes = np.arange(len(starts))
+    sliced = [int(a) % rank for a in axes]
+    axis = trigger[1]
+    if axis not in sliced:
+        b.link(x, axis, y, axis, b.slot_size[trigger])
+        return
+    size = _need(b.dim(x, axis), "Slice input size")
+    k = sliced.index(axis)
+    start = int(np.clip(starts[k] + size if starts[k] < 0 else starts[k], 0, size))
+    end = int(np.clip(ends[k] + size if ends[k] < 0 else ends[k], start, size))
+    b.link_map(y, axis, end - start, x, axis, size, start + np.arange(end - start))
+    b.add_fixup(Fixup("slice", i, ((x, axis), (y, axis)), (node.input[1], node.input[2], k, start)))
 
 
 def _transpose(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
@@ -663,7 +697,7 @@ def _heads(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot) -> bool:
     b.link_map(wide, rank_wide - 1, width, narrow, rank_wide - 1, heads, np.arange(width) // head_dim)
     index = rank_wide - 1
     if int(target[index]) > 0:
-        b.fixups.append(Fixup("reshape", i, ((y, index),), (shape_name, index)))
+        b.add_fixup(Fixup("reshape", i, ((y, index),), (shape_name, index)))
     return True
 
 
@@ -683,7 +717,7 @@ def _reshape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) ->
         raise _Stop("the batch axis cannot shrink")
     _flatten_like(b, x, y, 1, trigger)
     if int(target[1]) > 0:
-        b.fixups.append(Fixup("reshape", i, ((y, 1),), (shape_name, 1)))
+        b.add_fixup(Fixup("reshape", i, ((y, 1),), (shape_name, 1)))
 
 
 def _squeeze(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
@@ -746,6 +780,7 @@ RULES: dict[str, Rule] = {
     "Concat": _concat,
     "Split": _split,
     "Transpose": _transpose,
+    "Slice": _slice,
     "Flatten": _flatten,
     "Reshape": _reshape,
     "Squeeze": _squeeze,
@@ -817,6 +852,18 @@ def remove_components(model: onnx.ModelProto, structure: Structure, removed: Seq
             for attr in node.attribute:
                 if attr.name == "group":
                     attr.i = counts[0]
+        elif fix.kind == "slice":
+            starts_name, ends_name, k, start = (str(fix.detail[0]), str(fix.detail[1]), fix.detail[2], fix.detail[3])
+            kept_in = _remaining(structure, removed_array, fix.slots[0])
+            new_start = int(np.count_nonzero(kept_in < int(start)))  # type: ignore[call-overload]
+            bounds = {starts_name: new_start, ends_name: new_start + counts[1]}
+            for index, (name, value) in enumerate(bounds.items(), start=1):
+                values = _param_arrays(model, {str(name)})[str(name)].copy()
+                values[int(k)] = value  # type: ignore[call-overload]
+                own = f"{name}__{node.name or fix.node}"
+                graph.initializer.append(numpy_helper.from_array(values, own))
+                node.input[index] = own
+                replaced.add(str(name))
         elif fix.kind == "split":
             if len(node.input) > 1 and node.input[1]:
                 _set_param(out, node.input[1], np.array(counts, dtype=np.int64))

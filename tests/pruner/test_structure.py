@@ -177,6 +177,20 @@ g (float[N, 3, 8, 8] x, float[6, 3, 3, 3] w1, float[4, 6, 1, 1] w2) => (float[N,
     u = Resize <mode = "nearest"> (h, , , sizes)
     y = Conv (u, w2)
 }""",
+    "slice-channels": """
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[4, 5, 1, 1] w2, float[4, 3, 1, 1] w3) => (float[N, 4, 8, 8] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    s0 = Constant <value = int64[1] {0}> ()
+    e0 = Constant <value = int64[1] {5}> ()
+    s1 = Constant <value = int64[1] {5}> ()
+    e1 = Constant <value = int64[1] {100}> ()
+    ax = Constant <value = int64[1] {1}> ()
+    a = Slice (h, s0, e0, ax)
+    b = Slice (h, s1, e1, ax)
+    ya = Conv (a, w2)
+    yb = Conv (b, w3)
+    y = Add (ya, yb)
+}""",
     "squeeze-excite": """
 g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[2, 8, 1, 1] wr, float[8, 2, 1, 1] we, float[4, 8, 1, 1] w2)
   => (float[N, 4, 8, 8] y) {
