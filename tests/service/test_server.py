@@ -481,3 +481,32 @@ def test_server_refuses_bad_settings_with_one_line(args: list[str], env: dict[st
     assert "Traceback" not in done.stderr
     for word in words:
         assert word in done.stderr
+
+
+def test_sigterm_cancels_jobs_that_outlive_the_grace_period() -> None:
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service", "--address", address, "--grace", "1"],
+        cwd=Path(__file__).resolve().parents[2],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert wait_until(lambda: _serving(address), 20), "server did not come up"
+        call, channel = start_slow(address)
+        assert next(call).progress.kind == pb.EVENT_KIND_BASELINE
+        started = time.monotonic()
+        server.terminate()
+        code, _ = status_of(lambda: list(call))
+        channel.close()
+        assert code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED)
+        assert server.wait(30) == 0
+        assert time.monotonic() - started < 20
+    finally:
+        server.kill()
