@@ -221,8 +221,9 @@ class Remover:
     def to_proto(self, config: Config) -> onnx.ModelProto:
         removed = self.removed(config)
         refit = self.calibration is not None and self.options.recover is not Recovery.NONE and len(removed)
-        model = self._refit(removed) if refit else self.model
-        return remove_components(model, self.structure, list(removed))
+        if refit:  # the refit model is a copy already: slice it in place
+            return remove_components(self._refit(removed), self.structure, list(removed), copy=False)
+        return remove_components(self.model, self.structure, list(removed))
 
     def _refit(self, removed: np.ndarray) -> onnx.ModelProto:
         """A copy whose consumers of removed channels are refit to do without them.

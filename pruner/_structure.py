@@ -492,7 +492,7 @@ def _channel_only(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | Non
             if sizes is None or axes is not None or sizes.size < 2:
                 raise _Stop("Resize sizes must be a constant over all axes")
             # sizes name the channel count: it follows the channels (a per-node copy, as for Reshape)
-            b.add_fixup(Fixup("reshape", i, ((y, 1),), (node.input[3], 1, 3)))
+            b.add_fixup(Fixup("count", i, ((y, 1),), (node.input[3], 1, 3)))
         else:
             scales = b.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if scales is None or scales.size < 2 or scales[1] != 1:
@@ -697,7 +697,7 @@ def _heads(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot) -> bool:
     b.link_map(wide, rank_wide - 1, width, narrow, rank_wide - 1, heads, np.arange(width) // head_dim)
     index = rank_wide - 1
     if int(target[index]) > 0:
-        b.add_fixup(Fixup("reshape", i, ((y, index),), (shape_name, index)))
+        b.add_fixup(Fixup("count", i, ((y, index),), (shape_name, index, 1)))
     return True
 
 
@@ -717,7 +717,7 @@ def _reshape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) ->
         raise _Stop("the batch axis cannot shrink")
     _flatten_like(b, x, y, 1, trigger)
     if int(target[1]) > 0:
-        b.add_fixup(Fixup("reshape", i, ((y, 1),), (shape_name, 1)))
+        b.add_fixup(Fixup("count", i, ((y, 1),), (shape_name, 1, 1)))
 
 
 def _squeeze(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
@@ -830,10 +830,16 @@ def zero_components(model: onnx.ModelProto, structure: Structure, removed: Seque
     return out
 
 
-def remove_components(model: onnx.ModelProto, structure: Structure, removed: Sequence[int]) -> onnx.ModelProto:
-    """A copy of ``model`` without the ``removed`` components: tensors sliced, counts fixed, shapes refreshed."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+def remove_components(
+    model: onnx.ModelProto, structure: Structure, removed: Sequence[int], *, copy: bool = True
+) -> onnx.ModelProto:
+    """A copy of ``model`` without the ``removed`` components: tensors sliced, counts fixed, shapes
+    refreshed. ``copy=False`` changes ``model`` itself (for a copy the caller made anyway)."""
+    if copy:
+        out = onnx.ModelProto()
+        out.CopyFrom(model)
+    else:
+        out = model
     removed_array = np.asarray(removed, dtype=np.int64)
     for name, array in _param_arrays(out).items():
         sliced = array
@@ -872,7 +878,7 @@ def remove_components(model: onnx.ModelProto, structure: Structure, removed: Seq
                     if attr.name == "split":
                         del attr.ints[:]
                         attr.ints.extend(counts)
-        elif fix.kind == "reshape":
+        elif fix.kind == "count":  # an entry of a shape-like constant (Reshape shape, Resize sizes)
             # shape constants are often shared (every head split of a model): give this node its own
             shape_name, position = str(fix.detail[0]), int(fix.detail[1])  # type: ignore[call-overload]
             target = shape_values.setdefault(fix.node, _param_arrays(model, {shape_name})[shape_name].copy())
@@ -882,7 +888,7 @@ def remove_components(model: onnx.ModelProto, structure: Structure, removed: Seq
                 graph.initializer.append(numpy_helper.from_array(target, own))
             else:
                 _set_param(out, own, target)
-            node.input[int(fix.detail[2]) if len(fix.detail) > 2 else 1] = own  # type: ignore[call-overload]
+            node.input[int(fix.detail[2])] = own  # type: ignore[call-overload]
             replaced.add(shape_name)
     used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
     for k in reversed(range(len(graph.initializer))):

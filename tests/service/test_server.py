@@ -397,19 +397,7 @@ def test_reflection_lists_the_services(start_server: Start) -> None:
 
 
 def test_sigterm_lets_running_jobs_finish_and_refuses_new_ones(tmp_path: Path) -> None:
-    import socket
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service", "--address", address, "--grace", "30"],
-        cwd=Path(__file__).resolve().parents[2],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    address, server = server_process(grace=30)
     try:
         assert wait_until(lambda: _serving(address), 20), "server did not come up"
         model, evalset = tiny_mlp().SerializeToString(), npz_bytes(tiny_mlp_evalset(20_000))
@@ -435,6 +423,24 @@ def test_sigterm_lets_running_jobs_finish_and_refuses_new_ones(tmp_path: Path) -
         assert '"event": "stopping"' in stderr and '"outcome": "ok"' in stderr
     finally:
         server.kill()
+
+
+def server_process(grace: int) -> tuple[str, subprocess.Popen[str]]:
+    """``python -m service`` on a free loopback port, stderr captured: (address, process)."""
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service", "--address", address, "--grace", str(grace)],
+        cwd=Path(__file__).resolve().parents[2],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    return address, server
 
 
 def _serving(address: str) -> bool:
@@ -484,19 +490,7 @@ def test_server_refuses_bad_settings_with_one_line(args: list[str], env: dict[st
 
 
 def test_sigterm_cancels_jobs_that_outlive_the_grace_period() -> None:
-    import socket
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [sys.executable, "-m", "service", "--address", address, "--grace", "1"],
-        cwd=Path(__file__).resolve().parents[2],
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    address, server = server_process(grace=1)
     try:
         assert wait_until(lambda: _serving(address), 20), "server did not come up"
         call, channel = start_slow(address)
