@@ -101,6 +101,9 @@ class NMSpace:
         pairs = enumerate(zip(config, targets, strict=True))
         return tuple(round(a + t * (goal - a)) if self.zeroed[i] else 0 for i, (a, goal) in pairs)
 
+    def shares(self, config: tuple[int, ...]) -> list[float]:
+        return [float(a) for a in config]
+
 
 @dataclass(frozen=True)
 class NMUnit:

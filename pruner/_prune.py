@@ -27,7 +27,7 @@ from ._nm import NMSpace
 from ._options import Mode, Objective, PruneOptions
 from ._plan import LayerPlan, PruningPlan
 from ._report import CandidateRecord, EventKind, ProgressEvent, Report, SplitMetric
-from ._search import Judgement, Trial, search
+from ._search import Judgement, Phase, Trial, search
 from ._space import Config, ZeroSpace
 from ._sparse import to_sparse_initializers
 
@@ -259,8 +259,30 @@ def prune(
     timings["search"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
+
+    def on_holdout(config: Config) -> bool:
+        assert baseline.holdout is not None
+        allowed = options.tolerance.allowed_loss(baseline.holdout)
+        result = evaluator.evaluate(
+            hold_idx, runner=candidates.runner(config), bound=metric.passing_bound(baseline.holdout, allowed)
+        )
+        return result.complete and metric.loss(baseline.holdout, result.value) <= allowed + 1e-9
+
+    def fallback(config: Config) -> bool:
+        trial = Trial(
+            len(outcome.trials) + 1,
+            Phase.FALLBACK,
+            config,
+            space.sparsity(config),
+            space.nonzero(config),
+            judge(config),
+        )
+        outcome.trials.append(trial)
+        on_trial(trial, False)
+        return trial.judgement.passed
+
     chosen, confirmations = _confirm(
-        outcome.passing(), space, evaluator, hold_idx, baseline, metric, options, candidates.runner, notes
+        outcome.passing(), space, on_holdout if baseline.holdout is not None else None, fallback, notes
     )
     emit(
         ProgressEvent(
@@ -398,34 +420,64 @@ def _with_sparse_initializers(data: bytes, names: list[str], notes: list[str]) -
 def _confirm(
     passing: list[Trial],
     space: ZeroSpace | NMSpace,
-    evaluator: Evaluator,
-    hold_idx: np.ndarray,
-    baseline: SplitMetric,
-    metric: Metric,
-    options: PruneOptions,
-    runner_of: Callable[[Config], Runner],
+    on_holdout: Callable[[Config], bool] | None,
+    on_search: Callable[[Config], bool],
     notes: list[str],
 ) -> tuple[Config, int]:
-    """The smallest search-passing config that also passes on the held-out split."""
+    """The smallest search-passing config that also passes on the held-out split, and the held-out runs.
+
+    Passing candidates are tried best first. When the smallest missed on the
+    held-out split, the search overfitted its split a little: rather than stop
+    at the next passing candidate (or at the unpruned model when none passes),
+    bisect the line from the fallback to that smallest candidate, every point
+    passing on both splits (``on_search`` judges and records the point).
+    """
     if not passing:
         notes.append("no candidate passed the tolerance on the search split; the model is returned unchanged")
         return space.empty(), 0
-    if baseline.holdout is None:
+    if on_holdout is None:
         notes.append("no held-out split (holdout_fraction 0): the result is not confirmed on unseen data")
         return passing[0].config, 0
-    allowed = options.tolerance.allowed_loss(baseline.holdout)
-    bound = metric.passing_bound(baseline.holdout, allowed)
-    for count, trial in enumerate(passing, start=1):
-        result = evaluator.evaluate(hold_idx, runner=runner_of(trial.config), bound=bound)
-        if result.complete and metric.loss(baseline.holdout, result.value) <= allowed + 1e-9:
-            if count > 1:
-                notes.append(
-                    f"the smallest search candidate (sparsity {passing[0].sparsity:.1%}) missed the tolerance on "
-                    f"the held-out split; fell back to sparsity {trial.sparsity:.1%}, which passes both"
-                )
-            return trial.config, count
-    notes.append("no search candidate passed on the held-out split; the model is returned unchanged")
-    return space.empty(), len(passing)
+    runs = 0
+    chosen = space.empty()
+    for trial in passing:
+        runs += 1
+        if on_holdout(trial.config):
+            chosen = trial.config
+            break
+    smallest = passing[0].config
+    if chosen == smallest:
+        return chosen, runs
+    start, goal, lo, hi = chosen, space.shares(smallest), 0.0, 1.0
+    for _ in range(FALLBACK_STEPS):
+        mid = (lo + hi) / 2
+        config = space.blend(start, goal, mid)
+        if config == smallest:
+            hi = mid
+            continue
+        if space.nonzero(config) >= space.nonzero(chosen):
+            lo = mid
+            continue
+        passed = on_search(config)
+        if passed:
+            runs += 1
+            passed = on_holdout(config)
+        if passed:
+            chosen, lo = config, mid
+        else:
+            hi = mid
+    if any(chosen):
+        notes.append(
+            f"the smallest search candidate (sparsity {passing[0].sparsity:.1%}) missed the tolerance on the "
+            f"held-out split; fell back to sparsity {space.sparsity(chosen):.1%}, which passes both"
+        )
+    else:
+        notes.append("no candidate passed on the held-out split; the model is returned unchanged")
+    return chosen, runs
+
+
+FALLBACK_STEPS = 3
+"""Bisection steps between the held-out fallback and the smallest search candidate."""
 
 
 LATENCY_RUNS = 15

@@ -51,11 +51,14 @@ class SearchSpace(Protocol):
 
     def blend(self, config: Config, targets: Sequence[float], t: float) -> Config: ...
 
+    def shares(self, config: Config) -> list[float]: ...
+
 
 class Phase(enum.Enum):
     BISECT = "bisect"
     REFINE = "refine"
-    CONFIRM = "confirm"
+    FALLBACK = "fallback"
+    """Between a held-out-passing candidate and a smaller one that missed there (see ``prune``)."""
 
 
 @dataclass(frozen=True)

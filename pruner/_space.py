@@ -234,6 +234,10 @@ class ZeroSpace:
             out.append(min(max(round(amount + t * (goal - amount)), 0), u.max_amount))
         return tuple(out)
 
+    def shares(self, config: Config) -> list[float]:
+        """Each layer's amount as a share of its units: ``blend(a, shares(b), t)`` walks from a to b."""
+        return [amount / u.units for amount, u in zip(config, self.layers, strict=True)]
+
 
 PROFILE_LEVELS = (0.25, 0.5, 0.75)
 """Sparsities at which a layer's sensitivity is measured."""

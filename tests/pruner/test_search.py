@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from pruner._search import Judgement, Phase, search
+from pruner._prune import FALLBACK_STEPS, _confirm
+from pruner._search import Judgement, Phase, Trial, search
 
 Config = tuple[int, ...]
 
@@ -47,6 +48,9 @@ class FakeSpace:
 
     def blend(self, config: Config, targets: Sequence[float], t: float) -> Config:
         return tuple(round(a + t * (min(g * self.units, 98) - a)) for a, g in zip(config, targets, strict=True))
+
+    def shares(self, config: Config) -> list[float]:
+        return [a / self.units for a in config]
 
 
 def judge_by(limit: Sequence[int]):  # type: ignore[no-untyped-def]
@@ -127,3 +131,40 @@ def test_a_measured_cost_ranks_passing_candidates() -> None:
     assert costs == sorted(costs)
     assert outcome.passing()[0].config == outcome.best
     assert outcome.best[0] != 60
+
+
+def trial_at(space: FakeSpace, amount: int) -> Trial:
+    config = (amount,) * space.n
+    return Trial(0, Phase.BISECT, config, space.sparsity(config), space.nonzero(config), Judgement(True, 1, True, 1, 0))
+
+
+@pytest.mark.parametrize(
+    ("passing", "holdout_limit", "expected", "runs"),
+    [
+        ([60, 20], 45, 45, 2 + 3),  # next passing candidate, then 40 pass, 50 fail, 45 pass
+        ([60], 30, 30, 1 + 3),  # none passes held-out: from the unpruned model 30 passes, 45 and 38 miss
+        ([60, 20], 70, 60, 1),  # the smallest passes: nothing else runs
+    ],
+)
+def test_a_held_out_miss_bisects_towards_the_smallest_candidate(
+    passing: list[int], holdout_limit: int, expected: int, runs: int
+) -> None:
+    space = FakeSpace()
+    searched: list[Config] = []
+
+    def on_search(config: Config) -> bool:
+        searched.append(config)
+        return max(config) <= 60
+
+    notes: list[str] = []
+    chosen, confirmations = _confirm(
+        [trial_at(space, a) for a in passing],
+        space,
+        lambda c: max(c) <= holdout_limit,
+        on_search,
+        notes,  # type: ignore[arg-type]
+    )
+    assert chosen == (expected,) * space.n
+    assert len(searched) <= FALLBACK_STEPS
+    assert confirmations == runs  # held-out runs: the passing candidates tried, then each point passing search
+    assert any("fell back" in n for n in notes) == (expected != passing[0])
