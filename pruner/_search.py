@@ -197,7 +197,8 @@ def _refine(
     measures each group's marginal cost (output deviation per weight pruned);
     each group's target share of its units is the cheapest cost over its own
     (the cheapest go to the layer cap, one ten times as costly to a tenth). The search then bisects the
-    step along the line from the best config towards that target: the cheap
+    step along the line from the best config towards that target (trying the end right after the
+    first passing step): the cheap
     groups get pruned further while the sensitive ones are given weights back,
     the revert loop of accuracy-aware quantization applied to pruning.
     If no step passes, the shares are softened (raised to a power below one,
@@ -238,9 +239,12 @@ def _bisect_direction(
 ) -> bool:
     """Largest passing step towards ``targets`` that makes the model smaller; True if one passed."""
     lo, hi = 0.0, 1.0
-    found = False
+    found = tried_end = False
     while hi - lo > MIN_STEP:
-        mid = (lo + hi) / 2
+        # after the first passing step, try the whole way: a direction that passes to its end
+        # would otherwise spend every remaining step creeping towards it
+        mid = 1.0 if found and not tried_end else (lo + hi) / 2
+        tried_end = tried_end or mid == 1.0
         config = space.blend(best, targets, mid)
         if space.nonzero(config) >= space.nonzero(best):
             lo = mid  # not smaller yet: only further along can help

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import pytest
 
 from pruner._prune import FALLBACK_STEPS, _confirm
-from pruner._search import Judgement, Phase, Trial, search
+from pruner._search import Judgement, Phase, Trial, _bisect_direction, search
 
 Config = tuple[int, ...]
 
@@ -168,3 +168,20 @@ def test_a_held_out_miss_bisects_towards_the_smallest_candidate(
     assert len(searched) <= FALLBACK_STEPS
     assert confirmations == runs  # held-out runs: the passing candidates tried, then each point passing search
     assert any("fell back" in n for n in notes) == (expected != passing[0])
+
+
+def test_a_direction_that_passes_to_its_end_is_taken_in_two_steps() -> None:
+    space = FakeSpace()
+    tried: list[Config] = []
+
+    def evaluate(config: Config, phase: Phase) -> bool:
+        tried.append(config)
+        return True
+
+    assert _bisect_direction(
+        space,
+        evaluate,
+        (20,) * 4,
+        [0.9, 0.9, 0.2, 0.2],
+    )
+    assert tried == [(55, 55, 20, 20), (90, 90, 20, 20)]  # half way, then the end
