@@ -26,7 +26,7 @@ from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, 
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
 from ._options import Allocation, Criterion, Mode, PruneOptions, Recovery
 from ._plan import LayerPlan, element_mask, zero_lowest
-from ._recover import Calibration, calibrate
+from ._recover import Calibration, SequentialRefit, calibrate
 from ._remove import Remover
 from ._report import LayerReport
 from ._score import granularity, lowest, unit_scores
@@ -67,6 +67,13 @@ class _Candidates:
     space: ZeroSpace | NMSpace
     units: list[Any]
 
+    def runner(self, config: Config) -> Runner:
+        raise NotImplementedError
+
+    def probe_runner(self, config: Config) -> Runner:
+        """What the search's label-free probes run (a cheaper stand-in is fine: they only rank)."""
+        return self.runner(config)
+
     def plan_layers(self, config: Config) -> tuple[LayerPlan, ...]:
         pairs = zip(self.units, config, strict=True)
         return tuple(LayerPlan(u.layer.name, a, u.units, u.layer.channel_axis) for u, a in pairs)
@@ -98,6 +105,19 @@ class WeightCandidates(_Candidates):
         self.split = SplitModel.take(model, {la.name for la in inspection.layers} | biases)
         del model
         self.builder = ModelBuilder(self.split)
+        self.sequential: SequentialRefit | None = None
+        if options.recover is Recovery.SEQUENTIAL and self.calibration is not None:
+            if FedWeights.possible(self.split):
+                self.sequential = SequentialRefit(
+                    self.calibration,
+                    self.split,
+                    data,
+                    batch_size=evaluator.batch_size,
+                    fixed_batch=evaluator.fixed_batch,
+                    threads=options.threads,
+                )
+            else:
+                notes.append("sequential recovery needs weights onnxruntime can feed; refit as lsq instead")
         start = time.perf_counter()
         evaluator.candidates, strategy = _choose_strategy(self.builder, evaluator, search_idx, options)
         timings["baseline"] = time.perf_counter() - start
@@ -133,6 +153,10 @@ class WeightCandidates(_Candidates):
     def runner(self, config: Config) -> Runner:
         return self.evaluator.runner(self.weights(config))
 
+    def probe_runner(self, config: Config) -> Runner:
+        # sequential refits cost a calibration pass per layer: probes rank with the plain fit
+        return self.evaluator.runner(self.weights(config, sequential=False))
+
     def with_probe(self, probe: Probe) -> dict[str, list[list[float]]]:
         """Finish the space with label-free probes: N:M ranking or sensitivity profiles."""
         if isinstance(self.space, NMSpace):
@@ -142,10 +166,13 @@ class WeightCandidates(_Candidates):
             return {}
         return super().with_probe(probe)
 
-    def weights(self, config: Config, *, in_place: bool = False) -> dict[str, np.ndarray]:
-        """The weights a config describes (the originals where nothing is pruned), recovered if asked."""
+    def weights(self, config: Config, *, in_place: bool = False, sequential: bool = True) -> dict[str, np.ndarray]:
+        """The weights a config describes (the originals where nothing is pruned), recovered if asked
+        (``sequential=False``: a sequential refit done plainly)."""
         options, calibration = self.options, self.calibration
+        sequential_fit = self.sequential if sequential else None
         out = dict(self.split.weights)
+        masks: dict[str, np.ndarray] = {}
         for u, amount in zip(self.units, config, strict=True):
             if not amount:
                 continue
@@ -168,14 +195,21 @@ class WeightCandidates(_Candidates):
                     continue
                 mask = element_mask(out[name].shape, lowest(scores, amount, hint), self.gran, u.layer.channel_axis)
             assert calibration is not None and layout is not None
+            if sequential_fit is not None:  # masked here, refit below in graph order
+                masks[name] = mask
+                out[name] = np.where(mask, 0, out[name]).astype(out[name].dtype)
+                continue
             key = (name, amount)
             if key not in self.recovered:
-                result = calibration.recover(name, out[name], mask, reconstruct=options.recover is Recovery.LSQ)
+                reconstruct = options.recover in (Recovery.LSQ, Recovery.SEQUENTIAL)
+                result = calibration.recover(name, out[name], mask, reconstruct=reconstruct)
                 if not self.keep_scores:  # large layers: recompute rather than hold copies
                     self.recovered.clear()
                 self.recovered[key] = result
             out[name], shift = self.recovered[key]
             _shift_bias(out, layout.bias, shift)
+        if sequential_fit is not None and any(config):
+            sequential_fit.refit(out, masks, {u.layer.name: a for u, a in zip(self.units, config, strict=True)})
         return out
 
     def build(self, config: Config) -> onnx.ModelProto | bytes:
@@ -193,6 +227,8 @@ class WeightCandidates(_Candidates):
         self.split.weights.clear()
         self.scores.clear()
         self.recovered.clear()
+        if self.sequential is not None:
+            self.sequential.release()
 
     def sparse_names(self, config: Config) -> list[str]:
         return [u.layer.name for u, a in zip(self.units, config, strict=True) if a]
@@ -328,7 +364,7 @@ def _calibrate(
         rows,
         batch_size=evaluator.batch_size,
         fixed_batch=evaluator.fixed_batch,
-        full=options.recover is Recovery.LSQ,
+        full=options.recover in (Recovery.LSQ, Recovery.SEQUENTIAL),
         threads=options.threads,
     )
     notes.append(f"calibrated on {count} samples of the search split")

@@ -62,6 +62,10 @@ class Recovery(enum.Enum):
     """Shift each pruned layer's bias so its mean output on calibration data is unchanged."""
     LSQ = "lsq"
     """Refit the kept weights by least squares (SparseGPT-style OBS updates), then correct the bias."""
+    SEQUENTIAL = "sequential"
+    """LSQ layer by layer in graph order, each fitted on the inputs the already pruned model
+    produces (errors no longer add up); dense layers after pruned ones are refit too. One
+    calibration pass per layer group and candidate. Remove mode refits as ``LSQ``."""
 
 
 class Allocation(enum.Enum):

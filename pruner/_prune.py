@@ -206,7 +206,7 @@ def prune(
     probe_idx = search_idx[:PROBE_SAMPLES]
 
     def probe(config: Config) -> float:
-        return evaluator.deviation(probe_idx, candidates.runner(config))
+        return evaluator.deviation(probe_idx, candidates.probe_runner(config))
 
     t0 = time.perf_counter()
     sensitivity = candidates.with_probe(probe)

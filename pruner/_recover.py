@@ -29,10 +29,10 @@ from onnx import helper
 
 from ._analysis import PrunableWeight
 from ._evalset import EvalSet
-from ._evaluate import make_session
+from ._evaluate import SplitModel, make_session
 from ._graph import GraphIndex
 
-__all__ = ["Calibration", "LayerLayout", "calibrate", "layouts"]
+__all__ = ["Calibration", "LayerLayout", "SequentialRefit", "calibrate", "layouts"]
 
 DAMPING = 0.01
 """Share of the mean Hessian diagonal added to it before inversion."""
@@ -100,6 +100,8 @@ class Calibration:
     stats: dict[str, LayerStats]
     samples: int
     skipped: dict[str, str] = field(default_factory=dict)
+    rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    """The evaluation-set rows calibrated on."""
     _hessians: dict[str, np.ndarray] = field(default_factory=dict)
 
     def activation_scores(self, layer: PrunableWeight, weight: np.ndarray) -> np.ndarray | None:
@@ -140,7 +142,7 @@ class Calibration:
         target = rows.copy()
         rows[pruned] = 0.0
         if hessian is not None:
-            rows = _least_squares(rows, target, pruned, hessian)
+            rows = _least_squares(rows, target @ hessian, pruned, hessian)
             rows[pruned] = 0.0
         new = layout.unrows(rows, original.shape).astype(original.dtype)
         stats = self.stats.get(name)
@@ -155,17 +157,18 @@ LSQ_STEPS = 30
 """Conjugate-gradient steps of the least-squares fit (it converges in far fewer on real layers)."""
 
 
-def _least_squares(rows: np.ndarray, target: np.ndarray, pruned: np.ndarray, hessian: np.ndarray) -> np.ndarray:
-    """Minimise (w' - w) H (w' - w)^T over the kept weights of every row at once, by projected
-    conjugate gradients from the masked weights.
+def _least_squares(rows: np.ndarray, linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+    """Minimise w H w^T - 2 w b^T over the kept weights of every row at once (``linear`` = b), by
+    projected conjugate gradients from ``rows`` (pruned entries zero).
 
-    This is the objective SparseGPT's one-pass OBS updates approximate; solving it
-    (to CG tolerance) leaves markedly less error than one OBS pass (about 40% less on
-    random correlated inputs at 50-70% sparsity) and costs a few matrix products.
+    With b = w0 H this is (w - w0) H (w - w0)^T, the objective SparseGPT's one-pass OBS
+    updates approximate; solving it (to CG tolerance) leaves markedly less error than
+    one OBS pass (about 40% less on random correlated inputs at 50-70% sparsity) and
+    costs a few matrix products.
     """
     keep = ~pruned
-    delta = rows - target
-    residual = -(delta @ hessian) * keep
+    w = rows.copy()
+    residual = (linear - w @ hessian) * keep
     direction = residual.copy()
     rr = np.einsum("ij,ij->i", residual, residual)
     for _ in range(LSQ_STEPS):
@@ -174,13 +177,13 @@ def _least_squares(rows: np.ndarray, target: np.ndarray, pruned: np.ndarray, hes
         hp = direction @ hessian
         curvature = np.einsum("ij,ij->i", direction, hp)
         alpha = np.divide(rr, curvature, out=np.zeros_like(rr), where=curvature > 1e-30)
-        delta += alpha[:, None] * direction
+        w += alpha[:, None] * direction
         residual -= alpha[:, None] * hp * keep
         rr_next = np.einsum("ij,ij->i", residual, residual)
         beta = np.divide(rr_next, rr, out=np.zeros_like(rr), where=rr > 1e-30)
         direction = residual + beta[:, None] * direction
         rr = rr_next
-    return target + delta
+    return w
 
 
 def layouts(model: onnx.ModelProto, layers: list[PrunableWeight]) -> tuple[dict[str, LayerLayout], dict[str, str]]:
@@ -290,7 +293,7 @@ def calibrate(
             else:
                 flat = x.reshape(-1, x.shape[-1])
             stats[name].add(flat, full)
-    return Calibration(found, stats, len(rows), skipped)
+    return Calibration(found, stats, len(rows), skipped, rows)
 
 
 def _batches(rows: np.ndarray, step: int, fixed: int | None) -> Iterator[tuple[np.ndarray, int]]:
@@ -301,3 +304,192 @@ def _batches(rows: np.ndarray, step: int, fixed: int | None) -> Iterator[tuple[n
         if fixed and real < fixed:
             batch = np.concatenate([batch, np.repeat(batch[-1:], fixed - real)])
         yield batch, real
+
+
+ORIGINAL_CACHE_BYTES = 256 * 2**20
+"""Layer inputs of the unpruned model kept between candidates (recomputed per pass above this)."""
+
+
+@dataclass(frozen=True)
+class _Group:
+    """Layers that read the same activation: one calibration pass serves them all."""
+
+    input: str
+    position: int
+    """Index of the first node that reads it (graph order)."""
+    layers: tuple[str, ...]
+
+
+class SequentialRefit:
+    """Least squares on the inputs the pruned model really sees (``Recovery.SEQUENTIAL``).
+
+    Plain reconstruction fits each layer to the unpruned model's inputs, so the
+    errors of the layers before it add up unchecked: at high sparsity the model
+    collapses although every layer alone is well fitted. Here layers are refit in
+    graph order, each one on the activations X' the model produces with every
+    layer before it already pruned and refit, to reproduce the unpruned output X W:
+    minimise ||X' W' - X W||^2 + lambda ||W' - W||^2 under the mask (so W' = W where
+    nothing drifted), then shift the bias so the mean output matches. Layers left
+    dense after a pruned one are refit the same way (no mask): they absorb drift.
+    One calibration pass per group of layers sharing an input, per candidate;
+    results are cached by the amounts of everything before them.
+    """
+
+    def __init__(
+        self,
+        calibration: Calibration,
+        split: SplitModel,
+        evalset: EvalSet,
+        *,
+        batch_size: int,
+        fixed_batch: int | None,
+        threads: int = 0,
+    ) -> None:
+        self.calibration = calibration
+        self.evalset = evalset
+        self.step, self.fixed = fixed_batch or batch_size, fixed_batch
+        index = GraphIndex.build(split.rest.graph)
+        position = {id(node): i for i, node in enumerate(split.rest.graph.node)}
+        groups: dict[str, list[str]] = {}
+        first: dict[str, int] = {}
+        inputs: dict[str, str] = {}
+        self.position: dict[str, int] = {}
+        for name in split.weights:
+            users = [position[id(u.node)] for u in index.consumers.get(name, []) if not u.in_subgraph]
+            self.position[name] = min(users, default=len(position))
+        for name, layout in calibration.layouts.items():
+            # one pass serves the layers reading one activation the same way (Convs of one kernel)
+            key = f"{layout.input}|{layout.conv}"
+            inputs[key] = layout.input
+            groups.setdefault(key, []).append(name)
+            first[key] = min(first.get(key, len(position)), self.position[name])
+        self.groups = sorted(
+            (
+                _Group(inputs[k], first[k], tuple(sorted(names, key=lambda n: self.position[n])))
+                for k, names in groups.items()
+            ),
+            key=lambda g: g.position,
+        )
+        self.tapped = sorted({g.input for g in self.groups})
+        tap = onnx.ModelProto()
+        tap.CopyFrom(split.rest)
+        existing = {i.name for i in tap.graph.input}
+        for name, array in split.weights.items():
+            if name not in existing:
+                tap.graph.input.append(helper.make_tensor_value_info(name, split.data_types[name], list(array.shape)))
+        outputs = {o.name for o in tap.graph.output}
+        for name in self.tapped:
+            if name not in outputs:
+                tap.graph.output.append(helper.make_empty_tensor_value_info(name))
+        self.session = make_session(tap.SerializeToString(), threads=threads)
+        self.original = dict(split.weights)
+        self._originals: dict[_Group, list[np.ndarray]] | None = None
+        self._cache: dict[tuple[object, ...], dict[str, np.ndarray]] = {}
+
+    def release(self) -> None:
+        self.original.clear()
+        self._originals = None
+        self._cache.clear()
+
+    def _flat(self, name: str, x: np.ndarray) -> np.ndarray:
+        conv = self.calibration.layouts[name].conv
+        flat = _unfold(x.astype(np.float32), conv) if conv is not None else x.reshape(-1, x.shape[-1])
+        return np.ascontiguousarray(flat, dtype=np.float32)
+
+    def _inputs(self, weights: Mapping[str, np.ndarray], names: list[str]) -> Iterator[list[np.ndarray]]:
+        """The activations ``names`` per calibration batch, with ``weights`` in the model."""
+        for batch, real in _batches(self.calibration.rows, self.step, self.fixed):
+            feeds = {k: v[batch] for k, v in self.evalset.inputs.items()}
+            yield [np.asarray(x)[:real] for x in self.session.run(names, {**feeds, **weights})]
+
+    def _original(self, group: _Group) -> Iterator[np.ndarray]:
+        """The group's flattened input in the unpruned model, per calibration batch (cached while
+        all groups' together stay under ``ORIGINAL_CACHE_BYTES``)."""
+        if self._originals is None:
+            kept: dict[_Group, list[np.ndarray]] = {g: [] for g in self.groups}
+            size = 0
+            for arrays in self._inputs(self.original, self.tapped):
+                by_name = dict(zip(self.tapped, arrays, strict=True))
+                for g in self.groups:
+                    kept[g].append(self._flat(g.layers[0], by_name[g.input]))
+                    size += kept[g][-1].nbytes
+                if size > ORIGINAL_CACHE_BYTES:
+                    self._originals = {}
+                    break
+            else:
+                self._originals = kept
+        if group in self._originals:
+            yield from self._originals[group]
+        else:
+            for (x,) in self._inputs(self.original, [group.input]):
+                yield self._flat(group.layers[0], x)
+
+    def refit(
+        self, weights: dict[str, np.ndarray], masks: Mapping[str, np.ndarray], amounts: Mapping[str, int]
+    ) -> None:
+        """Refit ``weights`` in place, in graph order.
+
+        ``weights``: every pruned layer already masked, the biases original; ``masks``
+        (True = pruned) of the pruned layers calibration handles; ``amounts``: the
+        config's amount per layer (drift comes from any pruned layer before a group,
+        and the cache is keyed on them).
+        """
+        pruned_at = min((self.position.get(n, -1) for n, a in amounts.items() if a), default=None)
+        for group in self.groups:
+            drifted = pruned_at is not None and pruned_at < group.position
+            if not drifted and all(masks.get(n) is None for n in group.layers):
+                continue
+            upstream = tuple(sorted((n, a) for n, a in amounts.items() if a and self.position[n] < group.position))
+            cache_key = (group, upstream, tuple(amounts.get(n, 0) for n in group.layers))
+            if cache_key not in self._cache:
+                self._cache[cache_key] = self._fit(group, weights, masks, drifted)
+            weights.update(self._cache[cache_key])
+
+    def _fit(
+        self, group: _Group, weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray | None], drifted: bool
+    ) -> dict[str, np.ndarray]:
+        calibration = self.calibration
+        out: dict[str, np.ndarray] = {}
+        if not drifted:  # the layers see the unpruned inputs: plain reconstruction
+            for name in group.layers:
+                mask = masks.get(name)
+                if mask is None:
+                    continue
+                out[name], shift = calibration.recover(name, self.original[name], mask, reconstruct=True)
+                self._shift(out, name, shift)
+            return out
+        first = group.layers[0]
+        count, gram, cross, mean, mean_now = 0, None, None, None, None
+        for (x_now,), b in zip(self._inputs(weights, [group.input]), self._original(group), strict=True):
+            a = self._flat(first, x_now)
+            count += len(a)
+            g, c = (a.T @ a).astype(np.float64), (a.T @ b).astype(np.float64)
+            gram = g if gram is None else gram + g
+            cross = c if cross is None else cross + c
+            mean_now = a.sum(axis=0, dtype=np.float64) + (0 if mean_now is None else mean_now)
+            mean = b.sum(axis=0, dtype=np.float64) + (0 if mean is None else mean)
+        assert gram is not None and cross is not None and mean is not None and mean_now is not None
+        gram, cross, mean, mean_now = gram / count, cross / count, mean / count, mean_now / count
+        dead = np.diag(gram) == 0
+        gram[dead, dead] = 1.0
+        damping = DAMPING * float(np.mean(np.diag(gram)))
+        gram += damping * np.eye(len(gram))
+        cross += damping * np.eye(len(cross))
+        for name in group.layers:
+            layout, original = calibration.layouts[name], self.original[name]
+            w0 = layout.rows(original.astype(np.float64))
+            mask = masks.get(name)
+            pruned = np.zeros(w0.shape, dtype=bool) if mask is None else layout.rows(mask.reshape(original.shape))
+            start = np.where(pruned, 0.0, w0)
+            rows = _least_squares(start, w0 @ cross.T, pruned, gram)
+            rows[pruned] = 0.0
+            out[name] = layout.unrows(rows, original.shape).astype(original.dtype)
+            self._shift(out, name, w0 @ mean - rows @ mean_now if layout.bias is not None else None)
+        return out
+
+    def _shift(self, out: dict[str, np.ndarray], name: str, shift: np.ndarray | None) -> None:
+        bias = self.calibration.layouts[name].bias
+        if bias is None or shift is None:
+            return
+        original = self.original[bias]
+        out[bias] = (original.astype(np.float64) + shift.reshape(original.shape)).astype(original.dtype)

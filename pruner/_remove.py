@@ -247,7 +247,7 @@ class Remover:
             weight = changed.get(name, arrays[name])
             mask = np.zeros(weight.shape, dtype=bool)
             np.moveaxis(mask, axis, 0)[positions] = True
-            reconstruct = self.options.recover is Recovery.LSQ
+            reconstruct = self.options.recover in (Recovery.LSQ, Recovery.SEQUENTIAL)
             changed[name], shift = calibration.recover(name, weight, mask, reconstruct=reconstruct)
             bias = calibration.layouts[name].bias
             if shift is not None and bias is not None:

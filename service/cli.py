@@ -96,8 +96,9 @@ def _parser() -> argparse.ArgumentParser:
         "--recover",
         choices=[r.value for r in Recovery],
         default=DEFAULTS.recover.value,
-        help="zero mode: win accuracy back from calibration data: bias correction, or lsq (least-squares refit "
-        "of the kept weights, then bias correction)",
+        help="win accuracy back from calibration data: bias correction, lsq (least-squares refit of the kept "
+        "weights, then bias correction), or sequential (lsq layer by layer on the inputs the pruned model "
+        "produces: best at high sparsity, one calibration pass per layer and candidate)",
     )
     p.add_argument(
         "--calibration-samples",

@@ -238,7 +238,12 @@ def test_zero_mode_refuses_byte_and_latency_objectives(tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["mlp", "cnn", "attention", "compact"])
 @pytest.mark.parametrize(
     "method",
-    [["--criterion", "activation"], ["--recover", "bias"], ["--recover", "lsq", "--calibration-samples", "128"]],
+    [
+        ["--criterion", "activation"],
+        ["--recover", "bias"],
+        ["--recover", "lsq", "--calibration-samples", "128"],
+        ["--recover", "sequential", "--calibration-samples", "128"],
+    ],
 )
 def test_recovery_methods_end_to_end(tmp_path: Path, name: str, method: list[str]) -> None:
     out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"

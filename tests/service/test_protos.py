@@ -39,6 +39,7 @@ def test_options_survive_the_round_trip_through_the_config() -> None:
     cases = [
         pruner.PruneOptions(),
         pruner.PruneOptions(criterion=pruner.Criterion.ACTIVATION, recover=pruner.Recovery.LSQ),
+        pruner.PruneOptions(mode=pruner.Mode.NM, recover=pruner.Recovery.SEQUENTIAL),
         pruner.PruneOptions(
             mode=pruner.Mode.REMOVE,
             objective=pruner.Objective.BYTES,

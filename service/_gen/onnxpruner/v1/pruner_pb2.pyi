@@ -22,6 +22,7 @@ class Recovery(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RECOVERY_NONE: _ClassVar[Recovery]
     RECOVERY_BIAS: _ClassVar[Recovery]
     RECOVERY_LSQ: _ClassVar[Recovery]
+    RECOVERY_SEQUENTIAL: _ClassVar[Recovery]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -73,6 +74,7 @@ RECOVERY_UNSPECIFIED: Recovery
 RECOVERY_NONE: Recovery
 RECOVERY_BIAS: Recovery
 RECOVERY_LSQ: Recovery
+RECOVERY_SEQUENTIAL: Recovery
 MODE_UNSPECIFIED: Mode
 MODE_ZERO: Mode
 MODE_REMOVE: Mode
