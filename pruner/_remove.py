@@ -89,6 +89,8 @@ def _activation_scores(
         layout, stats = calibration.layouts.get(name), calibration.stats.get(name)
         if (name, axis) not in structure.consumer_slots or layout is None or stats is None or stats.squares is None:
             continue
+        if layout.groups > 1:  # a grouped Conv passes channels through: what it draws is not one row's
+            continue
         found = True
         rows = np.abs(layout.rows(arrays[name].astype(np.float64)))
         drawn = (rows * stats.norms[None, :]).sum(axis=0)  # per input column
@@ -240,6 +242,8 @@ class Remover:
         changed: dict[str, np.ndarray] = {}
         for name, axis in sorted(self.structure.consumer_slots):
             if name not in calibration.layouts or (name, axis) not in self.structure.slot_base:
+                continue
+            if calibration.layouts[name].groups > 1:  # removing its channels removes whole groups
                 continue
             positions = np.flatnonzero(np.isin(self.structure.atoms((name, axis)), removed))
             if not len(positions):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -96,7 +97,6 @@ def test_conv_statistics_unfold_receptive_fields() -> None:
         "g (float[N, 3, 7, 6] x) => (float[N, 4, 4, 5] y) "
         "{ y = Conv <strides = [2, 1], pads = [1, 0, 1, 1], dilations = [1, 2]> (x, w) }"
     )
-    import onnxruntime as ort
 
     model = parse(text, {"w": weight})
     (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
@@ -255,3 +255,39 @@ def test_remove_mode_recovery_gets_smaller_models() -> None:
     without, with_refit = pruner.prune(model, evals, plain).report, pruner.prune(model, evals, refit).report
     assert with_refit.bytes_after < 0.8 * without.bytes_after
     assert with_refit.baseline.holdout - with_refit.final.holdout <= 0.01 + 1e-9  # type: ignore[operator]
+
+
+def test_depthwise_conv_is_recovered_per_channel() -> None:
+    rng = np.random.default_rng(0)
+    channels = 6
+    weight = rng.standard_normal((channels, 1, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(channels).astype(np.float32)
+    text = HEADER + (
+        f"g (float[N, {channels}, 7, 7] x) => (float[N, {channels}, 7, 7] y) "
+        f"{{ y = Conv <group = {channels}, pads = [1, 1, 1, 1]> (x, w, b) }}"
+    )
+    x = rng.standard_normal((200, channels, 7, 7)).astype(np.float32)
+    x = (x + np.roll(x, 1, axis=3) + np.roll(x, 1, axis=2)).astype(np.float32)  # neighbouring pixels correlate
+    calibration = calibrated(parse(text, {"w": weight, "b": bias}), x)
+    hessian = calibration.hessian("w")
+    assert hessian is not None and hessian.shape == (channels, 9, 9)  # one 3x3 window per channel
+    mask = np.abs(weight) < np.quantile(np.abs(weight), 0.6)
+    masked, _ = calibration.recover("w", weight, mask, reconstruct=False)
+    refit, shift = calibration.recover("w", weight, mask, reconstruct=True)
+    assert np.all(refit[mask] == 0)
+
+    def run(w: np.ndarray, b: np.ndarray) -> np.ndarray:
+        model = parse(text, {"w": w, "b": b.astype(np.float32)})
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        return session.run(None, {"x": x})[0]
+
+    reference = run(weight, bias)
+    assert shift is not None
+    error_refit = np.mean((run(refit, bias + shift) - reference) ** 2)
+    assert error_refit < 0.93 * np.mean((run(masked, bias) - reference) ** 2)  # 0.89 with these seeds
+    # Wanda: each weight times the norm of the one channel's pixels it reads
+    scores = calibration.activation_scores(analyze(parse(text, {"w": weight, "b": bias})).layers[0], weight)
+    assert scores is not None
+    unfolded = _unfold(x, {"kernel": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1]})
+    norms = np.sqrt((unfolded.astype(np.float64) ** 2).mean(axis=0)).reshape(channels, 9)
+    np.testing.assert_allclose(scores.reshape(channels, 9), np.abs(weight).reshape(channels, 9) * norms, rtol=1e-4)
