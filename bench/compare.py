@@ -9,7 +9,8 @@ gets the benefit of the doubt: each of its functions is swept over sparsity in
 5% steps and its best model that passes the tolerance on the same search split
 is taken (the held-out metric is then reported for it, unconfirmed). onnx-pruner
 runs its own search (which also confirms on the held-out split) with its
-defaults and with its best settings (least-squares recovery). For every model:
+defaults (least-squares recovery) and with sequential recovery; in remove mode with its
+default channel multiple (8) and with any channel count. For every model:
 bytes and nonzero params, onnxruntime CPU latency (batch 64, 1 thread,
 median), held-out metric, wall time and onnxruntime evaluations.
 """
@@ -142,13 +143,11 @@ def main() -> None:
             entries: list[tuple[str, bytes, float, int, float, int]] = []  # label, model, holdout, nnz, wall, evals
             for label, options in (
                 ("onnx-pruner default", PruneOptions(tolerance=Tolerance(tolerance))),
-                ("onnx-pruner lsq", PruneOptions(tolerance=Tolerance(tolerance), recover=Recovery.LSQ)),
+                ("onnx-pruner sequential", PruneOptions(tolerance=Tolerance(tolerance), recover=Recovery.SEQUENTIAL)),
                 ("onnx-pruner remove", PruneOptions(mode=Mode.REMOVE, tolerance=Tolerance(tolerance))),
                 (
-                    "onnx-pruner remove lsq",
-                    PruneOptions(
-                        mode=Mode.REMOVE, channel_multiple=1, tolerance=Tolerance(tolerance), recover=Recovery.LSQ
-                    ),
+                    "onnx-pruner remove multiple 1",
+                    PruneOptions(mode=Mode.REMOVE, channel_multiple=1, tolerance=Tolerance(tolerance)),
                 ),
             ):
                 start = time.perf_counter()
@@ -193,7 +192,9 @@ def main() -> None:
                         evaluations,
                     )
                 )
-                zero = label in ("onnx-pruner default", "onnx-pruner lsq") or label[len("onnxsim ") :] in ZERO_PEERS
+                zero = (
+                    label in ("onnx-pruner default", "onnx-pruner sequential") or label[len("onnxsim ") :] in ZERO_PEERS
+                )
                 key = (name, tolerance, "zero" if zero else "remove")
                 size = nnz if zero else len(data)
                 if label.startswith("onnx-pruner"):

@@ -370,6 +370,8 @@ def _calibrate(
     notes.append(f"calibrated on {count} samples of the search split")
     for name, why in calibration.skipped.items():
         notes.append(f"{name}: no calibration ({why}); scored by magnitude, not recovered")
+    for name, why in calibration.partial.items():
+        notes.append(f"{name}: no least-squares fit ({why}); bias-corrected only")
     return calibration
 
 

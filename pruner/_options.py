@@ -196,7 +196,7 @@ class PruneOptions:
     target_sparsity: float | None = None
     """Skip the search: evaluate only this global level (share of prunable params zeroed, or removed
     in remove mode) and return it if it passes, the original otherwise."""
-    recover: Recovery = Recovery.NONE
+    recover: Recovery = Recovery.LSQ
     """Recovery from calibration activations (search split only): in remove mode the layers that
     consumed removed channels are refit."""
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES

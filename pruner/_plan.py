@@ -19,7 +19,7 @@ from onnx import numpy_helper
 from ._analysis import PrunableWeight, tensor_proto
 from ._graph import GraphIndex
 from ._nm import nm_mask
-from ._options import Criterion, Mode
+from ._options import Criterion, Mode, Recovery
 from ._remove import removal_problems, replay_removal
 from ._score import Granularity, granularity, lowest, unit_scores
 
@@ -54,6 +54,10 @@ class PruningPlan:
     layers: tuple[LayerPlan, ...]
     nm: tuple[int, int] | None = None
     """N:M mode: the N and M every converted layer keeps."""
+    recover: Recovery = Recovery.NONE
+    """How the run refit the weights it kept. A plan replays which weights or channels were
+    pruned; refit values need the run's calibration data, so ``apply_plan`` of a recovered
+    plan gives the pruning pattern with the original values (the run's model has the refit)."""
 
     @property
     def granularity(self) -> Granularity:
@@ -67,6 +71,7 @@ class PruningPlan:
         }
         if self.nm is not None:
             out["nm"] = list(self.nm)
+        out["recover"] = self.recover.value
         return out
 
     def to_json(self) -> str:
@@ -80,6 +85,7 @@ class PruningPlan:
             Criterion(data["criterion"]),
             tuple(LayerPlan(**layer) for layer in data["layers"]),
             None if nm is None else (int(nm[0]), int(nm[1])),
+            Recovery(data.get("recover", Recovery.NONE.value)),
         )
 
     @classmethod

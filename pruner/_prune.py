@@ -296,7 +296,11 @@ def prune(
 
     t0 = time.perf_counter()
     plan = PruningPlan(
-        options.mode, options.criterion, candidates.plan_layers(chosen), options.nm if options.mode is Mode.NM else None
+        options.mode,
+        options.criterion,
+        candidates.plan_layers(chosen),
+        options.nm if options.mode is Mode.NM else None,
+        options.recover,
     )
     final_check = _FinalCheck(io_names, specs, output, metric, data, reference, search_idx, hold_idx, options)
     evaluator.candidates = None
@@ -326,6 +330,7 @@ def prune(
                 options.criterion,
                 tuple(LayerPlan(p.tensor, 0, p.units, p.channel_axis) for p in plan.layers),
                 plan.nm,
+                plan.recover,
             )
             del pruned, pruned_bytes
             pruned, pruned_bytes, final = unchanged()

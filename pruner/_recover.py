@@ -111,6 +111,8 @@ class Calibration:
     skipped: dict[str, str] = field(default_factory=dict)
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     """The evaluation-set rows calibrated on."""
+    partial: dict[str, str] = field(default_factory=dict)
+    """Layers without Gram matrices (least squares skipped, bias correction kept), and why."""
     _hessians: dict[str, np.ndarray] = field(default_factory=dict)
 
     def activation_scores(self, layer: PrunableWeight, weight: np.ndarray) -> np.ndarray | None:
@@ -149,10 +151,7 @@ class Calibration:
         target = rows.copy()
         rows[pruned] = 0.0
         if hessian is not None:
-            grouped = layout.grouped
-            fitted = _least_squares(grouped(rows), grouped(target) @ hessian, grouped(pruned), hessian)
-            rows = fitted.reshape(rows.shape)
-            rows[pruned] = 0.0
+            rows = _fit_rows(layout, rows, layout.grouped(target) @ hessian, pruned, hessian)
         new = layout.unrows(rows, original.shape).astype(original.dtype)
         stats = self.stats.get(name)
         shift = None
@@ -193,6 +192,26 @@ def _least_squares(rows: np.ndarray, linear: np.ndarray, pruned: np.ndarray, hes
         direction = residual + beta[..., None] * direction
         rr = rr_next
     return w
+
+
+ROW_BLOCK_BYTES = 32 << 20
+"""Rows solved at once: the solver holds a few float64 copies of them."""
+
+
+def _fit_rows(
+    layout: LayerLayout, start: np.ndarray, linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray
+) -> np.ndarray:
+    """``_least_squares`` of [out, in] rows (``linear`` per group), in blocks of rows, masked after."""
+    grouped = [layout.grouped(a) for a in (start, pruned)]
+    out = np.empty_like(grouped[0])
+    per_group = out.shape[1]
+    step = max(1, ROW_BLOCK_BYTES // max(8 * out.shape[0] * out.shape[2], 1))
+    for i in range(0, per_group, step):
+        block = slice(i, i + step)
+        out[:, block] = _least_squares(grouped[0][:, block], linear[:, block], grouped[1][:, block], hessian)
+    rows = out.reshape(start.shape)
+    rows[pruned] = 0.0
+    return rows
 
 
 def _grams(x: np.ndarray, groups: int) -> np.ndarray:
@@ -304,8 +323,21 @@ def calibrate(
     full: bool,
     threads: int = 0,
 ) -> Calibration:
-    """Statistics of every handled layer's input over ``rows`` of ``evalset`` (batch by batch)."""
+    """Statistics of every handled layer's input over ``rows`` of ``evalset`` (batch by batch).
+
+    With ``full``, the Gram matrices too, smallest first within ``HESSIAN_BUDGET_BYTES``; the
+    layers beyond it are named in ``Calibration.partial`` (bias correction only).
+    """
     found, skipped = layouts(model, layers)
+    wide: dict[str, str] = {}
+    if full:
+        shapes = {layer.name: layer.shape for layer in layers}
+        sizes = {name: 8 * layout.groups * _inputs_per_row(layout, shapes[name]) ** 2 for name, layout in found.items()}
+        used = 0
+        for name in sorted(sizes, key=lambda n: (sizes[n], n)):
+            used += sizes[name]
+            if used > HESSIAN_BUDGET_BYTES:
+                wide[name] = f"its Gram matrices would take least squares past {HESSIAN_BUDGET_BYTES >> 20} MiB"
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -325,8 +357,19 @@ def calibrate(
                 flat = _unfold(x.astype(np.float32), layout.conv)
             else:
                 flat = x.reshape(-1, x.shape[-1])
-            stats[name].add(flat, full, layout.groups)
-    return Calibration(found, stats, len(rows), skipped, rows)
+            stats[name].add(flat, full and name not in wide, layout.groups)
+    return Calibration(found, stats, len(rows), skipped, rows, wide)
+
+
+HESSIAN_BUDGET_BYTES = 1 << 30
+"""Memory all layers' input Gram matrices may take together (float64)."""
+
+
+def _inputs_per_row(layout: LayerLayout, shape: tuple[int, ...]) -> int:
+    """Width of the input row one output of the layer reads."""
+    if layout.conv is not None:
+        return shape[1] * shape[2] * shape[3]
+    return shape[0] if layout.transpose else shape[1]
 
 
 def _batches(rows: np.ndarray, step: int, fixed: int | None) -> Iterator[tuple[np.ndarray, int]]:
@@ -514,10 +557,7 @@ class SequentialRefit:
             mask = masks.get(name)
             pruned = np.zeros(w0.shape, dtype=bool) if mask is None else layout.rows(mask.reshape(original.shape))
             start = np.where(pruned, 0.0, w0)
-            grouped = layout.grouped
-            linear = grouped(w0) @ cross.transpose(0, 2, 1)
-            rows = _least_squares(grouped(start), linear, grouped(pruned), damped).reshape(w0.shape)
-            rows[pruned] = 0.0
+            rows = _fit_rows(layout, start, layout.grouped(w0) @ cross.transpose(0, 2, 1), pruned, damped)
             out[name] = layout.unrows(rows, original.shape).astype(original.dtype)
             if layout.bias is not None:
                 self._shift(out, name, _mean_output(layout, w0, mean) - _mean_output(layout, rows, mean_now))

@@ -263,7 +263,7 @@ def test_models_over_the_protobuf_limit_go_through_external_data(
 def test_remove_plan_replays_to_the_same_model(tmp_path: Path) -> None:
     fixtures = Path(__file__).resolve().parents[1] / "fixtures"
     model = onnx.load(str(fixtures / "cnn_bn.onnx"))
-    options = PruneOptions(mode=pruner.Mode.REMOVE, tolerance=Tolerance(0.02))
+    options = PruneOptions(mode=pruner.Mode.REMOVE, tolerance=Tolerance(0.02), recover=pruner.Recovery.NONE)
     result = pruner.prune(model, fixtures / "cnn_bn_eval.npz", options)
     assert result.report.status == "pruned"
     plan = pruner.PruningPlan.from_json(result.plan.to_json())
@@ -272,6 +272,9 @@ def test_remove_plan_replays_to_the_same_model(tmp_path: Path) -> None:
     weights = {t.name: numpy_helper.to_array(t) for t in replayed.graph.initializer}
     for tensor in result.model.graph.initializer:
         np.testing.assert_array_equal(weights[tensor.name], numpy_helper.to_array(tensor))
+    # with recovery (the default) the plan says so and replays the removal, not the refit values
+    refit = pruner.prune(model, fixtures / "cnn_bn_eval.npz", PruneOptions(mode=pruner.Mode.REMOVE)).plan
+    assert pruner.PruningPlan.from_json(refit.to_json()).recover is pruner.Recovery.LSQ
     wrong = pruner.PruningPlan(plan.mode, plan.criterion, (pruner.LayerPlan("nope", 1, 4),))
     assert [i.reason for i in pruner.check_plan(wrong, model)] == ["no removable channel family of this name"]
 

@@ -249,7 +249,7 @@ def test_remove_mode_refit_only_changes_kept_columns() -> None:
 
 
 def test_remove_mode_recovery_gets_smaller_models() -> None:
-    plain = pruner.PruneOptions(mode=pruner.Mode.REMOVE)
+    plain = pruner.PruneOptions(mode=pruner.Mode.REMOVE, recover=pruner.Recovery.NONE)
     refit = pruner.PruneOptions(mode=pruner.Mode.REMOVE, recover=pruner.Recovery.LSQ)
     model, evals = FIXTURES / "cnn_bn.onnx", FIXTURES / "cnn_bn_eval.npz"
     without, with_refit = pruner.prune(model, evals, plain).report, pruner.prune(model, evals, refit).report

@@ -168,7 +168,7 @@ def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
 def test_fail_unchanged_exits_3_when_nothing_passes(tmp_path: Path) -> None:
     out = tmp_path / "out.onnx"
     args = ["prune", FIXTURES / "mlp.onnx", "--eval", FIXTURES / "mlp_eval.npz", "--metric", "cosine"]
-    proc = run_cli(*args, "--tolerance", "0", "-o", out, "--quiet", "--fail-unchanged")
+    proc = run_cli(*args, "--tolerance", "0", "--recover", "none", "-o", out, "--quiet", "--fail-unchanged")
     assert proc.returncode == 3, proc.stderr
     assert "nothing could be pruned" in proc.stderr
     assert out.exists()
@@ -299,7 +299,8 @@ def test_nm_mode_end_to_end(tmp_path: Path, method: list[str]) -> None:
 
 
 def test_nm_plan_replays(tmp_path: Path) -> None:
-    result = pruner.prune(FIXTURES / "mlp.onnx", FIXTURES / "mlp_eval.npz", pruner.PruneOptions(mode=pruner.Mode.NM))
+    options = pruner.PruneOptions(mode=pruner.Mode.NM, recover=pruner.Recovery.NONE)  # exact values: no refit
+    result = pruner.prune(FIXTURES / "mlp.onnx", FIXTURES / "mlp_eval.npz", options)
     plan = pruner.PruningPlan.from_json(result.plan.to_json())
     replayed = pruner.apply_plan(plan, onnx.load(str(FIXTURES / "mlp.onnx")))
     expected = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
