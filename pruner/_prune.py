@@ -431,9 +431,9 @@ def _confirm(
 ) -> tuple[Config, int]:
     """The smallest search-passing config that also passes on the held-out split, and the held-out runs.
 
-    Passing candidates are tried best first. When the smallest missed on the
-    held-out split, the search overfitted its split a little: rather than stop
-    at the next passing candidate (or at the unpruned model when none passes),
+    Passing candidates are tried best first (at most ``FALLBACK_CANDIDATES``). When
+    the smallest missed on the held-out split, the search overfitted its split a
+    little: rather than stop at the next passing candidate (or at the unpruned model),
     bisect the line from the fallback to that smallest candidate, every point
     passing on both splits (``on_search`` judges and records the point).
     """
@@ -445,7 +445,7 @@ def _confirm(
         return passing[0].config, 0
     runs = 0
     chosen = space.empty()
-    for trial in passing:
+    for trial in passing[:FALLBACK_CANDIDATES]:
         runs += 1
         if on_holdout(trial.config):
             chosen = trial.config
@@ -483,6 +483,8 @@ def _confirm(
 
 FALLBACK_STEPS = 3
 """Bisection steps between the held-out fallback and the smallest search candidate."""
+FALLBACK_CANDIDATES = 3
+"""Passing candidates tried on the held-out split, best first, before bisecting from the unpruned model."""
 
 
 LATENCY_RUNS = 15

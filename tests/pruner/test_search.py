@@ -144,6 +144,7 @@ def trial_at(space: FakeSpace, amount: int) -> Trial:
         ([60, 20], 45, 45, 2 + 3),  # next passing candidate, then 40 pass, 50 fail, 45 pass
         ([60], 30, 30, 1 + 3),  # none passes held-out: from the unpruned model 30 passes, 45 and 38 miss
         ([60, 20], 70, 60, 1),  # the smallest passes: nothing else runs
+        ([60, 50, 40, 20], 25, 22, 3 + 3),  # three tried, then from the unpruned model: 30 misses, 15 and 22 pass
     ],
 )
 def test_a_held_out_miss_bisects_towards_the_smallest_candidate(
