@@ -337,3 +337,17 @@ def test_resnet_coverage_is_every_conv_but_the_classifier() -> None:
     covered = {name for family in structure.families for name, _ in family.param_slots}
     convs = [n for n in model.graph.node if n.op_type == "Conv"]
     assert all(n.input[1] in covered for n in convs)
+
+
+def test_default_channel_multiple_follows_the_objective() -> None:
+    from pruner import Mode, Objective, PruneOptions
+    from pruner._remove import channel_multiple, nchwc_block
+
+    by_bytes = PruneOptions(mode=Mode.REMOVE)
+    by_latency = PruneOptions(mode=Mode.REMOVE, objective=Objective.LATENCY)
+    assert nchwc_block() in (8, 16)
+    assert [channel_multiple(c, by_bytes) for c in (32, 24, 10)] == [8, 8, 1]
+    # latency: the kernels' block where the count allows it (16 on AVX-512), else as for bytes
+    assert channel_multiple(32, by_latency) == nchwc_block()
+    assert [channel_multiple(c, by_latency) for c in (24, 10)] == [8, 1]
+    assert channel_multiple(32, PruneOptions(mode=Mode.REMOVE, objective=Objective.LATENCY, channel_multiple=4)) == 4
