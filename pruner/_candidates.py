@@ -24,7 +24,7 @@ from ._errors import UnsupportedModelError
 from ._evalset import EvalSet
 from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
-from ._options import Allocation, Criterion, Mode, PruneOptions, Recovery
+from ._options import AUTO_LSQ_COST, REFITTING, Allocation, Criterion, Mode, PruneOptions, Recovery
 from ._plan import LayerPlan, element_mask, zero_lowest
 from ._recover import Calibration, SequentialRefit, calibrate
 from ._remove import Remover
@@ -201,7 +201,7 @@ class WeightCandidates(_Candidates):
                 continue
             key = (name, amount)
             if key not in self.recovered:
-                reconstruct = options.recover in (Recovery.LSQ, Recovery.SEQUENTIAL)
+                reconstruct = options.recover in REFITTING
                 result = calibration.recover(name, out[name], mask, reconstruct=reconstruct)
                 if not self.keep_scores:  # large layers: recompute rather than hold copies
                     self.recovered.clear()
@@ -364,7 +364,8 @@ def _calibrate(
         rows,
         batch_size=evaluator.batch_size,
         fixed_batch=evaluator.fixed_batch,
-        full=options.recover in (Recovery.LSQ, Recovery.SEQUENTIAL),
+        full=options.recover in REFITTING,
+        max_cost=AUTO_LSQ_COST if options.recover is Recovery.AUTO else None,
         threads=options.threads,
     )
     notes.append(f"calibrated on {count} samples of the search split")

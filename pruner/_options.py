@@ -62,10 +62,21 @@ class Recovery(enum.Enum):
     """Shift each pruned layer's bias so its mean output on calibration data is unchanged."""
     LSQ = "lsq"
     """Refit the kept weights by least squares (SparseGPT-style OBS updates), then correct the bias."""
+    AUTO = "auto"
+    """The default: ``LSQ`` for every layer whose fit is cheap (output rows x inputs^2 up to
+    ``AUTO_LSQ_COST``, e.g. convs up to 128 channels, 1x1 convs up to ~1000 inputs), bias
+    correction for the others (named in the report's notes)."""
     SEQUENTIAL = "sequential"
     """LSQ layer by layer in graph order, each fitted on the inputs the already pruned model
     produces (errors no longer add up); dense layers after pruned ones are refit too. One
     calibration pass per layer group and candidate. Remove mode refits as ``LSQ``."""
+
+
+REFITTING = (Recovery.AUTO, Recovery.LSQ, Recovery.SEQUENTIAL)
+"""Recoveries that refit kept weights by least squares (and need the input Gram matrices)."""
+AUTO_LSQ_COST = 1 << 28
+"""``Recovery.AUTO`` fits a layer by least squares when output rows x inputs^2 stays below this
+(one solver step's multiply-adds: ~5 ms here, the fit about 30 steps per candidate)."""
 
 
 class Allocation(enum.Enum):
@@ -196,7 +207,7 @@ class PruneOptions:
     target_sparsity: float | None = None
     """Skip the search: evaluate only this global level (share of prunable params zeroed, or removed
     in remove mode) and return it if it passes, the original otherwise."""
-    recover: Recovery = Recovery.LSQ
+    recover: Recovery = Recovery.AUTO
     """Recovery from calibration activations (search split only): in remove mode the layers that
     consumed removed channels are refit."""
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES

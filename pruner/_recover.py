@@ -321,20 +321,28 @@ def calibrate(
     batch_size: int,
     fixed_batch: int | None,
     full: bool,
+    max_cost: int | None = None,
     threads: int = 0,
 ) -> Calibration:
     """Statistics of every handled layer's input over ``rows`` of ``evalset`` (batch by batch).
 
-    With ``full``, the Gram matrices too, smallest first within ``HESSIAN_BUDGET_BYTES``; the
-    layers beyond it are named in ``Calibration.partial`` (bias correction only).
+    With ``full``, the Gram matrices too, smallest first within ``HESSIAN_BUDGET_BYTES`` and only
+    for layers whose solver step (output rows x inputs^2) is at most ``max_cost``; the others are
+    named in ``Calibration.partial`` (bias correction only).
     """
     found, skipped = layouts(model, layers)
     wide: dict[str, str] = {}
     if full:
         shapes = {layer.name: layer.shape for layer in layers}
         sizes = {name: 8 * layout.groups * _inputs_per_row(layout, shapes[name]) ** 2 for name, layout in found.items()}
+        for name, layout in found.items():
+            cost = _outputs(layout, shapes[name]) * _inputs_per_row(layout, shapes[name]) ** 2
+            if max_cost is not None and cost > max_cost:
+                wide[name] = (
+                    f"{cost / 1e9:.1f} G multiply-adds per solver step, over the auto limit; --recover lsq fits it"
+                )
         used = 0
-        for name in sorted(sizes, key=lambda n: (sizes[n], n)):
+        for name in sorted(set(sizes) - set(wide), key=lambda n: (sizes[n], n)):
             used += sizes[name]
             if used > HESSIAN_BUDGET_BYTES:
                 wide[name] = f"its Gram matrices would take least squares past {HESSIAN_BUDGET_BYTES >> 20} MiB"
@@ -370,6 +378,13 @@ def _inputs_per_row(layout: LayerLayout, shape: tuple[int, ...]) -> int:
     if layout.conv is not None:
         return shape[1] * shape[2] * shape[3]
     return shape[0] if layout.transpose else shape[1]
+
+
+def _outputs(layout: LayerLayout, shape: tuple[int, ...]) -> int:
+    """Output rows of the layer (channels or features)."""
+    if layout.conv is not None:
+        return shape[0]
+    return shape[1] if layout.transpose else shape[0]
 
 
 def _batches(rows: np.ndarray, step: int, fixed: int | None) -> Iterator[tuple[np.ndarray, int]]:

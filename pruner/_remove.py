@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from ._analysis import PrunableWeight
 from ._evaluate import Runner, make_session, session_runner
-from ._options import Criterion, Objective, PruneOptions, Recovery
+from ._options import REFITTING, Criterion, Objective, PruneOptions, Recovery
 from ._recover import Calibration
 from ._report import LayerReport
 from ._score import lowest
@@ -271,7 +271,7 @@ class Remover:
             weight = changed.get(name, arrays[name])
             mask = np.zeros(weight.shape, dtype=bool)
             np.moveaxis(mask, axis, 0)[positions] = True
-            reconstruct = self.options.recover in (Recovery.LSQ, Recovery.SEQUENTIAL)
+            reconstruct = self.options.recover in REFITTING
             changed[name], shift = calibration.recover(name, weight, mask, reconstruct=reconstruct)
             bias = calibration.layouts[name].bias
             if shift is not None and bias is not None:

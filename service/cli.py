@@ -96,9 +96,10 @@ def _parser() -> argparse.ArgumentParser:
         "--recover",
         choices=[r.value for r in Recovery],
         default=DEFAULTS.recover.value,
-        help="win accuracy back from calibration data: bias correction, lsq (least-squares refit of the kept "
-        "weights, then bias correction), or sequential (lsq layer by layer on the inputs the pruned model "
-        "produces: best at high sparsity, one calibration pass per layer and candidate)",
+        help="win accuracy back from calibration data: auto (default: lsq for every layer whose fit is cheap, "
+        "bias correction for the others), bias correction, lsq (least-squares refit of the kept weights, then "
+        "bias correction), sequential (lsq layer by layer on the inputs the pruned model produces: best at "
+        "high sparsity, one calibration pass per layer and candidate), or none",
     )
     p.add_argument(
         "--calibration-samples",

@@ -36,6 +36,7 @@ _RECOVERIES = {
     Recovery.NONE: pb.RECOVERY_NONE,
     Recovery.BIAS: pb.RECOVERY_BIAS,
     Recovery.LSQ: pb.RECOVERY_LSQ,
+    Recovery.AUTO: pb.RECOVERY_AUTO,
     Recovery.SEQUENTIAL: pb.RECOVERY_SEQUENTIAL,
 }
 _ALLOCATIONS = {

@@ -274,7 +274,7 @@ def test_remove_plan_replays_to_the_same_model(tmp_path: Path) -> None:
         np.testing.assert_array_equal(weights[tensor.name], numpy_helper.to_array(tensor))
     # with recovery (the default) the plan says so and replays the removal, not the refit values
     refit = pruner.prune(model, fixtures / "cnn_bn_eval.npz", PruneOptions(mode=pruner.Mode.REMOVE)).plan
-    assert pruner.PruningPlan.from_json(refit.to_json()).recover is pruner.Recovery.LSQ
+    assert pruner.PruningPlan.from_json(refit.to_json()).recover is pruner.Recovery.AUTO
     wrong = pruner.PruningPlan(plan.mode, plan.criterion, (pruner.LayerPlan("nope", 1, 4),))
     assert [i.reason for i in pruner.check_plan(wrong, model)] == ["no removable channel family of this name"]
 

@@ -23,6 +23,7 @@ class Recovery(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RECOVERY_BIAS: _ClassVar[Recovery]
     RECOVERY_LSQ: _ClassVar[Recovery]
     RECOVERY_SEQUENTIAL: _ClassVar[Recovery]
+    RECOVERY_AUTO: _ClassVar[Recovery]
 
 class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -75,6 +76,7 @@ RECOVERY_NONE: Recovery
 RECOVERY_BIAS: Recovery
 RECOVERY_LSQ: Recovery
 RECOVERY_SEQUENTIAL: Recovery
+RECOVERY_AUTO: Recovery
 MODE_UNSPECIFIED: Mode
 MODE_ZERO: Mode
 MODE_REMOVE: Mode
