@@ -145,18 +145,24 @@ class Calibration:
         without, the weight is simply masked.
         """
         layout = self.layouts[name]
-        rows = layout.rows(original.astype(np.float64)).copy()
-        pruned = layout.rows(mask.reshape(original.shape))
         hessian = self.hessian(name) if reconstruct else None
+        stats = self.stats.get(name)
+        mask = mask.reshape(original.shape)
+        if hessian is None:  # masking (and the bias shift): no float64 copies of a possibly large weight
+            shift = None
+            if layout.bias is not None and stats is not None and stats.total is not None:
+                removed = layout.rows(np.where(mask, original, 0).astype(np.float32))
+                shift = _mean_output(layout, removed, stats.mean.astype(np.float32)).astype(np.float64)
+            return np.where(mask, 0, original).astype(original.dtype), shift
+        rows = layout.rows(original.astype(np.float64)).copy()
+        pruned = layout.rows(mask)
         target = rows.copy()
         rows[pruned] = 0.0
-        if hessian is not None:
-            rows = _fit_rows(layout, rows, layout.grouped(target) @ hessian, pruned, hessian)
+        rows = _fit_rows(layout, rows, layout.grouped(target) @ hessian, pruned, hessian)
         new = layout.unrows(rows, original.shape).astype(original.dtype)
-        stats = self.stats.get(name)
         shift = None
         if layout.bias is not None and stats is not None and stats.total is not None:
-            shift = _mean_output(layout, layout.rows(original.astype(np.float64)) - rows, stats.mean)
+            shift = _mean_output(layout, target - rows, stats.mean)
         return new, shift
 
 

@@ -291,3 +291,32 @@ def test_depthwise_conv_is_recovered_per_channel() -> None:
     unfolded = _unfold(x, {"kernel": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1]})
     norms = np.sqrt((unfolded.astype(np.float64) ** 2).mean(axis=0)).reshape(channels, 9)
     np.testing.assert_allclose(scores.reshape(channels, 9), np.abs(weight).reshape(channels, 9) * norms, rtol=1e-4)
+
+
+def test_auto_fits_cheap_layers_and_bias_corrects_the_wide_ones() -> None:
+    rng = np.random.default_rng(5)
+    w1, w2 = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal((40, 8)).astype(np.float32)
+    text = HEADER + (
+        "g (float[N, 6] x) => (float[N, 40] y) "
+        "{ h = Gemm <transB = 1> (x, w1) r = Relu (h) y = Gemm <transB = 1> (r, w2) }"
+    )
+    model = parse(text, {"w1": w1, "w2": w2})
+    x = correlated_inputs(128, 6, seed=6)
+    layers = list(analyze(model).layers)
+    # w1: 8 rows x 6^2 = 288 multiply-adds a solver step; w2: 40 x 8^2 = 2560
+    calibration = calibrate(
+        model,
+        layers,
+        pruner.EvalSet({"x": x}),
+        np.arange(128),
+        batch_size=64,
+        fixed_batch=None,
+        full=True,
+        max_cost=1000,
+    )
+    assert calibration.hessian("w1") is not None
+    assert calibration.hessian("w2") is None and "auto" in calibration.partial["w2"]
+    mask = np.abs(w2) < np.median(np.abs(w2))
+    pruned, shift = calibration.recover("w2", w2, mask, reconstruct=True)
+    np.testing.assert_array_equal(pruned, np.where(mask, 0, w2))  # masked, not refit
+    assert shift is None  # no bias to correct here; with one it would be the mean shift
