@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ._analysis import Inspection
+from ._analysis import Inspection, analyze
 from ._errors import UnsupportedModelError
 from ._evalset import EvalSet
 from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
@@ -285,7 +285,10 @@ class ChannelCandidates(_Candidates):
         start = time.perf_counter()
         calibration = None
         if options.recover is not Recovery.NONE or options.criterion is Criterion.ACTIVATION:
-            calibration = _calibrate(model, inspection, data, search_idx, evaluator, options, notes)
+            # every layer, not only the included ones: a consumer of removed channels is refit
+            # (and scores them) whether or not its own channels may go
+            everything = analyze(model) if options.include or options.exclude else inspection
+            calibration = _calibrate(model, everything, data, search_idx, evaluator, options, notes)
             timings["calibration"] = time.perf_counter() - start
         self.remover = Remover(model, options, calibration)
         self.space: ZeroSpace = self.remover.space

@@ -320,3 +320,23 @@ def test_auto_fits_cheap_layers_and_bias_corrects_the_wide_ones() -> None:
     pruned, shift = calibration.recover("w2", w2, mask, reconstruct=True)
     np.testing.assert_array_equal(pruned, np.where(mask, 0, w2))  # masked, not refit
     assert shift is None  # no bias to correct here; with one it would be the mean shift
+
+
+def test_remove_mode_refits_consumers_outside_the_include_patterns() -> None:
+    # only the residual channels may go, but the layers reading them are refit all the same
+    common = {
+        "mode": pruner.Mode.REMOVE,
+        "include": ("onnx::Conv_55",),
+        "exclude": ("onnx::Conv_52",),
+        "channel_multiple": 16,
+    }
+    model, evals = FIXTURES / "cnn.onnx", FIXTURES / "cnn_eval.npz"
+    options = [
+        pruner.PruneOptions(**common, recover=r, tolerance=pruner.Tolerance(0.3))
+        for r in (pruner.Recovery.NONE, pruner.Recovery.AUTO)
+    ]  # type: ignore[arg-type]
+    plain, refit = (pruner.prune(model, evals, o).report for o in options)
+    kept = [{la.name: la.channels_after for la in r.layers} for r in (plain, refit)]
+    assert kept[0] == kept[1] and kept[0]["onnx::Conv_55"] == 16, kept
+    assert "onnx::Conv_52" not in kept[0]
+    assert refit.final.search > plain.final.search + 0.02
