@@ -36,7 +36,7 @@ METHODS = {
     "magnitude+sequential": (Criterion.MAGNITUDE, Recovery.SEQUENTIAL),
     "activation+sequential": (Criterion.ACTIVATION, Recovery.SEQUENTIAL),
 }
-REMOVE_METHODS = ("magnitude", "activation", "magnitude+lsq", "activation+lsq")
+REMOVE_METHODS = ("magnitude", "activation", "magnitude+lsq", "activation+lsq", "magnitude+sequential")
 FIXED = {Mode.ZERO: 0.9, Mode.REMOVE: 0.5}
 
 

@@ -135,6 +135,8 @@ def main() -> None:
         (None, pruner.Recovery.LSQ, bytes_, 0.01),
         (None, pruner.Recovery.LSQ, speed, 0.01),
         (None, pruner.Recovery.LSQ, speed, 0.02),
+        (None, pruner.Recovery.SEQUENTIAL, bytes_, 0.01),
+        (None, pruner.Recovery.SEQUENTIAL, speed, 0.01),
     ]
     for (name, model_path, eval_path), (multiple, recover, objective, tolerance) in itertools.product(
         fixtures(), settings

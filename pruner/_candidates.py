@@ -290,7 +290,21 @@ class ChannelCandidates(_Candidates):
             everything = analyze(model) if options.include or options.exclude else inspection
             calibration = _calibrate(model, everything, data, search_idx, evaluator, options, notes)
             timings["calibration"] = time.perf_counter() - start
-        self.remover = Remover(model, options, calibration)
+        sequential = None
+        if options.recover is Recovery.SEQUENTIAL and calibration is not None:
+            refit = calibration
+
+            def sequential(split: SplitModel) -> SequentialRefit:
+                return SequentialRefit(
+                    refit,
+                    split,
+                    data,
+                    batch_size=evaluator.batch_size,
+                    fixed_batch=evaluator.fixed_batch,
+                    threads=options.threads,
+                )
+
+        self.remover = Remover(model, options, calibration, sequential)
         self.space: ZeroSpace = self.remover.space
         self.units: list[Any] = self.remover.space.layers
         timings["scoring"] = time.perf_counter() - start

@@ -69,7 +69,8 @@ class Recovery(enum.Enum):
     SEQUENTIAL = "sequential"
     """LSQ layer by layer in graph order, each fitted on the inputs the already pruned model
     produces (errors no longer add up); dense layers after pruned ones are refit too. One
-    calibration pass per layer group and candidate. Remove mode refits as ``LSQ``."""
+    calibration pass per layer group and candidate. In remove mode every layer after a removal is
+    refit that way at full shape (removed rows and columns held at zero), then sliced."""
 
 
 REFITTING = (Recovery.AUTO, Recovery.LSQ, Recovery.SEQUENTIAL)

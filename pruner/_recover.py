@@ -488,6 +488,10 @@ class SequentialRefit:
         self._originals = None
         self._cache.clear()
 
+    def forget(self) -> None:
+        """Drop the cached fits (the unpruned activations stay)."""
+        self._cache.clear()
+
     def _flat(self, name: str, x: np.ndarray) -> np.ndarray:
         conv = self.calibration.layouts[name].conv
         flat = _unfold(x.astype(np.float32), conv) if conv is not None else x.reshape(-1, x.shape[-1])

@@ -10,19 +10,20 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from ._analysis import PrunableWeight
-from ._evaluate import Runner, make_session, session_runner
+from ._evaluate import Runner, SplitModel, make_session, session_runner
 from ._options import REFITTING, Criterion, Objective, PruneOptions, Recovery
-from ._recover import Calibration
+from ._recover import Calibration, SequentialRefit
 from ._report import LayerReport
 from ._score import lowest
 from ._space import SKETCH_POINTS, Config, LayerUnits, ZeroSpace, allocation_scores
-from ._structure import Family, Structure, analyze_structure, remove_components
+from ._structure import Family, Structure, analyze_structure, remove_components, zero_components
 
 __all__ = ["Remover", "removal_problems", "replay_removal"]
 
@@ -208,7 +209,13 @@ class RemoveSpace(ZeroSpace):
 class Remover:
     """Families, scores and the search space of remove mode, and the models a config describes."""
 
-    def __init__(self, model: onnx.ModelProto, options: PruneOptions, calibration: Calibration | None = None) -> None:
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        options: PruneOptions,
+        calibration: Calibration | None = None,
+        sequential: Callable[[SplitModel], SequentialRefit] | None = None,
+    ) -> None:
         self.model = model
         self.options = options
         self.calibration = calibration
@@ -230,6 +237,14 @@ class Remover:
         ]
         units = [_family_units(f, s, options) for f, s in zip(self.families, self.scores, strict=True)]
         self.space = RemoveSpace(units, options)
+        self.sequential: SequentialRefit | None = None
+        if sequential is not None and calibration is not None:
+            # every tensor a removal zeroes is fed, so one session serves every candidate
+            fed = set(_constants(model)) & ({name for name, _ in self.structure.slot_base} | set(calibration.layouts))
+            fed |= {la.bias for la in calibration.layouts.values() if la.bias is not None}
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)
+            self.sequential = sequential(SplitModel.take(copy, fed))
 
     def removed(self, config: Config) -> np.ndarray:
         """Component ids a config removes."""
@@ -243,9 +258,38 @@ class Remover:
     def to_proto(self, config: Config) -> onnx.ModelProto:
         removed = self.removed(config)
         refit = self.calibration is not None and self.options.recover is not Recovery.NONE and len(removed)
+        if refit and self.sequential is not None:
+            return remove_components(self._refit_sequentially(removed), self.structure, list(removed), copy=False)
         if refit:  # the refit model is a copy already: slice it in place
             return remove_components(self._refit(removed), self.structure, list(removed), copy=False)
         return remove_components(self.model, self.structure, list(removed))
+
+    def _refit_sequentially(self, removed: np.ndarray) -> onnx.ModelProto:
+        """The model with ``removed`` zeroed and every layer after them refit in graph order on
+        the inputs the pruned model produces (``Recovery.SEQUENTIAL``), still at full shapes.
+
+        The removed rows and columns stay masked: whatever a removed channel still carries
+        (a refit bias) only reaches masked columns, and the channel is sliced away after.
+        """
+        sequential = self.sequential
+        assert sequential is not None and self.calibration is not None
+        zeroed = zero_components(self.model, self.structure, list(removed))
+        arrays = _constants(zeroed)
+        weights = {name: arrays[name] for name in sequential.original}
+        masks: dict[str, np.ndarray] = {}
+        for name, axis in self.structure.slot_base:
+            if name not in self.calibration.layouts:
+                continue
+            positions = np.flatnonzero(np.isin(self.structure.atoms((name, axis)), removed))
+            if len(positions):
+                mask = masks.setdefault(name, np.zeros(weights[name].shape, dtype=bool))
+                np.moveaxis(mask, axis, 0)[positions] = True
+        sequential.forget()  # results depend on the whole removal: nothing carries over
+        sequential.refit(weights, masks, {name: int(name in masks) for name in self.calibration.layouts})
+        for tensor in zeroed.graph.initializer:
+            if tensor.name in weights:
+                tensor.CopyFrom(numpy_helper.from_array(weights[tensor.name], tensor.name))
+        return zeroed
 
     def _refit(self, removed: np.ndarray) -> onnx.ModelProto:
         """A copy whose consumers of removed channels are refit to do without them.

@@ -247,6 +247,22 @@ def test_remove_mode_refit_only_changes_kept_columns() -> None:
     np.testing.assert_allclose(run(pruned), run(refit), atol=1e-4)
     assert not np.allclose(run(refit), run(remove_components(model, remover.structure, list(removed))), atol=1e-3)
 
+    # sequential: removed channels may still carry a refit bias at full shape, but only into
+    # masked columns, so slicing them away changes nothing either
+    from pruner._evaluate import SplitModel
+    from pruner._recover import SequentialRefit
+
+    def sequential(split: SplitModel) -> SequentialRefit:
+        return SequentialRefit(calibration, split, evalset, batch_size=64, fixed_batch=None)
+
+    options = pruner.PruneOptions(mode=pruner.Mode.REMOVE, recover=pruner.Recovery.SEQUENTIAL)
+    remover = Remover(model, options, calibration, sequential)
+    config = remover.space.at_level(0.4)
+    removed = remover.removed(config)
+    full_shape = remover._refit_sequentially(removed)
+    np.testing.assert_allclose(run(remover.to_proto(config)), run(full_shape), atol=1e-4)
+    assert not np.allclose(run(full_shape), run(refit), atol=1e-3)
+
 
 def test_remove_mode_recovery_gets_smaller_models() -> None:
     plain = pruner.PruneOptions(mode=pruner.Mode.REMOVE, recover=pruner.Recovery.NONE)

@@ -259,12 +259,13 @@ def test_recovery_methods_end_to_end(tmp_path: Path, name: str, method: list[str
 
 
 @pytest.mark.parametrize("name", ["cnn", "cnn_bn", "mlp_b1"])
-def test_remove_mode_with_refit_end_to_end(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize("recover", ["lsq", "sequential"])
+def test_remove_mode_with_refit_end_to_end(tmp_path: Path, name: str, recover: str) -> None:
     evals = FIXTURES / f"{name.removesuffix('_b1')}_eval.npz"
     out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
     proc = run_cli(
-        "prune", FIXTURES / f"{name}.onnx", "--eval", evals, "--mode", "remove", "--recover", "lsq",
-        "-o", out, "--report", report_path, "--quiet",
+        "prune", FIXTURES / f"{name}.onnx", "--eval", evals, "--mode", "remove", "--recover", recover,
+        "--calibration-samples", "128", "-o", out, "--report", report_path, "--quiet",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads(report_path.read_text())
