@@ -10,7 +10,7 @@ gets the benefit of the doubt: each of its functions is swept over sparsity in
 is taken (the held-out metric is then reported for it, unconfirmed). onnx-pruner
 runs its own search (which also confirms on the held-out split) with its
 defaults (least-squares recovery) and with sequential recovery; in remove mode with its
-default channel multiple (8) and with any channel count. For every model:
+default channel multiple (8), with any channel count and with sequential recovery. For every model:
 bytes and nonzero params, onnxruntime CPU latency (batch 64, 1 thread,
 median), held-out metric, wall time and onnxruntime evaluations.
 """
@@ -149,6 +149,10 @@ def main() -> None:
                 (
                     "onnx-pruner remove multiple 1",
                     PruneOptions(mode=Mode.REMOVE, channel_multiple=1, tolerance=Tolerance(tolerance)),
+                ),
+                (
+                    "onnx-pruner remove sequential",
+                    PruneOptions(mode=Mode.REMOVE, tolerance=Tolerance(tolerance), recover=Recovery.SEQUENTIAL),
                 ),
             ):
                 start = time.perf_counter()
