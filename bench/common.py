@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-import pruner
-from pruner._evaluate import make_session
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's pruner, whatever else is installed
+
+import pruner  # noqa: E402
+from pruner._evaluate import make_session  # noqa: E402
+
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
