@@ -24,7 +24,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,6 +125,18 @@ class SplitModel:
     def weight_bytes(self) -> int:
         return sum(w.nbytes for w in self.weights.values())
 
+    def fed(self, exposed: Sequence[str] = ()) -> onnx.ModelProto:
+        """The rest of the model with the weights as graph inputs (and ``exposed`` tensors as outputs)."""
+        fed = onnx.ModelProto()
+        fed.CopyFrom(self.rest)
+        existing = {i.name for i in fed.graph.input}
+        for name, array in self.weights.items():
+            if name not in existing:
+                fed.graph.input.append(helper.make_tensor_value_info(name, self.data_types[name], list(array.shape)))
+        outputs = {o.name for o in fed.graph.output}
+        fed.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in exposed if n not in outputs)
+        return fed
+
 
 def _varint(value: int) -> bytes:
     out = bytearray()
@@ -211,14 +223,8 @@ class FedWeights:
     """One session of the split model with its prunable weights as graph inputs."""
 
     def __init__(self, split: SplitModel, output: str, *, threads: int = 0) -> None:
-        fed = onnx.ModelProto()
-        fed.CopyFrom(split.rest)
-        existing = {i.name for i in fed.graph.input}
-        for name, array in split.weights.items():
-            if name not in existing:
-                fed.graph.input.append(helper.make_tensor_value_info(name, split.data_types[name], list(array.shape)))
         self.output = output
-        self.session = make_session(fed.SerializeToString(), threads=threads)
+        self.session = make_session(split.fed().SerializeToString(), threads=threads)
 
     @staticmethod
     def possible(split: SplitModel) -> bool:

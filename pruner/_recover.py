@@ -468,17 +468,7 @@ class SequentialRefit:
             key=lambda g: g.position,
         )
         self.tapped = sorted({g.input for g in self.groups})
-        tap = onnx.ModelProto()
-        tap.CopyFrom(split.rest)
-        existing = {i.name for i in tap.graph.input}
-        for name, array in split.weights.items():
-            if name not in existing:
-                tap.graph.input.append(helper.make_tensor_value_info(name, split.data_types[name], list(array.shape)))
-        outputs = {o.name for o in tap.graph.output}
-        for name in self.tapped:
-            if name not in outputs:
-                tap.graph.output.append(helper.make_empty_tensor_value_info(name))
-        self.session = make_session(tap.SerializeToString(), threads=threads)
+        self.session = make_session(split.fed(self.tapped).SerializeToString(), threads=threads)
         self.original = dict(split.weights)
         self._originals: dict[_Group, list[np.ndarray]] | None = None
         self._cache: dict[tuple[object, ...], dict[str, np.ndarray]] = {}

@@ -25,6 +25,18 @@ def gemm_model(weight: np.ndarray, bias: np.ndarray) -> onnx.ModelProto:
     return parse(text, {"w": weight, "b": bias})
 
 
+def two_gemms(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """x -> Gemm(w1[, b1]) -> Relu -> Gemm(w2[, b2]) -> y, with ``weights`` as initializers."""
+    width = weights["w1"].shape[1]
+    out = weights["w2"].shape[0]
+    b1, b2 = (", b1", ", b2") if "b1" in weights else ("", "")
+    text = HEADER + (
+        f"g (float[N, {width}] x) => (float[N, {out}] y) "
+        f"{{ h = Gemm <transB = 1> (x, w1{b1}) r = Relu (h) y = Gemm <transB = 1> (r, w2{b2}) }}"
+    )
+    return parse(text, weights)
+
+
 def correlated_inputs(n: int, width: int, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     mix = rng.standard_normal((width, width))
@@ -155,11 +167,7 @@ def test_sequential_refit_fits_what_the_pruned_model_feeds_each_layer() -> None:
     rng = np.random.default_rng(3)
     w1, w2 = rng.standard_normal((16, 12)).astype(np.float32), rng.standard_normal((5, 16)).astype(np.float32)
     b1, b2 = rng.standard_normal(16).astype(np.float32), rng.standard_normal(5).astype(np.float32)
-    text = HEADER + (
-        "g (float[N, 12] x) => (float[N, 5] y) "
-        "{ h = Gemm <transB = 1> (x, w1, b1) r = Relu (h) y = Gemm <transB = 1> (r, w2, b2) }"
-    )
-    model = parse(text, {"w1": w1, "b1": b1, "w2": w2, "b2": b2})
+    model = two_gemms({"w1": w1, "b1": b1, "w2": w2, "b2": b2})
     x = correlated_inputs(512, 12, seed=4)
     calibration = calibrated(model, x)
     masks = {name: np.abs(w) < np.quantile(np.abs(w), 0.6) for name, w in (("w1", w1), ("w2", w2))}
@@ -173,7 +181,7 @@ def test_sequential_refit_fits_what_the_pruned_model_feeds_each_layer() -> None:
         plain[name], shift = calibration.recover(name, original, masks[name], reconstruct=True)
         bias = "b1" if name == "w1" else "b2"
         plain[bias] = (plain[bias] + shift).astype(np.float32)
-    split = SplitModel.take(parse(text, {"w1": w1, "b1": b1, "w2": w2, "b2": b2}), {"w1", "b1", "w2", "b2"})
+    split = SplitModel.take(two_gemms({"w1": w1, "b1": b1, "w2": w2, "b2": b2}), {"w1", "b1", "w2", "b2"})
     refit = SequentialRefit(calibration, split, pruner.EvalSet({"x": x}), batch_size=64, fixed_batch=None)
     weights = {"w1": np.where(masks["w1"], 0, w1), "b1": b1, "w2": np.where(masks["w2"], 0, w2), "b2": b2}
     refit.refit(weights, masks, {"w1": 1, "w2": 1})
@@ -193,11 +201,7 @@ def test_channel_activation_scores_are_what_consumers_draw() -> None:
 
     rng = np.random.default_rng(8)
     w1, w2 = rng.standard_normal((6, 5)).astype(np.float32), rng.standard_normal((4, 6)).astype(np.float32)
-    text = HEADER + (
-        "g (float[N, 5] x) => (float[N, 4] y) "
-        "{ h = Gemm <transB = 1> (x, w1) r = Relu (h) y = Gemm <transB = 1> (r, w2) }"
-    )
-    model = parse(text, {"w1": w1, "w2": w2})
+    model = two_gemms({"w1": w1, "w2": w2})
     x = correlated_inputs(64, 5, seed=9)
     calibration = calibrated(model, x, full=False)
     structure = analyze_structure(model)
@@ -312,11 +316,7 @@ def test_depthwise_conv_is_recovered_per_channel() -> None:
 def test_auto_fits_cheap_layers_and_bias_corrects_the_wide_ones() -> None:
     rng = np.random.default_rng(5)
     w1, w2 = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal((40, 8)).astype(np.float32)
-    text = HEADER + (
-        "g (float[N, 6] x) => (float[N, 40] y) "
-        "{ h = Gemm <transB = 1> (x, w1) r = Relu (h) y = Gemm <transB = 1> (r, w2) }"
-    )
-    model = parse(text, {"w1": w1, "w2": w2})
+    model = two_gemms({"w1": w1, "w2": w2})
     x = correlated_inputs(128, 6, seed=6)
     layers = list(analyze(model).layers)
     # w1: 8 rows x 6^2 = 288 multiply-adds a solver step; w2: 40 x 8^2 = 2560
