@@ -405,6 +405,8 @@ def _batches(rows: np.ndarray, step: int, fixed: int | None) -> Iterator[tuple[n
 
 ORIGINAL_CACHE_BYTES = 256 * 2**20
 """Layer inputs of the unpruned model kept between candidates (recomputed per pass above this)."""
+FIT_CACHE_BYTES = 256 * 2**20
+"""Refit weights kept for candidates that share a prefix of layers (dropped beyond this)."""
 
 
 @dataclass(frozen=True)
@@ -472,15 +474,17 @@ class SequentialRefit:
         self.original = dict(split.weights)
         self._originals: dict[_Group, list[np.ndarray]] | None = None
         self._cache: dict[tuple[object, ...], dict[str, np.ndarray]] = {}
+        self._cached_bytes = 0
 
     def release(self) -> None:
         self.original.clear()
         self._originals = None
-        self._cache.clear()
+        self.forget()
 
     def forget(self) -> None:
         """Drop the cached fits (the unpruned activations stay)."""
         self._cache.clear()
+        self._cached_bytes = 0
 
     def _flat(self, name: str, x: np.ndarray) -> np.ndarray:
         conv = self.calibration.layouts[name].conv
@@ -532,9 +536,16 @@ class SequentialRefit:
                 continue
             upstream = tuple(sorted((n, a) for n, a in amounts.items() if a and self.position[n] < group.position))
             cache_key = (group, upstream, tuple(amounts.get(n, 0) for n in group.layers))
-            if cache_key not in self._cache:
-                self._cache[cache_key] = self._fit(group, weights, masks, drifted)
-            weights.update(self._cache[cache_key])
+            fitted = self._cache.get(cache_key)
+            if fitted is None:
+                fitted = self._fit(group, weights, masks, drifted)
+                size = sum(a.nbytes for a in fitted.values())
+                if self._cached_bytes + size > FIT_CACHE_BYTES:  # large models: recompute, do not hoard
+                    self._cache.clear()
+                    self._cached_bytes = 0
+                self._cache[cache_key] = fitted
+                self._cached_bytes += size
+            weights.update(fitted)
 
     def _fit(
         self, group: _Group, weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray | None], drifted: bool
