@@ -21,6 +21,7 @@ import io
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -44,6 +45,32 @@ TOLERANCES = (0.005, 0.01, 0.02)
 LEVELS = [round(0.05 * i, 2) for i in range(1, 20)]
 RESULTS = Path(__file__).resolve().parent / "results"
 ZERO_PEERS = ("magnitude (global)", "magnitude", "wanda", "sparsegpt")
+
+
+def coverage(folder: Path) -> list[tuple[str, Path, Path]]:
+    """The coverage architectures whose random-weight predictions are not all one class, with
+    720 random inputs labelled by the unpruned model: accuracy is then top-1 agreement with it.
+
+    ResNet-18 and MobileNetV2 with random weights put every input in one class (agreement would
+    be 1.0 whatever is pruned) and U-Net segments; only the BERT-shaped encoder qualifies.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.models import ARCHITECTURES, INPUT_SHAPES
+
+    out = []
+    rng = np.random.default_rng(0)
+    for name in ("resnet18", "mobilenet_v2", "bert"):
+        model = ARCHITECTURES[name]()
+        x = rng.standard_normal((720, *INPUT_SHAPES[name])).astype(np.float32)
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        labels = np.asarray(session.run(None, {"input": x})[0]).argmax(axis=1)
+        if np.bincount(labels).max() > 0.9 * len(labels):
+            continue
+        model_path, eval_path = folder / f"{name}.onnx", folder / f"{name}_eval.npz"
+        onnx.save(model, str(model_path))
+        np.savez(eval_path, input=x, labels=labels.astype(np.int64))
+        out.append((f"{name} (agreement)", model_path, eval_path))
+    return out
 
 
 def accuracy(model: bytes, evalset: pruner.EvalSet, rows: np.ndarray) -> float:
@@ -108,7 +135,8 @@ def main() -> None:
     peer: dict[tuple[str, float, str], list[int]] = defaultdict(list)
     oracle: dict[tuple[str, float, str], list[int]] = defaultdict(list)
     best_bytes: dict[tuple[str, str], float] = {}
-    for name, model_path, eval_path in fixtures():
+    scratch = tempfile.TemporaryDirectory()
+    for name, model_path, eval_path in fixtures() + coverage(Path(scratch.name)):
         evalset = pruner.load_eval_set(eval_path)
         original = onnx.load(str(model_path))
         search, hold = _split(len(evalset), 0.2, 0)
