@@ -319,15 +319,16 @@ def plot(shares: dict[tuple[str, str], float], path: Path) -> None:
 
     names = sorted({n for n, _ in shares})
     labels = sorted({label for _, label in shares}, key=lambda s: (not s.startswith("onnx-pruner"), s))
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(13, 4.8), dpi=110)
     width = 0.8 / len(labels)
+    colors = plt.get_cmap("tab20").colors
     for i, label in enumerate(labels):
         values = [shares.get((n, label), np.nan) for n in names]
-        ax.bar(np.arange(len(names)) + i * width, values, width, label=label)
+        ax.bar(np.arange(len(names)) + i * width, values, width, label=label, color=colors[i % len(colors)])
     ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
     ax.set_ylabel("nonzero prunable params kept (share)")
     ax.set_title("Smallest model within tolerance 0.01 (lower is better)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     buffer = io.BytesIO()
