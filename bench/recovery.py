@@ -25,16 +25,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fixtures, table
 
 import pruner
-from pruner import Criterion, Mode, PruneOptions, Recovery, Tolerance
+from pruner import Allocation, Criterion, Mode, PruneOptions, Recovery, Tolerance
 
+NORMALIZED, SENSITIVITY = Allocation.NORMALIZED, Allocation.SENSITIVITY
 METHODS = {
-    "magnitude": (Criterion.MAGNITUDE, Recovery.NONE),
-    "activation": (Criterion.ACTIVATION, Recovery.NONE),
-    "magnitude+bias": (Criterion.MAGNITUDE, Recovery.BIAS),
-    "magnitude+lsq": (Criterion.MAGNITUDE, Recovery.LSQ),
-    "activation+lsq": (Criterion.ACTIVATION, Recovery.LSQ),
-    "magnitude+sequential": (Criterion.MAGNITUDE, Recovery.SEQUENTIAL),
-    "activation+sequential": (Criterion.ACTIVATION, Recovery.SEQUENTIAL),
+    "magnitude": (Criterion.MAGNITUDE, Recovery.NONE, NORMALIZED),
+    "activation": (Criterion.ACTIVATION, Recovery.NONE, NORMALIZED),
+    "magnitude+bias": (Criterion.MAGNITUDE, Recovery.BIAS, NORMALIZED),
+    "magnitude+lsq": (Criterion.MAGNITUDE, Recovery.LSQ, NORMALIZED),
+    "activation+lsq": (Criterion.ACTIVATION, Recovery.LSQ, NORMALIZED),
+    "magnitude+sequential": (Criterion.MAGNITUDE, Recovery.SEQUENTIAL, NORMALIZED),
+    "activation+sequential": (Criterion.ACTIVATION, Recovery.SEQUENTIAL, NORMALIZED),
+    "activation+sequential, sensitivity": (Criterion.ACTIVATION, Recovery.SEQUENTIAL, SENSITIVITY),
 }
 REMOVE_METHODS = ("magnitude", "activation", "magnitude+lsq", "activation+lsq", "magnitude+sequential")
 FIXED = {Mode.ZERO: 0.9, Mode.REMOVE: 0.5}
@@ -49,8 +51,8 @@ def main() -> None:
             evalset = pruner.load_eval_set(evals)
             base_size = base_wall = eval_seconds = 0.0
             base_loss = 0.0
-            for method, (criterion, recover) in methods.items():
-                common = {"mode": mode, "criterion": criterion, "recover": recover}
+            for method, (criterion, recover, allocation) in methods.items():
+                common = {"mode": mode, "criterion": criterion, "recover": recover, "allocation": allocation}
                 options = PruneOptions(**common, tolerance=Tolerance(0.01))  # type: ignore[arg-type]
                 start = time.perf_counter()
                 report = pruner.prune(model, evalset, options).report
