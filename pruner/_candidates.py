@@ -182,7 +182,6 @@ class WeightCandidates(_Candidates):
             if recover and sequential_fit is None and layout is not None and layout.bias is None:
                 # nothing to recover without a fit or a bias: plain masking, no extra copies
                 recover = calibration is not None and calibration.hessian(name) is not None
-                recover = recover and options.recover is not Recovery.BIAS
             if isinstance(self.space, NMSpace):
                 mask = self.nm_masks[name]
                 if not recover:

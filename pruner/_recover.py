@@ -220,12 +220,14 @@ def _fit_rows(
     return rows
 
 
-def _grams(x: np.ndarray, groups: int) -> np.ndarray:
-    """x^T x of each group's columns, [groups, in, in] (only the blocks a grouped Conv uses)."""
+def _grams(x: np.ndarray, groups: int, y: np.ndarray | None = None) -> np.ndarray:
+    """x^T y (y defaults to x) of each group's columns, [groups, in, in]: only the blocks a
+    grouped Conv uses."""
+    y = x if y is None else y
     if groups == 1:
-        return (x.T @ x)[None]
-    blocks = x.reshape(len(x), groups, -1).transpose(1, 0, 2)
-    return blocks.transpose(0, 2, 1) @ blocks
+        return (x.T @ y)[None]
+    left, right = (z.reshape(len(z), groups, -1).transpose(1, 0, 2) for z in (x, y))
+    return left.transpose(0, 2, 1) @ right
 
 
 def _damped(gram: np.ndarray) -> np.ndarray:
@@ -566,9 +568,7 @@ class SequentialRefit:
         for (x_now,), b in zip(self._inputs(weights, [group.input]), self._original(group), strict=True):
             a = self._flat(first, x_now)
             count += len(a)
-            now, then = (z.reshape(len(z), groups, -1).transpose(1, 0, 2) for z in (a, b))
-            g = (now.transpose(0, 2, 1) @ now).astype(np.float64)
-            c = (now.transpose(0, 2, 1) @ then).astype(np.float64)
+            g, c = _grams(a, groups).astype(np.float64), _grams(a, groups, b).astype(np.float64)
             gram = g if gram is None else gram + g
             cross = c if cross is None else cross + c
             mean_now = a.sum(axis=0, dtype=np.float64) + (0 if mean_now is None else mean_now)
