@@ -304,6 +304,12 @@ class ChannelCandidates(_Candidates):
                 )
 
         self.remover = Remover(model, options, calibration, sequential)
+        for family in self.remover.families:
+            if family.approximate:
+                notes.append(
+                    f"{family.name}: removing its channels is approximate ({family.approximate}, so the rest "
+                    "are normalized differently); the search measures what it costs"
+                )
         self.space: ZeroSpace = self.remover.space
         self.units: list[Any] = self.remover.space.layers
         timings["scoring"] = time.perf_counter() - start

@@ -12,6 +12,14 @@ be removed everywhere at once. Components touching the same tensors form a
 *family* (one layer's output channels, say); the search decides how many
 components of each family to remove.
 
+A few rules are *approximate*: LayerNormalization (and ReduceMean, as in a
+decomposed or RMS norm) over the channel axis computes its statistics over the
+channels, so removing one changes them slightly for all the others. Transformers
+normalize their residual stream this way; without these rules no layer writing to
+it could lose a channel. The components they touch are removable, marked with the
+reason (``Family.approximate``), and what the change costs is left to the search's
+evaluation and the refit.
+
 An op without a rule, a graph input or output, or a subgraph reading a tensor
 *freezes* the atoms it touches: their components are never removed, and the
 report says why. Removing components slices every tensor they touch and then
@@ -53,6 +61,8 @@ class Family:
     """Weight elements removed with each component."""
     slots: tuple[Slot, ...]
     param_slots: tuple[Slot, ...]
+    approximate: str | None = None
+    """Why removing these channels changes the outputs of the kept ones (None: it does not)."""
 
 
 @dataclass
@@ -125,6 +135,8 @@ class _Builder:
         """Input-channel axes of seed weights."""
         self.scales: list[tuple[str, str, float]] = []
         """(scale, variance, epsilon) of every BatchNormalization: its per-channel gain."""
+        self.approximate: dict[Slot, str] = {}
+        """Slots an approximate rule reads statistics over, and why."""
 
     # --- atoms --------------------------------------------------------------------------------
 
@@ -274,6 +286,10 @@ class _Builder:
             self.scales,
         )
 
+    def atoms(self, component: np.ndarray, slot: Slot) -> np.ndarray:
+        base = self.slot_base[slot]
+        return component[base : base + self.slot_size[slot]]
+
     def _name(self, signature: tuple[Slot, ...]) -> str:
         """A family is named after the weight whose output channels it is (else any of its weights)."""
         producers = [name for name, axis in signature if (name, axis) in self.producer_slots]
@@ -295,6 +311,10 @@ class _Builder:
                 touched[c].add(slot)
                 if name in self.params:
                     params[c] += per_channel
+        approximate: dict[int, str] = {}
+        for slot, why in self.approximate.items():
+            for c in self.atoms(component, slot):
+                approximate.setdefault(int(c), why)
         by_signature: dict[tuple[Slot, ...], list[int]] = defaultdict(list)
         skipped: dict[str, str] = {}
         for c, slots in touched.items():
@@ -318,6 +338,7 @@ class _Builder:
                     params_per_component=np.array([params[c] for c in comps], dtype=np.int64),
                     slots=signature,
                     param_slots=tuple(s for s in signature if s[0] in self.params),
+                    approximate=next((approximate[c] for c in comps if c in approximate), None),
                 )
             )
         families.sort(key=lambda f: f.name)
@@ -741,27 +762,65 @@ def _squeeze(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) ->
 
 
 def _reduce(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
-    """Reductions and Softmax/LayerNormalization over other axes keep the channels."""
+    """Reductions and Softmax/LayerNormalization over other axes keep the channels; over the
+    channel axis only LayerNormalization and ReduceMean have a rule, an approximate one."""
     assert trigger is not None
     x, y = node.input[0], node.output[0]
     rank = _need(b.rank(x), "rank")
     attrs = _attrs(node)
-    axis = trigger[1]
+    dropped = False
     if node.op_type in ("Softmax", "LogSoftmax", "Hardmax"):
         reduced = {int(attrs.get("axis", -1)) % rank}  # type: ignore[call-overload]
     elif node.op_type == "LayerNormalization":
         start = int(attrs.get("axis", -1)) % rank  # type: ignore[call-overload]
         reduced = set(range(start, rank))
     else:
-        if not int(attrs.get("keepdims", 1)):  # type: ignore[call-overload]
-            raise _Stop("reduction without keepdims")
+        dropped = not int(attrs.get("keepdims", 1))  # type: ignore[call-overload]
         value = b.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attrs.get("axes")
         if value is None:
             raise _Stop("reduction over all axes")
         reduced = {int(a) % rank for a in np.atleast_1d(np.asarray(value))}
-    if axis in reduced:
+    # axis k of y is axis kept[k] of x
+    kept = [a for a in range(rank) if a not in reduced] if dropped else list(range(rank))
+    axis = kept[trigger[1]] if trigger[0] == y else trigger[1]
+    if axis not in reduced:
+        b.link(x, axis, y, kept.index(axis), b.slot_size[trigger])
+    elif node.op_type == "LayerNormalization":
+        _layer_norm(b, node, axis)
+    elif node.op_type == "ReduceMean" and trigger[0] == x and not dropped:
+        # a statistic over the channels (decomposed LayerNorm, RMS norm): it is taken over fewer
+        # channels after a removal, and its output has none to remove
+        b.approximate.setdefault(trigger, f"{node.name or node.op_type} (ReduceMean) averages over these channels")
+    else:
         raise _Stop(f"{node.op_type} mixes the channels")
-    b.link(x, axis, y, axis, b.slot_size[trigger])
+
+
+def _layer_norm(b: _Builder, node: onnx.NodeProto, axis: int) -> None:
+    """LayerNormalization over the channel axis: approximate (see the module docstring).
+
+    The output keeps the input's channels; scale and bias are sliced with them.
+    """
+    x, y = node.input[0], node.output[0]
+    rank = _need(b.rank(x), "rank")
+    size = b.dim(x, axis)
+    if size is None:
+        raise _Stop("the normalized size is not known statically")
+    if any(out and b.index.uses(out) for out in node.output[1:]):
+        raise _Stop("its mean or inverse standard deviation output is used")
+    b.link(x, axis, y, axis, size)
+    for param in node.input[1:]:
+        if not param:
+            continue
+        if not b.is_constant(param):
+            raise _Stop("scale or bias is not a constant")
+        param_axis = axis - rank + _need(b.rank(param), "parameter rank")
+        dim = b.dim(param, param_axis) if param_axis >= 0 else 1
+        if dim == size:
+            b.link(x, axis, param, param_axis, size)
+        elif dim != 1:
+            raise _Stop(f"parameter {param!r} has {dim} along the normalized axis, not {size}")
+    what = node.name or node.op_type
+    b.approximate.setdefault((x, axis), f"{what} (LayerNormalization) normalizes over these channels")
 
 
 SEEDS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}

@@ -279,6 +279,22 @@ def test_remove_plan_replays_to_the_same_model(tmp_path: Path) -> None:
     assert [i.reason for i in pruner.check_plan(wrong, model)] == ["no removable channel family of this name"]
 
 
+def test_remove_mode_shrinks_a_transformers_residual_stream() -> None:
+    """The hidden size behind the LayerNorms goes too (approximately), and the report says so."""
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    model, evals = fixtures / "attention.onnx", fixtures / "attention_eval.npz"
+    options = PruneOptions(mode=pruner.Mode.REMOVE, recover=pruner.Recovery.SEQUENTIAL)
+    result = pruner.prune(model, evals, options)
+    report = result.report
+    stream = "onnx::MatMul_64"  # the embedding's weight: what every residual-stream writer shares
+    assert any(n.startswith(f"{stream}: removing its channels is approximate") for n in report.notes)
+    (layer,) = [la for la in report.layers if la.name == stream]
+    assert layer.channels_before == 32 and layer.channels_after is not None and layer.channels_after < 32
+    norm = next(t for t in result.model.graph.initializer if t.name == "norm2.weight")
+    assert norm.dims == [layer.channels_after]
+    assert report.baseline.holdout - report.final.holdout <= 0.01 + 1e-9  # type: ignore[operator]
+
+
 def test_sensitivity_profile_is_reported_and_reused() -> None:
     fixtures = Path(__file__).resolve().parents[1] / "fixtures"
     model, evals = fixtures / "mlp.onnx", fixtures / "mlp_eval.npz"
