@@ -19,12 +19,16 @@ from pruner._evaluate import make_session  # noqa: E402
 FIXTURES = ROOT / "tests" / "fixtures"
 
 
+SHARED_EVAL = {"encoder_exported": "attention"}
+"""Fixtures whose eval set is another fixture's."""
+
+
 def fixtures() -> list[tuple[str, Path, Path]]:
     """(name, model, eval set) of each committed fixture; ``x_b1.onnx`` uses ``x_eval.npz``."""
     out = []
     for model in sorted(FIXTURES.glob("*.onnx")):
         name = model.stem
-        evals = FIXTURES / f"{name}_eval.npz"
+        evals = FIXTURES / f"{SHARED_EVAL.get(name, name)}_eval.npz"
         if not evals.exists():
             evals = FIXTURES / f"{name.split('_')[0]}_eval.npz"
         if evals.exists():

@@ -304,6 +304,11 @@ class ChannelCandidates(_Candidates):
                 )
 
         self.remover = Remover(model, options, calibration, sequential)
+        if self.remover.static_targets:
+            notes.append(
+                f"{self.remover.static_targets} Reshape target(s) computed at run time were made constants "
+                "(the same shapes at every input size tried), so their channels can be removed"
+            )
         for family in self.remover.families:
             if family.approximate:
                 notes.append(

@@ -23,6 +23,7 @@ from ._recover import Calibration, SequentialRefit
 from ._report import LayerReport
 from ._score import lowest
 from ._space import SKETCH_POINTS, Config, LayerUnits, ZeroSpace, allocation_scores
+from ._static import static_reshapes
 from ._structure import Family, Structure, analyze_structure, remove_components, zero_components
 
 __all__ = ["Remover", "removal_problems", "replay_removal"]
@@ -216,6 +217,8 @@ class Remover:
         calibration: Calibration | None = None,
         sequential: Callable[[SplitModel], SequentialRefit] | None = None,
     ) -> None:
+        # computed Reshape targets would freeze every channel their Shape nodes read
+        model, self.static_targets = static_reshapes(model)
         self.model = model
         self.options = options
         self.calibration = calibration
@@ -366,7 +369,7 @@ class Remover:
 
 def removal_problems(model: onnx.ModelProto, layers: list[tuple[str, int, int]]) -> list[tuple[str, str]]:
     """(family, why) for every (family, amount, units) of a removal plan that does not fit ``model``."""
-    families = {f.name: f for f in analyze_structure(model).families}
+    families = {f.name: f for f in analyze_structure(static_reshapes(model)[0]).families}
     problems: list[tuple[str, str]] = []
     for name, amount, units in layers:
         family = families.get(name)
@@ -381,6 +384,7 @@ def removal_problems(model: onnx.ModelProto, layers: list[tuple[str, int, int]])
 
 def replay_removal(model: onnx.ModelProto, criterion: Criterion, amounts: dict[str, int]) -> onnx.ModelProto:
     """``model`` without the lowest-scoring ``amounts[family]`` channels of each family (a plan's replay)."""
+    model, _ = static_reshapes(model)
     structure = analyze_structure(model)
     removed = [
         family.components[lowest(component_scores(model, structure, family, criterion), amounts[family.name])]

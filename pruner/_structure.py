@@ -701,11 +701,15 @@ def _heads(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot) -> bool:
     """
     x, shape_name, y = node.input[0], node.input[1], node.output[0]
     in_shape, out_shape, target = b.shapes.get(x), b.shapes.get(y), b.constant(shape_name)
-    if in_shape is None or out_shape is None or target is None or None in in_shape[1:] or None in out_shape[1:]:
+    if in_shape is None or out_shape is None or target is None:
         return False
     split = len(out_shape) == len(in_shape) + 1 and in_shape[1:-1] == out_shape[1:-2]
     merge = len(in_shape) == len(out_shape) + 1 and out_shape[1:-1] == in_shape[1:-2]
     if not (split or merge):
+        return False
+    # a dynamic dim (a sequence length) between batch and channels must be copied as it is
+    middle = (in_shape if split else out_shape)[1:-1]
+    if any(d is None and int(target[k]) != 0 for k, d in enumerate(middle, start=1)):
         return False
     wide, narrow = (x, y) if split else (y, x)  # [..., H] and [..., heads, head_dim]
     rank_wide = len(b.shapes[wide])
@@ -723,13 +727,22 @@ def _heads(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot) -> bool:
 
 
 def _reshape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
-    """The flattening Reshape [N, C, ...] -> [N, C*...], and the attention head split/merge."""
+    """The flattening Reshape [N, C, ...] -> [N, C*...], the attention head split/merge, and
+    regrouping the axes before the last one."""
     assert trigger is not None
     x, shape_name, y = node.input[0], node.input[1], node.output[0]
     if _heads(b, i, node, trigger):
         return
     target = b.constant(shape_name)
     in_shape, out_shape = b.shapes.get(x), b.shapes.get(y)
+    if target is not None and in_shape and out_shape and in_shape[-1] is not None and in_shape[-1] == out_shape[-1]:
+        # only the leading axes are regrouped ([L * N, H] <-> [L, N, H]): each row stays a row
+        if trigger[1] != len(b.shapes[trigger[0]]) - 1:
+            raise _Stop("only the last axis passes through a Reshape that keeps it")
+        b.link(x, len(in_shape) - 1, y, len(out_shape) - 1, b.slot_size[trigger])
+        if int(target[-1]) > 0:
+            b.add_fixup(Fixup("count", i, ((y, len(out_shape) - 1),), (shape_name, len(out_shape) - 1, 1)))
+        return
     if target is None or in_shape is None or out_shape is None or len(out_shape) != 2 or len(in_shape) < 2:
         raise _Stop("only a Reshape that flattens [N, C, ...] to [N, features] with a constant shape")
     if out_shape[0] is not None and in_shape[0] is not None and out_shape[0] != in_shape[0]:
@@ -759,6 +772,29 @@ def _squeeze(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) ->
         if trigger[1] in axes:
             raise _Stop("a squeezed axis cannot carry channels")
         b.link(short, kept.index(trigger[1]), long, trigger[1], size)
+
+
+def _gather(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    """Gather along another axis (a token picked, an embedding looked up): channels pass."""
+    assert trigger is not None
+    x, indices, y = node.input[0], node.input[1], node.output[0]
+    if trigger[0] == indices:
+        raise _Stop("the indices carry channels")
+    rank = _need(b.rank(x), "rank")
+    picked = _need(b.rank(indices), "indices rank")
+    axis = int(_attrs(node).get("axis", 0)) % rank  # type: ignore[call-overload]
+    if trigger[0] == x:
+        if trigger[1] == axis:
+            raise _Stop("it selects along the channel axis")
+        x_axis = trigger[1]
+    elif trigger[1] < axis:
+        x_axis = trigger[1]
+    elif trigger[1] >= axis + picked:
+        x_axis = trigger[1] - picked + 1
+    else:
+        raise _Stop("the indices' axes cannot shrink")
+    y_axis = x_axis if x_axis < axis else x_axis + picked - 1
+    b.link(x, x_axis, y, y_axis, b.slot_size[trigger])
 
 
 def _reduce(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
@@ -844,6 +880,7 @@ RULES: dict[str, Rule] = {
     "Reshape": _reshape,
     "Squeeze": _squeeze,
     "Unsqueeze": _squeeze,
+    "Gather": _gather,
     **{
         op: _reduce
         for op in "ReduceMean ReduceSum ReduceMax ReduceMin Softmax LogSoftmax Hardmax LayerNormalization".split()

@@ -186,10 +186,58 @@ def bert(layers: int = 2, hidden: int = 32, heads: int = 4, ffn: int = 64, seq: 
     return g.model([("input", ["N", seq, features])], out, ["N", classes])
 
 
-ARCHITECTURES = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2, "unet": unet, "bert": bert}
+def bert_exported(layers: int = 2, hidden: int = 32, heads: int = 4, ffn: int = 64, features: int = 16,
+                  classes: int = 3) -> onnx.ModelProto:  # fmt: skip
+    """The BERT-like encoder as PyTorch writes a Hugging Face-style one below opset 17: a
+    dynamic sequence length, head split/merge targets computed from Shape nodes
+    (``x.view(x.size()[:-1] + (heads, head_dim))``), LayerNorm decomposed into ReduceMean
+    arithmetic, and the first token's output classified (``x[:, 0]``)."""
+    g = Graph(5)
+    head_dim = hidden // heads
+
+    def layernorm(x: str) -> str:
+        mean = g.op("ReduceMean", [x], axes=[-1])
+        centred = g.op("Sub", [x, mean])
+        var = g.op("ReduceMean", [g.op("Pow", [centred, g.const(np.float32(2))])], axes=[-1])
+        std = g.op("Sqrt", [g.op("Add", [var, g.const(np.float32(1e-5))])])
+        scale = g.const((1 + 0.1 * g.rng.standard_normal(hidden)).astype(np.float32), "ln")
+        bias = g.const((0.1 * g.rng.standard_normal(hidden)).astype(np.float32), "ln")
+        return g.op("Add", [g.op("Mul", [g.op("Div", [centred, std]), scale]), bias])
+
+    def leading(x: str) -> list[str]:
+        """[N, L] of ``x`` as two 1-element tensors, the way the exporter computes them."""
+        shape = g.op("Shape", [x])
+        dims = [g.op("Gather", [shape, g.const(np.int64(k))]) for k in (0, 1)]
+        return [g.op("Unsqueeze", [d, g.const(np.array([0]))]) for d in dims]
+
+    def split_heads(x: str) -> str:
+        target = g.op("Concat", [*leading(x), g.const(np.array([heads, head_dim]))], axis=0)
+        return g.op("Transpose", [g.op("Reshape", [x, target])], perm=[0, 2, 1, 3])
+
+    x = layernorm(g.linear("input", features, hidden))
+    for _ in range(layers):
+        q, k, v = (split_heads(g.linear(x, hidden, hidden)) for _ in range(3))
+        scores = g.op("MatMul", [q, g.op("Transpose", [k], perm=[0, 1, 3, 2])])
+        scores = g.op("Div", [scores, g.const(np.float32(math.sqrt(head_dim)))])
+        context = g.op("Transpose", [g.op("MatMul", [g.op("Softmax", [scores], axis=-1), v])], perm=[0, 2, 1, 3])
+        merged = g.op("Reshape", [context, g.op("Concat", [*leading(context), g.const(np.array([hidden]))], axis=0)])
+        x = layernorm(g.op("Add", [x, g.linear(merged, hidden, hidden)]))
+        x = layernorm(g.op("Add", [x, g.linear(g.gelu(g.linear(x, hidden, ffn)), ffn, hidden)]))
+    first = g.op("Gather", [x, g.const(np.int64(0))], axis=1)
+    return g.model([("input", ["N", "L", features])], g.gemm(first, hidden, classes), ["N", classes])
+
+
+ARCHITECTURES = {
+    "resnet18": resnet18,
+    "mobilenet_v2": mobilenet_v2,
+    "unet": unet,
+    "bert": bert,
+    "bert_exported": bert_exported,
+}
 INPUT_SHAPES = {
     "resnet18": (3, 32, 32),
     "mobilenet_v2": (3, 32, 32),
     "unet": (3, 32, 32),
     "bert": (8, 16),
+    "bert_exported": (8, 16),
 }

@@ -669,6 +669,17 @@ is meant to be hard: accuracy drops by more than one point below 30% sparsity.
 """
 
 
+README_EXPORTED = """
+## `encoder_exported.onnx`
+
+Written by `python tools/make_encoder_fixture.py`, and left exactly as the exporter wrote it
+(opset 14): a trained 2-block, 4-head encoder of the digits rows (8 tokens of 8 features,
+eval set `attention_eval.npz`) whose head split and merge targets are computed from Shape
+nodes and whose LayerNorms are decomposed into ReduceMean arithmetic, as a Hugging
+Face-style encoder exports. This script does not regenerate it.
+"""
+
+
 def render_readme(fixtures: Sequence[Fixture], table: Sequence[tuple[float, float]], total: int) -> str:
     lines = [
         README_HEADER.format(
@@ -694,6 +705,7 @@ def render_readme(fixtures: Sequence[Fixture], table: Sequence[tuple[float, floa
         lines += [f"### `{fx.name}.onnx`", "", fx.description, "", f"Ops: {ops}.", ""]
     lines.append(README_PRUNING.rstrip("\n"))
     lines += [f"| {s:.0%} | {acc:.4f} |" for s, acc in table]
+    lines += ["", README_EXPORTED.rstrip("\n")]
     lines += ["", f"Total size of `tests/fixtures/` without this README: {total} bytes.", ""]
     return "\n".join(lines)
 

@@ -295,6 +295,23 @@ def test_remove_mode_shrinks_a_transformers_residual_stream() -> None:
     assert report.baseline.holdout - report.final.holdout <= 0.01 + 1e-9  # type: ignore[operator]
 
 
+def test_remove_mode_handles_an_encoder_as_pytorch_exports_it() -> None:
+    """Computed head-split targets and a decomposed LayerNorm: heads, MLP neurons and the stream go."""
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    model, evals = fixtures / "encoder_exported.onnx", fixtures / "attention_eval.npz"
+    options = PruneOptions(mode=pruner.Mode.REMOVE, tolerance=Tolerance(0.02), channel_multiple=1)
+    result = pruner.prune(model, evals, options)
+    report = result.report
+    assert any(n.startswith("8 Reshape target(s) computed at run time") for n in report.notes)
+    assert report.skipped == [{"name": "head.weight", "op_type": "channels", "reason": "'logits' is a graph output"}]
+    assert len(report.layers) == 5  # the stream, and per block its heads and MLP neurons
+    stream = next(la for la in report.layers if la.channels_before == 32)
+    assert stream.channels_after is not None and stream.channels_after < 32
+    assert report.baseline.holdout - report.final.holdout <= 0.02 + 1e-9  # type: ignore[operator]
+    session = ort.InferenceSession(result.model_bytes, providers=["CPUExecutionProvider"])
+    assert session.run(None, {"input": np.zeros((3, 8, 8), np.float32)})[0].shape == (3, 10)
+
+
 def test_sensitivity_profile_is_reported_and_reused() -> None:
     fixtures = Path(__file__).resolve().parents[1] / "fixtures"
     model, evals = fixtures / "mlp.onnx", fixtures / "mlp_eval.npz"

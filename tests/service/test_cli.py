@@ -25,6 +25,7 @@ CASES = [
     ("cnn_bn", "cnn_bn"),
     ("attention", "attention"),
     ("compact", "compact"),
+    ("encoder_exported", "attention"),
 ]
 
 

@@ -1,0 +1,194 @@
+"""Reshape targets computed at run time, made constants where that provably changes nothing.
+
+Exporters write ``x.view(x.size()[:-1] + (heads, head_dim))`` as Shape -> Gather ->
+Unsqueeze -> Concat -> Reshape. The channel rules cannot see through that arithmetic
+(a Shape reads every dim, the channel count too), so the heads, the projections and
+the residual stream of such a model would all stay frozen. This pass runs the model
+on small synthetic inputs, once at base sizes and once more per dynamic input dim,
+reads every computed Reshape target, and writes it as a constant that gives the same
+shape at every size tried: a dim that never changes is written as is, one that
+follows the input's dim at the same position as 0 (copy), and at most one other as -1
+(inferred). Nodes left computing nothing used are dropped. Where anything does not
+fit (a run fails, two dims vary independently, allowzero) the Reshape is left alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+__all__ = ["static_reshapes"]
+
+BASE_SIZE = 2
+"""Size of every dynamic input dim in the base run (one more in the run that varies it)."""
+
+
+def static_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``model`` with its computed Reshape targets made constants (a copy), and how many were."""
+    constants = {t.name for t in model.graph.initializer}
+    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    dynamic = [
+        node
+        for node in model.graph.node
+        if node.op_type == "Reshape"
+        and node.input[1] not in constants
+        and not any(a.name == "allowzero" and a.i for a in node.attribute)
+    ]
+    if not dynamic:
+        return model, 0
+    runs = _runs(model, dynamic)
+    if runs is None:
+        return model, 0
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    names = {t.name for t in out.graph.initializer} | {o for n in out.graph.node for o in n.output}
+    rewritten = 0
+    dynamic_ids = {id(node) for node in dynamic}
+    for node, original in zip(out.graph.node, model.graph.node, strict=True):
+        if id(original) not in dynamic_ids:
+            continue
+        shapes = [(run[original.input[0]], run[original.input[1]]) for run in runs]
+        target = _constant_target(shapes)
+        if target is None:
+            continue
+        name = f"{node.output[0]}__static_shape"
+        while name in names:
+            name += "_"
+        names.add(name)
+        out.graph.initializer.append(numpy_helper.from_array(target, name))
+        node.input[1] = name
+        rewritten += 1
+    if rewritten:
+        _drop_unused(out.graph)
+    return out, rewritten
+
+
+def _runs(model: onnx.ModelProto, reshapes: list[onnx.NodeProto]) -> list[dict[str, np.ndarray]] | None:
+    """Input shapes (as int64 vectors) and targets of ``reshapes`` at base sizes and each dim varied."""
+    symbols: list[str] = []
+    for value in model.graph.input:
+        for k, dim in enumerate(value.type.tensor_type.shape.dim):
+            if not dim.HasField("dim_value"):
+                symbol = dim.dim_param or f"{value.name}:{k}"
+                if symbol not in symbols:
+                    symbols.append(symbol)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    wanted: list[str] = []
+    for node in reshapes:
+        shape_of = f"{node.input[0]}__static_probe"
+        probe.graph.node.append(helper.make_node("Shape", [node.input[0]], [shape_of]))
+        wanted += [node.input[1], shape_of]
+    wanted = list(dict.fromkeys(wanted))
+    existing = {v.name for v in probe.graph.output}
+    for name in wanted:
+        if name not in existing:
+            probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
+    try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = 1
+        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        out = []
+        for varied in [None, *symbols]:
+            sizes = {s: BASE_SIZE + (s == varied) for s in symbols}
+            results = session.run(wanted, _feed(model, sizes))
+            by_name = dict(zip(wanted, results, strict=True))
+            out.append({node.input[0]: by_name[f"{node.input[0]}__static_probe"] for node in reshapes} | by_name)
+    except Exception:  # a model that does not run at these sizes (or at all) keeps its Reshapes
+        return None
+    return out
+
+
+def _feed(model: onnx.ModelProto, sizes: dict[str, int]) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    initializers = {t.name for t in model.graph.initializer}
+    feed = {}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        dims = [
+            d.dim_value if d.HasField("dim_value") else sizes[d.dim_param or f"{value.name}:{k}"]
+            for k, d in enumerate(tensor.shape.dim)
+        ]
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            feed[value.name] = rng.standard_normal(dims).astype(dtype)
+        else:  # ids, masks: zeros are valid for every lookup
+            feed[value.name] = np.zeros(dims, dtype=dtype)
+    return feed
+
+
+def _resolve(target: np.ndarray, shape: np.ndarray) -> list[int] | None:
+    """The shape Reshape(x of ``shape``, ``target``) gives (allowzero 0), None if it is invalid."""
+    out = [int(shape[k]) if t == 0 else int(t) for k, t in enumerate(target)]
+    if out.count(-1) > 1:
+        return None
+    if -1 in out:
+        known = int(np.prod([d for d in out if d != -1]))
+        if known == 0 or int(np.prod(shape)) % known:
+            return None
+        out[out.index(-1)] = int(np.prod(shape)) // known
+    return out if int(np.prod(out)) == int(np.prod(shape)) else None
+
+
+def _constant_target(runs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray | None:
+    """A constant target giving every run's output shape, or None."""
+    outputs = [_resolve(target, shape) for shape, target in runs]
+    if any(o is None for o in outputs) or len({len(o) for o in outputs if o is not None}) != 1:
+        return None
+    first = runs[0][1]
+    constant = []
+    for k in range(len(first)):
+        values = {int(target[k]) for _, target in runs}
+        resolved = [o[k] for o in outputs if o is not None]
+        if len(values) == 1:
+            constant.append(int(first[k]))
+        elif all(k < len(shape) and o == shape[k] for (shape, _), o in zip(runs, resolved, strict=True)):
+            constant.append(0)
+        else:
+            constant.append(-1)
+    target = np.array(constant, dtype=np.int64)
+    if constant.count(-1) > 1 or any(_resolve(target, shape) != o for (shape, _), o in zip(runs, outputs, strict=True)):
+        return None
+    return target
+
+
+def _drop_unused(graph: onnx.GraphProto) -> None:
+    """Remove nodes (and initializers) nothing reads any more, repeatedly."""
+    while True:
+        used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    used |= _names_read(attr)
+        dead = [
+            k
+            for k, node in enumerate(graph.node)
+            if not any(o in used for o in node.output)
+            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
+        ]
+        if not dead:
+            break
+        for k in reversed(dead):
+            del graph.node[k]
+    used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
+    used |= {v.name for v in graph.input}
+    for k in reversed(range(len(graph.initializer))):
+        if graph.initializer[k].name not in used:
+            del graph.initializer[k]
+
+
+def _names_read(attr: onnx.AttributeProto) -> set[str]:
+    graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+    out: set[str] = set()
+    for graph in graphs:
+        for node in graph.node:
+            out.update(node.input)
+            for inner in node.attribute:
+                if inner.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
+                    out |= _names_read(inner)
+    return out

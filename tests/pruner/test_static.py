@@ -1,0 +1,103 @@
+"""Computed Reshape targets made constants: same outputs at every size, channels unfrozen."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+import pruner
+from pruner._remove import Remover, removal_problems, replay_removal
+from pruner._static import static_reshapes
+from pruner._structure import analyze_structure
+from tests.helpers import parse, seeded
+from tests.models import bert_exported
+
+# x.view(x.size()[:-1] + (2, 3)) and back, over a dynamic batch and sequence length
+HEAD_SPLIT = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, L, 4] x) => (float[N, L, 4] y) {
+    h = MatMul (x, w1)
+    shape = Shape (h)
+    zero = Constant <value = int64 {0}> ()
+    one = Constant <value = int64 {1}> ()
+    axes = Constant <value = int64[1] {0}> ()
+    n = Gather (shape, zero)
+    l = Gather (shape, one)
+    n1 = Unsqueeze (n, axes)
+    l1 = Unsqueeze (l, axes)
+    heads = Constant <value = int64[2] {2, 3}> ()
+    target = Concat <axis = 0> (n1, l1, heads)
+    split = Reshape (h, target)
+    width = Constant <value = int64[1] {6}> ()
+    back = Concat <axis = 0> (n1, l1, width)
+    merged = Reshape (split, back)
+    y = MatMul (merged, w2)
+}
+"""
+
+
+def run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x" if model.graph.input[0].name == "x" else "input": x})[0])
+
+
+def test_computed_targets_become_constants_that_keep_every_size() -> None:
+    model = parse(HEAD_SPLIT, {"w1": seeded((4, 6)), "w2": seeded((6, 4), 1)})
+    static, count = static_reshapes(model)
+    assert count == 2
+    onnx.checker.check_model(static, full_check=True)
+    assert not [n for n in static.graph.node if n.op_type in ("Shape", "Gather", "Concat")]  # dead arithmetic gone
+    targets = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in static.graph.initializer}
+    assert sorted(v for k, v in targets.items() if k.endswith("__static_shape")) == [[0, 0, 2, 3], [0, 0, 6]]
+    for shape in [(2, 5, 4), (1, 1, 4), (7, 3, 4)]:
+        x = seeded(shape, 2)
+        np.testing.assert_allclose(run(static, x), run(model, x), atol=1e-6)
+    assert static_reshapes(static) == (static, 0)  # nothing left to do
+
+
+def test_targets_that_swap_dynamic_dims_are_left_alone() -> None:
+    """[N, L, 4] -> [L, N, 4] with a computed target: two dims follow different inputs."""
+    text = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, L, 4] x) => (float[L, N, 4] y) {
+    shape = Shape (x)
+    first = Constant <value = int64[1] {0}> ()
+    second = Constant <value = int64[1] {1}> ()
+    n = Slice (shape, first, second)
+    three = Constant <value = int64[1] {3}> ()
+    rest = Slice (shape, second, three)
+    target = Concat <axis = 0> (rest, n)
+    y = Reshape (x, target)
+}
+"""
+    model = parse(text)
+    assert static_reshapes(model) == (model, 0)
+
+
+def test_exported_encoder_is_removable_everywhere() -> None:
+    model = bert_exported()
+    before = analyze_structure(model)
+    assert any("no channel rule for Shape" in why for _, why in before.skipped)
+    static, count = static_reshapes(model)
+    assert count == 8
+    after = analyze_structure(static)
+    assert [why for _, why in after.skipped] == ["'gemm418' is a graph output"]
+    assert len(after.families) == 5  # the stream, two layers' heads and MLP neurons
+    x = seeded((3, 5, 16), 3)
+    np.testing.assert_allclose(run(static, x), run(model, x), atol=1e-5)
+
+
+def test_a_removal_plan_replays_on_the_exported_model() -> None:
+    """Replaying (apply_plan) rewrites the targets the same way, so the plan's families exist."""
+    model = bert_exported()
+    options = pruner.PruneOptions(mode=pruner.Mode.REMOVE, recover=pruner.Recovery.NONE)
+    remover = Remover(model, options)
+    config = remover.space.at_level(0.4)
+    amounts = {f.name: a for f, a in zip(remover.families, config, strict=True)}
+    assert any(amounts.values())
+    triples = [(f.name, a, len(f.components)) for f, a in zip(remover.families, config, strict=True)]
+    assert removal_problems(model, triples) == []
+    replayed = replay_removal(model, pruner.Criterion.MAGNITUDE, amounts)
+    x = seeded((2, 6, 16), 4)
+    np.testing.assert_allclose(run(replayed, x), run(remover.to_proto(config), x), atol=1e-6)
