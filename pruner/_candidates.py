@@ -205,7 +205,10 @@ class WeightCandidates(_Candidates):
             key = (name, amount)
             if key not in self.recovered:
                 reconstruct = options.recover in REFITTING
-                result = calibration.recover(name, out[name], mask, reconstruct=reconstruct)
+                # the fit at the nearest amount already made is a close start
+                near = min((k for k in self.recovered if k[0] == name), key=lambda k: abs(k[1] - amount), default=None)
+                start = None if near is None else self.recovered[near][0]
+                result = calibration.recover(name, out[name], mask, reconstruct=reconstruct, start=start)
                 if not self.keep_scores:  # large layers: recompute rather than hold copies
                     self.recovered.clear()
                 self.recovered[key] = result

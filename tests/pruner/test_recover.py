@@ -69,6 +69,12 @@ def test_reconstruction_beats_masking_and_keeps_the_mask() -> None:
         keep = ~mask[row]
         exact[row, keep] = np.linalg.lstsq(x[:, keep], reference[:, row], rcond=None)[0]
     assert error_refit <= np.mean((x @ exact.T - reference) ** 2) * 1.05 + 1e-6
+    # started from the fit at a lower sparsity (as the search does), the same fit
+    lighter = np.abs(weight) < np.quantile(np.abs(weight), 0.4)
+    start, _ = calibration.recover("w", weight, lighter, reconstruct=True)
+    warm, _ = calibration.recover("w", weight, mask, reconstruct=True, start=start)
+    assert np.all(warm[mask] == 0)
+    np.testing.assert_allclose(warm, refit, atol=1e-3)
 
 
 def test_bias_correction_restores_the_mean_output() -> None:
