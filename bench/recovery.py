@@ -8,11 +8,14 @@ params (zero) or bytes (remove) relative to magnitude-only, and the time it adds
 over magnitude-only in units of one candidate evaluation; then, at a fixed 90%
 sparsity (zero) or 50% of the prunable params removed (remove), no search, the
 metric of each method on the held-out split and the share of magnitude-only's
-accuracy loss it wins back.
+accuracy loss it wins back. Remove mode runs twice: at the default channel counts
+(multiples of 8 where a layer has them) and at any count, each against magnitude-only
+at the same setting.
 """
 
 from __future__ import annotations
 
+import itertools
 import platform
 import sys
 import time
@@ -47,18 +50,23 @@ def main() -> None:
     for mode in (Mode.ZERO, Mode.REMOVE):
         methods = {k: v for k, v in METHODS.items() if mode is Mode.ZERO or k in REMOVE_METHODS}
         search_rows, fixed_rows = [], []
-        for name, model, evals in fixtures():
+        # remove mode: at the default channel counts (multiples of 8 where a layer has them) and free
+        counts = [(None, "")] if mode is Mode.ZERO else [(None, ""), (1, ", any count")]
+        for (name, model, evals), (multiple, suffix) in itertools.product(fixtures(), counts):
             evalset = pruner.load_eval_set(evals)
             base_size = base_wall = eval_seconds = 0.0
             base_loss = 0.0
-            for method, (criterion, recover, allocation) in methods.items():
+            for method_name, (criterion, recover, allocation) in methods.items():
+                method = method_name + suffix
                 common = {"mode": mode, "criterion": criterion, "recover": recover, "allocation": allocation}
+                if multiple is not None:
+                    common["channel_multiple"] = multiple
                 options = PruneOptions(**common, tolerance=Tolerance(0.01))  # type: ignore[arg-type]
                 start = time.perf_counter()
                 report = pruner.prune(model, evalset, options).report
                 wall = time.perf_counter() - start
                 size = report.nonzero_after if mode is Mode.ZERO else report.bytes_after
-                if method == "magnitude":
+                if method_name == "magnitude":
                     base_size, base_wall = size, wall
                     eval_seconds = sum(t.seconds for t in report.trace) / max(len(report.trace), 1)
                 reached = f"{report.sparsity:.1%}" if mode is Mode.ZERO else f"{report.bytes_before / size:.2f}x"
@@ -70,16 +78,16 @@ def main() -> None:
                         f"{size / base_size:.2f}",
                         f"{report.final.holdout:.4f}",
                         f"{wall:.2f}",
-                        f"{(wall - base_wall) / eval_seconds:.0f}" if method != "magnitude" else "-",
+                        f"{(wall - base_wall) / eval_seconds:.0f}" if method_name != "magnitude" else "-",
                     )
                 )
                 fixed = PruneOptions(**common, target_sparsity=FIXED[mode], tolerance=Tolerance(1.0))  # type: ignore[arg-type]
                 result = pruner.prune(model, evalset, fixed).report
                 assert result.baseline.holdout is not None and result.final.holdout is not None
                 loss = result.baseline.holdout - result.final.holdout
-                if method == "magnitude":
+                if method_name == "magnitude":
                     base_loss = loss
-                won = "-" if method == "magnitude" or base_loss <= 0 else f"{1 - loss / base_loss:.0%}"
+                won = "-" if method_name == "magnitude" or base_loss <= 0 else f"{1 - loss / base_loss:.0%}"
                 fixed_rows.append((name, method, f"{result.baseline.holdout:.4f}", f"{result.final.holdout:.4f}", won))
         what = "sparsity" if mode is Mode.ZERO else "smaller"
         size_label = "nonzero vs magnitude" if mode is Mode.ZERO else "bytes vs magnitude"

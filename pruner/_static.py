@@ -1,15 +1,15 @@
-"""Reshape targets computed at run time, made constants where that provably changes nothing.
+"""Reshape targets computed at run time, made constants where every size tried agrees.
 
 Exporters write ``x.view(x.size()[:-1] + (heads, head_dim))`` as Shape -> Gather ->
 Unsqueeze -> Concat -> Reshape. The channel rules cannot see through that arithmetic
 (a Shape reads every dim, the channel count too), so the heads, the projections and
 the residual stream of such a model would all stay frozen. This pass runs the model
-on small synthetic inputs, once at base sizes and once more per dynamic input dim,
-reads every computed Reshape target, and writes it as a constant that gives the same
-shape at every size tried: a dim that never changes is written as is, one that
-follows the input's dim at the same position as 0 (copy), and at most one other as -1
-(inferred). Nodes left computing nothing used are dropped. Where anything does not
-fit (a run fails, two dims vary independently, allowzero) the Reshape is left alone.
+on small synthetic inputs: twice at base sizes with different values, then once more
+per dynamic input dim. It reads every computed Reshape target and writes it as the
+constant that gives the same shape in every run: a dim that never changes as is, one
+that follows the input's dim at the same position as 0 (copy), at most one other as -1
+(inferred). Nodes left computing nothing used are dropped. Where anything does not fit
+(a run fails, two dims vary independently, allowzero) the Reshape is left alone.
 """
 
 from __future__ import annotations
@@ -92,9 +92,11 @@ def _runs(model: onnx.ModelProto, reshapes: list[onnx.NodeProto]) -> list[dict[s
         options.intra_op_num_threads = 1
         session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
         out = []
-        for varied in [None, *symbols]:
+        # twice at base sizes with other values (a target that depends on them is no constant),
+        # then once per dynamic dim
+        for varied, seed in [(None, 0), (None, 1), *((s, 0) for s in symbols)]:
             sizes = {s: BASE_SIZE + (s == varied) for s in symbols}
-            results = session.run(wanted, _feed(model, sizes))
+            results = session.run(wanted, _feed(model, sizes, seed))
             by_name = dict(zip(wanted, results, strict=True))
             out.append({node.input[0]: by_name[f"{node.input[0]}__static_probe"] for node in reshapes} | by_name)
     except Exception:  # a model that does not run at these sizes (or at all) keeps its Reshapes
@@ -102,8 +104,8 @@ def _runs(model: onnx.ModelProto, reshapes: list[onnx.NodeProto]) -> list[dict[s
     return out
 
 
-def _feed(model: onnx.ModelProto, sizes: dict[str, int]) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
+def _feed(model: onnx.ModelProto, sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
     initializers = {t.name for t in model.graph.initializer}
     feed = {}
     for value in model.graph.input:
@@ -117,8 +119,8 @@ def _feed(model: onnx.ModelProto, sizes: dict[str, int]) -> dict[str, np.ndarray
         dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
         if np.issubdtype(dtype, np.floating):
             feed[value.name] = rng.standard_normal(dims).astype(dtype)
-        else:  # ids, masks: zeros are valid for every lookup
-            feed[value.name] = np.zeros(dims, dtype=dtype)
+        else:  # ids, masks: 0 and 1 are valid for every lookup
+            feed[value.name] = np.full(dims, seed, dtype=dtype)
     return feed
 
 

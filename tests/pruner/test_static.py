@@ -101,3 +101,16 @@ def test_a_removal_plan_replays_on_the_exported_model() -> None:
     replayed = replay_removal(model, pruner.Criterion.MAGNITUDE, amounts)
     x = seeded((2, 6, 16), 4)
     np.testing.assert_allclose(run(replayed, x), run(remover.to_proto(config), x), atol=1e-6)
+
+
+def test_targets_that_depend_on_input_values_are_left_alone() -> None:
+    text = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 6] x, int64[1] k) => (float[M, K] y) {
+    rows = Constant <value = int64[1] {-1}> ()
+    target = Concat <axis = 0> (rows, k)
+    y = Reshape (x, target)
+}
+"""
+    model = parse(text)
+    assert static_reshapes(model) == (model, 0)
