@@ -292,6 +292,21 @@ g (float[N, 5, 6] x, float[6, 8] w1, float[8, 3] w2) => (float[N, 3] y) {
     t = Gather <axis = 1> (r, first)
     y = MatMul (t, w2)
 }""",
+    # x.view(x.size(0), -1) as exported: a computed target, made a constant first
+    "view-flatten": """
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[4, 512] w2) => (float[N, 4] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    r = Relu (h)
+    shape = Shape (r)
+    zero = Constant <value = int64 {0}> ()
+    n = Gather (shape, zero)
+    axes = Constant <value = int64[1] {0}> ()
+    n1 = Unsqueeze (n, axes)
+    rest = Constant <value = int64[1] {-1}> ()
+    target = Concat <axis = 0> (n1, rest)
+    f = Reshape (r, target)
+    y = Gemm <transB = 1> (f, w2)
+}""",
     "regroup-rows": """
 g (float[N, 5, 6] x, float[6, 8] w1, float[8, 3] w2) => (float[M, 3] y) {
     h = MatMul (x, w1)
