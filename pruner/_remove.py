@@ -24,7 +24,7 @@ from ._report import LayerReport
 from ._score import lowest
 from ._space import SKETCH_POINTS, Config, LayerUnits, ZeroSpace, allocation_scores
 from ._static import static_reshapes
-from ._structure import Family, Structure, analyze_structure, remove_components, zero_components
+from ._structure import Family, Structure, analyze_structure, mask_norms, remove_components, zero_components
 
 __all__ = ["Remover", "removal_problems", "replay_removal"]
 
@@ -241,13 +241,14 @@ class Remover:
         units = [_family_units(f, s, options) for f, s in zip(self.families, self.scores, strict=True)]
         self.space = RemoveSpace(units, options)
         self.sequential: SequentialRefit | None = None
+        self.norm_masks: dict[str, tuple[str, int]] = {}
         if sequential is not None and calibration is not None:
             # every tensor a removal zeroes is fed, so one session serves every candidate
             fed = set(_constants(model)) & ({name for name, _ in self.structure.slot_base} | set(calibration.layouts))
             fed |= {la.bias for la in calibration.layouts.values() if la.bias is not None}
-            copy = onnx.ModelProto()
-            copy.CopyFrom(model)
-            self.sequential = sequential(SplitModel.take(copy, fed))
+            # approximate norms see only the kept channels, as in the model that gets written
+            copy, self.norm_masks = mask_norms(model, self.structure)
+            self.sequential = sequential(SplitModel.take(copy, fed | set(self.norm_masks)))
 
     def removed(self, config: Config) -> np.ndarray:
         """Component ids a config removes."""
@@ -278,7 +279,7 @@ class Remover:
         assert sequential is not None and self.calibration is not None
         zeroed = zero_components(self.model, self.structure, list(removed))
         arrays = _constants(zeroed)
-        weights = {name: arrays[name] for name in sequential.original}
+        weights = {name: arrays[name] for name in sequential.original if name not in self.norm_masks}
         masks: dict[str, np.ndarray] = {}
         for name, axis in self.structure.slot_base:
             if name not in self.calibration.layouts:
@@ -287,6 +288,9 @@ class Remover:
             if len(positions):
                 mask = masks.setdefault(name, np.zeros(weights[name].shape, dtype=bool))
                 np.moveaxis(mask, axis, 0)[positions] = True
+        for name, slot in self.norm_masks.items():
+            keep = ~np.isin(self.structure.atoms(slot), removed)
+            weights[name] = keep.astype(sequential.original[name].dtype)
         sequential.forget()  # results depend on the whole removal: nothing carries over
         sequential.refit(weights, masks, {name: int(name in masks) for name in self.calibration.layouts})
         for tensor in zeroed.graph.initializer:

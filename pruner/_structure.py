@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from ._graph import GraphIndex
 
@@ -93,6 +93,8 @@ class Structure:
     producer_slots: set[Slot]
     consumer_slots: set[Slot]
     scales: list[tuple[str, str, float]]
+    approximate: dict[Slot, str]
+    """Inputs of the norms (and means) over channels that approximate rules passed, and why."""
 
     def atoms(self, slot: Slot) -> np.ndarray:
         base = self.slot_base[slot]
@@ -284,6 +286,7 @@ class _Builder:
             self.producer_slots,
             self.consumer_slots,
             self.scales,
+            dict(self.approximate),
         )
 
     def atoms(self, component: np.ndarray, slot: Slot) -> np.ndarray:
@@ -924,6 +927,94 @@ def zero_components(model: onnx.ModelProto, structure: Structure, removed: Seque
         if changed:
             _set_param(out, name, array)
     return out
+
+
+def mask_norms(model: onnx.ModelProto, structure: Structure) -> tuple[onnx.ModelProto, dict[str, Slot]]:
+    """A copy of ``model`` whose approximate norms take their statistics over the channels a
+    keep-mask marks, and the mask initializers (all ones here) with the slot each masks.
+
+    With the masks zero at removed channels, zeroing the removed components of this model gives
+    what removing them does (the invariant the approximate rules lack): the full-shape model a
+    refit is fitted on then behaves like the model that gets written. LayerNormalization over
+    the last axis and ReduceMean over it (keepdims) are rewritten; any other is left alone.
+    """
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 0)
+    index = GraphIndex.build(graph)
+    masks: dict[str, Slot] = {}
+    nodes: list[onnx.NodeProto] = []
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    types = {
+        v.name: v.type.tensor_type
+        for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+        if v.type.tensor_type.HasField("shape")
+    }
+    for node in graph.node:
+        x = node.input[0] if node.input else ""
+        slot = next(((name, a) for (name, a) in structure.approximate if name == x), None)
+        rank = len(types[x].shape.dim) if x in types else 0
+        last = rank - 1
+        attrs = _attrs(node)
+        norm = node.op_type == "LayerNormalization" and int(attrs.get("axis", -1)) % max(rank, 1) == last  # type: ignore[call-overload]
+        mean = node.op_type == "ReduceMean" and int(attrs.get("keepdims", 1)) and _axes(node, index, rank) == {last}  # type: ignore[call-overload]
+        if slot is None or slot[1] != last or node.domain not in ("", "ai.onnx") or not (norm or mean):
+            nodes.append(node)
+            continue
+        dtype = helper.tensor_dtype_to_np_dtype(types[x].elem_type)
+        mask = f"{x}__keep"
+        if mask not in masks:
+            graph.initializer.append(numpy_helper.from_array(np.ones(structure.slot_size[slot], dtype), mask))
+            masks[mask] = slot
+        nodes.extend(_masked(node, mask, last, opset, len(nodes), dtype))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return out, masks
+
+
+def _axes(node: onnx.NodeProto, index: GraphIndex, rank: int) -> set[int] | None:
+    value = _attrs(node).get("axes")
+    if value is None and len(node.input) > 1 and node.input[1] in index.initializers:
+        value = numpy_helper.to_array(index.initializers[node.input[1]])
+    if value is None and len(node.input) > 1 and node.input[1] in index.constants:
+        value = numpy_helper.to_array(index.constants[node.input[1]].attribute[0].t)
+    return None if value is None else {int(a) % rank for a in np.atleast_1d(np.asarray(value))}
+
+
+def _masked(node: onnx.NodeProto, mask: str, axis: int, opset: int, tag: int, dtype: np.dtype) -> list[onnx.NodeProto]:
+    """``node`` (LayerNormalization or ReduceMean over ``axis``) as statistics over the channels ``mask`` keeps."""
+    prefix = f"{node.output[0]}__masked{tag}"
+    made: list[onnx.NodeProto] = []
+
+    def op(op_type: str, inputs: list[str], output: str | None = None, **attrs: object) -> str:
+        name = output or f"{prefix}_{len(made)}"
+        made.append(helper.make_node(op_type, inputs, [name], **attrs))  # type: ignore[arg-type]
+        return name
+
+    def channel_sum(x: str) -> str:  # ReduceSum over ``axis``, keepdims
+        if opset >= 13:
+            axes = op("Constant", [], value=numpy_helper.from_array(np.array([axis], np.int64)))
+            return op("ReduceSum", [x, axes], keepdims=1)
+        return op("ReduceSum", [x], axes=[axis], keepdims=1)
+
+    kept = op("ReduceSum", [mask], keepdims=1) if opset >= 13 else op("ReduceSum", [mask], axes=[0], keepdims=1)
+    x = node.input[0]
+    if node.op_type == "ReduceMean":
+        op("Div", [channel_sum(op("Mul", [x, mask])), kept], node.output[0])
+        return made
+    eps = float(_attrs(node).get("epsilon", 1e-5))  # type: ignore[arg-type]
+    mean = op("Div", [channel_sum(op("Mul", [x, mask])), kept])
+    centred = op("Mul", [op("Sub", [x, mean]), mask])
+    var = op("Div", [channel_sum(op("Mul", [centred, centred])), kept])
+    eps_name = op("Constant", [], value=numpy_helper.from_array(np.array(eps, dtype)))
+    normed = op("Div", [centred, op("Sqrt", [op("Add", [var, eps_name])])])
+    scaled = op("Mul", [normed, node.input[1]])
+    if len(node.input) > 2 and node.input[2]:
+        op("Add", [scaled, node.input[2]], node.output[0])
+    else:
+        op("Identity", [scaled], node.output[0])
+    return made
 
 
 def remove_components(

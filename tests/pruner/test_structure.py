@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from pruner._static import static_reshapes
-from pruner._structure import analyze_structure, remove_components, zero_components
+from pruner._structure import analyze_structure, mask_norms, remove_components, zero_components
 from tests.helpers import parse
 from tests.models import ARCHITECTURES, INPUT_SHAPES
 
@@ -446,6 +446,16 @@ def test_normalized_channels_are_removed_approximately(name: str) -> None:
     np.testing.assert_allclose(run(pruned, TOKENS), expected, atol=1e-4, rtol=1e-4)
     zeroed = zero_components(model, structure, removed)
     assert not np.allclose(run(zeroed, TOKENS), expected, atol=1e-3)
+    # with the norms masked to the kept channels, zeroing is removing again (what a refit fits on)
+    masked, masks = mask_norms(model, structure)
+    onnx.checker.check_model(masked, full_check=True)
+    np.testing.assert_allclose(run(masked, TOKENS), run(model, TOKENS), atol=1e-5)
+    zeroed = zero_components(masked, structure, removed)
+    for tensor in zeroed.graph.initializer:
+        if tensor.name in masks:
+            keep = ~np.isin(structure.atoms(masks[tensor.name]), removed)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(keep.astype(np.float32), tensor.name))
+    np.testing.assert_allclose(run(zeroed, TOKENS), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_resnet_coverage_is_every_conv_but_the_classifier() -> None:
