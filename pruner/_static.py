@@ -19,6 +19,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from ._graph import GraphIndex
+
 __all__ = ["static_reshapes"]
 
 BASE_SIZE = 2
@@ -160,37 +162,16 @@ def _constant_target(runs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray | 
 
 
 def _drop_unused(graph: onnx.GraphProto) -> None:
-    """Remove nodes (and initializers) nothing reads any more, repeatedly."""
+    """Remove nodes and initializers nothing reads any more (subgraphs included), repeatedly."""
     while True:
-        used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                    used |= _names_read(attr)
-        dead = [
-            k
-            for k, node in enumerate(graph.node)
-            if not any(o in used for o in node.output)
-            and not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute)
-        ]
+        index = GraphIndex.build(graph)
+        live = set(index.consumers) | index.graph_outputs
+        dead = [k for k, node in enumerate(graph.node) if not any(o in live for o in node.output)]
         if not dead:
             break
         for k in reversed(dead):
             del graph.node[k]
-    used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
-    used |= {v.name for v in graph.input}
+    live |= index.graph_inputs
     for k in reversed(range(len(graph.initializer))):
-        if graph.initializer[k].name not in used:
+        if graph.initializer[k].name not in live:
             del graph.initializer[k]
-
-
-def _names_read(attr: onnx.AttributeProto) -> set[str]:
-    graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
-    out: set[str] = set()
-    for graph in graphs:
-        for node in graph.node:
-            out.update(node.input)
-            for inner in node.attribute:
-                if inner.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS):
-                    out |= _names_read(inner)
-    return out

@@ -815,10 +815,10 @@ def _reduce(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> 
         reduced = set(range(start, rank))
     else:
         dropped = not int(attrs.get("keepdims", 1))  # type: ignore[call-overload]
-        value = b.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else attrs.get("axes")
-        if value is None:
-            raise _Stop("reduction over all axes")
-        reduced = {int(a) % rank for a in np.atleast_1d(np.asarray(value))}
+        axes = _axes(node, b.index, rank)
+        if axes is None:
+            raise _Stop("reduction over all axes, or over axes computed at run time")
+        reduced = axes
     # axis k of y is axis kept[k] of x
     kept = [a for a in range(rank) if a not in reduced] if dropped else list(range(rank))
     axis = kept[trigger[1]] if trigger[0] == y else trigger[1]
@@ -974,6 +974,7 @@ def mask_norms(model: onnx.ModelProto, structure: Structure) -> tuple[onnx.Model
 
 
 def _axes(node: onnx.NodeProto, index: GraphIndex, rank: int) -> set[int] | None:
+    """The axes a reduction names (attribute or constant input), None if it names none statically."""
     value = _attrs(node).get("axes")
     if value is None and len(node.input) > 1 and node.input[1] in index.initializers:
         value = numpy_helper.to_array(index.initializers[node.input[1]])
