@@ -80,13 +80,15 @@ class LayerStats:
     gram: np.ndarray | None = None
 
     def add(self, x: np.ndarray, full: bool, groups: int = 1) -> None:
-        x64 = x.astype(np.float64)
-        self.count += len(x64)
-        total, squares = x64.sum(axis=0), np.einsum("ij,ij->j", x64, x64)
+        """Accumulate one batch of input rows: products in float32 (no float64 copy of the
+        unfolded rows, twice as fast), sums over batches in float64."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        self.count += len(x)
+        total, squares = x.sum(axis=0, dtype=np.float64), (x * x).sum(axis=0, dtype=np.float64)
         self.total = total if self.total is None else self.total + total
         self.squares = squares if self.squares is None else self.squares + squares
         if full:
-            gram = _grams(x64, groups)
+            gram = _grams(x, groups).astype(np.float64)
             self.gram = gram if self.gram is None else self.gram + gram
 
     @property
