@@ -1,4 +1,5 @@
-"""Write tests/fixtures/encoder_exported.onnx: a trained encoder as PyTorch's exporter leaves it.
+"""Write tests/fixtures/encoder_exported.onnx, a trained encoder as PyTorch's exporter leaves it,
+and torch_encoder_exported.onnx, PyTorch's own nn.TransformerEncoder as exported (untrained).
 
     pip install torch==2.13.0 scikit-learn   # only to regenerate the file
     python tools/make_encoder_fixture.py
@@ -75,22 +76,30 @@ class Encoder(nn.Module):
         return self.head(h.mean(dim=1))
 
 
-def main() -> None:
-    split = load_split()
-    x_train = split.x_train.reshape(-1, TOKENS, FEATURES)
-    x_eval = split.x_eval.reshape(-1, TOKENS, FEATURES)
-    torch.manual_seed(SEED + 6)
-    model = Encoder()
-    train_accuracy = train(model, x_train, split.y_train, TrainConfig(epochs=150, lr=2e-3, weight_decay=1e-4), SEED + 6)
+class TorchEncoder(nn.Module):
+    """PyTorch's own nn.TransformerEncoder (packed Q/K/V, heads folded into the batch axis)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(FEATURES, DIM)
+        layer = nn.TransformerEncoderLayer(DIM, HEADS, HIDDEN, dropout=0.0, batch_first=True, activation="gelu")
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(DIM, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.embed(x)).mean(dim=1))
+
+
+def export(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
-            (torch.from_numpy(x_eval[:2]),),
+            (example,),
             buffer,
             dynamo=False,
-            opset_version=OPSET,
+            opset_version=opset,
             input_names=["input"],
             output_names=["logits"],
             dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
@@ -98,6 +107,31 @@ def main() -> None:
         )
     exported = onnx.load_from_string(buffer.getvalue())
     onnx.checker.check_model(exported, full_check=True)
+    return exported
+
+
+def write_torch_encoder() -> None:
+    """tests/fixtures/torch_encoder_exported.onnx: untrained (random weights, perturbed so the
+    exporter does not share the layers' identical initial values), for the channel rules only."""
+    torch.manual_seed(SEED + 7)
+    model = TorchEncoder().eval()
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+    exported = export(model, torch.randn(2, TOKENS, FEATURES), 17)
+    path = OUT_DIR / "torch_encoder_exported.onnx"
+    onnx.save(exported, str(path))
+    print(f"{path.name}: {path.stat().st_size} bytes")
+
+
+def main() -> None:
+    split = load_split()
+    x_train = split.x_train.reshape(-1, TOKENS, FEATURES)
+    x_eval = split.x_eval.reshape(-1, TOKENS, FEATURES)
+    torch.manual_seed(SEED + 6)
+    model = Encoder()
+    train_accuracy = train(model, x_train, split.y_train, TrainConfig(epochs=150, lr=2e-3, weight_decay=1e-4), SEED + 6)
+    exported = export(model, torch.from_numpy(x_eval[:2]), OPSET)
     session = ort.InferenceSession(exported.SerializeToString(), providers=["CPUExecutionProvider"])
     logits = session.run(None, {"input": x_eval})[0]
     with torch.no_grad():
@@ -108,6 +142,7 @@ def main() -> None:
     onnx.save(exported, str(path))
     ops = sorted({n.op_type for n in exported.graph.node})
     print(f"{path.name}: train {train_accuracy:.4f}, eval {accuracy:.4f}, {path.stat().st_size} bytes, ops {ops}")
+    write_torch_encoder()
 
 
 if __name__ == "__main__":

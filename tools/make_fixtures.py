@@ -676,7 +676,10 @@ Written by `python tools/make_encoder_fixture.py`, and left exactly as the expor
 (opset 14): a trained 2-block, 4-head encoder of the digits rows (8 tokens of 8 features,
 eval set `attention_eval.npz`) whose head split and merge targets are computed from Shape
 nodes and whose LayerNorms are decomposed into ReduceMean arithmetic, as a Hugging
-Face-style encoder exports. This script does not regenerate it.
+Face-style encoder exports. `torch_encoder_exported.onnx`, from the same script, is PyTorch's
+own `nn.TransformerEncoder` exported at opset 17 (packed Q/K/V, heads folded into the batch
+axis), untrained and without an eval set: it serves the channel-rule tests only. This script
+does not regenerate either.
 """
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -12,6 +14,7 @@ from pruner._static import static_reshapes
 from pruner._structure import analyze_structure
 from tests.helpers import parse, seeded
 from tests.models import bert_exported
+from tests.pruner.test_structure import check_removal
 
 # x.view(x.size()[:-1] + (2, 3)) and back, over a dynamic batch and sequence length
 HEAD_SPLIT = """
@@ -114,3 +117,21 @@ g (float[N, 6] x, int64[1] k) => (float[M, K] y) {
 """
     model = parse(text)
     assert static_reshapes(model) == (model, 0)
+
+
+def test_pytorch_transformer_encoder_export() -> None:
+    """nn.TransformerEncoder as exported: the stream and MLP neurons go, its packed heads stay (with why)."""
+    model = onnx.load(str(Path(__file__).resolve().parents[1] / "fixtures" / "torch_encoder_exported.onnx"))
+    static, count = static_reshapes(model)
+    assert count == 18
+    structure = analyze_structure(static)
+    assert sorted((len(f.components), bool(f.approximate)) for f in structure.families) == [
+        (32, True),
+        (64, False),
+        (64, False),
+    ]
+    reasons = [why for _, why in structure.skipped]
+    assert sum("selects along the channel axis" in why for why in reasons) == 2  # packed Q/K/V
+    x, other = seeded((2, 8, 8), 5), seeded((5, 8, 8), 6)
+    check_removal(model, x, share=0.3, more=(other,))
+    check_removal(model, x, share=0.3, approximate=True, more=(other,))
