@@ -20,6 +20,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from ._graph import GraphIndex
+from ._model import session_source
 
 __all__ = ["static_reshapes"]
 
@@ -92,7 +93,8 @@ def _runs(model: onnx.ModelProto, reshapes: list[onnx.NodeProto]) -> list[dict[s
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = 1
-        session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with session_source(probe) as source:  # over 2 GB: through a temporary file
+            session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
         out = []
         # twice at base sizes with other values (a target that depends on them is no constant),
         # then once per dynamic dim
