@@ -15,15 +15,13 @@ mean pooling. Rows of the digits images are its 8 tokens of 8 features, so it sh
 
 from __future__ import annotations
 
-import io
 import math
-import warnings
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from make_fixtures import OUT_DIR, SEED, TrainConfig, load_split, train
+from make_fixtures import OUT_DIR, SEED, TrainConfig, export_onnx, load_split, train
 from torch import nn
 
 OPSET = 14
@@ -91,21 +89,8 @@ class TorchEncoder(nn.Module):
 
 
 def export(model: nn.Module, example: torch.Tensor, opset: int) -> onnx.ModelProto:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            buffer,
-            dynamo=False,
-            opset_version=opset,
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            do_constant_folding=True,
-        )
-    exported = onnx.load_from_string(buffer.getvalue())
+    """As tools/make_fixtures.py exports, at ``opset``, and kept as the exporter wrote it."""
+    exported = export_onnx(model, example, opset=opset)
     onnx.checker.check_model(exported, full_check=True)
     return exported
 

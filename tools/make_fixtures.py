@@ -240,8 +240,9 @@ def export_onnx(
     *,
     dynamic_batch: bool = True,
     keep_batchnorm: bool = False,
+    opset: int = OPSET,
 ) -> onnx.ModelProto:
-    """TorchScript export at opset 17; BN folded unless ``keep_batchnorm``."""
+    """TorchScript export (opset 17 unless given); BN folded unless ``keep_batchnorm``."""
     model.eval()
     buffer = io.BytesIO()
     dynamic_axes = {INPUT_NAME: {0: BATCH_DIM}, OUTPUT_NAME: {0: BATCH_DIM}} if dynamic_batch else None
@@ -254,7 +255,7 @@ def export_onnx(
             buffer,
             dynamo=False,
             export_params=True,
-            opset_version=OPSET,
+            opset_version=opset,
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
             dynamic_axes=dynamic_axes,
