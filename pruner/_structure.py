@@ -146,13 +146,7 @@ class _Builder:
         return name in self.index.initializers or name in self.index.constants
 
     def constant(self, name: str) -> np.ndarray | None:
-        if name in self.index.initializers:
-            return numpy_helper.to_array(self.index.initializers[name])
-        node = self.index.constants.get(name)
-        if node is not None:
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            return None if value is None else numpy_helper.to_array(value)
-        return None
+        return _constant(self.index, name)
 
     def dim(self, name: str, axis: int) -> int | None:
         shape = self.shapes.get(name)
@@ -973,13 +967,22 @@ def mask_norms(model: onnx.ModelProto, structure: Structure) -> tuple[onnx.Model
     return out, masks
 
 
+def _constant(index: GraphIndex, name: str) -> np.ndarray | None:
+    """The value of an initializer or Constant node (None for anything computed)."""
+    if name in index.initializers:
+        return numpy_helper.to_array(index.initializers[name])
+    node = index.constants.get(name)
+    if node is not None:
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        return None if value is None else numpy_helper.to_array(value)
+    return None
+
+
 def _axes(node: onnx.NodeProto, index: GraphIndex, rank: int) -> set[int] | None:
     """The axes a reduction names (attribute or constant input), None if it names none statically."""
     value = _attrs(node).get("axes")
-    if value is None and len(node.input) > 1 and node.input[1] in index.initializers:
-        value = numpy_helper.to_array(index.initializers[node.input[1]])
-    if value is None and len(node.input) > 1 and node.input[1] in index.constants:
-        value = numpy_helper.to_array(index.constants[node.input[1]].attribute[0].t)
+    if value is None and len(node.input) > 1 and node.input[1]:
+        value = _constant(index, node.input[1])
     return None if value is None else {int(a) % rank for a in np.atleast_1d(np.asarray(value))}
 
 
