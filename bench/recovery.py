@@ -4,13 +4,17 @@
 
 For every fixture, zero mode then remove mode, at tolerance 0.01: the sparsity
 (zero) or size reduction (remove) each method reaches, its nonzero prunable
-params (zero) or bytes (remove) relative to magnitude-only, and the time it adds
-over magnitude-only in units of one candidate evaluation; then, at a fixed 90%
+params (zero) or bytes (remove) relative to magnitude-only, and the time recovery
+itself takes (calibration pass and fits, from the report's timings) in units of one
+candidate evaluation (a pass over the search split); then, at a fixed 90%
 sparsity (zero) or 50% of the prunable params removed (remove), no search, the
 metric of each method on the held-out split and the share of magnitude-only's
 accuracy loss it wins back. Remove mode runs twice: at the default channel counts
 (multiples of 8 where a layer has them) and at any count, each against magnitude-only
-at the same setting.
+at the same setting. Last, the recovery time of the default (auto) and of sequential
+on every fixture's eval set repeated 10x: calibration takes a fixed number of samples
+and the fits do not depend on the eval set, so their cost in evaluations shrinks as
+eval sets grow (the fixtures' 576 search samples of 8x8 inputs run in a few ms).
 """
 
 from __future__ import annotations
@@ -18,14 +22,14 @@ from __future__ import annotations
 import itertools
 import platform
 import sys
-import time
 from pathlib import Path
 
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import fixtures, table
+import numpy as np
+from common import fixtures, plain_pass_seconds, table
 
 import pruner
 from pruner import Allocation, Criterion, Mode, PruneOptions, Recovery, Tolerance
@@ -43,6 +47,18 @@ METHODS = {
 }
 REMOVE_METHODS = ("magnitude", "activation", "magnitude+lsq", "activation+lsq", "magnitude+sequential")
 FIXED = {Mode.ZERO: 0.9, Mode.REMOVE: 0.5}
+TILED = 10
+
+
+def recovery_evals(report: pruner.Report, pass_seconds: float) -> str:
+    """Calibration plus fits, in passes over the search split."""
+    seconds = report.timings.get("calibration", 0.0) + report.timings.get("recovery", 0.0)
+    return f"{seconds / pass_seconds:.1f}" if seconds else "-"
+
+
+def search_pass_seconds(model: Path, evalset: pruner.EvalSet) -> float:
+    """One candidate evaluation: a pass over the search split (the default share of the eval set)."""
+    return plain_pass_seconds(model, evalset) * (1 - PruneOptions().holdout_fraction)
 
 
 def main() -> None:
@@ -54,7 +70,8 @@ def main() -> None:
         counts = [(None, "")] if mode is Mode.ZERO else [(None, ""), (1, ", any count")]
         for (name, model, evals), (multiple, suffix) in itertools.product(fixtures(), counts):
             evalset = pruner.load_eval_set(evals)
-            base_size = base_wall = eval_seconds = 0.0
+            pass_seconds = search_pass_seconds(model, evalset)
+            base_size = 0.0
             base_loss = 0.0
             for method_name, (criterion, recover, allocation) in methods.items():
                 method = method_name + suffix
@@ -62,13 +79,10 @@ def main() -> None:
                 if multiple is not None:
                     common["channel_multiple"] = multiple
                 options = PruneOptions(**common, tolerance=Tolerance(0.01))  # type: ignore[arg-type]
-                start = time.perf_counter()
                 report = pruner.prune(model, evalset, options).report
-                wall = time.perf_counter() - start
                 size = report.nonzero_after if mode is Mode.ZERO else report.bytes_after
                 if method_name == "magnitude":
-                    base_size, base_wall = size, wall
-                    eval_seconds = sum(t.seconds for t in report.trace) / max(len(report.trace), 1)
+                    base_size = size
                 reached = f"{report.sparsity:.1%}" if mode is Mode.ZERO else f"{report.bytes_before / size:.2f}x"
                 search_rows.append(
                     (
@@ -77,8 +91,8 @@ def main() -> None:
                         reached,
                         f"{size / base_size:.2f}",
                         f"{report.final.holdout:.4f}",
-                        f"{wall:.2f}",
-                        f"{(wall - base_wall) / eval_seconds:.0f}" if method_name != "magnitude" else "-",
+                        f"{report.timings['total']:.2f}",
+                        recovery_evals(report, pass_seconds),
                     )
                 )
                 fixed = PruneOptions(**common, target_sparsity=FIXED[mode], tolerance=Tolerance(1.0))  # type: ignore[arg-type]
@@ -92,10 +106,41 @@ def main() -> None:
         what = "sparsity" if mode is Mode.ZERO else "smaller"
         size_label = "nonzero vs magnitude" if mode is Mode.ZERO else "bytes vs magnitude"
         print(f"\n{mode.value.capitalize()} mode, tolerance 0.01")
-        headers = ["fixture", "method", what, size_label, "holdout", "wall s", "added (evals)"]
+        headers = ["fixture", "method", what, size_label, "holdout", "wall s", "recovery (evals)"]
         print(table(headers, search_rows))
         print(f"\n{mode.value.capitalize()} mode, fixed {FIXED[mode]:.0%} (no search), held-out split")
         print(table(["fixture", "method", "baseline", "pruned", "loss won back"], fixed_rows))
+    tiled()
+
+
+def tiled() -> None:
+    rows = []
+    for name, model, evals in fixtures():
+        small = pruner.load_eval_set(evals)
+        assert small.labels is not None
+        evalset = pruner.EvalSet(
+            {k: np.concatenate([v] * TILED) for k, v in small.inputs.items()}, np.concatenate([small.labels] * TILED)
+        )
+        pass_seconds = search_pass_seconds(model, evalset)
+        for mode, recover in itertools.product((Mode.ZERO, Mode.REMOVE), (Recovery.AUTO, Recovery.SEQUENTIAL)):
+            options = PruneOptions(mode=mode, recover=recover, tolerance=Tolerance(0.01))
+            report = pruner.prune(model, evalset, options).report
+            calibration, fits = report.timings.get("calibration", 0.0), report.timings.get("recovery", 0.0)
+            rows.append(
+                (
+                    name,
+                    mode.value,
+                    recover.value,
+                    f"{pass_seconds * 1000:.1f}",
+                    report.evaluations,
+                    f"{calibration / pass_seconds:.1f}",
+                    f"{fits / pass_seconds:.1f}",
+                    recovery_evals(report, pass_seconds),
+                )
+            )
+    print(f"\nRecovery time on eval sets repeated {TILED}x, tolerance 0.01, in evaluations (search-split passes)")
+    headers = ["fixture", "mode", "recover", "pass ms", "evaluations", "calibration", "fits", "recovery (evals)"]
+    print(table(headers, rows))
 
 
 if __name__ == "__main__":

@@ -66,6 +66,8 @@ class _Candidates:
     notes: list[str]
     space: ZeroSpace | NMSpace
     units: list[Any]
+    calibration: Calibration | None = None
+    """Calibration statistics when a criterion or a recovery needs them (``seconds``: the fits' time)."""
 
     def runner(self, config: Config) -> Runner:
         raise NotImplementedError
@@ -94,7 +96,6 @@ class WeightCandidates(_Candidates):
         self.options = options
         self.evaluator = evaluator
         self.notes = notes
-        self.calibration: Calibration | None = None
         start = time.perf_counter()
         if options.criterion is Criterion.ACTIVATION or options.recover is not Recovery.NONE:
             self.calibration = _calibrate(model, inspection, data, search_idx, evaluator, options, notes)
@@ -306,6 +307,7 @@ class ChannelCandidates(_Candidates):
                     threads=options.threads,
                 )
 
+        self.calibration = calibration
         self.remover = Remover(model, options, calibration, sequential)
         if self.remover.static_targets:
             notes.append(

@@ -338,6 +338,8 @@ def prune(
         candidates.release()
         pruned, pruned_bytes, final = unchanged()
     timings["write"] = time.perf_counter() - t0
+    if candidates.calibration is not None:
+        timings["recovery"] = candidates.calibration.seconds
     timings["total"] = time.perf_counter() - t_start
 
     layer_reports, params, skipped_channels = candidates.summary(chosen, pruned)

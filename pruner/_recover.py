@@ -19,7 +19,9 @@ From those statistics:
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
@@ -115,7 +117,22 @@ class Calibration:
     """The evaluation-set rows calibrated on."""
     partial: dict[str, str] = field(default_factory=dict)
     """Layers without Gram matrices (least squares skipped, bias correction kept), and why."""
+    seconds: float = 0.0
+    """Time spent fitting (``recover`` and sequential refits), calibration itself excluded."""
     _hessians: dict[str, np.ndarray] = field(default_factory=dict)
+    _timing: int = 0
+
+    @contextlib.contextmanager
+    def timed(self) -> Iterator[None]:
+        """Add the block's time to ``seconds`` (nested blocks count once)."""
+        self._timing += 1
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._timing -= 1
+            if not self._timing:
+                self.seconds += time.perf_counter() - start
 
     def activation_scores(self, layer: PrunableWeight, weight: np.ndarray) -> np.ndarray | None:
         """Wanda scores |W| * ||x|| for every element of ``weight`` (None without statistics)."""
@@ -153,6 +170,18 @@ class Calibration:
         (this layer's fit at another amount) if given, else from the original;
         without, the weight is simply masked.
         """
+        with self.timed():
+            return self._recover(name, original, mask, reconstruct=reconstruct, start=start)
+
+    def _recover(
+        self,
+        name: str,
+        original: np.ndarray,
+        mask: np.ndarray,
+        *,
+        reconstruct: bool,
+        start: np.ndarray | None,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         layout = self.layouts[name]
         hessian = self.hessian(name) if reconstruct else None
         stats = self.stats.get(name)
@@ -551,6 +580,12 @@ class SequentialRefit:
         config's amount per layer (drift comes from any pruned layer before a group,
         and the cache is keyed on them).
         """
+        with self.calibration.timed():
+            self._refit(weights, masks, amounts)
+
+    def _refit(
+        self, weights: dict[str, np.ndarray], masks: Mapping[str, np.ndarray], amounts: Mapping[str, int]
+    ) -> None:
         pruned_at = min((self.position.get(n, -1) for n, a in amounts.items() if a), default=None)
         for group in self.groups:
             drifted = pruned_at is not None and pruned_at < group.position
