@@ -61,7 +61,8 @@ class Recovery(enum.Enum):
     BIAS = "bias"
     """Shift each pruned layer's bias so its mean output on calibration data is unchanged."""
     LSQ = "lsq"
-    """Refit the kept weights by least squares (SparseGPT-style OBS updates), then correct the bias."""
+    """Refit the kept weights by least squares (the objective SparseGPT's OBS updates approximate,
+    solved by conjugate gradients), then correct the bias."""
     AUTO = "auto"
     """The default: ``LSQ`` for every layer whose fit is cheap (output rows x inputs^2 up to
     ``AUTO_LSQ_COST``, e.g. convs up to 128 channels, 1x1 convs up to ~1000 inputs), bias

@@ -77,6 +77,29 @@ def test_reconstruction_beats_masking_and_keeps_the_mask() -> None:
     np.testing.assert_allclose(warm, refit, atol=1e-3)
 
 
+def test_a_mask_shared_by_rows_is_solved_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Remove mode's consumers lose the same input columns in every row: one factorisation
+    solves them all, to the same fit conjugate gradients reach."""
+    rng = np.random.default_rng(2)
+    weight, bias = rng.standard_normal((16, 24)).astype(np.float32), rng.standard_normal(16).astype(np.float32)
+    x = correlated_inputs(500, 24)
+    calibration = calibrated(gemm_model(weight, bias), x)
+    mask = np.zeros(weight.shape, dtype=bool)
+    mask[:, [3, 7, 11, 20]] = True
+    mask[[2, 5]] = True  # removed outputs: whole rows
+    direct, _ = calibration.recover("w", weight, mask, reconstruct=True)
+    assert np.all(direct[mask] == 0)
+    reference = x @ weight.T
+    keep = ~mask[0]
+    exact = np.zeros_like(weight)
+    exact[:, keep] = np.linalg.lstsq(x[:, keep], reference, rcond=None)[0].T
+    exact[mask] = 0
+    assert np.mean((x @ direct.T - reference) ** 2) <= np.mean((x @ exact.T - reference) ** 2) * 1.05 + 1e-6
+    monkeypatch.setattr("pruner._recover.DIRECT_STEPS", 0)  # every row by conjugate gradients
+    iterative, _ = calibration.recover("w", weight, mask, reconstruct=True)
+    np.testing.assert_allclose(direct, iterative, atol=1e-3)
+
+
 def test_bias_correction_restores_the_mean_output() -> None:
     rng = np.random.default_rng(2)
     weight, bias = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
