@@ -170,8 +170,13 @@ class Calibration:
         (this layer's fit at another amount) if given, else from the original;
         without, the weight is simply masked.
         """
-        with self.timed():
-            return self._recover(name, original, mask, reconstruct=reconstruct, start=start)
+        with self.timed(), np.errstate(all="ignore"):  # non-finite results are handled below
+            new, shift = self._recover(name, original, mask, reconstruct=reconstruct, start=start)
+        if not np.isfinite(new).all():  # activations overflowed float32: masking is all that is safe
+            return np.where(mask.reshape(original.shape), 0, original).astype(original.dtype), None
+        if shift is not None and not np.isfinite(shift).all():
+            shift = None
+        return new, shift
 
     def _recover(
         self,
@@ -616,7 +621,7 @@ class SequentialRefit:
         config's amount per layer (drift comes from any pruned layer before a group,
         and the cache is keyed on them).
         """
-        with self.calibration.timed():
+        with self.calibration.timed(), np.errstate(all="ignore"):  # non-finite fits are dropped in _fit
             self._refit(weights, masks, amounts)
 
     def _refit(
@@ -678,6 +683,8 @@ class SequentialRefit:
             out[name] = layout.unrows(rows, original.shape).astype(original.dtype)
             if layout.bias is not None:
                 self._shift(out, name, _mean_output(layout, w0, mean) - _mean_output(layout, rows, mean_now))
+        if not all(np.isfinite(a).all() for a in out.values()):  # overflowed activations: keep the masking
+            return {}
         return out
 
     def _shift(self, out: dict[str, np.ndarray], name: str, shift: np.ndarray | None) -> None:

@@ -100,6 +100,20 @@ def test_a_mask_shared_by_rows_is_solved_exactly(monkeypatch: pytest.MonkeyPatch
     np.testing.assert_allclose(direct, iterative, atol=1e-3)
 
 
+def test_statistics_that_overflowed_fall_back_to_masking() -> None:
+    rng = np.random.default_rng(3)
+    weight, bias = rng.standard_normal((4, 8)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    calibration = calibrated(gemm_model(weight, bias), correlated_inputs(100, 8))
+    stats = calibration.stats["w"]
+    assert stats.gram is not None and stats.total is not None
+    stats.gram[0, 1, 1] = np.inf
+    stats.total[2] = np.nan
+    mask = np.abs(weight) < np.median(np.abs(weight))
+    refit, shift = calibration.recover("w", weight, mask, reconstruct=True)
+    np.testing.assert_array_equal(refit, np.where(mask, 0, weight))
+    assert shift is None
+
+
 def test_bias_correction_restores_the_mean_output() -> None:
     rng = np.random.default_rng(2)
     weight, bias = rng.standard_normal((5, 8)).astype(np.float32), rng.standard_normal(5).astype(np.float32)
