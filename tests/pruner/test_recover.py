@@ -177,6 +177,9 @@ def test_methods_end_to_end(criterion: pruner.Criterion, recover: pruner.Recover
     assert report.baseline.holdout is not None and report.final.holdout is not None
     assert report.baseline.holdout - report.final.holdout <= 0.01 + 1e-9
     assert any("calibrated on" in note for note in report.notes)
+    assert report.timings["calibration"] > 0
+    # the fits' own time: none without a recovery, some with one
+    assert (report.timings["recovery"] > 0) is (recover is not pruner.Recovery.NONE)
 
 
 @pytest.mark.parametrize("recover", [pruner.Recovery.LSQ, pruner.Recovery.SEQUENTIAL])
