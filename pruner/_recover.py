@@ -14,7 +14,8 @@ From those statistics:
   mean output on calibration data is the original one;
 * least-squares reconstruction (``lsq``): the kept weights of each output row are
   updated to minimise ||X w - X w'||^2 under the mask (damped Hessian X^T X, computed
-  once per layer), solved by projected conjugate gradients for all rows at once.
+  once per layer), solved by projected conjugate gradients for all rows at once, or exactly
+  with one factorisation per mask when many rows share it (remove mode's consumers).
 """
 
 from __future__ import annotations
@@ -266,9 +267,7 @@ def _fit_rows(
     out = np.empty_like(grouped[0])
     per_group = out.shape[1]
     # grouped Convs (depthwise: one row a group) go to the solver below, all groups at once
-    direct = _solve_shared(linear[0], grouped[1][0], hessian[0]) if len(out) == 1 else None
-    if direct is not None:
-        out[0] = direct
+    if len(out) == 1 and _solve_shared(linear[0], grouped[1][0], hessian[0], out[0]):
         per_group = 0
     # conjugate gradients in float32: 1.5x faster, the same objective to 7 digits
     hessian32 = hessian.astype(np.float32) if per_group else hessian
@@ -287,27 +286,32 @@ DIRECT_STEPS = 20
 than about this many conjugate-gradient steps for every row."""
 
 
-def _solve_shared(linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray) -> np.ndarray | None:
-    """The exact least-squares rows of one group when few distinct masks cover them (remove mode:
-    every row of a consumer loses the same input columns), else None (conjugate gradients).
+def _solve_shared(linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray, out: np.ndarray) -> bool:
+    """Write into ``out`` the exact least-squares rows of one group when few distinct masks cover
+    them (remove mode: every row of a consumer loses the same input columns); False, and ``out``
+    untouched, when conjugate gradients are cheaper.
 
-    Arrays: linear, pruned [out, in], hessian [in, in]. Per distinct mask the kept block of the
-    Hessian is factorised once and solved for all the rows that share it.
+    Arrays: linear, pruned, out [rows, in], hessian [in, in]. Per distinct mask the kept block of
+    the Hessian is solved for the rows that share it (usually one factorisation; blocks of rows
+    bound the memory on very wide layers).
     """
     packed = np.ascontiguousarray(np.packbits(pruned, axis=1))
     keys = packed.view(np.dtype((np.void, packed.shape[1]))).reshape(-1)  # one hashable key per row
     _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
     if len(first) * hessian.shape[0] > DIRECT_STEPS * len(pruned):
-        return None
-    out = np.zeros(linear.shape, dtype=np.float64)
+        return False
+    out[...] = 0.0
+    step = max(1, ROW_BLOCK_BYTES // max(8 * hessian.shape[0], 1))
     for i, row in enumerate(first):
         keep = np.flatnonzero(~pruned[row])
         if not len(keep):
             continue
+        kept = hessian[np.ix_(keep, keep)]  # damped: symmetric positive definite
         rows = np.flatnonzero(inverse.reshape(-1) == i)
-        block = hessian[np.ix_(keep, keep)]
-        out[np.ix_(rows, keep)] = np.linalg.solve(block, linear[np.ix_(rows, keep)].T).T
-    return out
+        for j in range(0, len(rows), step):
+            block = rows[j : j + step]
+            out[np.ix_(block, keep)] = np.linalg.solve(kept, linear[np.ix_(block, keep)].T).T
+    return True
 
 
 def _grams(x: np.ndarray, groups: int, y: np.ndarray | None = None) -> np.ndarray:
