@@ -36,6 +36,15 @@ def fixtures() -> list[tuple[str, Path, Path]]:
     return out
 
 
+def repeated(evals: Path, times: int) -> pruner.EvalSet:
+    """A fixture's labelled eval set repeated ``times`` over: evaluations cost as on a larger set
+    (timing only: the copies make the held-out split overlap the search split)."""
+    small = pruner.load_eval_set(evals)
+    assert small.labels is not None
+    inputs = {k: np.concatenate([v] * times) for k, v in small.inputs.items()}
+    return pruner.EvalSet(inputs, np.concatenate([small.labels] * times))
+
+
 def plain_pass_seconds(model: Path, evalset: pruner.EvalSet, batch_size: int = 64, repeats: int = 5) -> float:
     """Median time of one onnxruntime pass of the whole eval set through the unpruned model."""
     session = make_session(model.read_bytes())

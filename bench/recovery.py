@@ -35,7 +35,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-from common import fixtures, plain_pass_seconds, table
+from common import fixtures, plain_pass_seconds, repeated, table
 
 import pruner
 from pruner import Allocation, Criterion, MetricKind, Mode, PruneOptions, Recovery, Tolerance
@@ -120,11 +120,7 @@ def main() -> None:
     compact_sweep()
     time_rows = []
     for name, model, evals in fixtures():
-        small = pruner.load_eval_set(evals)
-        assert small.labels is not None
-        evalset = pruner.EvalSet(
-            {k: np.concatenate([v] * TILED) for k, v in small.inputs.items()}, np.concatenate([small.labels] * TILED)
-        )
+        evalset = repeated(evals, TILED)
         time_rows += timed(name, model, evalset, {"tolerance": Tolerance(0.01)}, (Recovery.AUTO, Recovery.SEQUENTIAL))
     print(f"\nRecovery time on eval sets repeated {TILED}x, tolerance 0.01, in evaluations (search-split passes)")
     print(table(TIME_HEADERS, time_rows))

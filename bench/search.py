@@ -24,7 +24,7 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import fixtures, plain_pass_seconds, table
+from common import fixtures, plain_pass_seconds, repeated, table
 
 import pruner
 from pruner import Allocation, PruneOptions, Tolerance
@@ -146,11 +146,7 @@ def run_tiled(tolerance: float, times: int = 10) -> None:
     fixture's eval set repeated ``times`` over (the fixtures' 720 samples run in a few ms)."""
     rows = []
     for name, model, evals in fixtures():
-        small = pruner.load_eval_set(evals)
-        assert small.labels is not None
-        evalset = pruner.EvalSet(
-            {k: np.concatenate([v] * times) for k, v in small.inputs.items()}, np.concatenate([small.labels] * times)
-        )
+        evalset = repeated(evals, times)
         pass_s = plain_pass_seconds(model, evalset)
         start = time.perf_counter()
         result = pruner.prune(model, evalset, PruneOptions(tolerance=Tolerance(tolerance)))
