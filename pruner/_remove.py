@@ -159,6 +159,9 @@ def channel_multiple(channels: int, options: PruneOptions) -> int:
 
 
 AUTO_MULTIPLE = 8
+BUILT_CACHE_ENTRIES = 4
+BUILT_CACHE_BYTES = 256 << 20
+"""Serialized candidates kept (the most recent one always, however large)."""
 
 
 @functools.cache
@@ -241,6 +244,7 @@ class Remover:
         units = [_family_units(f, s, options) for f, s in zip(self.families, self.scores, strict=True)]
         self.space = RemoveSpace(units, options)
         self.sequential: SequentialRefit | None = None
+        self._built: dict[Config, bytes] = {}
         self.norm_masks: dict[str, tuple[str, int]] = {}
         if sequential is not None and calibration is not None:
             # every tensor a removal zeroes is fed, so one session serves every candidate
@@ -334,7 +338,17 @@ class Remover:
         return out
 
     def to_bytes(self, config: Config) -> bytes:
-        return self.to_proto(config).SerializeToString()
+        """The serialized candidate; the last few are kept, as a refit is costly and the search,
+        the held-out confirmation and the final write ask for the same config in turn."""
+        cached = self._built.pop(config, None)
+        if cached is None:
+            cached = self.to_proto(config).SerializeToString()
+        self._built[config] = cached  # most recent last
+        while len(self._built) > 1 and (
+            len(self._built) > BUILT_CACHE_ENTRIES or sum(map(len, self._built.values())) > BUILT_CACHE_BYTES
+        ):
+            self._built.pop(next(iter(self._built)))
+        return cached
 
     def runner(self, config: Config, output: str, threads: int) -> Runner:
         return session_runner(make_session(self.to_bytes(config), threads=threads), output)

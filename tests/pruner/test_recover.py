@@ -314,6 +314,30 @@ def test_remove_mode_refit_only_changes_kept_columns() -> None:
     assert not np.allclose(run(full_shape), run(refit), atol=1e-3)
 
 
+def test_a_refit_candidate_is_built_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search, the held-out confirmation and the final write ask for the same removal in
+    turn: its (sequential, costly) refit runs once."""
+    from pruner._remove import Remover
+
+    built = []
+    to_proto = Remover.to_proto
+
+    def counted(self: Remover, config: tuple[int, ...]) -> onnx.ModelProto:
+        built.append(config)
+        return to_proto(self, config)
+
+    monkeypatch.setattr(Remover, "to_proto", counted)
+    options = pruner.PruneOptions(
+        mode=pruner.Mode.REMOVE,
+        recover=pruner.Recovery.SEQUENTIAL,
+        target_sparsity=0.3,
+        tolerance=pruner.Tolerance(1.0),
+    )
+    report = pruner.prune(FIXTURES / "mlp.onnx", FIXTURES / "mlp_eval.npz", options).report
+    assert report.status == "pruned" and report.confirmations >= 1
+    assert len(built) == 1
+
+
 def test_remove_mode_recovery_gets_smaller_models() -> None:
     plain = pruner.PruneOptions(mode=pruner.Mode.REMOVE, recover=pruner.Recovery.NONE)
     refit = pruner.PruneOptions(mode=pruner.Mode.REMOVE, recover=pruner.Recovery.LSQ)
