@@ -6,12 +6,12 @@ Built once per model; every graph question in the library goes through it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import onnx
 
-__all__ = ["GraphIndex", "Use"]
+__all__ = ["GraphIndex", "Use", "keep_needed"]
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,29 @@ class GraphIndex:
 
     def node_name(self, node: onnx.NodeProto) -> str:
         return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
+
+
+def keep_needed(graph: onnx.GraphProto, outputs: Iterable[str], *, inputs_too: bool = False) -> None:
+    """Remove the nodes and initializers (with ``inputs_too`` the graph inputs) that ``outputs``
+    do not depend on: one backward pass over the graph's topological order, counting what
+    subgraphs read from the outer scope."""
+    needed = set(outputs)
+    dead = []
+    for k in reversed(range(len(graph.node))):
+        node = graph.node[k]
+        if any(o in needed for o in node.output):
+            needed.update(name for name in node.input if name)
+            needed.update(_subgraph_inputs(node))
+        else:
+            dead.append(k)
+    for k in dead:  # descending
+        del graph.node[k]
+    if not inputs_too:
+        needed |= {v.name for v in graph.input}
+    for field_ in (graph.initializer, graph.input) if inputs_too else (graph.initializer,):
+        for k in reversed(range(len(field_))):
+            if field_[k].name not in needed:
+                del field_[k]
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> Iterator[str]:

@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import helper
 
 from ._analysis import PrunableWeight
 from ._evalset import EvalSet
 from ._evaluate import SplitModel, make_session
-from ._graph import GraphIndex
+from ._graph import GraphIndex, keep_needed
 
 __all__ = ["Calibration", "LayerLayout", "SequentialRefit", "calibrate", "layouts"]
 
@@ -566,7 +567,10 @@ class SequentialRefit:
             key=lambda g: g.position,
         )
         self.tapped = sorted({g.input for g in self.groups})
-        self.session = make_session(split.fed(self.tapped).SerializeToString(), threads=threads)
+        self.fed = split.fed(self.tapped)
+        self.threads = threads
+        self.session = make_session(self.fed.SerializeToString(), threads=threads)
+        self._taps: dict[str, tuple[ort.InferenceSession, set[str]]] = {}
         self.original = dict(split.weights)
         self._originals: dict[_Group, list[np.ndarray]] | None = None
         self._cache: dict[tuple[object, ...], dict[str, np.ndarray]] = {}
@@ -575,6 +579,7 @@ class SequentialRefit:
     def release(self) -> None:
         self.original.clear()
         self._originals = None
+        self._taps.clear()
         self.forget()
 
     def forget(self) -> None:
@@ -587,11 +592,30 @@ class SequentialRefit:
         flat = _unfold(x.astype(np.float32), conv) if conv is not None else x.reshape(-1, x.shape[-1])
         return np.ascontiguousarray(flat, dtype=np.float32)
 
+    def _tap(self, name: str) -> tuple[ort.InferenceSession, set[str]]:
+        """A session of only the nodes ``name`` depends on, and the inputs it reads: onnxruntime
+        runs every node of a graph whatever outputs are asked for."""
+        if name not in self._taps:
+            model = onnx.ModelProto()
+            model.CopyFrom(self.fed)
+            del model.graph.output[:]
+            model.graph.output.append(helper.make_empty_tensor_value_info(name))
+            keep_needed(model.graph, [name], inputs_too=True)
+            session = make_session(model.SerializeToString(), threads=self.threads)
+            self._taps[name] = session, {v.name for v in model.graph.input}
+        return self._taps[name]
+
     def _inputs(self, weights: Mapping[str, np.ndarray], names: list[str]) -> Iterator[list[np.ndarray]]:
-        """The activations ``names`` per calibration batch, with ``weights`` in the model."""
+        """The activations ``names`` per calibration batch, with ``weights`` in the model (one name:
+        through a session of just what it depends on)."""
+        tap = len(names) == 1 and names[0] not in {v.name for v in self.fed.graph.input}
+        session, wanted = self._tap(names[0]) if tap else (self.session, None)
         for batch, real in _batches(self.calibration.rows, self.step, self.fixed):
             feeds = {k: v[batch] for k, v in self.evalset.inputs.items()}
-            yield [np.asarray(x)[:real] for x in self.session.run(names, {**feeds, **weights})]
+            feeds.update(weights)
+            if wanted is not None:
+                feeds = {k: v for k, v in feeds.items() if k in wanted}
+            yield [np.asarray(x)[:real] for x in session.run(names, feeds)]
 
     def _original(self, group: _Group) -> Iterator[np.ndarray]:
         """The group's flattened input in the unpruned model, per calibration batch (cached while

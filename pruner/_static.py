@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from ._graph import GraphIndex
+from ._graph import keep_needed
 from ._model import session_source
 
 __all__ = ["static_reshapes"]
@@ -64,7 +64,7 @@ def static_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
         node.input[1] = name
         rewritten += 1
     if rewritten:
-        _drop_unused(out.graph)
+        keep_needed(out.graph, [o.name for o in out.graph.output])
     return out, rewritten
 
 
@@ -161,19 +161,3 @@ def _constant_target(runs: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray | 
     if constant.count(-1) > 1 or any(_resolve(target, shape) != o for (shape, _), o in zip(runs, outputs, strict=True)):
         return None
     return target
-
-
-def _drop_unused(graph: onnx.GraphProto) -> None:
-    """Remove nodes and initializers nothing reads any more (subgraphs included), repeatedly."""
-    while True:
-        index = GraphIndex.build(graph)
-        live = set(index.consumers) | index.graph_outputs
-        dead = [k for k, node in enumerate(graph.node) if not any(o in live for o in node.output)]
-        if not dead:
-            break
-        for k in reversed(dead):
-            del graph.node[k]
-    live |= index.graph_inputs
-    for k in reversed(range(len(graph.initializer))):
-        if graph.initializer[k].name not in live:
-            del graph.initializer[k]

@@ -239,6 +239,13 @@ def test_sequential_refit_fits_what_the_pruned_model_feeds_each_layer() -> None:
     assert error_sequential < 0.85 * error_plain  # 0.71 with these seeds
     # the first layer sees unpruned inputs: its fit is the plain one
     np.testing.assert_allclose(weights["w1"], plain["w1"], atol=1e-5)
+    # the second layer's inputs come through a session of only what they depend on: the same values
+    tapped = refit.groups[1].input
+    session, wanted = refit._tap(tapped)
+    assert wanted == {i.name for i in session.get_inputs()} == {"x", "w1", "b1"}  # not w2, b2
+    through_tap = np.concatenate([a for (a,) in refit._inputs(weights, [tapped])])
+    full = refit.session.run([tapped], {"x": x[refit.calibration.rows], **weights})[0]
+    np.testing.assert_allclose(through_tap, full, rtol=1e-6)
 
 
 def test_channel_activation_scores_are_what_consumers_draw() -> None:
