@@ -248,7 +248,7 @@ def _summary(report: pruner.Report) -> str:
     rows += [
         ("file bytes", f"{report.bytes_before:,} -> {report.bytes_after:,}"),
         ("evaluations", f"{report.evaluations} (+{report.confirmations} held-out, {report.probes} probes)"),
-        ("wall time", f"{report.timings['total']:.2f} s"),
+        ("wall time", views.wall_time(report)),
     ]
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]

@@ -14,13 +14,22 @@ from typing import Any
 
 import pruner
 
-__all__ = ["PlotUnavailable", "html_page", "require_matplotlib", "trade_off_png"]
+__all__ = ["PlotUnavailable", "html_page", "require_matplotlib", "trade_off_png", "wall_time"]
 
 INSTALL_HINT = "pip install 'onnx-pruner[plot]'"
 
 
 class PlotUnavailable(pruner.InvalidConfigError):
     """matplotlib is not installed."""
+
+
+def wall_time(report: pruner.Report) -> str:
+    """The run's wall time, and what recovery took of it when it ran."""
+    timings = report.timings
+    text = f"{timings.get('total', 0.0):.2f} s"
+    if "recovery" in timings:
+        text += f" (calibration {timings.get('calibration', 0.0):.2f} s, fits {timings['recovery']:.2f} s)"
+    return text
 
 
 def _pyplot() -> Any:
@@ -110,7 +119,7 @@ def html_page(report: pruner.Report, model_name: str = "model") -> str:
         ["prunable weights", f"{report.nonzero_before:,} → {report.nonzero_after:,} ({report.sparsity:.1%} pruned)"],
         ["file bytes", f"{report.bytes_before:,} → {report.bytes_after:,}"],
         ["evaluations", f"{report.evaluations} (+{report.confirmations} held-out, {report.probes} probes)"],
-        ["wall time", f"{report.timings.get('total', 0.0):.2f} s"],
+        ["wall time", wall_time(report)],
     ]
     channels = any(la.channels_before is not None for la in report.layers)
     layer_rows = []

@@ -63,6 +63,7 @@ def test_prune_fixture_end_to_end(tmp_path: Path, name: str, eval_name: str) -> 
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert "sparsity" in proc.stdout
+    assert "fits" in next(line for line in proc.stdout.splitlines() if line.startswith("wall time"))
 
     report = json.loads(report_path.read_text())
     original, pruned = onnx.load(str(model_path)), onnx.load(str(out))
