@@ -571,6 +571,7 @@ class SequentialRefit:
         self.threads = threads
         self.session = make_session(self.fed.SerializeToString(), threads=threads)
         self._taps: dict[str, tuple[ort.InferenceSession, set[str]]] = {}
+        self._graph_inputs = {v.name for v in self.fed.graph.input}
         self.original = dict(split.weights)
         self._originals: dict[_Group, list[np.ndarray]] | None = None
         self._cache: dict[tuple[object, ...], dict[str, np.ndarray]] = {}
@@ -608,7 +609,7 @@ class SequentialRefit:
     def _inputs(self, weights: Mapping[str, np.ndarray], names: list[str]) -> Iterator[list[np.ndarray]]:
         """The activations ``names`` per calibration batch, with ``weights`` in the model (one name:
         through a session of just what it depends on)."""
-        tap = len(names) == 1 and names[0] not in {v.name for v in self.fed.graph.input}
+        tap = len(names) == 1 and names[0] not in self._graph_inputs
         session, wanted = self._tap(names[0]) if tap else (self.session, None)
         for batch, real in _batches(self.calibration.rows, self.step, self.fixed):
             feeds = {k: v[batch] for k, v in self.evalset.inputs.items()}
