@@ -49,7 +49,16 @@ def calibrated(model: onnx.ModelProto, x: np.ndarray, full: bool = True):  # typ
     return calibrate(model, layers, evalset, np.arange(len(x)), batch_size=64, fixed_batch=None, full=full)
 
 
-def test_reconstruction_beats_masking_and_keeps_the_mask() -> None:
+def conjugate_gradients_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Turn the exact solvers off: every row goes to conjugate gradients."""
+    for name in ("DIRECT_STEPS", "DIRECT_ROWS", "DIRECT_SMALL"):
+        monkeypatch.setattr(f"pruner._recover.{name}", 0)
+
+
+@pytest.mark.parametrize("solver", ["exact rows", "conjugate gradients"])
+def test_reconstruction_beats_masking_and_keeps_the_mask(monkeypatch: pytest.MonkeyPatch, solver: str) -> None:
+    if solver == "conjugate gradients":
+        conjugate_gradients_only(monkeypatch)
     rng = np.random.default_rng(1)
     weight, bias = rng.standard_normal((6, 12)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
     x = correlated_inputs(400, 12)
@@ -95,9 +104,38 @@ def test_a_mask_shared_by_rows_is_solved_exactly(monkeypatch: pytest.MonkeyPatch
     exact[:, keep] = np.linalg.lstsq(x[:, keep], reference, rcond=None)[0].T
     exact[mask] = 0
     assert np.mean((x @ direct.T - reference) ** 2) <= np.mean((x @ exact.T - reference) ** 2) * 1.05 + 1e-6
-    monkeypatch.setattr("pruner._recover.DIRECT_STEPS", 0)  # every row by conjugate gradients
+    conjugate_gradients_only(monkeypatch)
     iterative, _ = calibration.recover("w", weight, mask, reconstruct=True)
     np.testing.assert_allclose(direct, iterative, atol=1e-3)
+
+
+def test_rows_with_few_kept_inputs_are_solved_exactly_per_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At high sparsity each row is solved on its own kept inputs (padded into one batch): the exact
+    per-row least squares, which conjugate gradients approach."""
+    rng = np.random.default_rng(6)
+    weight, bias = rng.standard_normal((24, 64)).astype(np.float32), rng.standard_normal(24).astype(np.float32)
+    x = correlated_inputs(800, 64, seed=7)
+    calibration = calibrated(gemm_model(weight, bias), x)
+    mask = rng.random(weight.shape) < 0.8  # a different mask in every row, 5-22 kept of 64
+    mask[3] = True  # a row with nothing kept
+    calls = []
+    monkeypatch.setattr("pruner._recover._least_squares", lambda *a: calls.append(a) or a[0])
+    direct, _ = calibration.recover("w", weight, mask, reconstruct=True)
+    assert not calls  # no conjugate-gradient steps
+    np.testing.assert_array_equal(direct == 0, mask | (weight == 0))
+    hessian = calibration.hessian("w")
+    assert hessian is not None
+    exact = np.zeros_like(weight, dtype=np.float64)
+    for row in range(len(weight)):
+        keep = ~mask[row]
+        if keep.any():
+            block = hessian[0][np.ix_(keep, keep)]
+            exact[row, keep] = np.linalg.solve(block, (weight[row].astype(np.float64) @ hessian[0])[keep])
+    np.testing.assert_allclose(direct, exact, rtol=1e-4, atol=1e-5)
+    monkeypatch.undo()
+    conjugate_gradients_only(monkeypatch)
+    iterative, _ = calibration.recover("w", weight, mask, reconstruct=True)
+    np.testing.assert_allclose(direct, iterative, atol=2e-3)
 
 
 def test_statistics_that_overflowed_fall_back_to_masking() -> None:
@@ -372,6 +410,12 @@ def test_depthwise_conv_is_recovered_per_channel() -> None:
     masked, _ = calibration.recover("w", weight, mask, reconstruct=False)
     refit, shift = calibration.recover("w", weight, mask, reconstruct=True)
     assert np.all(refit[mask] == 0)
+    # each channel's rows solved exactly on its own window's Hessian
+    for channel in range(channels):
+        keep = ~mask[channel].reshape(-1)
+        flat = weight[channel].reshape(-1).astype(np.float64)
+        exact = np.linalg.solve(hessian[channel][np.ix_(keep, keep)], (flat @ hessian[channel])[keep])
+        np.testing.assert_allclose(refit[channel].reshape(-1)[keep], exact, rtol=1e-4, atol=1e-5)
 
     def run(w: np.ndarray, b: np.ndarray) -> np.ndarray:
         model = parse(text, {"w": w, "b": b.astype(np.float32)})
