@@ -331,7 +331,8 @@ DIRECT_SMALL = 32
 
 def _solve_rows(linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray, out: np.ndarray) -> bool:
     """Write into ``out`` the exact least-squares fit of every row on its own kept inputs when that is
-    cheaper than conjugate gradients (see ``DIRECT_ROWS``); False, and ``out`` untouched, otherwise.
+    cheaper than conjugate gradients (see ``DIRECT_ROWS``); False, and ``out`` untouched, otherwise
+    (or when a block cannot be factorised).
 
     Arrays per group: linear, pruned, out [groups, rows, in], hessian [groups, in, in]. Each row's
     kept block of its group's Hessian is gathered into a batch padded to the widest row with an
@@ -358,7 +359,10 @@ def _solve_rows(linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray, out
         blocks *= used[:, :, None] & used[:, None, :]
         np.einsum("bii->bi", blocks)[...] += ~used  # damped: symmetric positive definite
         rhs = np.take_along_axis(flat_linear[block], index, axis=1) * used
-        solved = np.linalg.solve(blocks, rhs[..., None])[..., 0]
+        try:
+            solved = np.linalg.solve(blocks, rhs[..., None])[..., 0]
+        except np.linalg.LinAlgError:  # only non-finite statistics make a damped block singular
+            return False
         # padding entries solve to zero, so writing them over the row's pruned inputs is harmless
         np.put_along_axis(flat_out[block], index, solved, axis=1)
     out[...] = flat_out.reshape(out.shape)

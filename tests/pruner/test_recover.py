@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 import pruner
 from pruner._analysis import analyze
-from pruner._recover import _unfold, calibrate
+from pruner._recover import _solve_rows, _unfold, calibrate
 from tests.helpers import parse
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
@@ -136,6 +136,16 @@ def test_rows_with_few_kept_inputs_are_solved_exactly_per_row(monkeypatch: pytes
     conjugate_gradients_only(monkeypatch)
     iterative, _ = calibration.recover("w", weight, mask, reconstruct=True)
     np.testing.assert_allclose(direct, iterative, atol=2e-3)
+
+
+def test_a_block_that_cannot_be_factorised_goes_to_conjugate_gradients() -> None:
+    hessian = np.eye(4)[None].copy()
+    hessian[0, 0, 0] = 0.0  # singular (damping rules this out for finite statistics)
+    pruned = np.zeros((1, 2, 4), dtype=bool)
+    pruned[..., 3] = True
+    out = np.full((1, 2, 4), 7.0)
+    assert not _solve_rows(np.ones((1, 2, 4)), pruned, hessian, out)
+    assert np.all(out == 7.0)
 
 
 def test_statistics_that_overflowed_fall_back_to_masking() -> None:
