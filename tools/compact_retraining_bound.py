@@ -115,38 +115,13 @@ def zero_masks(model: Compact, level: float) -> list[torch.Tensor]:
     return on_paths(masks)
 
 
-def fine_tune(
-    model: Compact, masks: list[torch.Tensor] | None, x: np.ndarray, y: np.ndarray, config: TrainConfig
-) -> None:
-    """Adam with cosine decay; masked weights stay zero (gradients masked, weights re-masked per step)."""
-    generator = torch.Generator().manual_seed(1)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.epochs)
-    weights = parameters(model)
-
-    def apply() -> None:
-        if masks is not None:
-            with torch.no_grad():
-                for w, m in zip(weights, masks, strict=True):
-                    w.mul_(m)
-
-    apply()
-    for _ in range(config.epochs):
-        model.train()
-        order = torch.randperm(len(xt), generator=generator)
-        for start in range(0, len(xt), config.batch_size):
-            idx = order[start : start + config.batch_size]
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(xt[idx]), yt[idx]).backward()
-            if masks is not None:
-                for w, m in zip(weights, masks, strict=True):
-                    assert w.grad is not None
-                    w.grad.mul_(m)
-            optimizer.step()
-            apply()
-        scheduler.step()
-    model.eval()
+def hold_at_zero(model: Compact, masks: list[torch.Tensor]) -> None:
+    """Zero the masked weights and keep them there in training: their gradients are masked, so
+    Adam (no weight decay) never moves them."""
+    with torch.no_grad():
+        for w, m in zip(parameters(model), masks, strict=True):
+            w.mul_(m)
+            w.register_hook(lambda grad, m=m: grad * m)
 
 
 def sliced(source: Compact, pw1: int, pw2: int) -> Compact:
@@ -194,12 +169,9 @@ def main() -> None:
     print("zeroed  nonzero  right after the cut  fine-tuned")
     for level in ZEROED:
         model = copy.deepcopy(trained)
-        masks = zero_masks(model, level)
-        with torch.no_grad():
-            for w, m in zip(parameters(model), masks, strict=True):
-                w.mul_(m)
+        hold_at_zero(model, zero_masks(model, level))
         before = scored(model)[0]
-        fine_tune(model, masks, x_train, y_train, ZERO_TUNING)
+        train(model, x_train, y_train, ZERO_TUNING, seed=1)
         after, nonzero, _ = scored(model)
         print(f"{level:6.0%}  {nonzero:7d}  {before:19.4f}  {after:10.4f}")
     print(f"\nPointwise channels removed, then fine-tuned {REMOVE_TUNING.epochs} epochs (lr {REMOVE_TUNING.lr})")
@@ -207,7 +179,7 @@ def main() -> None:
     for pw1, pw2 in SMALLER:
         model = sliced(trained, pw1, pw2)
         before, _, cut = scored(model)
-        fine_tune(model, None, x_train, y_train, REMOVE_TUNING)
+        train(model, x_train, y_train, REMOVE_TUNING, seed=1)
         after = scored(model)[0]
         print(f"8,{pw1:2d},{pw2:2d}  {cut:9d}  {size / cut:6.2f}x  {before:19.4f}  {after:10.4f}")
 
