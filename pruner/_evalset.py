@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from ._errors import InvalidEvalSetError
+from ._graph import declared_shape
 
 __all__ = ["EvalSet", "InputSpec", "load_eval_set", "model_inputs"]
 
@@ -104,8 +105,7 @@ def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:
             specs.append(InputSpec(value.name, np.dtype(object), ()))
             continue
         dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(ttype.elem_type))
-        dims = tuple(d.dim_value if d.HasField("dim_value") else None for d in ttype.shape.dim)
-        specs.append(InputSpec(value.name, dtype, dims))
+        specs.append(InputSpec(value.name, dtype, declared_shape(value)))
     return specs
 
 

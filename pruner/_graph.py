@@ -11,7 +11,15 @@ from dataclasses import dataclass, field
 
 import onnx
 
-__all__ = ["GraphIndex", "Use", "keep_needed"]
+__all__ = ["GraphIndex", "Use", "declared_shape", "keep_needed"]
+
+
+def declared_shape(value: onnx.ValueInfoProto) -> tuple[int | None, ...]:
+    """The declared shape of a tensor value, None for every dynamic dim: symbolic, unset, or a
+    negative size, which some exporters (paddle2onnx) write for a dynamic batch."""
+    return tuple(
+        d.dim_value if d.HasField("dim_value") and d.dim_value >= 0 else None for d in value.type.tensor_type.shape.dim
+    )
 
 
 @dataclass(frozen=True)

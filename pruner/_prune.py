@@ -21,6 +21,7 @@ from ._candidates import ChannelCandidates, RunContext, WeightCandidates
 from ._errors import InvalidConfigError, InvalidEvalSetError, InvalidModelError, UnsupportedModelError
 from ._evalset import EvalSet, InputSpec, load_eval_set, model_inputs, validate_eval_set
 from ._evaluate import Evaluator, ModelBuilder, Runner, SplitModel, make_session, session_runner
+from ._graph import declared_shape
 from ._metrics import Metric
 from ._model import _check, load_model, save_model, session_source
 from ._nm import NMSpace
@@ -107,8 +108,7 @@ def _split(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _output_shape(model: onnx.ModelProto, name: str) -> tuple[int | None, ...]:
     for value in model.graph.output:
         if value.name == name:
-            dims = value.type.tensor_type.shape.dim
-            return tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+            return declared_shape(value)
     return ()
 
 

@@ -19,7 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from ._graph import keep_needed
+from ._graph import declared_shape, keep_needed
 from ._model import session_source
 
 __all__ = ["static_reshapes"]
@@ -72,8 +72,8 @@ def _runs(model: onnx.ModelProto, reshapes: list[onnx.NodeProto]) -> list[dict[s
     """Input shapes (as int64 vectors) and targets of ``reshapes`` at base sizes and each dim varied."""
     symbols: list[str] = []
     for value in model.graph.input:
-        for k, dim in enumerate(value.type.tensor_type.shape.dim):
-            if not dim.HasField("dim_value"):
+        for k, (dim, size) in enumerate(zip(value.type.tensor_type.shape.dim, declared_shape(value), strict=True)):
+            if size is None:
                 symbol = dim.dim_param or f"{value.name}:{k}"
                 if symbol not in symbols:
                     symbols.append(symbol)
@@ -116,15 +116,15 @@ def _feed(model: onnx.ModelProto, sizes: dict[str, int], seed: int) -> dict[str,
         if value.name in initializers:
             continue
         tensor = value.type.tensor_type
-        dims = [
-            d.dim_value if d.HasField("dim_value") else sizes[d.dim_param or f"{value.name}:{k}"]
-            for k, d in enumerate(tensor.shape.dim)
+        shape = [
+            sizes[d.dim_param or f"{value.name}:{k}"] if size is None else size
+            for k, (d, size) in enumerate(zip(tensor.shape.dim, declared_shape(value), strict=True))
         ]
         dtype = helper.tensor_dtype_to_np_dtype(tensor.elem_type)
         if np.issubdtype(dtype, np.floating):
-            feed[value.name] = rng.standard_normal(dims).astype(dtype)
+            feed[value.name] = rng.standard_normal(shape).astype(dtype)
         else:  # ids, masks: 0 and 1 are valid for every lookup
-            feed[value.name] = np.full(dims, seed, dtype=dtype)
+            feed[value.name] = np.full(shape, seed, dtype=dtype)
     return feed
 
 

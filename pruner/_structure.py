@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._graph import GraphIndex
+from ._graph import GraphIndex, declared_shape
 
 __all__ = ["Family", "Structure", "analyze_structure", "remove_components", "zero_components"]
 
@@ -114,9 +114,7 @@ class _Builder:
         self.shapes: dict[str, tuple[int | None, ...]] = {}
         for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
             if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-                self.shapes[value.name] = tuple(
-                    d.dim_value if d.HasField("dim_value") else None for d in value.type.tensor_type.shape.dim
-                )
+                self.shapes[value.name] = declared_shape(value)
         for name, tensor in self.index.initializers.items():
             self.shapes[name] = tuple(tensor.dims)
         for name, node in self.index.constants.items():

@@ -158,6 +158,23 @@ def test_fixed_batch_dimension_model() -> None:
     assert result.report.samples["search"] + result.report.samples["holdout"] == 101
 
 
+@pytest.mark.parametrize("mode", [pruner.Mode.ZERO, pruner.Mode.REMOVE])
+def test_a_negative_batch_size_is_a_dynamic_batch(mode: pruner.Mode) -> None:
+    """paddle2onnx declares a dynamic batch as dim_value -1; onnxruntime runs any batch there."""
+    model = mlp()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.shape.dim[0].dim_value = -1
+    data = evalset(mlp(), n=200)
+    result = pruner.prune(model, data, PruneOptions(mode=mode, tolerance=Tolerance(0.05), batch_size=32))
+    assert_deliverable(result, model, data)
+    assert result.report.samples["search"] + result.report.samples["holdout"] == 200
+    assert result.model.graph.input[0].type.tensor_type.shape.dim[0].dim_value == -1  # declared as it was
+    assert (
+        result.report.nonzero_after < result.report.nonzero_before
+        or result.report.bytes_after < result.report.bytes_before
+    )
+
+
 def test_constant_node_weight_is_pruned() -> None:
     model = mlp()
     w2 = next(t for t in model.graph.initializer if t.name == "w2")
