@@ -455,17 +455,45 @@ def _following_bias(index: GraphIndex, node: onnx.NodeProto, width: int) -> str 
     return other
 
 
-def _unfold(x: np.ndarray, conv: Mapping[str, list[int]]) -> np.ndarray:
-    """im2col: [N, C, H, W] -> [N * OH * OW, C * kh * kw] rows, in the weight's (c, kh, kw) order."""
+ROWS_PER_INPUT = 128
+"""Unfolded rows a conv's input statistics need per input of one output (C/groups * kh * kw)
+over all calibration samples; beyond that, each sample contributes the same random subset of
+its output positions (at least ``MIN_POSITIONS``). Large feature maps otherwise make calibration
+cost time and memory in proportion to their area (a 3x3 conv on 56x56 maps: 200,000 rows for
+576 inputs from 64 samples), with no better statistics to show for it."""
+MIN_POSITIONS = 64
+
+
+def positions_kept(conv: Mapping[str, list[int]], channels: int, groups: int, samples: int) -> int:
+    """How many output positions per sample ``_unfold`` keeps for a conv reading ``channels``."""
+    kh, kw = conv["kernel"]
+    return max(MIN_POSITIONS, -(-ROWS_PER_INPUT * (channels // groups) * kh * kw // max(samples, 1)))
+
+
+def _unfold(x: np.ndarray, conv: Mapping[str, list[int]], positions: int | None = None) -> np.ndarray:
+    """im2col: [N, C, H, W] -> [N * OH * OW, C * kh * kw] rows, in the weight's (c, kh, kw) order;
+    with ``positions``, only that many output positions of each sample (the same ones for every
+    array of the same shape: a layer's current and original inputs stay paired row by row)."""
     kh, kw = conv["kernel"]
     sh, sw = conv["strides"]
     dh, dw = conv["dilations"]
     top, left, bottom, right = conv["pads"]
+    n, c, h, w = x.shape
+    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
+    if positions is not None and positions < oh * ow:
+        picked = np.sort(np.random.default_rng(oh * ow).choice(oh * ow, positions, replace=False))
+        # the input pixels each picked window reads (outside the image: padding, zero)
+        ys = (picked // ow)[:, None, None] * sh + (np.arange(kh) * dh)[None, :, None] - top
+        xs = (picked % ow)[:, None, None] * sw + (np.arange(kw) * dw)[None, None, :] - left
+        inside = ((ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)).reshape(-1)
+        pixels = (np.clip(ys, 0, h - 1) * w + np.clip(xs, 0, w - 1)).reshape(-1)
+        read = np.take(x.reshape(n, c, h * w), pixels, axis=2) * inside  # [N, C, P * kh * kw]
+        return read.reshape(n, c, positions, kh * kw).transpose(0, 2, 1, 3).reshape(n * positions, c * kh * kw)
     padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     windows = np.lib.stride_tricks.sliding_window_view(padded, (span_h, span_w), axis=(2, 3))
     windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, OH, OW, kh, kw]
-    n, c, oh, ow = windows.shape[:4]
     return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
 
 
@@ -519,7 +547,8 @@ def calibrate(
         for name, layout in found.items():
             x = np.asarray(outputs[layout.input])[:real]
             if layout.conv is not None:
-                flat = _unfold(x.astype(np.float32), layout.conv)
+                keep = positions_kept(layout.conv, x.shape[1], layout.groups, len(rows))
+                flat = _unfold(x.astype(np.float32), layout.conv, keep)
             else:
                 flat = x.reshape(-1, x.shape[-1])
             stats[name].add(flat, full and name not in wide, layout.groups)
@@ -644,7 +673,10 @@ class SequentialRefit:
 
     def _flat(self, name: str, x: np.ndarray) -> np.ndarray:
         conv = self.calibration.layouts[name].conv
-        flat = _unfold(x.astype(np.float32), conv) if conv is not None else x.reshape(-1, x.shape[-1])
+        if conv is None:
+            return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+        groups, samples = self.calibration.layouts[name].groups, len(self.calibration.rows)
+        flat = _unfold(x.astype(np.float32), conv, positions_kept(conv, x.shape[1], groups, samples))
         return np.ascontiguousarray(flat, dtype=np.float32)
 
     def _tap(self, name: str) -> tuple[ort.InferenceSession, set[str]]:

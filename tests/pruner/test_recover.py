@@ -12,7 +12,7 @@ from onnx import numpy_helper
 
 import pruner
 from pruner._analysis import analyze
-from pruner._recover import _solve_rows, _unfold, calibrate
+from pruner._recover import MIN_POSITIONS, _solve_rows, _unfold, calibrate, positions_kept
 from tests.helpers import parse
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
@@ -205,6 +205,33 @@ def test_conv_statistics_unfold_receptive_fields() -> None:
     (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     direct = (rows @ weight.reshape(4, -1).T).reshape(2, 4, 5, 4).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(direct, y, atol=1e-5)
+
+
+def test_large_feature_maps_are_unfolded_at_a_subset_of_positions() -> None:
+    """Past ROWS_PER_INPUT rows per input, every sample gives the same random output positions:
+    the rows are exact receptive fields, and two arrays of one shape stay paired row by row."""
+    rng = np.random.default_rng(7)
+    conv = {"kernel": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1]}
+    x, other = (rng.standard_normal((3, 2, 40, 60)).astype(np.float32) for _ in range(2))
+    kept = positions_kept(conv, channels=2, groups=1, samples=3)
+    assert kept == 128 * 2 * 9 // 3  # over MIN_POSITIONS, under the 2400 positions of a sample
+    full, subset = _unfold(x, conv), _unfold(x, conv, kept)
+    assert subset.shape == (3 * kept, 18)
+    per_sample = full.reshape(3, 2400, 18)
+    picked = [int(np.flatnonzero((per_sample[0] == row).all(axis=1))[0]) for row in subset[:kept]]
+    assert picked == sorted(set(picked))  # distinct positions, in raster order
+    np.testing.assert_array_equal(subset.reshape(3, kept, 18), per_sample[:, picked])
+    np.testing.assert_array_equal(
+        _unfold(other, conv, kept).reshape(3, kept, 18), _unfold(other, conv).reshape(3, 2400, 18)[:, picked]
+    )
+    assert positions_kept(conv, channels=64, groups=64, samples=256) == MIN_POSITIONS  # depthwise: 9 inputs a row
+    # strides, dilations and uneven pads: still the full unfold's rows at the picked positions
+    odd = {"kernel": [3, 2], "strides": [2, 1], "pads": [1, 0, 1, 1], "dilations": [1, 2]}
+    whole = _unfold(x, odd).reshape(3, -1, 6 * 2)
+    some = _unfold(x, odd, 50).reshape(3, 50, 6 * 2)
+    found = [int(np.flatnonzero((whole[1] == row).all(axis=1))[0]) for row in some[1]]
+    np.testing.assert_array_equal(some, whole[:, found])
+    np.testing.assert_array_equal(_unfold(x, conv, 2400), full)  # nothing to drop
 
 
 @pytest.mark.parametrize(
