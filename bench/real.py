@@ -63,7 +63,8 @@ def fetch(directory: Path) -> Path:
         raise SystemExit(f"pip could not download {WHEEL}:\n{done.stderr}")
     wheel = next(directory.glob("rapidocr_onnxruntime-*.whl"))
     target = directory / Path(MODEL).name
-    target.write_bytes(zipfile.ZipFile(wheel).read(MODEL))
+    with zipfile.ZipFile(wheel) as archive:
+        target.write_bytes(archive.read(MODEL))
     return target
 
 

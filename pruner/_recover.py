@@ -470,6 +470,15 @@ def positions_kept(conv: Mapping[str, list[int]], channels: int, groups: int, sa
     return max(MIN_POSITIONS, -(-ROWS_PER_INPUT * (channels // groups) * kh * kw // max(samples, 1)))
 
 
+def _layer_rows(layout: LayerLayout, x: np.ndarray, samples: int) -> np.ndarray:
+    """A layer's input as float32 rows of what one output reads: a conv's unfolded (large maps at
+    ``positions_kept`` positions for ``samples`` calibration samples), others' last axis."""
+    if layout.conv is None:
+        return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+    keep = positions_kept(layout.conv, x.shape[1], layout.groups, samples)
+    return np.ascontiguousarray(_unfold(x.astype(np.float32), layout.conv, keep))
+
+
 def _unfold(x: np.ndarray, conv: Mapping[str, list[int]], positions: int | None = None) -> np.ndarray:
     """im2col: [N, C, H, W] -> [N * OH * OW, C * kh * kw] rows, in the weight's (c, kh, kw) order;
     with ``positions``, only that many output positions of each sample (the same ones for every
@@ -545,12 +554,7 @@ def calibrate(
         feeds = {k: v[batch] for k, v in evalset.inputs.items()}
         outputs = dict(zip(wanted, session.run(wanted, feeds), strict=True))
         for name, layout in found.items():
-            x = np.asarray(outputs[layout.input])[:real]
-            if layout.conv is not None:
-                keep = positions_kept(layout.conv, x.shape[1], layout.groups, len(rows))
-                flat = _unfold(x.astype(np.float32), layout.conv, keep)
-            else:
-                flat = x.reshape(-1, x.shape[-1])
+            flat = _layer_rows(layout, np.asarray(outputs[layout.input])[:real], len(rows))
             stats[name].add(flat, full and name not in wide, layout.groups)
     return Calibration(found, stats, len(rows), skipped, rows, wide)
 
@@ -672,12 +676,7 @@ class SequentialRefit:
         self._cached_bytes = 0
 
     def _flat(self, name: str, x: np.ndarray) -> np.ndarray:
-        conv = self.calibration.layouts[name].conv
-        if conv is None:
-            return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
-        groups, samples = self.calibration.layouts[name].groups, len(self.calibration.rows)
-        flat = _unfold(x.astype(np.float32), conv, positions_kept(conv, x.shape[1], groups, samples))
-        return np.ascontiguousarray(flat, dtype=np.float32)
+        return _layer_rows(self.calibration.layouts[name], x, len(self.calibration.rows))
 
     def _tap(self, name: str) -> tuple[ort.InferenceSession, set[str]]:
         """A session of only the nodes ``name`` depends on, and the inputs it reads: onnxruntime
