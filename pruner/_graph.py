@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-__all__ = ["GraphIndex", "Use", "declared_shape", "keep_needed"]
+__all__ = ["GraphIndex", "Use", "declared_shape", "keep_needed", "reads"]
 
 
 def declared_shape(value: onnx.ValueInfoProto) -> tuple[int | None, ...]:
@@ -74,8 +74,7 @@ def keep_needed(graph: onnx.GraphProto, outputs: Iterable[str], *, inputs_too: b
     for k in reversed(range(len(graph.node))):
         node = graph.node[k]
         if any(o in needed for o in node.output):
-            needed.update(name for name in node.input if name)
-            needed.update(_subgraph_inputs(node))
+            needed.update(reads(node))
         else:
             dead.append(k)
     for k in dead:  # descending
@@ -86,6 +85,11 @@ def keep_needed(graph: onnx.GraphProto, outputs: Iterable[str], *, inputs_too: b
         for k in reversed(range(len(field_))):
             if field_[k].name not in needed:
                 del field_[k]
+
+
+def reads(node: onnx.NodeProto) -> list[str]:
+    """The names a node reads: its inputs, and what its subgraphs read from the outer scope."""
+    return [name for name in node.input if name] + list(_subgraph_inputs(node))
 
 
 def _subgraph_inputs(node: onnx.NodeProto) -> Iterator[str]:

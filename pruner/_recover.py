@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,9 +33,10 @@ import onnxruntime as ort
 from onnx import helper
 
 from ._analysis import PrunableWeight
+from ._errors import UnsupportedModelError
 from ._evalset import EvalSet
 from ._evaluate import SplitModel, make_session
-from ._graph import GraphIndex, keep_needed
+from ._graph import GraphIndex, keep_needed, reads
 
 __all__ = ["Calibration", "LayerLayout", "SequentialRefit", "calibrate", "layouts"]
 
@@ -476,7 +477,7 @@ def _layer_rows(layout: LayerLayout, x: np.ndarray, samples: int) -> np.ndarray:
     if layout.conv is None:
         return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
     keep = positions_kept(layout.conv, x.shape[1], layout.groups, samples)
-    return np.ascontiguousarray(_unfold(x.astype(np.float32), layout.conv, keep))
+    return np.ascontiguousarray(_unfold(x.astype(np.float32, copy=False), layout.conv, keep))
 
 
 def _unfold(x: np.ndarray, conv: Mapping[str, list[int]], positions: int | None = None) -> np.ndarray:
@@ -659,6 +660,9 @@ class SequentialRefit:
         self.session = make_session(self.fed.SerializeToString(), threads=threads)
         self._taps: dict[str, tuple[ort.InferenceSession, set[str]]] = {}
         self._graph_inputs = {v.name for v in self.fed.graph.input}
+        self.segments = _Segments(self.fed, self.groups, set(evalset.inputs), threads)
+        # walked in the order their inputs are computed: every layer before a group's input is refit first
+        self.groups.sort(key=lambda g: (self.segments.cut[g], g.position))
         self.original = dict(split.weights)
         self._originals: dict[_Group, list[np.ndarray]] | None = None
         self._cache: dict[tuple[object, ...], dict[str, np.ndarray]] = {}
@@ -703,9 +707,9 @@ class SequentialRefit:
                 feeds = {k: v for k, v in feeds.items() if k in wanted}
             yield [np.asarray(x)[:real] for x in session.run(names, feeds)]
 
-    def _original(self, group: _Group) -> Iterator[np.ndarray]:
-        """The group's flattened input in the unpruned model, per calibration batch (cached while
-        all groups' together stay under ``ORIGINAL_CACHE_BYTES``)."""
+    def _cache_originals(self) -> bool:
+        """Keep every group's flattened input in the unpruned model if all together stay under
+        ``ORIGINAL_CACHE_BYTES`` (one pass); whether they are kept."""
         if self._originals is None:
             kept: dict[_Group, list[np.ndarray]] = {g: [] for g in self.groups}
             size = 0
@@ -719,7 +723,13 @@ class SequentialRefit:
                     break
             else:
                 self._originals = kept
-        if group in self._originals:
+        return bool(self._originals)
+
+    def _original(self, group: _Group) -> Iterator[np.ndarray]:
+        """The group's flattened input in the unpruned model, per calibration batch (cached, or
+        recomputed from the model inputs)."""
+        if self._cache_originals():
+            assert self._originals is not None
             yield from self._originals[group]
         else:
             for (x,) in self._inputs(self.original, [group.input]):
@@ -742,15 +752,28 @@ class SequentialRefit:
         self, weights: dict[str, np.ndarray], masks: Mapping[str, np.ndarray], amounts: Mapping[str, int]
     ) -> None:
         pruned_at = min((self.position.get(n, -1) for n, a in amounts.items() if a), default=None)
+        todo: list[tuple[_Group, tuple[object, ...], bool]] = []
         for group in self.groups:
             drifted = pruned_at is not None and pruned_at < group.position
             if not drifted and all(masks.get(n) is None for n in group.layers):
                 continue
             upstream = tuple(sorted((n, a) for n, a in amounts.items() if a and self.position[n] < group.position))
-            cache_key = (group, upstream, tuple(amounts.get(n, 0) for n in group.layers))
+            todo.append((group, (group, upstream, tuple(amounts.get(n, 0) for n in group.layers)), drifted))
+        # the drifted inputs come from walking the model cut by cut, as far as the last one to fit
+        to_walk = [g for g, key, drifted in todo if drifted and key not in self._cache]
+        walk = _Walk(self, weights, pruned_at, cached=self._cache_originals()) if to_walk else None
+        for group, cache_key, drifted in todo:
             fitted = self._cache.get(cache_key)
             if fitted is None:
-                fitted = self._fit(group, weights, masks, drifted)
+                pairs: Iterable[tuple[np.ndarray, np.ndarray]] = ()
+                if drifted:
+                    walked = walk.inputs(group) if walk is not None else None
+                    if walked is None:  # past the walk's memory: from the model inputs
+                        walk = None
+                        now = (self._flat(group.layers[0], x) for (x,) in self._inputs(weights, [group.input]))
+                        walked = zip(now, self._original(group), strict=True)
+                    pairs = walked
+                fitted = self._fit(group, pairs, masks, drifted)
                 size = sum(a.nbytes for a in fitted.values())
                 if self._cached_bytes + size > FIT_CACHE_BYTES:  # large models: recompute, do not hoard
                     self._cache.clear()
@@ -758,10 +781,18 @@ class SequentialRefit:
                 self._cache[cache_key] = fitted
                 self._cached_bytes += size
             weights.update(fitted)
+            if walk is not None and group is to_walk[-1]:
+                walk = None  # nothing further to fit from it
 
     def _fit(
-        self, group: _Group, weights: Mapping[str, np.ndarray], masks: Mapping[str, np.ndarray | None], drifted: bool
+        self,
+        group: _Group,
+        pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+        masks: Mapping[str, np.ndarray | None],
+        drifted: bool,
     ) -> dict[str, np.ndarray]:
+        """Refit the group's layers: plainly if nothing before it drifted, else on ``pairs``, the
+        flattened input per calibration batch in the pruned and in the unpruned model."""
         calibration = self.calibration
         out: dict[str, np.ndarray] = {}
         if not drifted:  # the layers see the unpruned inputs: plain reconstruction
@@ -775,8 +806,7 @@ class SequentialRefit:
         first = group.layers[0]
         groups = calibration.layouts[first].groups
         count, gram, cross, mean, mean_now = 0, None, None, None, None
-        for (x_now,), b in zip(self._inputs(weights, [group.input]), self._original(group), strict=True):
-            a = self._flat(first, x_now)
+        for a, b in pairs:
             count += len(a)
             g, c = _grams(a, groups).astype(np.float64), _grams(a, groups, b).astype(np.float64)
             gram = g if gram is None else gram + g
@@ -807,3 +837,161 @@ class SequentialRefit:
             return
         original = self.original[bias]
         out[bias] = (original.astype(np.float64) + shift.reshape(original.shape)).astype(original.dtype)
+
+
+STATE_BYTES = 1 << 30
+"""Activations a sequential refit carries from one cut to the next (pruned and unpruned model
+together); past this, the remaining groups' inputs are recomputed from the model inputs."""
+
+
+class _Segments:
+    """The fed model cut right after each group's input is computed, run stretch by stretch.
+
+    Each stretch between consecutive cuts becomes a session of just its nodes, reading the
+    tensors still needed at the cut before (and weights) and returning those still needed at
+    the cut after: walking them in turn computes every group's input with each node run once,
+    where a session per group would rerun the whole prefix of the model.
+    """
+
+    def __init__(self, fed: onnx.ModelProto, groups: list[_Group], inputs: set[str], threads: int) -> None:
+        self.fed, self.threads = fed, threads
+        nodes = fed.graph.node
+        produced = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+        self.cut = {g: produced[g.input] + 1 if g.input in produced else 0 for g in groups}
+        self.walkable = {g for g in groups if g.input in produced or g.input in inputs}
+        read = [reads(node) for node in nodes]
+        needed = {g.input for g in groups}
+        self._used = [False] * len(nodes)
+        for i in reversed(range(len(nodes))):
+            if any(name in needed for name in nodes[i].output):
+                self._used[i] = True
+                needed.update(read[i])
+        self._last: dict[str, int] = {}
+        for i, names in enumerate(read):
+            if self._used[i]:
+                self._last.update((name, i) for name in names)
+        for g, cut in self.cut.items():  # a group's own reader may feed no other group's input
+            self._last[g.input] = max(self._last.get(g.input, 0), cut)
+        self._defined = {name: -1 for name in inputs} | produced
+        self._sessions: dict[tuple[int, int], tuple[ort.InferenceSession, list[str], list[str]] | None] = {}
+        self._live: dict[int, set[str]] = {}
+
+    def live(self, cut: int) -> set[str]:
+        """The computed tensors (and model inputs) read at or after ``cut`` that exist before it."""
+        if cut not in self._live:
+            defined = self._defined
+            self._live[cut] = {n for n, last in self._last.items() if n in defined and defined[n] < cut <= last}
+        return self._live[cut]
+
+    def stretch(
+        self, start: int, end: int, state: Mapping[str, np.ndarray]
+    ) -> tuple[ort.InferenceSession, list[str], list[str]] | None:
+        """The session running nodes ``start:end`` from ``state`` (a batch at ``start``) and weights,
+        the names it reads and returns; None if onnxruntime cannot load that part on its own."""
+        key = (start, end)
+        if key not in self._sessions:
+            try:
+                self._sessions[key] = self._build(start, end, state)
+            except UnsupportedModelError:
+                self._sessions[key] = None
+        return self._sessions[key]
+
+    def _build(
+        self, start: int, end: int, state: Mapping[str, np.ndarray]
+    ) -> tuple[ort.InferenceSession, list[str], list[str]]:
+        nodes = [node for i, node in enumerate(self.fed.graph.node[start:end], start) if self._used[i]]
+        made = {name for node in nodes for name in node.output}
+        outputs = sorted(n for n in self.live(end) if n in made)
+        carried = sorted({name for node in nodes for name in reads(node)} & (set(state) - made))
+        model = onnx.ModelProto()
+        model.CopyFrom(self.fed)
+        graph = model.graph
+        del graph.node[:]
+        graph.node.extend(nodes)
+        fed = [v for v in graph.input if v.name not in state]  # the weights
+        del graph.input[:]
+        graph.input.extend(fed)
+        for name in carried:
+            dtype = helper.np_dtype_to_tensor_dtype(state[name].dtype)
+            graph.input.append(helper.make_tensor_value_info(name, dtype, None))
+        for k in reversed(range(len(graph.value_info))):
+            if graph.value_info[k].name in state:
+                del graph.value_info[k]
+        del graph.output[:]
+        graph.output.extend(helper.make_empty_tensor_value_info(n) for n in outputs)
+        keep_needed(graph, outputs, inputs_too=True)
+        feeds = [v.name for v in graph.input]
+        return make_session(model.SerializeToString(), threads=self.threads), feeds, outputs
+
+
+class _Walk:
+    """The pruned model's activations at one cut, per calibration batch, and the unpruned model's
+    (unless its flattened group inputs are cached): one list for both while no pruned layer has run."""
+
+    def __init__(self, refit: SequentialRefit, weights: Mapping[str, np.ndarray], pruned_at: int | None, cached: bool):
+        self.refit, self.weights, self.cached = refit, weights, cached
+        self.pruned_at = len(refit.fed.graph.node) if pruned_at is None else pruned_at
+        batches = list(_batches(refit.calibration.rows, refit.step, refit.fixed))
+        self.real = [real for _, real in batches]
+        self.now: list[dict[str, np.ndarray]] = [
+            {k: v[batch] for k, v in refit.evalset.inputs.items()} for batch, _ in batches
+        ]
+        self.before: list[dict[str, np.ndarray]] = [] if cached else self.now
+        self.at = 0
+
+    def inputs(self, group: _Group) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
+        """The group's flattened input per batch, pruned and unpruned; None if it cannot be
+        walked to (past ``STATE_BYTES``, or a tensor on the way that is not an array)."""
+        segments = self.refit.segments
+        if group not in segments.walkable or not self._advance(segments.cut[group]):
+            return None
+        flat, name, first = self.refit._flat, group.input, group.layers[0]
+        now = [state[name][:real] for state, real in zip(self.now, self.real, strict=True)]
+        if self.cached:
+            assert self.refit._originals
+            before: Iterable[np.ndarray] = self.refit._originals[group]
+        else:
+            raw = [state[name][:real] for state, real in zip(self.before, self.real, strict=True)]
+            before = (flat(first, x) for x in raw)
+        return zip((flat(first, x) for x in now), before, strict=True)
+
+    def _advance(self, cut: int) -> bool:
+        """Run on to ``cut``; whether it stayed within ``STATE_BYTES``."""
+        segments = self.refit.segments
+        while self.at < cut:
+            end = min(c for c in (*segments.cut.values(), cut) if c > self.at)
+            now = self._run(self.at, end, self.now, self.weights)
+            if self.before is self.now and end <= self.pruned_at:
+                before = now  # nothing pruned has run yet: the same activations
+            else:
+                before = self._run(self.at, end, self.before, self.refit.original) if self.before else []
+            if now is None or before is None:
+                return False
+            self.now, self.before, self.at = now, before, end
+            states = self.now + ([] if self.before is self.now else self.before)
+            if sum(a.nbytes for state in states for a in state.values()) > STATE_BYTES:
+                return False
+        return True
+
+    def _run(
+        self, start: int, end: int, states: list[dict[str, np.ndarray]], weights: Mapping[str, np.ndarray]
+    ) -> list[dict[str, np.ndarray]] | None:
+        """``states`` (one per batch, at cut ``start``) carried to cut ``end``; None if that part of
+        the model does not load on its own or a tensor on the way is not an array (a sequence, a map)."""
+        segments = self.refit.segments
+        stretch = segments.stretch(start, end, states[0])
+        if stretch is None:
+            return None
+        session, inputs, outputs = stretch
+        live = segments.live(end)
+        out = []
+        for state in states:
+            moved = {n: v for n, v in state.items() if n in live}
+            if outputs:
+                feeds = {n: state[n] if n in state else weights[n] for n in inputs}
+                results = session.run(outputs, feeds)
+                if not all(isinstance(r, np.ndarray) for r in results):
+                    return None
+                moved.update(zip(outputs, results, strict=True))
+            out.append(moved)
+        return out

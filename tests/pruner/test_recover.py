@@ -323,6 +323,72 @@ def test_sequential_refit_fits_what_the_pruned_model_feeds_each_layer() -> None:
     np.testing.assert_allclose(through_tap, full, rtol=1e-6)
 
 
+def branching(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Gemms with a shortcut past a group, a model input read deep, and two groups computed by
+    one node (a Split): x, m -> ... -> y."""
+    text = HEADER + (
+        "g (float[N, 8] x, float[N, 8] m) => (float[N, 6] y) {"
+        " h = Gemm <transB = 1> (x, w1, b1) r = Relu (h)"
+        " a = Gemm <transB = 1> (r, w2, b2) b = Gemm <transB = 1> (r, w3, b3) s = Add (a, b)"
+        " t = Mul (s, m) u = Add (t, r) p, q = Split <axis = 1> (u)"
+        " c = Gemm <transB = 1> (p, w4, b4) d = Gemm <transB = 1> (q, w5, b5) y = Concat <axis = 1> (c, d) }"
+    )
+    return parse(text, weights)
+
+
+def test_sequential_refit_walks_the_model_once_cut_by_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each group's input comes from running only the nodes since the cut before, the tensors
+    needed later (a shortcut, a model input) carried along: the same inputs, and the same fits,
+    as sessions that rerun the model from its inputs for every group."""
+    import pruner._recover as recovery
+    from pruner._evaluate import SplitModel
+
+    rng = np.random.default_rng(5)
+    shapes = {"w1": (8, 8), "w2": (8, 8), "w3": (8, 8), "w4": (3, 4), "w5": (3, 4)}
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    weights |= {f"b{name[1]}": rng.standard_normal(shape[0]).astype(np.float32) for name, shape in shapes.items()}
+    x = correlated_inputs(300, 8, seed=6)
+    m = rng.uniform(0.5, 1.5, (300, 8)).astype(np.float32)
+    evalset = pruner.EvalSet({"x": x, "m": m})
+    model = branching(weights)
+    layers = list(analyze(model).layers)
+    calibration = calibrate(model, layers, evalset, np.arange(300), batch_size=64, fixed_batch=None, full=True)
+
+    def refit() -> recovery.SequentialRefit:
+        split = SplitModel.take(branching(weights), set(weights))
+        return recovery.SequentialRefit(calibration, split, evalset, batch_size=64, fixed_batch=None)
+
+    walking = refit()
+    assert [g.input for g in walking.groups] == ["x", "r", "p", "q"]
+    pruned = dict(weights)
+    pruned["w1"] = np.where(np.abs(weights["w1"]) < 0.7, 0, weights["w1"]).astype(np.float32)
+    walk = recovery._Walk(walking, pruned, pruned_at=0, cached=False)
+    for group in walking.groups:
+        walked = walk.inputs(group)
+        assert walked is not None
+        first = group.layers[0]
+        now = [walking._flat(first, a) for (a,) in walking._inputs(pruned, [group.input])]
+        before = [walking._flat(first, a) for (a,) in walking._inputs(weights, [group.input])]
+        for (a, b), a_tap, b_tap in zip(walked, now, before, strict=True):
+            np.testing.assert_allclose(a, a_tap, rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(b, b_tap, rtol=1e-6, atol=1e-6)
+    # the shortcut r and the input m cross the cut before the Split; the Split's outputs the last
+    assert walking.segments.live(walking.segments.cut[walking.groups[1]]) == {"m", "r"}
+    assert walking.segments.live(walking.segments.cut[walking.groups[2]]) == {"p", "q"}
+
+    masks = {"w1": pruned["w1"] == 0}
+    fits = []
+    for state_bytes in (recovery.STATE_BYTES, 0):  # walked; then past the memory limit, from the inputs
+        monkeypatch.setattr(recovery, "STATE_BYTES", state_bytes)
+        out, fitter = dict(pruned), refit()
+        fitter.refit(out, masks, {"w1": 1})
+        fits.append(out)
+        assert bool(fitter._taps) is (state_bytes == 0)  # per-group sessions only past the limit
+    for name in weights:
+        np.testing.assert_allclose(fits[0][name], fits[1][name], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(fits[0]["w4"], weights["w4"])  # the dense layers after w1 were refit
+
+
 def test_channel_activation_scores_are_what_consumers_draw() -> None:
     from pruner._remove import component_scores
     from pruner._structure import analyze_structure
