@@ -24,7 +24,15 @@ from ._report import LayerReport
 from ._score import lowest
 from ._space import SKETCH_POINTS, Config, LayerUnits, ZeroSpace, allocation_scores
 from ._static import static_reshapes
-from ._structure import Family, Structure, analyze_structure, mask_norms, remove_components, zero_components
+from ._structure import (
+    Family,
+    Structure,
+    analyze_structure,
+    mask_norms,
+    remove_components,
+    set_params,
+    zero_components,
+)
 
 __all__ = ["Remover", "removal_problems", "replay_removal"]
 
@@ -297,9 +305,7 @@ class Remover:
             weights[name] = keep.astype(sequential.original[name].dtype)
         sequential.forget()  # results depend on the whole removal: nothing carries over
         sequential.refit(weights, masks, {name: int(name in masks) for name in self.calibration.layouts})
-        for tensor in zeroed.graph.initializer:
-            if tensor.name in weights:
-                tensor.CopyFrom(numpy_helper.from_array(weights[tensor.name], tensor.name))
+        set_params(zeroed, weights)
         return zeroed
 
     def _refit(self, removed: np.ndarray) -> onnx.ModelProto:
@@ -332,9 +338,7 @@ class Remover:
             if shift is not None and bias is not None:
                 current = changed.get(bias, arrays[bias])
                 changed[bias] = (current.astype(np.float64) + shift.reshape(current.shape)).astype(current.dtype)
-        for tensor in out.graph.initializer:
-            if tensor.name in changed:
-                tensor.CopyFrom(numpy_helper.from_array(changed[tensor.name], tensor.name))
+        set_params(out, changed)
         return out
 
     def to_bytes(self, config: Config) -> bytes:

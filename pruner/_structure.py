@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,7 +40,7 @@ from onnx import helper, numpy_helper
 
 from ._graph import GraphIndex, declared_shape
 
-__all__ = ["Family", "Structure", "analyze_structure", "remove_components", "zero_components"]
+__all__ = ["Family", "Structure", "analyze_structure", "remove_components", "set_params", "zero_components"]
 
 Slot = tuple[str, int]
 """A tensor and one of its axes."""
@@ -1102,6 +1102,18 @@ def _param_arrays(model: onnx.ModelProto, names: set[str] | None = None) -> dict
             if value is not None:
                 out[node.output[0]] = numpy_helper.to_array(value).copy()
     return out
+
+
+def set_params(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``arrays`` over the initializers or Constant nodes of those names (one pass)."""
+    for tensor in model.graph.initializer:
+        if tensor.name in arrays:
+            tensor.CopyFrom(numpy_helper.from_array(arrays[tensor.name], tensor.name))
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.output[0] in arrays:
+            for attr in node.attribute:
+                if attr.name == "value":
+                    attr.t.CopyFrom(numpy_helper.from_array(arrays[node.output[0]], node.output[0]))
 
 
 def _set_param(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
