@@ -124,6 +124,17 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return out
 
 
+def _sizes(model: onnx.ModelProto) -> dict[str, int]:
+    """Element counts of the initializers and Constant node values."""
+    out = {t.name: math.prod(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                out[node.output[0]] = math.prod(value.dims)
+    return out
+
+
 def _family_units(family: Family, scores: np.ndarray, options: PruneOptions) -> LayerUnits:
     units = len(family.components)
     order = np.argsort(scores, kind="stable")
@@ -363,8 +374,7 @@ class Remover:
         A family's params are those of the weights whose output channels it is;
         they also shrink when the family before them loses channels.
         """
-        before = {t.name: math.prod(t.dims) for t in self.model.graph.initializer}
-        after = {t.name: math.prod(t.dims) for t in pruned.graph.initializer}
+        before, after = _sizes(self.model), _sizes(pruned)
         reports = []
         for family, amount in zip(self.families, config, strict=True):
             names = sorted({name for name, axis in family.param_slots if (name, axis) in self.structure.producer_slots})

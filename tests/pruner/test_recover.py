@@ -450,6 +450,8 @@ def test_remove_mode_refit_only_changes_kept_columns(weights_as: str) -> None:
     removed = remover.removed(remover.space.at_level(0.4))
     refit = remover._refit(removed)
     pruned = remove_components(refit, remover.structure, list(removed))
+    _, (total, before, after) = remover.summary(remover.space.at_level(0.4), pruned)
+    assert total == before > after > 0  # the report counts the weights wherever they are
 
     def run(m: onnx.ModelProto) -> np.ndarray:
         session = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
