@@ -498,7 +498,9 @@ def _unfold(x: np.ndarray, conv: Mapping[str, list[int]], positions: int | None 
         xs = (picked % ow)[:, None, None] * sw + (np.arange(kw) * dw)[None, None, :] - left
         inside = ((ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)).reshape(-1)
         pixels = (np.clip(ys, 0, h - 1) * w + np.clip(xs, 0, w - 1)).reshape(-1)
-        read = np.take(x.reshape(n, c, h * w), pixels, axis=2) * inside  # [N, C, P * kh * kw]
+        read = np.take(x.reshape(n, c, h * w), pixels, axis=2)  # [N, C, P * kh * kw]
+        if not inside.all():
+            read *= inside
         return read.reshape(n, c, positions, kh * kw).transpose(0, 2, 1, 3).reshape(n * positions, c * kh * kw)
     padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1

@@ -18,18 +18,76 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
 from ._graph import declared_shape, keep_needed
 from ._model import session_source
 
-__all__ = ["static_reshapes"]
+__all__ = ["fold_layouts", "static_reshapes"]
 
 BASE_SIZE = 2
 """Size of every dynamic input dim in the base run (one more in the run that varies it)."""
 
 
+FOLDED = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose"})
+"""Layout ops whose result is a constant when their inputs are: folded before the channel rules."""
+
+
+def fold_layouts(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with the layout ops (``FOLDED``) that read only constants replaced by their results
+    (a copy if any is). Exporters write a conv's bias as Reshape(b, [1, C, 1, 1]) -> Add
+    (paddle2onnx does for every squeeze-and-excitation conv); the channel rules follow a
+    parameter's axes, not arithmetic on it, so such a bias would freeze the channels it adds to."""
+    graph = model.graph
+    inputs = {v.name for v in graph.input}
+    constants = {t.name: t for t in graph.initializer if t.name not in inputs}
+    for node in graph.node:
+        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            constants[node.output[0]] = node.attribute[0].t  # named as its node's output when used
+
+    def named(name: str) -> onnx.TensorProto:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(constants[name])
+        tensor.name = name
+        return tensor
+
+    folded: dict[int, onnx.TensorProto] = {}
+    for k, node in enumerate(graph.node):
+        if node.op_type not in FOLDED or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        if not all(name in constants for name in node.input if name):
+            continue
+        single = helper.make_model(
+            helper.make_graph(
+                [node],
+                "fold",
+                [],
+                [helper.make_empty_tensor_value_info(node.output[0])],
+                [named(name) for name in dict.fromkeys(n for n in node.input if n)],
+            ),
+            opset_imports=model.opset_import,
+            ir_version=model.ir_version,
+        )
+        try:
+            (value,) = ReferenceEvaluator(single).run(None, {})
+        except Exception:  # anything the reference runtime will not run stays as it is
+            continue
+        constants[node.output[0]] = folded[k] = numpy_helper.from_array(np.asarray(value), node.output[0])
+    if not folded:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    for k in sorted(folded, reverse=True):
+        del out.graph.node[k]
+    out.graph.initializer.extend(folded.values())
+    keep_needed(out.graph, [o.name for o in out.graph.output])
+    return out
+
+
 def static_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
-    """``model`` with its computed Reshape targets made constants (a copy), and how many were."""
+    """``model`` with layouts of constants folded (``fold_layouts``) and its computed Reshape
+    targets made constants (a copy if anything changed), and how many targets were."""
+    model = fold_layouts(model)
     constants = {t.name for t in model.graph.initializer}
     constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
     dynamic = [

@@ -10,7 +10,7 @@ import onnxruntime as ort
 
 import pruner
 from pruner._remove import Remover, removal_problems, replay_removal
-from pruner._static import static_reshapes
+from pruner._static import fold_layouts, static_reshapes
 from pruner._structure import analyze_structure
 from tests.helpers import parse, seeded
 from tests.models import bert_exported
@@ -135,3 +135,68 @@ def test_pytorch_transformer_encoder_export() -> None:
     x, other = seeded((2, 8, 8), 5), seeded((5, 8, 8), 6)
     check_removal(model, x, share=0.3, more=(other,))
     check_removal(model, x, share=0.3, approximate=True, more=(other,))
+
+
+# a squeeze-and-excitation block as paddle2onnx writes it: every bias Reshaped to [1, C, 1, 1]
+SE_BLOCK = """
+<ir_version: 8, opset_import: ["" : 13]>
+g (float[N, 3, 8, 8] x) => (float[N, 4] y) {
+    shape = Constant <value = int64[4] {1, -1, 1, 1}> ()
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    bias1 = Reshape (b1, shape)
+    a = Add (h, bias1)
+    r = Relu (a)
+    pooled = GlobalAveragePool (r)
+    s1 = Conv (pooled, se1)
+    se_bias = Reshape (sb1, shape)
+    s2 = Add (s1, se_bias)
+    s3 = Relu (s2)
+    s4 = Conv (s3, se2)
+    gate = HardSigmoid (s4)
+    scaled = Mul (r, gate)
+    p = GlobalAveragePool (scaled)
+    axes = Constant <value = int64[2] {2, 3}> ()
+    flat = Squeeze (p, axes)
+    y = Gemm <transB = 1> (flat, fc)
+}
+"""
+
+
+def se_block() -> onnx.ModelProto:
+    return parse(
+        SE_BLOCK,
+        {
+            "w1": seeded((16, 3, 3, 3)),
+            "b1": seeded((16,), 1),
+            "se1": seeded((4, 16, 1, 1), 2),
+            "sb1": seeded((4,), 3),
+            "se2": seeded((16, 4, 1, 1), 4),
+            "fc": seeded((4, 16), 5),
+        },
+    )
+
+
+def test_layouts_of_constants_are_folded_so_their_channels_can_go() -> None:
+    """Without the fold, the Reshaped biases freeze both the conv's and the squeeze's channels."""
+    model = se_block()
+    assert not analyze_structure(model).families
+    folded = fold_layouts(model)
+    assert {n.op_type for n in folded.graph.node} >= {"Squeeze"}  # a computed tensor's layout stays
+    assert "Reshape" not in {n.op_type for n in folded.graph.node}
+    assert {"bias1", "se_bias"} <= {t.name for t in folded.graph.initializer}
+    assert not {"b1", "sb1", "shape"} & {t.name for t in folded.graph.initializer}  # nothing else reads them
+    x = seeded((2, 3, 8, 8), 6)
+    np.testing.assert_allclose(run(folded, x), run(model, x), atol=1e-6)
+    assert sorted(len(f.components) for f in analyze_structure(folded).families) == [4, 16]
+    check_removal(model, x)  # removal (which folds first) keeps the invariant
+    assert fold_layouts(folded) is folded  # nothing left to fold: the same model
+
+
+def test_remove_mode_prunes_a_block_with_reshaped_biases() -> None:
+    model = se_block()
+    x = seeded((64, 3, 8, 8), 7)
+    evalset = pruner.EvalSet({"x": x}, run(model, x).argmax(axis=1))
+    options = pruner.PruneOptions(mode=pruner.Mode.REMOVE, target_sparsity=0.5, tolerance=pruner.Tolerance(1.0))
+    report = pruner.prune(model, evalset, options).report
+    assert [s["name"] for s in report.to_dict()["skipped"]] == ["fc"]  # its outputs are the model's
+    assert report.bytes_after < report.bytes_before
