@@ -979,7 +979,8 @@ class _Walk:
         self, start: int, end: int, states: list[dict[str, np.ndarray]], weights: Mapping[str, np.ndarray]
     ) -> list[dict[str, np.ndarray]] | None:
         """``states`` (one per batch, at cut ``start``) carried to cut ``end``; None if that part of
-        the model does not load on its own or a tensor on the way is not an array (a sequence, a map)."""
+        the model does not load or run on its own, or a tensor on the way is not an array (a
+        sequence, a map)."""
         segments = self.refit.segments
         stretch = segments.stretch(start, end, states[0])
         if stretch is None:
@@ -991,7 +992,10 @@ class _Walk:
             moved = {n: v for n, v in state.items() if n in live}
             if outputs:
                 feeds = {n: state[n] if n in state else weights[n] for n in inputs}
-                results = session.run(outputs, feeds)
+                try:
+                    results = session.run(outputs, feeds)
+                except Exception:  # onnxruntime's own types; the whole model runs: go that way
+                    return None
                 if not all(isinstance(r, np.ndarray) for r in results):
                     return None
                 moved.update(zip(outputs, results, strict=True))
