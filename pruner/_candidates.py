@@ -26,7 +26,7 @@ from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, 
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
 from ._options import AUTO_LSQ_COST, REFITTING, Allocation, Criterion, Mode, PruneOptions, Recovery
 from ._plan import LayerPlan, element_mask, zero_lowest
-from ._recover import Calibration, SequentialRefit, calibrate
+from ._recover import Calibration, LayerLayout, SequentialRefit, calibrate
 from ._remove import Remover
 from ._report import LayerReport
 from ._score import granularity, lowest, unit_scores
@@ -214,7 +214,7 @@ class WeightCandidates(_Candidates):
                     self.recovered.clear()
                 self.recovered[key] = result
             out[name], shift = self.recovered[key]
-            _shift_bias(out, layout.bias, shift)
+            _shift_bias(out, layout, shift)
         if sequential_fit is not None and any(config):
             sequential_fit.refit(out, masks, {u.layer.name: a for u, a in zip(self.units, config, strict=True)})
         return out
@@ -373,12 +373,12 @@ def _sensitivity(
     return profiles
 
 
-def _shift_bias(weights: dict[str, np.ndarray], bias: str | None, shift: np.ndarray | None) -> None:
-    """Add a recovered bias shift to the bias in ``weights`` (in its own dtype)."""
+def _shift_bias(weights: dict[str, np.ndarray], layout: LayerLayout, shift: np.ndarray | None) -> None:
+    """Move the layer's bias in ``weights`` by a recovered output shift."""
+    bias = layout.bias
     if shift is None or bias is None or bias not in weights:
         return
-    current = weights[bias]
-    weights[bias] = (current.astype(np.float64) + shift.reshape(current.shape)).astype(current.dtype)
+    weights[bias] = layout.shifted(weights[bias], shift)
 
 
 def _calibrate(

@@ -57,7 +57,9 @@ class LayerLayout:
     conv: dict[str, list[int]] | None = None
     """Conv: kernel, strides, pads, dilations (2-D)."""
     bias: str | None = None
-    """The constant added to the layer's output per output channel, if any."""
+    """The constant added to the layer's output per output channel, if any: its bias, or the
+    mean of the BatchNormalization right after a layer without one (subtracted, not added)."""
+    bias_is_mean: bool = False
     groups: int = 1
     """Conv groups: output rows of group j read only input columns of group j (depthwise: one
     channel each), so statistics and fits are per group."""
@@ -76,6 +78,11 @@ class LayerLayout:
 
     def unrows(self, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
         return (rows.T if self.transpose and self.conv is None else rows).reshape(shape)
+
+    def shifted(self, bias: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        """``bias`` moved so that the layer's output moves by ``shift``, in its own dtype."""
+        step = shift.reshape(bias.shape).astype(np.float64)
+        return (bias.astype(np.float64) + (-step if self.bias_is_mean else step)).astype(bias.dtype)
 
 
 @dataclass
@@ -428,8 +435,18 @@ def layouts(model: onnx.ModelProto, layers: list[PrunableWeight]) -> tuple[dict[
                 "dilations": list(attrs.get("dilations", [1, 1])),
             }
             bias = node.input[2] if len(node.input) > 2 and node.input[2] in constants else None
+            mean = None if bias is not None else _following_mean(index, node, layer.channels)
             groups = int(attrs.get("group", 1))
-            out[layer.name] = LayerLayout(layer.name, "Conv", node.input[0], False, conv=conv, bias=bias, groups=groups)
+            out[layer.name] = LayerLayout(
+                layer.name,
+                "Conv",
+                node.input[0],
+                False,
+                conv=conv,
+                bias=bias or mean,
+                bias_is_mean=mean is not None,
+                groups=groups,
+            )
         else:
             skipped[layer.name] = f"{node.op_type} input {slot} is not handled by recovery (transposed)"
     return out, skipped
@@ -454,6 +471,21 @@ def _following_bias(index: GraphIndex, node: onnx.NodeProto, width: int) -> str 
     if tensor is None or list(tensor.dims) not in ([width], [1, width]):
         return None
     return other
+
+
+def _following_mean(index: GraphIndex, node: onnx.NodeProto, width: int) -> str | None:
+    """The running mean of the BatchNormalization that alone reads a layer's output (a layer
+    without a bias of its own: moving that mean moves the layer's output the other way)."""
+    users = index.consumers.get(node.output[0], [])
+    if len(users) != 1 or users[0].node.op_type != "BatchNormalization" or users[0].index != 0:
+        return None
+    norm = users[0].node
+    if len(norm.input) < 4 or len(norm.output) != 1 or len(index.consumers.get(norm.input[3], [])) != 1:
+        return None
+    mean = norm.input[3]
+    if (mean not in index.initializers and mean not in index.constants) or _size(index, mean) != width:
+        return None
+    return mean
 
 
 ROWS_PER_INPUT = 128
@@ -837,8 +869,7 @@ class SequentialRefit:
         bias = self.calibration.layouts[name].bias
         if bias is None or shift is None:
             return
-        original = self.original[bias]
-        out[bias] = (original.astype(np.float64) + shift.reshape(original.shape)).astype(original.dtype)
+        out[bias] = self.calibration.layouts[name].shifted(self.original[bias], shift)
 
 
 STATE_BYTES = 1 << 30

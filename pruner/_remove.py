@@ -345,10 +345,9 @@ class Remover:
             np.moveaxis(mask, axis, 0)[positions] = True
             reconstruct = self.options.recover in REFITTING
             changed[name], shift = calibration.recover(name, weight, mask, reconstruct=reconstruct)
-            bias = calibration.layouts[name].bias
-            if shift is not None and bias is not None:
-                current = changed.get(bias, arrays[bias])
-                changed[bias] = (current.astype(np.float64) + shift.reshape(current.shape)).astype(current.dtype)
+            layout = calibration.layouts[name]
+            if shift is not None and layout.bias is not None:
+                changed[layout.bias] = layout.shifted(changed.get(layout.bias, arrays[layout.bias]), shift)
         set_params(out, changed)
         return out
 

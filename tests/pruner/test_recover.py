@@ -177,6 +177,41 @@ def test_bias_correction_restores_the_mean_output() -> None:
     assert np.abs((x @ pruned.T + bias).mean(axis=0) - before).max() > 0.1  # without the shift it drifts
 
 
+def test_a_conv_without_bias_is_corrected_through_the_batch_norm_after_it() -> None:
+    """Conv -> BatchNormalization as exporters write it unfused: the norm's running mean moves
+    the other way, end to end through the written model."""
+    rng = np.random.default_rng(4)
+    params = {
+        "w": rng.standard_normal((6, 3, 3, 3)).astype(np.float32),
+        "gamma": rng.uniform(0.5, 2.0, 6).astype(np.float32),
+        "beta": rng.standard_normal(6).astype(np.float32),
+        "mean": rng.standard_normal(6).astype(np.float32),
+        "var": rng.uniform(0.5, 2.0, 6).astype(np.float32),
+    }
+    text = HEADER + (
+        "g (float[N, 3, 6, 6] x) => (float[N, 6, 6, 6] y) "
+        "{ h = Conv <pads = [1, 1, 1, 1]> (x, w) y = BatchNormalization (h, gamma, beta, mean, var) }"
+    )
+    model = parse(text, params)
+    x = (rng.standard_normal((256, 3, 6, 6)) + 1.0).astype(np.float32)
+    calibration = calibrated(model, x, full=False)
+    layout = calibration.layouts["w"]
+    assert (layout.bias, layout.bias_is_mean) == ("mean", True)
+    mask = np.abs(params["w"]) < np.quantile(np.abs(params["w"]), 0.6)
+    pruned, shift = calibration.recover("w", params["w"], mask, reconstruct=False)
+    assert shift is not None
+
+    def output(weights: dict[str, np.ndarray]) -> np.ndarray:
+        session = ort.InferenceSession(parse(text, weights).SerializeToString(), providers=["CPUExecutionProvider"])
+        return np.asarray(session.run(None, {"x": x})[0])
+
+    before = output(params).mean(axis=(0, 2, 3))
+    masked = output(params | {"w": pruned}).mean(axis=(0, 2, 3))
+    corrected = output(params | {"w": pruned, "mean": layout.shifted(params["mean"], shift)}).mean(axis=(0, 2, 3))
+    assert np.abs(masked - before).max() > 0.1  # without the shift it drifts
+    np.testing.assert_allclose(corrected, before, atol=1e-4)  # padded borders included
+
+
 def test_activation_scores_are_wanda() -> None:
     rng = np.random.default_rng(4)
     weight, bias = rng.standard_normal((3, 7)).astype(np.float32), np.zeros(3, np.float32)
