@@ -423,7 +423,11 @@ def layouts(model: onnx.ModelProto, layers: list[PrunableWeight]) -> tuple[dict[
             bias = node.input[2] if len(node.input) > 2 and node.input[2] in constants else None
             if bias is not None and _size(index, bias) != layer.channels:
                 bias = None
-            out[layer.name] = LayerLayout(layer.name, "Gemm", node.input[0], not attrs.get("transB", 0), bias=bias)
+            mean = None if bias is not None else _following_mean(index, node, layer.channels)
+            transpose = not attrs.get("transB", 0)
+            out[layer.name] = LayerLayout(
+                layer.name, "Gemm", node.input[0], transpose, bias=bias or mean, bias_is_mean=mean is not None
+            )
         elif node.op_type == "Conv" and slot == 1 and len(layer.shape) == 4:
             if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 skipped[layer.name] = "Conv with auto_pad"

@@ -177,23 +177,27 @@ def test_bias_correction_restores_the_mean_output() -> None:
     assert np.abs((x @ pruned.T + bias).mean(axis=0) - before).max() > 0.1  # without the shift it drifts
 
 
-def test_a_conv_without_bias_is_corrected_through_the_batch_norm_after_it() -> None:
-    """Conv -> BatchNormalization as exporters write it unfused: the norm's running mean moves
-    the other way, end to end through the written model."""
+@pytest.mark.parametrize("op", ["Conv", "Gemm"])
+def test_a_layer_without_bias_is_corrected_through_the_batch_norm_after_it(op: str) -> None:
+    """Conv or Gemm -> BatchNormalization as exporters write it unfused: the norm's running mean
+    moves the other way, end to end through the model."""
     rng = np.random.default_rng(4)
+    conv = op == "Conv"
     params = {
-        "w": rng.standard_normal((6, 3, 3, 3)).astype(np.float32),
+        "w": rng.standard_normal((6, 3, 3, 3) if conv else (6, 8)).astype(np.float32),
         "gamma": rng.uniform(0.5, 2.0, 6).astype(np.float32),
         "beta": rng.standard_normal(6).astype(np.float32),
         "mean": rng.standard_normal(6).astype(np.float32),
         "var": rng.uniform(0.5, 2.0, 6).astype(np.float32),
     }
-    text = HEADER + (
-        "g (float[N, 3, 6, 6] x) => (float[N, 6, 6, 6] y) "
-        "{ h = Conv <pads = [1, 1, 1, 1]> (x, w) y = BatchNormalization (h, gamma, beta, mean, var) }"
+    layer = "Conv <pads = [1, 1, 1, 1]> (x, w)" if conv else "Gemm <transB = 1> (x, w)"
+    shapes = ("float[N, 3, 6, 6] x", "float[N, 6, 6, 6] y") if conv else ("float[N, 8] x", "float[N, 6] y")
+    text = (
+        HEADER
+        + f"g ({shapes[0]}) => ({shapes[1]}) {{ h = {layer} y = BatchNormalization (h, gamma, beta, mean, var) }}"
     )
     model = parse(text, params)
-    x = (rng.standard_normal((256, 3, 6, 6)) + 1.0).astype(np.float32)
+    x = (rng.standard_normal((256, 3, 6, 6) if conv else (256, 8)) + 1.0).astype(np.float32)
     calibration = calibrated(model, x, full=False)
     layout = calibration.layouts["w"]
     assert (layout.bias, layout.bias_is_mean) == ("mean", True)
@@ -201,13 +205,14 @@ def test_a_conv_without_bias_is_corrected_through_the_batch_norm_after_it() -> N
     pruned, shift = calibration.recover("w", params["w"], mask, reconstruct=False)
     assert shift is not None
 
-    def output(weights: dict[str, np.ndarray]) -> np.ndarray:
+    def mean_output(weights: dict[str, np.ndarray]) -> np.ndarray:
         session = ort.InferenceSession(parse(text, weights).SerializeToString(), providers=["CPUExecutionProvider"])
-        return np.asarray(session.run(None, {"x": x})[0])
+        y = np.asarray(session.run(None, {"x": x})[0])
+        return y.mean(axis=(0, 2, 3) if conv else 0)
 
-    before = output(params).mean(axis=(0, 2, 3))
-    masked = output(params | {"w": pruned}).mean(axis=(0, 2, 3))
-    corrected = output(params | {"w": pruned, "mean": layout.shifted(params["mean"], shift)}).mean(axis=(0, 2, 3))
+    before = mean_output(params)
+    masked = mean_output(params | {"w": pruned})
+    corrected = mean_output(params | {"w": pruned, "mean": layout.shifted(params["mean"], shift)})
     assert np.abs(masked - before).max() > 0.1  # without the shift it drifts
     np.testing.assert_allclose(corrected, before, atol=1e-4)  # padded borders included
 
