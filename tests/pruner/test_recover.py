@@ -363,23 +363,30 @@ def test_sequential_refit_fits_what_the_pruned_model_feeds_each_layer() -> None:
     np.testing.assert_allclose(through_tap, full, rtol=1e-6)
 
 
-def branching(weights: dict[str, np.ndarray]) -> onnx.ModelProto:
-    """Gemms with a shortcut past a group, a model input read deep, and two groups computed by
-    one node (a Split): x, m -> ... -> y."""
+def branching(weights: dict[str, np.ndarray], subgraph: bool = False) -> onnx.ModelProto:
+    """Gemms with a shortcut past a group, a model input read deep (with ``subgraph``, from
+    inside an If's branch), and two groups computed by one node (a Split): x, m -> ... -> y."""
+    scale = "t = Mul (s, m)"
+    if subgraph:
+        scale = (
+            "k = Constant <value = bool {1}> () t = If (k) <then_branch = yes () => (float[N, 8] t1)"
+            " { t1 = Mul (s, m) }, else_branch = no () => (float[N, 8] t2) { t2 = Add (s, m) }>"
+        )
     text = HEADER + (
         "g (float[N, 8] x, float[N, 8] m) => (float[N, 6] y) {"
         " h = Gemm <transB = 1> (x, w1, b1) r = Relu (h)"
         " a = Gemm <transB = 1> (r, w2, b2) b = Gemm <transB = 1> (r, w3, b3) s = Add (a, b)"
-        " t = Mul (s, m) u = Add (t, r) p, q = Split <axis = 1> (u)"
+        f" {scale} u = Add (t, r) p, q = Split <axis = 1> (u)"
         " c = Gemm <transB = 1> (p, w4, b4) d = Gemm <transB = 1> (q, w5, b5) y = Concat <axis = 1> (c, d) }"
     )
     return parse(text, weights)
 
 
-def test_sequential_refit_walks_the_model_once_cut_by_cut(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("subgraph", [False, True])
+def test_sequential_refit_walks_the_model_once_cut_by_cut(monkeypatch: pytest.MonkeyPatch, subgraph: bool) -> None:
     """Each group's input comes from running only the nodes since the cut before, the tensors
-    needed later (a shortcut, a model input) carried along: the same inputs, and the same fits,
-    as sessions that rerun the model from its inputs for every group."""
+    needed later (a shortcut, a model input, also when a subgraph reads it) carried along: the
+    same inputs, and the same fits, as sessions that rerun the model from its inputs for every group."""
     import pruner._recover as recovery
     from pruner._evaluate import SplitModel
 
@@ -390,12 +397,12 @@ def test_sequential_refit_walks_the_model_once_cut_by_cut(monkeypatch: pytest.Mo
     x = correlated_inputs(300, 8, seed=6)
     m = rng.uniform(0.5, 1.5, (300, 8)).astype(np.float32)
     evalset = pruner.EvalSet({"x": x, "m": m})
-    model = branching(weights)
+    model = branching(weights, subgraph)
     layers = list(analyze(model).layers)
     calibration = calibrate(model, layers, evalset, np.arange(300), batch_size=64, fixed_batch=None, full=True)
 
     def refit() -> recovery.SequentialRefit:
-        split = SplitModel.take(branching(weights), set(weights))
+        split = SplitModel.take(branching(weights, subgraph), set(weights))
         return recovery.SequentialRefit(calibration, split, evalset, batch_size=64, fixed_batch=None)
 
     walking = refit()
