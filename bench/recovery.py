@@ -129,8 +129,8 @@ def main() -> None:
         onnx.save(resnet18(width=64, size=48), str(model))
         images = np.random.default_rng(0).standard_normal((1000, 3, 48, 48)).astype(np.float32)
         options = {"metric": MetricKind.AGREEMENT, "tolerance": Tolerance(0.01), "max_evaluations": 8}
-        # sequential is left out: per candidate it runs a calibration pass per layer group and refits
-        # every layer, 512 x 4608 convs included (about half a minute a candidate in remove mode here)
+        # sequential is left out: per candidate it refits every layer after the first pruned one,
+        # 512 x 4608 convs included
         rows = timed("resnet18", model, pruner.EvalSet({"input": images}, None), options, (Recovery.AUTO,))
     print("\nThe default (auto) on ResNet-18 (random weights) at 48x48, 1,000 unlabelled samples, agreement,")
     print("at most 8 evaluations")

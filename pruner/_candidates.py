@@ -155,7 +155,7 @@ class WeightCandidates(_Candidates):
         return self.evaluator.runner(self.weights(config))
 
     def probe_runner(self, config: Config) -> Runner:
-        # sequential refits cost a calibration pass per layer: probes rank with the plain fit
+        # a sequential refit walks the model and refits every later layer: probes rank with the plain fit
         return self.evaluator.runner(self.weights(config, sequential=False))
 
     def with_probe(self, probe: Probe) -> dict[str, list[list[float]]]:

@@ -59,7 +59,8 @@ class Recovery(enum.Enum):
 
     NONE = "none"
     BIAS = "bias"
-    """Shift each pruned layer's bias so its mean output on calibration data is unchanged."""
+    """Shift each pruned layer's bias so its mean output on calibration data is unchanged (a layer
+    without a bias: the running mean of the BatchNormalization right after it)."""
     LSQ = "lsq"
     """Refit the kept weights by least squares (the objective SparseGPT's OBS updates approximate,
     solved by conjugate gradients), then correct the bias."""
@@ -69,8 +70,8 @@ class Recovery(enum.Enum):
     correction for the others (named in the report's notes)."""
     SEQUENTIAL = "sequential"
     """LSQ layer by layer in graph order, each fitted on the inputs the already pruned model
-    produces (errors no longer add up); dense layers after pruned ones are refit too. One
-    calibration pass per layer group and candidate. In remove mode every layer after a removal is
+    produces (errors no longer add up); dense layers after pruned ones are refit too. Each
+    candidate walks the calibration samples through the model once. In remove mode every layer after a removal is
     refit that way at full shape (removed rows and columns held at zero), then sliced."""
 
 

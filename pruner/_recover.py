@@ -653,8 +653,9 @@ class SequentialRefit:
     minimise ||X' W' - X W||^2 + lambda ||W' - W||^2 under the mask (so W' = W where
     nothing drifted), then shift the bias so the mean output matches. Layers left
     dense after a pruned one are refit the same way (no mask): they absorb drift.
-    One calibration pass per group of layers sharing an input, per candidate;
-    results are cached by the amounts of everything before them.
+    Per candidate the calibration samples walk through the model once (``_Walk``), cut
+    where each group of layers sharing an input gets it; fits are cached by the amounts of
+    everything before them.
     """
 
     def __init__(

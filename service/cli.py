@@ -99,7 +99,7 @@ def _parser() -> argparse.ArgumentParser:
         help="win accuracy back from calibration data: auto (default: lsq for every layer whose fit is cheap, "
         "bias correction for the others), bias correction, lsq (least-squares refit of the kept weights, then "
         "bias correction), sequential (lsq layer by layer on the inputs the pruned model produces: best at "
-        "high sparsity, one calibration pass per layer and candidate), or none",
+        "high sparsity; each candidate walks the calibration samples through the model), or none",
     )
     p.add_argument(
         "--calibration-samples",
