@@ -433,11 +433,12 @@ def _confirm(
 ) -> tuple[Config, int]:
     """The smallest search-passing config that also passes on the held-out split, and the held-out runs.
 
-    Passing candidates are tried best first (at most ``FALLBACK_CANDIDATES``). When
+    Passing candidates are tried best first (at most ``FALLBACK_CANDIDATES``); when all
+    of those miss, the smallest of the others that passes is found by bisecting their
+    list (held-out losses grow with sparsity), the unpruned model when none does. When
     the smallest missed on the held-out split, the search overfitted its split a
-    little: rather than stop at the next passing candidate (or at the unpruned model),
-    bisect the line from the fallback to that smallest candidate, every point
-    passing on both splits (``on_search`` judges and records the point).
+    little: rather than stop at the fallback, bisect the line from it to that smallest
+    candidate, every point passing on both splits (``on_search`` judges and records the point).
     """
     if not passing:
         notes.append("no candidate passed the tolerance on the search split; the model is returned unchanged")
@@ -452,6 +453,16 @@ def _confirm(
         if on_holdout(trial.config):
             chosen = trial.config
             break
+    else:
+        rest = passing[FALLBACK_CANDIDATES:]
+        below, above = 0, len(rest)  # the smallest passing one lies in rest[below:above], if any
+        while below < above:
+            middle = (below + above) // 2
+            runs += 1
+            if on_holdout(rest[middle].config):
+                chosen, above = rest[middle].config, middle
+            else:
+                below = middle + 1
     smallest = passing[0].config
     if chosen == smallest:
         return chosen, runs
@@ -486,7 +497,7 @@ def _confirm(
 FALLBACK_STEPS = 3
 """Bisection steps between the held-out fallback and the smallest search candidate."""
 FALLBACK_CANDIDATES = 3
-"""Passing candidates tried on the held-out split, best first, before bisecting from the unpruned model."""
+"""Passing candidates tried on the held-out split, best first, before bisecting the others."""
 
 
 LATENCY_RUNS = 15

@@ -144,7 +144,10 @@ def trial_at(space: FakeSpace, amount: int) -> Trial:
         ([60, 20], 45, 45, 2 + 3),  # next passing candidate, then 40 pass, 50 fail, 45 pass
         ([60], 30, 30, 1 + 3),  # none passes held-out: from the unpruned model 30 passes, 45 and 38 miss
         ([60, 20], 70, 60, 1),  # the smallest passes: nothing else runs
-        ([60, 50, 40, 20], 25, 22, 3 + 3),  # three tried, then from the unpruned model: 30 misses, 15 and 22 pass
+        ([60, 50, 40, 20], 25, 25, 3 + 1 + 3),  # three tried, then the rest: 20 passes; 40 and 30 miss, 25 passes
+        # three tried, then the rest bisected (35 passes, 45 and 40 miss); 35 -> 60: 48, 41, 38 miss
+        ([60, 58, 55, 50, 45, 40, 35, 30, 20], 37, 35, 3 + 3 + 3),
+        ([60, 58, 55, 50], 10, 8, 3 + 1 + 3),  # none passes: from the unpruned model 30 and 15 miss, 8 passes
     ],
 )
 def test_a_held_out_miss_bisects_towards_the_smallest_candidate(
