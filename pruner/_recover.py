@@ -486,6 +486,8 @@ def _following_mean(index: GraphIndex, node: onnx.NodeProto, width: int) -> str 
     norm = users[0].node
     if len(norm.input) < 4 or len(norm.output) != 1 or len(index.consumers.get(norm.input[3], [])) != 1:
         return None
+    if any(a.name == "training_mode" and a.i for a in norm.attribute):  # normalizes by batch statistics
+        return None
     mean = norm.input[3]
     if (mean not in index.initializers and mean not in index.constants) or _size(index, mean) != width:
         return None

@@ -1104,30 +1104,26 @@ def _param_arrays(model: onnx.ModelProto, names: set[str] | None = None) -> dict
     return out
 
 
-def set_params(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> None:
-    """Write ``arrays`` over the initializers or Constant nodes of those names (one pass)."""
+def set_params(model: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> int:
+    """Write ``arrays`` over the initializers or Constant nodes of those names (one pass); how many
+    were written."""
+    written = 0
     for tensor in model.graph.initializer:
         if tensor.name in arrays:
             tensor.CopyFrom(numpy_helper.from_array(arrays[tensor.name], tensor.name))
+            written += 1
     for node in model.graph.node:
         if node.op_type == "Constant" and node.output[0] in arrays:
             for attr in node.attribute:
                 if attr.name == "value":
                     attr.t.CopyFrom(numpy_helper.from_array(arrays[node.output[0]], node.output[0]))
+                    written += 1
+    return written
 
 
 def _set_param(model: onnx.ModelProto, name: str, array: np.ndarray) -> None:
-    for tensor in model.graph.initializer:
-        if tensor.name == name:
-            tensor.CopyFrom(numpy_helper.from_array(array, name))
-            return
-    for node in model.graph.node:
-        if node.op_type == "Constant" and node.output[0] == name:
-            for attr in node.attribute:
-                if attr.name == "value":
-                    attr.t.CopyFrom(numpy_helper.from_array(array, name))
-                    return
-    raise KeyError(name)
+    if not set_params(model, {name: array}):
+        raise KeyError(name)
 
 
 def _neutral_params(model: onnx.ModelProto) -> dict[str, float]:
