@@ -96,17 +96,6 @@ def _weight_slots(node: onnx.NodeProto) -> dict[int, int]:
     return {}
 
 
-def _tensor(index: GraphIndex, name: str) -> TensorProto | None:
-    if name in index.initializers:
-        return index.initializers[name]
-    node = index.constants.get(name)
-    if node is not None:
-        for attr in node.attribute:
-            if attr.name == "value" and attr.HasField("t"):
-                return attr.t
-    return None
-
-
 def _matches(patterns: tuple[str, ...], names: list[str]) -> str | None:
     for pattern in patterns:
         if any(fnmatch.fnmatchcase(n, pattern) for n in names):
@@ -126,13 +115,13 @@ def analyze(
     candidates: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
     for node in model.graph.node:
         for slot, axis in _weight_slots(node).items():
-            if slot < len(node.input) and node.input[slot] and _tensor(index, node.input[slot]) is not None:
+            if slot < len(node.input) and node.input[slot] and index.tensor(node.input[slot]) is not None:
                 candidates.setdefault(node.input[slot], []).append((node, axis))
 
     layers: list[PrunableWeight] = []
     skipped: list[SkippedWeight] = []
     for name, slots in candidates.items():
-        tensor = _tensor(index, name)
+        tensor = index.tensor(name)
         assert tensor is not None
         op_type = slots[0][0].op_type
         node_names = [index.node_name(n) for n, _ in slots]
@@ -188,18 +177,18 @@ def analyze(
             )
         )
 
-    constants = [t for t in (_tensor(index, n) for n in index.constants) if t is not None]
+    constants = [t for t in (index.tensor(n) for n in index.constants) if t is not None]
     total = sum(int(np.prod(t.dims)) for t in [*model.graph.initializer, *constants])
     return Inspection(tuple(layers), tuple(skipped), total)
 
 
 def read_weight(model_index: GraphIndex, name: str) -> np.ndarray:
     """The weight as float32 (scores and masks are computed in float32)."""
-    tensor = _tensor(model_index, name)
+    tensor = model_index.tensor(name)
     if tensor is None:
         raise KeyError(name)
     return numpy_helper.to_array(tensor).astype(np.float32, copy=False)
 
 
 def tensor_proto(model_index: GraphIndex, name: str) -> TensorProto | None:
-    return _tensor(model_index, name)
+    return model_index.tensor(name)

@@ -58,6 +58,17 @@ class GraphIndex:
                 index.consumers[sub_name].append(Use(node, -1, in_subgraph=True))
         return index
 
+    def tensor(self, name: str) -> onnx.TensorProto | None:
+        """The value of an initializer or Constant node (None for anything computed)."""
+        if name in self.initializers:
+            return self.initializers[name]
+        node = self.constants.get(name)
+        if node is not None:
+            for attr in node.attribute:
+                if attr.name == "value" and attr.HasField("t"):
+                    return attr.t
+        return None
+
     def uses(self, name: str) -> list[Use]:
         return self.consumers.get(name, [])
 

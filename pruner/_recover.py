@@ -457,11 +457,8 @@ def layouts(model: onnx.ModelProto, layers: list[PrunableWeight]) -> tuple[dict[
 
 
 def _size(index: GraphIndex, name: str) -> int:
-    tensor = index.initializers.get(name)
-    if tensor is None:
-        node = index.constants[name]
-        tensor = next(a.t for a in node.attribute if a.name == "value")
-    return math.prod(tensor.dims)
+    tensor = index.tensor(name)
+    return -1 if tensor is None else math.prod(tensor.dims)
 
 
 def _following_bias(index: GraphIndex, node: onnx.NodeProto, width: int) -> str | None:
@@ -471,7 +468,7 @@ def _following_bias(index: GraphIndex, node: onnx.NodeProto, width: int) -> str 
         return None
     add = users[0].node
     other = add.input[1 - users[0].index]
-    tensor = index.initializers.get(other)
+    tensor = index.tensor(other)  # an initializer or a Constant node (paddle2onnx writes those)
     if tensor is None or list(tensor.dims) not in ([width], [1, width]):
         return None
     return other
@@ -489,7 +486,7 @@ def _following_mean(index: GraphIndex, node: onnx.NodeProto, width: int) -> str 
     if any(a.name == "training_mode" and a.i for a in norm.attribute):  # normalizes by batch statistics
         return None
     mean = norm.input[3]
-    if (mean not in index.initializers and mean not in index.constants) or _size(index, mean) != width:
+    if _size(index, mean) != width:
         return None
     return mean
 

@@ -217,6 +217,28 @@ def test_a_layer_without_bias_is_corrected_through_the_batch_norm_after_it(op: s
     np.testing.assert_allclose(corrected, before, atol=1e-4)  # padded borders included
 
 
+@pytest.mark.parametrize("weights_as", ["initializers", "Constant nodes"])
+def test_the_add_after_a_matmul_is_its_bias(weights_as: str) -> None:
+    """MatMul -> Add(b), as exporters write a Linear layer, whether b is an initializer or a
+    Constant node (paddle2onnx): the bias correction moves b."""
+    rng = np.random.default_rng(6)
+    params = {"w": rng.standard_normal((8, 6)).astype(np.float32), "b": rng.standard_normal(6).astype(np.float32)}
+    text = HEADER + "g (float[N, 8] x) => (float[N, 6] y) { h = MatMul (x, w) y = Add (h, b) }"
+    model = parse(text, params)
+    if weights_as == "Constant nodes":
+        model = as_constants(model)
+    x = correlated_inputs(300, 8, seed=7)
+    calibration = calibrated(model, x, full=False)
+    layout = calibration.layouts["w"]
+    assert (layout.bias, layout.bias_is_mean) == ("b", False)
+    mask = np.zeros_like(params["w"], dtype=bool)
+    mask[:4] = True  # four input rows of the [in, out] weight
+    pruned, shift = calibration.recover("w", params["w"], mask, reconstruct=False)
+    assert shift is not None
+    before = (x @ params["w"] + params["b"]).mean(axis=0)
+    np.testing.assert_allclose((x @ pruned + layout.shifted(params["b"], shift)).mean(axis=0), before, atol=1e-4)
+
+
 def test_activation_scores_are_wanda() -> None:
     rng = np.random.default_rng(4)
     weight, bias = rng.standard_normal((3, 7)).astype(np.float32), np.zeros(3, np.float32)
