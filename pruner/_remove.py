@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from ._analysis import PrunableWeight
 from ._evaluate import Runner, SplitModel, make_session, session_runner
+from ._graph import GraphIndex
 from ._options import REFITTING, Criterion, Objective, PruneOptions, Recovery
 from ._recover import Calibration, SequentialRefit
 from ._report import LayerReport
@@ -126,13 +127,9 @@ def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def _sizes(model: onnx.ModelProto) -> dict[str, int]:
     """Element counts of the initializers and Constant node values."""
-    out = {t.name: math.prod(t.dims) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                out[node.output[0]] = math.prod(value.dims)
-    return out
+    index = GraphIndex.build(model.graph)
+    tensors = {name: index.tensor(name) for name in (*index.initializers, *index.constants)}
+    return {name: math.prod(t.dims) for name, t in tensors.items() if t is not None}
 
 
 def _family_units(family: Family, scores: np.ndarray, options: PruneOptions) -> LayerUnits:

@@ -20,7 +20,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from ._graph import declared_shape, keep_needed
+from ._graph import GraphIndex, declared_shape, keep_needed
 from ._model import session_source
 
 __all__ = ["fold_layouts", "static_reshapes"]
@@ -39,23 +39,23 @@ def fold_layouts(model: onnx.ModelProto) -> onnx.ModelProto:
     (paddle2onnx does for every squeeze-and-excitation conv); the channel rules follow a
     parameter's axes, not arithmetic on it, so such a bias would freeze the channels it adds to."""
     graph = model.graph
-    inputs = {v.name for v in graph.input}
-    constants = {t.name: t for t in graph.initializer if t.name not in inputs}
-    for node in graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            constants[node.output[0]] = node.attribute[0].t  # named as its node's output when used
+    index = GraphIndex.build(graph)
+    folded: dict[int, onnx.TensorProto] = {}
+    made: dict[str, onnx.TensorProto] = {}
 
-    def named(name: str) -> onnx.TensorProto:
+    def value(name: str) -> onnx.TensorProto | None:  # an input with a default is no constant
+        return made.get(name) or (None if name in index.graph_inputs else index.tensor(name))
+
+    def named(name: str) -> onnx.TensorProto:  # a Constant node's tensor is named by its output
         tensor = onnx.TensorProto()
-        tensor.CopyFrom(constants[name])
+        tensor.CopyFrom(value(name))
         tensor.name = name
         return tensor
 
-    folded: dict[int, onnx.TensorProto] = {}
     for k, node in enumerate(graph.node):
         if node.op_type not in FOLDED or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
             continue
-        if not all(name in constants for name in node.input if name):
+        if not all(value(name) is not None for name in node.input if name):
             continue
         single = helper.make_model(
             helper.make_graph(
@@ -69,10 +69,10 @@ def fold_layouts(model: onnx.ModelProto) -> onnx.ModelProto:
             ir_version=model.ir_version,
         )
         try:
-            (value,) = ReferenceEvaluator(single).run(None, {})
+            (result,) = ReferenceEvaluator(single).run(None, {})
         except Exception:  # anything the reference runtime will not run stays as it is
             continue
-        constants[node.output[0]] = folded[k] = numpy_helper.from_array(np.asarray(value), node.output[0])
+        made[node.output[0]] = folded[k] = numpy_helper.from_array(np.asarray(result), node.output[0])
     if not folded:
         return model
     out = onnx.ModelProto()
