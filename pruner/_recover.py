@@ -22,6 +22,7 @@ From those statistics:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -97,12 +98,15 @@ class LayerStats:
         unfolded rows, twice as fast), sums over batches in float64."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         self.count += len(x)
-        total, squares = x.sum(axis=0, dtype=np.float64), (x * x).sum(axis=0, dtype=np.float64)
-        self.total = total if self.total is None else self.total + total
-        self.squares = squares if self.squares is None else self.squares + squares
+        total = (np.ones(len(x), dtype=np.float32) @ x).astype(np.float64)  # a BLAS pass, not a reduction
         if full:
             gram = _grams(x, groups).astype(np.float64)
             self.gram = gram if self.gram is None else self.gram + gram
+            squares = np.diagonal(gram, axis1=1, axis2=2).reshape(-1)  # columns in group order, as x's
+        else:
+            squares = (x * x).sum(axis=0, dtype=np.float64)
+        self.total = total if self.total is None else self.total + total
+        self.squares = squares if self.squares is None else self.squares + squares
 
     @property
     def mean(self) -> np.ndarray:
@@ -493,11 +497,16 @@ def _following_mean(index: GraphIndex, node: onnx.NodeProto, width: int) -> str 
 
 ROWS_PER_INPUT = 128
 """Unfolded rows a conv's input statistics need per input of one output (C/groups * kh * kw)
-over all calibration samples; beyond that, each sample contributes the same random subset of
-its output positions (at least ``MIN_POSITIONS``). Large feature maps otherwise make calibration
-cost time and memory in proportion to their area (a 3x3 conv on 56x56 maps: 200,000 rows for
-576 inputs from 64 samples), with no better statistics to show for it."""
-MIN_POSITIONS = 64
+over all calibration samples; beyond that, each sample contributes a random subset of its output
+positions (at least ``MIN_POSITIONS``), its own, so that the subsets together cover the map
+evenly. Large feature maps otherwise make calibration cost time and memory in proportion to
+their area (a 3x3 conv on 56x56 maps: 200,000 rows for 576 inputs from 64 samples), with no
+better statistics to show for it."""
+MIN_POSITIONS = 16
+"""Measured on the real classifier of ``bench/real.py`` (48x192 inputs, depthwise 5x5 convs): 8,
+16 and 64 positions a sample give the same accuracies at fixed levels to a few samples of 480,
+and 16 calibrates in 1.2-1.5 s against 2.5-3.4 s. (When every sample had the same positions, 16
+cost up to 1.5 points: a fixed subset of a map is a biased sample of its mean.)"""
 
 
 def positions_kept(conv: Mapping[str, list[int]], channels: int, groups: int, samples: int) -> int:
@@ -515,10 +524,23 @@ def _layer_rows(layout: LayerLayout, x: np.ndarray, samples: int) -> np.ndarray:
     return np.ascontiguousarray(_unfold(x.astype(np.float32, copy=False), layout.conv, keep))
 
 
+@functools.lru_cache(maxsize=64)
+def _positions(samples: int, total: int, positions: int) -> np.ndarray:
+    """``positions`` of ``total`` output positions for each of ``samples`` batch slots, sorted
+    [samples, positions]: a different draw per slot, so that a batch covers the map evenly, but
+    a fixed one (a layer's current and original inputs stay paired row by row, and the first
+    slots of a short last batch draw what a full batch's do)."""
+    keys = np.random.default_rng(total).random((samples, total))
+    picked = np.sort(np.argpartition(keys, positions - 1, axis=1)[:, :positions], axis=1)
+    picked.flags.writeable = False  # shared through the cache
+    return picked
+
+
 def _unfold(x: np.ndarray, conv: Mapping[str, list[int]], positions: int | None = None) -> np.ndarray:
     """im2col: [N, C, H, W] -> [N * OH * OW, C * kh * kw] rows, in the weight's (c, kh, kw) order;
-    with ``positions``, only that many output positions of each sample (the same ones for every
-    array of the same shape: a layer's current and original inputs stay paired row by row)."""
+    with ``positions``, only that many output positions of each sample (``_positions``: the same
+    ones for every array of the same shape, so a layer's current and original inputs stay paired
+    row by row)."""
     kh, kw = conv["kernel"]
     sh, sw = conv["strides"]
     dh, dw = conv["dilations"]
@@ -527,16 +549,20 @@ def _unfold(x: np.ndarray, conv: Mapping[str, list[int]], positions: int | None 
     oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
     ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
     if positions is not None and positions < oh * ow:
-        picked = np.sort(np.random.default_rng(oh * ow).choice(oh * ow, positions, replace=False))
-        # the input pixels each picked window reads (outside the image: padding, zero)
-        ys = (picked // ow)[:, None, None] * sh + (np.arange(kh) * dh)[None, :, None] - top
-        xs = (picked % ow)[:, None, None] * sw + (np.arange(kw) * dw)[None, None, :] - left
-        inside = ((ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)).reshape(-1)
-        pixels = (np.clip(ys, 0, h - 1) * w + np.clip(xs, 0, w - 1)).reshape(-1)
-        read = np.take(x.reshape(n, c, h * w), pixels, axis=2)  # [N, C, P * kh * kw]
-        if not inside.all():
-            read *= inside
-        return read.reshape(n, c, positions, kh * kw).transpose(0, 2, 1, 3).reshape(n * positions, c * kh * kw)
+        picked = _positions(n, oh * ow, positions)
+        # the input pixels each picked window reads; outside the image, padding: a zero pixel
+        ys = (picked // ow)[:, :, None, None] * sh + (np.arange(kh) * dh)[None, None, :, None] - top
+        xs = (picked % ow)[:, :, None, None] * sw + (np.arange(kw) * dw)[None, None, None, :] - left
+        inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
+        pixels = np.where(inside, ys * w + xs, h * w).reshape(n, positions, 1, kh * kw)
+        flat = np.zeros((n, c, h * w + 1), dtype=x.dtype)
+        flat[:, :, : h * w] = x.reshape(n, c, h * w)
+        flat = flat.reshape(n, -1)
+        channels = (np.arange(c) * (h * w + 1))[None, :, None]
+        rows = np.empty((n, positions, c, kh * kw), dtype=x.dtype)
+        for i in range(n):  # one sample at a time: its index array stays in cache
+            np.take(flat[i], pixels[i] + channels, out=rows[i])
+        return rows.reshape(n * positions, c * kh * kw)
     padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
     span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
     windows = np.lib.stride_tricks.sliding_window_view(padded, (span_h, span_w), axis=(2, 3))

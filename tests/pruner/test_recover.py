@@ -191,13 +191,14 @@ def test_a_layer_without_bias_is_corrected_through_the_batch_norm_after_it(op: s
         "var": rng.uniform(0.5, 2.0, 6).astype(np.float32),
     }
     layer = "Conv <pads = [1, 1, 1, 1]> (x, w)" if conv else "Gemm <transB = 1> (x, w)"
-    shapes = ("float[N, 3, 6, 6] x", "float[N, 6, 6, 6] y") if conv else ("float[N, 8] x", "float[N, 6] y")
+    # 4x4 maps: all 16 positions calibrate (MIN_POSITIONS), so the mean is exact
+    shapes = ("float[N, 3, 4, 4] x", "float[N, 6, 4, 4] y") if conv else ("float[N, 8] x", "float[N, 6] y")
     text = (
         HEADER
         + f"g ({shapes[0]}) => ({shapes[1]}) {{ h = {layer} y = BatchNormalization (h, gamma, beta, mean, var) }}"
     )
     model = parse(text, params)
-    x = (rng.standard_normal((256, 3, 6, 6) if conv else (256, 8)) + 1.0).astype(np.float32)
+    x = (rng.standard_normal((256, 3, 4, 4) if conv else (256, 8)) + 1.0).astype(np.float32)
     calibration = calibrated(model, x, full=False)
     layout = calibration.layouts["w"]
     assert (layout.bias, layout.bias_is_mean) == ("mean", True)
@@ -269,31 +270,41 @@ def test_conv_statistics_unfold_receptive_fields() -> None:
     np.testing.assert_allclose(direct, y, atol=1e-5)
 
 
+def picked_positions(rows: np.ndarray, full: np.ndarray) -> list[int]:
+    """Where each of one sample's subset ``rows`` lies among its ``full`` unfolded rows."""
+    return [int(np.flatnonzero((full == row).all(axis=1))[0]) for row in rows]
+
+
 def test_large_feature_maps_are_unfolded_at_a_subset_of_positions() -> None:
-    """Past ROWS_PER_INPUT rows per input, every sample gives the same random output positions:
-    the rows are exact receptive fields, and two arrays of one shape stay paired row by row."""
+    """Past ROWS_PER_INPUT rows per input, each sample gives its own random output positions:
+    the rows are exact receptive fields, two arrays of one shape stay paired row by row, and a
+    batch's samples together cover the map."""
     rng = np.random.default_rng(7)
     conv = {"kernel": [3, 3], "strides": [1, 1], "pads": [1, 1, 1, 1], "dilations": [1, 1]}
     x, other = (rng.standard_normal((3, 2, 40, 60)).astype(np.float32) for _ in range(2))
     kept = positions_kept(conv, channels=2, groups=1, samples=3)
     assert kept == 128 * 2 * 9 // 3  # over MIN_POSITIONS, under the 2400 positions of a sample
-    full, subset = _unfold(x, conv), _unfold(x, conv, kept)
-    assert subset.shape == (3 * kept, 18)
-    per_sample = full.reshape(3, 2400, 18)
-    picked = [int(np.flatnonzero((per_sample[0] == row).all(axis=1))[0]) for row in subset[:kept]]
-    assert picked == sorted(set(picked))  # distinct positions, in raster order
-    np.testing.assert_array_equal(subset.reshape(3, kept, 18), per_sample[:, picked])
-    np.testing.assert_array_equal(
-        _unfold(other, conv, kept).reshape(3, kept, 18), _unfold(other, conv).reshape(3, 2400, 18)[:, picked]
-    )
+    full, subset = _unfold(x, conv).reshape(3, 2400, 18), _unfold(x, conv, kept).reshape(3, kept, 18)
+    other_full, other_subset = _unfold(other, conv).reshape(3, 2400, 18), _unfold(other, conv, kept).reshape(3, kept, 18)
+    picked = [picked_positions(subset[i], full[i]) for i in range(3)]
+    for i, positions in enumerate(picked):
+        assert positions == sorted(set(positions))  # distinct positions, in raster order
+        np.testing.assert_array_equal(subset[i], full[i, positions])
+        np.testing.assert_array_equal(other_subset[i], other_full[i, positions])  # paired with x's rows
+    assert picked[0] != picked[1]
+    np.testing.assert_array_equal(_unfold(x[:2], conv, kept), subset[:2].reshape(-1, 18))  # a short last batch
     assert positions_kept(conv, channels=64, groups=64, samples=256) == MIN_POSITIONS  # depthwise: 9 inputs a row
     # strides, dilations and uneven pads: still the full unfold's rows at the picked positions
     odd = {"kernel": [3, 2], "strides": [2, 1], "pads": [1, 0, 1, 1], "dilations": [1, 2]}
     whole = _unfold(x, odd).reshape(3, -1, 6 * 2)
     some = _unfold(x, odd, 50).reshape(3, 50, 6 * 2)
-    found = [int(np.flatnonzero((whole[1] == row).all(axis=1))[0]) for row in some[1]]
-    np.testing.assert_array_equal(some, whole[:, found])
-    np.testing.assert_array_equal(_unfold(x, conv, 2400), full)  # nothing to drop
+    for i in range(3):
+        np.testing.assert_array_equal(some[i], whole[i, picked_positions(some[i], whole[i])])
+    np.testing.assert_array_equal(_unfold(x, conv, 2400).reshape(3, 2400, 18), full)  # nothing to drop
+    # 64 samples at 16 of 100 positions: every position is read (each pixel's value is its index)
+    pixels = np.broadcast_to(np.arange(1.0, 101.0, dtype=np.float32).reshape(1, 1, 10, 10), (64, 1, 10, 10))
+    pointwise = {"kernel": [1, 1], "strides": [1, 1], "pads": [0, 0, 0, 0], "dilations": [1, 1]}
+    assert set(_unfold(np.ascontiguousarray(pixels), pointwise, 16).ravel().tolist()) == set(range(1, 101))
 
 
 @pytest.mark.parametrize(
@@ -594,10 +605,10 @@ def test_depthwise_conv_is_recovered_per_channel() -> None:
     weight = rng.standard_normal((channels, 1, 3, 3)).astype(np.float32)
     bias = rng.standard_normal(channels).astype(np.float32)
     text = HEADER + (
-        f"g (float[N, {channels}, 7, 7] x) => (float[N, {channels}, 7, 7] y) "
+        f"g (float[N, {channels}, 4, 4] x) => (float[N, {channels}, 4, 4] y) "
         f"{{ y = Conv <group = {channels}, pads = [1, 1, 1, 1]> (x, w, b) }}"
     )
-    x = rng.standard_normal((200, channels, 7, 7)).astype(np.float32)
+    x = rng.standard_normal((200, channels, 4, 4)).astype(np.float32)  # all 16 positions calibrate
     x = (x + np.roll(x, 1, axis=3) + np.roll(x, 1, axis=2)).astype(np.float32)  # neighbouring pixels correlate
     calibration = calibrated(parse(text, {"w": weight, "b": bias}), x)
     hessian = calibration.hessian("w")
