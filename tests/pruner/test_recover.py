@@ -285,7 +285,10 @@ def test_large_feature_maps_are_unfolded_at_a_subset_of_positions() -> None:
     kept = positions_kept(conv, channels=2, groups=1, samples=3)
     assert kept == 128 * 2 * 9 // 3  # over MIN_POSITIONS, under the 2400 positions of a sample
     full, subset = _unfold(x, conv).reshape(3, 2400, 18), _unfold(x, conv, kept).reshape(3, kept, 18)
-    other_full, other_subset = _unfold(other, conv).reshape(3, 2400, 18), _unfold(other, conv, kept).reshape(3, kept, 18)
+    other_full, other_subset = (
+        _unfold(other, conv).reshape(3, 2400, 18),
+        _unfold(other, conv, kept).reshape(3, kept, 18),
+    )
     picked = [picked_positions(subset[i], full[i]) for i in range(3)]
     for i, positions in enumerate(picked):
         assert positions == sorted(set(positions))  # distinct positions, in raster order
