@@ -31,6 +31,7 @@ from ._report import CandidateRecord, EventKind, ProgressEvent, Report, SplitMet
 from ._search import Judgement, Phase, Trial, search
 from ._space import Config, ZeroSpace
 from ._sparse import to_sparse_initializers
+from ._static import fold_layouts
 
 __all__ = ["PruneResult", "inspect", "prune"]
 
@@ -166,11 +167,13 @@ def prune(
             )
     io_names = ([i.name for i in original.graph.input], list(outputs))
     bytes_before = original.ByteSize()
+    # after the analysis: the same layers, but a conv bias written as Reshape(b) -> Add is found
+    original = fold_layouts(original)
     timings["load"] = time.perf_counter() - t_start
     evaluator = Evaluator(None, specs, output, metric, data, batch_size=options.batch_size, stop=stop)
     kind = ChannelCandidates if options.mode is Mode.REMOVE else WeightCandidates
     # candidates take the model they are given apart: never the caller's
-    owned = _copy(original) if isinstance(model, onnx.ModelProto) else original
+    owned = _copy(original) if original is model else original
     del original
     candidates = kind(owned, RunContext(inspection, data, search_idx, evaluator, options, notes, timings))
     del owned

@@ -443,6 +443,7 @@ def layouts(model: onnx.ModelProto, layers: list[PrunableWeight]) -> tuple[dict[
                 "dilations": list(attrs.get("dilations", [1, 1])),
             }
             bias = node.input[2] if len(node.input) > 2 and node.input[2] in constants else None
+            bias = bias or _following_bias(index, node, layer.channels, conv=True)
             mean = None if bias is not None else _following_mean(index, node, layer.channels)
             groups = int(attrs.get("group", 1))
             out[layer.name] = LayerLayout(
@@ -465,15 +466,18 @@ def _size(index: GraphIndex, name: str) -> int:
     return -1 if tensor is None else math.prod(tensor.dims)
 
 
-def _following_bias(index: GraphIndex, node: onnx.NodeProto, width: int) -> str | None:
-    """The per-output constant of the single Add after a MatMul (how exporters write a bias)."""
+def _following_bias(index: GraphIndex, node: onnx.NodeProto, width: int, *, conv: bool = False) -> str | None:
+    """The per-output constant of the single Add after a MatMul, or after a Conv without a bias
+    (how exporters write a bias: paddle2onnx for every squeeze-and-excitation conv, once its
+    Reshape to [1, C, 1, 1] is folded)."""
     users = index.consumers.get(node.output[0], [])
     if len(users) != 1 or users[0].node.op_type != "Add":
         return None
     add = users[0].node
     other = add.input[1 - users[0].index]
     tensor = index.tensor(other)  # an initializer or a Constant node (paddle2onnx writes those)
-    if tensor is None or list(tensor.dims) not in ([width], [1, width]):
+    shapes = ([1, width, 1, 1], [width, 1, 1]) if conv else ([width], [1, width])
+    if tensor is None or list(tensor.dims) not in shapes or len(index.consumers.get(other, [])) != 1:
         return None
     return other
 

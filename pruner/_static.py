@@ -52,8 +52,11 @@ def fold_layouts(model: onnx.ModelProto) -> onnx.ModelProto:
         tensor.name = name
         return tensor
 
+    outputs = {o.name for o in graph.output}
     for k, node in enumerate(graph.node):
         if node.op_type not in FOLDED or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        if node.output[0] in outputs:  # a model output stays computed by a node
             continue
         if not all(value(name) is not None for name in node.input if name):
             continue

@@ -9,6 +9,8 @@ import onnx
 import onnxruntime as ort
 
 import pruner
+from pruner._analysis import analyze
+from pruner._recover import layouts
 from pruner._remove import Remover, removal_problems, replay_removal
 from pruner._static import fold_layouts, static_reshapes
 from pruner._structure import analyze_structure
@@ -200,3 +202,40 @@ def test_remove_mode_prunes_a_block_with_reshaped_biases() -> None:
     report = pruner.prune(model, evalset, options).report
     assert [s["name"] for s in report.to_dict()["skipped"]] == ["fc"]  # its outputs are the model's
     assert report.bytes_after < report.bytes_before
+
+
+def test_zero_mode_corrects_the_reshaped_biases_of_convs() -> None:
+    """A conv without a bias input, then Add(Reshape(b, [1, C, 1, 1])): once folded, the Add's
+    constant is the conv's bias, and bias correction moves it in the written model."""
+    model = se_block()
+    folded = fold_layouts(model)
+    found, _ = layouts(folded, list(analyze(folded).layers))
+    assert {name: layout.bias for name, layout in found.items()} == {
+        "w1": "bias1",
+        "se1": "se_bias",
+        "se2": None,  # HardSigmoid reads it
+        "fc": None,
+    }
+    x = seeded((64, 3, 8, 8), 7)
+    evalset = pruner.EvalSet({"x": x}, run(model, x).argmax(axis=1))
+    options = pruner.PruneOptions(recover=pruner.Recovery.BIAS, target_sparsity=0.5, tolerance=pruner.Tolerance(1.0))
+    pruned = pruner.prune(model, evalset, options).model
+    onnx.checker.check_model(pruned, full_check=True)
+    values = {t.name: onnx.numpy_helper.to_array(t) for t in pruned.graph.initializer}
+    before = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}
+    for bias in ("bias1", "se_bias"):
+        assert values[bias].shape == before[bias].shape
+        assert not np.allclose(values[bias], before[bias])  # shifted
+
+
+def test_a_layout_of_constants_that_is_a_model_output_stays() -> None:
+    text = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 2] x) => (float[N, 2] y, float[1, 2] c) {
+    shape = Constant <value = int64[2] {1, 2}> ()
+    c = Reshape (b, shape)
+    y = Add (x, c)
+}
+"""
+    model = parse(text, {"b": seeded((2,))})
+    assert fold_layouts(model) is model
