@@ -68,6 +68,8 @@ class _Candidates:
     units: list[Any]
     calibration: Calibration | None = None
     """Calibration statistics when a criterion or a recovery needs them (``seconds``: the fits' time)."""
+    static_reshapes = True
+    """Remove mode: whether computed Reshape targets were made constants (see ``PruningPlan``)."""
 
     def runner(self, config: Config) -> Runner:
         raise NotImplementedError
@@ -308,12 +310,28 @@ class ChannelCandidates(_Candidates):
                 )
 
         self.calibration = calibration
+        start = time.perf_counter()
+        session = make_session(model.SerializeToString(), threads=options.threads)
+        evaluator.reference = evaluator.outputs(session_runner(session, evaluator.output), np.arange(len(data)))
+        del session
+        timings["baseline"] = time.perf_counter() - start
+        start = time.perf_counter()
         self.remover = Remover(model, options, calibration, sequential)
         if self.remover.static_targets:
-            notes.append(
-                f"{self.remover.static_targets} Reshape target(s) computed at run time were made constants "
-                "(the same shapes at every input size tried), so their channels can be removed"
-            )
+            why = self._static_mismatch(search_idx)
+            if why:
+                notes.append(
+                    f"Reshape targets computed at run time were left as they are: as constants {why}, "
+                    "so the channels their Shape nodes read stay"
+                )
+                self.remover = Remover(model, options, calibration, sequential, static=False)
+                self.static_reshapes = False
+            else:
+                notes.append(
+                    f"{self.remover.static_targets} Reshape target(s) computed at run time were made constants "
+                    "(the same shapes at every input size tried, and on the eval set), so their channels can "
+                    "be removed"
+                )
         for family in self.remover.families:
             if family.approximate:
                 notes.append(
@@ -323,12 +341,24 @@ class ChannelCandidates(_Candidates):
         self.space: ZeroSpace = self.remover.space
         self.units: list[Any] = self.remover.space.layers
         timings["scoring"] = time.perf_counter() - start
-        start = time.perf_counter()
-        session = make_session(model.SerializeToString(), threads=options.threads)
-        evaluator.reference = evaluator.outputs(session_runner(session, evaluator.output), np.arange(len(data)))
-        timings["baseline"] = time.perf_counter() - start
         notes.append("candidates ran as sessions of the pruned models")
         self.notes = notes
+
+    def _static_mismatch(self, search_idx: np.ndarray) -> str | None:
+        """Why the model with its computed Reshape targets made constants is not the model on a
+        batch of the eval set (probed at synthetic sizes, a computed dim can look constant)."""
+        evaluator = self.evaluator
+        assert evaluator.reference is not None
+        sample = search_idx[: evaluator.batch_size]
+        try:
+            out = evaluator.outputs(self.remover.runner(self.remover.space.empty(), evaluator.output, 1), sample)
+        except UnsupportedModelError:
+            return "the model did not run on the eval set"
+        ref = evaluator.reference[sample]
+        scale = float(np.abs(ref).max()) if ref.size else 0.0
+        if out.shape != ref.shape or not np.allclose(out, ref, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
+            return "they changed the outputs on the eval set"
+        return None
 
     def runner(self, config: Config) -> Runner:
         return self.remover.runner(config, self.evaluator.output, self.options.threads)

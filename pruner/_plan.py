@@ -58,6 +58,9 @@ class PruningPlan:
     """How the run refit the weights it kept. A plan replays which weights or channels were
     pruned; refit values need the run's calibration data, so ``apply_plan`` of a recovered
     plan gives the pruning pattern with the original values (the run's model has the refit)."""
+    static_reshapes: bool = True
+    """Remove mode: whether the run made computed Reshape targets constants before finding the
+    channels (not when the constants changed the model's outputs on the eval set)."""
 
     @property
     def granularity(self) -> Granularity:
@@ -72,6 +75,8 @@ class PruningPlan:
         if self.nm is not None:
             out["nm"] = list(self.nm)
         out["recover"] = self.recover.value
+        if self.mode is Mode.REMOVE:
+            out["static_reshapes"] = self.static_reshapes
         return out
 
     def to_json(self) -> str:
@@ -86,6 +91,7 @@ class PruningPlan:
             tuple(LayerPlan(**layer) for layer in data["layers"]),
             None if nm is None else (int(nm[0]), int(nm[1])),
             Recovery(data.get("recover", Recovery.NONE.value)),
+            bool(data.get("static_reshapes", True)),
         )
 
     @classmethod
@@ -107,7 +113,7 @@ def check_plan(plan: PruningPlan, model: onnx.ModelProto) -> list[PlanIssue]:
         if plan.criterion is Criterion.ACTIVATION:
             return [PlanIssue("", "an activation-scored removal needs the run's calibration data to replay")]
         triples = [(layer.tensor, layer.amount, layer.units) for layer in plan.layers]
-        return [PlanIssue(name, why) for name, why in removal_problems(model, triples)]
+        return [PlanIssue(name, why) for name, why in removal_problems(model, triples, plan.static_reshapes)]
     index = GraphIndex.build(model.graph)
     if plan.mode is Mode.NM:
         missing = [layer.tensor for layer in plan.layers if tensor_proto(index, layer.tensor) is None]
@@ -189,7 +195,8 @@ def apply_plan(plan: PruningPlan, model: onnx.ModelProto) -> onnx.ModelProto:
     if issues:
         raise ValueError("plan does not fit the model: " + "; ".join(f"{i.tensor}: {i.reason}" for i in issues))
     if plan.mode is Mode.REMOVE:
-        return replay_removal(model, plan.criterion, {layer.tensor: layer.amount for layer in plan.layers})
+        amounts = {layer.tensor: layer.amount for layer in plan.layers}
+        return replay_removal(model, plan.criterion, amounts, plan.static_reshapes)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     index = GraphIndex.build(out.graph)

@@ -304,6 +304,7 @@ def prune(
         candidates.plan_layers(chosen),
         options.nm if options.mode is Mode.NM else None,
         options.recover,
+        candidates.static_reshapes,
     )
     final_check = _FinalCheck(io_names, specs, output, metric, data, reference, search_idx, hold_idx, options)
     evaluator.candidates = None
@@ -334,6 +335,7 @@ def prune(
                 tuple(LayerPlan(p.tensor, 0, p.units, p.channel_axis) for p in plan.layers),
                 plan.nm,
                 plan.recover,
+                plan.static_reshapes,
             )
             del pruned, pruned_bytes
             pruned, pruned_bytes, final = unchanged()

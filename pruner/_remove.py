@@ -235,9 +235,11 @@ class Remover:
         options: PruneOptions,
         calibration: Calibration | None = None,
         sequential: Callable[[SplitModel], SequentialRefit] | None = None,
+        *,
+        static: bool = True,
     ) -> None:
         # computed Reshape targets would freeze every channel their Shape nodes read
-        model, self.static_targets = static_reshapes(model)
+        model, self.static_targets = static_reshapes(model) if static else (model, 0)
         self.model = model
         self.options = options
         self.calibration = calibration
@@ -395,9 +397,12 @@ class Remover:
         return reports, (total, total, sum(after.get(n, 0) for n in touched))
 
 
-def removal_problems(model: onnx.ModelProto, layers: list[tuple[str, int, int]]) -> list[tuple[str, str]]:
-    """(family, why) for every (family, amount, units) of a removal plan that does not fit ``model``."""
-    families = {f.name: f for f in analyze_structure(static_reshapes(model)[0]).families}
+def removal_problems(
+    model: onnx.ModelProto, layers: list[tuple[str, int, int]], static: bool = True
+) -> list[tuple[str, str]]:
+    """(family, why) for every (family, amount, units) of a removal plan that does not fit ``model``
+    (``static``: with its computed Reshape targets made constants, as the run did)."""
+    families = {f.name: f for f in analyze_structure(static_reshapes(model)[0] if static else model).families}
     problems: list[tuple[str, str]] = []
     for name, amount, units in layers:
         family = families.get(name)
@@ -410,9 +415,13 @@ def removal_problems(model: onnx.ModelProto, layers: list[tuple[str, int, int]])
     return problems
 
 
-def replay_removal(model: onnx.ModelProto, criterion: Criterion, amounts: dict[str, int]) -> onnx.ModelProto:
-    """``model`` without the lowest-scoring ``amounts[family]`` channels of each family (a plan's replay)."""
-    model, _ = static_reshapes(model)
+def replay_removal(
+    model: onnx.ModelProto, criterion: Criterion, amounts: dict[str, int], static: bool = True
+) -> onnx.ModelProto:
+    """``model`` without the lowest-scoring ``amounts[family]`` channels of each family (a plan's
+    replay; ``static``: with computed Reshape targets made constants first, as the run did)."""
+    if static:
+        model, _ = static_reshapes(model)
     structure = analyze_structure(model)
     removed = [
         family.components[lowest(component_scores(model, structure, family, criterion), amounts[family.name])]

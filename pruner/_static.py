@@ -5,7 +5,9 @@ Unsqueeze -> Concat -> Reshape. The channel rules cannot see through that arithm
 (a Shape reads every dim, the channel count too), so the heads, the projections and
 the residual stream of such a model would all stay frozen. This pass runs the model
 on small synthetic inputs: twice at base sizes with different values, then once more
-per dynamic input dim. It reads every computed Reshape target and writes it as the
+per dynamic input dim; then the same with the dims past each input's first (image sides,
+sequence lengths) wide enough for strided layers to show how a computed dim follows them,
+where the model runs at those sizes. It reads every computed Reshape target and writes it as the
 constant that gives the same shape in every run: a dim that never changes as is, one
 that follows the input's dim at the same position as 0 (copy), at most one other as -1
 (inferred). Nodes left computing nothing used are dropped. Where anything does not fit
@@ -27,6 +29,11 @@ __all__ = ["fold_layouts", "static_reshapes"]
 
 BASE_SIZE = 2
 """Size of every dynamic input dim in the base run (one more in the run that varies it)."""
+WIDE_SIZE = 64
+"""Size of the dynamic dims past an input's first in the wide runs (then 96, or 32 where 96
+does not run, in the run that varies one): at 2 and 3 an image's width is one position after
+any downsampling, and a sequence length computed from it looked constant (PaddleOCR's
+recognizer wrote 1 for its 40 positions, and no removal from it ran on real lines)."""
 
 
 FOLDED = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose"})
@@ -132,12 +139,15 @@ def static_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 def _runs(model: onnx.ModelProto, reshapes: list[onnx.NodeProto]) -> list[dict[str, np.ndarray]] | None:
     """Input shapes (as int64 vectors) and targets of ``reshapes`` at base sizes and each dim varied."""
     symbols: list[str] = []
+    leading: set[str] = set()
     for value in model.graph.input:
         for k, (dim, size) in enumerate(zip(value.type.tensor_type.shape.dim, declared_shape(value), strict=True)):
             if size is None:
                 symbol = dim.dim_param or f"{value.name}:{k}"
                 if symbol not in symbols:
                     symbols.append(symbol)
+                if k == 0:
+                    leading.add(symbol)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     wanted: list[str] = []
@@ -152,20 +162,38 @@ def _runs(model: onnx.ModelProto, reshapes: list[onnx.NodeProto]) -> list[dict[s
             probe.graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, None))
     try:
         options = ort.SessionOptions()
-        options.log_severity_level = 3
+        options.log_severity_level = 4  # a wide size the model does not take is expected
         options.intra_op_num_threads = 1
         with session_source(probe) as source:  # over 2 GB: through a temporary file
             session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-        out = []
-        # twice at base sizes with other values (a target that depends on them is no constant),
-        # then once per dynamic dim
-        for varied, seed in [(None, 0), (None, 1), *((s, 0) for s in symbols)]:
-            sizes = {s: BASE_SIZE + (s == varied) for s in symbols}
-            results = session.run(wanted, _feed(model, sizes, seed))
-            by_name = dict(zip(wanted, results, strict=True))
-            out.append({node.input[0]: by_name[f"{node.input[0]}__static_probe"] for node in reshapes} | by_name)
-    except Exception:  # a model that does not run at these sizes (or at all) keeps its Reshapes
+    except Exception:  # a model onnxruntime will not load keeps its Reshapes
         return None
+
+    def run(sizes: dict[str, int], seed: int) -> dict[str, np.ndarray] | None:
+        try:
+            results = session.run(wanted, _feed(model, sizes, seed))
+        except Exception:
+            return None
+        by_name = dict(zip(wanted, results, strict=True))
+        return {node.input[0]: by_name[f"{node.input[0]}__static_probe"] for node in reshapes} | by_name
+
+    out = []
+    # twice at base sizes with other values (a target that depends on them is no constant),
+    # then once per dynamic dim; a model that does not run at these sizes keeps its Reshapes
+    for varied, seed in [(None, 0), (None, 1), *((s, 0) for s in symbols)]:
+        done = run({s: BASE_SIZE + (s == varied) for s in symbols}, seed)
+        if done is None:
+            return None
+        out.append(done)
+    wide = [s for s in symbols if s not in leading]
+    base = {s: WIDE_SIZE if s in wide else BASE_SIZE for s in symbols}
+    done = run(base, 0) if wide else None
+    if done is not None:
+        out.append(done)
+        for symbol in wide:
+            done = run(base | {symbol: WIDE_SIZE * 3 // 2}, 0) or run(base | {symbol: WIDE_SIZE // 2}, 0)
+            if done is not None:
+                out.append(done)
     return out
 
 

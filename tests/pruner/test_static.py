@@ -239,3 +239,68 @@ g (float[N, 2] x) => (float[N, 2] y, float[1, 2] c) {
 """
     model = parse(text, {"b": seeded((2,))})
     assert fold_layouts(model) is model
+
+
+def strided_heads(stride: int) -> onnx.ModelProto:
+    """An image's width downsampled by ``stride`` into a sequence, whose length a computed
+    Reshape target copies (x.view(n, x.size(1), heads, d)), as PaddleOCR's recognizer does."""
+    text = f"""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4, 2, W] x) => (float[N, L, 4] y) {{
+    pooled = MaxPool <kernel_shape = [2, 1], strides = [2, {stride}]> (x)
+    axis = Constant <value = int64[1] {{2}}> ()
+    squeezed = Squeeze (pooled, axis)
+    seq = Transpose <perm = [0, 2, 1]> (squeezed)
+    h = MatMul (seq, w1)
+    shape = Shape (h)
+    one = Constant <value = int64[1] {{1}}> ()
+    two = Constant <value = int64[1] {{2}}> ()
+    length = Slice (shape, one, two)
+    zero = Constant <value = int64[1] {{0}}> ()
+    heads = Constant <value = int64[2] {{2, 3}}> ()
+    target = Concat <axis = 0> (zero, length, heads)
+    split = Reshape (h, target)
+    back = Constant <value = int64[3] {{0, 0, 6}}> ()
+    merged = Reshape (split, back)
+    y = MatMul (merged, w2)
+}}
+"""
+    return parse(text, {"w1": seeded((4, 6), 1), "w2": seeded((6, 4), 2)})
+
+
+def test_a_length_downsampled_from_an_image_side_is_copied_not_fixed() -> None:
+    """At widths 2 and 3 the stride-8 sequence is one long in every run: only the wide runs show
+    that the target's second dim is the input's."""
+    model = strided_heads(8)
+    static, count = static_reshapes(model)
+    assert count == 1
+    targets = [onnx.numpy_helper.to_array(t).tolist() for t in static.graph.initializer if "__static" in t.name]
+    assert targets == [[0, 0, 2, 3]]
+    x = seeded((3, 4, 2, 320), 3)  # 40 positions
+    np.testing.assert_allclose(run(static, x), run(model, x), atol=1e-6)
+
+
+def test_constant_targets_that_do_not_fit_the_eval_set_are_left_as_they_were() -> None:
+    """A stride of 128 keeps the sequence one long at every size tried, but the eval set's
+    320-wide inputs make it 3: the search runs on the model as it was, the plan says so and
+    replays to the same model."""
+    model = strided_heads(128)
+    assert static_reshapes(model)[1] == 1  # the probes believe the length is constant
+    x = seeded((64, 4, 2, 320), 4)
+    evalset = pruner.EvalSet({"x": x}, None)
+    options = pruner.PruneOptions(
+        mode=pruner.Mode.REMOVE,
+        metric=pruner.MetricKind.COSINE,
+        recover=pruner.Recovery.NONE,
+        target_sparsity=0.3,
+        tolerance=pruner.Tolerance(1.0),
+    )
+    result = pruner.prune(model, evalset, options)
+    assert any("left as they are: as constants the model did not run on the eval set" in n for n in result.report.notes)
+    assert not result.plan.static_reshapes
+    assert pruner.PruningPlan.from_json(result.plan.to_json()).static_reshapes is False
+    pruned = result.model
+    onnx.checker.check_model(pruned, full_check=True)
+    assert run(pruned, x).shape == (64, 3, 4)
+    replayed = pruner.apply_plan(result.plan, model)
+    np.testing.assert_array_equal(run(replayed, x), run(pruned, x))
