@@ -655,8 +655,10 @@ def _batches(rows: np.ndarray, step: int, fixed: int | None) -> Iterator[tuple[n
         yield batch, real
 
 
-ORIGINAL_CACHE_BYTES = 256 * 2**20
-"""Layer inputs of the unpruned model kept between candidates (recomputed per pass above this)."""
+ORIGINAL_CACHE_BYTES = 512 * 2**20
+"""Layer inputs of the unpruned model kept between candidates (recomputed per pass above this).
+PaddleOCR's classifier needs 382 MiB: kept, its sequential search takes 41 s instead of 47 s,
+and the peak memory stays the same (1.7 GB), the unpruned walk's activations no longer held."""
 FIT_CACHE_BYTES = 256 * 2**20
 """Refit weights kept for candidates that share a prefix of layers (dropped beyond this)."""
 
