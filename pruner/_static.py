@@ -45,6 +45,8 @@ def fold_layouts(model: onnx.ModelProto) -> onnx.ModelProto:
     (a copy if any is). Exporters write a conv's bias as Reshape(b, [1, C, 1, 1]) -> Add
     (paddle2onnx does for every squeeze-and-excitation conv); the channel rules follow a
     parameter's axes, not arithmetic on it, so such a bias would freeze the channels it adds to."""
+    if model.ir_version < 4:  # an initializer must be a graph input there too
+        return model
     graph = model.graph
     index = GraphIndex.build(graph)
     folded: dict[int, onnx.TensorProto] = {}
