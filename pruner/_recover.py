@@ -608,6 +608,9 @@ def calibrate(
             used += sizes[name]
             if used > HESSIAN_BUDGET_BYTES:
                 wide[name] = f"its Gram matrices would take least squares past {HESSIAN_BUDGET_BYTES >> 20} MiB"
+    stats = {name: LayerStats() for name in found}
+    if not found:  # nothing to run for (and onnxruntime would return every output for none asked)
+        return Calibration(found, stats, len(rows), skipped, rows, wide)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -616,7 +619,6 @@ def calibrate(
         if name not in existing:
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
     session = make_session(probe.SerializeToString(), threads=threads)
-    stats = {name: LayerStats() for name in found}
     step = fixed_batch or batch_size
     for batch, real in _batches(rows, step, fixed_batch):
         feeds = {k: v[batch] for k, v in evalset.inputs.items()}

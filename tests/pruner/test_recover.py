@@ -687,3 +687,16 @@ def test_remove_mode_refits_consumers_outside_the_include_patterns() -> None:
     assert kept[0] == kept[1] and kept[0]["onnx::Conv_55"] == 16, kept
     assert "onnx::Conv_52" not in kept[0]
     assert refit.final.search > plain.final.search + 0.02
+
+
+def test_a_model_with_no_layer_recovery_handles_still_prunes() -> None:
+    """Only a ConvTranspose: calibration has nothing to run for (it used to ask onnxruntime for no
+    outputs, which returns all of them) and the layer is pruned by magnitude alone."""
+    rng = np.random.default_rng(9)
+    text = HEADER + "g (float[N, 4, 5, 5] x) => (float[N, 3, 7, 7] y) { y = ConvTranspose (x, w) }"
+    model = parse(text, {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32)})
+    evalset = pruner.EvalSet({"x": rng.standard_normal((40, 4, 5, 5)).astype(np.float32)}, None)
+    options = pruner.PruneOptions(metric=pruner.MetricKind.COSINE, target_sparsity=0.3, tolerance=pruner.Tolerance(1.0))
+    report = pruner.prune(model, evalset, options).report
+    assert report.sparsity > 0.25
+    assert any("not handled by recovery" in note for note in report.notes)
