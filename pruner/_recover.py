@@ -56,7 +56,7 @@ class LayerLayout:
     transpose: bool
     """Gemm/MatMul: the weight is [in, out] and is transposed to rows = outputs."""
     conv: dict[str, list[int]] | None = None
-    """Conv: kernel, strides, pads, dilations (2-D)."""
+    """Conv: kernel, strides, pads, dilations (2-D; a 1-D conv's as a 2-D one on maps one high)."""
     bias: str | None = None
     """The constant added to the layer's output per output channel, if any: its bias, or the
     mean of the BatchNormalization right after a layer without one (subtracted, not added)."""
@@ -432,18 +432,26 @@ def layouts(model: onnx.ModelProto, layers: list[PrunableWeight]) -> tuple[dict[
             out[layer.name] = LayerLayout(
                 layer.name, "Gemm", node.input[0], transpose, bias=bias or mean, bias_is_mean=mean is not None
             )
-        elif node.op_type == "Conv" and slot == 1 and len(layer.shape) == 4:
+        elif node.op_type == "Conv" and slot == 1 and len(layer.shape) in (3, 4):
             if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
                 skipped[layer.name] = "Conv with auto_pad"
                 continue
+            spatial = len(layer.shape) - 2
             conv = {
                 "kernel": list(layer.shape[2:]),
-                "strides": list(attrs.get("strides", [1, 1])),
-                "pads": list(attrs.get("pads", [0, 0, 0, 0])),
-                "dilations": list(attrs.get("dilations", [1, 1])),
+                "strides": list(attrs.get("strides", [1] * spatial)),
+                "pads": list(attrs.get("pads", [0] * 2 * spatial)),
+                "dilations": list(attrs.get("dilations", [1] * spatial)),
             }
+            if spatial == 1:  # a 1-D conv is a 2-D one on maps one high
+                conv = {
+                    "kernel": [1, *conv["kernel"]],
+                    "strides": [1, *conv["strides"]],
+                    "pads": [0, conv["pads"][0], 0, conv["pads"][1]],
+                    "dilations": [1, *conv["dilations"]],
+                }
             bias = node.input[2] if len(node.input) > 2 and node.input[2] in constants else None
-            bias = bias or _following_bias(index, node, layer.channels, conv=True)
+            bias = bias or _following_bias(index, node, layer.channels, spatial=spatial)
             mean = None if bias is not None else _following_mean(index, node, layer.channels)
             groups = int(attrs.get("group", 1))
             out[layer.name] = LayerLayout(
@@ -456,6 +464,8 @@ def layouts(model: onnx.ModelProto, layers: list[PrunableWeight]) -> tuple[dict[
                 bias_is_mean=mean is not None,
                 groups=groups,
             )
+        elif node.op_type == "Conv" and slot == 1:
+            skipped[layer.name] = f"a {len(layer.shape) - 2}-D Conv is not handled by recovery (1-D and 2-D are)"
         else:
             skipped[layer.name] = f"{node.op_type} input {slot} is not handled by recovery (transposed)"
     return out, skipped
@@ -466,17 +476,17 @@ def _size(index: GraphIndex, name: str) -> int:
     return -1 if tensor is None else math.prod(tensor.dims)
 
 
-def _following_bias(index: GraphIndex, node: onnx.NodeProto, width: int, *, conv: bool = False) -> str | None:
+def _following_bias(index: GraphIndex, node: onnx.NodeProto, width: int, *, spatial: int = 0) -> str | None:
     """The per-output constant of the single Add after a MatMul, or after a Conv without a bias
-    (how exporters write a bias: paddle2onnx for every squeeze-and-excitation conv, once its
-    Reshape to [1, C, 1, 1] is folded)."""
+    (``spatial`` its dims: how exporters write a bias, paddle2onnx for every squeeze-and-excitation
+    conv once its Reshape to [1, C, 1, 1] is folded)."""
     users = index.consumers.get(node.output[0], [])
     if len(users) != 1 or users[0].node.op_type != "Add":
         return None
     add = users[0].node
     other = add.input[1 - users[0].index]
     tensor = index.tensor(other)  # an initializer or a Constant node (paddle2onnx writes those)
-    shapes = ([1, width, 1, 1], [width, 1, 1]) if conv else ([width], [1, width])
+    shapes = ([1, width, *[1] * spatial], [width, *[1] * spatial]) if spatial else ([width], [1, width])
     if tensor is None or list(tensor.dims) not in shapes or len(index.consumers.get(other, [])) != 1:
         return None
     return other
@@ -524,6 +534,8 @@ def _layer_rows(layout: LayerLayout, x: np.ndarray, samples: int) -> np.ndarray:
     ``positions_kept`` positions for ``samples`` calibration samples), others' last axis."""
     if layout.conv is None:
         return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+    if x.ndim == 3:  # a 1-D conv's [N, C, L]
+        x = x[:, :, None, :]
     keep = positions_kept(layout.conv, x.shape[1], layout.groups, samples)
     return np.ascontiguousarray(_unfold(x.astype(np.float32, copy=False), layout.conv, keep))
 
@@ -636,7 +648,7 @@ HESSIAN_BUDGET_BYTES = 1 << 30
 def _inputs_per_row(layout: LayerLayout, shape: tuple[int, ...]) -> int:
     """Width of the input row one output of the layer reads."""
     if layout.conv is not None:
-        return shape[1] * shape[2] * shape[3]
+        return math.prod(shape[1:])
     return shape[0] if layout.transpose else shape[1]
 
 

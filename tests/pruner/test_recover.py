@@ -689,6 +689,43 @@ def test_remove_mode_refits_consumers_outside_the_include_patterns() -> None:
     assert refit.final.search > plain.final.search + 0.02
 
 
+def test_a_1d_conv_is_calibrated_and_recovered_as_a_2d_one_a_row_high() -> None:
+    """Audio and text models use 1-D convs: strides, uneven pads and dilations as for 2-D ones."""
+    rng = np.random.default_rng(8)
+    weight = rng.standard_normal((4, 3, 3)).astype(np.float32)
+    bias = rng.standard_normal(4).astype(np.float32)
+    text = HEADER + (
+        "g (float[N, 3, 20] x) => (float[N, 4, 10] y) "
+        "{ y = Conv <pads = [1, 2], strides = [2], dilations = [2]> (x, w, b) }"
+    )
+    model = parse(text, {"w": weight, "b": bias})
+    x = rng.standard_normal((200, 3, 20)).astype(np.float32)
+    x = (x + np.roll(x, 1, axis=2) + np.roll(x, 2, axis=2) + 0.5).astype(np.float32)  # taps correlate; mean off 0
+    calibration = calibrated(model, x)
+    layout = calibration.layouts["w"]
+    assert layout.conv == {"kernel": [1, 3], "strides": [1, 2], "pads": [0, 1, 0, 2], "dilations": [1, 2]}
+    assert layout.bias == "b"
+
+    def run(w: np.ndarray, b: np.ndarray) -> np.ndarray:
+        session = ort.InferenceSession(
+            parse(text, {"w": w, "b": b.astype(np.float32)}).SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        return np.asarray(session.run(None, {"x": x})[0])
+
+    reference = run(weight, bias)
+    rows = _unfold(x[:, :, None, :], layout.conv)  # every position: 10 a sample
+    direct = (rows @ weight.reshape(4, -1).T).reshape(200, 10, 4).transpose(0, 2, 1) + bias[None, :, None]
+    np.testing.assert_allclose(direct, reference, atol=1e-4)
+    mask = np.abs(weight) < np.quantile(np.abs(weight), 0.6)
+    masked, _ = calibration.recover("w", weight, mask, reconstruct=False)
+    refit, shift = calibration.recover("w", weight, mask, reconstruct=True)
+    assert shift is not None and np.all(refit[mask] == 0)
+    corrected = run(refit, bias + shift)
+    np.testing.assert_allclose(corrected.mean(axis=(0, 2)), reference.mean(axis=(0, 2)), atol=1e-3)
+    error = np.mean((corrected - reference) ** 2)
+    assert error < 0.9 * np.mean((run(masked, bias) - reference) ** 2)  # 0.86 with these seeds
+
+
 def test_a_model_with_no_layer_recovery_handles_still_prunes() -> None:
     """Only a ConvTranspose: calibration has nothing to run for (it used to ask onnxruntime for no
     outputs, which returns all of them) and the layer is pruned by magnitude alone."""
