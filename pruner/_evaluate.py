@@ -26,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
@@ -37,7 +38,16 @@ from ._evalset import EvalSet, InputSpec
 from ._metrics import Metric
 from ._model import PROTOBUF_LIMIT, session_source
 
-__all__ = ["EvalOutcome", "Evaluator", "FedWeights", "ModelBuilder", "Runner", "SplitModel", "make_session"]
+__all__ = [
+    "EvalOutcome",
+    "Evaluator",
+    "FedWeights",
+    "ModelBuilder",
+    "Runner",
+    "SplitModel",
+    "make_session",
+    "run_session",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +77,14 @@ def make_session(source: str | bytes, *, threads: int = 0) -> ort.InferenceSessi
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
         raise UnsupportedModelError(f"onnxruntime cannot load the model: {_first_line(e)}") from e
+
+
+def run_session(session: ort.InferenceSession, names: list[str], feeds: Mapping[str, np.ndarray]) -> list[Any]:
+    """``session.run`` whose failures are ``UnsupportedModelError``s (onnxruntime raises its own types)."""
+    try:
+        return list(session.run(names, dict(feeds)))
+    except Exception as e:
+        raise UnsupportedModelError(f"onnxruntime failed to run the model: {_first_line(e)}") from e
 
 
 def session_runner(session: ort.InferenceSession, output: str) -> Runner:

@@ -36,7 +36,7 @@ from onnx import helper
 from ._analysis import PrunableWeight
 from ._errors import UnsupportedModelError
 from ._evalset import EvalSet
-from ._evaluate import SplitModel, make_session
+from ._evaluate import SplitModel, make_session, run_session
 from ._graph import GraphIndex, keep_needed, reads
 
 __all__ = ["Calibration", "LayerLayout", "SequentialRefit", "calibrate", "layouts"]
@@ -634,7 +634,7 @@ def calibrate(
     step = fixed_batch or batch_size
     for batch, real in _batches(rows, step, fixed_batch):
         feeds = {k: v[batch] for k, v in evalset.inputs.items()}
-        outputs = dict(zip(wanted, session.run(wanted, feeds), strict=True))
+        outputs = dict(zip(wanted, run_session(session, wanted, feeds), strict=True))
         for name, layout in found.items():
             flat = _layer_rows(layout, np.asarray(outputs[layout.input])[:real], len(rows))
             stats[name].add(flat, full and name not in wide, layout.groups)
@@ -789,7 +789,7 @@ class SequentialRefit:
             feeds.update(weights)
             if wanted is not None:
                 feeds = {k: v for k, v in feeds.items() if k in wanted}
-            yield [np.asarray(x)[:real] for x in session.run(names, feeds)]
+            yield [np.asarray(x)[:real] for x in run_session(session, names, feeds)]
 
     def _cache_originals(self) -> bool:
         """Keep every group's flattened input in the unpruned model if all together stay under

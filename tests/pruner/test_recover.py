@@ -737,3 +737,16 @@ def test_a_model_with_no_layer_recovery_handles_still_prunes() -> None:
     report = pruner.prune(model, evalset, options).report
     assert report.sparsity > 0.25
     assert any("not handled by recovery" in note for note in report.notes)
+
+
+def test_a_model_that_fails_on_the_eval_set_during_calibration_is_a_clear_error() -> None:
+    """Calibration runs the model before the baseline does: onnxruntime's own exception types
+    must come out as UnsupportedModelError there too (silero-vad's state has its batch second)."""
+    text = HEADER + (
+        "g (float[N, 4] x) => (float[2, 3] y) "
+        "{ h = MatMul (x, w) shape = Constant <value = int64[2] {2, 3}> () y = Reshape (h, shape) }"
+    )
+    model = parse(text, {"w": np.ones((4, 3), np.float32)})
+    evalset = pruner.EvalSet({"x": np.ones((40, 4), np.float32)}, None)
+    with pytest.raises(pruner.UnsupportedModelError, match="onnxruntime failed to run the model"):
+        pruner.prune(model, evalset, pruner.PruneOptions(metric=pruner.MetricKind.COSINE))
