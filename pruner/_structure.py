@@ -1061,7 +1061,12 @@ def remove_components(
                 replaced.add(str(name))
         elif fix.kind == "split":
             if len(node.input) > 1 and node.input[1]:
-                _set_param(out, node.input[1], np.array(counts, dtype=np.int64))
+                # the exporter shares equal sizes between Splits (YOLOv8's C2f blocks): give this node its own
+                sizes_name = node.input[1]
+                own = f"{sizes_name}__{node.name or fix.node}"
+                graph.initializer.append(numpy_helper.from_array(np.array(counts, dtype=np.int64), own))
+                node.input[1] = own
+                replaced.add(sizes_name)
             else:
                 for attr in node.attribute:
                     if attr.name == "split":

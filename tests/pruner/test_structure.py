@@ -154,6 +154,18 @@ g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[4, 4, 1, 1] wa, float[4, 4, 
     yb = Conv (b, wb)
     y = Add (ya, yb)
 }""",
+    # two C2f-like blocks whose Splits share one sizes constant (as YOLOv8's exporter writes them)
+    "shared-split-sizes": """
+g (float[N, 3, 8, 8] x, float[8, 3, 3, 3] w1, float[8, 8, 1, 1] w2, float[4, 8, 1, 1] w3) => (float[N, 4, 8, 8] y) {
+    h = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    sizes = Constant <value = int64[2] {4, 4}> ()
+    a, b = Split <axis = 1> (h, sizes)
+    c = Concat <axis = 1> (b, a)
+    g = Conv (c, w2)
+    d, e = Split <axis = 1> (g, sizes)
+    f = Concat <axis = 1> (e, d)
+    y = Conv (f, w3)
+}""",
     "flatten-gemm": """
 g (float[N, 3, 8, 8] x, float[6, 3, 3, 3] w1, float[10, 24] g1, float[10] gb, float[3, 10] g2) => (float[N, 3] y) {
     h = Conv <pads = [1, 1, 1, 1], strides = [2, 2]> (x, w1)
@@ -478,3 +490,21 @@ def test_default_channel_multiple_follows_the_objective() -> None:
     assert channel_multiple(32, by_latency) == nchwc_block()
     assert [channel_multiple(c, by_latency) for c in (24, 10)] == [8, 1]
     assert channel_multiple(32, PruneOptions(mode=Mode.REMOVE, objective=Objective.LATENCY, channel_multiple=4)) == 4
+
+
+def test_splits_sharing_their_sizes_get_their_own() -> None:
+    """Different removals behind two Splits that read one sizes constant: each gets its own
+    counts (with one shared tensor, the last written broke the other Split)."""
+    model = build(RULES["shared-split-sizes"])
+    structure = analyze_structure(model)
+    halves = [f for f in structure.families if f.name in ("w1", "w2")]  # a family per Split output
+    assert [(f.name, len(f.components)) for f in halves] == [("w1", 4), ("w1", 4), ("w2", 4), ("w2", 4)]
+    removed = [int(c) for c in halves[0].components[:2]]  # two of h's first half: 2 + 4 after
+    removed.append(int(halves[3].components[3]))  # one of g's second half: 4 + 3 after
+    pruned = remove_components(model, structure, removed)
+    onnx.checker.check_model(pruned, full_check=True)
+    sizes = sorted(constants(pruned)[n.input[1]].tolist() for n in pruned.graph.node if n.op_type == "Split")
+    assert sizes == [[2, 4], [4, 3]]
+    np.testing.assert_allclose(
+        run(pruned, IMAGE), run(zero_components(model, structure, removed), IMAGE), atol=1e-5, rtol=1e-5
+    )
