@@ -31,6 +31,7 @@ from ._remove import Remover
 from ._report import LayerReport
 from ._score import granularity, lowest, unit_scores
 from ._space import PROFILE_LEVELS, Config, ZeroSpace, build_units, sensitivity_sketch
+from ._structure import Family
 
 __all__ = ["ChannelCandidates", "RunContext", "WeightCandidates"]
 
@@ -332,6 +333,10 @@ class ChannelCandidates(_Candidates):
                     "(the same shapes at every input size tried, and on the eval set), so their channels can "
                     "be removed"
                 )
+        frozen = self._check_removals(search_idx)
+        if frozen:
+            static = self.static_reshapes
+            self.remover = Remover(model, options, calibration, sequential, static=static, frozen=frozen)
         for family in self.remover.families:
             if family.approximate:
                 notes.append(
@@ -343,6 +348,50 @@ class ChannelCandidates(_Candidates):
         timings["scoring"] = time.perf_counter() - start
         notes.append("candidates ran as sessions of the pruned models")
         self.notes = notes
+
+    def _check_removals(self, search_idx: np.ndarray) -> dict[int, str]:
+        """Families whose removal does not give the model with their channels zeroed (on a batch
+        of the eval set), by first component, with why: a channel rule that does not fit this
+        graph. One trial removes a channel of every family; only when it fails are the families
+        bisected. Their channels stay, and the report says so, instead of every candidate failing."""
+        remover, evaluator = self.remover, self.evaluator
+        sample = search_idx[: evaluator.batch_size]
+        families = [f for f in remover.families if len(f.components) > 1]
+
+        def outputs(model: bytes) -> np.ndarray:
+            return evaluator.outputs(session_runner(make_session(model, threads=1), evaluator.output), sample)
+
+        def broken(group: list[Family]) -> str | None:
+            removed, zeroed = remover.trial(group)
+            try:
+                out = outputs(removed)
+            except UnsupportedModelError as e:
+                return f"removing its channels broke the model ({e})"
+            if not np.isfinite(out).all():
+                return "removing its channels made the outputs non-finite"
+            exact = [f for f in group if not f.approximate]
+            if exact and len(exact) == len(group):
+                ref = outputs(zeroed)
+                scale = float(np.abs(ref).max()) if ref.size else 0.0
+                if out.shape != ref.shape or not np.allclose(out, ref, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
+                    return "removing its channels changed the outputs (zeroing them does not)"
+            return None
+
+        found: dict[int, str] = {}
+
+        def bisect(group: list[Family]) -> None:
+            why = broken(group)
+            if why is None:
+                return
+            if len(group) == 1:
+                found[int(group[0].components[0])] = why
+                return
+            bisect(group[: len(group) // 2])
+            bisect(group[len(group) // 2 :])
+
+        if families:
+            bisect(families)
+        return found
 
     def _static_mismatch(self, search_idx: np.ndarray) -> str | None:
         """Why the model with its computed Reshape targets made constants is not the model on a

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -237,6 +237,7 @@ class Remover:
         sequential: Callable[[SplitModel], SequentialRefit] | None = None,
         *,
         static: bool = True,
+        frozen: Mapping[int, str] | None = None,
     ) -> None:
         # computed Reshape targets would freeze every channel their Shape nodes read
         model, self.static_targets = static_reshapes(model) if static else (model, 0)
@@ -255,6 +256,9 @@ class Remover:
             if excluded:
                 self.skipped.append((family.name, f"excluded by {excluded[0]!r}"))
                 continue
+            if frozen and int(family.components[0]) in frozen:
+                self.skipped.append((family.name, frozen[int(family.components[0])]))
+                continue
             self.families.append(family)
         self.scores = [
             component_scores(model, self.structure, f, options.criterion, calibration) for f in self.families
@@ -271,6 +275,15 @@ class Remover:
             # approximate norms see only the kept channels, as in the model that gets written
             copy, self.norm_masks = mask_norms(model, self.structure)
             self.sequential = sequential(SplitModel.take(copy, fed | set(self.norm_masks)))
+
+    def trial(self, families: list[Family]) -> tuple[bytes, bytes]:
+        """The model without the first channel of each of ``families``, and with it zeroed
+        instead: the two must give the same outputs (what ``check_removals`` runs)."""
+        removed = [int(f.components[0]) for f in families]
+        return (
+            remove_components(self.model, self.structure, removed).SerializeToString(),
+            zero_components(self.model, self.structure, removed).SerializeToString(),
+        )
 
     def removed(self, config: Config) -> np.ndarray:
         """Component ids a config removes."""

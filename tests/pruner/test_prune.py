@@ -342,3 +342,33 @@ def test_sensitivity_profile_is_reported_and_reused() -> None:
     assert any("0 probes" in note for note in second.notes)
     with pytest.raises(pruner.InvalidConfigError, match="sensitivity"):
         PruneOptions(sensitivity={"w": [[0.5, float("nan")]]})
+
+
+def test_a_family_whose_removal_breaks_the_model_keeps_its_channels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A channel rule that does not fit the graph (as Splits sharing their sizes once did): the
+    trial removal finds the family, it is left out of the search and named, the run goes on."""
+    from pruner import _remove
+    from pruner._structure import analyze_structure
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+    model = onnx.load(str(fixtures / "cnn.onnx"))
+    families = analyze_structure(model).families
+    victim = families[1]
+    real_remove = _remove.remove_components
+
+    def faulty(model: onnx.ModelProto, structure, removed, **kwargs):  # type: ignore[no-untyped-def]
+        out = real_remove(model, structure, removed, **kwargs)
+        if int(victim.components[0]) in {int(c) for c in removed}:  # as if its rule were wrong
+            bias = next(t for t in reversed(out.graph.initializer) if len(t.dims) == 1)
+            bias.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(bias) + 1.0, bias.name))
+        return out
+
+    monkeypatch.setattr(_remove, "remove_components", faulty)
+    options = PruneOptions(
+        mode=pruner.Mode.REMOVE, recover=pruner.Recovery.NONE, target_sparsity=0.3, tolerance=Tolerance(1.0)
+    )
+    result = pruner.prune(model, fixtures / "cnn_eval.npz", options)
+    skipped = result.report.to_dict()["skipped"]
+    assert [s["name"] for s in skipped if "changed the outputs" in s["reason"]] == [victim.name]
+    assert result.report.bytes_after < result.report.bytes_before  # the other families went
+    onnx.checker.check_model(result.model, full_check=True)
