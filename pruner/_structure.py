@@ -29,6 +29,7 @@ of depthwise convs, ``split`` sizes, Reshape targets).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -336,8 +337,30 @@ class _Builder:
                     approximate=next((approximate[c] for c in comps if c in approximate), None),
                 )
             )
+        self._distinct_names(families, component)
         families.sort(key=lambda f: f.name)
         return families, sorted(skipped.items())
+
+    def _distinct_names(self, families: list[Family], component: np.ndarray) -> None:
+        """Families of one weight (the halves a Split makes of a conv's channels) are named after
+        their channel range in it, ``w[0:16]``, ``w[16:32]``: a plan names each on its own."""
+        by_name: dict[str, list[int]] = defaultdict(list)
+        for k, family in enumerate(families):
+            by_name[family.name].append(k)
+        for name, members in by_name.items():
+            if len(members) < 2:
+                continue
+            labels = []
+            for k in members:
+                slot = next(s for s in families[k].slots if s[0] == name)
+                base, size = self.slot_base[slot], self.slot_size[slot]
+                mine = set(families[k].components.tolist())
+                at = [j for j in range(size) if int(component[base + j]) in mine]
+                labels.append(f"{name}[{min(at)}:{max(at) + 1}]" if at else f"{name}#{k}")
+            if len(set(labels)) < len(labels):  # interleaved channels: numbered instead
+                labels = [f"{name}#{j}" for j in range(len(members))]
+            for k, label in zip(members, labels, strict=True):
+                families[k] = dataclasses.replace(families[k], name=label)
 
 
 class _Stop(Exception):

@@ -12,6 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+import pruner
 from pruner._static import static_reshapes
 from pruner._structure import analyze_structure, mask_norms, remove_components, zero_components
 from tests.helpers import parse
@@ -497,8 +498,13 @@ def test_splits_sharing_their_sizes_get_their_own() -> None:
     counts (with one shared tensor, the last written broke the other Split)."""
     model = build(RULES["shared-split-sizes"])
     structure = analyze_structure(model)
-    halves = [f for f in structure.families if f.name in ("w1", "w2")]  # a family per Split output
-    assert [(f.name, len(f.components)) for f in halves] == [("w1", 4), ("w1", 4), ("w2", 4), ("w2", 4)]
+    halves = structure.families  # a family per Split output, named after its channels
+    assert [(f.name, len(f.components)) for f in halves] == [
+        ("w1[0:4]", 4),
+        ("w1[4:8]", 4),
+        ("w2[0:4]", 4),
+        ("w2[4:8]", 4),
+    ]
     removed = [int(c) for c in halves[0].components[:2]]  # two of h's first half: 2 + 4 after
     removed.append(int(halves[3].components[3]))  # one of g's second half: 4 + 3 after
     pruned = remove_components(model, structure, removed)
@@ -508,3 +514,25 @@ def test_splits_sharing_their_sizes_get_their_own() -> None:
     np.testing.assert_allclose(
         run(pruned, IMAGE), run(zero_components(model, structure, removed), IMAGE), atol=1e-5, rtol=1e-5
     )
+
+
+def test_a_plan_with_split_families_replays_to_the_same_model() -> None:
+    """Each half of a Split is a family of the same weight: with one name for both, a plan's
+    replay gave the second half's amount to the first (nudenet's YOLOv8n replayed wrongly)."""
+    model = build(RULES["shared-split-sizes"])
+    x = np.random.default_rng(11).standard_normal((64, 3, 8, 8)).astype(np.float32)
+    evalset = pruner.EvalSet({"x": x}, None)
+    options = pruner.PruneOptions(
+        mode=pruner.Mode.REMOVE,
+        metric=pruner.MetricKind.COSINE,
+        recover=pruner.Recovery.NONE,
+        channel_multiple=1,
+        target_sparsity=0.4,
+        tolerance=pruner.Tolerance(1.0),
+    )
+    result = pruner.prune(model, evalset, options)
+    amounts = {layer.tensor: layer.amount for layer in result.plan.layers}
+    assert sorted(amounts) == ["w1[0:4]", "w1[4:8]", "w2[0:4]", "w2[4:8]"]
+    assert len(set(amounts.values())) > 1  # the halves go by different amounts
+    replayed = pruner.apply_plan(result.plan, model)
+    np.testing.assert_allclose(run(replayed, x), run(result.model, x), atol=1e-6)
