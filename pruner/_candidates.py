@@ -371,9 +371,7 @@ class ChannelCandidates(_Candidates):
                 return "removing its channels made the outputs non-finite"
             exact = [f for f in group if not f.approximate]
             if exact and len(exact) == len(group):
-                ref = outputs(zeroed)
-                scale = float(np.abs(ref).max()) if ref.size else 0.0
-                if out.shape != ref.shape or not np.allclose(out, ref, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
+                if not _same_outputs(out, outputs(zeroed)):
                     return "removing its channels changed the outputs (zeroing them does not)"
             return None
 
@@ -403,9 +401,7 @@ class ChannelCandidates(_Candidates):
             out = evaluator.outputs(self.remover.runner(self.remover.space.empty(), evaluator.output, 1), sample)
         except UnsupportedModelError:
             return "the model did not run on the eval set"
-        ref = evaluator.reference[sample]
-        scale = float(np.abs(ref).max()) if ref.size else 0.0
-        if out.shape != ref.shape or not np.allclose(out, ref, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
+        if not _same_outputs(out, evaluator.reference[sample]):
             return "they changed the outputs on the eval set"
         return None
 
@@ -491,6 +487,13 @@ def _calibrate(
     return calibration
 
 
+def _same_outputs(out: np.ndarray, ref: np.ndarray) -> bool:
+    """Whether two runs of what should be one model agree up to float reordering (relative 1e-3,
+    absolute 1e-4 of the largest reference value)."""
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    return out.shape == ref.shape and bool(np.allclose(out, ref, rtol=1e-3, atol=1e-4 * max(scale, 1.0)))
+
+
 def _choose_strategy(
     builder: ModelBuilder, evaluator: Evaluator, search_idx: np.ndarray, options: PruneOptions
 ) -> tuple[Callable[[Mapping[str, np.ndarray]], Runner], str]:
@@ -528,9 +531,7 @@ def _choose_strategy(
     sample = search_idx[: max(STRATEGY_SAMPLES, 4 * evaluator.batch_size)]
     fed_runner = fed.runner(split.weights)
     fed_out = evaluator.outputs(fed_runner, sample)  # also warms the session up
-    ref = evaluator.reference[sample]
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    if not np.allclose(fed_out, ref, rtol=1e-3, atol=1e-4 * max(scale, 1.0)):
+    if not _same_outputs(fed_out, evaluator.reference[sample]):
         return built, "candidates ran as sessions of the built model (fed weights changed the outputs)"
     timed = {}
     for name, runner in (("fed", fed_runner), ("built", base)):
