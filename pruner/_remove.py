@@ -278,7 +278,7 @@ class Remover:
 
     def trial(self, families: list[Family]) -> tuple[bytes, bytes]:
         """The model without the first channel of each of ``families``, and with it zeroed
-        instead: the two must give the same outputs (what ``check_removals`` runs)."""
+        instead: the two must give the same outputs (``ChannelCandidates._check_removals`` runs both)."""
         removed = [int(f.components[0]) for f in families]
         return (
             remove_components(self.model, self.structure, removed).SerializeToString(),
