@@ -14,6 +14,7 @@ from __future__ import annotations
 from ._analysis import Inspection, PrunableWeight, SkippedWeight
 from ._errors import (
     CancelledError,
+    InternalError,
     InvalidConfigError,
     InvalidEvalSetError,
     InvalidInputError,
@@ -37,6 +38,7 @@ __all__ = [
     "EvalSet",
     "EventKind",
     "Inspection",
+    "InternalError",
     "InvalidConfigError",
     "InvalidEvalSetError",
     "InvalidInputError",

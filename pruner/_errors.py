@@ -9,7 +9,8 @@ Every error the library raises on purpose derives from :class:`PrunerError`::
     │   └── InvalidConfigError     an option is out of range or inconsistent
     ├── UnsupportedModelError      a valid model that onnxruntime or the pruner cannot run
     ├── ResourceLimitError         input over a configured size limit
-    └── CancelledError             the caller asked the run to stop
+    ├── CancelledError             the caller asked the run to stop
+    └── InternalError              a bug of ours: a model we built fails our own checks
 
 Messages say what is wrong and what to fix; they never carry a traceback.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 __all__ = [
     "CancelledError",
+    "InternalError",
     "InvalidConfigError",
     "InvalidEvalSetError",
     "InvalidInputError",
@@ -58,3 +60,7 @@ class ResourceLimitError(PrunerError):
 
 class CancelledError(PrunerError):
     """The run was stopped through its stop event."""
+
+
+class InternalError(PrunerError):
+    """A bug in onnx-pruner, not a problem of the caller's input: a model it built fails its own checks."""

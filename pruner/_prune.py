@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from ._analysis import Inspection, analyze
 from ._candidates import ChannelCandidates, RunContext, WeightCandidates
-from ._errors import InvalidConfigError, InvalidEvalSetError, InvalidModelError, UnsupportedModelError
+from ._errors import InternalError, InvalidConfigError, InvalidEvalSetError, InvalidModelError, UnsupportedModelError
 from ._evalset import EvalSet, InputSpec, load_eval_set, model_inputs, validate_eval_set
 from ._evaluate import Evaluator, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._graph import declared_shape
@@ -563,7 +563,7 @@ class _FinalCheck:
         try:
             onnx.checker.check_model(data, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
-            raise UnsupportedModelError(f"internal error: the pruned model fails the checker ({e})") from e
+            raise InternalError(f"the pruned model fails the checker ({e})") from e
         final = self._measure(make_session(data, threads=self.threads))
         model = onnx.ModelProto.FromString(data)
         self._validate(model, None)
@@ -574,10 +574,10 @@ class _FinalCheck:
             try:
                 _check(model, path)
             except InvalidModelError as e:  # a bug of ours; never hand such a model out
-                raise UnsupportedModelError(f"internal error: the pruned model fails the checker ({e})") from e
+                raise InternalError(f"the pruned model fails the checker ({e})") from e
         names = ([i.name for i in model.graph.input], [o.name for o in model.graph.output])
         if names != self.io_names:
-            raise UnsupportedModelError("internal error: the pruned model's inputs or outputs changed")
+            raise InternalError("the pruned model's inputs or outputs changed")
 
     def _measure(self, session: ort.InferenceSession) -> SplitMetric:
         runner = session_runner(session, self.evaluator.output)

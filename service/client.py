@@ -16,7 +16,6 @@ import pruner
 from service import convert
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 from service._gen.onnxpruner.v1 import pruner_pb2_grpc as pb_grpc
-from service.server import CHUNK_BYTES
 
 __all__ = ["Connection", "RemoteError", "RemoteResult"]
 
@@ -55,8 +54,8 @@ def _chunks(source: Source) -> Iterator[bytes]:
     """The bytes of ``source`` in pieces, read from disk as they are sent."""
     if isinstance(source, (bytes, bytearray)):
         view = memoryview(source)
-        for start in range(0, len(view), CHUNK_BYTES):
-            yield bytes(view[start : start + CHUNK_BYTES])
+        for start in range(0, len(view), convert.CHUNK_BYTES):
+            yield bytes(view[start : start + convert.CHUNK_BYTES])
         return
     try:
         handle = open(source, "rb")  # closed by the with below
@@ -65,7 +64,7 @@ def _chunks(source: Source) -> Iterator[bytes]:
     except OSError as e:
         raise pruner.InvalidInputError(f"cannot read {str(source)!r}: {e.strerror or e}") from e
     with handle:
-        while chunk := handle.read(CHUNK_BYTES):
+        while chunk := handle.read(convert.CHUNK_BYTES):
             yield chunk
 
 

@@ -16,6 +16,7 @@ from pruner import Allocation, Criterion, EventKind, MetricKind, Mode, Objective
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 
 __all__ = [
+    "CHUNK_BYTES",
     "EvalTensors",
     "event_from_proto",
     "event_to_proto",
@@ -23,6 +24,9 @@ __all__ = [
     "options_from_proto",
     "options_to_proto",
 ]
+
+CHUNK_BYTES = 1 << 20
+"""Largest chunk either side sends (the proto's documented limit)."""
 
 # library enum <-> proto enum value; UNSPECIFIED (0) means the library's default
 _MODES = {Mode.ZERO: pb.MODE_ZERO, Mode.REMOVE: pb.MODE_REMOVE, Mode.NM: pb.MODE_NM}

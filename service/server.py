@@ -36,12 +36,10 @@ from service import convert
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 from service._gen.onnxpruner.v1 import pruner_pb2_grpc as pb_grpc
 
-__all__ = ["CHUNK_BYTES", "ServerConfig", "create_server", "main"]
+__all__ = ["ServerConfig", "create_server", "main"]
 
 logger = logging.getLogger("onnxpruner.service")
 
-CHUNK_BYTES = 1 << 20
-"""Largest chunk either side sends."""
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["PrunerService"].full_name
 MiB = 1 << 20
 
@@ -257,8 +255,8 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
             )
         )
         view = memoryview(data)
-        for start in range(0, len(data), CHUNK_BYTES):
-            yield pb.PruneResponse(model_chunk=bytes(view[start : start + CHUNK_BYTES]))
+        for start in range(0, len(data), convert.CHUNK_BYTES):
+            yield pb.PruneResponse(model_chunk=bytes(view[start : start + convert.CHUNK_BYTES]))
         job.log("ok", status=report.status, sparsity=round(report.sparsity, 4))
 
     def Inspect(self, request_iterator: Iterator[pb.InspectRequest], context: grpc.ServicerContext) -> Any:
