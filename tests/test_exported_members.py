@@ -8,6 +8,7 @@ import pruner
 
 EXPECTED = {
     "Allocation", "CancelledError", "CandidateRecord", "Criterion", "EvalSet", "EventKind", "Inspection",
+    "InternalError",
     "InvalidConfigError", "InvalidEvalSetError", "InvalidInputError", "InvalidModelError", "LayerPlan",
     "LayerReport", "MetricKind", "Mode", "Objective", "PlanIssue", "ProgressEvent", "PrunableWeight",
     "PruneOptions", "PruneResult", "PrunerError", "PruningPlan", "Recovery", "Report", "ResourceLimitError",
