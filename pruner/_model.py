@@ -85,6 +85,11 @@ def _check(model: onnx.ModelProto, source: Path | bytes | None = None) -> None:
     spares the checker a serialization of its own."""
     if not model.opset_import:
         raise InvalidModelError("the model declares no opset (opset_import is empty)")
+    if not model.graph.output:
+        raise InvalidModelError(
+            "the model's graph declares no outputs, so there is nothing to run or measure: "
+            "list the tensors the model computes as graph outputs"
+        )
     try:
         if isinstance(source, Path):
             onnx.checker.check_model(str(source), full_check=True)

@@ -21,7 +21,7 @@ from ._candidates import ChannelCandidates, RunContext, WeightCandidates
 from ._errors import InternalError, InvalidConfigError, InvalidEvalSetError, InvalidModelError, UnsupportedModelError
 from ._evalset import EvalSet, InputSpec, load_eval_set, model_inputs, validate_eval_set
 from ._evaluate import Evaluator, ModelBuilder, Runner, SplitModel, make_session, session_runner
-from ._graph import declared_shape
+from ._graph import declared_shape, reads
 from ._metrics import Metric
 from ._model import _check, load_model, save_model, session_source
 from ._nm import NMSpace
@@ -113,6 +113,45 @@ def _output_shape(model: onnx.ModelProto, name: str) -> tuple[int | None, ...]:
     return ()
 
 
+def _check_measured_output(model: onnx.ModelProto, output: str, *, chosen: bool) -> None:
+    """Refuse an output the metric could not see pruning in: a graph input passed through, or a
+    value that depends on no model input (an initializer, a constant subgraph).
+
+    Raises:
+        InvalidConfigError: ``output`` was chosen in the options.
+        UnsupportedModelError: it is the model's first output, the default.
+    """
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = {v.name for v in graph.input if v.name not in initializers}
+    if output in inputs:
+        why = "is a model input passed through unchanged"
+    else:
+        producers = {name: node for node in graph.node for name in node.output if name}
+        seen: set[str] = set()
+        todo = [output]
+        reached = False
+        while todo and not reached:
+            name = todo.pop()
+            if name in seen:
+                continue
+            seen.add(name)
+            if name in inputs:
+                reached = True
+            elif name in producers:
+                todo.extend(reads(producers[name]))
+        if reached:
+            return
+        kind = "an initializer" if output in initializers else "computed from constants only"
+        why = f"is {kind}: it does not depend on any model input"
+    others = [o.name for o in graph.output if o.name != output]
+    hint = f"; choose another output ({', '.join(map(repr, others))})" if others else ""
+    message = f"output {output!r} {why}, so the metric cannot see what pruning does{hint}"
+    if chosen:
+        raise InvalidConfigError(message)
+    raise UnsupportedModelError(message + " with the output option" if others else message)
+
+
 def prune(
     model: ModelSource,
     evalset: EvalSource,
@@ -146,11 +185,17 @@ def prune(
     original = _load(model)
     data = evalset if isinstance(evalset, EvalSet) else load_eval_set(evalset)
     specs = model_inputs(original)
+    if not specs:
+        raise UnsupportedModelError(
+            "the model has no inputs (every graph input is an initializer): its outputs are constants, "
+            "so no eval set can measure what pruning does"
+        )
     validate_eval_set(data, specs)
     outputs = [o.name for o in original.graph.output]
     output = options.output or outputs[0]
     if output not in outputs:
         raise InvalidConfigError(f"output {output!r} is not a model output; outputs: {', '.join(outputs)}")
+    _check_measured_output(original, output, chosen=options.output is not None)
     metric = Metric(options.metric, options.top_k)
     metric.check_labels(data.labels, _output_shape(original, output))
     search_idx, hold_idx = _split(len(data), options.holdout_fraction, options.seed)
