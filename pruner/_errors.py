@@ -55,7 +55,10 @@ class UnsupportedModelError(PrunerError):
 
 
 class ResourceLimitError(PrunerError):
-    """An input exceeds a configured size limit."""
+    """An input exceeds a configured size limit (or the memory the machine has free)."""
+
+    subject: str = ""
+    """The limit that was hit, named as the service configures it (e.g. ``"max_eval_bytes"``); empty if unnamed."""
 
 
 class CancelledError(PrunerError):

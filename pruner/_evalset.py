@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
 import os
+import sys
+import traceback
 import zipfile
+import zlib
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 import onnx
 
-from ._errors import InvalidEvalSetError
+from ._errors import InvalidEvalSetError, ResourceLimitError
 from ._graph import declared_shape
 
 __all__ = ["EvalSet", "InputSpec", "load_eval_set", "model_inputs"]
@@ -51,16 +57,24 @@ class EvalSet:
         )
 
 
-def load_eval_set(source: str | os.PathLike[str] | bytes) -> EvalSet:
-    """Read an ``.npz`` (never unpickling anything).
+def load_eval_set(source: str | os.PathLike[str] | bytes, *, max_bytes: int | None = None) -> EvalSet:
+    """Read an ``.npz`` (never unpickling anything), refusing decompression bombs up front.
+
+    Every member's ``.npy`` header is read and checked before any array is allocated: its
+    declared size must agree with the zip directory, and the sum of the declared sizes must
+    stay within ``max_bytes`` (decoded bytes, not compressed ones). Without ``max_bytes``,
+    the sum must still fit in the memory the machine has free.
 
     Raises:
-        InvalidEvalSetError: unreadable file, pickled object arrays, or no arrays.
+        InvalidEvalSetError: unreadable file, pickled object arrays, a header that does not
+            match the member's size, or no arrays.
+        ResourceLimitError: the decoded arrays would exceed ``max_bytes`` or the free memory
+            (``subject`` is ``"max_eval_bytes"``).
     """
     what = "the eval set bytes" if isinstance(source, (bytes, bytearray)) else repr(str(source))
     try:
         if isinstance(source, (bytes, bytearray)):
-            handle: io.BufferedIOBase | io.BytesIO = io.BytesIO(bytes(source))
+            handle: io.BufferedIOBase | io.BytesIO = io.BytesIO(source)  # shares a bytes object's memory
         else:
             handle = open(source, "rb")
     except FileNotFoundError as e:
@@ -77,20 +91,181 @@ def load_eval_set(source: str | os.PathLike[str] | bytes) -> EvalSet:
         if magic[:2] != _ZIP_MAGIC:
             raise InvalidEvalSetError(f"{what} is not a readable .npz archive (no zip header)")
         try:
-            with np.load(handle, allow_pickle=False) as npz:
-                arrays = {key: npz[key] for key in npz.files}
-        except ValueError as e:
-            if "pickle" in str(e).lower():
-                raise InvalidEvalSetError(
-                    f"{what} contains pickled object arrays, which are never loaded; store plain numeric arrays"
-                ) from e
-            raise InvalidEvalSetError(f"{what} is not a readable .npz archive: {e}") from e
-        except (OSError, zipfile.BadZipFile, EOFError) as e:
+            with zipfile.ZipFile(handle) as archive:
+                members = _headers(archive, what, max_bytes)
+                arrays = _read_arrays(archive, members, what)
+        except (OSError, zipfile.BadZipFile, EOFError, ValueError, zlib.error) as e:
             raise InvalidEvalSetError(f"{what} is not a readable .npz archive: {e}") from e
     if not arrays:
         raise InvalidEvalSetError(f"{what} holds no arrays")
     labels = arrays.pop(LABELS_KEY, None)
     return EvalSet(arrays, labels)
+
+
+@dataclass(frozen=True)
+class _Member:
+    """One ``.npy`` member of an archive, as its header declares it."""
+
+    info: zipfile.ZipInfo
+    key: str
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+    data_offset: int
+    """Bytes of magic and header before the array data."""
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+READ_CHUNK = 8 << 20
+"""Bytes decompressed at a time straight into an array's memory."""
+MAX_HEADER = 10_000
+"""Largest ``.npy`` header read (numpy's own default)."""
+
+
+def _headers(archive: zipfile.ZipFile, what: str, max_bytes: int | None) -> list[_Member]:
+    """Every member's header, checked, before anything is allocated for its data."""
+    members = []
+    total = 0
+    available = None if max_bytes is not None else available_memory()
+    for info in archive.infolist():
+        if info.is_dir():
+            continue
+        if not info.filename.endswith(".npy"):
+            raise InvalidEvalSetError(f"{what}: member {info.filename!r} is not a .npy array")
+        with archive.open(info) as stream:
+            member = _header(stream, info, what)
+        declared = member.nbytes
+        total += declared
+        if max_bytes is not None and total > max_bytes:
+            raise _limit_error(
+                f"{what}: member {info.filename!r} declares {_shape_text(member.shape)} {member.dtype}, "
+                f"{_size_text(declared)} decoded, which takes the eval set to {_size_text(total)}, over the "
+                f"limit of {_size_text(max_bytes)} (the limit counts decoded bytes, not compressed ones)"
+            )
+        if available is not None and total > available:
+            raise _limit_error(
+                f"{what}: member {info.filename!r} declares {_shape_text(member.shape)} {member.dtype}, "
+                f"{_size_text(declared)} decoded, which takes the eval set to {_size_text(total)}, more than "
+                f"the {_size_text(available)} of memory this machine has free"
+            )
+        # after the limits: a claim too large to allocate is refused as such, whatever the directory says
+        if member.data_offset + declared != info.file_size:
+            raise InvalidEvalSetError(
+                f"{what}: member {info.filename!r} declares {_shape_text(member.shape)} {member.dtype} "
+                f"({declared} bytes of data) but the zip directory gives it {info.file_size - member.data_offset}: "
+                "the archive is truncated or inconsistent"
+            )
+        members.append(member)
+    return members
+
+
+def _header(stream: IO[bytes], info: zipfile.ZipInfo, what: str) -> _Member:
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=MAX_HEADER)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=MAX_HEADER)
+        elif version == (3, 0):
+            shape, fortran, dtype = _read_header_3_0(stream)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+    except (ValueError, EOFError, SyntaxError, TypeError) as e:
+        raise InvalidEvalSetError(f"{what}: member {info.filename!r} has no valid .npy header ({e})") from e
+    dtype = np.dtype(dtype)
+    if dtype.hasobject:
+        raise InvalidEvalSetError(
+            f"{what} contains pickled object arrays (member {info.filename!r}), which are never loaded; "
+            "store plain numeric arrays"
+        )
+    if any(not isinstance(d, int) or d < 0 for d in shape):
+        raise InvalidEvalSetError(f"{what}: member {info.filename!r} declares an invalid shape {shape!r}")
+    return _Member(info, info.filename[: -len(".npy")], tuple(shape), bool(fortran), dtype, stream.tell())
+
+
+def _read_header_3_0(stream: IO[bytes]) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """Version 3.0 (a UTF-8 header): numpy has no public reader for it."""
+    from numpy.lib import _format_impl
+
+    read = getattr(_format_impl, "_read_array_header")  # noqa: B009 (private: not in numpy's stubs)
+    shape, fortran, dtype = read(stream, (3, 0), MAX_HEADER)
+    return tuple(shape), bool(fortran), np.dtype(dtype)
+
+
+def _read_arrays(archive: zipfile.ZipFile, members: list[_Member], what: str) -> dict[str, np.ndarray]:
+    """The members' arrays. On any failure nothing read so far stays referenced (the error's
+    traceback keeps no frame holding an array)."""
+    arrays: dict[str, np.ndarray] = {}
+    try:
+        for member in members:
+            arrays[member.key] = _read_array(archive, member, what)
+    except BaseException as e:
+        arrays.clear()
+        traceback.clear_frames(e.__traceback__)
+        if isinstance(e, MemoryError):
+            raise _limit_error(
+                f"{what}: not enough memory to read member {member.info.filename!r} "
+                f"({_size_text(member.nbytes)} decoded)"
+            ) from None
+        raise
+    return arrays
+
+
+def _read_array(archive: zipfile.ZipFile, member: _Member, what: str) -> np.ndarray:
+    """One member's array, decompressed chunk by chunk into its memory (one allocation)."""
+    array = np.empty(member.shape, dtype=member.dtype, order="F" if member.fortran else "C")
+    try:
+        with archive.open(member.info) as stream:
+            stream.seek(member.data_offset)
+            if array.nbytes:
+                view = array.reshape(-1, order="A").view(np.uint8)
+                done = 0
+                while done < len(view):
+                    chunk = stream.read(min(READ_CHUNK, len(view) - done))
+                    if not chunk:
+                        raise InvalidEvalSetError(
+                            f"{what}: member {member.info.filename!r} ends after {done} of its "
+                            f"{array.nbytes} bytes of data: the archive is truncated"
+                        )
+                    view[done : done + len(chunk)] = np.frombuffer(chunk, dtype=np.uint8)
+                    done += len(chunk)
+                del view, chunk
+            if stream.read(1):  # also makes zipfile check the member's CRC
+                raise InvalidEvalSetError(f"{what}: member {member.info.filename!r} holds more data than declared")
+    except BaseException:
+        del array
+        raise
+    return array
+
+
+def _limit_error(message: str) -> ResourceLimitError:
+    error = ResourceLimitError(message)
+    error.subject = "max_eval_bytes"
+    return error
+
+
+def available_memory() -> int:
+    """Bytes of memory the machine can give a new allocation now: MemAvailable of /proc/meminfo
+    (free memory plus reclaimable caches), else the free pages ``sysconf`` reports."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return sys.maxsize
+
+
+def _size_text(size: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if size >= 1 << shift:
+            return f"{size / (1 << shift):.1f} {unit} ({size} bytes)"
+    return f"{size} bytes"
 
 
 def model_inputs(model: onnx.ModelProto) -> list[InputSpec]:

@@ -164,7 +164,8 @@ def prune(
 
     Args:
         model: a path, serialized bytes, or a ``ModelProto`` (never modified).
-        evalset: an ``.npz`` path or bytes, or an :class:`EvalSet`.
+        evalset: an ``.npz`` path or bytes (read with :func:`load_eval_set`: no more decoded
+            data than the machine has free memory for), or an :class:`EvalSet`.
         options: the run's options; defaults when None.
         on_progress: called with a :class:`ProgressEvent` as the run goes on.
         stop: set it to cancel; the run raises :class:`CancelledError` within one batch.
@@ -175,6 +176,7 @@ def prune(
     Raises:
         InvalidModelError, InvalidEvalSetError, InvalidConfigError: bad input.
         UnsupportedModelError: onnxruntime cannot run the model.
+        ResourceLimitError: the eval set's arrays would not fit in memory.
         CancelledError: ``stop`` was set.
     """
     options = options or PruneOptions()

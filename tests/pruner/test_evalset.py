@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import gc
+import io
+import resource
+import subprocess
+import sys
+import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -131,6 +138,178 @@ def test_npz_with_no_arrays(tmp_path: Path) -> None:
     path = tmp_path / "empty.npz"
     np.savez(path)
     assert "no arrays" in load_error(path)
+
+
+# --- decompression bombs and lying headers ------------------------------------------------------
+
+GIB = 1 << 30
+
+
+def write_bomb(path: Path, nbytes: int, *, name: str = "x.npy") -> Path:
+    """A deflated .npz whose member is ``nbytes`` of float64 zeros, streamed: never held in memory."""
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype("<f8")), "fortran_order": False, "shape": (nbytes // 8,)}
+    chunk = bytes(1 << 20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as archive:
+        with archive.open(name, "w", force_zip64=True) as stream:
+            np.lib.format.write_array_header_2_0(stream, header)
+            for _ in range(nbytes // len(chunk)):
+                stream.write(chunk)
+    return path
+
+
+def write_claim(path: Path, shape: tuple[int, ...], data: bytes = b"", *, name: str = "x.npy") -> Path:
+    """An .npz whose member's header declares ``shape`` float64 but holds only ``data``."""
+    header = {"descr": "<f8", "fortran_order": False, "shape": shape}
+    stream = io.BytesIO()
+    np.lib.format.write_array_header_1_0(stream, header)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(name, stream.getvalue() + data)
+    return path
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = write_bomb(tmp_path_factory.mktemp("bomb") / "bomb.npz", GIB)
+    assert path.stat().st_size < 8 << 20  # a few MB on disk
+    return path
+
+
+def test_a_decompression_bomb_is_refused_by_its_decoded_size_before_it_is_decoded(bomb: Path) -> None:
+    before = peak_rss()
+    for source in (bomb, bomb.read_bytes()):
+        with pytest.raises(pruner.ResourceLimitError) as info:
+            pruner.load_eval_set(source, max_bytes=64 << 20)
+        message = str(info.value)
+        assert "'x.npy'" in message and "1.0 GiB" in message and "64.0 MiB" in message
+        assert info.value.subject == "max_eval_bytes"
+    assert peak_rss() - before < GIB // 4  # the array (1 GiB) was never allocated
+
+
+def test_the_limit_counts_decoded_bytes_of_all_members(tmp_path: Path) -> None:
+    arrays = {"x": np.zeros((1000, 8), np.float32), "labels": np.zeros(1000, np.int64)}
+    path = tmp_path / "eval.npz"
+    np.savez_compressed(path, **arrays)
+    assert path.stat().st_size < 4000  # compressed, far below what it decodes to
+    total = sum(a.nbytes for a in arrays.values())
+    assert len(pruner.load_eval_set(path, max_bytes=total)) == 1000
+    with pytest.raises(pruner.ResourceLimitError, match=rf"over the limit of .*\({total - 1} bytes\)"):
+        pruner.load_eval_set(path, max_bytes=total - 1)
+
+
+def test_a_header_claiming_more_than_the_machine_has_is_refused_without_a_limit(tmp_path: Path) -> None:
+    path = write_claim(tmp_path / "claim.npz", (10_000_000_000,))  # 80 GB of float64
+    with pytest.raises(pruner.ResourceLimitError) as info:
+        pruner.load_eval_set(path)
+    assert "'x.npy'" in str(info.value) and "free" in str(info.value)
+    assert info.value.subject == "max_eval_bytes"
+    # the same guard when prune is given the path
+    with pytest.raises(pruner.ResourceLimitError, match=r"'x\.npy'"):
+        pruner.prune(tiny_mlp(), path, FAST)
+
+
+def test_a_header_whose_product_is_absurd_is_a_resource_limit(tmp_path: Path) -> None:
+    path = write_claim(tmp_path / "claim.npz", (1 << 62, 1 << 62, 16))  # would overflow int64
+    with pytest.raises(pruner.ResourceLimitError, match=r"'x\.npy'"):
+        pruner.load_eval_set(path)
+
+
+def test_a_header_larger_than_its_data_is_a_truncated_archive(tmp_path: Path) -> None:
+    path = write_claim(tmp_path / "short.npz", (100,), np.zeros(5).tobytes())
+    message = load_error(path)
+    assert "'x.npy'" in message and "800 bytes" in message and "truncated or inconsistent" in message
+
+
+def test_a_zip_directory_that_lies_about_a_members_size_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "lying.npz"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        stream = io.BytesIO()
+        np.save(stream, np.arange(16, dtype=np.float64))
+        archive.writestr("x.npy", stream.getvalue())
+    data = bytearray(path.read_bytes())
+    central = data.index(b"PK\x01\x02")  # uncompressed size: 4 bytes at offset 24 of the entry
+    size = int.from_bytes(data[central + 24 : central + 28], "little")
+    data[central + 24 : central + 28] = (size + 64).to_bytes(4, "little")
+    message = load_error(bytes(data))
+    assert "'x.npy'" in message and "zip directory" in message
+
+
+def test_a_member_that_decodes_to_other_data_than_declared_is_refused(tmp_path: Path) -> None:
+    path = write_npz(tmp_path / "eval.npz", {"x": np.arange(4096, dtype=np.float64)})
+    with zipfile.ZipFile(path) as archive:
+        info = archive.infolist()[0]
+    data = bytearray(path.read_bytes())
+    middle = info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2
+    data[middle] ^= 0xFF
+    assert "not a readable .npz" in load_error(bytes(data))
+
+
+def test_an_error_mid_archive_leaves_no_array_alive(tmp_path: Path) -> None:
+    """The arrays read before a bad member are freed, even while the error is kept (as a server
+    logs it): no frame of its traceback holds them."""
+    path = tmp_path / "bad.npz"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in (("a", np.ones(4 << 20)), ("b", np.arange(1024, dtype=np.float64))):
+            stream = io.BytesIO()
+            np.save(stream, array)
+            archive.writestr(f"{name}.npy", stream.getvalue())
+    data = bytearray(path.read_bytes())
+    data[data.index(b"b.npy") + 200] ^= 0xFF  # a byte of b's data: its CRC no longer matches
+    path.write_bytes(data)
+    del data
+    tracemalloc.start()
+    try:
+        with pytest.raises(pruner.InvalidEvalSetError, match=r"not a readable \.npz") as info:
+            pruner.load_eval_set(path)
+        gc.collect()
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert info.value.__cause__ is not None
+    assert peak > 32 << 20  # a (32 MiB) was read
+    assert current < 4 << 20  # and is gone
+
+
+def test_a_member_that_is_not_an_npy_array_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "extra.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("notes.txt", "hello")
+    assert "'notes.txt' is not a .npy array" in load_error(path)
+
+
+def test_fortran_order_and_big_endian_arrays_read_back_exactly(tmp_path: Path) -> None:
+    x = np.asfortranarray(seeded((7, 5))).astype(">f4")
+    path = tmp_path / "eval.npz"
+    np.savez_compressed(path, x=x, labels=np.arange(7))
+    evalset = pruner.load_eval_set(path, max_bytes=1 << 20)
+    np.testing.assert_array_equal(evalset.inputs["x"], x)
+    assert evalset.inputs["x"].dtype == x.dtype
+    np.testing.assert_array_equal(evalset.labels, np.arange(7))
+
+
+def test_running_out_of_memory_while_reading_is_a_resource_limit(bomb: Path) -> None:
+    """The header's 1 GiB passes the free-memory guard, but the process may not have it (an address
+    space limit, as a container's would be): the allocation fails and the error says so."""
+    script = f"""
+import resource, sys
+import numpy as np
+import pruner
+with open("/proc/self/status") as f:
+    vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (vm + (256 << 20), vm + (256 << 20)))
+try:
+    pruner.load_eval_set({str(bomb)!r})
+except pruner.ResourceLimitError as e:
+    print("refused:", e)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[2]
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("refused:") and "'x.npy'" in done.stdout and "not enough memory" in done.stdout
 
 
 # --- matching the model (validated by prune) ----------------------------------------------------
