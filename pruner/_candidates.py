@@ -11,6 +11,7 @@ what the written model is. ``prune()`` drives any of them through the same searc
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import numpy as np
 import onnx
 
 from ._analysis import Inspection, analyze
-from ._errors import UnsupportedModelError
+from ._errors import UnsupportedModelError, check_stop
 from ._evalset import EvalSet
 from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
@@ -65,6 +66,8 @@ class _Candidates:
 
     options: PruneOptions
     notes: list[str]
+    evaluator: Evaluator
+    """Runs candidates; its ``stop`` cancels every long step of the candidates too."""
     space: ZeroSpace | NMSpace
     units: list[Any]
     calibration: Calibration | None = None
@@ -86,7 +89,7 @@ class _Candidates:
     def with_probe(self, probe: Probe) -> dict[str, list[list[float]]]:
         """Finish the space with label-free probes (sensitivity profiles when asked)."""
         if self.options.allocation is Allocation.SENSITIVITY and self.units and isinstance(self.space, ZeroSpace):
-            return _sensitivity(self.space, probe, self.options, self.notes)
+            return _sensitivity(self.space, probe, self.options, self.notes, self.evaluator.stop)
         return {}
 
 
@@ -141,6 +144,7 @@ class WeightCandidates(_Candidates):
         else:
             units = []
             for layer in inspection.layers:
+                check_stop(evaluator.stop)
                 weight = self.split.weights[layer.name]
                 scores = unit_scores(options.criterion, layer, weight, self.calibration)
                 units.append(build_units(layer, weight, scores, self.gran, options.allocation, options.layer_cap))
@@ -180,6 +184,7 @@ class WeightCandidates(_Candidates):
         for u, amount in zip(self.units, config, strict=True):
             if not amount:
                 continue
+            check_stop(self.evaluator.stop)
             name = u.layer.name
             layout = None if calibration is None else calibration.layouts.get(name)
             recover = options.recover is not Recovery.NONE and layout is not None and calibration is not None
@@ -266,6 +271,7 @@ class WeightCandidates(_Candidates):
         n, m = self.options.nm
         nonzero, zeroed = [], []
         for layer in inspection.layers:
+            check_stop(self.evaluator.stop)
             weight = self.split.weights[layer.name]
             mask = nm_mask(layer, unit_scores(self.options.criterion, layer, weight, self.calibration), n, m)
             if mask is None:
@@ -317,7 +323,8 @@ class ChannelCandidates(_Candidates):
         del session
         timings["baseline"] = time.perf_counter() - start
         start = time.perf_counter()
-        self.remover = Remover(model, options, calibration, sequential)
+        stop = evaluator.stop
+        self.remover = Remover(model, options, calibration, sequential, stop=stop)
         if self.remover.static_targets:
             why = self._static_mismatch(search_idx)
             if why:
@@ -325,7 +332,7 @@ class ChannelCandidates(_Candidates):
                     f"Reshape targets computed at run time were left as they are: as constants {why}, "
                     "so the channels their Shape nodes read stay"
                 )
-                self.remover = Remover(model, options, calibration, sequential, static=False)
+                self.remover = Remover(model, options, calibration, sequential, static=False, stop=stop)
                 self.static_reshapes = False
             else:
                 notes.append(
@@ -336,7 +343,7 @@ class ChannelCandidates(_Candidates):
         frozen = self._check_removals(search_idx)
         if frozen:
             static = self.static_reshapes
-            self.remover = Remover(model, options, calibration, sequential, static=static, frozen=frozen)
+            self.remover = Remover(model, options, calibration, sequential, static=static, frozen=frozen, stop=stop)
         for family in self.remover.families:
             if family.approximate:
                 notes.append(
@@ -359,9 +366,11 @@ class ChannelCandidates(_Candidates):
         families = [f for f in remover.families if len(f.components) > 1]
 
         def outputs(model: bytes) -> np.ndarray:
+            check_stop(evaluator.stop)
             return evaluator.outputs(session_runner(make_session(model, threads=1), evaluator.output), sample)
 
         def broken(group: list[Family]) -> str | None:
+            check_stop(evaluator.stop)
             removed, zeroed = remover.trial(group)
             try:
                 out = outputs(removed)
@@ -426,7 +435,7 @@ class ChannelCandidates(_Candidates):
 
 
 def _sensitivity(
-    space: ZeroSpace, probe: Probe, options: PruneOptions, notes: list[str]
+    space: ZeroSpace, probe: Probe, options: PruneOptions, notes: list[str], stop: threading.Event | None
 ) -> dict[str, list[list[float]]]:
     """Measure (or reuse) every layer's sensitivity profile and make it the space's allocation."""
     cached = options.sensitivity or {}
@@ -437,6 +446,7 @@ def _sensitivity(
         if profile is None or len(profile) != len(PROFILE_LEVELS):
             profile = []
             for level in PROFILE_LEVELS:
+                check_stop(stop)
                 config = list(space.empty())
                 config[i] = min(round(level * u.units), u.max_amount)
                 profile.append([level, probe(tuple(config))])
@@ -478,6 +488,7 @@ def _calibrate(
         full=options.recover in REFITTING,
         max_cost=AUTO_LSQ_COST if options.recover is Recovery.AUTO else None,
         threads=options.threads,
+        stop=evaluator.stop,
     )
     notes.append(f"calibrated on {count} samples of the search split")
     for name, why in calibration.skipped.items():

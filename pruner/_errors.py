@@ -17,6 +17,8 @@ Messages say what is wrong and what to fix; they never carry a traceback.
 
 from __future__ import annotations
 
+import threading
+
 __all__ = [
     "CancelledError",
     "InternalError",
@@ -63,6 +65,12 @@ class ResourceLimitError(PrunerError):
 
 class CancelledError(PrunerError):
     """The run was stopped through its stop event."""
+
+
+def check_stop(stop: threading.Event | None) -> None:
+    """Raise :class:`CancelledError` if ``stop`` is set: every long loop calls it once a step."""
+    if stop is not None and stop.is_set():
+        raise CancelledError("the run was cancelled")
 
 
 class InternalError(PrunerError):

@@ -33,7 +33,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from ._errors import CancelledError, UnsupportedModelError
+from ._errors import UnsupportedModelError, check_stop
 from ._evalset import EvalSet, InputSpec
 from ._metrics import Metric
 from ._model import PROTOBUF_LIMIT, session_source
@@ -320,8 +320,7 @@ class Evaluator:
 
     def run(self, runner: Runner, rows: np.ndarray) -> np.ndarray:
         """The chosen output for ``rows`` (one batch)."""
-        if self.stop is not None and self.stop.is_set():
-            raise CancelledError("the run was cancelled")
+        check_stop(self.stop)
         n = len(rows)
         if self.fixed_batch is not None and n < self.fixed_batch:
             rows = np.concatenate([rows, np.repeat(rows[-1:], self.fixed_batch - n)])

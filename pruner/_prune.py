@@ -18,7 +18,14 @@ import onnxruntime as ort
 
 from ._analysis import Inspection, analyze
 from ._candidates import ChannelCandidates, RunContext, WeightCandidates
-from ._errors import InternalError, InvalidConfigError, InvalidEvalSetError, InvalidModelError, UnsupportedModelError
+from ._errors import (
+    InternalError,
+    InvalidConfigError,
+    InvalidEvalSetError,
+    InvalidModelError,
+    UnsupportedModelError,
+    check_stop,
+)
 from ._evalset import EvalSet, InputSpec, load_eval_set, model_inputs, validate_eval_set
 from ._evaluate import Evaluator, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._graph import declared_shape, reads
@@ -168,7 +175,8 @@ def prune(
             data than the machine has free memory for), or an :class:`EvalSet`.
         options: the run's options; defaults when None.
         on_progress: called with a :class:`ProgressEvent` as the run goes on.
-        stop: set it to cancel; the run raises :class:`CancelledError` within one batch.
+        stop: set it to cancel; the run raises :class:`CancelledError` within one step of
+            whatever it is doing (a batch, a solver step, a layer's statistics).
 
     Returns:
         The pruned model (the original, unchanged, when nothing passes), its plan and report.
@@ -185,7 +193,9 @@ def prune(
     t_start = time.perf_counter()
 
     original = _load(model)
+    check_stop(stop)
     data = evalset if isinstance(evalset, EvalSet) else load_eval_set(evalset)
+    check_stop(stop)
     specs = model_inputs(original)
     if not specs:
         raise UnsupportedModelError(
@@ -216,6 +226,7 @@ def prune(
     bytes_before = original.ByteSize()
     # after the analysis: the same layers, but a conv bias written as Reshape(b) -> Add is found
     original = fold_layouts(original)
+    check_stop(stop)
     timings["load"] = time.perf_counter() - t_start
     evaluator = Evaluator(None, specs, output, metric, data, batch_size=options.batch_size, stop=stop)
     kind = ChannelCandidates if options.mode is Mode.REMOVE else WeightCandidates
@@ -245,6 +256,7 @@ def prune(
     timing_rows = search_idx[: evaluator.batch_size]
 
     def judge(config: Config) -> Judgement:
+        check_stop(stop)
         runner = candidates.runner(config)
         result = evaluator.evaluate(search_idx, runner=runner, bound=bound)
         passed = result.complete and metric.loss(baseline.search, result.value) <= allowed + 1e-9
@@ -256,6 +268,7 @@ def prune(
     probe_idx = search_idx[:PROBE_SAMPLES]
 
     def probe(config: Config) -> float:
+        check_stop(stop)
         return evaluator.deviation(probe_idx, candidates.probe_runner(config))
 
     t0 = time.perf_counter()
@@ -312,6 +325,7 @@ def prune(
 
     def on_holdout(config: Config) -> bool:
         assert baseline.holdout is not None
+        check_stop(stop)
         allowed = options.tolerance.allowed_loss(baseline.holdout)
         result = evaluator.evaluate(
             hold_idx, runner=candidates.runner(config), bound=metric.passing_bound(baseline.holdout, allowed)
@@ -353,17 +367,19 @@ def prune(
         options.recover,
         candidates.static_reshapes,
     )
-    final_check = _FinalCheck(io_names, specs, output, metric, data, reference, search_idx, hold_idx, options)
+    final_check = _FinalCheck(io_names, specs, output, metric, data, reference, search_idx, hold_idx, options, stop)
     evaluator.candidates = None
 
     def unchanged() -> tuple[onnx.ModelProto, bytes | None, SplitMetric]:
         # the split reordered the model's tensors; hand back the very model we were given
+        check_stop(stop)
         model_again = _copy(model) if isinstance(model, onnx.ModelProto) else _load(model)
         again = ModelBuilder(SplitModel.take(model_again, set()))
         return final_check(again.to_proto({}) if again.large else again.to_bytes({}), [], notes)
 
     if any(chosen):
         sparse = candidates.sparse_names(chosen) if options.sparse_initializers else []
+        check_stop(stop)
         built = candidates.build(chosen)
         pruned, pruned_bytes, final = final_check(built, sparse, notes)
         del built
@@ -586,9 +602,11 @@ class _FinalCheck:
         search_idx: np.ndarray,
         hold_idx: np.ndarray,
         options: PruneOptions,
+        stop: threading.Event | None = None,
     ) -> None:
         self.io_names = io_names
-        self.evaluator = Evaluator(None, specs, output, metric, data, batch_size=options.batch_size)
+        self.stop = stop
+        self.evaluator = Evaluator(None, specs, output, metric, data, batch_size=options.batch_size, stop=stop)
         self.evaluator.reference = reference
         self.search_idx, self.hold_idx = search_idx, hold_idx
         self.threads = options.threads
@@ -607,10 +625,12 @@ class _FinalCheck:
         data = built
         if sparse:
             data = _with_sparse_initializers(data, sparse, notes)
+            check_stop(self.stop)
         try:
             onnx.checker.check_model(data, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise InternalError(f"the pruned model fails the checker ({e})") from e
+        check_stop(self.stop)
         final = self._measure(make_session(data, threads=self.threads))
         model = onnx.ModelProto.FromString(data)
         self._validate(model, None)

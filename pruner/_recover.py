@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ._analysis import PrunableWeight
-from ._errors import UnsupportedModelError
+from ._errors import UnsupportedModelError, check_stop
 from ._evalset import EvalSet
 from ._evaluate import SplitModel, make_session, run_session
 from ._graph import GraphIndex, keep_needed, reads
@@ -134,6 +135,8 @@ class Calibration:
     """Layers without Gram matrices (least squares skipped, bias correction kept), and why."""
     seconds: float = 0.0
     """Time spent fitting (``recover`` and sequential refits), calibration itself excluded."""
+    stop: threading.Event | None = field(default=None, repr=False, compare=False)
+    """Cancels the fits (and sequential refits) made from these statistics: checked every step."""
     _hessians: dict[str, np.ndarray] = field(default_factory=dict)
     _timing: int = 0
 
@@ -218,7 +221,7 @@ class Calibration:
         if start is not None:
             rows = layout.rows(start.astype(np.float64)).copy()
         rows[pruned] = 0.0
-        rows = _fit_rows(layout, rows, layout.grouped(target) @ hessian, pruned, hessian)
+        rows = _fit_rows(layout, rows, layout.grouped(target) @ hessian, pruned, hessian, stop=self.stop)
         new = layout.unrows(rows, original.shape).astype(original.dtype)
         shift = None
         if layout.bias is not None and stats is not None and stats.total is not None:
@@ -234,7 +237,13 @@ stops (1e-4, 1e-3) save a few more steps but cost the CNN fixtures 5-10 points o
 tolerance 0.01: the search needs the fits to be close to exact."""
 
 
-def _least_squares(rows: np.ndarray, linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray) -> np.ndarray:
+def _least_squares(
+    rows: np.ndarray,
+    linear: np.ndarray,
+    pruned: np.ndarray,
+    hessian: np.ndarray,
+    stop: threading.Event | None = None,
+) -> np.ndarray:
     """Minimise w H w^T - 2 w b^T over the kept weights of every row at once (``linear`` = b), by
     projected conjugate gradients, preconditioned by H's diagonal, from ``rows`` (pruned entries
     zero): the original weights, or a fit of the same layer at another amount.
@@ -256,6 +265,7 @@ def _least_squares(rows: np.ndarray, linear: np.ndarray, pruned: np.ndarray, hes
     for _ in range(LSQ_STEPS):
         if np.all(np.einsum("gij,gij->gi", residual, residual) <= goal):
             break
+        check_stop(stop)
         hp = direction @ hessian
         curvature = np.einsum("gij,gij->gi", direction, hp)
         alpha = np.divide(rz, curvature, out=np.zeros_like(rz), where=curvature > 1e-30)
@@ -274,16 +284,22 @@ ROW_BLOCK_BYTES = 32 << 20
 
 
 def _fit_rows(
-    layout: LayerLayout, start: np.ndarray, linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray
+    layout: LayerLayout,
+    start: np.ndarray,
+    linear: np.ndarray,
+    pruned: np.ndarray,
+    hessian: np.ndarray,
+    *,
+    stop: threading.Event | None = None,
 ) -> np.ndarray:
     """``_least_squares`` of [out, in] rows (``linear`` per group), in blocks of rows, masked after."""
     grouped = [layout.grouped(a) for a in (start, pruned)]
     out = np.empty_like(grouped[0])
     per_group = out.shape[1]
     # grouped Convs (depthwise: one row a group) go to the solvers below, all groups at once
-    if len(out) == 1 and _solve_shared(linear[0], grouped[1][0], hessian[0], out[0]):
+    if len(out) == 1 and _solve_shared(linear[0], grouped[1][0], hessian[0], out[0], stop):
         per_group = 0
-    elif _solve_rows(linear, grouped[1], hessian, out):
+    elif _solve_rows(linear, grouped[1], hessian, out, stop):
         per_group = 0
     # conjugate gradients in float32: 1.5x faster, the same objective to 7 digits
     hessian32 = hessian.astype(np.float32) if per_group else hessian
@@ -291,7 +307,7 @@ def _fit_rows(
     for i in range(0, per_group, step):
         block = slice(i, i + step)
         start32, linear32 = (a[:, block].astype(np.float32) for a in (grouped[0], linear))
-        out[:, block] = _least_squares(start32, linear32, grouped[1][:, block], hessian32)
+        out[:, block] = _least_squares(start32, linear32, grouped[1][:, block], hessian32, stop)
     rows = out.reshape(start.shape)
     rows[pruned] = 0.0
     return rows
@@ -302,7 +318,9 @@ DIRECT_STEPS = 20
 than about this many conjugate-gradient steps for every row."""
 
 
-def _solve_shared(linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray, out: np.ndarray) -> bool:
+def _solve_shared(
+    linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray, out: np.ndarray, stop: threading.Event | None = None
+) -> bool:
     """Write into ``out`` the exact least-squares rows of one group when few distinct masks cover
     them (remove mode: every row of a consumer loses the same input columns); False, and ``out``
     untouched, when conjugate gradients are cheaper.
@@ -319,6 +337,7 @@ def _solve_shared(linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray, o
     out[...] = 0.0
     step = max(1, ROW_BLOCK_BYTES // max(8 * hessian.shape[0], 1))
     for i, row in enumerate(first):
+        check_stop(stop)
         keep = np.flatnonzero(~pruned[row])
         if not len(keep):
             continue
@@ -341,7 +360,9 @@ DIRECT_SMALL = 32
 """Inputs per row up to which rows are always solved exactly (depthwise 3x3 windows, small MLPs)."""
 
 
-def _solve_rows(linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray, out: np.ndarray) -> bool:
+def _solve_rows(
+    linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray, out: np.ndarray, stop: threading.Event | None = None
+) -> bool:
     """Write into ``out`` the exact least-squares fit of every row on its own kept inputs when that is
     cheaper than conjugate gradients (see ``DIRECT_ROWS``); False, and ``out`` untouched, otherwise
     (or when a block cannot be factorised).
@@ -365,6 +386,7 @@ def _solve_rows(linear: np.ndarray, pruned: np.ndarray, hessian: np.ndarray, out
     owner = np.repeat(np.arange(groups), rows)
     step = max(1, ROW_BLOCK_BYTES // (8 * widest * widest))
     for i in range(0, len(kept), step):
+        check_stop(stop)
         block = slice(i, i + step)
         index, used = kept[block], real[block]
         blocks = hessian[owner[block, None, None], index[:, :, None], index[:, None, :]]
@@ -597,8 +619,11 @@ def calibrate(
     full: bool,
     max_cost: int | None = None,
     threads: int = 0,
+    stop: threading.Event | None = None,
 ) -> Calibration:
     """Statistics of every handled layer's input over ``rows`` of ``evalset`` (batch by batch).
+
+    ``stop`` cancels it (checked per batch and layer) and every fit made from its result.
 
     With ``full``, the Gram matrices too, smallest first within ``HESSIAN_BUDGET_BYTES`` and only
     for layers whose solver step (output rows x inputs^2) is at most ``max_cost``; the others are
@@ -622,7 +647,7 @@ def calibrate(
                 wide[name] = f"its Gram matrices would take least squares past {HESSIAN_BUDGET_BYTES >> 20} MiB"
     stats = {name: LayerStats() for name in found}
     if not found:  # nothing to run for (and onnxruntime would return every output for none asked)
-        return Calibration(found, stats, len(rows), skipped, rows, wide)
+        return Calibration(found, stats, len(rows), skipped, rows, wide, stop=stop)
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     existing = {o.name for o in probe.graph.output}
@@ -633,12 +658,14 @@ def calibrate(
     session = make_session(probe.SerializeToString(), threads=threads)
     step = fixed_batch or batch_size
     for batch, real in _batches(rows, step, fixed_batch):
+        check_stop(stop)
         feeds = {k: v[batch] for k, v in evalset.inputs.items()}
         outputs = dict(zip(wanted, run_session(session, wanted, feeds), strict=True))
         for name, layout in found.items():
+            check_stop(stop)
             flat = _layer_rows(layout, np.asarray(outputs[layout.input])[:real], len(rows))
             stats[name].add(flat, full and name not in wide, layout.groups)
-    return Calibration(found, stats, len(rows), skipped, rows, wide)
+    return Calibration(found, stats, len(rows), skipped, rows, wide, stop=stop)
 
 
 HESSIAN_BUDGET_BYTES = 1 << 30
@@ -714,6 +741,7 @@ class SequentialRefit:
         threads: int = 0,
     ) -> None:
         self.calibration = calibration
+        self.stop = calibration.stop
         self.evalset = evalset
         self.step, self.fixed = fixed_batch or batch_size, fixed_batch
         index = GraphIndex.build(split.rest.graph)
@@ -785,6 +813,7 @@ class SequentialRefit:
         tap = len(names) == 1 and names[0] not in self._graph_inputs
         session, wanted = self._tap(names[0]) if tap else (self.session, None)
         for batch, real in _batches(self.calibration.rows, self.step, self.fixed):
+            check_stop(self.stop)
             feeds = {k: v[batch] for k, v in self.evalset.inputs.items()}
             feeds.update(weights)
             if wanted is not None:
@@ -847,6 +876,7 @@ class SequentialRefit:
         to_walk = [g for g, key, drifted in todo if drifted and key not in self._cache]
         walk = _Walk(self, weights, pruned_at, cached=self._cache_originals()) if to_walk else None
         for group, cache_key, drifted in todo:
+            check_stop(self.stop)
             fitted = self._cache.get(cache_key)
             if fitted is None:
                 pairs: Iterable[tuple[np.ndarray, np.ndarray]] = ()
@@ -881,6 +911,7 @@ class SequentialRefit:
         out: dict[str, np.ndarray] = {}
         if not drifted:  # the layers see the unpruned inputs: plain reconstruction
             for name in group.layers:
+                check_stop(self.stop)
                 mask = masks.get(name)
                 if mask is None:
                     continue
@@ -891,6 +922,7 @@ class SequentialRefit:
         groups = calibration.layouts[first].groups
         count, gram, cross, mean, mean_now = 0, None, None, None, None
         for a, b in pairs:
+            check_stop(self.stop)
             count += len(a)
             g, c = _grams(a, groups).astype(np.float64), _grams(a, groups, b).astype(np.float64)
             gram = g if gram is None else gram + g
@@ -902,12 +934,15 @@ class SequentialRefit:
         damped = _damped(gram)
         cross += damped - gram  # the same damping pulls towards the original weights
         for name in group.layers:
+            check_stop(self.stop)
             layout, original = calibration.layouts[name], self.original[name]
             w0 = layout.rows(original.astype(np.float64))
             mask = masks.get(name)
             pruned = np.zeros(w0.shape, dtype=bool) if mask is None else layout.rows(mask.reshape(original.shape))
             start = np.where(pruned, 0.0, w0)
-            rows = _fit_rows(layout, start, layout.grouped(w0) @ cross.transpose(0, 2, 1), pruned, damped)
+            rows = _fit_rows(
+                layout, start, layout.grouped(w0) @ cross.transpose(0, 2, 1), pruned, damped, stop=self.stop
+            )
             out[name] = layout.unrows(rows, original.shape).astype(original.dtype)
             if layout.bias is not None:
                 self._shift(out, name, _mean_output(layout, w0, mean) - _mean_output(layout, rows, mean_now))
@@ -1042,6 +1077,7 @@ class _Walk:
         """Run on to ``cut``; whether it stayed within ``STATE_BYTES``."""
         segments = self.refit.segments
         while self.at < cut:
+            check_stop(self.refit.stop)
             end = min(c for c in (*segments.cut.values(), cut) if c > self.at)
             now = self._run(self.at, end, self.now, self.weights)
             if self.before is self.now and end <= self.pruned_at:
@@ -1070,6 +1106,7 @@ class _Walk:
         live = segments.live(end)
         out = []
         for state in states:
+            check_stop(self.refit.stop)
             moved = {n: v for n, v in state.items() if n in live}
             if outputs:
                 feeds = {n: state[n] if n in state else weights[n] for n in inputs}

@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 import functools
 import math
+import threading
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -17,6 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from ._analysis import PrunableWeight
+from ._errors import check_stop
 from ._evaluate import Runner, SplitModel, make_session, session_runner
 from ._graph import GraphIndex
 from ._options import REFITTING, Criterion, Objective, PruneOptions, Recovery
@@ -238,9 +240,12 @@ class Remover:
         *,
         static: bool = True,
         frozen: Mapping[int, str] | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
+        self.stop = stop
         # computed Reshape targets would freeze every channel their Shape nodes read
         model, self.static_targets = static_reshapes(model) if static else (model, 0)
+        check_stop(stop)
         self.model = model
         self.options = options
         self.calibration = calibration
@@ -260,9 +265,10 @@ class Remover:
                 self.skipped.append((family.name, frozen[int(family.components[0])]))
                 continue
             self.families.append(family)
-        self.scores = [
-            component_scores(model, self.structure, f, options.criterion, calibration) for f in self.families
-        ]
+        self.scores = []
+        for family in self.families:
+            check_stop(stop)
+            self.scores.append(component_scores(model, self.structure, family, options.criterion, calibration))
         units = [_family_units(f, s, options) for f, s in zip(self.families, self.scores, strict=True)]
         self.space = RemoveSpace(units, options)
         self.sequential: SequentialRefit | None = None
@@ -295,6 +301,7 @@ class Remover:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def to_proto(self, config: Config) -> onnx.ModelProto:
+        check_stop(self.stop)
         removed = self.removed(config)
         refit = self.calibration is not None and self.options.recover is not Recovery.NONE and len(removed)
         if refit and self.sequential is not None:
@@ -352,6 +359,7 @@ class Remover:
             positions = np.flatnonzero(np.isin(self.structure.atoms((name, axis)), removed))
             if not len(positions):
                 continue
+            check_stop(self.stop)
             weight = changed.get(name, arrays[name])
             mask = np.zeros(weight.shape, dtype=bool)
             np.moveaxis(mask, axis, 0)[positions] = True
