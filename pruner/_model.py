@@ -182,10 +182,11 @@ def check_output_path(
     identity = _file_identity(target)
     for other, other_what in others:
         if _file_identity(Path(other)) == identity:
+            mine, theirs = os.fspath(path), os.fspath(other)  # as the caller spelled them
             names = (
-                f"{what} and {other_what} are the same file {str(target)!r}"
-                if str(other) == str(target)
-                else f"{what} {str(target)!r} and {other_what} {str(other)!r} are the same file"
+                f"{what} and {other_what} are the same file {mine!r}"
+                if mine == theirs
+                else f"{what} {mine!r} and {other_what} {theirs!r} are the same file"
             )
             raise InvalidConfigError(f"{names}: one would overwrite the other")
     if not folder.is_dir():
