@@ -367,9 +367,10 @@ def _failure_line(error: Exception, *, debug: bool) -> str:
     """The one line that says what went wrong, by the error's row of the table (after its traceback with --debug)."""
     code = errors.exit_code(error)
     if code == Exit.INTERNAL:
+        text = str(error) if isinstance(error, pruner.PrunerError) else f"{type(error).__name__}: {error}"
         if debug:
             traceback.print_exception(error, file=sys.stderr)
-        text = str(error) if isinstance(error, pruner.PrunerError) else f"{type(error).__name__}: {error}"
+            return f"onnx-prune: internal error: {text}"
         return f"onnx-prune: internal error: {text} (rerun with --debug for details)"
     if isinstance(error, errors.ServerBusyError):
         return f"onnx-prune: error: the server is busy; retry in {error.retry_after:g} s ({error})"

@@ -32,7 +32,7 @@ Source = str | os.PathLike[str] | bytes
 
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for a connection before a call fails with ``ServerUnavailableError``."""
-SERVICE = pb.DESCRIPTOR.services_by_name["PrunerService"].full_name
+_PRUNER_SERVICE = pb.DESCRIPTOR.services_by_name["PrunerService"].full_name
 
 _TARGET = re.compile(r"(?:\[(?P<v6>[^\[\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>[^:]*)")
 
@@ -146,7 +146,7 @@ class Connection:
         """
         probe = health_pb2_grpc.HealthStub(self.channel)
         try:
-            probe.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=self.connect_timeout)
+            probe.Check(health_pb2.HealthCheckRequest(service=_PRUNER_SERVICE), timeout=self.connect_timeout)
         except grpc.RpcError as e:
             code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
             if code is grpc.StatusCode.DEADLINE_EXCEEDED:

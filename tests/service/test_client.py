@@ -236,6 +236,18 @@ def test_cli_digest_mismatch_is_an_internal_error(scripted: Start, tmp_path: Pat
     assert "internal error: the model received does not match the server's digest" in line
 
 
+def test_cli_internal_error_shows_the_traceback_only_with_debug(scripted: Start, tmp_path: Path) -> None:
+    address = scripted(None)  # a model that does not match its digest
+    args = ["prune", FIXTURES / "mlp.onnx", "--eval", FIXTURES / "mlp_eval.npz", "-o", tmp_path / "o.onnx"]
+    proc = run_cli("--debug", *args, "--server", address, timeout=120)
+    assert proc.returncode == Exit.INTERNAL
+    assert "Traceback" in proc.stderr and "pruner._errors.InternalError" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "onnx-prune: internal error: the model received does not match the server's digest"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_cli_unreachable_server_exits_4(tmp_path: Path) -> None:
     address = f"127.0.0.1:{closed_port()}"
     code, line = remote_prune(address, tmp_path)
