@@ -163,21 +163,57 @@ def session_source(model: onnx.ModelProto) -> Iterator[str | bytes]:
         yield path
 
 
-def check_output_path(path: str | os.PathLike[str], what: str = "output") -> None:
+def check_output_path(
+    path: str | os.PathLike[str],
+    what: str = "output",
+    *,
+    others: Sequence[tuple[str | os.PathLike[str], str]] = (),
+) -> None:
     """Check up front that a file can be written at ``path``; ``what`` names it in errors.
 
+    ``others`` are ``(path, what)`` pairs of files that ``path`` must not be: the
+    run's other outputs, and its inputs. Two paths are the same file when they
+    reach it by any route (``./a`` and ``a``, relative and absolute, symlinks,
+    a symlinked folder, hard links), whether or not it exists yet.
+
     Raises:
-        InvalidConfigError: the path is an existing folder, or its folder is
-            missing or not writable.
+        InvalidConfigError: the path is an existing folder, its folder is
+            missing or not writable, or it is the same file as one of ``others``.
     """
     target = Path(path)
     folder = target.parent
     if target.is_dir():
         raise InvalidConfigError(f"{what} path {str(target)!r} is a folder; give a file name")
+    identity = _file_identity(target)
+    for other, other_what in others:
+        if _file_identity(Path(other)) == identity:
+            mine, theirs = os.fspath(path), os.fspath(other)  # as the caller spelled them
+            names = (
+                f"{what} and {other_what} are the same file {mine!r}"
+                if mine == theirs
+                else f"{what} {mine!r} and {other_what} {theirs!r} are the same file"
+            )
+            raise InvalidConfigError(f"{names}: one would overwrite the other")
     if not folder.is_dir():
         raise InvalidConfigError(f"{what} folder {str(folder)!r} does not exist")
     if not os.access(folder, os.W_OK):
         raise InvalidConfigError(f"{what} folder {str(folder)!r} is not writable")
+
+
+def _file_identity(path: Path) -> tuple[object, ...]:
+    """Equal for two paths exactly when they name the same file: its device and inode,
+    or, for a file not there yet, its folder's and its name (after following symlinks)."""
+    try:
+        resolved = path.resolve()  # follows symlinks, dangling ones too
+    except (OSError, RuntimeError):  # a symlink loop
+        resolved = Path(os.path.abspath(path))
+    with contextlib.suppress(OSError):
+        st = resolved.stat()
+        return (st.st_dev, st.st_ino)
+    with contextlib.suppress(OSError):
+        st = resolved.parent.stat()
+        return (st.st_dev, st.st_ino, resolved.name)
+    return (str(resolved),)
 
 
 def save_model(
@@ -194,25 +230,33 @@ def save_model(
     leaves no file behind and never replaces an existing one with half a file.
 
     Raises:
-        InvalidConfigError: see :func:`check_output_path`.
+        InvalidConfigError: see :func:`check_output_path`; also when a companion is
+            the model's file (or its external data file) or another companion's, by
+            any route: checked before anything is written.
     """
     target = Path(path)
-    check_output_path(target)
+    external = not isinstance(model, bytes) and model.ByteSize() >= PROTOBUF_LIMIT
+    data_path = target.parent / (target.name + ".data")
+    check_output_path(target, "model")
+    taken: list[tuple[str | os.PathLike[str], str]] = [(target, "model")]
+    if external:
+        check_output_path(data_path, "the model's external data", others=taken)
+        taken.append((data_path, "the model's external data"))
     for companion, _ in companions:
-        check_output_path(companion)
+        check_output_path(companion, "companion", others=taken)
+        taken.append((companion, "companion"))
     staged: list[tuple[str, Path]] = []
     try:
         if isinstance(model, bytes):
             staged.append((_temp_file(target, model), target))
-        elif model.ByteSize() >= PROTOBUF_LIMIT:
-            data_name = target.name + ".data"
-            tmp_data = _temp_file(target.parent / data_name)
-            staged.append((tmp_data, target.parent / data_name))
+        elif external:
+            tmp_data = _temp_file(data_path)
+            staged.append((tmp_data, data_path))
             tmp_model = _temp_file(target)
             staged.append((tmp_model, target))
             _write_external(model, tmp_model, location=Path(tmp_data).name)
             # the model must refer to the final data name, not the temporary one
-            _relocate_external(tmp_model, Path(tmp_data).name, data_name)
+            _relocate_external(tmp_model, Path(tmp_data).name, data_path.name)
         else:
             staged.append((_temp_file(target, model.SerializeToString()), target))
         for companion, data in companions:

@@ -1,7 +1,18 @@
 """The ``onnx-prune`` command line: ``prune`` and ``inspect``.
 
-Exit codes: 0 success, 1 internal error, 2 bad input, 3 nothing pruned (with
-``--fail-unchanged``), 130 interrupted.
+Every failure, local or remote, ends in :func:`main`, which prints one line
+(``onnx-prune: error: ...``) and exits with the code the one table in
+:mod:`service.errors` gives its class:
+
+    0    done (also when nothing could be pruned within the tolerance)
+    1    internal error: a bug of ours (traceback with ``--debug``)
+    2    bad input: model, eval set, options, output paths, too large for the
+         server, refused bearer token
+    3    nothing pruned, with ``--fail-unchanged``
+    4    the server cannot be reached, or is shutting down: retry (later, or elsewhere)
+    5    the server is busy: retry later
+    6    over a time limit (the server's, or the job's)
+    130  interrupted; nothing was written
 """
 
 from __future__ import annotations
@@ -11,11 +22,10 @@ import json
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import grpc
 
 import pruner
 from pruner import (
@@ -26,25 +36,20 @@ from pruner import (
     Objective,
     ProgressEvent,
     PruneOptions,
-    PrunerError,
     Recovery,
     Tolerance,
 )
-from service import views
-from service.client import Connection, RemoteError, RemoteResult
+from service import errors, views
+from service.client import Connection, RemoteResult, check_target
+from service.errors import Exit
 
-EXIT_OK = 0
-EXIT_INTERNAL = 1
-EXIT_BAD_INPUT = 2
-EXIT_UNCHANGED = 3
-EXIT_INTERRUPTED = 130
 DEFAULTS = PruneOptions()
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         # the one line that names the problem; the full usage is a screenful now
-        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(Exit.BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -268,12 +273,25 @@ def _summary(report: pruner.Report) -> str:
     return "\n".join(lines)
 
 
-def _cmd_prune(args: argparse.Namespace) -> int:
-    options = _options(args)
-    pruner.check_output_path(args.out, "output")
-    for path, what in ((args.report, "report"), (args.plot, "plot"), (args.html, "html")):
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before any work: every output can be written, and none is another output or an input."""
+    taken: list[tuple[str, str]] = [(args.model, "the input model"), (args.eval_set, "--eval")]
+    for path, what in (
+        (args.sensitivity_from, "--sensitivity-from"),
+        (args.token_file, "--token-file"),
+        (args.tls_ca, "--tls-ca"),
+    ):
         if path:
-            pruner.check_output_path(path, what)
+            taken.append((path, what))
+    for path, what in ((args.out, "-o/--out"), (args.report, "--report"), (args.plot, "--plot"), (args.html, "--html")):
+        if path:
+            pruner.check_output_path(path, what, others=taken)
+            taken.append((path, what))
+
+
+def _cmd_prune(args: argparse.Namespace) -> int:
+    _check_outputs(args)
+    options = _options(args)
     if args.plot or args.html:
         views.require_matplotlib()
     progress = _Progress(options.max_evaluations, enabled=not args.quiet and sys.stderr.isatty())
@@ -295,8 +313,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     print(_summary(result.report))
     if args.fail_unchanged and result.report.status == "unchanged":
         print("onnx-prune: nothing could be pruned within the tolerance", file=sys.stderr)
-        return EXIT_UNCHANGED
-    return EXIT_OK
+        return Exit.UNCHANGED
+    return Exit.OK
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
@@ -309,7 +327,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         data = inspection.to_dict()
     if args.json:
         print(json.dumps(data, indent=2))
-        return EXIT_OK
+        return Exit.OK
     layers = data["layers"]
     name_width = max([5, *(len(la["name"]) for la in layers)])
     print(f"{'layer':<{name_width}}  {'op':<14} {'shape':<20} {'params':>10} {'share':>7}")
@@ -322,7 +340,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     )
     for s in data["skipped"]:
         print(f"skipped {s['name']} ({s['op_type']}): {s['reason']}")
-    return EXIT_OK
+    return Exit.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -332,45 +350,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.debug else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
+        if args.server is not None:
+            check_target(args.server, "--server")
         if args.command == "prune":
             return _cmd_prune(args)
         return _cmd_inspect(args)
-    except (pruner.InvalidInputError, pruner.UnsupportedModelError, pruner.ResourceLimitError) as e:
-        print(f"onnx-prune: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except (KeyboardInterrupt, pruner.CancelledError):
+    except KeyboardInterrupt:
         print("onnx-prune: interrupted; nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except RemoteError as e:
-        return _remote_failure(e, args.server)
-    except PrunerError as e:
-        print(f"onnx-prune: error: {e}", file=sys.stderr)
-        return EXIT_INTERNAL
+        return Exit.INTERRUPTED
     except Exception as e:
-        if args.debug:
-            raise
-        print(f"onnx-prune: internal error: {type(e).__name__}: {e} (rerun with --debug for details)", file=sys.stderr)
-        return EXIT_INTERNAL
+        print(_failure_line(e, debug=args.debug), file=sys.stderr)
+        return errors.exit_code(e)
 
 
-def _remote_failure(error: RemoteError, server: str) -> int:
-    """Exit code and message of a failed remote call: the server's own words for bad input."""
-    code = error.code
-    if code is grpc.StatusCode.INVALID_ARGUMENT:
-        print(f"onnx-prune: error: {error.message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if code is grpc.StatusCode.CANCELLED:
-        print("onnx-prune: the job was cancelled; nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    if code is grpc.StatusCode.UNAVAILABLE:
-        print(f"onnx-prune: error: cannot reach the server at {server}: {error.message}", file=sys.stderr)
-    else:
-        print(f"onnx-prune: error: the server said {code.name}: {error.message}", file=sys.stderr)
-    return (
-        EXIT_BAD_INPUT
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED)
-        else EXIT_INTERNAL
-    )
+def _failure_line(error: Exception, *, debug: bool) -> str:
+    """The one line that says what went wrong, by the error's row of the table (after its traceback with --debug)."""
+    code = errors.exit_code(error)
+    if code == Exit.INTERNAL:
+        text = str(error) if isinstance(error, pruner.PrunerError) else f"{type(error).__name__}: {error}"
+        if debug:
+            traceback.print_exception(error, file=sys.stderr)
+            return f"onnx-prune: internal error: {text}"
+        return f"onnx-prune: internal error: {text} (rerun with --debug for details)"
+    if isinstance(error, errors.ServerBusyError):
+        return f"onnx-prune: error: the server is busy; retry in {error.retry_after:g} s ({error})"
+    if code == Exit.INTERRUPTED:
+        return f"onnx-prune: error: {error}; nothing was written"
+    return f"onnx-prune: error: {error}"
 
 
 if __name__ == "__main__":

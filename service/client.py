@@ -1,34 +1,60 @@
-"""The gRPC client: runs ``prune`` and ``inspect`` on a server (the CLI's ``--server`` mode)."""
+"""The gRPC client: runs ``prune`` and ``inspect`` on a server (the CLI's ``--server`` mode).
+
+A failed call raises the error class of the one table in :mod:`service.errors`
+(``pruner.InvalidInputError`` and its subtree, ``ServerBusyError``,
+``ServerUnavailableError``, ...), the same classes a local run raises, so callers
+handle local and remote failures with the same code.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 import pruner
-from service import convert
+from service import convert, errors
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 from service._gen.onnxpruner.v1 import pruner_pb2_grpc as pb_grpc
 
-__all__ = ["Connection", "RemoteError", "RemoteResult"]
+__all__ = ["CONNECT_TIMEOUT", "Connection", "RemoteResult", "check_target"]
 
 Source = str | os.PathLike[str] | bytes
 
+CONNECT_TIMEOUT = 10.0
+"""Seconds to wait for a connection before a call fails with ``ServerUnavailableError``."""
+_PRUNER_SERVICE = pb.DESCRIPTOR.services_by_name["PrunerService"].full_name
 
-class RemoteError(Exception):
-    """The server ended the call with an error status."""
+_TARGET = re.compile(r"(?:\[(?P<v6>[^\[\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>[^:]*)")
 
-    def __init__(self, code: grpc.StatusCode, message: str) -> None:
-        super().__init__(f"{message} ({code.name})")
-        self.code = code
-        self.message = message
+
+def check_target(target: str, what: str = "the server address") -> str:
+    """``target`` if it is ``HOST:PORT`` or ``[IPv6]:PORT``; ``what`` names it in the error.
+
+    Raises:
+        pruner.InvalidConfigError: no port (gRPC would silently dial 443), an empty
+            host, a port that is not a number from 1 to 65535.
+    """
+    match = _TARGET.fullmatch(target)
+    if match is None:
+        raise pruner.InvalidConfigError(
+            f"{what} needs HOST:PORT (an IPv6 address in brackets: [::1]:50051), got {target!r}"
+        )
+    host, port = match["v6"] if match["v6"] is not None else match["host"], match["port"]
+    if not host.strip():
+        raise pruner.InvalidConfigError(f"{what} needs HOST:PORT with a host, got {target!r}")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise pruner.InvalidConfigError(f"{what} needs HOST:PORT with a port from 1 to 65535, got {target!r}")
+    return target
 
 
 @dataclass
@@ -78,13 +104,28 @@ class Connection:
     """A channel to an onnx-pruner server.
 
     Args:
-        target: ``host:port``.
+        target: ``host:port`` or ``[IPv6]:port``.
         token: bearer token, if the server wants one.
         tls_ca: PEM file of the CA that signed the server's certificate; enables TLS.
             ``tls=True`` without it uses the system's roots.
+        connect_timeout: seconds a call waits for a connection; a server that
+            refuses connections fails at once.
+
+    Raises:
+        pruner.InvalidConfigError: ``target`` is not ``host:port``.
     """
 
-    def __init__(self, target: str, *, token: str | None = None, tls_ca: str | None = None, tls: bool = False) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls_ca: str | None = None,
+        tls: bool = False,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self.target = check_target(target)
+        self.connect_timeout = connect_timeout
         self._metadata = [("authorization", f"Bearer {token}")] if token else []
         if tls_ca or tls:
             roots = Path(tls_ca).read_bytes() if tls_ca else None
@@ -95,6 +136,34 @@ class Connection:
 
     def close(self) -> None:
         self.channel.close()
+
+    def _connect(self) -> None:
+        """Fail fast when the server cannot be reached: at once when the connection is refused,
+        after ``connect_timeout`` when nothing answers (a host that drops packets).
+
+        A health check is the probe: cheap, exempt from the bearer token, and any answer,
+        even "no such service", shows that a server is there.
+        """
+        probe = health_pb2_grpc.HealthStub(self.channel)
+        try:
+            probe.Check(health_pb2.HealthCheckRequest(service=_PRUNER_SERVICE), timeout=self.connect_timeout)
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise errors.ServerUnavailableError(
+                    f"cannot reach the server at {self.target}: no answer within {self.connect_timeout:g} s"
+                ) from None
+            if code is grpc.StatusCode.UNAVAILABLE:
+                reason = e.details() if hasattr(e, "details") else ""
+                raise errors.ServerUnavailableError(f"cannot reach the server at {self.target}: {reason}") from None
+
+    def _error(self, error: grpc.RpcError) -> pruner.PrunerError:
+        """The table's error for a failed call; a connection lost without the server's word says so."""
+        mapped = errors.from_rpc_error(error)
+        said = hasattr(error, "trailing_metadata") and rpc_status.from_call(error) is not None
+        if isinstance(mapped, errors.ServerUnavailableError) and not said:
+            return errors.ServerUnavailableError(f"lost the connection to the server at {self.target}: {mapped}")
+        return mapped
 
     def __enter__(self) -> Connection:
         return self
@@ -114,10 +183,14 @@ class Connection:
         """Run a Prune job on the server.
 
         Raises:
-            RemoteError: the server's status (INVALID_ARGUMENT with its message for bad input).
-            pruner.InvalidInputError: a local file cannot be read.
+            pruner.PrunerError: the class of the table in :mod:`service.errors` that the
+                server's status stands for (``InvalidInputError`` with the server's
+                message for bad input, ``ServerBusyError``, ``ServerUnavailableError``
+                when the server cannot be reached or shuts down, ...), or
+                ``pruner.InvalidInputError`` when a local file cannot be read.
         """
         _check_readable(model, evalset)
+        self._connect()
 
         def requests() -> Iterator[pb.PruneRequest]:
             yield pb.PruneRequest(config=convert.options_to_proto(options))
@@ -139,15 +212,15 @@ class Connection:
                 elif kind == "model_chunk":
                     parts.append(response.model_chunk)
         except grpc.RpcError as e:
-            raise _remote_error(e) from None
+            raise self._error(e) from None
         except BaseException:
             calls.cancel()
             raise
         if result is None:
-            raise RemoteError(grpc.StatusCode.INTERNAL, "the server sent no result")
+            raise pruner.InternalError("the server sent no result")
         data = b"".join(parts)
         if len(data) != result.model_size or hashlib.sha256(data).hexdigest() != result.model_sha256:
-            raise RemoteError(grpc.StatusCode.DATA_LOSS, "the model received does not match the server's digest")
+            raise pruner.InternalError("the model received does not match the server's digest")
         return RemoteResult(data, pruner.Report.from_json(result.report_json))
 
     def inspect(
@@ -158,8 +231,13 @@ class Connection:
         exclude: tuple[str, ...] = (),
         timeout: float | None = None,
     ) -> dict[str, Any]:
-        """The server's inspection of ``model``, as ``pruner.inspect(...).to_dict()``."""
+        """The server's inspection of ``model``, as ``pruner.inspect(...).to_dict()``.
+
+        Raises:
+            pruner.PrunerError: as :meth:`prune`.
+        """
         _check_readable(model)
+        self._connect()
 
         def requests() -> Iterator[pb.InspectRequest]:
             yield pb.InspectRequest(config=pb.InspectConfig(include=list(include), exclude=list(exclude)))
@@ -169,12 +247,6 @@ class Connection:
         try:
             response = self.stub.Inspect(requests(), metadata=self._metadata, timeout=timeout)
         except grpc.RpcError as e:
-            raise _remote_error(e) from None
+            raise self._error(e) from None
         data: dict[str, Any] = json.loads(response.json)
         return data
-
-
-def _remote_error(error: grpc.RpcError) -> RemoteError:
-    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
-    details = error.details() if hasattr(error, "details") else str(error)
-    return RemoteError(code, details or code.name)

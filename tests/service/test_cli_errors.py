@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 
-from tests.helpers import run_cli, tiny_mlp, tiny_mlp_evalset, write_npz
+from tests.helpers import REPO_ROOT, run_cli, tiny_mlp, tiny_mlp_evalset, write_npz
 
 EXIT_BAD_INPUT = 2
 
@@ -135,7 +137,7 @@ def test_prune_bad_input(files: Files, args: list[str], patterns: list[str]) -> 
 def test_output_folder_does_not_exist(files: Files) -> None:
     target = files.out / "missing" / "pruned.onnx"
     proc = run_cli("prune", files.model, "--eval", files.evalset, "-o", target, "--report", files.report)
-    assert_bad_input(proc, "output folder", "missing", "does not exist")
+    assert_bad_input(proc, "-o/--out folder", "missing", "does not exist")
     assert list(files.out.iterdir()) == []
 
 
@@ -193,3 +195,126 @@ def test_inspect_good_model_exits_0(files: Files) -> None:
     proc = run_cli("inspect", files.model, "--json")
     assert proc.returncode == 0, proc.stderr
     assert '"w1"' in proc.stdout
+
+
+# --- outputs that would overwrite each other, or an input -----------------------------------------
+
+# Runs the CLI's main with an audit hook that logs every file it opens, to show that the clash is
+# refused before the model or the eval set is even read.
+WATCHED_CLI = """
+import os, sys
+opened = []
+sys.addaudithook(lambda event, args: opened.append(args[0]) if event == "open" else None)
+from service.cli import main
+code = main(sys.argv[1:])
+with open(os.environ["OPENED_LOG"], "w") as log:
+    log.write("\\n".join(os.fsdecode(p) for p in opened if isinstance(p, (str, bytes, os.PathLike))))
+sys.exit(code)
+"""
+
+
+def run_watched(cwd: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], list[Path]]:
+    """``onnx-prune ARGS`` run in ``cwd``: the process, and the files it opened (as absolute paths)."""
+    log = cwd.parent / "opened.log"
+    proc = subprocess.run(
+        [sys.executable, "-c", WATCHED_CLI, *args],
+        cwd=cwd,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OPENED_LOG": str(log)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    opened = [cwd / line for line in log.read_text().splitlines()] if log.exists() else []
+    return proc, [Path(os.path.abspath(p)) for p in opened]
+
+
+def tree(folder: Path) -> dict[str, bytes | str]:
+    """Every entry under ``folder``: file contents, or where a symlink points."""
+    return {
+        str(p.relative_to(folder)): os.readlink(p) if p.is_symlink() else p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_symlink() or p.is_file()
+    }
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """The folder the CLI runs in: model.onnx, eval.npz, out/ and link-to-out -> out; out/old.onnx
+    with a hard link out/hard.json and a symlink out/soft.json."""
+    work = tmp_path / "work"
+    (work / "out").mkdir(parents=True)
+    onnx.save_model(tiny_mlp(), str(work / "model.onnx"))
+    write_npz(work / "eval.npz", tiny_mlp_evalset(32))
+    (work / "link-to-out").symlink_to("out", target_is_directory=True)
+    (work / "out" / "old.onnx").write_bytes(b"an earlier model that must survive")
+    os.link(work / "out" / "old.onnx", work / "out" / "hard.json")
+    (work / "out" / "soft.json").symlink_to("old.onnx")
+    (work / "token").write_text("s3cret\n")
+    return work
+
+
+# (id, output options, the words the error line must hold: both options and the file)
+CLASHES = [
+    ("report-is-out", ["-o", "X.onnx", "--report", "X.onnx"], ["--report and -o/--out are the same file 'X.onnx'"]),
+    ("plot-is-out", ["-o", "X.onnx", "--plot", "./X.onnx"], ["--plot './X.onnx' and -o/--out 'X.onnx'", "same file"]),
+    ("html-is-report", ["-o", "X.onnx", "--report", "r.html", "--html", "{work}/r.html"],
+     ["--html '.*/r.html' and --report 'r.html'", "same file"]),
+    ("symlinked-folder", ["-o", "out/X.onnx", "--report", "link-to-out/X.onnx"], ["--report", "-o/--out", "X.onnx"]),
+    ("symlink", ["-o", "out/old.onnx", "--report", "out/soft.json"], ["--report", "-o/--out", "soft.json"]),
+    ("hard-link", ["-o", "out/old.onnx", "--report", "out/hard.json"], ["--report", "-o/--out", "hard.json"]),
+    ("out-is-model", ["-o", "model.onnx"], ["-o/--out and the input model are the same file 'model.onnx'"]),
+    ("out-is-model-absolute", ["-o", "{work}/model.onnx"], ["-o/--out '.*/model.onnx' and the input model"]),
+    ("report-is-eval", ["-o", "X.onnx", "--report", "./eval.npz"], ["--report './eval.npz' and --eval 'eval.npz'"]),
+    ("report-is-sensitivity", ["-o", "X.onnx", "--report", "out/old.onnx", "--sensitivity-from", "out/hard.json"],
+     ["--report 'out/old.onnx' and --sensitivity-from 'out/hard.json'"]),
+    ("report-is-token-remote", ["-o", "X.onnx", "--report", "token", "--token-file", "token",
+                                "--server", "127.0.0.1:1"], ["--report and --token-file are the same file 'token'"]),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("outputs", "words"), [c[1:] for c in CLASHES], ids=[c[0] for c in CLASHES])
+def test_outputs_that_are_the_same_file_are_refused_before_any_work(
+    workdir: Path, outputs: list[str], words: list[str]
+) -> None:
+    before = tree(workdir)
+    args = [a.format(work=workdir) for a in outputs]
+    proc, opened = run_watched(workdir, "prune", "model.onnx", "--eval", "eval.npz", *args)
+    assert_bad_input(proc, "same file", *words)
+    assert "overwrite" in proc.stderr
+    assert tree(workdir) == before  # nothing written, nothing replaced, no temp file
+    # refused before the model or the eval set was read (the eval set is valid: the clash is the error)
+    assert workdir / "model.onnx" not in opened and workdir / "eval.npz" not in opened, opened
+
+
+def test_distinct_outputs_beside_links_are_written(workdir: Path) -> None:
+    # the control: the same folder and links, outputs that are different files
+    before = tree(workdir)
+    proc, opened = run_watched(
+        workdir, "prune", "model.onnx", "--eval", "eval.npz", "--max-evaluations", "2", "--quiet",
+        "-o", "link-to-out/X.onnx", "--report", "out/X.json",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert workdir / "model.onnx" in opened and workdir / "eval.npz" in opened
+    after = tree(workdir)
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert sorted(set(after) - set(before)) == ["out/X.json", "out/X.onnx"]
+    onnx.checker.check_model(onnx.load(str(workdir / "out" / "X.onnx")), full_check=True)
+
+
+SERVER_TARGETS = [
+    ("no-port", "localhost", ["--server needs HOST:PORT", "'localhost'"]),
+    ("empty-host", ":50051", ["--server needs HOST:PORT with a host"]),
+    ("port-not-a-number", "localhost:grpc", ["--server needs HOST:PORT", "port from 1 to 65535", "'localhost:grpc'"]),
+    ("port-out-of-range", "localhost:65536", ["--server needs HOST:PORT", "port from 1 to 65535"]),
+    ("bare-ipv6", "::1:50051", ["--server needs HOST:PORT", "brackets"]),
+]
+
+
+@pytest.mark.parametrize("command", ["prune", "inspect"])
+@pytest.mark.parametrize(("target", "words"), [c[1:] for c in SERVER_TARGETS], ids=[c[0] for c in SERVER_TARGETS])
+def test_server_needs_host_and_port(files: Files, command: str, target: str, words: list[str]) -> None:
+    args = prune_args(files, files.model, "--eval", files.evalset) if command == "prune" else ["inspect", files.model]
+    proc = run_cli(*args, "--server", target, timeout=120)
+    assert_bad_input(proc, *(re.escape(w) for w in words))
+    assert list(files.out.iterdir()) == []

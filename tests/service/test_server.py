@@ -22,7 +22,8 @@ import pruner
 from service import convert
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 from service._gen.onnxpruner.v1 import pruner_pb2_grpc as pb_grpc
-from service.client import Connection, RemoteError
+from service.client import Connection
+from service.errors import row_of
 from service.server import ServerConfig, create_server, set_serving
 from tests.helpers import tiny_mlp, tiny_mlp_evalset
 
@@ -145,11 +146,11 @@ def test_eval_set_as_onnx_tensors(start_server: Start, inline: bool) -> None:
 
 
 def status_of(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises((grpc.RpcError, RemoteError)) as info:
+    with pytest.raises((grpc.RpcError, pruner.PrunerError)) as info:
         call()
     error = info.value
-    if isinstance(error, RemoteError):
-        return error.code, error.message
+    if isinstance(error, pruner.PrunerError):
+        return row_of(error).code, str(error)
     return error.code(), error.details()  # type: ignore[attr-defined]
 
 
@@ -323,8 +324,8 @@ def test_busy_server_refuses_at_once_and_a_cancel_frees_the_slot(start_server: S
             try:
                 connection.prune(GOOD_MODEL, GOOD_EVAL, QUICK)
                 return True
-            except RemoteError as e:
-                assert e.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+            except pruner.PrunerError as e:
+                assert row_of(e).code is grpc.StatusCode.RESOURCE_EXHAUSTED
                 return False
 
         assert wait_until(slot_free, 10)
@@ -344,7 +345,7 @@ def _succeeds(connection: Connection) -> bool:
     try:
         connection.prune(GOOD_MODEL, GOOD_EVAL, QUICK)
         return True
-    except RemoteError:
+    except pruner.PrunerError:
         return False
 
 
@@ -409,7 +410,7 @@ def test_sigterm_lets_running_jobs_finish_and_refuses_new_ones(tmp_path: Path) -
             with Connection(address) as connection:
                 try:
                     outcome["result"] = connection.prune(model, evalset, options, on_progress=events.append)
-                except RemoteError as e:
+                except pruner.PrunerError as e:
                     outcome["error"] = e
 
         job = threading.Thread(target=run)
