@@ -20,7 +20,6 @@ import os
 import queue
 import signal
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -35,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 import pruner
-from service import convert, errors
+from service import convert, errors, healthcheck
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 from service._gen.onnxpruner.v1 import pruner_pb2_grpc as pb_grpc
 
@@ -697,14 +696,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=_env("tls_key", None), help="PEM private key")
     p.add_argument("--token-file", default=_env("token_file", None), help="file holding the bearer token")
     p.add_argument("--log-level", default=_env("log_level", d.log_level))
-    p.add_argument("--runtime-dir", default=_env("runtime_dir", default_runtime_dir()),
+    p.add_argument("--runtime-dir", default=str(healthcheck.runtime_dir()),
                    help="where the server writes server.json (its port and TLS mode) for the health check")  # fmt: skip
     return p
-
-
-def default_runtime_dir() -> str:
-    """Where ``server.json`` goes unless ``ONNX_PRUNER_RUNTIME_DIR`` says otherwise."""
-    return os.path.join(tempfile.gettempdir(), f"onnx-pruner-{os.getuid() if hasattr(os, 'getuid') else 0}")
 
 
 def _connect_host(address: str) -> str:
