@@ -144,6 +144,22 @@ class _Job:
     stop: threading.Event = field(default_factory=threading.Event)
     reason: str | None = None
     """Why ``stop`` was set by the server: "time limit" or "shutdown"; None: the client went."""
+    context: Any = None
+    """The call's gRPC context."""
+
+    def gone(self, wait: float = 0.0) -> bool:
+        """Whether the call was cancelled (waiting up to ``wait`` seconds to find out).
+
+        A cancel reaches the request stream as its end before it marks the call:
+        an upload that ends incomplete waits a moment to tell a cancel from a bad request.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            if self.stop.is_set() or (self.context is not None and not self.context.is_active()):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
 
     def cancel(self, reason: str) -> None:
         if not self.stop.is_set():
@@ -336,6 +352,11 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
             return errors.TimeLimitError("the job exceeded the server's time limit (job_time_limit)")
         return pruner.CancelledError("the client cancelled the call or went away")
 
+    @classmethod
+    def _missing(cls, job: _Job, message: str, field: str) -> pruner.PrunerError:
+        """A request stream that ended too early: a bad request, or a cancel that arrived as its end."""
+        return cls._stopped(job) if job.gone(wait=0.5) else _bad(message, field)
+
     @staticmethod
     def _chunk(data: bytes, field: str) -> bytes:
         if len(data) > convert.CHUNK_BYTES:
@@ -385,13 +406,13 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
                 message = f"the eval set exceeds the server's limit of {limit} bytes (max_eval_bytes)"
                 raise _limit(message, "max_eval_bytes")
         if config is None:
-            raise _bad("no config was sent", "config")
+            raise self._missing(job, "no config was sent", "config")
         if not model:
-            raise _bad("no model was sent", "model_chunk")
+            raise self._missing(job, "no model was sent", "model_chunk")
         if npz and tensors:
             raise _bad("send the eval set as .npz chunks or as tensors, not both", "eval_npz_chunk")
         if not npz and not tensors:
-            raise _bad("no eval set was sent", "eval_npz_chunk")
+            raise self._missing(job, "no eval set was sent", "eval_npz_chunk")
         options = convert.options_from_proto(config, threads=self._threads)
         if tensors:
             evalset = tensors.evalset()
@@ -407,11 +428,11 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
     # -- Prune
 
     def Prune(self, request_iterator: Iterator[pb.PruneRequest], context: grpc.ServicerContext) -> Iterator[Any]:
-        job = _Job("Prune", uuid.uuid4().hex[:12], time.monotonic())
+        job = _Job("Prune", uuid.uuid4().hex[:12], time.monotonic(), context=context)
         context.add_callback(job.stop.set)  # cancel, deadline, or the call ending for any reason
         try:
-            self._enter(job)
             try:
+                self._enter(job)
                 # refuse at once when every job slot is taken, before the client sends its inputs
                 self._take(self._jobs, self._busy_jobs())
                 self._jobs.release()
@@ -450,7 +471,15 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
         try:
             timer.start()
             worker.start()
-            while (event := events.get()) is not None:
+            while True:
+                try:
+                    event = events.get(timeout=_POLL)
+                except queue.Empty:
+                    if job.stop.is_set():  # cancelled: the worker has JOIN_SECONDS to notice
+                        break
+                    continue
+                if event is None:
+                    break
                 yield pb.PruneResponse(progress=convert.event_to_proto(event))
         finally:
             # also on GeneratorExit (the client went): the slot is free only when the worker is
@@ -458,6 +487,8 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
             if worker.is_alive():
                 job.stop.set()
             self._join(job, worker, slot)
+        if not outcome:  # the worker runs on, orphaned
+            raise self._stopped(job)
         error = outcome.pop("error", None)
         if error is not None:
             if isinstance(error, pruner.CancelledError):
@@ -503,11 +534,11 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
     # -- Inspect
 
     def Inspect(self, request_iterator: Iterator[pb.InspectRequest], context: grpc.ServicerContext) -> Any:
-        job = _Job("Inspect", uuid.uuid4().hex[:12], time.monotonic())
+        job = _Job("Inspect", uuid.uuid4().hex[:12], time.monotonic(), context=context)
         context.add_callback(job.stop.set)
         try:
-            self._enter(job)
             try:
+                self._enter(job)
                 with self._upload():
                     config, model = self._receive_inspect(self._requests(request_iterator, job), job)
                 self._take(
@@ -542,7 +573,7 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
             else:
                 raise _bad("an InspectRequest carries nothing", "payload")
         if not model:
-            raise _bad("no model was sent", "model_chunk")
+            raise self._missing(job, "no model was sent", "model_chunk")
         return config, bytes(model)
 
     # -- failing
