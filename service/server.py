@@ -130,6 +130,21 @@ def _load_libc() -> Any:
 
 
 _LIBC = _load_libc()
+_M_ARENA_MAX = -8  # glibc's mallopt parameter
+
+
+def _limit_malloc_arenas() -> None:
+    """Two malloc arenas for the whole process, not eight per core.
+
+    Every job runs in a new thread; with glibc's default each may get its own
+    arena, and the freed tens of MB of a job's arrays stay there, scattered: with
+    a 40 MB eval set RSS went 145 -> 345 MB over 12 cancelled jobs even with
+    malloc_trim; with two arenas it stays at 130-143 MB. Set before any thread
+    starts; no-op without glibc or when MALLOC_ARENA_MAX is set.
+    """
+    if _LIBC is not None and "MALLOC_ARENA_MAX" not in os.environ:
+        with contextlib.suppress(AttributeError):
+            _LIBC.mallopt(_M_ARENA_MAX, 2)
 
 
 @dataclass(eq=False)
@@ -770,6 +785,7 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _limit_malloc_arenas()
     args = _parser().parse_args(argv)
     try:
         token = _token(args)

@@ -258,7 +258,7 @@ def test_cancelled_jobs_give_their_memory_back(spawned: list[subprocess.Popen[st
         cancelled_job()
     time.sleep(1)
     after = rss_mib(process.pid)
-    assert after - idle < 60, f"RSS grew from {idle:.0f} MiB to {after:.0f} MiB over 15 cancelled jobs"
+    assert after - idle < 40, f"RSS grew from {idle:.0f} MiB to {after:.0f} MiB over 15 cancelled jobs"
 
 
 @pytest.mark.parametrize(
