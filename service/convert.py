@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+import math
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 
 __all__ = [
     "CHUNK_BYTES",
+    "MAX_MESSAGE_BYTES",
+    "MESSAGE_OVERHEAD",
     "EvalTensors",
     "event_from_proto",
     "event_to_proto",
@@ -26,7 +29,11 @@ __all__ = [
 ]
 
 CHUNK_BYTES = 1 << 20
-"""Largest chunk either side sends (the proto's documented limit)."""
+"""Largest chunk either side sends (the proto's documented limit); the server refuses bigger ones."""
+MESSAGE_OVERHEAD = 4096
+"""What a message may add to its largest chunk (framing, an EvalTensor header's fields)."""
+MAX_MESSAGE_BYTES = CHUNK_BYTES + MESSAGE_OVERHEAD
+"""The server's gRPC receive limit: one message of the client's stream, serialized."""
 
 # library enum <-> proto enum value; UNSPECIFIED (0) means the library's default
 _MODES = {Mode.ZERO: pb.MODE_ZERO, Mode.REMOVE: pb.MODE_REMOVE, Mode.NM: pb.MODE_NM}
@@ -213,12 +220,21 @@ def inspection_to_proto(inspection: pruner.Inspection) -> pb.InspectResponse:
 
 
 class EvalTensors:
-    """Collects an eval set sent as ``EvalTensor`` headers and ``eval_tensor_data`` chunks."""
+    """Collects an eval set sent as ``EvalTensor`` headers and ``eval_tensor_data`` chunks.
 
-    def __init__(self) -> None:
+    Args:
+        max_bytes: the most bytes the decoded arrays may take (the server's
+            ``max_eval_bytes``); each header is counted, by its dims and by what
+            its inline fields decode to, before anything is allocated.
+    """
+
+    def __init__(self, max_bytes: int | None = None) -> None:
         self._done: dict[str, np.ndarray] = {}
         self._header: onnx.TensorProto | None = None
         self._chunks: list[bytes] = []
+        self._max_bytes = max_bytes
+        self.decoded_bytes = 0
+        """Bytes the arrays received so far decode to."""
 
     def start(self, message: pb.EvalTensor) -> None:
         self._finish()
@@ -226,19 +242,44 @@ class EvalTensors:
         try:
             tensor.ParseFromString(message.tensor_proto)
         except DecodeError as e:
-            raise pruner.InvalidEvalSetError(f"an eval_tensor is not a serialized onnx.TensorProto ({e})") from e
+            raise _invalid(f"an eval_tensor is not a serialized onnx.TensorProto ({e})", "eval_tensor") from e
         if not tensor.name:
-            raise pruner.InvalidEvalSetError("an eval_tensor has no name; name it after a model input or 'labels'")
+            raise _invalid("an eval_tensor has no name; name it after a model input or 'labels'", "eval_tensor.name")
         if tensor.name in self._done:
-            raise pruner.InvalidEvalSetError(f"eval tensor {tensor.name!r} was sent twice")
+            raise _invalid(f"eval tensor {tensor.name!r} was sent twice", "eval_tensor.name")
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise pruner.InvalidEvalSetError(f"eval tensor {tensor.name!r} refers to external data; send its bytes")
+            raise _invalid(f"eval tensor {tensor.name!r} refers to external data; send its bytes", "eval_tensor")
+        self._count(tensor)
         self._header = tensor
         self._chunks = []
 
+    def _count(self, tensor: onnx.TensorProto) -> None:
+        """Counts what ``tensor`` decodes to toward ``max_bytes``, refusing dims that overflow."""
+        name = tensor.name
+        dtype = _dtype_of(tensor)
+        dims = [int(d) for d in tensor.dims]
+        if any(d < 0 for d in dims):
+            raise _invalid(f"eval tensor {name!r} has negative dims {dims}", "eval_tensor.dims")
+        declared = math.prod(dims) * dtype.itemsize  # Python ints: no overflow
+        if declared > _MAX_ARRAY_BYTES:
+            raise _invalid(
+                f"eval tensor {name!r} has dims {dims}: {declared} bytes of {dtype} cannot be an array",
+                "eval_tensor.dims",
+            )
+        # typed fields expand when parsed (a one-byte varint of int64_data becomes 8 bytes)
+        inline = len(tensor.raw_data) + sum(len(getattr(tensor, f)) * size for f, size in _TYPED_FIELDS.items())
+        self.decoded_bytes += max(declared, inline)
+        if self._max_bytes is not None and self.decoded_bytes > self._max_bytes:
+            error = pruner.ResourceLimitError(
+                f"the eval set decodes to more than the server's limit of {self._max_bytes} bytes "
+                f"(max_eval_bytes; eval tensor {name!r} has dims {dims} of {dtype})"
+            )
+            error.subject = "max_eval_bytes"  # type: ignore[attr-defined]
+            raise error
+
     def add(self, data: bytes) -> None:
         if self._header is None:
-            raise pruner.InvalidEvalSetError("eval_tensor_data arrived before any eval_tensor header")
+            raise _invalid("eval_tensor_data arrived before any eval_tensor header", "eval_tensor_data")
         self._chunks.append(data)
 
     def _finish(self) -> None:
@@ -247,30 +288,24 @@ class EvalTensors:
             return
         self._header, self._chunks = None, []
         name = tensor.name
-        if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
-            raise pruner.InvalidEvalSetError(f"eval tensor {name!r} has data type {tensor.data_type}; send numbers")
-        try:
-            dtype = np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
-        except (KeyError, ValueError, TypeError) as e:
-            raise pruner.InvalidEvalSetError(f"eval tensor {name!r} has an unknown data type {tensor.data_type}") from e
+        dtype = _dtype_of(tensor)
         dims = tuple(int(d) for d in tensor.dims)
-        if any(d < 0 for d in dims):
-            raise pruner.InvalidEvalSetError(f"eval tensor {name!r} has negative dims {list(dims)}")
         if chunks:
             if tensor.raw_data or _has_typed_data(tensor):
-                raise pruner.InvalidEvalSetError(f"eval tensor {name!r} has inline data and data chunks")
+                raise _invalid(f"eval tensor {name!r} has inline data and data chunks", "eval_tensor_data")
             raw = b"".join(chunks)
-            expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+            expected = math.prod(dims) * dtype.itemsize
             if len(raw) != expected:
-                raise pruner.InvalidEvalSetError(
-                    f"eval tensor {name!r}: {len(raw)} data bytes, dims {list(dims)} of {dtype} need {expected}"
+                raise _invalid(
+                    f"eval tensor {name!r}: {len(raw)} data bytes, dims {list(dims)} of {dtype} need {expected}",
+                    "eval_tensor_data",
                 )
             array = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False).reshape(dims)
         else:
             try:
                 array = numpy_helper.to_array(tensor)
             except Exception as e:  # onnx raises several types for inconsistent tensors
-                raise pruner.InvalidEvalSetError(f"eval tensor {name!r} cannot be read: {e}") from e
+                raise _invalid(f"eval tensor {name!r} cannot be read: {e}", "eval_tensor") from e
         self._done[name] = array
 
     def evalset(self) -> pruner.EvalSet:
@@ -285,6 +320,30 @@ class EvalTensors:
         return bool(self._done) or self._header is not None
 
 
+_TYPED_FIELDS = {"float_data": 4, "int32_data": 4, "int64_data": 8, "double_data": 8, "uint64_data": 8}
+"""The typed fields of a TensorProto and the bytes one parsed element takes."""
+_MAX_ARRAY_BYTES = 1 << 62
+"""More than any array can hold: dims beyond it are a bad request, not a size limit."""
+
+
 def _has_typed_data(tensor: onnx.TensorProto) -> bool:
-    fields: Iterable[str] = ("float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
-    return any(len(getattr(tensor, f)) for f in fields)
+    return any(len(getattr(tensor, f)) for f in (*_TYPED_FIELDS, "string_data"))
+
+
+def _invalid(message: str, field: str) -> pruner.InvalidEvalSetError:
+    """An error naming the request field at fault (the server's BadRequest detail)."""
+    error = pruner.InvalidEvalSetError(message)
+    error.field = field  # type: ignore[attr-defined]
+    return error
+
+
+def _dtype_of(tensor: onnx.TensorProto) -> np.dtype[Any]:
+    name = tensor.name
+    if tensor.data_type in (onnx.TensorProto.STRING, onnx.TensorProto.UNDEFINED):
+        raise _invalid(f"eval tensor {name!r} has data type {tensor.data_type}; send numbers", "eval_tensor.data_type")
+    try:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    except (KeyError, ValueError, TypeError) as e:
+        raise _invalid(
+            f"eval tensor {name!r} has an unknown data type {tensor.data_type}", "eval_tensor.data_type"
+        ) from e

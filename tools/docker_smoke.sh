@@ -36,8 +36,9 @@ echo "docker smoke: building $image" >&2
 docker build --network host -q -t "$image" . >/dev/null
 
 port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# the address as a flag, not ONNX_PRUNER_ADDRESS: the health check must follow it
 docker run -d --network host --name "$name" --health-interval 1s --health-start-period 1s \
-  -e ONNX_PRUNER_ADDRESS="127.0.0.1:$port" -e ONNX_PRUNER_GRACE=20 "$image" >/dev/null
+  -e ONNX_PRUNER_GRACE=20 "$image" --address "127.0.0.1:$port" >/dev/null
 
 echo "docker smoke: waiting for the container's health check" >&2
 for _ in $(seq 120); do

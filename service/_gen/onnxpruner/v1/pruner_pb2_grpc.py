@@ -28,6 +28,44 @@ if _version_not_supported:
 
 class PrunerServiceStub:
     """Prunes ONNX models to the smallest size that keeps a metric within tolerance.
+
+    Authentication: a server started with a token wants the metadata header
+    `authorization: Bearer <token>` on every call (health checks excepted);
+    without it, or with another token, calls end UNAUTHENTICATED.
+
+    Sizes: every bytes field of a request (`model_chunk`, `eval_npz_chunk`,
+    `eval_tensor_data`, `EvalTensor.tensor_proto`) is at most 1 MiB (1048576
+    bytes); a bigger one is INVALID_ARGUMENT naming the field. One request
+    message may be at most 1052672 bytes serialized (1 MiB plus 4096 bytes for
+    framing and a config or header); a bigger one is refused by gRPC itself
+    with RESOURCE_EXHAUSTED before the server reads it.
+
+    Time: the whole request stream must arrive within the server's upload
+    deadline (default 600 s) with at most its idle timeout (default 30 s)
+    between two messages; otherwise the call ends DEADLINE_EXCEEDED naming the
+    limit (`upload_deadline` or `upload_idle_timeout`).
+
+    Slots: a call receiving its inputs takes an upload slot (default 4 per job
+    slot); a Prune takes a job slot only once its inputs are complete, an
+    Inspect one of its own inspect slots. A call that finds no free slot, at its
+    start or when its inputs are complete, ends at once RESOURCE_EXHAUSTED with
+    a google.rpc.RetryInfo: retry after its delay. A job's slot is free again
+    only once its computation has stopped.
+
+    Errors carry google.rpc details (grpc-status-details-bin):
+    INVALID_ARGUMENT + BadRequest (field names the request field): bad model,
+    eval set or config; the message names the problem. Do not retry as is.
+    RESOURCE_EXHAUSTED + QuotaFailure (subject names the setting, e.g.
+    "max_model_bytes", "max_eval_bytes"): the input is too large. Never retry.
+    RESOURCE_EXHAUSTED + RetryInfo: the server is busy. Retry later.
+    UNAVAILABLE + RetryInfo: the server is shutting down. Retry on another
+    replica or later.
+    DEADLINE_EXCEEDED: the job's time limit, the upload limits, or the
+    client's own deadline.
+    CANCELLED: the client cancelled.
+    UNAUTHENTICATED: missing or wrong bearer token.
+    INTERNAL: a bug of ours; the message names a job id to find in the
+    server's log.
     """
 
     def __init__(self, channel):
@@ -50,21 +88,55 @@ class PrunerServiceStub:
 
 class PrunerServiceServicer:
     """Prunes ONNX models to the smallest size that keeps a metric within tolerance.
+
+    Authentication: a server started with a token wants the metadata header
+    `authorization: Bearer <token>` on every call (health checks excepted);
+    without it, or with another token, calls end UNAUTHENTICATED.
+
+    Sizes: every bytes field of a request (`model_chunk`, `eval_npz_chunk`,
+    `eval_tensor_data`, `EvalTensor.tensor_proto`) is at most 1 MiB (1048576
+    bytes); a bigger one is INVALID_ARGUMENT naming the field. One request
+    message may be at most 1052672 bytes serialized (1 MiB plus 4096 bytes for
+    framing and a config or header); a bigger one is refused by gRPC itself
+    with RESOURCE_EXHAUSTED before the server reads it.
+
+    Time: the whole request stream must arrive within the server's upload
+    deadline (default 600 s) with at most its idle timeout (default 30 s)
+    between two messages; otherwise the call ends DEADLINE_EXCEEDED naming the
+    limit (`upload_deadline` or `upload_idle_timeout`).
+
+    Slots: a call receiving its inputs takes an upload slot (default 4 per job
+    slot); a Prune takes a job slot only once its inputs are complete, an
+    Inspect one of its own inspect slots. A call that finds no free slot, at its
+    start or when its inputs are complete, ends at once RESOURCE_EXHAUSTED with
+    a google.rpc.RetryInfo: retry after its delay. A job's slot is free again
+    only once its computation has stopped.
+
+    Errors carry google.rpc details (grpc-status-details-bin):
+    INVALID_ARGUMENT + BadRequest (field names the request field): bad model,
+    eval set or config; the message names the problem. Do not retry as is.
+    RESOURCE_EXHAUSTED + QuotaFailure (subject names the setting, e.g.
+    "max_model_bytes", "max_eval_bytes"): the input is too large. Never retry.
+    RESOURCE_EXHAUSTED + RetryInfo: the server is busy. Retry later.
+    UNAVAILABLE + RetryInfo: the server is shutting down. Retry on another
+    replica or later.
+    DEADLINE_EXCEEDED: the job's time limit, the upload limits, or the
+    client's own deadline.
+    CANCELLED: the client cancelled.
+    UNAUTHENTICATED: missing or wrong bearer token.
+    INTERNAL: a bug of ours; the message names a job id to find in the
+    server's log.
     """
 
     def Prune(self, request_iterator, context):
         """Prune a model. The client sends a PruneRequest carrying `config` first, then
         the model in `model_chunk`s, then the eval set (as `eval_npz_chunk`s, or as
         `eval_tensor` headers each followed by its `eval_tensor_data` chunks), then
-        half-closes. Every chunk is at most 1 MiB. The server streams `progress`
-        events while it works, then one `result` (the report and the size and
-        digest of the model), then the pruned model in `model_chunk`s.
-
-        Errors: INVALID_ARGUMENT for a bad model, eval set or config (the message
-        names the problem); RESOURCE_EXHAUSTED when the server runs its maximum of
-        jobs or the input exceeds its size limits; DEADLINE_EXCEEDED when the job
-        exceeds the server's time limit; CANCELLED when the client cancels;
-        UNAUTHENTICATED without the server's bearer token; INTERNAL otherwise.
+        half-closes. Every chunk is at most 1 MiB (see above). The server streams
+        `progress` events while it works, then one `result` (the report and the
+        size and digest of the model), then the pruned model in `model_chunk`s.
+        The eval set counts toward the server's max_eval_bytes both as received and
+        as the arrays it decodes to.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,6 +174,44 @@ def add_PrunerServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class PrunerService:
     """Prunes ONNX models to the smallest size that keeps a metric within tolerance.
+
+    Authentication: a server started with a token wants the metadata header
+    `authorization: Bearer <token>` on every call (health checks excepted);
+    without it, or with another token, calls end UNAUTHENTICATED.
+
+    Sizes: every bytes field of a request (`model_chunk`, `eval_npz_chunk`,
+    `eval_tensor_data`, `EvalTensor.tensor_proto`) is at most 1 MiB (1048576
+    bytes); a bigger one is INVALID_ARGUMENT naming the field. One request
+    message may be at most 1052672 bytes serialized (1 MiB plus 4096 bytes for
+    framing and a config or header); a bigger one is refused by gRPC itself
+    with RESOURCE_EXHAUSTED before the server reads it.
+
+    Time: the whole request stream must arrive within the server's upload
+    deadline (default 600 s) with at most its idle timeout (default 30 s)
+    between two messages; otherwise the call ends DEADLINE_EXCEEDED naming the
+    limit (`upload_deadline` or `upload_idle_timeout`).
+
+    Slots: a call receiving its inputs takes an upload slot (default 4 per job
+    slot); a Prune takes a job slot only once its inputs are complete, an
+    Inspect one of its own inspect slots. A call that finds no free slot, at its
+    start or when its inputs are complete, ends at once RESOURCE_EXHAUSTED with
+    a google.rpc.RetryInfo: retry after its delay. A job's slot is free again
+    only once its computation has stopped.
+
+    Errors carry google.rpc details (grpc-status-details-bin):
+    INVALID_ARGUMENT + BadRequest (field names the request field): bad model,
+    eval set or config; the message names the problem. Do not retry as is.
+    RESOURCE_EXHAUSTED + QuotaFailure (subject names the setting, e.g.
+    "max_model_bytes", "max_eval_bytes"): the input is too large. Never retry.
+    RESOURCE_EXHAUSTED + RetryInfo: the server is busy. Retry later.
+    UNAVAILABLE + RetryInfo: the server is shutting down. Retry on another
+    replica or later.
+    DEADLINE_EXCEEDED: the job's time limit, the upload limits, or the
+    client's own deadline.
+    CANCELLED: the client cancelled.
+    UNAUTHENTICATED: missing or wrong bearer token.
+    INTERNAL: a bug of ours; the message names a job id to find in the
+    server's log.
     """
 
     @staticmethod
