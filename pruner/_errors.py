@@ -59,8 +59,10 @@ class UnsupportedModelError(PrunerError):
 class ResourceLimitError(PrunerError):
     """An input exceeds a configured size limit (or the memory the machine has free)."""
 
-    subject: str = ""
-    """The limit that was hit, named as the service configures it (e.g. ``"max_eval_bytes"``); empty if unnamed."""
+    def __init__(self, message: str, subject: str = "") -> None:
+        super().__init__(message)
+        self.subject = subject
+        """The limit that was hit, named as the service configures it (e.g. ``"max_eval_bytes"``); empty if unnamed."""
 
 
 class CancelledError(PrunerError):

@@ -242,9 +242,7 @@ def _read_array(archive: zipfile.ZipFile, member: _Member, what: str) -> np.ndar
 
 
 def _limit_error(message: str) -> ResourceLimitError:
-    error = ResourceLimitError(message)
-    error.subject = "max_eval_bytes"
-    return error
+    return ResourceLimitError(message, subject="max_eval_bytes")
 
 
 def available_memory() -> int:

@@ -272,9 +272,9 @@ class EvalTensors:
         if self._max_bytes is not None and self.decoded_bytes > self._max_bytes:
             error = pruner.ResourceLimitError(
                 f"the eval set decodes to more than the server's limit of {self._max_bytes} bytes "
-                f"(max_eval_bytes; eval tensor {name!r} has dims {dims} of {dtype})"
+                f"(max_eval_bytes; eval tensor {name!r} has dims {dims} of {dtype})",
+                subject="max_eval_bytes",
             )
-            error.subject = "max_eval_bytes"  # type: ignore[attr-defined]
             raise error
 
     def add(self, data: bytes) -> None:

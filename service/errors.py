@@ -143,8 +143,8 @@ def to_status(error: BaseException, message: str | None = None) -> grpc.Status:
     """The status a server ends a call with for ``error``, with its rich details.
 
     ``message`` replaces ``str(error)`` (the server hides internal errors' text).
-    A ``ResourceLimitError`` or ``InvalidInputError`` may carry ``subject`` /
-    ``field`` attributes naming the limit or the request field.
+    A ``ResourceLimitError``'s ``subject`` names the limit; an ``InvalidInputError``
+    may carry a ``field`` attribute naming the request field.
     """
     row = row_of(error)
     text = str(error) if message is None else message
@@ -152,7 +152,7 @@ def to_status(error: BaseException, message: str | None = None) -> grpc.Status:
     if isinstance(error, (ServerBusyError, ServerUnavailableError)):
         details.append(_packed(error_details_pb2.RetryInfo(retry_delay=_duration(error.retry_after))))
     elif isinstance(error, pruner.ResourceLimitError):
-        violation = error_details_pb2.QuotaFailure.Violation(subject=getattr(error, "subject", ""), description=text)
+        violation = error_details_pb2.QuotaFailure.Violation(subject=error.subject, description=text)
         details.append(_packed(error_details_pb2.QuotaFailure(violations=[violation])))
     elif row.code is grpc.StatusCode.INVALID_ARGUMENT and not isinstance(error, AuthenticationError):
         violation = error_details_pb2.BadRequest.FieldViolation(field=getattr(error, "field", ""), description=text)

@@ -101,12 +101,6 @@ SHUTDOWN_SECONDS = 2.0
 _POLL = 0.25
 
 
-def _limit(message: str, subject: str) -> pruner.ResourceLimitError:
-    error = pruner.ResourceLimitError(message)
-    error.subject = subject  # type: ignore[attr-defined]
-    return error
-
-
 def _bad(message: str, field: str) -> pruner.InvalidInputError:
     error = pruner.InvalidInputError(message)
     error.field = field  # type: ignore[attr-defined]
@@ -386,7 +380,9 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
     def _add(cls, buffer: bytearray, data: bytes, field: str, what: str, limit: int, setting: str) -> None:
         cls._chunk(data, field)
         if len(buffer) + len(data) > limit:
-            raise _limit(f"the {what} exceeds the server's limit of {limit} bytes ({setting})", setting)
+            raise pruner.ResourceLimitError(
+                f"the {what} exceeds the server's limit of {limit} bytes ({setting})", setting
+            )
         buffer += data
 
     def _receive(self, requests: Iterator[pb.PruneRequest], job: _Job) -> dict[str, Any]:
@@ -419,7 +415,7 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
                 tensors.add(self._chunk(request.eval_tensor_data, "eval_tensor_data"))
             if job.eval_bytes > limit:
                 message = f"the eval set exceeds the server's limit of {limit} bytes (max_eval_bytes)"
-                raise _limit(message, "max_eval_bytes")
+                raise pruner.ResourceLimitError(message, "max_eval_bytes")
         if config is None:
             raise self._missing(job, "no config was sent", "config")
         if not model:
@@ -435,8 +431,7 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
             try:
                 evalset = pruner.load_eval_set(bytes(npz), max_bytes=limit)
             except pruner.ResourceLimitError as e:
-                if not getattr(e, "subject", ""):
-                    e.subject = "max_eval_bytes"  # type: ignore[attr-defined]
+                e.subject = e.subject or "max_eval_bytes"
                 raise
         return {"options": options, "model": bytes(model), "evalset": evalset}
 
@@ -613,8 +608,8 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
         elif code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
             level = logging.WARNING
         details = {"error": message or str(error)}
-        if getattr(error, "subject", ""):
-            details["limit"] = error.subject  # type: ignore[attr-defined]
+        if isinstance(error, pruner.ResourceLimitError) and error.subject:
+            details["limit"] = error.subject
         job.log(code.name, level, **details)
         status = errors.to_status(error, message)
         error.__traceback__ = None  # its frames hold the job's model and arrays
