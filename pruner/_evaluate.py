@@ -312,7 +312,10 @@ class Evaluator:
         self.stop = stop
         fixed = {s.fixed_batch for s in specs if s.fixed_batch is not None}
         if len(fixed) > 1:
-            raise UnsupportedModelError(f"model inputs have different fixed batch sizes {sorted(fixed)}")
+            raise UnsupportedModelError(
+                f"model inputs have different fixed batch sizes {sorted(fixed)} on their first axis "
+                "(set input_sample_axes for inputs whose sample axis is not the first)"
+            )
         self.fixed_batch = fixed.pop() if fixed else None
         self.batch_size = self.fixed_batch or batch_size
         self.reference: np.ndarray | None = None

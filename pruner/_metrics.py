@@ -420,10 +420,11 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     if not (np.isfinite(a).all() and np.isfinite(b).all()):
         return -1.0
     ra, rb = _ranks(a) - (len(a) - 1) / 2, _ranks(b) - (len(b) - 1) / 2
-    na, nb = np.sqrt((ra * ra).sum()), np.sqrt((rb * rb).sum())
-    if na == 0 or nb == 0:
-        return 1.0 if na == nb else 0.0
-    return float(np.clip((ra * rb).sum() / (na * nb), -1.0, 1.0))
+    sa, sb = (ra * ra).sum(), (rb * rb).sum()
+    if sa == 0 or sb == 0:
+        return 1.0 if sa == sb else 0.0
+    # one square root of the product: identical orders give exactly 1
+    return float(np.clip((ra * rb).sum() / np.sqrt(sa * sb), -1.0, 1.0))
 
 
 def _custom_scores(
