@@ -24,8 +24,19 @@ from ._errors import (
     UnsupportedModelError,
 )
 from ._evalset import EvalSet, load_eval_set
+from ._metrics import load_metric, metric_plugins, plugin_metric
 from ._model import check_output_path, load_model, save_model
-from ._options import Allocation, Criterion, MetricKind, Mode, Objective, PruneOptions, Recovery, Tolerance
+from ._options import (
+    Allocation,
+    Criterion,
+    CustomMetric,
+    MetricKind,
+    Mode,
+    Objective,
+    PruneOptions,
+    Recovery,
+    Tolerance,
+)
 from ._plan import LayerPlan, PlanIssue, PruningPlan, apply_plan, check_plan
 from ._prune import PruneResult, inspect, prune
 from ._report import CandidateRecord, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
@@ -35,6 +46,7 @@ __all__ = [
     "CancelledError",
     "CandidateRecord",
     "Criterion",
+    "CustomMetric",
     "EvalSet",
     "EventKind",
     "Inspection",
@@ -67,7 +79,10 @@ __all__ = [
     "check_plan",
     "inspect",
     "load_eval_set",
+    "load_metric",
     "load_model",
+    "metric_plugins",
+    "plugin_metric",
     "prune",
     "save_model",
 ]

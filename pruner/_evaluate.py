@@ -282,6 +282,9 @@ class Evaluator:
         metric: the metric.
         evalset: all samples; evaluation calls select rows by index.
         stop: cancels evaluation (checked before every batch).
+        input_axes: model inputs whose sample axis is not the first, and that axis: their
+            batches are moved there before a run (the eval set stores samples first).
+        output_axis: the output's sample axis; outputs are moved to samples first after a run.
 
     ``reference`` holds the unpruned model's ``output`` for every sample, for
     label-free metrics and probes.
@@ -297,18 +300,31 @@ class Evaluator:
         *,
         batch_size: int,
         stop: threading.Event | None = None,
+        input_axes: Mapping[str, int] | None = None,
+        output_axis: int = 0,
     ) -> None:
         self.candidates = candidates
+        self.input_axes = {k: v for k, v in (input_axes or {}).items() if v}
+        self.output_axis = output_axis
         self.output = output
         self.metric = metric
         self.evalset = evalset
         self.stop = stop
         fixed = {s.fixed_batch for s in specs if s.fixed_batch is not None}
         if len(fixed) > 1:
-            raise UnsupportedModelError(f"model inputs have different fixed batch sizes {sorted(fixed)}")
+            raise UnsupportedModelError(
+                f"model inputs have different fixed batch sizes {sorted(fixed)} on their first axis "
+                "(set input_sample_axes for inputs whose sample axis is not the first)"
+            )
         self.fixed_batch = fixed.pop() if fixed else None
         self.batch_size = self.fixed_batch or batch_size
         self.reference: np.ndarray | None = None
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """The metric's ``sequence_mask`` array of the eval set (all samples), if any."""
+        name = self.metric.sequence_mask
+        return None if name is None else self.evalset.inputs.get(name)
 
     def runner(self, weights: Mapping[str, np.ndarray]) -> Runner:
         if self.candidates is None:
@@ -325,15 +341,21 @@ class Evaluator:
         if self.fixed_batch is not None and n < self.fixed_batch:
             rows = np.concatenate([rows, np.repeat(rows[-1:], self.fixed_batch - n)])
         feeds = {name: array[rows] for name, array in self.evalset.inputs.items()}
+        for name, axis in self.input_axes.items():
+            feeds[name] = np.moveaxis(feeds[name], 0, axis)
         try:
             out = runner(feeds)
         except Exception as e:  # onnxruntime raises its own exception types
             raise UnsupportedModelError(f"onnxruntime failed to run the model: {_first_line(e)}") from e
-        if out.ndim == 0 or out.shape[0] != len(rows):
+        axis = self.output_axis
+        if out.ndim <= axis or out.shape[axis] != len(rows):
+            where = "first axis" if axis == 0 else f"axis {axis}"
             raise UnsupportedModelError(
-                f"output {self.output!r} has shape {list(out.shape)}: its first axis is not the sample axis"
+                f"output {self.output!r} has shape {list(out.shape)} for a batch of {len(rows)}: its {where} is "
+                "not the sample axis (set output_sample_axis, and input_sample_axes for inputs whose batch "
+                "axis is not the first)"
             )
-        return out[:n]
+        return np.moveaxis(out, axis, 0)[:n] if axis else out[:n]
 
     def outputs(self, runner: Runner, indices: np.ndarray) -> np.ndarray:
         """The chosen output for all ``indices``, in order."""
@@ -352,18 +374,28 @@ class Evaluator:
         if runner is None:
             assert weights is not None
             runner = self.runner(weights)
-        labels = self.evalset.labels
+        metric = self.metric
+        labels = self.evalset.labels if metric.uses_labels else None
+        mask = self.mask
         total = len(indices)
         score_sum = 0.0
         seen = 0
         # the metric and the early-abort test run per chunk of batches: per batch of one,
         # their Python overhead would cost more than the model
         chunk = self.batch_size * max(1, METRIC_CHUNK // self.batch_size)
+        if metric.whole_set:  # a correlation: every sample's score first, never an early stop
+            parts = [metric.scores(self.outputs(runner, indices[i : i + chunk])) for i in range(0, total, chunk)]
+            ref = None if self.reference is None else self.reference[indices]
+            scores = np.concatenate(parts) if parts else np.zeros(0)
+            value = metric.correlate(scores, None if labels is None else labels[indices], ref)
+            return EvalOutcome(value, True, total, time.perf_counter() - start)
         for start_row in range(0, total, chunk):
             rows = indices[start_row : start_row + chunk]
             out = self.outputs(runner, rows)
             ref = None if self.reference is None else self.reference[rows]
-            scores = self.metric.per_sample(out, None if labels is None else labels[rows], ref)
+            scores = metric.per_sample(
+                out, None if labels is None else labels[rows], ref, None if mask is None else mask[rows]
+            )
             score_sum += float(scores.sum())
             seen += len(rows)
             if bound is not None and seen < total and self.metric.cannot_pass(score_sum, seen, total, bound):

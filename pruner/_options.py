@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import enum
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any
+
+import numpy as np
 
 from ._errors import InvalidConfigError
 
 __all__ = [
     "Allocation",
     "Criterion",
+    "CustomMetric",
     "MetricKind",
     "Mode",
     "Objective",
@@ -27,6 +32,8 @@ DEFAULT_LAYER_CAP = 0.98
 DEFAULT_RESOLUTION = 0.01
 DEFAULT_TOP_K = 5
 DEFAULT_CALIBRATION_SAMPLES = 256
+DEFAULT_THRESHOLD = 0.5
+MAX_SAMPLE_AXIS = 16
 MAX_BATCH_SIZE = 65536
 
 
@@ -110,22 +117,106 @@ class Objective(enum.Enum):
 
 
 class MetricKind(enum.Enum):
-    """Quality measure of a candidate; see README for the definitions."""
+    """Quality measure of a candidate; docs/metrics.md says which fits which output."""
 
     ACCURACY = "accuracy"
+    """Top-1 accuracy over the last axis against integer labels (per position for sequences)."""
     TOPK = "topk"
+    """Top-k accuracy against integer labels (k = ``top_k``)."""
     MSE = "mse"
+    """Mean squared error against labels (lower is better)."""
     MAE = "mae"
+    """Mean absolute error against labels (lower is better)."""
     AGREEMENT = "agreement"
+    """Top-1 agreement with the unpruned model (per position for sequences); needs no labels."""
     COSINE = "cosine"
+    """Cosine similarity to the unpruned model's output; needs no labels."""
+    DICE = "dice"
+    """Dice of the output thresholded at ``threshold`` against the labels' nonzero entries, or
+    against the unpruned model's thresholded output without labels; two empty maps score 1."""
+    IOU = "iou"
+    """Intersection over union, thresholded like ``DICE``."""
+    SEQUENCE_MATCH = "sequence_match"
+    """Share of samples whose decoded sequence (argmax ids, masked positions and ``pad_id``
+    dropped, CTC-collapsed with ``ctc_blank``) is identical to the unpruned model's."""
+    SEQUENCE_SIMILARITY = "sequence_similarity"
+    """1 - edit distance / length of the decoded sequences (per letter), against the unpruned model's."""
+    KL = "kl"
+    """KL divergence from the unpruned model's class distribution (softmax of logits, or the
+    probabilities themselves) to the candidate's, in nats; lower is better."""
+    COLUMN_MAE = "column_mae"
+    """Mean absolute difference of ``output[..., column]`` from the unpruned model's; lower is better."""
+    RANK_CORRELATION = "rank_correlation"
+    """Spearman correlation of one score per sample (``output[..., column]``) with the labels, or with
+    the unpruned model's scores without labels, over the whole split (no early stopping)."""
 
     @property
     def higher_is_better(self) -> bool:
-        return self not in (MetricKind.MSE, MetricKind.MAE)
+        return self not in (MetricKind.MSE, MetricKind.MAE, MetricKind.KL, MetricKind.COLUMN_MAE)
 
     @property
     def needs_labels(self) -> bool:
         return self in (MetricKind.ACCURACY, MetricKind.TOPK, MetricKind.MSE, MetricKind.MAE)
+
+
+SEQUENCE_METRICS = (MetricKind.SEQUENCE_MATCH, MetricKind.SEQUENCE_SIMILARITY)
+METRIC_OPTIONS: dict[str, tuple[MetricKind, ...]] = {
+    "column": (
+        MetricKind.MSE,
+        MetricKind.MAE,
+        MetricKind.COLUMN_MAE,
+        MetricKind.RANK_CORRELATION,
+        MetricKind.DICE,
+        MetricKind.IOU,
+    ),
+    "pad_id": (MetricKind.ACCURACY, MetricKind.AGREEMENT, *SEQUENCE_METRICS),
+    "sequence_mask": (MetricKind.ACCURACY, MetricKind.AGREEMENT, *SEQUENCE_METRICS),
+    "ctc_blank": SEQUENCE_METRICS,
+}
+"""The metrics that read each metric option; setting it for another metric is an error."""
+
+MetricFunction = Callable[[np.ndarray, "np.ndarray | None", np.ndarray], Any]
+"""``fn(outputs, labels, reference) -> scores``: see :class:`CustomMetric`."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class CustomMetric:
+    """A metric of your own: one score per sample, whose mean over a split is the metric.
+
+    ``fn(outputs, labels, reference)`` gets a chunk of samples, sample axis first: the
+    candidate's output (the model's dtype), the labels' rows (None without labels) and the
+    unpruned model's output for the same samples, and returns an array of shape ``[n]``
+    with one finite score per sample.
+
+    Args:
+        name: recorded in the report (not the name of a built-in metric).
+        fn: the scoring function.
+        higher_is_better: False for errors and distances.
+        best: the best score a single sample can get (1.0 for a share, 0.0 for an error);
+            with it a candidate that can no longer pass stops early. None: no early stop.
+        needs_labels: refuse eval sets without labels.
+    """
+
+    name: str
+    fn: MetricFunction
+    higher_is_better: bool = True
+    best: float | None = None
+    needs_labels: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise InvalidConfigError(f"a custom metric needs a non-empty name, got {self.name!r}")
+        if self.name in {m.value for m in MetricKind}:
+            raise InvalidConfigError(
+                f"custom metric name {self.name!r} is a built-in metric's; give yours another name"
+            )
+        if not callable(self.fn):
+            raise InvalidConfigError(f"custom metric {self.name!r}: fn must be callable, got {self.fn!r}")
+        for flag in ("higher_is_better", "needs_labels"):
+            if not isinstance(getattr(self, flag), bool):
+                raise InvalidConfigError(f"custom metric {self.name!r}: {flag} must be True or False")
+        if self.best is not None and not _finite(self.best):
+            raise InvalidConfigError(f"custom metric {self.name!r}: best must be a finite number or None")
 
 
 @dataclass(frozen=True)
@@ -176,8 +267,27 @@ class PruneOptions:
     mode: Mode = Mode.ZERO
     criterion: Criterion = Criterion.MAGNITUDE
     allocation: Allocation = Allocation.NORMALIZED
-    metric: MetricKind = MetricKind.ACCURACY
+    metric: MetricKind | CustomMetric = MetricKind.ACCURACY
+    """A built-in metric, or a :class:`CustomMetric` (see ``load_metric`` and ``plugin_metric``)."""
     top_k: int = DEFAULT_TOP_K
+    threshold: float = DEFAULT_THRESHOLD
+    """``dice`` and ``iou``: an output value above it is foreground (0.5 for probabilities; 0 for logits)."""
+    column: int | None = None
+    """Metrics of one score (``column_mae``, ``rank_correlation``, ``mse``, ``mae``, ``dice``, ``iou``)
+    read ``output[..., column]``; None: the whole output."""
+    pad_id: int | None = None
+    """Sequence metrics: positions whose target id (label, or the unpruned model's prediction) is
+    this id are ignored; decoded sequences drop it."""
+    sequence_mask: str | None = None
+    """Sequence metrics: an eval set array of shape [samples, positions] (e.g. an attention mask
+    input); positions where it is 0 are ignored."""
+    ctc_blank: int | None = None
+    """Sequence metrics: decode CTC-style, collapsing repeated ids and dropping this blank id."""
+    output_sample_axis: int = 0
+    """Axis of the measured output that holds the samples (1 for time-major [time, batch, classes])."""
+    input_sample_axes: dict[str, int] | None = None
+    """Model inputs whose sample axis is not the first (e.g. {"h0": 1} for recurrent state
+    [layers, batch, hidden]). The eval set still stores every array samples first."""
     output: str | None = None
     """Model output the metric reads; the first output when None."""
     tolerance: Tolerance = Tolerance(float(DEFAULT_TOLERANCE))
@@ -226,7 +336,6 @@ class PruneOptions:
             ("mode", Mode),
             ("criterion", Criterion),
             ("allocation", Allocation),
-            ("metric", MetricKind),
             ("objective", Objective),
             ("recover", Recovery),
         ):
@@ -235,6 +344,7 @@ class PruneOptions:
             if not isinstance(getattr(self, name), enum_type):
                 choices = ", ".join(m.value for m in enum_type)
                 raise InvalidConfigError(f"{name} must be one of: {choices}; got {getattr(self, name)!r}")
+        self._check_metric_options()
         if not isinstance(self.tolerance, Tolerance):
             raise InvalidConfigError("tolerance must be a Tolerance; use Tolerance.parse('0.01')")
         _check_int("max_evaluations", self.max_evaluations, 1, 10_000)
@@ -282,9 +392,45 @@ class PruneOptions:
         if self.output is not None and (not isinstance(self.output, str) or not self.output):
             raise InvalidConfigError("output must be a non-empty output name or None")
 
+    def _check_metric_options(self) -> None:
+        if not isinstance(self.metric, (MetricKind, CustomMetric)):
+            choices = ", ".join(m.value for m in MetricKind)
+            raise InvalidConfigError(f"metric must be one of: {choices} (or a CustomMetric); got {self.metric!r}")
+        if not _finite(self.threshold):
+            raise InvalidConfigError(f"threshold must be a finite number, got {self.threshold!r}")
+        if self.column is not None and (isinstance(self.column, bool) or not isinstance(self.column, int)):
+            raise InvalidConfigError(
+                f"column must be an integer (an index on the output's last axis), got {self.column!r}"
+            )
+        for name in ("pad_id", "ctc_blank"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 0, 2**31 - 1)
+        if self.sequence_mask is not None and (not isinstance(self.sequence_mask, str) or not self.sequence_mask):
+            raise InvalidConfigError("sequence_mask must be the name of an eval set array or None")
+        for name, kinds in METRIC_OPTIONS.items():
+            if getattr(self, name) is not None and self.metric not in kinds:
+                metric = self.metric.value if isinstance(self.metric, MetricKind) else self.metric.name
+                raise InvalidConfigError(
+                    f"{name} is read by the metrics {', '.join(k.value for k in kinds)}; metric {metric!r} ignores it"
+                )
+        _check_int("output_sample_axis", self.output_sample_axis, 0, MAX_SAMPLE_AXIS)
+        axes = self.input_sample_axes
+        if axes is not None:
+            if not isinstance(axes, dict) or not all(isinstance(k, str) and k for k in axes):
+                raise InvalidConfigError("input_sample_axes must map model input names to axes")
+            for name, axis in axes.items():
+                _check_int(f"input_sample_axes[{name!r}]", axis, 0, MAX_SAMPLE_AXIS)
+
+    @property
+    def metric_name(self) -> str:
+        return self.metric.value if isinstance(self.metric, MetricKind) else self.metric.name
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready view: enums as their values, the tolerance as text."""
-        out = asdict(self)
+        """JSON-ready view: enums as their values, a custom metric as its name, the tolerance as text."""
+        out = {
+            f.name: self.metric_name if f.name == "metric" else copy.deepcopy(getattr(self, f.name))
+            for f in fields(self)
+        }
         for key, value in out.items():
             if isinstance(value, enum.Enum):
                 out[key] = value.value

@@ -8,7 +8,7 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from ._graph import declared_shape, reads
 from ._metrics import Metric
 from ._model import _check, load_model, save_model, session_source
 from ._nm import NMSpace
-from ._options import Mode, Objective, PruneOptions
+from ._options import Criterion, MetricKind, Mode, Objective, PruneOptions, Recovery
 from ._plan import LayerPlan, PruningPlan
 from ._report import CandidateRecord, EventKind, ProgressEvent, Report, SplitMetric
 from ._search import Judgement, Phase, Trial, search
@@ -120,6 +120,48 @@ def _output_shape(model: onnx.ModelProto, name: str) -> tuple[int | None, ...]:
     return ()
 
 
+def _samples_first(shape: tuple[int | None, ...], axis: int) -> tuple[int | None, ...]:
+    if not axis or len(shape) <= axis:
+        return shape
+    return (shape[axis], *shape[:axis], *shape[axis + 1 :])
+
+
+def _sample_axes(
+    specs: list[InputSpec], options: PruneOptions, notes: list[str]
+) -> tuple[list[InputSpec], PruneOptions]:
+    """The inputs as the eval set stores them (samples first), and the options a run with inputs
+    whose sample axis is not the first can use.
+
+    Calibration feeds the eval set's rows as they are stored, so such inputs run without it:
+    the default recovery is turned off (noted); asking for recovery or the activation criterion is an error.
+    """
+    axes = {k: v for k, v in (options.input_sample_axes or {}).items() if v}
+    unknown = sorted(set(options.input_sample_axes or {}) - {s.name for s in specs})
+    if unknown:
+        raise InvalidConfigError(
+            f"input_sample_axes names {', '.join(map(repr, unknown))}, not model input(s); "
+            f"inputs: {', '.join(s.name for s in specs)}"
+        )
+    if not axes:
+        return specs, options
+    for spec in specs:
+        axis = axes.get(spec.name, 0)
+        if axis and axis >= len(spec.shape):
+            raise InvalidConfigError(
+                f"input_sample_axes puts the samples of {spec.name!r} on axis {axis}; it has rank {len(spec.shape)}"
+            )
+    moved = [replace(s, shape=_samples_first(s.shape, axes.get(s.name, 0))) for s in specs]
+    if options.criterion is Criterion.ACTIVATION or options.recover not in (Recovery.AUTO, Recovery.NONE):
+        raise InvalidConfigError(
+            "input_sample_axes cannot be combined with calibration (criterion activation or recover "
+            f"{options.recover.value}): calibration feeds the eval set samples first; use recover none"
+        )
+    if options.recover is Recovery.AUTO:
+        notes.append("no recovery: calibration does not support inputs whose sample axis is not the first")
+        options = replace(options, recover=Recovery.NONE)
+    return moved, options
+
+
 def _check_measured_output(model: onnx.ModelProto, output: str, *, chosen: bool) -> None:
     """Refuse an output the metric could not see pruning in: a graph input passed through, or a
     value that depends on no model input (an initializer, a constant subgraph).
@@ -202,17 +244,23 @@ def prune(
             "the model has no inputs (every graph input is an initializer): its outputs are constants, "
             "so no eval set can measure what pruning does"
         )
+    notes: list[str] = []
+    specs, options = _sample_axes(specs, options, notes)
     validate_eval_set(data, specs)
     outputs = [o.name for o in original.graph.output]
     output = options.output or outputs[0]
     if output not in outputs:
         raise InvalidConfigError(f"output {output!r} is not a model output; outputs: {', '.join(outputs)}")
     _check_measured_output(original, output, chosen=options.output is not None)
-    metric = Metric(options.metric, options.top_k)
-    metric.check_labels(data.labels, _output_shape(original, output))
+    metric = Metric.from_options(options)
+    metric.check_labels(data.labels, _samples_first(_output_shape(original, output), options.output_sample_axis))
+    metric.check_mask(None if options.sequence_mask is None else data.inputs.get(options.sequence_mask))
+    if data.labels is not None and metric.kind in (MetricKind.DICE, MetricKind.IOU, MetricKind.RANK_CORRELATION):
+        notes.append(
+            f"{metric.name} compares the candidates with the eval set's labels, not with the original's output"
+        )
     search_idx, hold_idx = _split(len(data), options.holdout_fraction, options.seed)
     inspection = analyze(original, include=options.include, exclude=options.exclude)
-    notes: list[str] = []
     if original.ir_version < 4:
         constant_layers = {la.name for la in inspection.layers if la.from_constant}
         if constant_layers:
@@ -228,7 +276,17 @@ def prune(
     original = fold_layouts(original)
     check_stop(stop)
     timings["load"] = time.perf_counter() - t_start
-    evaluator = Evaluator(None, specs, output, metric, data, batch_size=options.batch_size, stop=stop)
+    evaluator = Evaluator(
+        None,
+        specs,
+        output,
+        metric,
+        data,
+        batch_size=options.batch_size,
+        stop=stop,
+        input_axes=options.input_sample_axes,
+        output_axis=options.output_sample_axis,
+    )
     kind = ChannelCandidates if options.mode is Mode.REMOVE else WeightCandidates
     # candidates take the model they are given apart: never the caller's
     owned = _copy(original) if original is model else original
@@ -239,9 +297,11 @@ def prune(
     reference = evaluator.reference
     assert reference is not None
 
+    mask = evaluator.mask
+
     def measure(idx: np.ndarray, out: np.ndarray) -> float:
-        labels = None if data.labels is None else data.labels[idx]
-        return float(metric.per_sample(out[idx], labels, reference[idx]).mean()) if len(idx) else float("nan")
+        labels = None if data.labels is None or not metric.uses_labels else data.labels[idx]
+        return metric.value(out[idx], labels, reference[idx], None if mask is None else mask[idx])
 
     baseline = SplitMetric(measure(search_idx, reference), measure(hold_idx, reference) if len(hold_idx) else None)
     for name, value in (("search", baseline.search), ("holdout", baseline.holdout)):
@@ -249,9 +309,7 @@ def prune(
             raise UnsupportedModelError(f"the unpruned model's metric on the {name} split is not finite")
     allowed = options.tolerance.allowed_loss(baseline.search)
     bound = metric.passing_bound(baseline.search, allowed)
-    emit(
-        ProgressEvent(EventKind.BASELINE, f"baseline {metric.kind.value} {baseline.search:.4f}", metric=baseline.search)
-    )
+    emit(ProgressEvent(EventKind.BASELINE, f"baseline {metric.name} {baseline.search:.4f}", metric=baseline.search))
 
     timing_rows = search_idx[: evaluator.batch_size]
 
@@ -280,7 +338,7 @@ def prune(
         emit(
             ProgressEvent(
                 EventKind.CANDIDATE,
-                f"{trial.phase.value} sparsity {trial.sparsity:.1%}: {metric.kind.value} "
+                f"{trial.phase.value} sparsity {trial.sparsity:.1%}: {metric.name} "
                 f"{j.value:.4f}{'' if j.complete else ' (stopped early)'} {'pass' if j.passed else 'fail'}",
                 evaluation=trial.index,
                 max_evaluations=options.max_evaluations,
@@ -418,7 +476,7 @@ def prune(
         tool_version=tool_version(),
         versions=_versions(),
         options=options.to_dict(),
-        metric=metric.kind.value,
+        metric=metric.name,
         higher_is_better=metric.higher_is_better,
         output=output,
         samples={"search": len(search_idx), "holdout": len(hold_idx)},
@@ -461,7 +519,7 @@ def prune(
     emit(
         ProgressEvent(
             EventKind.DONE,
-            f"done: sparsity {report.sparsity:.1%}, {metric.kind.value} {final.search:.4f}",
+            f"done: sparsity {report.sparsity:.1%}, {metric.name} {final.search:.4f}",
             evaluation=len(outcome.trials),
             max_evaluations=options.max_evaluations,
             sparsity=report.sparsity,
@@ -606,7 +664,17 @@ class _FinalCheck:
     ) -> None:
         self.io_names = io_names
         self.stop = stop
-        self.evaluator = Evaluator(None, specs, output, metric, data, batch_size=options.batch_size, stop=stop)
+        self.evaluator = Evaluator(
+            None,
+            specs,
+            output,
+            metric,
+            data,
+            batch_size=options.batch_size,
+            stop=stop,
+            input_axes=options.input_sample_axes,
+            output_axis=options.output_sample_axis,
+        )
         self.evaluator.reference = reference
         self.search_idx, self.hold_idx = search_idx, hold_idx
         self.threads = options.threads

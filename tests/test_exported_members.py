@@ -7,13 +7,14 @@ import inspect
 import pruner
 
 EXPECTED = {
-    "Allocation", "CancelledError", "CandidateRecord", "Criterion", "EvalSet", "EventKind", "Inspection",
-    "InternalError",
+    "Allocation", "CancelledError", "CandidateRecord", "Criterion", "CustomMetric", "EvalSet", "EventKind",
+    "Inspection", "InternalError",
     "InvalidConfigError", "InvalidEvalSetError", "InvalidInputError", "InvalidModelError", "LayerPlan",
     "LayerReport", "MetricKind", "Mode", "Objective", "PlanIssue", "ProgressEvent", "PrunableWeight",
     "PruneOptions", "PruneResult", "PrunerError", "PruningPlan", "Recovery", "Report", "ResourceLimitError",
     "SkippedWeight", "SplitMetric", "Tolerance", "UnsupportedModelError", "apply_plan", "check_output_path",
-    "check_plan", "inspect", "load_eval_set", "load_model", "prune", "save_model",
+    "check_plan", "inspect", "load_eval_set", "load_metric", "load_model", "metric_plugins", "plugin_metric",
+    "prune", "save_model",
 }  # fmt: skip
 
 
