@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="where to write the JSON report")
     p.add_argument("--plot", metavar="PNG", help="write the metric-vs-size plot of every candidate (needs [plot])")
     p.add_argument("--html", metavar="HTML", help="write a self-contained HTML report (needs [plot])")
-    p.add_argument("--metric", choices=[m.value for m in MetricKind], default=DEFAULTS.metric.value)
+    p.add_argument("--metric", choices=[m.value for m in MetricKind], default=MetricKind.ACCURACY.value)
     p.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="k of the topk metric (default %(default)s)")
     p.add_argument("--output", help="model output the metric reads (default: the first)")
     p.add_argument(

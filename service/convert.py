@@ -144,7 +144,13 @@ def options_from_proto(config: pb.PruneConfig, *, threads: int = 0) -> PruneOpti
 
 
 def options_to_proto(options: PruneOptions) -> pb.PruneConfig:
-    """The config that asks a server for ``options`` (``threads`` is the server's choice)."""
+    """The config that asks a server for ``options`` (``threads`` is the server's choice).
+
+    Raises:
+        pruner.InvalidConfigError: a metric the protocol cannot name.
+    """
+    if not isinstance(options.metric, MetricKind) or options.metric not in _METRICS:
+        raise pruner.InvalidConfigError(f"metric {options.metric_name!r} cannot be sent to a server")
     config = pb.PruneConfig(
         mode=_MODES[options.mode],
         criterion=_CRITERIA[options.criterion],
