@@ -104,8 +104,6 @@ def _loader_body(target: str, campaign: Campaign) -> tuple[Any, Callable[[bytes]
 def _stream_body(campaign: Campaign) -> tuple[Any, Callable[[Any], None], Callable[[], None]]:
     from tests.service import test_fuzz_stream as streams
 
-    pb = streams.pb
-
     address, stop = streams.start_fuzz_server()
 
     def body(case: Any) -> None:
@@ -188,6 +186,7 @@ def hand_picked() -> dict[str, tuple[str, bytes, list[str], str]]:
     from tests.pruner import test_fuzz_loaders as loaders
     from tests.service import test_fuzz_stream as streams
 
+    pb = streams.pb
     bad = ["InvalidModelError|InvalidModelError"]
     out: dict[str, tuple[str, bytes, list[str], str]] = {}
 
