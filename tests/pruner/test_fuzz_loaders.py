@@ -381,7 +381,7 @@ def zip_of(members: list[tuple[str, bytes]], method: int = zipfile.ZIP_STORED) -
     with warnings.catch_warnings(), zipfile.ZipFile(buffer, "w", compression=method) as archive:
         warnings.simplefilter("ignore")  # duplicate names are wanted here
         for name, data in members:
-            archive.writestr(name, data)
+            archive.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data, compress_type=method)
     return buffer.getvalue()
 
 
