@@ -337,7 +337,7 @@ def mutated_models(draw: st.DrawFn) -> bytes:
 
 
 @given(data=mutated_models())
-@settings(CI, max_examples=150)
+@settings(CI, max_examples=200)
 def test_mutated_models_end_in_a_documented_error(data: bytes, tmp_path_factory: pytest.TempPathFactory) -> None:
     folder = tmp_path_factory.mktemp("model")
     with no_new_files(Path.cwd()):

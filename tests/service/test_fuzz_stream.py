@@ -446,7 +446,7 @@ def assert_stream_property(address: str, case: StreamCase) -> str:
 
 
 @given(case=stream_cases())
-@settings(CI, max_examples=60)
+@settings(CI, max_examples=120)
 def test_hostile_streams_end_in_a_documented_status(address: str, case: StreamCase) -> None:
     assert_stream_property(address, case)
 
