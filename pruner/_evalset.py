@@ -94,6 +94,8 @@ def load_eval_set(source: str | os.PathLike[str] | bytes, *, max_bytes: int | No
             with zipfile.ZipFile(handle) as archive:
                 members = _headers(archive, what, max_bytes)
                 arrays = _read_arrays(archive, members, what)
+        except NotImplementedError as e:  # zipfile: a compression method it does not know
+            raise InvalidEvalSetError(f"{what} uses a zip compression numpy cannot read: {e}") from e
         except (OSError, zipfile.BadZipFile, EOFError, ValueError, zlib.error) as e:
             raise InvalidEvalSetError(f"{what} is not a readable .npz archive: {e}") from e
     if not arrays:

@@ -135,20 +135,39 @@ def _check_external_locations(tensors: list[TensorProto], folder: Path) -> None:
                 f"tensor {tensor.name!r} points to external data {location!r} outside the model's "
                 "folder; only relative paths inside that folder are allowed"
             )
-        target = (root / rel).resolve()
-        if not target.is_relative_to(root):
+        if "\x00" in location:
+            raise InvalidModelError(
+                f"tensor {tensor.name!r}: external data location {location[:80]!r} holds a NUL byte"
+            )
+        try:
+            target = (root / rel).resolve()
+            inside = target.is_relative_to(root)
+            size = target.stat().st_size if inside and target.is_file() else None
+        except OSError as e:  # a name too long, a loop of links
+            raise InvalidModelError(
+                f"tensor {tensor.name!r}: external data location {location[:80]!r} cannot be used: {e.strerror or e}"
+            ) from e
+        if not inside:
             raise InvalidModelError(
                 f"tensor {tensor.name!r}: external data {location!r} resolves outside the model's folder"
             )
-        if not target.is_file():
+        if size is None:
             raise InvalidModelError(f"tensor {tensor.name!r}: external data file {location!r} is missing")
-        size = target.stat().st_size
-        offset = int(info.get("offset", "0") or 0)
-        length = int(info.get("length", "0") or 0)
+        offset, length = _external_int(tensor, info, "offset"), _external_int(tensor, info, "length")
         if offset < 0 or length < 0 or offset + length > size:
             raise InvalidModelError(
                 f"tensor {tensor.name!r}: external data range {offset}+{length} exceeds {location!r} ({size} bytes)"
             )
+
+
+def _external_int(tensor: TensorProto, info: dict[str, str], key: str) -> int:
+    text = info.get(key, "0") or "0"
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidModelError(
+            f"tensor {tensor.name!r}: external data {key} {text[:40]!r} is not a whole number"
+        ) from None
 
 
 @contextlib.contextmanager

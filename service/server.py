@@ -345,6 +345,8 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
                     return
                 if item is _GONE:
                     raise self._stopped(job)
+                if isinstance(item, _Undecodable):
+                    raise item.problem()
                 quiet_until = time.monotonic() + idle
                 yield item
                 del item
@@ -619,6 +621,61 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
 _SHUTTING_DOWN = "the server is shutting down; retry on another replica or later"
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """A request message that does not parse as the method's request type."""
+
+    method: str
+    error: str
+
+    def problem(self) -> pruner.InvalidInputError:
+        return _bad(
+            f"a request message of {self.method} is not a valid protobuf message of its type ({self.error})",
+            "request",
+        )
+
+
+class _DecodeCheck(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Makes a request message that does not parse INVALID_ARGUMENT, not gRPC's INTERNAL.
+
+    gRPC ends a call whose request cannot be deserialized with INTERNAL, a status that
+    must mean a bug of ours. Each service method's deserializer is wrapped to hand an
+    :class:`_Undecodable` on instead; request streams raise its problem where they are
+    read (``PrunerServicer._requests``), single requests before the method runs.
+    """
+
+    def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler], details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler:
+        handler = continuation(details)
+        if (
+            handler is None
+            or handler.request_deserializer is None
+            or not details.method.startswith(f"/{SERVICE_NAME}/")
+        ):
+            return handler
+        parse, method = handler.request_deserializer, details.method
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception as e:  # protobuf raises DecodeError, and others on hostile bytes
+                return _Undecodable(method, str(e) or type(e).__name__)
+
+        handler = handler._replace(request_deserializer=tolerant)
+        if handler.request_streaming:
+            return handler
+        behaviour = handler.unary_unary or handler.unary_stream
+
+        def checked(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, _Undecodable):
+                context.abort_with_status(errors.to_status(request.problem()))
+            return behaviour(request, context)
+
+        field = "unary_unary" if handler.unary_unary else "unary_stream"
+        return handler._replace(**{field: checked})
+
+
 class _TokenCheck(grpc.ServerInterceptor):  # type: ignore[misc]
     """Refuses calls without ``authorization: Bearer <token>`` (health checks excepted)."""
 
@@ -663,7 +720,9 @@ def create_server(config: ServerConfig) -> tuple[grpc.Server, int, health.Health
 
 
 def _build(config: ServerConfig) -> tuple[grpc.Server, int, health.HealthServicer, PrunerServicer]:
-    interceptors = [_TokenCheck(config.token)] if config.token else []
+    interceptors: list[grpc.ServerInterceptor] = [_DecodeCheck()]
+    if config.token:
+        interceptors.insert(0, _TokenCheck(config.token))
     # a thread per call that can hold a slot, and some for health checks and refusals
     threads = config.upload_slots + config.max_jobs + config.max_inspects + 8
     server = grpc.server(
