@@ -1,4 +1,4 @@
-"""The ``onnx-prune`` command line: ``prune`` and ``inspect``.
+"""The ``onnx-prune`` command line: ``prune``, ``inspect`` and ``metrics``.
 
 Every failure, local or remote, ends in :func:`main`, which prints one line
 (``onnx-prune: error: ...``) and exits with the code the one table in
@@ -27,6 +27,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from google.protobuf import json_format
+
 import pruner
 from pruner import (
     Allocation,
@@ -39,7 +41,7 @@ from pruner import (
     Recovery,
     Tolerance,
 )
-from service import errors, views
+from service import convert, errors, views
 from service.client import Connection, RemoteResult, check_target
 from service.errors import Exit
 
@@ -67,8 +69,45 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--report", help="where to write the JSON report")
     p.add_argument("--plot", metavar="PNG", help="write the metric-vs-size plot of every candidate (needs [plot])")
     p.add_argument("--html", metavar="HTML", help="write a self-contained HTML report (needs [plot])")
-    p.add_argument("--metric", choices=[m.value for m in MetricKind], default=MetricKind.ACCURACY.value)
+    p.add_argument(
+        "--metric",
+        metavar="NAME|MODULE:FUNCTION",
+        help="a built-in metric (default accuracy; 'onnx-prune metrics' lists them), or your own scoring "
+        "function, imported and run here (never sent to a server)",
+    )
+    p.add_argument(
+        "--metric-plugin",
+        metavar="NAME",
+        help="an installed metric plugin (entry point in onnx_pruner.metrics): here, or on the --server",
+    )
     p.add_argument("--top-k", type=int, default=DEFAULTS.top_k, help="k of the topk metric (default %(default)s)")
+    p.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULTS.threshold,
+        help="dice, iou: an output above it is foreground (default %(default)s; 0 for logits)",
+    )
+    p.add_argument("--column", type=int, help="metrics of one score read output[..., COLUMN] (default: all)")
+    p.add_argument("--pad-id", type=int, help="sequence metrics, accuracy, agreement: ignore this target id")
+    p.add_argument("--ctc-blank", type=int, help="sequence metrics: CTC-decode, dropping this blank id")
+    p.add_argument(
+        "--sequence-mask",
+        metavar="ARRAY",
+        help="sequence metrics, accuracy, agreement: eval set array [samples, positions]; 0 ignores a position",
+    )
+    p.add_argument(
+        "--output-sample-axis",
+        type=int,
+        default=DEFAULTS.output_sample_axis,
+        help="axis of the measured output holding the samples (default %(default)s; 1 for [time, batch, ...])",
+    )
+    p.add_argument(
+        "--input-sample-axis",
+        action="append",
+        default=[],
+        metavar="NAME=AXIS",
+        help="a model input whose samples are on AXIS (e.g. h0=1); the eval set stores samples first",
+    )
     p.add_argument("--output", help="model output the metric reads (default: the first)")
     p.add_argument(
         "--tolerance", default=str(DEFAULTS.tolerance), help="allowed metric loss: 0.01 (absolute) or 1%% (relative)"
@@ -140,6 +179,10 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--include", action="append", default=[], metavar="GLOB")
     i.add_argument("--exclude", action="append", default=[], metavar="GLOB")
     _remote_arguments(i)
+
+    m = sub.add_parser("metrics", help="list the built-in metrics and the installed metric plugins")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    _remote_arguments(m)
     return parser
 
 
@@ -172,8 +215,15 @@ def _options(args: argparse.Namespace) -> PruneOptions:
         recover=Recovery(args.recover),
         calibration_samples=args.calibration_samples,
         allocation=Allocation(args.allocation),
-        metric=MetricKind(args.metric),
+        metric=_metric(args),
         top_k=args.top_k,
+        threshold=args.threshold,
+        column=args.column,
+        pad_id=args.pad_id,
+        ctc_blank=args.ctc_blank,
+        sequence_mask=args.sequence_mask,
+        output_sample_axis=args.output_sample_axis,
+        input_sample_axes=_sample_axes(args.input_sample_axis),
         output=args.output,
         tolerance=Tolerance.parse(args.tolerance),
         max_evaluations=args.max_evaluations,
@@ -189,6 +239,42 @@ def _options(args: argparse.Namespace) -> PruneOptions:
         exclude=tuple(args.exclude),
         sparse_initializers=args.sparse_initializers,
     )
+
+
+def _metric(args: argparse.Namespace) -> MetricKind | pruner.CustomMetric:
+    """The metric of ``--metric`` or ``--metric-plugin``; nothing is imported for a server."""
+    if args.metric_plugin is not None:
+        if args.metric is not None:
+            raise pruner.InvalidConfigError("give --metric or --metric-plugin, not both")
+        if args.server:
+            return convert.server_metric(args.metric_plugin)  # the server loads its own installed plugin
+        return pruner.plugin_metric(args.metric_plugin)
+    spec = args.metric or DEFAULTS.metric_name
+    if spec in {m.value for m in MetricKind}:
+        return MetricKind(spec)
+    if ":" not in spec:
+        choices = ", ".join(m.value for m in MetricKind)
+        raise pruner.InvalidConfigError(
+            f"--metric {spec!r} is neither a built-in metric ({choices}) nor module:function"
+        )
+    if args.server:
+        raise pruner.InvalidConfigError(
+            f"--metric {spec!r} is your own code and runs locally only: a server never runs code a client sends; "
+            "install it on the server as a metric plugin and choose it with --metric-plugin NAME"
+        )
+    return pruner.load_metric(spec)
+
+
+def _sample_axes(pairs: list[str]) -> dict[str, int] | None:
+    axes: dict[str, int] = {}
+    for pair in pairs:
+        name, sep, axis = pair.rpartition("=")
+        if not sep or not name or not axis.strip().lstrip("-").isdigit():
+            raise pruner.InvalidConfigError(f"--input-sample-axis must look like NAME=AXIS (e.g. h0=1), got {pair!r}")
+        if name in axes:
+            raise pruner.InvalidConfigError(f"--input-sample-axis names input {name!r} twice")
+        axes[name] = int(axis)
+    return axes or None
 
 
 def _profile(path: str | None) -> dict[str, list[list[float]]] | None:
@@ -343,6 +429,45 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return Exit.OK
 
 
+def _cmd_metrics(args: argparse.Namespace) -> int:
+    if args.server:
+        with _connection(args) as connection:
+            catalogue = connection.list_metrics()
+        where = f"on the server at {args.server}"
+    else:
+        catalogue = convert.metrics_to_proto()
+        where = "here"
+    if args.json:
+        print(
+            json.dumps(
+                json_format.MessageToDict(
+                    catalogue, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                ),
+                indent=2,
+            )
+        )
+        return Exit.OK
+    width = max(len(m.name) for m in [*catalogue.builtin, *catalogue.plugins])
+    lines = ["built-in metrics (--metric NAME):"]
+    for info in catalogue.builtin:
+        lines.append(f"  {info.name:<{width}}  {_better(info)}  {info.description}")
+    lines += ["", f"metric plugins installed {where} (--metric-plugin NAME):"]
+    for info in catalogue.plugins:
+        if info.error:
+            lines.append(f"  {info.name:<{width}}  unusable: {info.error}")
+        else:
+            about = f"{info.description} ({info.source})" if info.description else info.source
+            lines.append(f"  {info.name:<{width}}  {_better(info)}  {about}")
+    if not catalogue.plugins:
+        lines.append("  none")
+    print("\n".join(lines))
+    return Exit.OK
+
+
+def _better(info: Any) -> str:
+    return "higher" if info.higher_is_better else "lower "
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``onnx-prune`` console script."""
     args = _parser().parse_args(argv)
@@ -354,6 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_target(args.server, "--server")
         if args.command == "prune":
             return _cmd_prune(args)
+        if args.command == "metrics":
+            return _cmd_metrics(args)
         return _cmd_inspect(args)
     except KeyboardInterrupt:
         print("onnx-prune: interrupted; nothing was written", file=sys.stderr)

@@ -250,3 +250,18 @@ class Connection:
             raise self._error(e) from None
         data: dict[str, Any] = json.loads(response.json)
         return data
+
+    def list_metrics(self, *, timeout: float | None = None) -> pb.ListMetricsResponse:
+        """The server's built-in metrics and its installed metric plugins (for ``convert.server_metric``).
+
+        Raises:
+            pruner.PrunerError: as :meth:`prune`.
+        """
+        self._connect()
+        try:
+            response: pb.ListMetricsResponse = self.stub.ListMetrics(
+                pb.ListMetricsRequest(), metadata=self._metadata, timeout=timeout
+            )
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+        return response

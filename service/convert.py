@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,10 +14,22 @@ from google.protobuf.message import DecodeError
 from onnx import helper, numpy_helper
 
 import pruner
-from pruner import Allocation, Criterion, EventKind, MetricKind, Mode, Objective, PruneOptions, Recovery, Tolerance
+from pruner import (
+    Allocation,
+    Criterion,
+    CustomMetric,
+    EventKind,
+    MetricKind,
+    Mode,
+    Objective,
+    PruneOptions,
+    Recovery,
+    Tolerance,
+)
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 
 __all__ = [
+    "BUILTIN_METRICS",
     "CHUNK_BYTES",
     "MAX_MESSAGE_BYTES",
     "MESSAGE_OVERHEAD",
@@ -24,8 +37,10 @@ __all__ = [
     "event_from_proto",
     "event_to_proto",
     "inspection_to_proto",
+    "metrics_to_proto",
     "options_from_proto",
     "options_to_proto",
+    "server_metric",
 ]
 
 CHUNK_BYTES = 1 << 20
@@ -64,7 +79,36 @@ _METRICS = {
     MetricKind.MAE: pb.METRIC_MAE,
     MetricKind.AGREEMENT: pb.METRIC_AGREEMENT,
     MetricKind.COSINE: pb.METRIC_COSINE,
+    MetricKind.DICE: pb.METRIC_DICE,
+    MetricKind.IOU: pb.METRIC_IOU,
+    MetricKind.SEQUENCE_MATCH: pb.METRIC_SEQUENCE_MATCH,
+    MetricKind.SEQUENCE_SIMILARITY: pb.METRIC_SEQUENCE_SIMILARITY,
+    MetricKind.KL: pb.METRIC_KL,
+    MetricKind.COLUMN_MAE: pb.METRIC_COLUMN_MAE,
+    MetricKind.RANK_CORRELATION: pb.METRIC_RANK_CORRELATION,
 }
+BUILTIN_METRICS: dict[MetricKind, str] = {
+    MetricKind.ACCURACY: "top-1 accuracy against class-id labels, per position for sequences "
+    "(labels; reads pad_id, sequence_mask)",
+    MetricKind.TOPK: "top-k accuracy against class-id labels (labels; reads top_k)",
+    MetricKind.MSE: "mean squared error against labels (labels; reads column)",
+    MetricKind.MAE: "mean absolute error against labels (labels; reads column)",
+    MetricKind.AGREEMENT: "top-1 agreement with the unpruned model, per position for sequences "
+    "(reads pad_id, sequence_mask)",
+    MetricKind.COSINE: "cosine similarity to the unpruned model's output",
+    MetricKind.DICE: "Dice overlap of the output above threshold with the labels' nonzero entries, "
+    "or with the unpruned model's map (reads threshold, column)",
+    MetricKind.IOU: "intersection over union, maps as dice (reads threshold, column)",
+    MetricKind.SEQUENCE_MATCH: "share of samples whose decoded sequence is the unpruned model's "
+    "(reads pad_id, sequence_mask, ctc_blank)",
+    MetricKind.SEQUENCE_SIMILARITY: "1 - edit distance / length of the decoded sequences, against "
+    "the unpruned model's (reads pad_id, sequence_mask, ctc_blank)",
+    MetricKind.KL: "KL divergence from the unpruned model's class distribution in nats",
+    MetricKind.COLUMN_MAE: "mean |output[..., column] - the unpruned model's| (reads column)",
+    MetricKind.RANK_CORRELATION: "Spearman correlation of output[..., column] with the labels, or with "
+    "the unpruned model's, over the whole split (reads column)",
+}
+"""One line per built-in metric: what it measures and the options it reads (``onnx-prune metrics``)."""
 _OBJECTIVES = {
     Objective.PARAMS: pb.OBJECTIVE_PARAMS,
     Objective.BYTES: pb.OBJECTIVE_BYTES,
@@ -89,6 +133,11 @@ _SCALARS = [
     ("channel_multiple", "channel_multiple"),
     ("calibration_samples", "calibration_samples"),
     ("target_sparsity", "target_sparsity"),
+    ("threshold", "threshold"),
+    ("column", "column"),
+    ("pad_id", "pad_id"),
+    ("ctc_blank", "ctc_blank"),
+    ("output_sample_axis", "output_sample_axis"),
 ]
 
 
@@ -134,6 +183,18 @@ def options_from_proto(config: pb.PruneConfig, *, threads: int = 0) -> PruneOpti
             kwargs["sensitivity"] = json.loads(config.sensitivity_json)
         except ValueError as e:
             raise pruner.InvalidConfigError(f"sensitivity_json is not JSON: {e}") from e
+    if config.sequence_mask:
+        kwargs["sequence_mask"] = config.sequence_mask
+    if config.input_sample_axes:
+        kwargs["input_sample_axes"] = dict(config.input_sample_axes)
+    if config.metric_plugin:
+        if config.metric:
+            raise _config_error("set metric or metric_plugin, not both", "metric_plugin")
+        try:
+            # an installed entry point only: the server never runs code a client sends
+            kwargs["metric"] = pruner.plugin_metric(config.metric_plugin)
+        except pruner.InvalidConfigError as e:
+            raise _config_error(str(e), "metric_plugin") from e
     if config.HasField("nm_n") or config.HasField("nm_m"):
         default_n, default_m = PruneOptions().nm
         kwargs["nm"] = (
@@ -146,16 +207,22 @@ def options_from_proto(config: pb.PruneConfig, *, threads: int = 0) -> PruneOpti
 def options_to_proto(options: PruneOptions) -> pb.PruneConfig:
     """The config that asks a server for ``options`` (``threads`` is the server's choice).
 
+    A custom metric is sent by name when it is a metric plugin: one from
+    :func:`server_metric`, or ``pruner.plugin_metric(name)`` of a plugin installed here too.
+
     Raises:
-        pruner.InvalidConfigError: a metric the protocol cannot name.
+        pruner.InvalidConfigError: a custom metric that is not a plugin (code of your own
+            runs locally only).
     """
-    if not isinstance(options.metric, MetricKind) or options.metric not in _METRICS:
-        raise pruner.InvalidConfigError(f"metric {options.metric_name!r} cannot be sent to a server")
+    metric = options.metric
     config = pb.PruneConfig(
         mode=_MODES[options.mode],
         criterion=_CRITERIA[options.criterion],
         allocation=_ALLOCATIONS[options.allocation],
-        metric=_METRICS[options.metric],
+        metric=_METRICS[metric] if isinstance(metric, MetricKind) else pb.METRIC_UNSPECIFIED,
+        metric_plugin="" if isinstance(metric, MetricKind) else _plugin_name(metric),
+        sequence_mask=options.sequence_mask or "",
+        input_sample_axes=options.input_sample_axes or {},
         objective=_OBJECTIVES[options.objective] if options.objective else pb.OBJECTIVE_UNSPECIFIED,
         output_name=options.output or "",
         tolerance=pb.Tolerance(value=options.tolerance.value, relative=options.tolerance.relative),
@@ -172,6 +239,81 @@ def options_to_proto(options: PruneOptions) -> pb.PruneConfig:
         if value is not None:
             setattr(config, field, value)
     return config
+
+
+@dataclass(frozen=True)
+class _ServerPlugin:
+    """The scoring function of :func:`server_metric`: it only names the server's plugin."""
+
+    name: str
+
+    def __call__(self, outputs: Any, labels: Any, reference: Any) -> Any:
+        raise pruner.InvalidConfigError(
+            f"metric plugin {self.name!r} was chosen for a server and cannot run here; "
+            f"use pruner.plugin_metric({self.name!r}) where it is installed"
+        )
+
+
+def server_metric(name: str) -> CustomMetric:
+    """A metric that asks the server for its installed plugin ``name`` (see ``ListMetrics``).
+
+    Use it in the options of ``Connection.prune`` when the plugin is installed on the
+    server only; it cannot run locally. ``pruner.plugin_metric(name)`` does as well where
+    the plugin is installed on both sides.
+    """
+    return CustomMetric(name=name, fn=_ServerPlugin(name))
+
+
+def _plugin_name(metric: CustomMetric) -> str:
+    """The plugin name to send for ``metric``; refuses any other custom metric."""
+    if isinstance(metric.fn, _ServerPlugin):
+        return metric.fn.name
+    if metric.name in pruner.metric_plugins():
+        try:
+            installed: CustomMetric | None = pruner.plugin_metric(metric.name)
+        except pruner.InvalidConfigError:
+            installed = None
+        if installed == metric:
+            return metric.name
+    raise pruner.InvalidConfigError(
+        f"metric {metric.name!r} is your own code and runs locally only: a server never runs code a client "
+        "sends. Install it on the server as a metric plugin (an entry point in the 'onnx_pruner.metrics' "
+        "group) and choose it by name (--metric-plugin NAME, or service.convert.server_metric(NAME))"
+    )
+
+
+def metrics_to_proto() -> pb.ListMetricsResponse:
+    """The built-in metrics and the metric plugins installed here (each loaded, to describe it)."""
+    builtin = [
+        pb.MetricInfo(
+            name=kind.value,
+            description=BUILTIN_METRICS[kind],
+            higher_is_better=kind.higher_is_better,
+            needs_labels=kind.needs_labels,
+        )
+        for kind in MetricKind
+    ]
+    plugins = []
+    for name, source in pruner.metric_plugins().items():
+        info = pb.MetricInfo(name=name, source=source)
+        try:
+            metric = pruner.plugin_metric(name)
+        except pruner.InvalidConfigError as e:
+            info.error = str(e)
+        else:
+            doc = (getattr(metric.fn, "__doc__", None) or "").strip()
+            info.description = doc.splitlines()[0] if doc else ""
+            info.higher_is_better = metric.higher_is_better
+            info.needs_labels = metric.needs_labels
+        plugins.append(info)
+    return pb.ListMetricsResponse(builtin=builtin, plugins=plugins)
+
+
+def _config_error(message: str, field: str) -> pruner.InvalidConfigError:
+    """An error naming the config field at fault (the server's BadRequest detail)."""
+    error = pruner.InvalidConfigError(message)
+    error.field = f"config.{field}"  # type: ignore[attr-defined]
+    return error
 
 
 def event_to_proto(event: pruner.ProgressEvent) -> pb.ProgressEvent:

@@ -403,6 +403,8 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
                 if config is not None:
                     raise _bad("the config was sent twice", "config")
                 config = request.config
+                # a bad config (an uninstalled metric plugin, say) is refused before the upload
+                options = convert.options_from_proto(config, threads=self._threads)
             elif kind == "model_chunk":
                 self._add(model, request.model_chunk, kind, "model", self.config.max_model_bytes, "max_model_bytes")
                 job.model_bytes = len(model)
@@ -426,7 +428,6 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
             raise _bad("send the eval set as .npz chunks or as tensors, not both", "eval_npz_chunk")
         if not npz and not tensors:
             raise self._missing(job, "no eval set was sent", "eval_npz_chunk")
-        options = convert.options_from_proto(config, threads=self._threads)
         if tensors:
             evalset = tensors.evalset()
         else:
@@ -587,6 +588,18 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
         if not model:
             raise self._missing(job, "no model was sent", "model_chunk")
         return config, bytes(model)
+
+    # -- ListMetrics
+
+    def ListMetrics(self, request: pb.ListMetricsRequest, context: grpc.ServicerContext) -> Any:
+        """The built-in metrics and the plugins installed here; takes no slot."""
+        job = _Job("ListMetrics", uuid.uuid4().hex[:12], time.monotonic(), context=context)
+        try:
+            response = convert.metrics_to_proto()
+            job.log("ok")
+            return response
+        except BaseException as error:
+            self._fail(job, context, error)
 
     # -- failing
 

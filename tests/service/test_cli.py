@@ -139,6 +139,30 @@ def test_server_mode_writes_what_local_mode_writes(tmp_path: Path, server_addres
     assert local_out.splitlines()[:8] == remote_out.splitlines()[:8]
 
 
+def test_metric_options_reach_the_report_locally_and_on_a_server(tmp_path: Path, server_address: str) -> None:
+    reports = {}
+    for mode in ("local", "remote"):
+        report = tmp_path / f"{mode}.json"
+        remote = ["--server", server_address] if mode == "remote" else []
+        proc = run_cli(
+            "prune", FIXTURES / "mlp.onnx", "--eval", FIXTURES / "mlp_eval.npz", "-o", tmp_path / f"{mode}.onnx",
+            "--report", report, "--quiet", "--max-evaluations", "3", "--tolerance", "0.05",
+            "--metric", "column_mae", "--column", "2", "--output-sample-axis", "0", "--input-sample-axis", "input=0",
+            *remote,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        reports[mode] = json.loads(report.read_text())
+    local, remote_report = reports["local"], reports["remote"]
+    assert local["metric"] == "column_mae"
+    assert local["options"]["column"] == 2 and local["options"]["input_sample_axes"] == {"input": 0}
+    assert local["baseline"]["search"] == 0.0  # the unpruned model against itself
+    for key in ("baseline", "final", "nonzero_after", "status"):
+        assert remote_report[key] == local[key], key
+    threads = {"threads"}  # the server's choice
+    options = {k: v for k, v in local["options"].items() if k not in threads}
+    assert {k: v for k, v in remote_report["options"].items() if k not in threads} == options
+
+
 def test_server_mode_bad_input_exits_2_with_the_servers_message(tmp_path: Path, server_address: str) -> None:
     proc = run_cli(
         "prune", FIXTURES / "mlp.onnx", "--eval", FIXTURES / "cnn_eval.npz", "-o", tmp_path / "o.onnx",

@@ -67,3 +67,51 @@ def test_options_survive_the_round_trip_through_the_config() -> None:
     ]
     for options in cases:
         assert convert.options_from_proto(convert.options_to_proto(options)) == options
+
+
+def test_every_metric_has_a_proto_value_and_a_description() -> None:
+    import pruner
+    from service import convert
+
+    for kind in pruner.MetricKind:
+        config = convert.options_to_proto(pruner.PruneOptions(metric=kind))
+        assert pb.Metric.Name(config.metric) == f"METRIC_{kind.name}"
+        assert convert.BUILTIN_METRICS[kind]
+
+
+def test_every_metric_option_survives_the_round_trip() -> None:
+    import pruner
+    from service import convert
+
+    kind = pruner.MetricKind
+    cases = [
+        pruner.PruneOptions(metric=kind.DICE, threshold=0.0, column=2),
+        pruner.PruneOptions(metric=kind.IOU, threshold=-1.5),
+        pruner.PruneOptions(
+            metric=kind.SEQUENCE_MATCH,
+            pad_id=0,
+            ctc_blank=5,
+            sequence_mask="attention_mask",
+            output_sample_axis=1,
+            input_sample_axes={"h0": 1, "c0": 2},
+            recover=pruner.Recovery.NONE,
+        ),
+        pruner.PruneOptions(metric=kind.SEQUENCE_SIMILARITY, ctc_blank=0),
+        pruner.PruneOptions(metric=kind.ACCURACY, pad_id=2**31 - 1, sequence_mask="m"),
+        pruner.PruneOptions(metric=kind.KL),
+        pruner.PruneOptions(metric=kind.COLUMN_MAE, column=-1),
+        pruner.PruneOptions(metric=kind.RANK_CORRELATION, column=0),
+        pruner.PruneOptions(metric=kind.MSE, column=3),
+    ]
+    for options in cases:
+        config = convert.options_to_proto(options)
+        assert convert.options_from_proto(pb.PruneConfig.FromString(config.SerializeToString())) == options
+
+
+def test_a_plugin_metric_is_sent_by_name_only() -> None:
+    import pruner
+    from service import convert
+
+    config = convert.options_to_proto(pruner.PruneOptions(metric=convert.server_metric("score_gap")))
+    assert config.metric_plugin == "score_gap"
+    assert config.metric == pb.METRIC_UNSPECIFIED

@@ -50,6 +50,13 @@ class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     METRIC_MAE: _ClassVar[Metric]
     METRIC_AGREEMENT: _ClassVar[Metric]
     METRIC_COSINE: _ClassVar[Metric]
+    METRIC_DICE: _ClassVar[Metric]
+    METRIC_IOU: _ClassVar[Metric]
+    METRIC_SEQUENCE_MATCH: _ClassVar[Metric]
+    METRIC_SEQUENCE_SIMILARITY: _ClassVar[Metric]
+    METRIC_KL: _ClassVar[Metric]
+    METRIC_COLUMN_MAE: _ClassVar[Metric]
+    METRIC_RANK_CORRELATION: _ClassVar[Metric]
 
 class Objective(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -94,6 +101,13 @@ METRIC_MSE: Metric
 METRIC_MAE: Metric
 METRIC_AGREEMENT: Metric
 METRIC_COSINE: Metric
+METRIC_DICE: Metric
+METRIC_IOU: Metric
+METRIC_SEQUENCE_MATCH: Metric
+METRIC_SEQUENCE_SIMILARITY: Metric
+METRIC_KL: Metric
+METRIC_COLUMN_MAE: Metric
+METRIC_RANK_CORRELATION: Metric
 OBJECTIVE_UNSPECIFIED: Objective
 OBJECTIVE_PARAMS: Objective
 OBJECTIVE_BYTES: Objective
@@ -134,7 +148,14 @@ class Tolerance(_message.Message):
     def __init__(self, value: _Optional[float] = ..., relative: _Optional[bool] = ...) -> None: ...
 
 class PruneConfig(_message.Message):
-    __slots__ = ("mode", "criterion", "allocation", "metric", "top_k", "output_name", "tolerance", "objective", "max_evaluations", "max_seconds", "seed", "holdout_fraction", "batch_size", "layer_cap", "include", "exclude", "sparse_initializers", "channel_multiple", "recover", "calibration_samples", "target_sparsity", "nm_n", "nm_m", "sensitivity_json")
+    __slots__ = ("mode", "criterion", "allocation", "metric", "top_k", "output_name", "tolerance", "objective", "max_evaluations", "max_seconds", "seed", "holdout_fraction", "batch_size", "layer_cap", "include", "exclude", "sparse_initializers", "channel_multiple", "recover", "calibration_samples", "target_sparsity", "nm_n", "nm_m", "sensitivity_json", "threshold", "column", "pad_id", "ctc_blank", "sequence_mask", "output_sample_axis", "input_sample_axes", "metric_plugin")
+    class InputSampleAxesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MODE_FIELD_NUMBER: _ClassVar[int]
     CRITERION_FIELD_NUMBER: _ClassVar[int]
     ALLOCATION_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +180,14 @@ class PruneConfig(_message.Message):
     NM_N_FIELD_NUMBER: _ClassVar[int]
     NM_M_FIELD_NUMBER: _ClassVar[int]
     SENSITIVITY_JSON_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    COLUMN_FIELD_NUMBER: _ClassVar[int]
+    PAD_ID_FIELD_NUMBER: _ClassVar[int]
+    CTC_BLANK_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_MASK_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SAMPLE_AXIS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SAMPLE_AXES_FIELD_NUMBER: _ClassVar[int]
+    METRIC_PLUGIN_FIELD_NUMBER: _ClassVar[int]
     mode: Mode
     criterion: Criterion
     allocation: Allocation
@@ -183,7 +212,15 @@ class PruneConfig(_message.Message):
     nm_n: int
     nm_m: int
     sensitivity_json: str
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., allocation: _Optional[_Union[Allocation, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., top_k: _Optional[int] = ..., output_name: _Optional[str] = ..., tolerance: _Optional[_Union[Tolerance, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., max_evaluations: _Optional[int] = ..., max_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., holdout_fraction: _Optional[float] = ..., batch_size: _Optional[int] = ..., layer_cap: _Optional[float] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., sparse_initializers: _Optional[bool] = ..., channel_multiple: _Optional[int] = ..., recover: _Optional[_Union[Recovery, str]] = ..., calibration_samples: _Optional[int] = ..., target_sparsity: _Optional[float] = ..., nm_n: _Optional[int] = ..., nm_m: _Optional[int] = ..., sensitivity_json: _Optional[str] = ...) -> None: ...
+    threshold: float
+    column: int
+    pad_id: int
+    ctc_blank: int
+    sequence_mask: str
+    output_sample_axis: int
+    input_sample_axes: _containers.ScalarMap[str, int]
+    metric_plugin: str
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., allocation: _Optional[_Union[Allocation, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., top_k: _Optional[int] = ..., output_name: _Optional[str] = ..., tolerance: _Optional[_Union[Tolerance, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., max_evaluations: _Optional[int] = ..., max_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., holdout_fraction: _Optional[float] = ..., batch_size: _Optional[int] = ..., layer_cap: _Optional[float] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., sparse_initializers: _Optional[bool] = ..., channel_multiple: _Optional[int] = ..., recover: _Optional[_Union[Recovery, str]] = ..., calibration_samples: _Optional[int] = ..., target_sparsity: _Optional[float] = ..., nm_n: _Optional[int] = ..., nm_m: _Optional[int] = ..., sensitivity_json: _Optional[str] = ..., threshold: _Optional[float] = ..., column: _Optional[int] = ..., pad_id: _Optional[int] = ..., ctc_blank: _Optional[int] = ..., sequence_mask: _Optional[str] = ..., output_sample_axis: _Optional[int] = ..., input_sample_axes: _Optional[_Mapping[str, int]] = ..., metric_plugin: _Optional[str] = ...) -> None: ...
 
 class PruneResponse(_message.Message):
     __slots__ = ("progress", "result", "model_chunk")
@@ -282,3 +319,31 @@ class InspectResponse(_message.Message):
     prunable_params: int
     json: str
     def __init__(self, layers: _Optional[_Iterable[_Union[PrunableLayer, _Mapping]]] = ..., skipped: _Optional[_Iterable[_Union[SkippedLayer, _Mapping]]] = ..., total_params: _Optional[int] = ..., prunable_params: _Optional[int] = ..., json: _Optional[str] = ...) -> None: ...
+
+class ListMetricsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class MetricInfo(_message.Message):
+    __slots__ = ("name", "description", "higher_is_better", "needs_labels", "source", "error")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    HIGHER_IS_BETTER_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_LABELS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    description: str
+    higher_is_better: bool
+    needs_labels: bool
+    source: str
+    error: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., higher_is_better: _Optional[bool] = ..., needs_labels: _Optional[bool] = ..., source: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class ListMetricsResponse(_message.Message):
+    __slots__ = ("builtin", "plugins")
+    BUILTIN_FIELD_NUMBER: _ClassVar[int]
+    PLUGINS_FIELD_NUMBER: _ClassVar[int]
+    builtin: _containers.RepeatedCompositeFieldContainer[MetricInfo]
+    plugins: _containers.RepeatedCompositeFieldContainer[MetricInfo]
+    def __init__(self, builtin: _Optional[_Iterable[_Union[MetricInfo, _Mapping]]] = ..., plugins: _Optional[_Iterable[_Union[MetricInfo, _Mapping]]] = ...) -> None: ...

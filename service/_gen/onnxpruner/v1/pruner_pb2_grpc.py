@@ -84,6 +84,11 @@ class PrunerServiceStub:
                 request_serializer=onnxpruner_dot_v1_dot_pruner__pb2.InspectRequest.SerializeToString,
                 response_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.InspectResponse.FromString,
                 _registered_method=True)
+        self.ListMetrics = channel.unary_unary(
+                '/onnxpruner.v1.PrunerService/ListMetrics',
+                request_serializer=onnxpruner_dot_v1_dot_pruner__pb2.ListMetricsRequest.SerializeToString,
+                response_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.ListMetricsResponse.FromString,
+                _registered_method=True)
 
 
 class PrunerServiceServicer:
@@ -151,6 +156,16 @@ class PrunerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListMetrics(self, request, context):
+        """List the metrics a Prune config may choose: the built-in ones (by their
+        `Metric` value) and the metric plugins installed on this server (by name,
+        in `PruneConfig.metric_plugin`). Takes no slot; wants the bearer token
+        like every other call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrunerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +178,11 @@ def add_PrunerServiceServicer_to_server(servicer, server):
                     servicer.Inspect,
                     request_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.InspectRequest.FromString,
                     response_serializer=onnxpruner_dot_v1_dot_pruner__pb2.InspectResponse.SerializeToString,
+            ),
+            'ListMetrics': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMetrics,
+                    request_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.ListMetricsRequest.FromString,
+                    response_serializer=onnxpruner_dot_v1_dot_pruner__pb2.ListMetricsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +278,33 @@ class PrunerService:
             '/onnxpruner.v1.PrunerService/Inspect',
             onnxpruner_dot_v1_dot_pruner__pb2.InspectRequest.SerializeToString,
             onnxpruner_dot_v1_dot_pruner__pb2.InspectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMetrics(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onnxpruner.v1.PrunerService/ListMetrics',
+            onnxpruner_dot_v1_dot_pruner__pb2.ListMetricsRequest.SerializeToString,
+            onnxpruner_dot_v1_dot_pruner__pb2.ListMetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,
