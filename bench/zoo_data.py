@@ -57,7 +57,11 @@ def augmented(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     """A random crop (25-100% of the area), flip and colour jitter of one of the photos; half the
     draws come from the 21 photos, half from the faces."""
     pool = photos()
-    image = pool[int(rng.integers(0, len(PHOTOS)))] if rng.random() < 0.5 else pool[int(rng.integers(len(PHOTOS), len(pool)))]
+    image = (
+        pool[int(rng.integers(0, len(PHOTOS)))]
+        if rng.random() < 0.5
+        else pool[int(rng.integers(len(PHOTOS), len(pool)))]
+    )
     w, h = image.size
     area = rng.uniform(0.25, 1.0) * w * h
     aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
@@ -292,7 +296,10 @@ def speech_chunks(n: int, seed: int) -> tuple[Inputs, None]:
     stream = np.concatenate(parts)
     need = 512 * n + 64
     stream = np.tile(stream, need // len(stream) + 1)[:need]
-    stream = stream + rng.normal(0, 1, need).astype(np.float32) * np.repeat(rng.uniform(0.001, 0.03, need // 8000 + 1), 8000)[:need]
+    stream = (
+        stream
+        + rng.normal(0, 1, need).astype(np.float32) * np.repeat(rng.uniform(0.001, 0.03, need // 8000 + 1), 8000)[:need]
+    )
     chunks = np.stack([stream[512 * i : 512 * i + 576] for i in range(n)]).astype(np.float32)
     return {"input": chunks}, None
 
