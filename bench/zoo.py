@@ -196,7 +196,8 @@ def run_job(key: str, mode: Mode, setting: str, tolerance: float, n_eval: int, n
         report = result.report
         assert result.model_bytes is not None
         out["evaluations"] = report.evaluations + report.confirmations + 2  # + baseline + final check
-        out["holdout_drop"] = metric.loss(report.baseline.holdout or 0.0, report.final.holdout or 0.0)
+        base, final = report.baseline.holdout, report.final.holdout
+        out["holdout_drop"] = None if base is None or final is None else metric.loss(base, final)
         out["status"] = report.status
         out.update(measure(result.model_bytes))
     else:
@@ -372,7 +373,7 @@ def row(key: str, mode: Mode, setting: str, tolerance: float, r: dict[str, Any] 
         f"{best['nonzero_share']:.3f}",
         f"{best['bytes_ratio']:.3f}",
         f"{best['latency_ratio']:.2f}",
-        f"{best['holdout_drop'] * 100:+.2f}",
+        "" if best["holdout_drop"] is None else f"{best['holdout_drop'] * 100:+.2f}",
         f"{best['test_drop'] * 100:+.2f}{' !' if best['test_drop'] > tolerance + 1e-9 else ''}",
         *cost,
     )
