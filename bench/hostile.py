@@ -8,7 +8,8 @@ Starts ``python -m service`` on free loopback ports (one fresh server per check)
     keeps calling Inspect and small Prunes; calls served while attacked, and when (if) the server
     dropped each silent upload. The server's upload flags (``--upload-idle-timeout`` and friends)
     are passed when ``python -m service --help`` lists them.
-(b) decompression bombs: a ~1 MB deflated .npz that expands to 1 GiB, sent 3 times: the status
+(b) decompression bombs: a ~1 MB deflated .npz that expands to 1 GiB, sent 3 times under the default
+    limit and under --max-eval-bytes 256 MiB: the status
     each got and the server's RSS (VmRSS, VmHWM from /proc/PID/status) before and after.
 (c) cancel storm: 20 long prune jobs (sequential recovery, batch 1, on cnn_bn) cancelled at random
     points: time from the cancel to the slot taking a new call, and RSS before/after.
@@ -254,28 +255,37 @@ def bombs(lines: list[str], times: int = 3) -> None:
     data = bomb()
     lines.append(f"(b) decompression bomb: {len(data) / 1e6:.2f} MB .npz expanding to 1 GiB (x: float64 [2**24, 8]),")
     lines.append(f"    sent {times} times with the tiny model (its input is float32, so a full load is refused after)")
-    server = Server("--max-jobs", "1")
-    try:
-        before, _ = server.rss_mib()
-        lines.append(f"    server RSS before: {before:7.1f} MiB")
-        for k in range(times):
-            started = time.monotonic()
-            try:
-                with grpc.insecure_channel(server.address) as channel:
-                    stub = pb_grpc.PrunerServiceStub(channel)
-                    list(stub.Prune(iter(prune_requests(TINY, data, QUICK)), timeout=120))
-                code, message = "OK", ""
-            except grpc.RpcError as e:
-                code, message = status(e)
-            seconds = time.monotonic() - started
-            rss, peak = server.rss_mib()
-            lines.append(
-                f"    bomb {k + 1}: {code:<18} in {seconds:5.1f} s; RSS after {rss:7.1f} MiB, peak {peak:7.1f} MiB"
-            )
-            lines.append(f"            message: {message[:110]!r}")
-        lines.append(f"    server still healthy: {server.healthy()}, Inspect: {inspect(server.address)}")
-    finally:
-        server.stop()
+    limits = (
+        ("the default --max-eval-bytes (1 GiB): the bomb fits, is decoded, refused, and freed", ()),
+        (
+            "--max-eval-bytes 256 MiB: refused from its header, before anything is allocated",
+            ("--max-eval-bytes", str(256 << 20)),
+        ),
+    )
+    for label, flags in limits:
+        lines.append(f"  with {label}")
+        server = Server("--max-jobs", "1", *flags)
+        try:
+            before, _ = server.rss_mib()
+            lines.append(f"    server RSS before: {before:7.1f} MiB")
+            for k in range(times):
+                started = time.monotonic()
+                try:
+                    with grpc.insecure_channel(server.address) as channel:
+                        stub = pb_grpc.PrunerServiceStub(channel)
+                        list(stub.Prune(iter(prune_requests(TINY, data, QUICK)), timeout=120))
+                    code, message = "OK", ""
+                except grpc.RpcError as e:
+                    code, message = status(e)
+                seconds = time.monotonic() - started
+                rss, peak = server.rss_mib()
+                lines.append(
+                    f"    bomb {k + 1}: {code:<18} in {seconds:5.1f} s; RSS after {rss:7.1f} MiB, peak {peak:7.1f} MiB"
+                )
+                lines.append(f"            message: {message[:110]!r}")
+            lines.append(f"    server still healthy: {server.healthy()}, Inspect: {inspect(server.address)}")
+        finally:
+            server.stop()
 
 
 # ------------------------------------------------------------------------------------------- (c)
