@@ -25,16 +25,28 @@ from ._errors import (
 )
 from ._evalset import EvalSet, load_eval_set
 from ._model import check_output_path, load_model, save_model
-from ._options import Allocation, Criterion, MetricKind, Mode, Objective, PruneOptions, Recovery, Tolerance
+from ._options import (
+    AcceptanceRule,
+    Allocation,
+    Criterion,
+    MetricKind,
+    Mode,
+    Objective,
+    PruneOptions,
+    Recovery,
+    Tolerance,
+)
 from ._plan import LayerPlan, PlanIssue, PruningPlan, apply_plan, check_plan
 from ._prune import PruneResult, inspect, prune
-from ._report import CandidateRecord, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
+from ._report import CandidateRecord, DropInterval, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
 
 __all__ = [
+    "AcceptanceRule",
     "Allocation",
     "CancelledError",
     "CandidateRecord",
     "Criterion",
+    "DropInterval",
     "EvalSet",
     "EventKind",
     "Inspection",

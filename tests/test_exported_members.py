@@ -7,7 +7,7 @@ import inspect
 import pruner
 
 EXPECTED = {
-    "Allocation", "CancelledError", "CandidateRecord", "Criterion", "EvalSet", "EventKind", "Inspection",
+    "AcceptanceRule", "Allocation", "CancelledError", "CandidateRecord", "Criterion", "DropInterval", "EvalSet", "EventKind", "Inspection",
     "InternalError",
     "InvalidConfigError", "InvalidEvalSetError", "InvalidInputError", "InvalidModelError", "LayerPlan",
     "LayerReport", "MetricKind", "Mode", "Objective", "PlanIssue", "ProgressEvent", "PrunableWeight",
