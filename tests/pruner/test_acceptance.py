@@ -175,3 +175,23 @@ def test_a_tiny_eval_set_gets_the_warning_in_the_report() -> None:
     ).report
     assert any(n.startswith("warning: one held-out sample is worth") for n in report.notes)
     assert report.drop is not None and report.drop.samples == 12
+
+
+def test_cli_flags_choose_the_rule_and_the_summary_prints_the_interval(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    out, report_path = tmp_path / "out.onnx", tmp_path / "report.json"
+    argv = [
+        "prune", str(FIXTURES / "mlp.onnx"), "--eval", str(FIXTURES / "mlp_eval.npz"), "-o", str(out),
+        "--report", str(report_path), "--target-sparsity", "0.2", "--tolerance", "0.05",
+        "--acceptance", "bound", "--confidence", "0.8", "--quiet",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    report = pruner.Report.from_json(report_path.read_text())
+    assert report.options["acceptance"] == "bound" and report.options["confidence"] == 0.8
+    assert report.drop is not None and (report.drop.rule, report.drop.confidence) == ("bound", 0.8)
+    assert "held-out drop" in capsys.readouterr().out
+    assert main([*argv[:-5], "--confidence", "1.5", "--quiet"]) == 2
+    assert "confidence" in capsys.readouterr().err
