@@ -7,7 +7,8 @@ import inspect
 import pruner
 
 EXPECTED = {
-    "AcceptanceRule", "Allocation", "CancelledError", "CandidateRecord", "Criterion", "DropInterval", "EvalSet", "EventKind", "Inspection",
+    "AcceptanceRule", "Allocation", "CancelledError", "CandidateRecord", "Criterion", "DropInterval", "EvalSet",
+    "EventKind", "Inspection",
     "InternalError",
     "InvalidConfigError", "InvalidEvalSetError", "InvalidInputError", "InvalidModelError", "LayerPlan",
     "LayerReport", "MetricKind", "Mode", "Objective", "PlanIssue", "ProgressEvent", "PrunableWeight",
