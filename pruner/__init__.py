@@ -27,6 +27,7 @@ from ._evalset import EvalSet, load_eval_set
 from ._metrics import load_metric, metric_plugins, plugin_metric
 from ._model import check_output_path, load_model, save_model
 from ._options import (
+    AcceptanceRule,
     Allocation,
     Criterion,
     CustomMetric,
@@ -39,14 +40,16 @@ from ._options import (
 )
 from ._plan import LayerPlan, PlanIssue, PruningPlan, apply_plan, check_plan
 from ._prune import PruneResult, inspect, prune
-from ._report import CandidateRecord, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
+from ._report import CandidateRecord, DropInterval, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
 
 __all__ = [
+    "AcceptanceRule",
     "Allocation",
     "CancelledError",
     "CandidateRecord",
     "Criterion",
     "CustomMetric",
+    "DropInterval",
     "EvalSet",
     "EventKind",
     "Inspection",

@@ -14,6 +14,7 @@ import numpy as np
 from ._errors import InvalidConfigError
 
 __all__ = [
+    "AcceptanceRule",
     "Allocation",
     "Criterion",
     "CustomMetric",
@@ -34,6 +35,7 @@ DEFAULT_TOP_K = 5
 DEFAULT_CALIBRATION_SAMPLES = 256
 DEFAULT_THRESHOLD = 0.5
 MAX_SAMPLE_AXIS = 16
+DEFAULT_CONFIDENCE = 0.9
 MAX_BATCH_SIZE = 65536
 
 
@@ -87,6 +89,20 @@ REFITTING = (Recovery.AUTO, Recovery.LSQ, Recovery.SEQUENTIAL)
 AUTO_LSQ_COST = 1 << 28
 """``Recovery.AUTO`` fits a layer by least squares when output rows x inputs^2 stays below this
 (one solver step's multiply-adds: ~5 ms here, the fit about 30 steps per candidate)."""
+
+
+class AcceptanceRule(enum.Enum):
+    """How the held-out split decides whether a search candidate is returned (docs/acceptance.md)."""
+
+    EXACT = "exact"
+    """The measured held-out drop is within the tolerance (on 50 samples one sample is 2 points)."""
+    INTERVAL = "interval"
+    """The held-out split does not show, at the confidence level, that the drop exceeds the tolerance:
+    a candidate within the tolerance is refused with probability <= (1 - confidence) / 2, however
+    small the split, so a small eval set cannot throttle pruning (the search split's exact test still applies)."""
+    BOUND = "bound"
+    """The upper end of the held-out confidence interval is within the tolerance: with probability >=
+    confidence the drop on new data is within it. Needs a large held-out split (the report warns)."""
 
 
 class Allocation(enum.Enum):
@@ -325,6 +341,10 @@ class PruneOptions:
     consumed removed channels are refit."""
     calibration_samples: int = DEFAULT_CALIBRATION_SAMPLES
     """Samples of the search split whose activations calibrate the activation criterion and recovery."""
+    acceptance: AcceptanceRule = AcceptanceRule.EXACT
+    """The held-out acceptance rule; every rule reports the drop's confidence interval."""
+    confidence: float = DEFAULT_CONFIDENCE
+    """Level of the held-out drop's two-sided confidence interval (alpha = 1 - confidence)."""
     channel_multiple: int | None = None
     """Remove mode: keep every layer's channel count a multiple of this. None: 8 for layers whose
     count is a multiple of 8 (onnxruntime's fast blocked conv kernels need it: odd counts can make
@@ -338,6 +358,7 @@ class PruneOptions:
             ("allocation", Allocation),
             ("objective", Objective),
             ("recover", Recovery),
+            ("acceptance", AcceptanceRule),
         ):
             if name == "objective" and self.objective is None:
                 continue
@@ -383,6 +404,7 @@ class PruneOptions:
         if self.max_seconds is not None:
             _check_float("max_seconds", self.max_seconds, 0.0, 30 * 24 * 3600.0, low_open=True)
         _check_float("holdout_fraction", self.holdout_fraction, 0.0, 0.9)
+        _check_float("confidence", self.confidence, 0.5, 1.0, high_open=True)
         _check_float("layer_cap", self.layer_cap, 0.0, 1.0, low_open=True, high_open=True)
         _check_float("resolution", self.resolution, 0.001, 0.25)
         for name in ("include", "exclude"):

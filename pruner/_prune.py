@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ._accept import accepts, drop_interval, zero_drop_half_width, zero_drop_samples
 from ._analysis import Inspection, analyze
 from ._candidates import ChannelCandidates, RunContext, WeightCandidates
 from ._errors import (
@@ -32,9 +33,9 @@ from ._graph import declared_shape, reads
 from ._metrics import Metric
 from ._model import _check, load_model, save_model, session_source
 from ._nm import NMSpace
-from ._options import Criterion, MetricKind, Mode, Objective, PruneOptions, Recovery
+from ._options import AcceptanceRule, Criterion, MetricKind, Mode, Objective, PruneOptions, Recovery
 from ._plan import LayerPlan, PruningPlan
-from ._report import CandidateRecord, EventKind, ProgressEvent, Report, SplitMetric
+from ._report import CandidateRecord, DropInterval, EventKind, ProgressEvent, Report, SplitMetric
 from ._search import Judgement, Phase, Trial, search
 from ._space import Config, ZeroSpace
 from ._sparse import to_sparse_initializers
@@ -381,6 +382,27 @@ def prune(
 
     t0 = time.perf_counter()
 
+    rule = options.acceptance
+    labels_h = None if data.labels is None else data.labels[hold_idx]
+    original_h = metric.per_sample(reference[hold_idx], labels_h, reference[hold_idx]) if len(hold_idx) else None
+    hold_allowed = options.tolerance.allowed_loss(baseline.holdout or 0.0)
+    if original_h is not None:
+        notes.extend(_small_set_warnings(original_h, hold_allowed, options.confidence))
+
+    def hold_scores(runner: Runner) -> np.ndarray:
+        return metric.per_sample(evaluator.outputs(runner, hold_idx), labels_h, reference[hold_idx])
+
+    def interval_of(scores: np.ndarray, comparisons: int) -> DropInterval:
+        assert original_h is not None
+        return drop_interval(
+            original_h,
+            scores,
+            higher_is_better=metric.higher_is_better,
+            confidence=options.confidence,
+            comparisons=comparisons,
+            rule=rule.value,
+        )
+
     def on_holdout(config: Config) -> bool:
         assert baseline.holdout is not None
         check_stop(stop)
@@ -403,9 +425,23 @@ def prune(
         on_trial(trial, False)
         return trial.judgement.passed
 
-    chosen, confirmations = _confirm(
-        outcome.passing(), space, on_holdout if baseline.holdout is not None else None, fallback, notes
-    )
+    if rule is AcceptanceRule.EXACT or baseline.holdout is None:
+        chosen, confirmations = _confirm(
+            outcome.passing(), space, on_holdout if baseline.holdout is not None else None, fallback, notes
+        )
+        comparisons = max(confirmations, 1)
+    else:
+        comparisons = min(len(outcome.passing()), MAX_COMPARISONS) or 1
+        # the decision's own interval: INTERVAL refuses a candidate within the tolerance with
+        # probability <= alpha/2 per candidate; BOUND's promise is about the one returned, so it
+        # is corrected for every candidate the list could have returned
+        decide_with = comparisons if rule is AcceptanceRule.BOUND else 1
+
+        def on_interval(config: Config) -> bool:
+            check_stop(stop)
+            return accepts(rule, interval_of(hold_scores(candidates.runner(config)), decide_with), hold_allowed)
+
+        chosen, confirmations = _confirm_in_order(outcome.passing(), space, on_interval, notes)
     emit(
         ProgressEvent(
             EventKind.CONFIRM,
@@ -441,14 +477,14 @@ def prune(
         built = candidates.build(chosen)
         pruned, pruned_bytes, final = final_check(built, sparse, notes)
         del built
-        if (
-            final.holdout is not None
-            and metric.loss(baseline.holdout or 0.0, final.holdout)
-            > options.tolerance.allowed_loss(baseline.holdout or 0.0) + 1e-9
+        if final_check.hold_scores is not None and not accepts(
+            rule,
+            interval_of(final_check.hold_scores, comparisons if rule is AcceptanceRule.BOUND else 1),
+            hold_allowed,
         ):
             # the written model runs its weights as initializers, the search may have fed them as
             # inputs: at the edge of the tolerance a rounding can differ; never hand out a model that misses
-            notes.append("the written model missed the tolerance on the held-out split; returning the original")
+            notes.append(f"the written model fails the {rule.value} rule on the held-out split; returning the original")
             chosen = space.empty()
             plan = PruningPlan(
                 options.mode,
@@ -472,6 +508,15 @@ def prune(
     skipped = skipped_channels or [
         {"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in inspection.skipped
     ]
+    drop = None
+    if final_check.hold_scores is not None:
+        drop = interval_of(final_check.hold_scores, comparisons)
+        if drop.high > hold_allowed + 1e-9 and any(chosen):
+            notes.append(
+                f"the held-out drop is {drop.estimate:.4g}, but with {drop.confidence:.0%} confidence only "
+                f"at most {drop.high:.4g}, above the allowed loss {hold_allowed:.4g}: the eval set cannot show "
+                "the result is within the tolerance"
+            )
     report = Report(
         tool_version=tool_version(),
         versions=_versions(),
@@ -514,6 +559,7 @@ def prune(
         plan=plan.to_dict(),
         timings=timings,
         sensitivity=sensitivity,
+        drop=drop,
         notes=notes,
     )
     emit(
@@ -620,6 +666,63 @@ def _confirm(
     return chosen, runs
 
 
+def _confirm_in_order(
+    passing: list[Trial],
+    space: ZeroSpace | NMSpace,
+    on_holdout: Callable[[Config], bool],
+    notes: list[str],
+) -> tuple[Config, int]:
+    """The first of the passing candidates, best first (at most ``MAX_COMPARISONS``), that the
+    held-out rule accepts, and the held-out runs.
+
+    The list and its order are fixed by the search split alone before the held-out split is read,
+    so the candidates the rule could return are exactly these: the report's interval is corrected
+    for that many (no bisection, no new points whose choice would depend on held-out outcomes).
+    """
+    if not passing:
+        notes.append("no candidate passed the tolerance on the search split; the model is returned unchanged")
+        return space.empty(), 0
+    runs = 0
+    for trial in passing[:MAX_COMPARISONS]:
+        runs += 1
+        if on_holdout(trial.config):
+            if trial is not passing[0]:
+                notes.append(
+                    f"the smallest search candidate (sparsity {passing[0].sparsity:.1%}) failed the held-out rule; "
+                    f"returned sparsity {trial.sparsity:.1%}, the first of the others it accepts"
+                )
+            return trial.config, runs
+    notes.append("no candidate passed the held-out rule; the model is returned unchanged")
+    return space.empty(), runs
+
+
+MAX_COMPARISONS = 30
+"""Passing candidates, best first, the interval and bound rules try on the held-out split."""
+
+
+def _small_set_warnings(original: np.ndarray, allowed: float, confidence: float) -> list[str]:
+    """Plain warnings when the held-out split is too small for the tolerance asked."""
+    n = len(original)
+    out = []
+    binary = bool(np.isin(original, (0.0, 1.0)).all())
+    if binary and 1.0 / n > allowed + 1e-12:
+        out.append(
+            f"warning: one held-out sample is worth {1.0 / n:.3g} of the metric, more than the allowed loss "
+            f"{allowed:.3g}: the held-out split ({n} samples) is too small for this tolerance"
+        )
+    if binary:
+        width = zero_drop_half_width(n, confidence)
+        if width > allowed + 1e-12:
+            needed = zero_drop_samples(allowed, confidence)
+            more = f"; about {needed} held-out samples would" if needed else ""
+            out.append(
+                f"warning: even a candidate that changes no held-out sample has a {confidence:.0%} upper bound of "
+                f"{width:.3g} on its drop, above the allowed loss {allowed:.3g}: {n} held-out samples cannot show "
+                f"a drop within the tolerance{more}"
+            )
+    return out
+
+
 FALLBACK_STEPS = 3
 """Bisection steps between the held-out fallback and the smallest search candidate."""
 FALLBACK_CANDIDATES = 3
@@ -678,6 +781,8 @@ class _FinalCheck:
         self.evaluator.reference = reference
         self.search_idx, self.hold_idx = search_idx, hold_idx
         self.threads = options.threads
+        self.hold_scores: np.ndarray | None = None
+        """Per-sample scores of the last measured model on the held-out split."""
 
     def __call__(
         self, built: onnx.ModelProto | bytes, sparse: list[str], notes: list[str]
@@ -717,5 +822,10 @@ class _FinalCheck:
     def _measure(self, session: ort.InferenceSession) -> SplitMetric:
         runner = session_runner(session, self.evaluator.output)
         search_value = self.evaluator.evaluate(self.search_idx, runner=runner).value
-        hold_value = self.evaluator.evaluate(self.hold_idx, runner=runner).value if len(self.hold_idx) else None
-        return SplitMetric(search_value, hold_value)
+        if not len(self.hold_idx):
+            return SplitMetric(search_value, None)
+        evaluator, idx = self.evaluator, self.hold_idx
+        labels = None if evaluator.evalset.labels is None else evaluator.evalset.labels[idx]
+        assert evaluator.reference is not None
+        self.hold_scores = evaluator.metric.per_sample(evaluator.outputs(runner, idx), labels, evaluator.reference[idx])
+        return SplitMetric(search_value, float(self.hold_scores.mean()))

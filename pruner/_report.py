@@ -8,7 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["CandidateRecord", "EventKind", "LayerReport", "ProgressEvent", "Report", "SplitMetric"]
+__all__ = ["CandidateRecord", "DropInterval", "EventKind", "LayerReport", "ProgressEvent", "Report", "SplitMetric"]
 
 
 class EventKind(enum.Enum):
@@ -39,6 +39,30 @@ class SplitMetric:
 
     search: float
     holdout: float | None
+
+
+@dataclass(frozen=True)
+class DropInterval:
+    """A candidate's metric drop on a split, in metric units, with its confidence interval.
+
+    ``low``/``high`` bound the drop on new data from the eval set's distribution with probability
+    ``confidence`` (two-sided, each end one-sided at ``(1 - confidence) / 2``), Bonferroni-corrected
+    for the ``comparisons`` candidates the rule could have returned from this split.
+    """
+
+    rule: str
+    confidence: float
+    method: str
+    split: str
+    samples: int
+    estimate: float
+    low: float
+    high: float
+    comparisons: int = 1
+    worse: int | None = None
+    """0/1 scores: samples the original gets right and the candidate wrong (b)."""
+    better: int | None = None
+    """0/1 scores: samples the candidate gets right and the original wrong (c)."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +132,9 @@ class Report:
     plan: dict[str, Any]
     timings: dict[str, float]
     notes: list[str] = field(default_factory=list)
+    drop: DropInterval | None = None
+    """The returned model's held-out drop, its confidence interval and the acceptance rule (None: no
+    held-out split, or a report from before the field existed)."""
     sensitivity: dict[str, list[list[float]]] = field(default_factory=dict)
     """Allocation "sensitivity": each layer's [[sparsity, output deviation], ...]; pass it back as
     ``PruneOptions(sensitivity=...)`` to skip measuring it again."""
@@ -139,6 +166,9 @@ class Report:
             for la in data["layers"]
         ]
         values["trace"] = [CandidateRecord(**t) for t in data["trace"]]
+        if data.get("drop") is not None:
+            drop_fields = {f.name for f in dataclasses.fields(DropInterval)}
+            values["drop"] = DropInterval(**{k: v for k, v in data["drop"].items() if k in drop_fields})
         return cls(**values)
 
     @classmethod

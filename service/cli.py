@@ -31,6 +31,7 @@ from google.protobuf import json_format
 
 import pruner
 from pruner import (
+    AcceptanceRule,
     Allocation,
     Criterion,
     MetricKind,
@@ -159,6 +160,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
     p.add_argument("--holdout", type=float, default=DEFAULTS.holdout_fraction, help="held-out share of the eval set")
+    p.add_argument(
+        "--acceptance",
+        choices=[a.value for a in AcceptanceRule],
+        default=DEFAULTS.acceptance.value,
+        help="held-out acceptance rule: exact (measured drop within tolerance), interval (refused only when the "
+        "held-out split shows the drop exceeds the tolerance at --confidence) or bound (the interval's upper end "
+        "within tolerance; needs a large held-out split) (default %(default)s; docs/acceptance.md)",
+    )
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=DEFAULTS.confidence,
+        help="level of the held-out drop's confidence interval, alpha = 1 - confidence (default %(default)s)",
+    )
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     p.add_argument("--threads", type=int, default=DEFAULTS.threads, help="onnxruntime intra-op threads (0: auto)")
     p.add_argument("--layer-cap", type=float, default=DEFAULTS.layer_cap, help="max sparsity of any layer")
@@ -232,6 +247,8 @@ def _options(args: argparse.Namespace) -> PruneOptions:
         sensitivity=_profile(args.sensitivity_from),
         seed=args.seed,
         holdout_fraction=args.holdout,
+        acceptance=AcceptanceRule(args.acceptance),
+        confidence=args.confidence,
         batch_size=args.batch_size,
         threads=args.threads,
         layer_cap=args.layer_cap,
@@ -327,6 +344,7 @@ def _summary(report: pruner.Report) -> str:
         (f"{report.metric} (search split)", f"{metric(report.baseline.search)} -> {metric(report.final.search)}"),
         (f"{report.metric} (held-out split)", f"{metric(report.baseline.holdout)} -> {metric(report.final.holdout)}"),
         ("allowed loss", f"{report.allowed_loss:.4g}"),
+        ("held-out drop", _drop(report.drop)),
         ("prunable params", f"{report.prunable_params:,} of {report.total_params:,}"),
         ("nonzero prunable params", f"{report.nonzero_before:,} -> {report.nonzero_after:,}"),
         ("sparsity", f"{report.sparsity:.1%}"),
@@ -357,6 +375,16 @@ def _summary(report: pruner.Report) -> str:
             for la in report.layers:
                 lines.append(f"{la.name:<{name_width}}  {la.op_type:<14} {la.params:>10,} {la.sparsity:>9.1%}")
     return "\n".join(lines)
+
+
+def _drop(drop: pruner.DropInterval | None) -> str:
+    if drop is None:
+        return "- (no held-out split)"
+    counts = "" if drop.worse is None else f", {drop.worse} worse / {drop.better} better samples"
+    return (
+        f"{drop.estimate:.4f}, {drop.confidence:.0%} interval [{drop.low:.4f}, {drop.high:.4f}] "
+        f"({drop.method}, {drop.samples} samples{counts}; rule {drop.rule})"
+    )
 
 
 def _check_outputs(args: argparse.Namespace) -> None:

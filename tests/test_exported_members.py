@@ -7,8 +7,8 @@ import inspect
 import pruner
 
 EXPECTED = {
-    "Allocation", "CancelledError", "CandidateRecord", "Criterion", "CustomMetric", "EvalSet", "EventKind",
-    "Inspection", "InternalError",
+    "AcceptanceRule", "Allocation", "CancelledError", "CandidateRecord", "Criterion", "CustomMetric", "DropInterval",
+    "EvalSet", "EventKind", "Inspection", "InternalError",
     "InvalidConfigError", "InvalidEvalSetError", "InvalidInputError", "InvalidModelError", "LayerPlan",
     "LayerReport", "MetricKind", "Mode", "Objective", "PlanIssue", "ProgressEvent", "PrunableWeight",
     "PruneOptions", "PruneResult", "PrunerError", "PruningPlan", "Recovery", "Report", "ResourceLimitError",
