@@ -15,6 +15,7 @@ from onnx import helper, numpy_helper
 
 import pruner
 from pruner import (
+    AcceptanceRule,
     Allocation,
     Criterion,
     CustomMetric,
@@ -114,6 +115,11 @@ _OBJECTIVES = {
     Objective.BYTES: pb.OBJECTIVE_BYTES,
     Objective.LATENCY: pb.OBJECTIVE_LATENCY,
 }
+_ACCEPTANCES = {
+    AcceptanceRule.EXACT: pb.ACCEPTANCE_EXACT,
+    AcceptanceRule.INTERVAL: pb.ACCEPTANCE_INTERVAL,
+    AcceptanceRule.BOUND: pb.ACCEPTANCE_BOUND,
+}
 _EVENTS = {
     EventKind.BASELINE: pb.EVENT_KIND_BASELINE,
     EventKind.CANDIDATE: pb.EVENT_KIND_CANDIDATE,
@@ -138,6 +144,7 @@ _SCALARS = [
     ("pad_id", "pad_id"),
     ("ctc_blank", "ctc_blank"),
     ("output_sample_axis", "output_sample_axis"),
+    ("confidence", "confidence"),
 ]
 
 
@@ -162,6 +169,7 @@ def options_from_proto(config: pb.PruneConfig, *, threads: int = 0) -> PruneOpti
         ("metric", _METRICS),
         ("objective", _OBJECTIVES),
         ("recover", _RECOVERIES),
+        ("acceptance", _ACCEPTANCES),
     ):
         value = getattr(config, name)
         if value:
@@ -230,6 +238,7 @@ def options_to_proto(options: PruneOptions) -> pb.PruneConfig:
         exclude=list(options.exclude),
         sparse_initializers=options.sparse_initializers,
         recover=_RECOVERIES[options.recover],
+        acceptance=_ACCEPTANCES[options.acceptance],
         nm_n=options.nm[0],
         nm_m=options.nm[1],
         sensitivity_json=json.dumps(options.sensitivity) if options.sensitivity else "",

@@ -40,6 +40,8 @@ def test_options_survive_the_round_trip_through_the_config() -> None:
         pruner.PruneOptions(),
         pruner.PruneOptions(criterion=pruner.Criterion.ACTIVATION, recover=pruner.Recovery.LSQ),
         pruner.PruneOptions(mode=pruner.Mode.NM, recover=pruner.Recovery.SEQUENTIAL),
+        pruner.PruneOptions(acceptance=pruner.AcceptanceRule.INTERVAL, confidence=0.8),
+        pruner.PruneOptions(acceptance=pruner.AcceptanceRule.BOUND),
         pruner.PruneOptions(
             mode=pruner.Mode.REMOVE,
             objective=pruner.Objective.BYTES,

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aonnxpruner/v1/pruner.proto\x12\ronnxpruner.v1\"\xc6\x01\n\x0cPruneRequest\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1a.onnxpruner.v1.PruneConfigH\x00\x12\x15\n\x0bmodel_chunk\x18\x02 \x01(\x0cH\x00\x12\x18\n\x0e\x65val_npz_chunk\x18\x03 \x01(\x0cH\x00\x12\x30\n\x0b\x65val_tensor\x18\x04 \x01(\x0b\x32\x19.onnxpruner.v1.EvalTensorH\x00\x12\x1a\n\x10\x65val_tensor_data\x18\x05 \x01(\x0cH\x00\x42\t\n\x07payload\"\"\n\nEvalTensor\x12\x14\n\x0ctensor_proto\x18\x01 \x01(\x0c\",\n\tTolerance\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x10\n\x08relative\x18\x02 \x01(\x08\"\x8b\n\n\x0bPruneConfig\x12!\n\x04mode\x18\x01 \x01(\x0e\x32\x13.onnxpruner.v1.Mode\x12+\n\tcriterion\x18\x02 \x01(\x0e\x32\x18.onnxpruner.v1.Criterion\x12-\n\nallocation\x18\x03 \x01(\x0e\x32\x19.onnxpruner.v1.Allocation\x12%\n\x06metric\x18\x04 \x01(\x0e\x32\x15.onnxpruner.v1.Metric\x12\x12\n\x05top_k\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0boutput_name\x18\x06 \x01(\t\x12+\n\ttolerance\x18\x07 \x01(\x0b\x32\x18.onnxpruner.v1.Tolerance\x12+\n\tobjective\x18\x08 \x01(\x0e\x32\x18.onnxpruner.v1.Objective\x12\x1c\n\x0fmax_evaluations\x18\t \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0bmax_seconds\x18\n \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x03\x88\x01\x01\x12\x1d\n\x10holdout_fraction\x18\x0c \x01(\x01H\x04\x88\x01\x01\x12\x17\n\nbatch_size\x18\r \x01(\rH\x05\x88\x01\x01\x12\x16\n\tlayer_cap\x18\x0e \x01(\x01H\x06\x88\x01\x01\x12\x0f\n\x07include\x18\x0f \x03(\t\x12\x0f\n\x07\x65xclude\x18\x10 \x03(\t\x12\x1b\n\x13sparse_initializers\x18\x11 \x01(\x08\x12\x1d\n\x10\x63hannel_multiple\x18\x12 \x01(\rH\x07\x88\x01\x01\x12(\n\x07recover\x18\x13 \x01(\x0e\x32\x17.onnxpruner.v1.Recovery\x12 \n\x13\x63\x61libration_samples\x18\x14 \x01(\rH\x08\x88\x01\x01\x12\x1c\n\x0ftarget_sparsity\x18\x15 \x01(\x01H\t\x88\x01\x01\x12\x11\n\x04nm_n\x18\x16 \x01(\rH\n\x88\x01\x01\x12\x11\n\x04nm_m\x18\x17 \x01(\rH\x0b\x88\x01\x01\x12\x18\n\x10sensitivity_json\x18\x18 \x01(\t\x12\x16\n\tthreshold\x18\x19 \x01(\x01H\x0c\x88\x01\x01\x12\x13\n\x06\x63olumn\x18\x1a \x01(\x05H\r\x88\x01\x01\x12\x13\n\x06pad_id\x18\x1b \x01(\x03H\x0e\x88\x01\x01\x12\x16\n\tctc_blank\x18\x1c \x01(\x05H\x0f\x88\x01\x01\x12\x15\n\rsequence_mask\x18\x1d \x01(\t\x12\x1f\n\x12output_sample_axis\x18\x1e \x01(\x05H\x10\x88\x01\x01\x12J\n\x11input_sample_axes\x18\x1f \x03(\x0b\x32/.onnxpruner.v1.PruneConfig.InputSampleAxesEntry\x12\x15\n\rmetric_plugin\x18  \x01(\t\x1a\x36\n\x14InputSampleAxesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x42\x08\n\x06_top_kB\x12\n\x10_max_evaluationsB\x0e\n\x0c_max_secondsB\x07\n\x05_seedB\x13\n\x11_holdout_fractionB\r\n\x0b_batch_sizeB\x0c\n\n_layer_capB\x13\n\x11_channel_multipleB\x16\n\x14_calibration_samplesB\x12\n\x10_target_sparsityB\x07\n\x05_nm_nB\x07\n\x05_nm_mB\x0c\n\n_thresholdB\t\n\x07_columnB\t\n\x07_pad_idB\x0c\n\n_ctc_blankB\x15\n\x13_output_sample_axis\"\x91\x01\n\rPruneResponse\x12\x30\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.onnxpruner.v1.ProgressEventH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.onnxpruner.v1.PruneResultH\x00\x12\x15\n\x0bmodel_chunk\x18\x03 \x01(\x0cH\x00\x42\t\n\x07payload\"\x89\x02\n\rProgressEvent\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.onnxpruner.v1.EventKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nevaluation\x18\x03 \x01(\r\x12\x17\n\x0fmax_evaluations\x18\x04 \x01(\r\x12\x15\n\x08sparsity\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0enonzero_params\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x13\n\x06metric\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x13\n\x06passed\x18\x08 \x01(\x08H\x03\x88\x01\x01\x42\x0b\n\t_sparsityB\x11\n\x0f_nonzero_paramsB\t\n\x07_metricB\t\n\x07_passed\"\\\n\x0bPruneResult\x12\x13\n\x0breport_json\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\nmodel_size\x18\x03 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\"b\n\x0eInspectRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.onnxpruner.v1.InspectConfigH\x00\x12\x15\n\x0bmodel_chunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"1\n\rInspectConfig\x12\x0f\n\x07include\x18\x01 \x03(\t\x12\x0f\n\x07\x65xclude\x18\x02 \x03(\t\"k\n\rPrunableLayer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07op_type\x18\x02 \x01(\t\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06params\x18\x05 \x01(\x04\x12\r\n\x05share\x18\x06 \x01(\x01\"=\n\x0cSkippedLayer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07op_type\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xaa\x01\n\x0fInspectResponse\x12,\n\x06layers\x18\x01 \x03(\x0b\x32\x1c.onnxpruner.v1.PrunableLayer\x12,\n\x07skipped\x18\x02 \x03(\x0b\x32\x1b.onnxpruner.v1.SkippedLayer\x12\x14\n\x0ctotal_params\x18\x03 \x01(\x04\x12\x17\n\x0fprunable_params\x18\x04 \x01(\x04\x12\x0c\n\x04json\x18\x05 \x01(\t\"\x14\n\x12ListMetricsRequest\"~\n\nMetricInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x18\n\x10higher_is_better\x18\x03 \x01(\x08\x12\x14\n\x0cneeds_labels\x18\x04 \x01(\x08\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"m\n\x13ListMetricsResponse\x12*\n\x07\x62uiltin\x18\x01 \x03(\x0b\x32\x19.onnxpruner.v1.MetricInfo\x12*\n\x07plugins\x18\x02 \x03(\x0b\x32\x19.onnxpruner.v1.MetricInfo*}\n\tCriterion\x12\x19\n\x15\x43RITERION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43RITERION_MAGNITUDE\x10\x01\x12\x10\n\x0c\x43RITERION_L1\x10\x02\x12\x10\n\x0c\x43RITERION_L2\x10\x03\x12\x18\n\x14\x43RITERION_ACTIVATION\x10\x04*\x88\x01\n\x08Recovery\x12\x18\n\x14RECOVERY_UNSPECIFIED\x10\x00\x12\x11\n\rRECOVERY_NONE\x10\x01\x12\x11\n\rRECOVERY_BIAS\x10\x02\x12\x10\n\x0cRECOVERY_LSQ\x10\x03\x12\x17\n\x13RECOVERY_SEQUENTIAL\x10\x04\x12\x11\n\rRECOVERY_AUTO\x10\x05*I\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_ZERO\x10\x01\x12\x0f\n\x0bMODE_REMOVE\x10\x02\x12\x0b\n\x07MODE_NM\x10\x03*\xa3\x01\n\nAllocation\x12\x1a\n\x16\x41LLOCATION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41LLOCATION_GLOBAL\x10\x01\x12\x19\n\x15\x41LLOCATION_NORMALIZED\x10\x02\x12\x13\n\x0f\x41LLOCATION_LAMP\x10\x03\x12\x16\n\x12\x41LLOCATION_UNIFORM\x10\x04\x12\x1a\n\x16\x41LLOCATION_SENSITIVITY\x10\x05*\xae\x02\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x13\n\x0fMETRIC_ACCURACY\x10\x01\x12\x0f\n\x0bMETRIC_TOPK\x10\x02\x12\x0e\n\nMETRIC_MSE\x10\x03\x12\x0e\n\nMETRIC_MAE\x10\x04\x12\x14\n\x10METRIC_AGREEMENT\x10\x05\x12\x11\n\rMETRIC_COSINE\x10\x06\x12\x0f\n\x0bMETRIC_DICE\x10\x07\x12\x0e\n\nMETRIC_IOU\x10\x08\x12\x19\n\x15METRIC_SEQUENCE_MATCH\x10\t\x12\x1e\n\x1aMETRIC_SEQUENCE_SIMILARITY\x10\n\x12\r\n\tMETRIC_KL\x10\x0b\x12\x15\n\x11METRIC_COLUMN_MAE\x10\x0c\x12\x1b\n\x17METRIC_RANK_CORRELATION\x10\r*h\n\tObjective\x12\x19\n\x15OBJECTIVE_UNSPECIFIED\x10\x00\x12\x14\n\x10OBJECTIVE_PARAMS\x10\x01\x12\x13\n\x0fOBJECTIVE_BYTES\x10\x02\x12\x15\n\x11OBJECTIVE_LATENCY\x10\x03*\xa0\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_KIND_BASELINE\x10\x01\x12\x18\n\x14\x45VENT_KIND_CANDIDATE\x10\x02\x12\x17\n\x13\x45VENT_KIND_NEW_BEST\x10\x03\x12\x16\n\x12\x45VENT_KIND_CONFIRM\x10\x04\x12\x13\n\x0f\x45VENT_KIND_DONE\x10\x05\x32\xf9\x01\n\rPrunerService\x12\x46\n\x05Prune\x12\x1b.onnxpruner.v1.PruneRequest\x1a\x1c.onnxpruner.v1.PruneResponse(\x01\x30\x01\x12J\n\x07Inspect\x12\x1d.onnxpruner.v1.InspectRequest\x1a\x1e.onnxpruner.v1.InspectResponse(\x01\x12T\n\x0bListMetrics\x12!.onnxpruner.v1.ListMetricsRequest\x1a\".onnxpruner.v1.ListMetricsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aonnxpruner/v1/pruner.proto\x12\ronnxpruner.v1\"\xc6\x01\n\x0cPruneRequest\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1a.onnxpruner.v1.PruneConfigH\x00\x12\x15\n\x0bmodel_chunk\x18\x02 \x01(\x0cH\x00\x12\x18\n\x0e\x65val_npz_chunk\x18\x03 \x01(\x0cH\x00\x12\x30\n\x0b\x65val_tensor\x18\x04 \x01(\x0b\x32\x19.onnxpruner.v1.EvalTensorH\x00\x12\x1a\n\x10\x65val_tensor_data\x18\x05 \x01(\x0cH\x00\x42\t\n\x07payload\"\"\n\nEvalTensor\x12\x14\n\x0ctensor_proto\x18\x01 \x01(\x0c\",\n\tTolerance\x12\r\n\x05value\x18\x01 \x01(\x01\x12\x10\n\x08relative\x18\x02 \x01(\x08\"\xe2\n\n\x0bPruneConfig\x12!\n\x04mode\x18\x01 \x01(\x0e\x32\x13.onnxpruner.v1.Mode\x12+\n\tcriterion\x18\x02 \x01(\x0e\x32\x18.onnxpruner.v1.Criterion\x12-\n\nallocation\x18\x03 \x01(\x0e\x32\x19.onnxpruner.v1.Allocation\x12%\n\x06metric\x18\x04 \x01(\x0e\x32\x15.onnxpruner.v1.Metric\x12\x12\n\x05top_k\x18\x05 \x01(\rH\x00\x88\x01\x01\x12\x13\n\x0boutput_name\x18\x06 \x01(\t\x12+\n\ttolerance\x18\x07 \x01(\x0b\x32\x18.onnxpruner.v1.Tolerance\x12+\n\tobjective\x18\x08 \x01(\x0e\x32\x18.onnxpruner.v1.Objective\x12\x1c\n\x0fmax_evaluations\x18\t \x01(\rH\x01\x88\x01\x01\x12\x18\n\x0bmax_seconds\x18\n \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x03\x88\x01\x01\x12\x1d\n\x10holdout_fraction\x18\x0c \x01(\x01H\x04\x88\x01\x01\x12\x17\n\nbatch_size\x18\r \x01(\rH\x05\x88\x01\x01\x12\x16\n\tlayer_cap\x18\x0e \x01(\x01H\x06\x88\x01\x01\x12\x0f\n\x07include\x18\x0f \x03(\t\x12\x0f\n\x07\x65xclude\x18\x10 \x03(\t\x12\x1b\n\x13sparse_initializers\x18\x11 \x01(\x08\x12\x1d\n\x10\x63hannel_multiple\x18\x12 \x01(\rH\x07\x88\x01\x01\x12(\n\x07recover\x18\x13 \x01(\x0e\x32\x17.onnxpruner.v1.Recovery\x12 \n\x13\x63\x61libration_samples\x18\x14 \x01(\rH\x08\x88\x01\x01\x12\x1c\n\x0ftarget_sparsity\x18\x15 \x01(\x01H\t\x88\x01\x01\x12\x11\n\x04nm_n\x18\x16 \x01(\rH\n\x88\x01\x01\x12\x11\n\x04nm_m\x18\x17 \x01(\rH\x0b\x88\x01\x01\x12\x18\n\x10sensitivity_json\x18\x18 \x01(\t\x12\x16\n\tthreshold\x18\x19 \x01(\x01H\x0c\x88\x01\x01\x12\x13\n\x06\x63olumn\x18\x1a \x01(\x05H\r\x88\x01\x01\x12\x13\n\x06pad_id\x18\x1b \x01(\x03H\x0e\x88\x01\x01\x12\x16\n\tctc_blank\x18\x1c \x01(\x05H\x0f\x88\x01\x01\x12\x15\n\rsequence_mask\x18\x1d \x01(\t\x12\x1f\n\x12output_sample_axis\x18\x1e \x01(\x05H\x10\x88\x01\x01\x12J\n\x11input_sample_axes\x18\x1f \x03(\x0b\x32/.onnxpruner.v1.PruneConfig.InputSampleAxesEntry\x12\x15\n\rmetric_plugin\x18  \x01(\t\x12-\n\nacceptance\x18! \x01(\x0e\x32\x19.onnxpruner.v1.Acceptance\x12\x17\n\nconfidence\x18\" \x01(\x01H\x11\x88\x01\x01\x1a\x36\n\x14InputSampleAxesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x05:\x02\x38\x01\x42\x08\n\x06_top_kB\x12\n\x10_max_evaluationsB\x0e\n\x0c_max_secondsB\x07\n\x05_seedB\x13\n\x11_holdout_fractionB\r\n\x0b_batch_sizeB\x0c\n\n_layer_capB\x13\n\x11_channel_multipleB\x16\n\x14_calibration_samplesB\x12\n\x10_target_sparsityB\x07\n\x05_nm_nB\x07\n\x05_nm_mB\x0c\n\n_thresholdB\t\n\x07_columnB\t\n\x07_pad_idB\x0c\n\n_ctc_blankB\x15\n\x13_output_sample_axisB\r\n\x0b_confidence\"\x91\x01\n\rPruneResponse\x12\x30\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.onnxpruner.v1.ProgressEventH\x00\x12,\n\x06result\x18\x02 \x01(\x0b\x32\x1a.onnxpruner.v1.PruneResultH\x00\x12\x15\n\x0bmodel_chunk\x18\x03 \x01(\x0cH\x00\x42\t\n\x07payload\"\x89\x02\n\rProgressEvent\x12&\n\x04kind\x18\x01 \x01(\x0e\x32\x18.onnxpruner.v1.EventKind\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x12\n\nevaluation\x18\x03 \x01(\r\x12\x17\n\x0fmax_evaluations\x18\x04 \x01(\r\x12\x15\n\x08sparsity\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0enonzero_params\x18\x06 \x01(\x04H\x01\x88\x01\x01\x12\x13\n\x06metric\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x13\n\x06passed\x18\x08 \x01(\x08H\x03\x88\x01\x01\x42\x0b\n\t_sparsityB\x11\n\x0f_nonzero_paramsB\t\n\x07_metricB\t\n\x07_passed\"\\\n\x0bPruneResult\x12\x13\n\x0breport_json\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x12\n\nmodel_size\x18\x03 \x01(\x04\x12\x14\n\x0cmodel_sha256\x18\x04 \x01(\t\"b\n\x0eInspectRequest\x12.\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.onnxpruner.v1.InspectConfigH\x00\x12\x15\n\x0bmodel_chunk\x18\x02 \x01(\x0cH\x00\x42\t\n\x07payload\"1\n\rInspectConfig\x12\x0f\n\x07include\x18\x01 \x03(\t\x12\x0f\n\x07\x65xclude\x18\x02 \x03(\t\"k\n\rPrunableLayer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07op_type\x18\x02 \x01(\t\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06params\x18\x05 \x01(\x04\x12\r\n\x05share\x18\x06 \x01(\x01\"=\n\x0cSkippedLayer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07op_type\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"\xaa\x01\n\x0fInspectResponse\x12,\n\x06layers\x18\x01 \x03(\x0b\x32\x1c.onnxpruner.v1.PrunableLayer\x12,\n\x07skipped\x18\x02 \x03(\x0b\x32\x1b.onnxpruner.v1.SkippedLayer\x12\x14\n\x0ctotal_params\x18\x03 \x01(\x04\x12\x17\n\x0fprunable_params\x18\x04 \x01(\x04\x12\x0c\n\x04json\x18\x05 \x01(\t\"\x14\n\x12ListMetricsRequest\"~\n\nMetricInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x18\n\x10higher_is_better\x18\x03 \x01(\x08\x12\x14\n\x0cneeds_labels\x18\x04 \x01(\x08\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\"m\n\x13ListMetricsResponse\x12*\n\x07\x62uiltin\x18\x01 \x03(\x0b\x32\x19.onnxpruner.v1.MetricInfo\x12*\n\x07plugins\x18\x02 \x03(\x0b\x32\x19.onnxpruner.v1.MetricInfo*}\n\tCriterion\x12\x19\n\x15\x43RITERION_UNSPECIFIED\x10\x00\x12\x17\n\x13\x43RITERION_MAGNITUDE\x10\x01\x12\x10\n\x0c\x43RITERION_L1\x10\x02\x12\x10\n\x0c\x43RITERION_L2\x10\x03\x12\x18\n\x14\x43RITERION_ACTIVATION\x10\x04*\x88\x01\n\x08Recovery\x12\x18\n\x14RECOVERY_UNSPECIFIED\x10\x00\x12\x11\n\rRECOVERY_NONE\x10\x01\x12\x11\n\rRECOVERY_BIAS\x10\x02\x12\x10\n\x0cRECOVERY_LSQ\x10\x03\x12\x17\n\x13RECOVERY_SEQUENTIAL\x10\x04\x12\x11\n\rRECOVERY_AUTO\x10\x05*I\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\r\n\tMODE_ZERO\x10\x01\x12\x0f\n\x0bMODE_REMOVE\x10\x02\x12\x0b\n\x07MODE_NM\x10\x03*\xa3\x01\n\nAllocation\x12\x1a\n\x16\x41LLOCATION_UNSPECIFIED\x10\x00\x12\x15\n\x11\x41LLOCATION_GLOBAL\x10\x01\x12\x19\n\x15\x41LLOCATION_NORMALIZED\x10\x02\x12\x13\n\x0f\x41LLOCATION_LAMP\x10\x03\x12\x16\n\x12\x41LLOCATION_UNIFORM\x10\x04\x12\x1a\n\x16\x41LLOCATION_SENSITIVITY\x10\x05*\xae\x02\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x13\n\x0fMETRIC_ACCURACY\x10\x01\x12\x0f\n\x0bMETRIC_TOPK\x10\x02\x12\x0e\n\nMETRIC_MSE\x10\x03\x12\x0e\n\nMETRIC_MAE\x10\x04\x12\x14\n\x10METRIC_AGREEMENT\x10\x05\x12\x11\n\rMETRIC_COSINE\x10\x06\x12\x0f\n\x0bMETRIC_DICE\x10\x07\x12\x0e\n\nMETRIC_IOU\x10\x08\x12\x19\n\x15METRIC_SEQUENCE_MATCH\x10\t\x12\x1e\n\x1aMETRIC_SEQUENCE_SIMILARITY\x10\n\x12\r\n\tMETRIC_KL\x10\x0b\x12\x15\n\x11METRIC_COLUMN_MAE\x10\x0c\x12\x1b\n\x17METRIC_RANK_CORRELATION\x10\r*m\n\nAcceptance\x12\x1a\n\x16\x41\x43\x43\x45PTANCE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41\x43\x43\x45PTANCE_EXACT\x10\x01\x12\x17\n\x13\x41\x43\x43\x45PTANCE_INTERVAL\x10\x02\x12\x14\n\x10\x41\x43\x43\x45PTANCE_BOUND\x10\x03*h\n\tObjective\x12\x19\n\x15OBJECTIVE_UNSPECIFIED\x10\x00\x12\x14\n\x10OBJECTIVE_PARAMS\x10\x01\x12\x13\n\x0fOBJECTIVE_BYTES\x10\x02\x12\x15\n\x11OBJECTIVE_LATENCY\x10\x03*\xa0\x01\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x17\n\x13\x45VENT_KIND_BASELINE\x10\x01\x12\x18\n\x14\x45VENT_KIND_CANDIDATE\x10\x02\x12\x17\n\x13\x45VENT_KIND_NEW_BEST\x10\x03\x12\x16\n\x12\x45VENT_KIND_CONFIRM\x10\x04\x12\x13\n\x0f\x45VENT_KIND_DONE\x10\x05\x32\xf9\x01\n\rPrunerService\x12\x46\n\x05Prune\x12\x1b.onnxpruner.v1.PruneRequest\x1a\x1c.onnxpruner.v1.PruneResponse(\x01\x30\x01\x12J\n\x07Inspect\x12\x1d.onnxpruner.v1.InspectRequest\x1a\x1e.onnxpruner.v1.InspectResponse(\x01\x12T\n\x0bListMetrics\x12!.onnxpruner.v1.ListMetricsRequest\x1a\".onnxpruner.v1.ListMetricsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +34,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PRUNECONFIG_INPUTSAMPLEAXESENTRY']._loaded_options = None
   _globals['_PRUNECONFIG_INPUTSAMPLEAXESENTRY']._serialized_options = b'8\001'
-  _globals['_CRITERION']._serialized_start=2889
-  _globals['_CRITERION']._serialized_end=3014
-  _globals['_RECOVERY']._serialized_start=3017
-  _globals['_RECOVERY']._serialized_end=3153
-  _globals['_MODE']._serialized_start=3155
-  _globals['_MODE']._serialized_end=3228
-  _globals['_ALLOCATION']._serialized_start=3231
-  _globals['_ALLOCATION']._serialized_end=3394
-  _globals['_METRIC']._serialized_start=3397
-  _globals['_METRIC']._serialized_end=3699
-  _globals['_OBJECTIVE']._serialized_start=3701
-  _globals['_OBJECTIVE']._serialized_end=3805
-  _globals['_EVENTKIND']._serialized_start=3808
-  _globals['_EVENTKIND']._serialized_end=3968
+  _globals['_CRITERION']._serialized_start=2976
+  _globals['_CRITERION']._serialized_end=3101
+  _globals['_RECOVERY']._serialized_start=3104
+  _globals['_RECOVERY']._serialized_end=3240
+  _globals['_MODE']._serialized_start=3242
+  _globals['_MODE']._serialized_end=3315
+  _globals['_ALLOCATION']._serialized_start=3318
+  _globals['_ALLOCATION']._serialized_end=3481
+  _globals['_METRIC']._serialized_start=3484
+  _globals['_METRIC']._serialized_end=3786
+  _globals['_ACCEPTANCE']._serialized_start=3788
+  _globals['_ACCEPTANCE']._serialized_end=3897
+  _globals['_OBJECTIVE']._serialized_start=3899
+  _globals['_OBJECTIVE']._serialized_end=4003
+  _globals['_EVENTKIND']._serialized_start=4006
+  _globals['_EVENTKIND']._serialized_end=4166
   _globals['_PRUNEREQUEST']._serialized_start=46
   _globals['_PRUNEREQUEST']._serialized_end=244
   _globals['_EVALTENSOR']._serialized_start=246
@@ -55,31 +57,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOLERANCE']._serialized_start=282
   _globals['_TOLERANCE']._serialized_end=326
   _globals['_PRUNECONFIG']._serialized_start=329
-  _globals['_PRUNECONFIG']._serialized_end=1620
-  _globals['_PRUNECONFIG_INPUTSAMPLEAXESENTRY']._serialized_start=1305
-  _globals['_PRUNECONFIG_INPUTSAMPLEAXESENTRY']._serialized_end=1359
-  _globals['_PRUNERESPONSE']._serialized_start=1623
-  _globals['_PRUNERESPONSE']._serialized_end=1768
-  _globals['_PROGRESSEVENT']._serialized_start=1771
-  _globals['_PROGRESSEVENT']._serialized_end=2036
-  _globals['_PRUNERESULT']._serialized_start=2038
-  _globals['_PRUNERESULT']._serialized_end=2130
-  _globals['_INSPECTREQUEST']._serialized_start=2132
-  _globals['_INSPECTREQUEST']._serialized_end=2230
-  _globals['_INSPECTCONFIG']._serialized_start=2232
-  _globals['_INSPECTCONFIG']._serialized_end=2281
-  _globals['_PRUNABLELAYER']._serialized_start=2283
-  _globals['_PRUNABLELAYER']._serialized_end=2390
-  _globals['_SKIPPEDLAYER']._serialized_start=2392
-  _globals['_SKIPPEDLAYER']._serialized_end=2453
-  _globals['_INSPECTRESPONSE']._serialized_start=2456
-  _globals['_INSPECTRESPONSE']._serialized_end=2626
-  _globals['_LISTMETRICSREQUEST']._serialized_start=2628
-  _globals['_LISTMETRICSREQUEST']._serialized_end=2648
-  _globals['_METRICINFO']._serialized_start=2650
-  _globals['_METRICINFO']._serialized_end=2776
-  _globals['_LISTMETRICSRESPONSE']._serialized_start=2778
-  _globals['_LISTMETRICSRESPONSE']._serialized_end=2887
-  _globals['_PRUNERSERVICE']._serialized_start=3971
-  _globals['_PRUNERSERVICE']._serialized_end=4220
+  _globals['_PRUNECONFIG']._serialized_end=1707
+  _globals['_PRUNECONFIG_INPUTSAMPLEAXESENTRY']._serialized_start=1377
+  _globals['_PRUNECONFIG_INPUTSAMPLEAXESENTRY']._serialized_end=1431
+  _globals['_PRUNERESPONSE']._serialized_start=1710
+  _globals['_PRUNERESPONSE']._serialized_end=1855
+  _globals['_PROGRESSEVENT']._serialized_start=1858
+  _globals['_PROGRESSEVENT']._serialized_end=2123
+  _globals['_PRUNERESULT']._serialized_start=2125
+  _globals['_PRUNERESULT']._serialized_end=2217
+  _globals['_INSPECTREQUEST']._serialized_start=2219
+  _globals['_INSPECTREQUEST']._serialized_end=2317
+  _globals['_INSPECTCONFIG']._serialized_start=2319
+  _globals['_INSPECTCONFIG']._serialized_end=2368
+  _globals['_PRUNABLELAYER']._serialized_start=2370
+  _globals['_PRUNABLELAYER']._serialized_end=2477
+  _globals['_SKIPPEDLAYER']._serialized_start=2479
+  _globals['_SKIPPEDLAYER']._serialized_end=2540
+  _globals['_INSPECTRESPONSE']._serialized_start=2543
+  _globals['_INSPECTRESPONSE']._serialized_end=2713
+  _globals['_LISTMETRICSREQUEST']._serialized_start=2715
+  _globals['_LISTMETRICSREQUEST']._serialized_end=2735
+  _globals['_METRICINFO']._serialized_start=2737
+  _globals['_METRICINFO']._serialized_end=2863
+  _globals['_LISTMETRICSRESPONSE']._serialized_start=2865
+  _globals['_LISTMETRICSRESPONSE']._serialized_end=2974
+  _globals['_PRUNERSERVICE']._serialized_start=4169
+  _globals['_PRUNERSERVICE']._serialized_end=4418
 # @@protoc_insertion_point(module_scope)
