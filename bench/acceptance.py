@@ -34,7 +34,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import FIXTURES, table
-from real import fetch, model_input, text_line
+from real import eval_set, fetch
 
 import pruner
 from pruner import AcceptanceRule, Mode, PruneOptions, Tolerance
@@ -49,21 +49,6 @@ OCR_RULES = ("exact (today)", "interval 0.9")
 for a candidate that changes no sample is 1.645 / 52 = 0.032): shown on the fixtures only, to save time."""
 SEEDS = (0, 1, 2, 3, 4)
 MAX_EVALUATIONS = 10
-
-
-def rendered(seed: int, count: int) -> pruner.EvalSet:
-    """``count`` OCR lines as bench/real.py renders them, half upside down; label 1 = rotated."""
-    rng = np.random.default_rng(seed)
-    inputs, labels = [], []
-    for _ in range(count):
-        image = text_line(rng)
-        upside_down = bool(rng.random() < 0.5)
-        if upside_down:
-            image = image.rotate(180)
-        x = model_input(image)
-        inputs.append(x + rng.normal(0.0, 0.05, x.shape).astype(np.float32))
-        labels.append(int(upside_down))
-    return pruner.EvalSet({"x": np.stack(inputs)}, np.array(labels, np.int64))
 
 
 def accuracy(model: bytes, data: pruner.EvalSet) -> float:
@@ -195,8 +180,8 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         model = fetch(Path(tmp)).read_bytes()
-    test = rendered(10_000, 1500)
-    sets = [(rendered(100 + s, 250), test) for s in SEEDS]
+    test = eval_set(10_000, 1500)
+    sets = [(eval_set(100 + s, 250), test) for s in SEEDS]
     bench("ocr-cls", model, sets, ((Mode.ZERO, 0.01), (Mode.ZERO, 0.02), (Mode.REMOVE, 0.01)), OCR_RULES)
 
 

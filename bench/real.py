@@ -89,10 +89,11 @@ def model_input(image: Image.Image) -> np.ndarray:
     return out
 
 
-def eval_set(seed: int = 0) -> pruner.EvalSet:
+def eval_set(seed: int = 0, count: int = SAMPLES) -> pruner.EvalSet:
+    """``count`` rendered lines, half upside down; label 1 = rotated."""
     rng = np.random.default_rng(seed)
     inputs, labels = [], []
-    for _ in range(SAMPLES):
+    for _ in range(count):
         image = text_line(rng)
         upside_down = bool(rng.random() < 0.5)
         if upside_down:
