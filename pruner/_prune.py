@@ -292,9 +292,13 @@ def prune(
     # candidates take the model they are given apart: never the caller's
     owned = _copy(original) if original is model else original
     del original
+    before_candidates = len(notes)
     candidates = kind(owned, RunContext(inspection, data, search_idx, evaluator, options, notes, timings))
     del owned
     space, units = candidates.space, candidates.units
+    if not units:
+        # how candidates would have been calibrated and run is moot when there are none
+        del notes[before_candidates:]
     reference = evaluator.reference
     assert reference is not None
 
@@ -386,7 +390,7 @@ def prune(
     labels_h = None if data.labels is None else data.labels[hold_idx]
     original_h = metric.per_sample(reference[hold_idx], labels_h, reference[hold_idx]) if len(hold_idx) else None
     hold_allowed = options.tolerance.allowed_loss(baseline.holdout or 0.0)
-    if original_h is not None:
+    if original_h is not None and units:
         notes.extend(_small_set_warnings(original_h, hold_allowed, options.confidence))
 
     def hold_scores(runner: Runner) -> np.ndarray:
@@ -425,7 +429,9 @@ def prune(
         on_trial(trial, False)
         return trial.judgement.passed
 
-    if rule is AcceptanceRule.EXACT or baseline.holdout is None:
+    if not units:
+        chosen, confirmations, comparisons = space.empty(), 0, 1
+    elif rule is AcceptanceRule.EXACT or baseline.holdout is None:
         chosen, confirmations = _confirm(
             outcome.passing(), space, on_holdout if baseline.holdout is not None else None, fallback, notes
         )

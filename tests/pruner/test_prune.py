@@ -372,3 +372,15 @@ def test_a_family_whose_removal_breaks_the_model_keeps_its_channels(monkeypatch:
     assert [s["name"] for s in skipped if "changed the outputs" in s["reason"]] == [victim.name]
     assert result.report.bytes_after < result.report.bytes_before  # the other families went
     onnx.checker.check_model(result.model, full_check=True)
+
+
+@pytest.mark.parametrize("mode", [pruner.Mode.ZERO, pruner.Mode.REMOVE])
+def test_nothing_prunable_says_only_that(mode: pruner.Mode) -> None:
+    model = mlp()
+    data = evalset(model)
+    options = PruneOptions(tolerance=Tolerance(0.05), exclude=("*",), mode=mode, recover=pruner.Recovery.LSQ)
+    result = pruner.prune(model, data, options)
+    report = result.report
+    assert report.status == "unchanged"
+    assert report.evaluations == 0 and report.trace == []
+    assert report.notes == ["no prunable weights: the model is returned unchanged"]
