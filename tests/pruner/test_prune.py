@@ -384,3 +384,13 @@ def test_nothing_prunable_says_only_that(mode: pruner.Mode) -> None:
     assert report.status == "unchanged"
     assert report.evaluations == 0 and report.trace == []
     assert report.notes == ["no prunable weights: the model is returned unchanged"]
+
+
+def test_max_seconds_budget_spent_returns_the_model_unevaluated() -> None:
+    model = mlp()
+    data = evalset(model)
+    result = pruner.prune(model, data, PruneOptions(tolerance=Tolerance(0.05), max_seconds=1e-9))
+    report = result.report
+    assert report.evaluations == 0 and report.trace == []
+    assert report.stopped_by == "max_seconds"
+    assert report.status == "unchanged" and report.nonzero_after == report.nonzero_before
