@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from ._accept import accepts, drop_interval, zero_drop_half_width, zero_drop_samples
 from ._analysis import Inspection, analyze
-from ._candidates import ChannelCandidates, RunContext, WeightCandidates
+from ._candidates import ChannelCandidates, RunContext, WeightCandidates, about_running
 from ._errors import (
     InternalError,
     InvalidConfigError,
@@ -298,7 +298,7 @@ def prune(
     space, units = candidates.space, candidates.units
     if not units:
         # how candidates would have been calibrated and run is moot when there are none
-        del notes[before_candidates:]
+        notes[before_candidates:] = [n for n in notes[before_candidates:] if not about_running(n)]
     reference = evaluator.reference
     assert reference is not None
 
@@ -511,9 +511,7 @@ def prune(
     timings["total"] = time.perf_counter() - t_start
 
     layer_reports, params, skipped_channels = candidates.summary(chosen, pruned)
-    skipped = skipped_channels or [
-        {"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in inspection.skipped
-    ]
+    skipped = skipped_channels or list(inspection.skipped)
     drop = None
     if final_check.hold_scores is not None:
         drop = interval_of(final_check.hold_scores, comparisons)
@@ -546,7 +544,7 @@ def prune(
         trace=[
             CandidateRecord(
                 t.index,
-                t.phase.value,
+                t.phase,
                 t.sparsity,
                 t.nonzero,
                 t.judgement.value,

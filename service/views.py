@@ -134,7 +134,7 @@ def html_page(report: pruner.Report, model_name: str = "model") -> str:
     trace_rows: list[list[object]] = [
         [
             t.index,
-            t.phase,
+            t.phase.value,
             f"{t.sparsity:.1%}",
             f"{t.nonzero_params:,}",
             f"{t.metric:.4f}",
@@ -143,7 +143,7 @@ def html_page(report: pruner.Report, model_name: str = "model") -> str:
         ]
         for t in report.trace
     ]
-    skipped = [[s["name"], s["op_type"], s["reason"]] for s in report.skipped]
+    skipped = [[s.name, s.op_type, s.reason] for s in report.skipped]
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.notes)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>onnx-pruner: {html.escape(model_name)}</title>
