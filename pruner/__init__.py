@@ -41,6 +41,7 @@ from ._options import (
 from ._plan import LayerPlan, PlanIssue, PruningPlan, apply_plan, check_plan
 from ._prune import PruneResult, inspect, prune
 from ._report import CandidateRecord, DropInterval, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
+from ._search import Phase
 
 __all__ = [
     "AcceptanceRule",
@@ -63,6 +64,7 @@ __all__ = [
     "MetricKind",
     "Mode",
     "Objective",
+    "Phase",
     "PlanIssue",
     "ProgressEvent",
     "PrunableWeight",

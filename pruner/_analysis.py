@@ -96,6 +96,44 @@ def _weight_slots(node: onnx.NodeProto) -> dict[int, int]:
     return {}
 
 
+LISTED_MIN_ELEMENTS = 16
+"""Tensors of at least this many elements and 2+ dimensions count as weights ``inspect`` must account for."""
+
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
+_RECURRENT_INPUTS = {1: "W", 2: "R", 3: "B", 5: "initial_h", 6: "initial_c", 7: "P"}
+_WEIGHT_DTYPES = frozenset(
+    {
+        TensorProto.FLOAT,
+        TensorProto.FLOAT16,
+        TensorProto.BFLOAT16,
+        TensorProto.DOUBLE,
+        TensorProto.INT8,
+        TensorProto.UINT8,
+    }
+)
+
+
+def _why_unread(index: GraphIndex, name: str) -> tuple[str, str]:
+    """(op type, reason) of a weight-like tensor that no prunable declaration reads."""
+    uses = index.uses(name)
+    if not uses:
+        return "", "is not read by any node"
+    if any(u.in_subgraph for u in uses):
+        return uses[0].node.op_type, "is read inside a subgraph (If/Loop/Scan)"
+    use = next((u for u in uses if u.node.op_type in RECURRENT_OPS), uses[0])
+    node, op = use.node, use.node.op_type
+    where = f"{index.node_name(node)} ({op})"
+    if op in RECURRENT_OPS:
+        slot = _RECURRENT_INPUTS.get(use.index, f"input {use.index}")
+        return op, f"input {slot} of {where}: recurrent weights are not prunable yet"
+    if op == "Gather" and use.index == 0:
+        return op, f"embedding table read by {where}: embeddings are not pruned"
+    if len({(u.node.op_type, u.index) for u in uses}) > 1:
+        ops = ", ".join(sorted({u.node.op_type for u in uses}))
+        return op, f"is shared by several nodes ({ops}), none of which reads it as a prunable weight"
+    return op, f"input {use.index} of {where}: {op} has no prunable declaration for it"
+
+
 def _matches(patterns: tuple[str, ...], names: list[str]) -> str | None:
     for pattern in patterns:
         if any(fnmatch.fnmatchcase(n, pattern) for n in names):
@@ -176,6 +214,19 @@ def analyze(
                 from_constant=name not in index.initializers,
             )
         )
+
+    # every other weight-like tensor is accounted for: a model whose big tensors go unmentioned
+    # (an LSTM's W/R/B, an embedding table) would look fully covered when it is not
+    for name in [*index.initializers, *index.constants]:
+        if name in candidates:
+            continue
+        tensor = index.tensor(name)
+        if tensor is None or tensor.data_type not in _WEIGHT_DTYPES or len(tensor.dims) < 2:
+            continue
+        if int(np.prod(tensor.dims)) < LISTED_MIN_ELEMENTS:
+            continue
+        op_type, reason = _why_unread(index, name)
+        skipped.append(SkippedWeight(name, op_type, reason))
 
     constants = [t for t in (index.tensor(n) for n in index.constants) if t is not None]
     total = sum(int(np.prod(t.dims)) for t in [*model.graph.initializer, *constants])

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ._analysis import Inspection, analyze
+from ._analysis import Inspection, SkippedWeight, analyze
 from ._errors import UnsupportedModelError, check_stop
 from ._evalset import EvalSet
 from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
@@ -59,6 +59,13 @@ class RunContext:
     notes: list[str]
     """Appended to: ends up in the report."""
     timings: dict[str, float]
+
+
+def about_running(note: str) -> bool:
+    """Whether ``note`` says how candidates were calibrated or run (moot when there were none)."""
+    return note.startswith(("calibrated on ", "candidates ran ")) or any(
+        part in note for part in (": no calibration (", ": no least-squares fit (")
+    )
 
 
 class _Candidates:
@@ -250,7 +257,7 @@ class WeightCandidates(_Candidates):
 
     def summary(
         self, config: Config, pruned: onnx.ModelProto
-    ) -> tuple[list[LayerReport], tuple[int, int, int], list[dict[str, str]] | None]:
+    ) -> tuple[list[LayerReport], tuple[int, int, int], list[SkippedWeight] | None]:
         """Per-layer reports, (prunable, before, after) params, and skipped items (None: the inspection's)."""
         space = self.space
         reports = [
@@ -428,9 +435,9 @@ class ChannelCandidates(_Candidates):
 
     def summary(
         self, config: Config, pruned: onnx.ModelProto
-    ) -> tuple[list[LayerReport], tuple[int, int, int], list[dict[str, str]] | None]:
+    ) -> tuple[list[LayerReport], tuple[int, int, int], list[SkippedWeight] | None]:
         reports, params = self.remover.summary(config, pruned)
-        skipped = [{"name": name, "op_type": "channels", "reason": why} for name, why in self.remover.skipped]
+        skipped = [SkippedWeight(name, "channels", why) for name, why in self.remover.skipped]
         return reports, params, skipped
 
 

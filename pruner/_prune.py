@@ -18,7 +18,7 @@ import onnxruntime as ort
 
 from ._accept import accepts, drop_interval, zero_drop_half_width, zero_drop_samples
 from ._analysis import Inspection, analyze
-from ._candidates import ChannelCandidates, RunContext, WeightCandidates
+from ._candidates import ChannelCandidates, RunContext, WeightCandidates, about_running
 from ._errors import (
     InternalError,
     InvalidConfigError,
@@ -292,9 +292,13 @@ def prune(
     # candidates take the model they are given apart: never the caller's
     owned = _copy(original) if original is model else original
     del original
+    before_candidates = len(notes)
     candidates = kind(owned, RunContext(inspection, data, search_idx, evaluator, options, notes, timings))
     del owned
     space, units = candidates.space, candidates.units
+    if not units:
+        # how candidates would have been calibrated and run is moot when there are none
+        notes[before_candidates:] = [n for n in notes[before_candidates:] if not about_running(n)]
     reference = evaluator.reference
     assert reference is not None
 
@@ -386,7 +390,7 @@ def prune(
     labels_h = None if data.labels is None else data.labels[hold_idx]
     original_h = metric.per_sample(reference[hold_idx], labels_h, reference[hold_idx]) if len(hold_idx) else None
     hold_allowed = options.tolerance.allowed_loss(baseline.holdout or 0.0)
-    if original_h is not None:
+    if original_h is not None and units:
         notes.extend(_small_set_warnings(original_h, hold_allowed, options.confidence))
 
     def hold_scores(runner: Runner) -> np.ndarray:
@@ -425,7 +429,9 @@ def prune(
         on_trial(trial, False)
         return trial.judgement.passed
 
-    if rule is AcceptanceRule.EXACT or baseline.holdout is None:
+    if not units:
+        chosen, confirmations, comparisons = space.empty(), 0, 1
+    elif rule is AcceptanceRule.EXACT or baseline.holdout is None:
         chosen, confirmations = _confirm(
             outcome.passing(), space, on_holdout if baseline.holdout is not None else None, fallback, notes
         )
@@ -505,9 +511,7 @@ def prune(
     timings["total"] = time.perf_counter() - t_start
 
     layer_reports, params, skipped_channels = candidates.summary(chosen, pruned)
-    skipped = skipped_channels or [
-        {"name": s.name, "op_type": s.op_type, "reason": s.reason} for s in inspection.skipped
-    ]
+    skipped = skipped_channels or list(inspection.skipped)
     drop = None
     if final_check.hold_scores is not None:
         drop = interval_of(final_check.hold_scores, comparisons)
@@ -540,7 +544,7 @@ def prune(
         trace=[
             CandidateRecord(
                 t.index,
-                t.phase.value,
+                t.phase,
                 t.sparsity,
                 t.nonzero,
                 t.judgement.value,

@@ -8,6 +8,9 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ._analysis import SkippedWeight
+from ._search import Phase
+
 __all__ = ["CandidateRecord", "DropInterval", "EventKind", "LayerReport", "ProgressEvent", "Report", "SplitMetric"]
 
 
@@ -87,7 +90,7 @@ class CandidateRecord:
     """One evaluated candidate (the trace)."""
 
     index: int
-    phase: str
+    phase: Phase
     sparsity: float
     nonzero_params: int
     metric: float
@@ -123,7 +126,8 @@ class Report:
     bytes_before: int
     bytes_after: int
     layers: list[LayerReport]
-    skipped: list[dict[str, str]]
+    skipped: list[SkippedWeight]
+    """What was left alone and why: weights (zero/N:M modes) or channel families (remove mode)."""
     trace: list[CandidateRecord]
     evaluations: int
     confirmations: int
@@ -146,6 +150,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out["trace"] = [{**record, "phase": record["phase"].value} for record in out["trace"]]
         out["sparsity"] = self.sparsity
         out["layers"] = [{**asdict(layer), "sparsity": layer.sparsity} for layer in self.layers]
         return out
@@ -165,7 +170,8 @@ class Report:
             LayerReport(**{**{k: v for k, v in la.items() if k in layer_fields}, "shape": tuple(la["shape"])})
             for la in data["layers"]
         ]
-        values["trace"] = [CandidateRecord(**t) for t in data["trace"]]
+        values["trace"] = [CandidateRecord(**{**t, "phase": Phase(t["phase"])}) for t in data["trace"]]
+        values["skipped"] = [SkippedWeight(**s) for s in data["skipped"]]
         if data.get("drop") is not None:
             drop_fields = {f.name for f in dataclasses.fields(DropInterval)}
             values["drop"] = DropInterval(**{k: v for k, v in data["drop"].items() if k in drop_fields})

@@ -55,6 +55,8 @@ class SearchSpace(Protocol):
 
 
 class Phase(enum.Enum):
+    """The search step that proposed a candidate (``CandidateRecord.phase``); the values are the report's."""
+
     BISECT = "bisect"
     REFINE = "refine"
     FALLBACK = "fallback"

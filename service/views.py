@@ -103,6 +103,17 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
+def drop_text(drop: pruner.DropInterval | None) -> str:
+    """The held-out drop with its confidence interval, on one line (``-`` without a held-out split)."""
+    if drop is None:
+        return "- (no held-out split)"
+    counts = "" if drop.worse is None else f", {drop.worse} worse / {drop.better} better samples"
+    return (
+        f"{drop.estimate:.4f}, {drop.confidence:.0%} interval [{drop.low:.4f}, {drop.high:.4f}] "
+        f"({drop.method}, {drop.samples} samples{counts}; rule {drop.rule})"
+    )
+
+
 def html_page(report: pruner.Report, model_name: str = "model") -> str:
     """One self-contained page: summary, plot, per-layer table and the search trace."""
     png = base64.b64encode(trade_off_png(report)).decode()
@@ -115,6 +126,7 @@ def html_page(report: pruner.Report, model_name: str = "model") -> str:
         ["mode", report.options.get("mode", "zero")],
         [f"{report.metric}, search split", f"{metric(report.baseline.search)} → {metric(report.final.search)}"],
         [f"{report.metric}, held-out split", f"{metric(report.baseline.holdout)} → {metric(report.final.holdout)}"],
+        ["held-out drop", drop_text(report.drop)],
         ["allowed loss", f"{report.allowed_loss:.4g}"],
         ["prunable weights", f"{report.nonzero_before:,} → {report.nonzero_after:,} ({report.sparsity:.1%} pruned)"],
         ["file bytes", f"{report.bytes_before:,} → {report.bytes_after:,}"],
@@ -134,7 +146,7 @@ def html_page(report: pruner.Report, model_name: str = "model") -> str:
     trace_rows: list[list[object]] = [
         [
             t.index,
-            t.phase,
+            t.phase.value,
             f"{t.sparsity:.1%}",
             f"{t.nonzero_params:,}",
             f"{t.metric:.4f}",
@@ -143,7 +155,7 @@ def html_page(report: pruner.Report, model_name: str = "model") -> str:
         ]
         for t in report.trace
     ]
-    skipped = [[s["name"], s["op_type"], s["reason"]] for s in report.skipped]
+    skipped = [[s.name, s.op_type, s.reason] for s in report.skipped]
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in report.notes)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>onnx-pruner: {html.escape(model_name)}</title>

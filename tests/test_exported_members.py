@@ -10,7 +10,7 @@ EXPECTED = {
     "AcceptanceRule", "Allocation", "CancelledError", "CandidateRecord", "Criterion", "CustomMetric", "DropInterval",
     "EvalSet", "EventKind", "Inspection", "InternalError",
     "InvalidConfigError", "InvalidEvalSetError", "InvalidInputError", "InvalidModelError", "LayerPlan",
-    "LayerReport", "MetricKind", "Mode", "Objective", "PlanIssue", "ProgressEvent", "PrunableWeight",
+    "LayerReport", "MetricKind", "Mode", "Objective", "Phase", "PlanIssue", "ProgressEvent", "PrunableWeight",
     "PruneOptions", "PruneResult", "PrunerError", "PruningPlan", "Recovery", "Report", "ResourceLimitError",
     "SkippedWeight", "SplitMetric", "Tolerance", "UnsupportedModelError", "apply_plan", "check_output_path",
     "check_plan", "inspect", "load_eval_set", "load_metric", "load_model", "metric_plugins", "plugin_metric",

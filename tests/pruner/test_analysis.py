@@ -321,3 +321,94 @@ def test_exclude_wins_over_include() -> None:
 def test_globs_are_case_sensitive() -> None:
     layers, _ = names(inspect(TWO_LAYERS, TWO_WEIGHTS, exclude=("DEC_*",)))
     assert layers == ["w_enc", "w_dec"]
+
+
+# --- every weight is accounted for: prunable, or skipped with a reason ---------------------------
+
+
+def recurrent_model(op: str, hidden: int = 4, features: int = 5, directions: int = 2) -> onnx.ModelProto:
+    """``op`` (LSTM/GRU/RNN) over [T, N, features], its last hidden state through a MatMul head."""
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    direction = "bidirectional" if directions == 2 else "forward"
+    rnn = onnx.helper.make_node(
+        op, ["x", "W", "R", "B"], ["", "h"], hidden_size=hidden, direction=direction, name="rnn"
+    )
+    head = onnx.helper.make_node("MatMul", ["h", "w_out"], ["y"], name="head")
+    graph = onnx.helper.make_graph(
+        [rnn, head],
+        "recurrent",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["T", "N", features])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [directions, "N", 3])],
+        [
+            onnx.numpy_helper.from_array(seeded((directions, gates * hidden, features), 1), "W"),
+            onnx.numpy_helper.from_array(seeded((directions, gates * hidden, hidden), 2), "R"),
+            onnx.numpy_helper.from_array(seeded((directions, 2 * gates * hidden), 3), "B"),
+            onnx.numpy_helper.from_array(seeded((hidden, 3), 4), "w_out"),
+        ],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def embedding_model() -> onnx.ModelProto:
+    return parse(
+        HEADER + "g (int64[N, T] ids) => (float[N, T, 4] y) { e = Gather (table, ids) \n y = MatMul (e, w) }",
+        {"table": seeded((10, 8)), "w": seeded((8, 4), 1)},
+    )
+
+
+def assert_every_weight_accounted_for(model: onnx.ModelProto, inspection: Inspection) -> None:
+    layers = {la.name for la in inspection.layers}
+    skipped = {s.name: s for s in inspection.skipped}
+    for tensor in model.graph.initializer:
+        assert (tensor.name in layers) != (tensor.name in skipped), tensor.name
+        if tensor.name in skipped:
+            assert skipped[tensor.name].reason and skipped[tensor.name].op_type, skipped[tensor.name]
+
+
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_recurrent_weights_are_listed_as_skipped(op: str) -> None:
+    model = recurrent_model(op)
+    inspection = pruner.inspect(model)
+    assert_every_weight_accounted_for(model, inspection)
+    assert [la.name for la in inspection.layers] == ["w_out"]
+    skipped = {s.name: s for s in inspection.skipped}
+    assert set(skipped) == {"W", "R", "B"}
+    for slot, s in skipped.items():
+        assert s.op_type == op
+        assert "recurrent weights are not prunable yet" in s.reason
+        assert f"input {slot} of rnn ({op})" in s.reason
+    # the report's totals say how little of the model is prunable
+    assert inspection.prunable_params / inspection.total_params < 0.2
+
+
+def test_embedding_table_is_listed_as_skipped() -> None:
+    model = embedding_model()
+    inspection = pruner.inspect(model)
+    assert_every_weight_accounted_for(model, inspection)
+    (s,) = inspection.skipped
+    assert (s.name, s.op_type) == ("table", "Gather")
+    assert "embedding" in s.reason
+
+
+def test_weights_of_ops_without_a_declaration_and_unread_ones_are_listed() -> None:
+    inspection = inspect(
+        "g (float[N, 4, 8] x) => (float[N, 4, 8] y) { y = Add (x, bias) }",
+        {"bias": seeded((4, 8)), "unused": seeded((4, 4), 1), "tiny": seeded((2, 2), 2)},
+        # the checker accepts an unused initializer; "tiny" is below the listing threshold
+    )
+    skipped = {s.name: s for s in inspection.skipped}
+    assert set(skipped) == {"bias", "unused"}
+    assert skipped["bias"].op_type == "Add"
+    assert "Add has no prunable declaration" in skipped["bias"].reason
+    assert skipped["unused"].reason == "is not read by any node"
+
+
+def test_a_weight_shared_by_a_prunable_op_and_another_is_listed_once() -> None:
+    inspection = inspect(
+        "g (float[N, 8] x) => (float[N, 8] y, float[8, 8] z) { y = MatMul (x, w) \n z = Relu (w) }",
+        {"w": seeded((8, 8))},
+    )
+    (s,) = inspection.skipped
+    assert s.name == "w" and "non-weight input" in s.reason

@@ -229,7 +229,7 @@ def test_include_exclude_limit_the_layers() -> None:
     data = evalset(model)
     result = pruner.prune(model, data, PruneOptions(tolerance=Tolerance(0.05), exclude=("w2",)))
     assert [layer.name for layer in result.report.layers] == ["w1"]
-    assert any(s["name"] == "w2" and "w2" in s["reason"] for s in result.report.skipped)
+    assert any(s.name == "w2" and "w2" in s.reason for s in result.report.skipped)
     w2 = numpy_helper.to_array(next(t for t in result.model.graph.initializer if t.name == "w2"))
     assert (w2 != 0).all()
 
@@ -320,7 +320,7 @@ def test_remove_mode_handles_an_encoder_as_pytorch_exports_it() -> None:
     result = pruner.prune(model, evals, options)
     report = result.report
     assert any(n.startswith("8 Reshape target(s) computed at run time") for n in report.notes)
-    assert report.skipped == [{"name": "head.weight", "op_type": "channels", "reason": "'logits' is a graph output"}]
+    assert report.skipped == [pruner.SkippedWeight("head.weight", "channels", "'logits' is a graph output")]
     assert len(report.layers) == 5  # the stream, and per block its heads and MLP neurons
     stream = next(la for la in report.layers if la.channels_before == 32)
     assert stream.channels_after is not None and stream.channels_after < 32
@@ -372,3 +372,25 @@ def test_a_family_whose_removal_breaks_the_model_keeps_its_channels(monkeypatch:
     assert [s["name"] for s in skipped if "changed the outputs" in s["reason"]] == [victim.name]
     assert result.report.bytes_after < result.report.bytes_before  # the other families went
     onnx.checker.check_model(result.model, full_check=True)
+
+
+@pytest.mark.parametrize("mode", [pruner.Mode.ZERO, pruner.Mode.REMOVE])
+def test_nothing_prunable_says_only_that(mode: pruner.Mode) -> None:
+    model = mlp()
+    data = evalset(model)
+    options = PruneOptions(tolerance=Tolerance(0.05), exclude=("*",), mode=mode, recover=pruner.Recovery.LSQ)
+    result = pruner.prune(model, data, options)
+    report = result.report
+    assert report.status == "unchanged"
+    assert report.evaluations == 0 and report.trace == []
+    assert report.notes == ["no prunable weights: the model is returned unchanged"]
+
+
+def test_max_seconds_budget_spent_returns_the_model_unevaluated() -> None:
+    model = mlp()
+    data = evalset(model)
+    result = pruner.prune(model, data, PruneOptions(tolerance=Tolerance(0.05), max_seconds=1e-9))
+    report = result.report
+    assert report.evaluations == 0 and report.trace == []
+    assert report.stopped_by == "max_seconds"
+    assert report.status == "unchanged" and report.nonzero_after == report.nonzero_before

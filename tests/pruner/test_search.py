@@ -81,9 +81,23 @@ def test_max_evaluations_is_respected_and_best_so_far_returned() -> None:
 
 def test_max_seconds_zero_budget_evaluates_nothing() -> None:
     space = FakeSpace()
-    outcome = search(space, judge_by([90] * 4), None, max_evaluations=20, max_seconds=1e-9)
-    assert outcome.trials == [] or outcome.stopped_by == "max_seconds"
-    assert outcome.best == space.empty() or space.sparsity(outcome.best) > 0
+    judged: list[Config] = []
+    probed: list[Config] = []
+    passing = judge_by([90] * 4)
+
+    def judge(config: Config) -> Judgement:
+        judged.append(config)  # judging builds and runs a candidate: none may be
+        return passing(config)
+
+    def probe(config: Config) -> float:
+        probed.append(config)
+        return float(sum(config))
+
+    outcome = search(space, judge, probe, max_evaluations=20, max_seconds=1e-9)
+    assert judged == [] and probed == []
+    assert outcome.trials == []
+    assert outcome.stopped_by == "max_seconds"
+    assert outcome.best == space.empty()
 
 
 def test_refinement_pushes_insensitive_layers_beyond_the_global_level() -> None:

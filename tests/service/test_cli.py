@@ -14,6 +14,7 @@ from onnx import numpy_helper
 
 import pruner
 from tests.helpers import run_cli
+from tests.pruner.test_analysis import recurrent_model
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
@@ -98,6 +99,19 @@ def test_inspect_fixture_lists_layers_and_json(tmp_path: Path) -> None:
     for layer in data["layers"]:
         assert layer["name"] in text.stdout
         assert layer["op_type"] in ("Conv", "Gemm", "MatMul", "ConvTranspose")
+
+
+def test_inspect_prints_every_skipped_weight(tmp_path: Path) -> None:
+    path = tmp_path / "bilstm.onnx"
+    onnx.save(recurrent_model("LSTM"), path)
+    text = run_cli("inspect", path)
+    assert text.returncode == 0, text.stderr
+    for slot in ("W", "R", "B"):
+        assert (
+            f"skipped {slot} (LSTM): input {slot} of rnn (LSTM): recurrent weights are not prunable yet" in text.stdout
+        )
+    data = json.loads(run_cli("inspect", path, "--json").stdout)
+    assert {s["name"] for s in data["skipped"]} == {"W", "R", "B"}
 
 
 def test_label_free_metric_and_relative_tolerance(tmp_path: Path) -> None:
