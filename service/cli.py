@@ -344,7 +344,7 @@ def _summary(report: pruner.Report) -> str:
         (f"{report.metric} (search split)", f"{metric(report.baseline.search)} -> {metric(report.final.search)}"),
         (f"{report.metric} (held-out split)", f"{metric(report.baseline.holdout)} -> {metric(report.final.holdout)}"),
         ("allowed loss", f"{report.allowed_loss:.4g}"),
-        ("held-out drop", _drop(report.drop)),
+        ("held-out drop", views.drop_text(report.drop)),
         ("prunable params", f"{report.prunable_params:,} of {report.total_params:,}"),
         ("nonzero prunable params", f"{report.nonzero_before:,} -> {report.nonzero_after:,}"),
         ("sparsity", f"{report.sparsity:.1%}"),
@@ -375,16 +375,6 @@ def _summary(report: pruner.Report) -> str:
             for la in report.layers:
                 lines.append(f"{la.name:<{name_width}}  {la.op_type:<14} {la.params:>10,} {la.sparsity:>9.1%}")
     return "\n".join(lines)
-
-
-def _drop(drop: pruner.DropInterval | None) -> str:
-    if drop is None:
-        return "- (no held-out split)"
-    counts = "" if drop.worse is None else f", {drop.worse} worse / {drop.better} better samples"
-    return (
-        f"{drop.estimate:.4f}, {drop.confidence:.0%} interval [{drop.low:.4f}, {drop.high:.4f}] "
-        f"({drop.method}, {drop.samples} samples{counts}; rule {drop.rule})"
-    )
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
