@@ -25,6 +25,7 @@ saw, the drop on the independent test set (never shown to the tool), evaluations
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -198,6 +199,7 @@ def run_job(key: str, mode: Mode, setting: str, tolerance: float, n_eval: int, n
         out["evaluations"] = report.evaluations + report.confirmations + 2  # + baseline + final check
         base, final = report.baseline.holdout, report.final.holdout
         out["holdout_drop"] = None if base is None or final is None else metric.loss(base, final)
+        out["baseline"] = {"search": report.baseline.search, "holdout": report.baseline.holdout}
         out["status"] = report.status
         out.update(measure(result.model_bytes))
     else:
@@ -265,8 +267,9 @@ def sweep(
                 break
             assert model is not None
         else:
-            model = onnxsim_prune(original, mode, level, data, search)
-            if model is None:
+            model = onnxsim_prune(original, mode, level)
+            if isinstance(model, str):
+                points.append({"level": level, "error": model, "seconds": 0.0, "search_drop": 1e9})
                 break
         point = {
             "level": level,
@@ -282,13 +285,13 @@ def sweep(
     return points
 
 
-def onnxsim_prune(original: bytes, mode: Mode, level: float, data: pruner.EvalSet, search: np.ndarray) -> bytes | None:
-    """onnxsim 0.8.1's global magnitude (zero), structured (remove) or 2:4-free: None where it has
-    no function for the mode, is not installed, or fails on the model."""
+def onnxsim_prune(original: bytes, mode: Mode, level: float) -> bytes | str:
+    """onnxsim 0.8.1's global magnitude (zero) or structured (remove) pruning; the error where it
+    has no function for the mode, is not installed, or fails on the model."""
     try:
         from onnxsim import pruning  # type: ignore[import-not-found]
-    except ImportError:
-        return None
+    except ImportError as e:
+        return f"onnxsim not importable: {e}"
     model = onnx.load_from_string(original)
     try:
         if mode is Mode.ZERO:
@@ -296,10 +299,9 @@ def onnxsim_prune(original: bytes, mode: Mode, level: float, data: pruner.EvalSe
         elif mode is Mode.REMOVE:
             pruned = pruning.apply_structured_pruning(model, sparsity=level)
         else:
-            return None
+            return "onnxsim has no N:M pruning"
     except Exception as e:  # the peer raises for models it cannot handle
-        print(f"  onnxsim on {mode.value} at {level}: {type(e).__name__}: {str(e)[:100]}", file=sys.stderr)
-        return None
+        return f"onnxsim: {type(e).__name__}: {str(e)[:150]}"
     return bytes(pruned.SerializeToString())
 
 
@@ -344,6 +346,14 @@ def job(argv: list[str]) -> None:
     print(json.dumps(result))
 
 
+@functools.cache
+def prunable_share(key: str) -> float:
+    """Share of all the model's parameters (every initializer and Constant) that onnx-pruner can
+    prune at all (``pruner.inspect``): what no setting of the tool can go below."""
+    found = pruner.inspect(str(model_path(key)))
+    return found.prunable_params / max(found.total_params, 1)
+
+
 def row(key: str, mode: Mode, setting: str, tolerance: float, r: dict[str, Any] | None) -> tuple[object, ...]:
     label = {
         "default": "onnx-pruner",
@@ -351,7 +361,7 @@ def row(key: str, mode: Mode, setting: str, tolerance: float, r: dict[str, Any] 
         "magnitude": "magnitude sweep",
         "onnxsim": "onnxsim 0.8.1",
     }[setting]
-    head = (key, mode.value, f"{tolerance * 100:g}", label)
+    head = (key, f"{prunable_share(key):.3f}", mode.value, f"{tolerance * 100:g}", label)
     if r is None:
         return (*head, "not run", "", "", "", "", "", "", "", "", "")
     if "error" in r:
@@ -367,6 +377,9 @@ def row(key: str, mode: Mode, setting: str, tolerance: float, r: dict[str, Any] 
         f"{r['peak_rss'] / mb:.0f} / {(r['model_bytes'] + r['eval_bytes']) / mb:.0f}" if "peak_rss" in r else "",
     )
     if best is None:
+        errors = [p["error"] for p in r.get("points", []) if "error" in p]
+        if errors and len(r["points"]) == 1:
+            return (*head, f"error: {errors[0][:70]}", "", "", "", "", *cost)
         return (*head, "nothing passes", "", "", "", "", *cost)
     return (
         *head,
@@ -380,8 +393,8 @@ def row(key: str, mode: Mode, setting: str, tolerance: float, r: dict[str, Any] 
 
 
 HEADERS = [
-    "model", "mode", "tol pts", "method", "nonzero weights", "bytes ratio", "latency ratio", "held-out drop pts",
-    "test drop pts", "evals", "wall s", "wall/(evals x pass)", "peak RSS / model+eval MiB",
+    "model", "prunable", "mode", "tol pts", "method", "nonzero weights", "bytes ratio", "latency ratio",
+    "held-out drop pts", "test drop pts", "evals", "wall s", "wall/(evals x pass)", "peak RSS / model+eval MiB",
 ]  # fmt: skip
 
 
@@ -432,6 +445,7 @@ def main() -> None:
         "\nratios: pruned / original; drops in metric points (0.01 = 1 point; negative = better); "
         "! = test drop over the tolerance"
     )
+    print("prunable: share of all parameters pruner.inspect finds prunable (the rest no method here may touch)")
     print("evals: onnxruntime passes over the search split or a part of it (sweeps: one per level + baseline)")
     print("\nmodels:")
     for key in models:
