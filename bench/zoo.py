@@ -363,9 +363,9 @@ def row(key: str, mode: Mode, setting: str, tolerance: float, r: dict[str, Any] 
     }[setting]
     head = (key, f"{prunable_share(key):.3f}", mode.value, f"{tolerance * 100:g}", label)
     if r is None:
-        return (*head, "not run", "", "", "", "", "", "", "", "", "")
+        return (*head, "not run", *[""] * (len(HEADERS) - len(head) - 1))
     if "error" in r:
-        return (*head, f"error: {r['error'][:70]}", "", "", "", "", "", "", "", "", "")
+        return (*head, f"error: {r['error'][:70]}", *[""] * (len(HEADERS) - len(head) - 1))
     best = r if setting in ("default", "sequential") else r.get(f"best_{tolerance}")
     mb = 1 << 20
     cost = (
