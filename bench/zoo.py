@@ -392,6 +392,11 @@ def row(key: str, mode: Mode, setting: str, tolerance: float, r: dict[str, Any] 
     )
 
 
+def markdown(headers: list[str], rows: list[tuple[object, ...]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    return "\n".join([*lines, *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)])
+
+
 HEADERS = [
     "model", "prunable", "mode", "tol pts", "method", "nonzero weights", "bytes ratio", "latency ratio",
     "held-out drop pts", "test drop pts", "evals", "wall s", "wall/(evals x pass)", "peak RSS / model+eval MiB",
@@ -405,6 +410,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the CI-sized subset")
     parser.add_argument("--table", action="store_true", help="print the table from the cache; run nothing")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown (for bench/results)")
     parser.add_argument("--models", help="comma-separated keys of bench/zoo_models.py")
     parser.add_argument("--modes", help="comma-separated: zero, remove, nm")
     parser.add_argument("--tolerances", help="comma-separated absolute tolerances (0.01 = 1 point)")
@@ -440,7 +446,7 @@ def main() -> None:
                         r = ensure(key, mode, setting, tolerance, n_eval, n_test)
                     rows.append(row(key, mode, setting, tolerance, r))
     print()
-    print(table(HEADERS, rows))
+    print(markdown(HEADERS, rows) if args.markdown else table(HEADERS, rows))
     print(
         "\nratios: pruned / original; drops in metric points (0.01 = 1 point; negative = better); "
         "! = test drop over the tolerance"
