@@ -135,10 +135,19 @@ def latency_ratio(original: bytes, pruned: bytes, feeds: dict[str, np.ndarray], 
 
 
 def nonzero(model: onnx.ModelProto) -> int:
-    """Nonzero entries of the weight tensors (float initializers and Constant values of rank >= 2):
-    one count for every method, whatever it calls prunable."""
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    """Nonzero entries of the weight tensors the graph uses (float initializers and Constant values
+    of rank >= 2 that some node reads): one count for every method, whatever it calls prunable.
+    Tensors no node reads are left out: onnxsim 0.8.1 writes its pruned weights as new
+    initializers and leaves the originals in the file, unused (the bytes ratio shows them)."""
+    used = {name for node in model.graph.node for name in node.input}
+    tensors = [t for t in model.graph.initializer if t.name in used]
+    tensors += [
+        a.t
+        for n in model.graph.node
+        if n.op_type == "Constant" and n.output[0] in used
+        for a in n.attribute
+        if a.name == "value"
+    ]
     return sum(
         int(np.count_nonzero(onnx.numpy_helper.to_array(t)))
         for t in tensors
@@ -376,6 +385,9 @@ def row(key: str, mode: Mode, setting: str, tolerance: float, r: dict[str, Any] 
         else "",
         f"{r['peak_rss'] / mb:.0f} / {(r['model_bytes'] + r['eval_bytes']) / mb:.0f}" if "peak_rss" in r else "",
     )
+    share = f"{best['nonzero_share']:.3f}" if best is not None else ""
+    if best is not None and r.get("status") == "unchanged":
+        share += " (unchanged)"
     if best is None:
         errors = [p["error"] for p in r.get("points", []) if "error" in p]
         if errors and len(r["points"]) == 1:
@@ -383,7 +395,7 @@ def row(key: str, mode: Mode, setting: str, tolerance: float, r: dict[str, Any] 
         return (*head, "nothing passes", "", "", "", "", *cost)
     return (
         *head,
-        f"{best['nonzero_share']:.3f}",
+        share,
         f"{best['bytes_ratio']:.3f}",
         f"{best['latency_ratio']:.2f}",
         "" if best["holdout_drop"] is None else f"{best['holdout_drop'] * 100:+.2f}",
