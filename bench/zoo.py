@@ -25,6 +25,7 @@ saw, the drop on the independent test set (never shown to the tool), evaluations
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -134,10 +135,19 @@ def latency_ratio(original: bytes, pruned: bytes, feeds: dict[str, np.ndarray], 
 
 
 def nonzero(model: onnx.ModelProto) -> int:
-    """Nonzero entries of the weight tensors (float initializers and Constant values of rank >= 2):
-    one count for every method, whatever it calls prunable."""
-    tensors = list(model.graph.initializer)
-    tensors += [a.t for n in model.graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"]
+    """Nonzero entries of the weight tensors the graph uses (float initializers and Constant values
+    of rank >= 2 that some node reads): one count for every method, whatever it calls prunable.
+    Tensors no node reads are left out: onnxsim 0.8.1 writes its pruned weights as new
+    initializers and leaves the originals in the file, unused (the bytes ratio shows them)."""
+    used = {name for node in model.graph.node for name in node.input}
+    tensors = [t for t in model.graph.initializer if t.name in used]
+    tensors += [
+        a.t
+        for n in model.graph.node
+        if n.op_type == "Constant" and n.output[0] in used
+        for a in n.attribute
+        if a.name == "value"
+    ]
     return sum(
         int(np.count_nonzero(onnx.numpy_helper.to_array(t)))
         for t in tensors
@@ -198,6 +208,7 @@ def run_job(key: str, mode: Mode, setting: str, tolerance: float, n_eval: int, n
         out["evaluations"] = report.evaluations + report.confirmations + 2  # + baseline + final check
         base, final = report.baseline.holdout, report.final.holdout
         out["holdout_drop"] = None if base is None or final is None else metric.loss(base, final)
+        out["baseline"] = {"search": report.baseline.search, "holdout": report.baseline.holdout}
         out["status"] = report.status
         out.update(measure(result.model_bytes))
     else:
@@ -265,8 +276,9 @@ def sweep(
                 break
             assert model is not None
         else:
-            model = onnxsim_prune(original, mode, level, data, search)
-            if model is None:
+            model = onnxsim_prune(original, mode, level)
+            if isinstance(model, str):
+                points.append({"level": level, "error": model, "seconds": 0.0, "search_drop": 1e9})
                 break
         point = {
             "level": level,
@@ -282,13 +294,13 @@ def sweep(
     return points
 
 
-def onnxsim_prune(original: bytes, mode: Mode, level: float, data: pruner.EvalSet, search: np.ndarray) -> bytes | None:
-    """onnxsim 0.8.1's global magnitude (zero), structured (remove) or 2:4-free: None where it has
-    no function for the mode, is not installed, or fails on the model."""
+def onnxsim_prune(original: bytes, mode: Mode, level: float) -> bytes | str:
+    """onnxsim 0.8.1's global magnitude (zero) or structured (remove) pruning; the error where it
+    has no function for the mode, is not installed, or fails on the model."""
     try:
         from onnxsim import pruning  # type: ignore[import-not-found]
-    except ImportError:
-        return None
+    except ImportError as e:
+        return f"onnxsim not importable: {e}"
     model = onnx.load_from_string(original)
     try:
         if mode is Mode.ZERO:
@@ -296,10 +308,9 @@ def onnxsim_prune(original: bytes, mode: Mode, level: float, data: pruner.EvalSe
         elif mode is Mode.REMOVE:
             pruned = pruning.apply_structured_pruning(model, sparsity=level)
         else:
-            return None
+            return "onnxsim has no N:M pruning"
     except Exception as e:  # the peer raises for models it cannot handle
-        print(f"  onnxsim on {mode.value} at {level}: {type(e).__name__}: {str(e)[:100]}", file=sys.stderr)
-        return None
+        return f"onnxsim: {type(e).__name__}: {str(e)[:150]}"
     return bytes(pruned.SerializeToString())
 
 
@@ -344,6 +355,14 @@ def job(argv: list[str]) -> None:
     print(json.dumps(result))
 
 
+@functools.cache
+def prunable_share(key: str) -> float:
+    """Share of all the model's parameters (every initializer and Constant) that onnx-pruner can
+    prune at all (``pruner.inspect``): what no setting of the tool can go below."""
+    found = pruner.inspect(str(model_path(key)))
+    return found.prunable_params / max(found.total_params, 1)
+
+
 def row(key: str, mode: Mode, setting: str, tolerance: float, r: dict[str, Any] | None) -> tuple[object, ...]:
     label = {
         "default": "onnx-pruner",
@@ -351,11 +370,11 @@ def row(key: str, mode: Mode, setting: str, tolerance: float, r: dict[str, Any] 
         "magnitude": "magnitude sweep",
         "onnxsim": "onnxsim 0.8.1",
     }[setting]
-    head = (key, mode.value, f"{tolerance * 100:g}", label)
+    head = (key, f"{prunable_share(key):.3f}", mode.value, f"{tolerance * 100:g}", label)
     if r is None:
-        return (*head, "not run", "", "", "", "", "", "", "", "", "")
+        return (*head, "not run", *[""] * (len(HEADERS) - len(head) - 1))
     if "error" in r:
-        return (*head, f"error: {r['error'][:70]}", "", "", "", "", "", "", "", "", "")
+        return (*head, f"error: {r['error'][:70]}", *[""] * (len(HEADERS) - len(head) - 1))
     best = r if setting in ("default", "sequential") else r.get(f"best_{tolerance}")
     mb = 1 << 20
     cost = (
@@ -366,11 +385,17 @@ def row(key: str, mode: Mode, setting: str, tolerance: float, r: dict[str, Any] 
         else "",
         f"{r['peak_rss'] / mb:.0f} / {(r['model_bytes'] + r['eval_bytes']) / mb:.0f}" if "peak_rss" in r else "",
     )
+    share = f"{best['nonzero_share']:.3f}" if best is not None else ""
+    if best is not None and r.get("status") == "unchanged":
+        share += " (unchanged)"
     if best is None:
+        errors = [p["error"] for p in r.get("points", []) if "error" in p]
+        if errors and len(r["points"]) == 1:
+            return (*head, f"error: {errors[0][:70]}", "", "", "", "", *cost)
         return (*head, "nothing passes", "", "", "", "", *cost)
     return (
         *head,
-        f"{best['nonzero_share']:.3f}",
+        share,
         f"{best['bytes_ratio']:.3f}",
         f"{best['latency_ratio']:.2f}",
         "" if best["holdout_drop"] is None else f"{best['holdout_drop'] * 100:+.2f}",
@@ -379,9 +404,14 @@ def row(key: str, mode: Mode, setting: str, tolerance: float, r: dict[str, Any] 
     )
 
 
+def markdown(headers: list[str], rows: list[tuple[object, ...]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + " --- |" * len(headers)]
+    return "\n".join([*lines, *("| " + " | ".join(str(c) for c in r) + " |" for r in rows)])
+
+
 HEADERS = [
-    "model", "mode", "tol pts", "method", "nonzero weights", "bytes ratio", "latency ratio", "held-out drop pts",
-    "test drop pts", "evals", "wall s", "wall/(evals x pass)", "peak RSS / model+eval MiB",
+    "model", "prunable", "mode", "tol pts", "method", "nonzero weights", "bytes ratio", "latency ratio",
+    "held-out drop pts", "test drop pts", "evals", "wall s", "wall/(evals x pass)", "peak RSS / model+eval MiB",
 ]  # fmt: skip
 
 
@@ -392,6 +422,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the CI-sized subset")
     parser.add_argument("--table", action="store_true", help="print the table from the cache; run nothing")
+    parser.add_argument("--markdown", action="store_true", help="print the table as markdown (for bench/results)")
     parser.add_argument("--models", help="comma-separated keys of bench/zoo_models.py")
     parser.add_argument("--modes", help="comma-separated: zero, remove, nm")
     parser.add_argument("--tolerances", help="comma-separated absolute tolerances (0.01 = 1 point)")
@@ -427,11 +458,12 @@ def main() -> None:
                         r = ensure(key, mode, setting, tolerance, n_eval, n_test)
                     rows.append(row(key, mode, setting, tolerance, r))
     print()
-    print(table(HEADERS, rows))
+    print(markdown(HEADERS, rows) if args.markdown else table(HEADERS, rows))
     print(
         "\nratios: pruned / original; drops in metric points (0.01 = 1 point; negative = better); "
         "! = test drop over the tolerance"
     )
+    print("prunable: share of all parameters pruner.inspect finds prunable (the rest no method here may touch)")
     print("evals: onnxruntime passes over the search split or a part of it (sweeps: one per level + baseline)")
     print("\nmodels:")
     for key in models:

