@@ -71,6 +71,11 @@ def text_line(rng: np.random.Generator) -> Image.Image:
     text = " ".join(rng.choice(WORDS, int(rng.integers(1, 5))))
     if rng.random() < 0.3:
         text += f" {rng.integers(0, 100000)}"
+    return render_line(rng, text)
+
+
+def render_line(rng: np.random.Generator, text: str) -> Image.Image:
+    """``text`` in Pillow's built-in font at a random size, grey levels and margins."""
     size = int(rng.integers(22, 40))
     font = ImageFont.load_default(size=size)
     width, height = int(font.getlength(text)) + int(rng.integers(4, 20)), size + int(rng.integers(6, 16))

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFont
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from real import render_line
 from zoo_models import G2P_LETTERS, MINILM_LENGTH, MODELS, SILERO_WINDOW, SKIMAGE, wheel_file
 
 Inputs = dict[str, np.ndarray]
@@ -104,16 +105,6 @@ def pick(items: tuple[str, ...], n: int, seed: int) -> list[str]:
 def words() -> tuple[str, ...]:
     found = (w.lower() for s in sentences() for w in re.findall(r"[A-Za-z]+", s))
     return tuple(dict.fromkeys(w for w in found if 2 <= len(w) < G2P_LETTERS))
-
-
-def render_line(rng: np.random.Generator, text: str) -> Image.Image:
-    size = int(rng.integers(22, 40))
-    font = ImageFont.load_default(size=size)
-    width, height = int(font.getlength(text)) + int(rng.integers(4, 20)), size + int(rng.integers(6, 16))
-    paper, ink = int(rng.integers(180, 256)), int(rng.integers(0, 90))
-    image = Image.new("RGB", (width, height), (paper,) * 3)
-    ImageDraw.Draw(image).text((int(rng.integers(1, 6)), int(rng.integers(0, 6))), text, fill=(ink,) * 3, font=font)
-    return image
 
 
 def render_page(rng: np.random.Generator, lines: list[str], side: int) -> Image.Image:
