@@ -150,6 +150,28 @@ class EvalTensor(_message.Message):
     tensor_proto: bytes
     def __init__(self, tensor_proto: _Optional[bytes] = ...) -> None: ...
 
+class Tensor(_message.Message):
+    __slots__ = ("dims", "data_type", "float_data", "int32_data", "int64_data", "name", "raw_data", "double_data", "uint64_data")
+    DIMS_FIELD_NUMBER: _ClassVar[int]
+    DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    FLOAT_DATA_FIELD_NUMBER: _ClassVar[int]
+    INT32_DATA_FIELD_NUMBER: _ClassVar[int]
+    INT64_DATA_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    RAW_DATA_FIELD_NUMBER: _ClassVar[int]
+    DOUBLE_DATA_FIELD_NUMBER: _ClassVar[int]
+    UINT64_DATA_FIELD_NUMBER: _ClassVar[int]
+    dims: _containers.RepeatedScalarFieldContainer[int]
+    data_type: int
+    float_data: _containers.RepeatedScalarFieldContainer[float]
+    int32_data: _containers.RepeatedScalarFieldContainer[int]
+    int64_data: _containers.RepeatedScalarFieldContainer[int]
+    name: str
+    raw_data: bytes
+    double_data: _containers.RepeatedScalarFieldContainer[float]
+    uint64_data: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, dims: _Optional[_Iterable[int]] = ..., data_type: _Optional[int] = ..., float_data: _Optional[_Iterable[float]] = ..., int32_data: _Optional[_Iterable[int]] = ..., int64_data: _Optional[_Iterable[int]] = ..., name: _Optional[str] = ..., raw_data: _Optional[bytes] = ..., double_data: _Optional[_Iterable[float]] = ..., uint64_data: _Optional[_Iterable[int]] = ...) -> None: ...
+
 class Tolerance(_message.Message):
     __slots__ = ("value", "relative")
     VALUE_FIELD_NUMBER: _ClassVar[int]

@@ -29,9 +29,19 @@ if _version_not_supported:
 class PrunerServiceStub:
     """Prunes ONNX models to the smallest size that keeps a metric within tolerance.
 
+    Everything a client needs is under protos/: this file;
+    grpc/health/v1/health.proto, gRPC's health service, registered beside this
+    one (service name "onnxpruner.v1.PrunerService"); and google/rpc/status.proto
+    and google/rpc/error_details.proto, the error details described below. The
+    vendored files name their origin and license. The server also offers
+    reflection. clients/node/prune.js is a client written from these files.
+
     Authentication: a server started with a token wants the metadata header
-    `authorization: Bearer <token>` on every call (health checks excepted);
-    without it, or with another token, calls end UNAUTHENTICATED.
+    `authorization: Bearer <token>` (key in lower case, the value exactly
+    "Bearer", one space, the token) on every call, reflection included; without
+    it, or with another token, calls end UNAUTHENTICATED. Health checks
+    (grpc.health.v1.Health) need no token. Over a plaintext channel the token
+    travels in clear: use TLS where the network is not trusted.
 
     Sizes: every bytes field of a request (`model_chunk`, `eval_npz_chunk`,
     `eval_tensor_data`, `EvalTensor.tensor_proto`) is at most 1 MiB (1048576
@@ -52,7 +62,9 @@ class PrunerServiceStub:
     a google.rpc.RetryInfo: retry after its delay. A job's slot is free again
     only once its computation has stopped.
 
-    Errors carry google.rpc details (grpc-status-details-bin):
+    Errors carry google.rpc details: the trailer grpc-status-details-bin holds a
+    serialized google.rpc.Status whose `details` are Any-packed messages of
+    google/rpc/error_details.proto:
     INVALID_ARGUMENT + BadRequest (field names the request field): bad model,
     eval set or config; the message names the problem. Do not retry as is.
     RESOURCE_EXHAUSTED + QuotaFailure (subject names the setting, e.g.
@@ -94,9 +106,19 @@ class PrunerServiceStub:
 class PrunerServiceServicer:
     """Prunes ONNX models to the smallest size that keeps a metric within tolerance.
 
+    Everything a client needs is under protos/: this file;
+    grpc/health/v1/health.proto, gRPC's health service, registered beside this
+    one (service name "onnxpruner.v1.PrunerService"); and google/rpc/status.proto
+    and google/rpc/error_details.proto, the error details described below. The
+    vendored files name their origin and license. The server also offers
+    reflection. clients/node/prune.js is a client written from these files.
+
     Authentication: a server started with a token wants the metadata header
-    `authorization: Bearer <token>` on every call (health checks excepted);
-    without it, or with another token, calls end UNAUTHENTICATED.
+    `authorization: Bearer <token>` (key in lower case, the value exactly
+    "Bearer", one space, the token) on every call, reflection included; without
+    it, or with another token, calls end UNAUTHENTICATED. Health checks
+    (grpc.health.v1.Health) need no token. Over a plaintext channel the token
+    travels in clear: use TLS where the network is not trusted.
 
     Sizes: every bytes field of a request (`model_chunk`, `eval_npz_chunk`,
     `eval_tensor_data`, `EvalTensor.tensor_proto`) is at most 1 MiB (1048576
@@ -117,7 +139,9 @@ class PrunerServiceServicer:
     a google.rpc.RetryInfo: retry after its delay. A job's slot is free again
     only once its computation has stopped.
 
-    Errors carry google.rpc details (grpc-status-details-bin):
+    Errors carry google.rpc details: the trailer grpc-status-details-bin holds a
+    serialized google.rpc.Status whose `details` are Any-packed messages of
+    google/rpc/error_details.proto:
     INVALID_ARGUMENT + BadRequest (field names the request field): bad model,
     eval set or config; the message names the problem. Do not retry as is.
     RESOURCE_EXHAUSTED + QuotaFailure (subject names the setting, e.g.
@@ -135,13 +159,22 @@ class PrunerServiceServicer:
 
     def Prune(self, request_iterator, context):
         """Prune a model. The client sends a PruneRequest carrying `config` first, then
-        the model in `model_chunk`s, then the eval set (as `eval_npz_chunk`s, or as
+        the model in `model_chunk`s and the eval set (as `eval_npz_chunk`s, or as
         `eval_tensor` headers each followed by its `eval_tensor_data` chunks), then
-        half-closes. Every chunk is at most 1 MiB (see above). The server streams
-        `progress` events while it works, then one `result` (the report and the
-        size and digest of the model), then the pruned model in `model_chunk`s.
-        The eval set counts toward the server's max_eval_bytes both as received and
-        as the arrays it decodes to.
+        half-closes. Every chunk is at most 1 MiB (see above).
+
+        Order: after the config, model and eval messages may interleave in any
+        order. The server appends each `model_chunk` to the model and each
+        `eval_npz_chunk` to the archive in the order they arrive, and each
+        `eval_tensor_data` to the most recent `eval_tensor` (a model chunk in
+        between does not end that tensor). The eval set is either .npz chunks or
+        tensors, not both (INVALID_ARGUMENT, field "eval_npz_chunk"). The job
+        starts once the client half-closes.
+
+        The server streams `progress` events while it works, then one `result`
+        (the report and the size and digest of the model), then the pruned model
+        in `model_chunk`s. The eval set counts toward the server's max_eval_bytes
+        both as received and as the arrays it decodes to.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -195,9 +228,19 @@ def add_PrunerServiceServicer_to_server(servicer, server):
 class PrunerService:
     """Prunes ONNX models to the smallest size that keeps a metric within tolerance.
 
+    Everything a client needs is under protos/: this file;
+    grpc/health/v1/health.proto, gRPC's health service, registered beside this
+    one (service name "onnxpruner.v1.PrunerService"); and google/rpc/status.proto
+    and google/rpc/error_details.proto, the error details described below. The
+    vendored files name their origin and license. The server also offers
+    reflection. clients/node/prune.js is a client written from these files.
+
     Authentication: a server started with a token wants the metadata header
-    `authorization: Bearer <token>` on every call (health checks excepted);
-    without it, or with another token, calls end UNAUTHENTICATED.
+    `authorization: Bearer <token>` (key in lower case, the value exactly
+    "Bearer", one space, the token) on every call, reflection included; without
+    it, or with another token, calls end UNAUTHENTICATED. Health checks
+    (grpc.health.v1.Health) need no token. Over a plaintext channel the token
+    travels in clear: use TLS where the network is not trusted.
 
     Sizes: every bytes field of a request (`model_chunk`, `eval_npz_chunk`,
     `eval_tensor_data`, `EvalTensor.tensor_proto`) is at most 1 MiB (1048576
@@ -218,7 +261,9 @@ class PrunerService:
     a google.rpc.RetryInfo: retry after its delay. A job's slot is free again
     only once its computation has stopped.
 
-    Errors carry google.rpc details (grpc-status-details-bin):
+    Errors carry google.rpc details: the trailer grpc-status-details-bin holds a
+    serialized google.rpc.Status whose `details` are Any-packed messages of
+    google/rpc/error_details.proto:
     INVALID_ARGUMENT + BadRequest (field names the request field): bad model,
     eval set or config; the message names the problem. Do not retry as is.
     RESOURCE_EXHAUSTED + QuotaFailure (subject names the setting, e.g.
