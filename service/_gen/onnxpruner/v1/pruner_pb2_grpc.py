@@ -65,8 +65,11 @@ class PrunerServiceStub:
     Errors carry google.rpc details: the trailer grpc-status-details-bin holds a
     serialized google.rpc.Status whose `details` are Any-packed messages of
     google/rpc/error_details.proto:
-    INVALID_ARGUMENT + BadRequest (field names the request field): bad model,
-    eval set or config; the message names the problem. Do not retry as is.
+    INVALID_ARGUMENT + BadRequest: bad model, eval set or config; the
+    message names the problem, and the violation's `field` the request
+    field where the server knows it (e.g. "config.metric_plugin",
+    "eval_tensor.dims"; empty when the model or eval set as a whole is
+    bad). Do not retry as is.
     RESOURCE_EXHAUSTED + QuotaFailure (subject names the setting, e.g.
     "max_model_bytes", "max_eval_bytes"): the input is too large. Never retry.
     RESOURCE_EXHAUSTED + RetryInfo: the server is busy. Retry later.
@@ -142,8 +145,11 @@ class PrunerServiceServicer:
     Errors carry google.rpc details: the trailer grpc-status-details-bin holds a
     serialized google.rpc.Status whose `details` are Any-packed messages of
     google/rpc/error_details.proto:
-    INVALID_ARGUMENT + BadRequest (field names the request field): bad model,
-    eval set or config; the message names the problem. Do not retry as is.
+    INVALID_ARGUMENT + BadRequest: bad model, eval set or config; the
+    message names the problem, and the violation's `field` the request
+    field where the server knows it (e.g. "config.metric_plugin",
+    "eval_tensor.dims"; empty when the model or eval set as a whole is
+    bad). Do not retry as is.
     RESOURCE_EXHAUSTED + QuotaFailure (subject names the setting, e.g.
     "max_model_bytes", "max_eval_bytes"): the input is too large. Never retry.
     RESOURCE_EXHAUSTED + RetryInfo: the server is busy. Retry later.
@@ -264,8 +270,11 @@ class PrunerService:
     Errors carry google.rpc details: the trailer grpc-status-details-bin holds a
     serialized google.rpc.Status whose `details` are Any-packed messages of
     google/rpc/error_details.proto:
-    INVALID_ARGUMENT + BadRequest (field names the request field): bad model,
-    eval set or config; the message names the problem. Do not retry as is.
+    INVALID_ARGUMENT + BadRequest: bad model, eval set or config; the
+    message names the problem, and the violation's `field` the request
+    field where the server knows it (e.g. "config.metric_plugin",
+    "eval_tensor.dims"; empty when the model or eval set as a whole is
+    bad). Do not retry as is.
     RESOURCE_EXHAUSTED + QuotaFailure (subject names the setting, e.g.
     "max_model_bytes", "max_eval_bytes"): the input is too large. Never retry.
     RESOURCE_EXHAUSTED + RetryInfo: the server is busy. Retry later.
