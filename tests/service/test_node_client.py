@@ -4,9 +4,10 @@ Also what such a client relies on that the Python side can check without Node: t
 protos are the ones the server serves, ``Tensor`` is onnx.TensorProto on the wire, and model
 and eval chunks may interleave as the proto says.
 
-The Node tests skip when ``node`` is not installed, except under CI (``CI`` set), where they
-fail: .ci/run installs the client's dependencies (``npm ci --prefix clients/node``) and must
-run them. Without ``clients/node/node_modules`` they are installed here from the lock file.
+The Node tests skip when ``node`` is not installed, except under CI (``CI`` or
+``PRUNER_CI_REQUIRE_NODE`` set; .ci/run sets the latter), where they fail. .ci/run installs the
+client's dependencies (``npm ci --prefix clients/node``); where ``clients/node/node_modules`` is
+missing, the tests install them the same way, from the lock file.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ def node() -> Iterator[str]:
     """The node executable, with the client's dependencies installed."""
     found = shutil.which("node")
     if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("node is not installed, and CI must run the Node client's tests (.ci/run installs it)")
+        if os.environ.get("CI") or os.environ.get("PRUNER_CI_REQUIRE_NODE"):
+            pytest.fail("node is not installed, and CI must run the Node client's tests (install node >= 18 and npm)")
         pytest.skip("node is not installed")
     if not (CLIENT / "node_modules" / "@grpc" / "grpc-js").is_dir():
         npm = shutil.which("npm")
