@@ -3,7 +3,9 @@
 A failed call raises the error class of the one table in :mod:`service.errors`
 (``pruner.InvalidInputError`` and its subtree, ``ServerBusyError``,
 ``ServerUnavailableError``, ...), the same classes a local run raises, so callers
-handle local and remote failures with the same code.
+handle local and remote failures with the same code. A finished job returns what
+``pruner.prune`` returns, a ``pruner.PruneResult``, so its results are handled
+(and saved) with the same code too.
 """
 
 from __future__ import annotations
