@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -35,6 +36,7 @@ def load_model(source: str | os.PathLike[str] | bytes) -> onnx.ModelProto:
         InvalidModelError: the file is missing, not ONNX, truncated, fails the
             checker, or references external data it may not use.
     """
+    start = time.perf_counter()
     if isinstance(source, (bytes, bytearray, memoryview)):
         model = _parse(bytes(source), "the model bytes")
         external = _external_tensors(model)
@@ -44,6 +46,7 @@ def load_model(source: str | os.PathLike[str] | bytes) -> onnx.ModelProto:
                 "bytes must be self-contained: save it with all tensors inside the .onnx file"
             )
         _check(model, bytes(source))
+        _log_loaded(model, "the model bytes", len(source), 0, start)
         return model
 
     path = Path(source)
@@ -54,6 +57,7 @@ def load_model(source: str | os.PathLike[str] | bytes) -> onnx.ModelProto:
     except OSError as e:
         raise InvalidModelError(f"cannot read model file {str(path)!r}: {e.strerror}") from e
     model = _parse(data, repr(str(path)))
+    size = len(data)
     del data
     external = _external_tensors(model)
     if external:
@@ -64,7 +68,23 @@ def load_model(source: str | os.PathLike[str] | bytes) -> onnx.ModelProto:
             raise InvalidModelError(f"cannot load the external data of {str(path)!r}: {e}") from e
     # by path: the checker reads the file itself instead of a serialization of the model
     _check(model, path)
+    _log_loaded(model, repr(str(path)), size, len(external), start)
     return model
+
+
+def _log_loaded(model: onnx.ModelProto, what: str, size: int, external: int, start: float) -> None:
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "loaded %s: %d bytes (%d tensors in external data), opset %s, %d nodes, %d initializers; "
+            "parsed and checked in %.3f s",
+            what,
+            size,
+            external,
+            ",".join(f"{o.domain or 'ai.onnx'}:{o.version}" for o in model.opset_import),
+            len(model.graph.node),
+            len(model.graph.initializer),
+            time.perf_counter() - start,
+        )
 
 
 def _parse(data: bytes, what: str) -> onnx.ModelProto:
@@ -253,6 +273,7 @@ def save_model(
             the model's file (or its external data file) or another companion's, by
             any route: checked before anything is written.
     """
+    start = time.perf_counter()
     target = Path(path)
     external = not isinstance(model, bytes) and model.ByteSize() >= PROTOBUF_LIMIT
     data_path = target.parent / (target.name + ".data")
@@ -287,6 +308,10 @@ def save_model(
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
         raise
+    if logger.isEnabledFor(logging.DEBUG):
+        with contextlib.suppress(OSError):  # a log line never fails a save
+            files = ", ".join(f"{str(final)!r} ({final.stat().st_size} bytes)" for _, final in staged)
+            logger.debug("wrote %s in %.3f s", files, time.perf_counter() - start)
 
 
 def _temp_file(final: Path, data: bytes | None = None) -> str:

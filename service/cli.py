@@ -43,7 +43,7 @@ from pruner import (
     Tolerance,
 )
 from service import convert, errors, views
-from service.client import Connection, RemoteResult, check_target
+from service.client import Connection, check_target
 from service.errors import Exit
 
 DEFAULTS = PruneOptions()
@@ -399,7 +399,6 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     if args.plot or args.html:
         views.require_matplotlib()
     progress = _Progress(options.max_evaluations, enabled=not args.quiet and sys.stderr.isatty())
-    result: pruner.PruneResult | RemoteResult
     try:
         if args.server:
             with _connection(args) as connection:

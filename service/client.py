@@ -3,7 +3,9 @@
 A failed call raises the error class of the one table in :mod:`service.errors`
 (``pruner.InvalidInputError`` and its subtree, ``ServerBusyError``,
 ``ServerUnavailableError``, ...), the same classes a local run raises, so callers
-handle local and remote failures with the same code.
+handle local and remote failures with the same code. A finished job returns what
+``pruner.prune`` returns, a ``pruner.PruneResult``, so its results are handled
+(and saved) with the same code too.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
+import onnx
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
@@ -26,7 +29,7 @@ from service import convert, errors
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 from service._gen.onnxpruner.v1 import pruner_pb2_grpc as pb_grpc
 
-__all__ = ["CONNECT_TIMEOUT", "Connection", "RemoteResult", "check_target"]
+__all__ = ["CONNECT_TIMEOUT", "Connection", "check_target"]
 
 Source = str | os.PathLike[str] | bytes
 
@@ -57,25 +60,6 @@ def check_target(target: str, what: str = "the server address") -> str:
     return target
 
 
-@dataclass
-class RemoteResult:
-    """What a remote Prune returns: the model's bytes and the report."""
-
-    model_bytes: bytes
-    report: pruner.Report
-
-    def save(
-        self,
-        path: str | os.PathLike[str],
-        report_path: str | os.PathLike[str] | None = None,
-        *,
-        extra: Sequence[tuple[str | os.PathLike[str], bytes]] = (),
-    ) -> None:
-        """Write the model, optionally the report and extra files, all or nothing (as ``PruneResult.save``)."""
-        companions = [] if report_path is None else [(report_path, self.report.to_json().encode())]
-        pruner.save_model(self.model_bytes, path, companions=[*companions, *extra])
-
-
 def _chunks(source: Source) -> Iterator[bytes]:
     """The bytes of ``source`` in pieces, read from disk as they are sent."""
     if isinstance(source, (bytes, bytearray)):
@@ -98,6 +82,18 @@ def _check_readable(*sources: Source) -> None:
     for source in sources:
         if not isinstance(source, (bytes, bytearray)) and not Path(source).is_file():
             raise pruner.InvalidInputError(f"file {str(source)!r} does not exist or is not a file")
+
+
+def _result(data: bytes, report_json: str) -> pruner.PruneResult:
+    """The library's result of a job from what the server sent: the model, and the report,
+    which carries the plan."""
+    try:
+        report = pruner.Report.from_json(report_json)
+        plan = pruner.PruningPlan.from_dict(report.plan)
+        model = onnx.ModelProto.FromString(data)
+    except (DecodeError, ValueError, KeyError, TypeError) as e:
+        raise pruner.InternalError(f"the server's result cannot be read: {type(e).__name__}: {e}") from e
+    return pruner.PruneResult(model, plan, report, data)
 
 
 class Connection:
@@ -179,8 +175,12 @@ class Connection:
         *,
         on_progress: Callable[[pruner.ProgressEvent], None] | None = None,
         timeout: float | None = None,
-    ) -> RemoteResult:
+    ) -> pruner.PruneResult:
         """Run a Prune job on the server.
+
+        Returns:
+            What ``pruner.prune`` returns for the same job: the model (``model_bytes``
+            as the server sent it), its plan and the report.
 
         Raises:
             pruner.PrunerError: the class of the table in :mod:`service.errors` that the
@@ -221,7 +221,7 @@ class Connection:
         data = b"".join(parts)
         if len(data) != result.model_size or hashlib.sha256(data).hexdigest() != result.model_sha256:
             raise pruner.InternalError("the model received does not match the server's digest")
-        return RemoteResult(data, pruner.Report.from_json(result.report_json))
+        return _result(data, result.report_json)
 
     def inspect(
         self,

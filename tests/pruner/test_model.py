@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from pathlib import Path
@@ -333,3 +334,42 @@ def test_save_model_file_mode_follows_umask(tmp_path: Path) -> None:
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out.onnx").stat().st_mode) == 0o644
+
+
+# --- debug log ------------------------------------------------------------------------------------
+
+
+def debug_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "pruner._model" and r.levelno == logging.DEBUG]
+
+
+def test_loading_logs_what_was_loaded_at_debug(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = save_external(tmp_path)
+    size = path.stat().st_size
+    with caplog.at_level(logging.DEBUG, logger="pruner._model"):
+        pruner.load_model(path)
+        pruner.load_model(tiny_mlp().SerializeToString())
+    from_path, from_bytes = debug_lines(caplog)
+    inits = len(tiny_mlp().graph.initializer)
+    assert from_path.startswith(
+        f"loaded {str(path)!r}: {size} bytes ({inits} tensors in external data), opset ai.onnx:"
+    )
+    assert f"{len(tiny_mlp().graph.node)} nodes, {inits} initializers; parsed and checked in " in from_path
+    assert from_bytes.startswith(f"loaded the model bytes: {tiny_mlp().ByteSize()} bytes (0 tensors in external")
+
+
+def test_saving_logs_every_file_written_at_debug(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = tiny_mlp().SerializeToString()
+    with caplog.at_level(logging.DEBUG, logger="pruner._model"):
+        pruner.save_model(data, tmp_path / "m.onnx", companions=[(tmp_path / "r.json", b"{}")])
+    (line,) = debug_lines(caplog)
+    assert line.startswith(
+        f"wrote {str(tmp_path / 'm.onnx')!r} ({len(data)} bytes), {str(tmp_path / 'r.json')!r} (2 bytes) in "
+    )
+
+
+def test_nothing_is_logged_above_debug(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="pruner._model"):
+        pruner.save_model(tiny_mlp(), tmp_path / "m.onnx")
+        pruner.load_model(tmp_path / "m.onnx")
+    assert [r for r in caplog.records if r.name == "pruner._model"] == []

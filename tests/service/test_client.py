@@ -7,6 +7,7 @@ real server to be busy or to shut down; the last tests use the real server.
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import time
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ from concurrent import futures
 from pathlib import Path
 
 import grpc
+import onnx
 import pytest
 
 import pruner
@@ -31,17 +33,27 @@ MODEL = tiny_mlp().SerializeToString()
 
 class Scripted(pb_grpc.PrunerServiceServicer):
     """Reads the whole request stream, sends ``progress`` events, then ends the call with ``status``
-    (or, when ``status`` is None, sends a result whose digest does not match its model)."""
+    (or, when ``status`` is None, sends a result whose digest does not match its model, or ``sent``:
+    a report and a model that match their digest)."""
 
-    def __init__(self, status: grpc.Status | None, progress: int = 1) -> None:
+    def __init__(self, status: grpc.Status | None, progress: int = 1, sent: tuple[str, bytes] | None = None) -> None:
         self.status = status
         self.progress = progress
+        self.sent = sent
 
     def Prune(self, request_iterator: Iterator[pb.PruneRequest], context: grpc.ServicerContext) -> Iterator[object]:
         for _ in request_iterator:
             pass
         for i in range(self.progress):
             yield pb.PruneResponse(progress=pb.ProgressEvent(kind=pb.EVENT_KIND_CANDIDATE, message=f"candidate {i}"))
+        if self.sent is not None:
+            report_json, model = self.sent
+            digest = hashlib.sha256(model).hexdigest()
+            yield pb.PruneResponse(
+                result=pb.PruneResult(report_json=report_json, model_size=len(model), model_sha256=digest)
+            )
+            yield pb.PruneResponse(model_chunk=model)
+            return
         if self.status is None:
             yield pb.PruneResponse(result=pb.PruneResult(report_json="{}", model_size=4, model_sha256="0" * 64))
             yield pb.PruneResponse(model_chunk=b"abcd")
@@ -60,9 +72,9 @@ def scripted() -> Iterator[object]:
     """Starts a scripted server for a status; returns its address."""
     servers: list[grpc.Server] = []
 
-    def start(status: grpc.Status | None, progress: int = 1) -> str:
+    def start(status: grpc.Status | None, progress: int = 1, sent: tuple[str, bytes] | None = None) -> str:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        pb_grpc.add_PrunerServiceServicer_to_server(Scripted(status, progress), server)  # type: ignore[no-untyped-call]
+        pb_grpc.add_PrunerServiceServicer_to_server(Scripted(status, progress, sent), server)  # type: ignore[no-untyped-call]
         port = server.add_insecure_port("127.0.0.1:0")
         server.start()
         servers.append(server)
@@ -121,6 +133,38 @@ def test_a_model_that_does_not_match_its_digest_is_an_internal_error(scripted: S
     address = scripted(None)
     with Connection(address) as connection, pytest.raises(pruner.InternalError, match="does not match the server's"):
         connection.prune(MODEL, GOOD_EVAL, QUICK)
+
+
+@pytest.mark.parametrize("report_json", ["{}", "not json"], ids=["report-without-fields", "report-not-json"])
+def test_a_report_that_cannot_be_read_is_an_internal_error(scripted: Start, report_json: str) -> None:
+    address = scripted(None, sent=(report_json, MODEL))
+    with Connection(address) as connection, pytest.raises(pruner.InternalError) as info:
+        connection.prune(MODEL, GOOD_EVAL, QUICK)
+    assert str(info.value).startswith("the server's result cannot be read")
+    assert errors.exit_code(info.value) == Exit.INTERNAL
+
+
+def test_a_model_that_is_not_onnx_is_an_internal_error(scripted: Start) -> None:
+    report = pruner.prune(MODEL, GOOD_EVAL, QUICK).report
+    address = scripted(None, sent=(report.to_json(), b"not a model"))
+    with Connection(address) as connection, pytest.raises(pruner.InternalError) as info:
+        connection.prune(MODEL, GOOD_EVAL, QUICK)
+    assert str(info.value).startswith("the server's result cannot be read: DecodeError")
+
+
+def test_a_remote_result_is_the_librarys_result(start_server: Start, tmp_path: Path) -> None:  # noqa: F811
+    address = start_server()
+    with Connection(address) as connection:
+        remote = connection.prune(MODEL, GOOD_EVAL, QUICK)
+    local = pruner.prune(MODEL, GOOD_EVAL, QUICK)
+    assert type(remote) is type(local) is pruner.PruneResult
+    assert remote.report.status == "pruned"
+    assert remote.model_bytes is not None and remote.model == onnx.ModelProto.FromString(remote.model_bytes)
+    assert remote.plan == local.plan and remote.plan.to_dict() == remote.report.plan
+    # one save for both: the model exactly as the server sent it, the report as the library writes it
+    remote.save(tmp_path / "remote.onnx", tmp_path / "remote.json")
+    assert (tmp_path / "remote.onnx").read_bytes() == remote.model_bytes
+    assert pruner.Report.from_json((tmp_path / "remote.json").read_text()) == remote.report
 
 
 def test_a_status_without_the_servers_details_is_a_lost_connection(scripted: Start) -> None:
