@@ -525,13 +525,7 @@ def run_search(
     else:
         outcome = SearchOutcome(best=pool.space.empty())
     timings["search"] = time.perf_counter() - start
-    logger.debug(
-        "search: %d evaluation(s), %d probe(s), stopped by %s, in %.3f s",
-        len(outcome.trials),
-        outcome.probes,
-        outcome.stopped_by,
-        timings["search"],
-    )
+    logger.debug("search phase: profiles %.3f s, search %.3f s", timings["profiles"], timings["search"])
     return Searched(outcome, judge, sensitivity, notes, timings)
 
 
@@ -555,11 +549,16 @@ class FinalCheck:
     """Validates the model we return and measures it with a fresh session from its serialized form."""
 
     def __init__(
-        self, evaluator: Evaluator, io_names: tuple[list[str], list[str]], loaded: Loaded, threads: int
+        self,
+        evaluator: Evaluator,
+        io_names: tuple[list[str], list[str]],
+        search_idx: np.ndarray,
+        hold_idx: np.ndarray,
+        threads: int,
     ) -> None:
         self.evaluator = evaluator
         self.io_names = io_names
-        self.search_idx, self.hold_idx = loaded.search_idx, loaded.hold_idx
+        self.search_idx, self.hold_idx = search_idx, hold_idx
         self.threads = threads
 
     @property
@@ -712,6 +711,7 @@ def make_report(
     baseline: Baseline,
     candidates: Candidates,
     searched: Searched,
+    held_out: HeldOut | None,
     confirmed: Confirmation,
     written: Written,
     plan: PruningPlan,
@@ -719,7 +719,6 @@ def make_report(
 ) -> Report:
     """The report phase: what the run did and measured, its notes in the order the phases made them."""
     pool, checked = candidates.pool, written.checked
-    held_out = held_out_split(loaded, baseline)
     layer_reports, params, skipped_channels = pool.summary(written.chosen, checked.model)
     drop, drop_notes = None, NO_NOTES
     if held_out is not None and checked.hold_scores is not None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import time
@@ -35,8 +34,6 @@ from ._report import ProgressEvent, Report
 from ._space import Config
 
 __all__ = ["PruneResult", "inspect", "prune"]
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -111,11 +108,11 @@ def prune(
     confirmed = confirm(searched.outcome, pool.space, pool.runner, held_out, searched.judge, progress.trial)
     chosen = confirmed.chosen
     progress.confirmed(pool.space.sparsity(chosen), pool.space.nonzero(chosen), len(loaded.hold_idx))
-    check = FinalCheck(baseline.evaluator, loaded.io_names, loaded, options.threads)
+    check = FinalCheck(baseline.evaluator, loaded.io_names, loaded.search_idx, loaded.hold_idx, options.threads)
     written = write(model, pool, chosen, check, held_out, confirmed.comparisons, sparse=options.sparse_initializers)
     plan = _plan(options, pool, written.chosen)
     total = time.perf_counter() - start
-    report = make_report(loaded, baseline, candidates, searched, confirmed, written, plan, total)
+    report = make_report(loaded, baseline, candidates, searched, held_out, confirmed, written, plan, total)
     progress.done(report)
     return PruneResult(written.checked.model, plan, report, written.checked.model_bytes)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import pytest
@@ -93,7 +95,7 @@ def test_baseline_builds_one_complete_evaluator_the_final_check_shares() -> None
     assert evaluator.reference.shape == (40, 4)
     assert baseline.metric.search == 1.0 and baseline.metric.holdout == 1.0  # agreement with itself
     assert baseline.allowed == pytest.approx(0.05) and baseline.bound == pytest.approx(0.95)
-    check = FinalCheck(evaluator, loaded.io_names, loaded, 1)
+    check = FinalCheck(evaluator, loaded.io_names, loaded.search_idx, loaded.hold_idx, 1)
     assert check.evaluator is evaluator
 
 
@@ -141,8 +143,22 @@ def test_write_of_the_empty_config_hands_back_the_model_given() -> None:
     loaded, owned = load(model, data, options, None)
     baseline = measure_baseline(owned, loaded, options.tolerance, 1)
     pool = make_candidates(owned, loaded.inspection, loaded.search_idx, baseline.evaluator, options).pool
-    check = FinalCheck(baseline.evaluator, loaded.io_names, loaded, 1)
+    check = FinalCheck(baseline.evaluator, loaded.io_names, loaded.search_idx, loaded.hold_idx, 1)
     written = write(model, pool, pool.space.empty(), check, None, 1, sparse=False)
     assert written.chosen == pool.space.empty() and written.notes == ()
     assert written.checked.model.SerializeToString() == model.SerializeToString()
     assert written.checked.final.search == 1.0 and written.checked.hold_scores is not None
+
+
+def test_a_run_logs_its_phases_and_verdicts_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="pruner")
+    options = PruneOptions(metric=MetricKind.AGREEMENT, recover=Recovery.LSQ, max_evaluations=4)
+    result = pruner.prune(tiny_mlp(), mlp_data(), options)
+    messages: dict[str, list[str]] = {}
+    for record in caplog.records:
+        messages.setdefault(record.name, []).append(record.getMessage())
+    assert {"pruner._phases", "pruner._candidates", "pruner._search", "pruner._confirm"} <= set(messages)
+    verdicts = [m for m in messages["pruner._phases"] if m.startswith(("bisect ", "refine ", "fallback "))]
+    assert len(verdicts) == result.report.evaluations
+    assert any(m.startswith("baseline agreement 1 in ") for m in messages["pruner._phases"])
+    assert any(m.startswith("calibrated 2 layer(s) on 32 samples") for m in messages["pruner._candidates"])
