@@ -308,6 +308,7 @@ class ChannelCandidates(_Candidates):
         self.options = options
         self.evaluator = evaluator
         notes: list[str] = []
+        calibrated: list[str] = []
         self.timings = timings = {}
         start = time.perf_counter()
         calibration = None
@@ -316,7 +317,6 @@ class ChannelCandidates(_Candidates):
             # (and scores them) whether or not its own channels may go
             everything = analyze(model) if options.include or options.exclude else inspection
             calibration, calibrated = _calibrate(model, everything, search_idx, batches, options)
-            notes += calibrated
             timings["calibration"] = time.perf_counter() - start
         sequential = None
         if options.recover is Recovery.SEQUENTIAL and calibration is not None:
@@ -364,8 +364,10 @@ class ChannelCandidates(_Candidates):
         self.space: ZeroSpace = self.remover.space
         self.units: list[Any] = self.remover.space.layers
         timings["scoring"] = time.perf_counter() - start
-        notes.append("candidates ran as sessions of the pruned models")
-        self.notes = tuple(notes)
+        if self.units:
+            self.notes = (*calibrated, *notes, "candidates ran as sessions of the pruned models")
+        else:  # how candidates were calibrated and would have run is moot; why there are none is not
+            self.notes = tuple(notes)
 
     def _check_removals(self, search_idx: np.ndarray) -> dict[int, str]:
         """Families whose removal does not give the model with their channels zeroed (on a batch
@@ -501,8 +503,8 @@ def make_candidates(
     kind = ChannelCandidates if options.mode is Mode.REMOVE else WeightCandidates
     pool = kind(model, inspection, search_idx, evaluator, options)
     logger.debug("%d candidate layer(s) built in %s", len(pool.units), _seconds(pool.timings))
-    if not pool.units:  # how candidates were calibrated and would have run is moot
-        return Candidates(pool, (NOTHING_REMOVABLE,), pool.timings)
+    if not pool.units:
+        return Candidates(pool, (*pool.notes, NOTHING_REMOVABLE), pool.timings)
     return Candidates(pool, pool.notes, pool.timings)
 
 

@@ -162,3 +162,14 @@ def test_a_run_logs_its_phases_and_verdicts_at_debug(caplog: pytest.LogCaptureFi
     assert len(verdicts) == result.report.evaluations
     assert any(m.startswith("baseline agreement 1 in ") for m in messages["pruner._phases"])
     assert any(m.startswith("calibrated 2 layer(s) on 32 samples") for m in messages["pruner._candidates"])
+
+
+def test_remove_mode_with_no_removable_channel_says_why_and_nothing_about_running() -> None:
+    from tests.pruner.test_static import strided_heads
+
+    x = np.random.default_rng(4).standard_normal((64, 4, 2, 320)).astype(np.float32)
+    options = PruneOptions(mode=Mode.REMOVE, metric=MetricKind.COSINE, recover=Recovery.LSQ, tolerance=Tolerance(1.0))
+    report = pruner.prune(strided_heads(128), EvalSet({"x": x}), options).report
+    assert len(report.notes) == 2 and report.notes[0].startswith("Reshape targets computed at run time were left")
+    assert report.notes[1] == "no channel can be removed: the model is returned unchanged"
+    assert report.status == "unchanged" and report.evaluations == 0
