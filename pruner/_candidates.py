@@ -105,7 +105,10 @@ class WeightCandidates(_Candidates):
         self.timings = timings = {}
         start = time.perf_counter()
         if options.criterion is Criterion.ACTIVATION or options.recover is not Recovery.NONE:
-            self.calibration, calibrated = _calibrate(model, inspection, search_idx, batches, options)
+            rows = calibration_rows(search_idx, options.calibration_samples, options.seed)
+            self.calibration, calibrated = _calibrate(
+                model, inspection, rows, batches, options.recover, options.threads
+            )
             notes += calibrated
             timings["calibration"] = time.perf_counter() - start
         biases = set()
@@ -316,7 +319,8 @@ class ChannelCandidates(_Candidates):
             # every layer, not only the included ones: a consumer of removed channels is refit
             # (and scores them) whether or not its own channels may go
             everything = analyze(model) if options.include or options.exclude else inspection
-            calibration, calibrated = _calibrate(model, everything, search_idx, batches, options)
+            rows = calibration_rows(search_idx, options.calibration_samples, options.seed)
+            calibration, calibrated = _calibrate(model, everything, rows, batches, options.recover, options.threads)
             timings["calibration"] = time.perf_counter() - start
         sequential = None
         if options.recover is Recovery.SEQUENTIAL and calibration is not None:
@@ -544,12 +548,16 @@ def _shift_bias(weights: dict[str, np.ndarray], layout: LayerLayout, shift: np.n
 
 
 def _calibrate(
-    model: onnx.ModelProto, inspection: Inspection, search_idx: np.ndarray, batches: Batches, options: PruneOptions
+    model: onnx.ModelProto,
+    inspection: Inspection,
+    rows: np.ndarray,
+    batches: Batches,
+    recover: Recovery,
+    threads: int,
 ) -> tuple[Calibration, list[str]]:
-    """Layer input statistics on a seeded sample of the search split (never the held-out one), and
-    the notes that say how it went."""
-    count = min(options.calibration_samples, len(search_idx))
-    rows = np.sort(np.random.default_rng(options.seed).choice(search_idx, count, replace=False))
+    """Layer input statistics on ``rows`` (of the search split, never the held-out one), and the
+    notes that say how it went."""
+    count = len(rows)
     calibration = calibrate(
         model,
         list(inspection.layers),
@@ -557,20 +565,24 @@ def _calibrate(
         rows,
         batch_size=batches.batch_size,
         fixed_batch=batches.fixed_batch,
-        full=options.recover in REFITTING,
-        max_cost=AUTO_LSQ_COST if options.recover is Recovery.AUTO else None,
-        threads=options.threads,
+        full=recover in REFITTING,
+        max_cost=AUTO_LSQ_COST if recover is Recovery.AUTO else None,
+        threads=threads,
         stop=batches.stop,
     )
     logger.debug("calibrated %d layer(s) on %d samples", len(inspection.layers), count)
     notes = [f"calibrated on {count} samples of the search split"]
-    notes += [
-        f"{name}: no calibration ({why}); scored by magnitude, not recovered"
-        for name, why in calibration.skipped.items()
-    ]
+    for name, why in calibration.skipped.items():
+        notes.append(f"{name}: no calibration ({why}); scored by magnitude, not recovered")
     for name, why in calibration.partial.items():
         notes.append(f"{name}: no least-squares fit ({why}); bias-corrected only")
     return calibration, notes
+
+
+def calibration_rows(search_idx: np.ndarray, samples: int, seed: int) -> np.ndarray:
+    """A seeded sample of at most ``samples`` rows of the search split, sorted."""
+    count = min(samples, len(search_idx))
+    return np.sort(np.random.default_rng(seed).choice(search_idx, count, replace=False))
 
 
 def _same_outputs(out: np.ndarray, ref: np.ndarray) -> bool:
