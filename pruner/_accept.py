@@ -27,9 +27,9 @@ NORMAL = "normal"
 
 def paired_drops(original: np.ndarray, candidate: np.ndarray, higher_is_better: bool) -> np.ndarray:
     """Per-sample drops ``d_i`` (positive: the candidate is worse on that sample)."""
-    a = np.asarray(original, np.float64)
-    s = np.asarray(candidate, np.float64)
-    return a - s if higher_is_better else s - a
+    before = np.asarray(original, np.float64)
+    after = np.asarray(candidate, np.float64)
+    return before - after if higher_is_better else after - before
 
 
 def _binary(original: np.ndarray, candidate: np.ndarray) -> bool:
@@ -71,10 +71,10 @@ def drop_interval(
 
 
 def _adjusted(worse: int, better: int, n: int) -> tuple[float, float]:
-    """Agresti-Min: the center and standard error of (b - c) / n with half a pair added to each cell."""
-    b, c, m = worse + 0.5, better + 0.5, n + 2.0
-    center = (b - c) / m
-    return center, math.sqrt(max((b + c) / m - center * center, 0.0) / m)
+    """Agresti-Min: the center and standard error of (worse - better) / n with half a pair added to each cell."""
+    worse_cell, better_cell, pairs = worse + 0.5, better + 0.5, n + 2.0
+    center = (worse_cell - better_cell) / pairs
+    return center, math.sqrt(max((worse_cell + better_cell) / pairs - center * center, 0.0) / pairs)
 
 
 def zero_drop_half_width(n: int, confidence: float, comparisons: int = 1) -> float:

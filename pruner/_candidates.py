@@ -6,6 +6,9 @@ what the written model is. ``prune()`` drives any of them through the same searc
   run with the weights fed as inputs or as built sessions, whichever is cheaper.
 * :class:`ChannelCandidates` (remove mode): a config removes channel components; every
   candidate is a rebuilt, smaller model.
+
+:func:`make_candidates` is the run's candidates phase: it builds the kind the mode asks for
+and returns it with the notes and timings building it made.
 """
 
 from __future__ import annotations
@@ -14,16 +17,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
 
 from ._analysis import Inspection, SkippedWeight, analyze
-from ._errors import UnsupportedModelError, check_stop
-from ._evalset import EvalSet
-from ._evaluate import Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
+from ._errors import InternalError, UnsupportedModelError, check_stop
+from ._evaluate import Batches, Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
 from ._options import AUTO_LSQ_COST, REFITTING, Allocation, Criterion, Mode, PruneOptions, Recovery
 from ._plan import LayerPlan, element_mask, zero_lowest
@@ -34,7 +36,7 @@ from ._score import granularity, lowest, unit_scores
 from ._space import PROFILE_LEVELS, Config, ZeroSpace, build_units, sensitivity_sketch
 from ._structure import Family
 
-__all__ = ["ChannelCandidates", "RunContext", "WeightCandidates"]
+__all__ = ["CandidatePool", "Candidates", "ChannelCandidates", "NoCandidates", "WeightCandidates", "make_candidates"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,34 +49,15 @@ STRATEGY_SAMPLES = 512
 Probe = Callable[[Config], float]
 
 
-@dataclass(frozen=True)
-class RunContext:
-    """What a run knows before it builds candidates: shared by every kind."""
-
-    inspection: Inspection
-    data: EvalSet
-    search_idx: np.ndarray
-    evaluator: Evaluator
-    options: PruneOptions
-    notes: list[str]
-    """Appended to: ends up in the report."""
-    timings: dict[str, float]
-
-
-def about_running(note: str) -> bool:
-    """Whether ``note`` says how candidates were calibrated or run (moot when there were none)."""
-    return note.startswith(("calibrated on ", "candidates ran ")) or any(
-        part in note for part in (": no calibration (", ": no least-squares fit (")
-    )
-
-
 class _Candidates:
     """What both kinds share: the plan of a config and the probed allocations."""
 
     options: PruneOptions
-    notes: list[str]
     evaluator: Evaluator
-    """Runs candidates; its ``stop`` cancels every long step of the candidates too."""
+    """Measures candidates; its batches' ``stop`` cancels every long step of the candidates too."""
+    notes: tuple[str, ...] = ()
+    """What building the candidates found worth reporting."""
+    timings: dict[str, float]
     space: ZeroSpace | NMSpace
     units: list[Any]
     calibration: Calibration | None = None
@@ -93,25 +76,40 @@ class _Candidates:
         pairs = zip(self.units, config, strict=True)
         return tuple(LayerPlan(u.layer.name, a, u.units, u.layer.channel_axis) for u, a in pairs)
 
-    def with_probe(self, probe: Probe) -> dict[str, list[list[float]]]:
-        """Finish the space with label-free probes (sensitivity profiles when asked)."""
+    @property
+    def stop(self) -> threading.Event | None:
+        return self.evaluator.batches.stop
+
+    def with_probe(self, probe: Probe) -> tuple[dict[str, list[list[float]]], tuple[str, ...]]:
+        """Finish the space with label-free probes (sensitivity profiles when asked): the profiles and a note."""
         if self.options.allocation is Allocation.SENSITIVITY and self.units and isinstance(self.space, ZeroSpace):
-            return _sensitivity(self.space, probe, self.options, self.notes, self.evaluator.stop)
-        return {}
+            return _sensitivity(self.space, probe, self.options.sensitivity or {}, self.stop)
+        return {}, ()
 
 
 class WeightCandidates(_Candidates):
     """Zero and N:M modes. Takes ownership of ``model`` (pass a copy to keep it)."""
 
-    def __init__(self, model: onnx.ModelProto, run: RunContext) -> None:
-        inspection, data, search_idx, evaluator = run.inspection, run.data, run.search_idx, run.evaluator
-        options, notes, timings = run.options, run.notes, run.timings
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        inspection: Inspection,
+        search_idx: np.ndarray,
+        evaluator: Evaluator,
+        options: PruneOptions,
+    ) -> None:
+        batches = evaluator.batches
         self.options = options
         self.evaluator = evaluator
-        self.notes = notes
+        notes: list[str] = []
+        self.timings = timings = {}
         start = time.perf_counter()
         if options.criterion is Criterion.ACTIVATION or options.recover is not Recovery.NONE:
-            self.calibration = _calibrate(model, inspection, data, search_idx, evaluator, options, notes)
+            rows = calibration_rows(search_idx, options.calibration_samples, options.seed)
+            self.calibration, calibrated = _calibrate(
+                model, inspection, rows, batches, options.recover, options.threads
+            )
+            notes += calibrated
             timings["calibration"] = time.perf_counter() - start
         biases = set()
         if self.calibration is not None and options.recover is not Recovery.NONE:
@@ -125,20 +123,18 @@ class WeightCandidates(_Candidates):
                 self.sequential = SequentialRefit(
                     self.calibration,
                     self.split,
-                    data,
-                    batch_size=evaluator.batch_size,
-                    fixed_batch=evaluator.fixed_batch,
+                    batches.evalset,
+                    batch_size=batches.batch_size,
+                    fixed_batch=batches.fixed_batch,
                     threads=options.threads,
                 )
             else:
                 notes.append("sequential recovery needs weights onnxruntime can feed; refit as lsq instead")
         start = time.perf_counter()
-        evaluator.candidates, strategy = _choose_strategy(self.builder, evaluator, search_idx, options)
-        timings["baseline"] = time.perf_counter() - start
+        self.make_runner, strategy = _choose_strategy(self.builder, evaluator, search_idx, options.threads)
+        logger.debug("%s", strategy)
         notes.append(strategy)
-
-        start = time.perf_counter()
-        self.gran = granularity(options.criterion)
+        self.granularity = granularity(options.criterion)
         self.scores: dict[str, np.ndarray] = {}
         self.keep_scores = self.split.weight_bytes < FED_ALWAYS_BYTES
         self.recovered: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] = {}
@@ -147,18 +143,22 @@ class WeightCandidates(_Candidates):
         self.space: ZeroSpace | NMSpace
         self.units: list[Any]
         if options.mode is Mode.NM:
-            self.space, self.units = self._nm_space(inspection)
+            self.space, self.units, dense = self._nm_space(inspection)
+            notes += dense
         else:
             units = []
             for layer in inspection.layers:
-                check_stop(evaluator.stop)
+                check_stop(self.stop)
                 weight = self.split.weights[layer.name]
                 scores = unit_scores(options.criterion, layer, weight, self.calibration)
-                units.append(build_units(layer, weight, scores, self.gran, options.allocation, options.layer_cap))
+                units.append(
+                    build_units(layer, weight, scores, self.granularity, options.allocation, options.layer_cap)
+                )
                 if self.keep_scores:
                     self.scores[layer.name] = scores
             self.space, self.units = ZeroSpace(units, options.allocation), units
         timings["scoring"] = time.perf_counter() - start
+        self.notes = tuple(notes)
 
     @property
     def refinable(self) -> bool:
@@ -166,19 +166,18 @@ class WeightCandidates(_Candidates):
         return not isinstance(self.space, NMSpace)
 
     def runner(self, config: Config) -> Runner:
-        return self.evaluator.runner(self.weights(config))
+        return self.make_runner(self.weights(config))
 
     def probe_runner(self, config: Config) -> Runner:
         # a sequential refit walks the model and refits every later layer: probes rank with the plain fit
-        return self.evaluator.runner(self.weights(config, sequential=False))
+        return self.make_runner(self.weights(config, sequential=False))
 
-    def with_probe(self, probe: Probe) -> dict[str, list[list[float]]]:
+    def with_probe(self, probe: Probe) -> tuple[dict[str, list[list[float]]], tuple[str, ...]]:
         """Finish the space with label-free probes: N:M ranking or sensitivity profiles."""
         if isinstance(self.space, NMSpace):
             space = self.space
             space.rank(lambda i: probe(space.one(i)))
-            self.notes.append(f"N:M layers ranked by one label-free probe each ({space.n_layers} probes)")
-            return {}
+            return {}, (f"N:M layers ranked by one label-free probe each ({space.n_layers} probes)",)
         return super().with_probe(probe)
 
     def weights(self, config: Config, *, in_place: bool = False, sequential: bool = True) -> dict[str, np.ndarray]:
@@ -191,7 +190,7 @@ class WeightCandidates(_Candidates):
         for u, amount in zip(self.units, config, strict=True):
             if not amount:
                 continue
-            check_stop(self.evaluator.stop)
+            check_stop(self.stop)
             name = u.layer.name
             layout = None if calibration is None else calibration.layouts.get(name)
             recover = options.recover is not Recovery.NONE and layout is not None and calibration is not None
@@ -210,9 +209,11 @@ class WeightCandidates(_Candidates):
                 hint = (u.sketch_ranks, u.raw_sketch)
                 if not recover:
                     weight = out[name] if in_place else out[name].copy()
-                    out[name] = zero_lowest(weight, scores, amount, self.gran, u.layer.channel_axis, hint)
+                    out[name] = zero_lowest(weight, scores, amount, self.granularity, u.layer.channel_axis, hint)
                     continue
-                mask = element_mask(out[name].shape, lowest(scores, amount, hint), self.gran, u.layer.channel_axis)
+                mask = element_mask(
+                    out[name].shape, lowest(scores, amount, hint), self.granularity, u.layer.channel_axis
+                )
             assert calibration is not None and layout is not None
             if sequential_fit is not None:  # masked here, refit below in graph order
                 masks[name] = mask
@@ -273,22 +274,24 @@ class WeightCandidates(_Candidates):
         ]
         return reports, (space.total_params, space.nonzero(space.empty()), space.nonzero(config)), None
 
-    def _nm_space(self, inspection: Inspection) -> tuple[NMSpace, list[NMUnit]]:
-        """N:M masks of every layer (by the criterion's element scores) and the space over them."""
+    def _nm_space(self, inspection: Inspection) -> tuple[NMSpace, list[NMUnit], list[str]]:
+        """N:M masks of every layer (by the criterion's element scores), the space over them, and
+        a note for each layer left dense."""
         n, m = self.options.nm
         nonzero, zeroed = [], []
+        notes = []
         for layer in inspection.layers:
-            check_stop(self.evaluator.stop)
+            check_stop(self.stop)
             weight = self.split.weights[layer.name]
             mask = nm_mask(layer, unit_scores(self.options.criterion, layer, weight, self.calibration), n, m)
             if mask is None:
                 size = layer.shape[reduction_axis(layer)]
-                self.notes.append(f"{layer.name}: left dense, its reduction axis of {size} is not a multiple of {m}")
+                notes.append(f"{layer.name}: left dense, its reduction axis of {size} is not a multiple of {m}")
                 mask = np.zeros(weight.shape, dtype=bool)
             self.nm_masks[layer.name] = mask
             nonzero.append(int(np.count_nonzero(weight)))
             zeroed.append(int(np.count_nonzero(weight[mask])))
-        return NMSpace(inspection.layers, nonzero, zeroed), [NMUnit(layer) for layer in inspection.layers]
+        return NMSpace(inspection.layers, nonzero, zeroed), [NMUnit(layer) for layer in inspection.layers], notes
 
 
 class ChannelCandidates(_Candidates):
@@ -296,18 +299,28 @@ class ChannelCandidates(_Candidates):
 
     refinable = True
 
-    def __init__(self, model: onnx.ModelProto, run: RunContext) -> None:
-        inspection, data, search_idx, evaluator = run.inspection, run.data, run.search_idx, run.evaluator
-        options, notes, timings = run.options, run.notes, run.timings
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        inspection: Inspection,
+        search_idx: np.ndarray,
+        evaluator: Evaluator,
+        options: PruneOptions,
+    ) -> None:
+        batches = evaluator.batches
         self.options = options
         self.evaluator = evaluator
+        notes: list[str] = []
+        calibrated: list[str] = []
+        self.timings = timings = {}
         start = time.perf_counter()
         calibration = None
         if options.recover is not Recovery.NONE or options.criterion is Criterion.ACTIVATION:
             # every layer, not only the included ones: a consumer of removed channels is refit
             # (and scores them) whether or not its own channels may go
             everything = analyze(model) if options.include or options.exclude else inspection
-            calibration = _calibrate(model, everything, data, search_idx, evaluator, options, notes)
+            rows = calibration_rows(search_idx, options.calibration_samples, options.seed)
+            calibration, calibrated = _calibrate(model, everything, rows, batches, options.recover, options.threads)
             timings["calibration"] = time.perf_counter() - start
         sequential = None
         if options.recover is Recovery.SEQUENTIAL and calibration is not None:
@@ -317,20 +330,15 @@ class ChannelCandidates(_Candidates):
                 return SequentialRefit(
                     refit,
                     split,
-                    data,
-                    batch_size=evaluator.batch_size,
-                    fixed_batch=evaluator.fixed_batch,
+                    batches.evalset,
+                    batch_size=batches.batch_size,
+                    fixed_batch=batches.fixed_batch,
                     threads=options.threads,
                 )
 
         self.calibration = calibration
         start = time.perf_counter()
-        session = make_session(model.SerializeToString(), threads=options.threads)
-        evaluator.reference = evaluator.outputs(session_runner(session, evaluator.output), np.arange(len(data)))
-        del session
-        timings["baseline"] = time.perf_counter() - start
-        start = time.perf_counter()
-        stop = evaluator.stop
+        stop = self.stop
         self.remover = Remover(model, options, calibration, sequential, stop=stop)
         if self.remover.static_targets:
             why = self._static_mismatch(search_idx)
@@ -360,24 +368,26 @@ class ChannelCandidates(_Candidates):
         self.space: ZeroSpace = self.remover.space
         self.units: list[Any] = self.remover.space.layers
         timings["scoring"] = time.perf_counter() - start
-        notes.append("candidates ran as sessions of the pruned models")
-        self.notes = notes
+        if self.units:
+            self.notes = (*calibrated, *notes, "candidates ran as sessions of the pruned models")
+        else:  # how candidates were calibrated and would have run is moot; why there are none is not
+            self.notes = tuple(notes)
 
     def _check_removals(self, search_idx: np.ndarray) -> dict[int, str]:
         """Families whose removal does not give the model with their channels zeroed (on a batch
         of the eval set), by first component, with why: a channel rule that does not fit this
         graph. One trial removes a channel of every family; only when it fails are the families
         bisected. Their channels stay, and the report says so, instead of every candidate failing."""
-        remover, evaluator = self.remover, self.evaluator
-        sample = search_idx[: evaluator.batch_size]
+        remover, batches = self.remover, self.evaluator.batches
+        sample = search_idx[: batches.batch_size]
         families = [f for f in remover.families if len(f.components) > 1]
 
         def outputs(model: bytes) -> np.ndarray:
-            check_stop(evaluator.stop)
-            return evaluator.outputs(session_runner(make_session(model, threads=1), evaluator.output), sample)
+            check_stop(batches.stop)
+            return batches.outputs(session_runner(make_session(model, threads=1), batches.output), sample)
 
         def broken(group: list[Family]) -> str | None:
-            check_stop(evaluator.stop)
+            check_stop(batches.stop)
             removed, zeroed = remover.trial(group)
             try:
                 out = outputs(removed)
@@ -410,19 +420,18 @@ class ChannelCandidates(_Candidates):
     def _static_mismatch(self, search_idx: np.ndarray) -> str | None:
         """Why the model with its computed Reshape targets made constants is not the model on a
         batch of the eval set (probed at synthetic sizes, a computed dim can look constant)."""
-        evaluator = self.evaluator
-        assert evaluator.reference is not None
-        sample = search_idx[: evaluator.batch_size]
+        batches = self.evaluator.batches
+        sample = search_idx[: batches.batch_size]
         try:
-            out = evaluator.outputs(self.remover.runner(self.remover.space.empty(), evaluator.output, 1), sample)
+            out = batches.outputs(self.remover.runner(self.remover.space.empty(), batches.output, 1), sample)
         except UnsupportedModelError:
             return "the model did not run on the eval set"
-        if not _same_outputs(out, evaluator.reference[sample]):
+        if not _same_outputs(out, self.evaluator.reference[sample]):
             return "they changed the outputs on the eval set"
         return None
 
     def runner(self, config: Config) -> Runner:
-        return self.remover.runner(config, self.evaluator.output, self.options.threads)
+        return self.remover.runner(config, self.evaluator.batches.output, self.options.threads)
 
     def build(self, config: Config) -> bytes:
         return self.remover.to_bytes(config)
@@ -441,11 +450,77 @@ class ChannelCandidates(_Candidates):
         return reports, params, skipped
 
 
+class NoCandidates(_Candidates):
+    """A model with no prunable layer: an empty space, nothing calibrated or run."""
+
+    refinable = False
+
+    def __init__(self, evaluator: Evaluator, options: PruneOptions) -> None:
+        self.options = options
+        self.evaluator = evaluator
+        self.timings = {}
+        self.space: ZeroSpace = ZeroSpace([], options.allocation)
+        self.units: list[Any] = []
+
+    def runner(self, config: Config) -> Runner:
+        raise InternalError("a model with nothing to prune has no candidates to run")
+
+    def build(self, config: Config) -> bytes:
+        raise InternalError("a model with nothing to prune has no candidate to build")
+
+    def release(self) -> None:
+        pass
+
+    def sparse_names(self, config: Config) -> list[str]:
+        return []
+
+    def summary(
+        self, config: Config, pruned: onnx.ModelProto
+    ) -> tuple[list[LayerReport], tuple[int, int, int], list[SkippedWeight] | None]:
+        return [], (0, 0, 0), None
+
+
+CandidatePool = WeightCandidates | ChannelCandidates | NoCandidates
+
+NOTHING_PRUNABLE = "no prunable weights: the model is returned unchanged"
+NOTHING_REMOVABLE = "no channel can be removed: the model is returned unchanged"
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """The candidates phase's result: the candidates, and what building them noted and took."""
+
+    pool: CandidatePool
+    notes: tuple[str, ...]
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
+def make_candidates(
+    model: onnx.ModelProto, inspection: Inspection, search_idx: np.ndarray, evaluator: Evaluator, options: PruneOptions
+) -> Candidates:
+    """The candidates phase: the kind of candidates ``options.mode`` asks for, built from ``model``
+    (taken apart: pass a copy to keep it). Nothing is calibrated or timed when nothing is prunable,
+    and then the only note says so."""
+    if not inspection.layers:
+        logger.debug("no prunable layer: no candidates")
+        return Candidates(NoCandidates(evaluator, options), (NOTHING_PRUNABLE,))
+    kind = ChannelCandidates if options.mode is Mode.REMOVE else WeightCandidates
+    pool = kind(model, inspection, search_idx, evaluator, options)
+    logger.debug("%d candidate layer(s) built in %s", len(pool.units), _seconds(pool.timings))
+    if not pool.units:
+        return Candidates(pool, (*pool.notes, NOTHING_REMOVABLE), pool.timings)
+    return Candidates(pool, pool.notes, pool.timings)
+
+
+def _seconds(timings: Mapping[str, float]) -> str:
+    return ", ".join(f"{name} {seconds:.3f} s" for name, seconds in timings.items()) or "no time"
+
+
 def _sensitivity(
-    space: ZeroSpace, probe: Probe, options: PruneOptions, notes: list[str], stop: threading.Event | None
-) -> dict[str, list[list[float]]]:
-    """Measure (or reuse) every layer's sensitivity profile and make it the space's allocation."""
-    cached = options.sensitivity or {}
+    space: ZeroSpace, probe: Probe, cached: Mapping[str, list[list[float]]], stop: threading.Event | None
+) -> tuple[dict[str, list[list[float]]], tuple[str, ...]]:
+    """Measure (or reuse from ``cached``) every layer's sensitivity profile and make it the space's
+    allocation: the profiles, and a note of the probes run."""
     profiles: dict[str, list[list[float]]] = {}
     measured = 0
     for i, u in enumerate(space.layers):
@@ -461,8 +536,7 @@ def _sensitivity(
         profiles[u.layer.name] = profile
         u.sketch = sensitivity_sketch(u, profile)
     reused = len(space.layers) - measured // len(PROFILE_LEVELS)
-    notes.append(f"sensitivity profiles: {measured} probes" + (f", {reused} layer(s) reused" if reused else ""))
-    return profiles
+    return profiles, (f"sensitivity profiles: {measured} probes" + (f", {reused} layer(s) reused" if reused else ""),)
 
 
 def _shift_bias(weights: dict[str, np.ndarray], layout: LayerLayout, shift: np.ndarray | None) -> None:
@@ -476,33 +550,39 @@ def _shift_bias(weights: dict[str, np.ndarray], layout: LayerLayout, shift: np.n
 def _calibrate(
     model: onnx.ModelProto,
     inspection: Inspection,
-    data: EvalSet,
-    search_idx: np.ndarray,
-    evaluator: Evaluator,
-    options: PruneOptions,
-    notes: list[str],
-) -> Calibration:
-    """Layer input statistics on a seeded sample of the search split (never the held-out one)."""
-    count = min(options.calibration_samples, len(search_idx))
-    rows = np.sort(np.random.default_rng(options.seed).choice(search_idx, count, replace=False))
+    rows: np.ndarray,
+    batches: Batches,
+    recover: Recovery,
+    threads: int,
+) -> tuple[Calibration, list[str]]:
+    """Layer input statistics on ``rows`` (of the search split, never the held-out one), and the
+    notes that say how it went."""
+    count = len(rows)
     calibration = calibrate(
         model,
         list(inspection.layers),
-        data,
+        batches.evalset,
         rows,
-        batch_size=evaluator.batch_size,
-        fixed_batch=evaluator.fixed_batch,
-        full=options.recover in REFITTING,
-        max_cost=AUTO_LSQ_COST if options.recover is Recovery.AUTO else None,
-        threads=options.threads,
-        stop=evaluator.stop,
+        batch_size=batches.batch_size,
+        fixed_batch=batches.fixed_batch,
+        full=recover in REFITTING,
+        max_cost=AUTO_LSQ_COST if recover is Recovery.AUTO else None,
+        threads=threads,
+        stop=batches.stop,
     )
-    notes.append(f"calibrated on {count} samples of the search split")
+    logger.debug("calibrated %d layer(s) on %d samples", len(inspection.layers), count)
+    notes = [f"calibrated on {count} samples of the search split"]
     for name, why in calibration.skipped.items():
         notes.append(f"{name}: no calibration ({why}); scored by magnitude, not recovered")
     for name, why in calibration.partial.items():
         notes.append(f"{name}: no least-squares fit ({why}); bias-corrected only")
-    return calibration
+    return calibration, notes
+
+
+def calibration_rows(search_idx: np.ndarray, samples: int, seed: int) -> np.ndarray:
+    """A seeded sample of at most ``samples`` rows of the search split, sorted."""
+    count = min(samples, len(search_idx))
+    return np.sort(np.random.default_rng(seed).choice(search_idx, count, replace=False))
 
 
 def _same_outputs(out: np.ndarray, ref: np.ndarray) -> bool:
@@ -513,16 +593,16 @@ def _same_outputs(out: np.ndarray, ref: np.ndarray) -> bool:
 
 
 def _choose_strategy(
-    builder: ModelBuilder, evaluator: Evaluator, search_idx: np.ndarray, options: PruneOptions
+    builder: ModelBuilder, evaluator: Evaluator, search_idx: np.ndarray, threads: int
 ) -> tuple[Callable[[Mapping[str, np.ndarray]], Runner], str]:
-    """Measure the baseline (into ``evaluator.reference``) and pick how candidates run.
+    """How candidates run, and a note that says so.
 
     Feeding the weights as inputs saves a session per candidate but runs
     without constant folding and pre-packing; which is cheaper depends on the
     model, so it is timed on a few batches of the search split.
     """
-    split, output, threads = builder.split, evaluator.output, options.threads
-    everything = np.arange(len(evaluator.evalset))
+    split, batches = builder.split, evaluator.batches
+    output = batches.output
     fed: FedWeights | None = None
     why = ""
     if FedWeights.possible(split):
@@ -538,24 +618,24 @@ def _choose_strategy(
 
     if fed is not None and split.weight_bytes >= FED_ALWAYS_BYTES:
         # one set of weights in memory, not one more per session
-        evaluator.reference = evaluator.outputs(fed.runner(split.weights), everything)
         return fed.runner, "candidates ran with their weights fed as inputs of one session (large weights)"
+    if fed is None:
+        return built, "candidates ran as sessions of the built model" + why
+    sample = search_idx[: max(STRATEGY_SAMPLES, 4 * batches.batch_size)]
     start = time.perf_counter()
     base = built(split.weights)
     created = time.perf_counter() - start
-    evaluator.reference = evaluator.outputs(base, everything)
-    if fed is None:
-        return built, "candidates ran as sessions of the built model" + why
-    sample = search_idx[: max(STRATEGY_SAMPLES, 4 * evaluator.batch_size)]
     fed_runner = fed.runner(split.weights)
-    fed_out = evaluator.outputs(fed_runner, sample)  # also warms the session up
+    fed_out = batches.outputs(fed_runner, sample)  # also warms the session up
     if not _same_outputs(fed_out, evaluator.reference[sample]):
         return built, "candidates ran as sessions of the built model (fed weights changed the outputs)"
+    batches.outputs(base, sample[: batches.batch_size])  # warms the session up
     timed = {}
     for name, runner in (("fed", fed_runner), ("built", base)):
         start = time.perf_counter()
-        evaluator.outputs(runner, sample)
+        batches.outputs(runner, sample)
         timed[name] = (time.perf_counter() - start) * len(search_idx) / max(len(sample), 1)
+    logger.debug("per search pass: fed %.3f s, built %.3f s + %.3f s a session", timed["fed"], timed["built"], created)
     if timed["fed"] <= created + timed["built"]:
         return fed.runner, "candidates ran with their weights fed as inputs of one session (measured faster)"
     return built, "candidates ran as sessions of the built model (measured faster)"

@@ -39,6 +39,7 @@ from ._metrics import Metric
 from ._model import PROTOBUF_LIMIT, session_source
 
 __all__ = [
+    "Batches",
     "EvalOutcome",
     "Evaluator",
     "FedWeights",
@@ -272,30 +273,24 @@ class EvalOutcome:
     seconds: float
 
 
-class Evaluator:
-    """Batched metric evaluation of candidates on an eval set.
+class Batches:
+    """Runs a model over rows of the eval set, batch by batch.
 
     Args:
-        candidates: makes a runner for a candidate's weights (None: pass runners).
         specs: the model inputs, for fixed batch dimensions.
         output: the output the metric reads.
-        metric: the metric.
-        evalset: all samples; evaluation calls select rows by index.
-        stop: cancels evaluation (checked before every batch).
+        evalset: all samples; calls select rows by index.
+        batch_size: rows per run (a fixed batch dimension of the model wins).
+        stop: cancels a run (checked before every batch).
         input_axes: model inputs whose sample axis is not the first, and that axis: their
             batches are moved there before a run (the eval set stores samples first).
         output_axis: the output's sample axis; outputs are moved to samples first after a run.
-
-    ``reference`` holds the unpruned model's ``output`` for every sample, for
-    label-free metrics and probes.
     """
 
     def __init__(
         self,
-        candidates: Callable[[Mapping[str, np.ndarray]], Runner] | None,
-        specs: list[InputSpec],
+        specs: Sequence[InputSpec],
         output: str,
-        metric: Metric,
         evalset: EvalSet,
         *,
         batch_size: int,
@@ -303,11 +298,9 @@ class Evaluator:
         input_axes: Mapping[str, int] | None = None,
         output_axis: int = 0,
     ) -> None:
-        self.candidates = candidates
         self.input_axes = {k: v for k, v in (input_axes or {}).items() if v}
         self.output_axis = output_axis
         self.output = output
-        self.metric = metric
         self.evalset = evalset
         self.stop = stop
         fixed = {s.fixed_batch for s in specs if s.fixed_batch is not None}
@@ -318,18 +311,6 @@ class Evaluator:
             )
         self.fixed_batch = fixed.pop() if fixed else None
         self.batch_size = self.fixed_batch or batch_size
-        self.reference: np.ndarray | None = None
-
-    @property
-    def mask(self) -> np.ndarray | None:
-        """The metric's ``sequence_mask`` array of the eval set (all samples), if any."""
-        name = self.metric.sequence_mask
-        return None if name is None else self.evalset.inputs.get(name)
-
-    def runner(self, weights: Mapping[str, np.ndarray]) -> Runner:
-        if self.candidates is None:
-            raise TypeError("this evaluator makes no candidates; pass a runner")
-        return self.candidates(weights)
 
     def _batches(self, indices: np.ndarray) -> list[np.ndarray]:
         return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
@@ -359,52 +340,80 @@ class Evaluator:
 
     def outputs(self, runner: Runner, indices: np.ndarray) -> np.ndarray:
         """The chosen output for all ``indices``, in order."""
-        return np.concatenate([self.run(runner, b) for b in self._batches(indices)])
+        return np.concatenate([self.run(runner, batch) for batch in self._batches(indices)])
 
-    def evaluate(
-        self,
-        indices: np.ndarray,
-        *,
-        weights: Mapping[str, np.ndarray] | None = None,
-        runner: Runner | None = None,
-        bound: float | None = None,
-    ) -> EvalOutcome:
+
+class Evaluator:
+    """Batched metric evaluation of candidates against the unpruned model.
+
+    Args:
+        batches: runs models over the eval set.
+        metric: the metric.
+        reference: the unpruned model's output for every sample of the eval set, for
+            label-free metrics and probes.
+    """
+
+    def __init__(self, batches: Batches, metric: Metric, reference: np.ndarray) -> None:
+        self.batches = batches
+        self.metric = metric
+        self.reference = reference
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """The metric's ``sequence_mask`` array of the eval set (all samples), if any."""
+        name = self.metric.sequence_mask
+        return None if name is None else self.batches.evalset.inputs.get(name)
+
+    def _labels(self, indices: np.ndarray) -> np.ndarray | None:
+        labels = self.batches.evalset.labels
+        return None if labels is None else labels[indices]
+
+    def reference_value(self, indices: np.ndarray) -> float:
+        """The unpruned model's metric on ``indices``."""
+        mask = self.mask
+        labels = self._labels(indices) if self.metric.uses_labels else None
+        reference = self.reference[indices]
+        return self.metric.value(reference, labels, reference, None if mask is None else mask[indices])
+
+    def per_sample(self, outputs: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        """Per-sample scores of ``outputs`` (the outputs of ``indices``), for the held-out rules."""
+        return self.metric.per_sample(outputs, self._labels(indices), self.reference[indices])
+
+    def evaluate(self, indices: np.ndarray, runner: Runner, *, bound: float | None = None) -> EvalOutcome:
         """Metric on ``indices``; stops early once the mean cannot reach ``bound``."""
         start = time.perf_counter()
-        if runner is None:
-            assert weights is not None
-            runner = self.runner(weights)
-        metric = self.metric
-        labels = self.evalset.labels if metric.uses_labels else None
+        metric, batches = self.metric, self.batches
+        labels = batches.evalset.labels if metric.uses_labels else None
         mask = self.mask
         total = len(indices)
         score_sum = 0.0
         seen = 0
         # the metric and the early-abort test run per chunk of batches: per batch of one,
         # their Python overhead would cost more than the model
-        chunk = self.batch_size * max(1, METRIC_CHUNK // self.batch_size)
+        chunk = batches.batch_size * max(1, METRIC_CHUNK // batches.batch_size)
         if metric.whole_set:  # a correlation: every sample's score first, never an early stop
-            parts = [metric.scores(self.outputs(runner, indices[i : i + chunk])) for i in range(0, total, chunk)]
-            ref = None if self.reference is None else self.reference[indices]
+            parts = [metric.scores(batches.outputs(runner, indices[i : i + chunk])) for i in range(0, total, chunk)]
             scores = np.concatenate(parts) if parts else np.zeros(0)
-            value = metric.correlate(scores, None if labels is None else labels[indices], ref)
+            value = metric.correlate(scores, None if labels is None else labels[indices], self.reference[indices])
             return EvalOutcome(value, True, total, time.perf_counter() - start)
         for start_row in range(0, total, chunk):
             rows = indices[start_row : start_row + chunk]
-            out = self.outputs(runner, rows)
-            ref = None if self.reference is None else self.reference[rows]
+            out = batches.outputs(runner, rows)
             scores = metric.per_sample(
-                out, None if labels is None else labels[rows], ref, None if mask is None else mask[rows]
+                out,
+                None if labels is None else labels[rows],
+                self.reference[rows],
+                None if mask is None else mask[rows],
             )
             score_sum += float(scores.sum())
             seen += len(rows)
-            if bound is not None and seen < total and self.metric.cannot_pass(score_sum, seen, total, bound):
+            if bound is not None and seen < total and metric.cannot_pass(score_sum, seen, total, bound):
+                logger.debug("stopped after %d of %d samples: the mean can no longer reach %.6g", seen, total, bound)
                 return EvalOutcome(score_sum / seen, False, seen, time.perf_counter() - start)
         return EvalOutcome(score_sum / total, True, total, time.perf_counter() - start)
 
     def deviation(self, indices: np.ndarray, runner: Runner) -> float:
         """Relative squared error of the output vs the unpruned model: a smooth, label-free proxy."""
-        assert self.reference is not None
-        out = self.outputs(runner, indices).astype(np.float64)
+        out = self.batches.outputs(runner, indices).astype(np.float64)
         ref = self.reference[indices].astype(np.float64)
         return float(((out - ref) ** 2).sum() / max((ref**2).sum(), 1e-30))

@@ -60,7 +60,7 @@ class Phase(enum.Enum):
     BISECT = "bisect"
     REFINE = "refine"
     FALLBACK = "fallback"
-    """Between a held-out-passing candidate and a smaller one that missed there (see ``prune``)."""
+    """Between a held-out-passing candidate and a smaller one that missed there (see ``_confirm``)."""
 
 
 @dataclass(frozen=True)
@@ -169,8 +169,15 @@ def search(
         _bisect(space, evaluate, resolution)
         if probe is not None:
             _refine(space, evaluate, probe, outcome)
-    except _Budget as b:
-        outcome.stopped_by = b.reason
+    except _Budget as spent:
+        outcome.stopped_by = spent.reason
+    logger.debug(
+        "search: %d evaluation(s), %d probe(s), stopped by %s; best sparsity %.4f",
+        len(outcome.trials),
+        outcome.probes,
+        outcome.stopped_by,
+        space.sparsity(outcome.best),
+    )
     return outcome
 
 
@@ -184,6 +191,7 @@ def _bisect(space: SearchSpace, evaluate: Callable[[Config, Phase], bool], resol
             lo = mid
         else:
             hi = mid
+    logger.debug("bisection: level %.4f passes, %.4f fails", lo * resolution, hi * resolution)
     return lo, hi
 
 
@@ -221,6 +229,7 @@ def _refine(
             outcome.probes += 1
             costs.append((max(probe(pushed) - base, 0.0) / gain, gi))
         if not costs:
+            logger.debug("refinement: no group can be pushed further")
             return
         shares = [1.0] * space.n_layers  # groups at their cap stay there
         cheapest = min((c for c, _ in costs if c > 0), default=0.0)
@@ -231,8 +240,10 @@ def _refine(
         for softness in SOFTNESS:
             targets = [share**softness for share in shares]
             if _bisect_direction(space, evaluate, best, targets) and outcome.best != best:
+                logger.debug("refinement: softness %g found sparsity %.4f", softness, space.sparsity(outcome.best))
                 break
         else:
+            logger.debug("refinement: no direction passed")
             return
 
 

@@ -12,7 +12,7 @@ import pytest
 import pruner
 from pruner import AcceptanceRule, DropInterval, PruneOptions, Tolerance
 from pruner._accept import accepts, drop_interval, zero_drop_half_width, zero_drop_samples
-from pruner._prune import _confirm_in_order, _small_set_warnings
+from pruner._confirm import confirm_in_order, small_set_warnings
 from pruner._search import Judgement, Phase, Trial
 from service.cli import _summary
 
@@ -88,13 +88,13 @@ def test_rules_accept_and_refuse_constructed_cases(
 
 
 def test_small_held_out_split_gets_plain_warnings_and_a_large_one_none() -> None:
-    small = _small_set_warnings(np.ones(50), 0.01, 0.9)
+    small = small_set_warnings(np.ones(50), 0.01, 0.9)
     assert len(small) == 2
     assert "one held-out sample is worth 0.02" in small[0] and "too small" in small[0]
     assert "cannot show a drop within the tolerance" in small[1] and "about 163 held-out samples" in small[1]
-    assert _small_set_warnings(np.ones(2000), 0.01, 0.9) == []
+    assert small_set_warnings(np.ones(2000), 0.01, 0.9) == []
     # continuous scores have no granularity: no warning from the 0/1 arithmetic
-    assert _small_set_warnings(np.full(50, 0.5), 0.01, 0.9) == []
+    assert small_set_warnings(np.full(50, 0.5), 0.01, 0.9) == []
 
 
 class Space:
@@ -114,13 +114,12 @@ def test_in_order_confirmation_returns_the_first_accepted_of_the_fixed_list() ->
         asked.append(config)
         return config[0] <= 40
 
-    notes: list[str] = []
-    chosen, runs = _confirm_in_order(passing, Space(), on_holdout, notes)  # type: ignore[arg-type]
+    chosen, runs, note = confirm_in_order(passing, Space(), on_holdout)  # type: ignore[arg-type]
     assert chosen == (40,) and runs == 3 and asked == [(60,), (50,), (40,)]
-    assert any("returned sparsity 40.0%" in n for n in notes)
-    nothing, runs = _confirm_in_order(passing, Space(), lambda c: False, notes)  # type: ignore[arg-type]
+    assert note is not None and "returned sparsity 40.0%" in note
+    nothing, runs, note = confirm_in_order(passing, Space(), lambda c: False)  # type: ignore[arg-type]
     assert nothing == (0,) and runs == 4
-    assert "no candidate passed the held-out rule" in notes[-1]
+    assert note == "no candidate passed the held-out rule; the model is returned unchanged"
 
 
 def test_confidence_out_of_range_is_refused_by_name() -> None:

@@ -14,7 +14,7 @@ from onnx import numpy_helper
 
 import pruner
 from pruner import EventKind, MetricKind, PruneOptions, Tolerance
-from pruner._prune import FALLBACK_STEPS
+from pruner._confirm import FALLBACK_STEPS
 
 MLP_TEXT = """
 <ir_version: 8, opset_import: ["" : 17]>

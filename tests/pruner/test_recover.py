@@ -335,8 +335,8 @@ def test_methods_end_to_end(criterion: pruner.Criterion, recover: pruner.Recover
 
 @pytest.mark.parametrize("recover", [pruner.Recovery.LSQ, pruner.Recovery.SEQUENTIAL])
 def test_calibration_never_sees_the_held_out_split(monkeypatch: pytest.MonkeyPatch, recover: pruner.Recovery) -> None:
-    import pruner._prune as run
     import pruner._recover as recovery
+    from pruner._phases import split_rows
 
     seen: list[np.ndarray] = []
     real = recovery._batches
@@ -350,7 +350,7 @@ def test_calibration_never_sees_the_held_out_split(monkeypatch: pytest.MonkeyPat
     options = pruner.PruneOptions(recover=recover, max_evaluations=2)
     evalset = pruner.load_eval_set(FIXTURES / "mlp_eval.npz")
     pruner.prune(FIXTURES / "mlp.onnx", evalset, options)
-    _, held_out = run._split(len(evalset), options.holdout_fraction, options.seed)
+    _, held_out = split_rows(len(evalset), options.holdout_fraction, options.seed)
     assert len(seen) >= (3 if recover is pruner.Recovery.SEQUENTIAL else 1)
     for rows in seen:
         assert len(rows) == options.calibration_samples
@@ -525,7 +525,7 @@ def test_remove_mode_refit_only_changes_kept_columns(weights_as: str) -> None:
     # removal after the refit must equal the refit model itself: the removed columns are zero
     import onnxruntime as ort
 
-    from pruner._prune import _split
+    from pruner._phases import split_rows
     from pruner._remove import Remover
     from pruner._structure import remove_components
 
@@ -534,7 +534,7 @@ def test_remove_mode_refit_only_changes_kept_columns(weights_as: str) -> None:
         model = as_constants(model)
     evalset = pruner.load_eval_set(FIXTURES / "cnn_bn_eval.npz")
     options = pruner.PruneOptions(mode=pruner.Mode.REMOVE, recover=pruner.Recovery.LSQ)
-    search, _ = _split(len(evalset), options.holdout_fraction, options.seed)
+    search, _ = split_rows(len(evalset), options.holdout_fraction, options.seed)
     calibration = calibrate(
         model, list(analyze(model).layers), evalset, search[:128], batch_size=64, fixed_batch=None, full=True
     )

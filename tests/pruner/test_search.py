@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from pruner._prune import FALLBACK_STEPS, _confirm
+from pruner._confirm import FALLBACK_STEPS, confirm_with_fallback
 from pruner._search import Judgement, Phase, Trial, _bisect_direction, search
 
 Config = tuple[int, ...]
@@ -174,18 +174,16 @@ def test_a_held_out_miss_bisects_towards_the_smallest_candidate(
         searched.append(config)
         return max(config) <= 60
 
-    notes: list[str] = []
-    chosen, confirmations = _confirm(
+    chosen, confirmations, note = confirm_with_fallback(
         [trial_at(space, a) for a in passing],
         space,
         lambda c: max(c) <= holdout_limit,
         on_search,
-        notes,  # type: ignore[arg-type]
     )
     assert chosen == (expected,) * space.n
     assert len(searched) <= FALLBACK_STEPS
     assert confirmations == runs  # held-out runs: the passing candidates tried, then each point passing search
-    assert any("fell back" in n for n in notes) == (expected != passing[0])
+    assert (note is not None and "fell back" in note) == (expected != passing[0])
 
 
 def test_a_direction_that_passes_to_its_end_is_taken_in_two_steps() -> None:
