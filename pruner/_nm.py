@@ -21,8 +21,14 @@ __all__ = ["NMSpace", "NMUnit", "nm_mask", "reduction_axis"]
 
 
 def reduction_axis(layer: PrunableWeight) -> int:
-    """The axis the layer sums over: input channels of a conv, the non-output axis of a matrix."""
+    """The axis the layer sums over: its op declaration's input-channel axis (``_ops``).
+
+    A weight known by its shape alone (a plan's replay) is taken as a conv's or a matrix's:
+    the non-output axis of a matrix, the input channels of a conv.
+    """
     rank = len(layer.shape)
+    if layer.input_axis is not None:
+        return layer.input_axis % rank
     out = layer.channel_axis % rank
     if rank == 2:
         return 1 - out

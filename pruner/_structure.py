@@ -39,16 +39,25 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._graph import GraphIndex, declared_shape
+from ._graph import Attributes, GraphIndex, declared_shape
+from ._ops import OPS, ChannelRule, OpDeclaration, WeightSlot
 
-__all__ = ["Family", "Structure", "analyze_structure", "remove_components", "set_params", "zero_components"]
+__all__ = [
+    "CountFixup",
+    "Family",
+    "Fixup",
+    "GroupFixup",
+    "SliceFixup",
+    "SplitFixup",
+    "Structure",
+    "analyze_structure",
+    "remove_components",
+    "set_params",
+    "zero_components",
+]
 
 Slot = tuple[str, int]
 """A tensor and one of its axes."""
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 @dataclass
@@ -66,14 +75,49 @@ class Family:
     """Why removing these channels changes the outputs of the kept ones (None: it does not)."""
 
 
-@dataclass
-class Fixup:
-    """An attribute or constant that names a channel count, and the slot whose count it is."""
+@dataclass(frozen=True)
+class GroupFixup:
+    """The ``group`` of a depthwise conv: the channel count of ``slots[0]``."""
 
-    kind: str
     node: int
     slots: tuple[Slot, ...]
-    detail: tuple[object, ...] = ()
+
+
+@dataclass(frozen=True)
+class SplitFixup:
+    """The sizes of a Split (its ``split`` attribute or sizes input): one count per output slot."""
+
+    node: int
+    slots: tuple[Slot, ...]
+
+
+@dataclass(frozen=True)
+class SliceFixup:
+    """The bounds of a Slice along a channel axis: ``slots`` are (input, output); the constants
+    ``starts`` and ``ends`` hold them at ``position``, the range beginning at channel ``start``."""
+
+    node: int
+    slots: tuple[Slot, ...]
+    starts: str
+    ends: str
+    position: int
+    start: int
+
+
+@dataclass(frozen=True)
+class CountFixup:
+    """An entry of a shape-like constant (Reshape shape, Resize sizes): entry ``position`` of
+    ``constant``, read as ``node.input[input_index]``, is the channel count of ``slots[0]``."""
+
+    node: int
+    slots: tuple[Slot, ...]
+    constant: str
+    position: int
+    input_index: int
+
+
+Fixup = GroupFixup | SplitFixup | SliceFixup | CountFixup
+"""An attribute or constant that names a channel count, and the slots whose counts it holds."""
 
 
 @dataclass
@@ -106,11 +150,6 @@ class _Builder:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.index = GraphIndex.build(model.graph)
-        self.producer: dict[str, int] = {}
-        self.node_index = {id(node): i for i, node in enumerate(model.graph.node)}
-        for i, node in enumerate(model.graph.node):
-            for out in node.output:
-                self.producer[out] = i
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         self.shapes: dict[str, tuple[int | None, ...]] = {}
         for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
@@ -118,8 +157,8 @@ class _Builder:
                 self.shapes[value.name] = declared_shape(value)
         for name, tensor in self.index.initializers.items():
             self.shapes[name] = tuple(tensor.dims)
-        for name, node in self.index.constants.items():
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
+        for name in self.index.constants:
+            value = self.index.tensor(name)
             if value is not None:
                 self.shapes[name] = tuple(value.dims)
         self.slot_base: dict[Slot, int] = {}
@@ -142,10 +181,10 @@ class _Builder:
     # --- atoms --------------------------------------------------------------------------------
 
     def is_constant(self, name: str) -> bool:
-        return name in self.index.initializers or name in self.index.constants
+        return self.index.is_constant(name)
 
     def constant(self, name: str) -> np.ndarray | None:
-        return _constant(self.index, name)
+        return self.index.value(name)
 
     def dim(self, name: str, axis: int) -> int | None:
         shape = self.shapes.get(name)
@@ -191,13 +230,14 @@ class _Builder:
             parent[a], a = root, parent[a]
         return root
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-            for r in (ra, rb):
-                if r in self.frozen and min(ra, rb) not in self.frozen:
-                    self.frozen[min(ra, rb)] = self.frozen[r]
+    def union(self, first: int, second: int) -> None:
+        roots = self.find(first), self.find(second)
+        if roots[0] != roots[1]:
+            low, high = min(roots), max(roots)
+            self.parent[high] = low
+            for root in roots:
+                if root in self.frozen and low not in self.frozen:
+                    self.frozen[low] = self.frozen[root]
 
     def link(self, a: str, axis_a: int, b: str, axis_b: int, size: int) -> None:
         """Channel k of ``a`` along ``axis_a`` is channel k of ``b`` along ``axis_b``."""
@@ -222,7 +262,7 @@ class _Builder:
 
     def run(self) -> None:
         for node_index, node in enumerate(self.model.graph.node):
-            if node.op_type in SEEDS and node.domain in ("", "ai.onnx"):
+            if node.op_type in OPS and node.domain in ("", "ai.onnx"):
                 self.apply(node_index, None)
         while self.todo:
             name, axis = self.todo.pop()
@@ -232,13 +272,13 @@ class _Builder:
             if name in self.index.graph_inputs:
                 self.freeze(name, axis, size, f"{name!r} is a graph input")
             touching = []
-            if name in self.producer:
-                touching.append(self.producer[name])
+            if name in self.index.producers:
+                touching.append(self.index.producers[name])
             for use in self.index.uses(name):
                 if use.in_subgraph:
                     self.freeze(name, axis, size, f"{name!r} is read inside a subgraph")
                     continue
-                touching.append(self.node_index[id(use.node)])
+                touching.append(self.index.position(use.node))
             for node_index in touching:
                 self.apply(node_index, (name, axis))
 
@@ -398,86 +438,97 @@ def _need(value: int | None, what: str) -> int:
     return value
 
 
+def _weight(node: onnx.NodeProto, input_index: int) -> tuple[WeightSlot, int]:
+    """The declaration (``_ops``) of weight operand ``input_index`` of ``node``, and its groups."""
+    layout = OPS[node.op_type].of(node)
+    slot = layout.slot(input_index)
+    assert slot is not None, f"{node.op_type} declares no weight at input {input_index}"
+    return slot, layout.groups
+
+
 def _conv(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
-    x, w, y = node.input[0], node.input[1], node.output[0]
+    weight, group = _weight(node, 1)
+    x, w, y = node.input[weight.data], node.input[weight.input], node.output[0]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if not b.is_constant(w) or (bias and not b.is_constant(bias)):
         raise _Stop("weight or bias is not a constant")
-    if trigger is not None and trigger[1] % (b.rank(trigger[0]) or 1) != 1:
-        raise _Stop("only the channel axis (1) of a conv can shrink")
+    if trigger is not None and trigger[1] % (b.rank(trigger[0]) or 1) != weight.output_axis:
+        raise _Stop(f"only the channel axis ({weight.output_axis}) of a conv can shrink")
     shape = b.shapes[w]
-    group = int(_attrs(node).get("group", 1))  # type: ignore[call-overload]
-    transpose = node.op_type == "ConvTranspose"
-    c_in = _need(b.dim(x, 1), "input channels")
-    c_out = _need(b.dim(y, 1), "output channels")
-    out_axis, in_axis = (1, 0) if transpose else (0, 1)
+    c_in = _need(b.dim(x, weight.data_axis), "input channels")
+    c_out = _need(b.dim(y, weight.output_axis), "output channels")
+    out_axis, in_axis = weight.out_axis, weight.in_axis
     b.producer_slots.add((w, out_axis))
     if group == 1:
         if trigger is None or trigger[0] == y:
-            b.link(y, 1, w, out_axis, c_out)
+            b.link(y, weight.output_axis, w, out_axis, c_out)
             if bias:
-                b.link(y, 1, bias, 0, c_out)
+                b.link(y, weight.output_axis, bias, 0, c_out)
         if trigger is not None and trigger[0] == x:
-            b.link(x, 1, w, in_axis, c_in)
+            b.link(x, weight.data_axis, w, in_axis, c_in)
             b.consumer_slots.add((w, in_axis))
         return
-    if not transpose and group == c_in == c_out and shape[1] == 1:
-        b.link(x, 1, y, 1, c_out)
-        b.link(y, 1, w, 0, c_out)
+    # depthwise: one input channel per filter, output channel k reads input channel k only
+    if out_axis == 0 and group == c_in == c_out and shape[in_axis] == 1:
+        b.link(x, weight.data_axis, y, weight.output_axis, c_out)
+        b.link(y, weight.output_axis, w, out_axis, c_out)
         if bias:
-            b.link(y, 1, bias, 0, c_out)
-        b.add_fixup(Fixup("group", i, ((y, 1),)))
+            b.link(y, weight.output_axis, bias, 0, c_out)
+        b.add_fixup(GroupFixup(i, ((y, weight.output_axis),)))
         return
     raise _Stop(f"grouped convolution (group={group}) is not pruned")
 
 
 def _gemm(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
-    a, w, y = node.input[0], node.input[1], node.output[0]
-    attrs = _attrs(node)
-    if attrs.get("transA", 0) or not b.is_constant(w):
-        raise _Stop("only Gemm with a constant B and no transA")
-    trans_b = bool(attrs.get("transB", 0))
-    n_out = _need(b.dim(y, 1), "Gemm output width")
-    b.producer_slots.add((w, 0 if trans_b else 1))
+    weight, _ = _weight(node, 1)
+    a, w, y = node.input[weight.data], node.input[weight.input], node.output[0]
+    if not b.is_constant(w):
+        raise _Stop("only Gemm with a constant B")
+    n_out = _need(b.dim(y, weight.output_axis), "Gemm output width")
+    b.producer_slots.add((w, weight.out_axis))
     if trigger is None or trigger[0] == y:
-        if trigger is not None and trigger[1] % 2 != 1:
+        if trigger is not None and trigger[1] % 2 != weight.output_axis:
             raise _Stop("the batch axis of a Gemm output cannot shrink")
-        b.link(y, 1, w, 0 if trans_b else 1, n_out)
+        b.link(y, weight.output_axis, w, weight.out_axis, n_out)
         if len(node.input) > 2 and node.input[2]:
             c = node.input[2]
             c_shape = b.shapes.get(c)
             if not b.is_constant(c) or c_shape is None:
                 raise _Stop("Gemm C is not a constant")
             if c_shape and c_shape[-1] == n_out and n_out > 1:
-                b.link(y, 1, c, len(c_shape) - 1, n_out)
+                b.link(y, weight.output_axis, c, len(c_shape) - 1, n_out)
                 if len(c_shape) == 2 and c_shape[0] != 1:
                     raise _Stop("Gemm C is a full matrix")
     if trigger is not None and trigger[0] == a:
-        if trigger[1] % 2 != 1:
+        if trigger[1] % 2 != weight.data_axis:
             raise _Stop("the batch axis of a Gemm input cannot shrink")
-        b.link(a, 1, w, 1 if trans_b else 0, _need(b.dim(a, 1), "Gemm input width"))
-        b.consumer_slots.add((w, 1 if trans_b else 0))
+        b.link(a, weight.data_axis, w, weight.in_axis, _need(b.dim(a, weight.data_axis), "Gemm input width"))
+        b.consumer_slots.add((w, weight.in_axis))
 
 
 def _matmul(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
-    a, w, y = node.input[0], node.input[1], node.output[0]
+    weight, _ = _weight(node, 1)
+    a, w, y = node.input[weight.data], node.input[weight.input], node.output[0]
     if trigger is not None and not b.is_constant(a) and not b.is_constant(w):
         _batched_matmul(b, node, trigger)
         return
     if not b.is_constant(w) or b.is_constant(a) or len(b.shapes.get(w, ())) != 2:
         raise _Stop("only MatMul of an activation by a constant 2-D weight")
     rank_y = _need(b.rank(y), "MatMul output rank")
-    b.producer_slots.add((w, 1))
+    rank_w = 2
+    out_axis, in_axis = weight.out_axis % rank_w, weight.in_axis % rank_w
+    output_axis = weight.output_axis % rank_y
+    b.producer_slots.add((w, out_axis))
     if trigger is None or trigger[0] == y:
-        if trigger is not None and trigger[1] % rank_y != rank_y - 1:
+        if trigger is not None and trigger[1] % rank_y != output_axis:
             raise _Stop("only the last axis of a MatMul output can shrink")
-        b.link(y, rank_y - 1, w, 1, _need(b.dim(w, 1), "MatMul width"))
+        b.link(y, output_axis, w, out_axis, _need(b.dim(w, out_axis), "MatMul width"))
     if trigger is not None and trigger[0] == a:
         rank_a = _need(b.rank(a), "MatMul input rank")
-        if trigger[1] % rank_a != rank_a - 1:
+        if trigger[1] % rank_a != weight.data_axis % rank_a:
             raise _Stop("only the last axis of a MatMul input can shrink")
-        b.link(a, rank_a - 1, w, 0, _need(b.dim(w, 0), "MatMul depth"))
-        b.consumer_slots.add((w, 0))
+        b.link(a, weight.data_axis % rank_a, w, in_axis, _need(b.dim(w, in_axis), "MatMul depth"))
+        b.consumer_slots.add((w, in_axis))
 
 
 def _batched_matmul(b: _Builder, node: onnx.NodeProto, trigger: Slot) -> None:
@@ -527,17 +578,16 @@ def _channel_only(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | Non
     if node.op_type == "Resize":
         if len(node.input) > 3 and node.input[3]:
             sizes = b.constant(node.input[3])
-            axes = _attrs(node).get("axes")
-            if sizes is None or axes is not None or sizes.size < 2:
+            if sizes is None or "axes" in Attributes(node) or sizes.size < 2:
                 raise _Stop("Resize sizes must be a constant over all axes")
             # sizes name the channel count: it follows the channels (a per-node copy, as for Reshape)
-            b.add_fixup(Fixup("count", i, ((y, 1),), (node.input[3], 1, 3)))
+            b.add_fixup(CountFixup(i, ((y, 1),), node.input[3], position=1, input_index=3))
         else:
             scales = b.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if scales is None or scales.size < 2 or scales[1] != 1:
                 raise _Stop("Resize scales of the channel axis must be a constant 1")
     if node.op_type == "Pad":
-        pads = b.constant(node.input[1]) if len(node.input) > 1 else np.array(_attrs(node).get("pads", []))
+        pads = b.constant(node.input[1]) if len(node.input) > 1 else np.array(Attributes(node).get_ints("pads", []))
         axes = b.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
         if pads is None or axes is not None:
             raise _Stop("Pad without constant pads over all axes")
@@ -565,7 +615,7 @@ def _normalization(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | No
     if any(out and b.index.uses(out) for out in node.output[1:]):
         raise _Stop("training outputs are used")
     if node.op_type == "BatchNormalization":
-        b.scales.append((node.input[1], node.input[4], float(_attrs(node).get("epsilon", 1e-5))))  # type: ignore[arg-type]
+        b.scales.append((node.input[1], node.input[4], Attributes(node).get_float("epsilon", 1e-5)))
 
 
 def _elementwise(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
@@ -600,7 +650,7 @@ def _concat(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> 
     assert trigger is not None
     y = node.output[0]
     rank = _need(b.rank(y), "Concat rank")
-    cat = int(_attrs(node)["axis"]) % rank  # type: ignore[call-overload]
+    cat = Attributes(node).get_int("axis", 0) % rank
     axis = trigger[1]
     if axis != cat:
         for x in node.input:
@@ -618,7 +668,7 @@ def _split(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> N
     assert trigger is not None
     x = node.input[0]
     rank = _need(b.rank(x), "Split rank")
-    split_axis = int(_attrs(node).get("axis", 0)) % rank  # type: ignore[call-overload]
+    split_axis = Attributes(node).get_int("axis", 0) % rank
     axis = trigger[1]
     if axis != split_axis:
         for y in node.output:
@@ -634,7 +684,7 @@ def _split(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> N
         offset += size
     if len(node.input) > 1 and node.input[1] and not b.is_constant(node.input[1]):
         raise _Stop("Split sizes are not a constant")
-    b.add_fixup(Fixup("split", i, tuple(slots)))
+    b.add_fixup(SplitFixup(i, tuple(slots)))
 
 
 def _slice(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
@@ -663,14 +713,15 @@ def _slice(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> N
     start = int(np.clip(starts[k] + size if starts[k] < 0 else starts[k], 0, size))
     end = int(np.clip(ends[k] + size if ends[k] < 0 else ends[k], start, size))
     b.link_map(y, axis, end - start, x, axis, size, start + np.arange(end - start))
-    b.add_fixup(Fixup("slice", i, ((x, axis), (y, axis)), (node.input[1], node.input[2], k, start)))
+    b.add_fixup(SliceFixup(i, ((x, axis), (y, axis)), node.input[1], node.input[2], position=k, start=start))
 
 
 def _transpose(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     assert trigger is not None
     x, y = node.input[0], node.output[0]
     rank = _need(b.rank(x), "Transpose rank")
-    perm = list(_attrs(node).get("perm", list(reversed(range(rank)))))  # type: ignore[call-overload]
+    perm = Attributes(node).get_ints("perm", list(reversed(range(rank))))
+    assert perm is not None
     size = b.slot_size[trigger]
     if trigger[0] == x:
         b.link(x, trigger[1], y, perm.index(trigger[1]), size)
@@ -686,16 +737,16 @@ def _flatten_like(b: _Builder, x: str, y: str, start: int, trigger: Slot) -> int
     axis = trigger[1] if trigger[0] == x else start
     if axis < start:
         raise _Stop("only an axis that is flattened into the features can shrink")
-    dims = shape[start:]
-    if any(d is None for d in dims):
+    dims = [d for d in shape[start:] if d is not None]
+    if len(dims) != len(shape) - start:
         raise _Stop("flattened dims are not static")
-    size = _need(shape[axis], "channels")
-    inner = math.prod(shape[axis + 1 :])  # type: ignore[arg-type]
-    outer = math.prod(shape[start:axis])  # type: ignore[arg-type]
-    features = math.prod(dims)  # type: ignore[arg-type]
+    size = dims[axis - start]
+    inner = math.prod(dims[axis - start + 1 :])
+    outer = math.prod(dims[: axis - start])
+    features = math.prod(dims)
     blocks = np.arange(outer)[:, None] * (size * inner) + np.arange(inner)[None, :]
-    to_y = [(blocks + c * inner).reshape(-1) for c in range(size)]
-    b.link_map(x, axis, size, y, 1, features, to_y)  # type: ignore[arg-type]
+    to_y = np.stack([(blocks + c * inner).reshape(-1) for c in range(size)])
+    b.link_map(x, axis, size, y, 1, features, to_y)
     return axis
 
 
@@ -703,7 +754,7 @@ def _flatten(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) ->
     assert trigger is not None
     x, y = node.input[0], node.output[0]
     rank = _need(b.rank(x), "Flatten rank")
-    start = int(_attrs(node).get("axis", 1)) % rank  # type: ignore[call-overload]
+    start = Attributes(node).get_int("axis", 1) % rank
     if start != 1:
         raise _Stop("only Flatten(axis=1)")
     if trigger[0] == y and trigger[1] != 1:
@@ -740,7 +791,7 @@ def _heads(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot) -> bool:
     b.link_map(wide, rank_wide - 1, width, narrow, rank_wide - 1, heads, np.arange(width) // head_dim)
     index = rank_wide - 1
     if int(target[index]) > 0:
-        b.add_fixup(Fixup("count", i, ((y, index),), (shape_name, index, 1)))
+        b.add_fixup(CountFixup(i, ((y, index),), shape_name, position=index, input_index=1))
     return True
 
 
@@ -759,7 +810,8 @@ def _reshape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) ->
             raise _Stop("only the last axis passes through a Reshape that keeps it")
         b.link(x, len(in_shape) - 1, y, len(out_shape) - 1, b.slot_size[trigger])
         if int(target[-1]) > 0:
-            b.add_fixup(Fixup("count", i, ((y, len(out_shape) - 1),), (shape_name, len(out_shape) - 1, 1)))
+            last = len(out_shape) - 1
+            b.add_fixup(CountFixup(i, ((y, last),), shape_name, position=last, input_index=1))
         return
     if target is None or in_shape is None or out_shape is None or len(out_shape) != 2 or len(in_shape) < 2:
         raise _Stop("only a Reshape that flattens [N, C, ...] to [N, features] with a constant shape")
@@ -769,14 +821,15 @@ def _reshape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) ->
         raise _Stop("the batch axis cannot shrink")
     _flatten_like(b, x, y, 1, trigger)
     if int(target[1]) > 0:
-        b.add_fixup(Fixup("count", i, ((y, 1),), (shape_name, 1, 1)))
+        b.add_fixup(CountFixup(i, ((y, 1),), shape_name, position=1, input_index=1))
 
 
 def _squeeze(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     assert trigger is not None
     x, y = node.input[0], node.output[0]
     rank_x, rank_y = _need(b.rank(x), "rank"), _need(b.rank(y), "rank")
-    axes_value = b.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else _attrs(node).get("axes")
+    listed = Attributes(node).get_ints("axes")
+    axes_value = b.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else listed
     if axes_value is None:
         raise _Stop("axes are not constant")
     unsqueeze = node.op_type == "Unsqueeze"
@@ -800,7 +853,7 @@ def _gather(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> 
         raise _Stop("the indices carry channels")
     rank = _need(b.rank(x), "rank")
     picked = _need(b.rank(indices), "indices rank")
-    axis = int(_attrs(node).get("axis", 0)) % rank  # type: ignore[call-overload]
+    axis = Attributes(node).get_int("axis", 0) % rank
     if trigger[0] == x:
         if trigger[1] == axis:
             raise _Stop("it selects along the channel axis")
@@ -821,15 +874,15 @@ def _reduce(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> 
     assert trigger is not None
     x, y = node.input[0], node.output[0]
     rank = _need(b.rank(x), "rank")
-    attrs = _attrs(node)
+    attrs = Attributes(node)
     dropped = False
     if node.op_type in ("Softmax", "LogSoftmax", "Hardmax"):
-        reduced = {int(attrs.get("axis", -1)) % rank}  # type: ignore[call-overload]
+        reduced = {attrs.get_int("axis", -1) % rank}
     elif node.op_type == "LayerNormalization":
-        start = int(attrs.get("axis", -1)) % rank  # type: ignore[call-overload]
+        start = attrs.get_int("axis", -1) % rank
         reduced = set(range(start, rank))
     else:
-        dropped = not int(attrs.get("keepdims", 1))  # type: ignore[call-overload]
+        dropped = not attrs.get_int("keepdims", 1)
         axes = _axes(node, b.index, rank)
         if axes is None:
             raise _Stop("reduction over all axes, or over axes computed at run time")
@@ -877,14 +930,18 @@ def _layer_norm(b: _Builder, node: onnx.NodeProto, axis: int) -> None:
     b.approximate.setdefault((x, axis), f"{what} (LayerNormalization) normalizes over these channels")
 
 
-SEEDS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+_SEED_RULES: dict[ChannelRule, Rule] = {ChannelRule.CONV: _conv, ChannelRule.GEMM: _gemm, ChannelRule.MATMUL: _matmul}
+"""The rule each op declaration (``_ops.OPS``) names: how channels pass through its weights."""
+
+
+def _seed_rule(declaration: OpDeclaration) -> Rule:
+    return _SEED_RULES[declaration.channel_rule]
+
+
 _UNARY = """Relu LeakyRelu PRelu Sigmoid Tanh Clip HardSigmoid HardSwish Elu Selu Celu Softplus Softsign Erf Gelu
 Mish Exp Log Abs Neg Sqrt Reciprocal Identity Dropout Cast Floor Ceil Round Sign ThresholdedRelu Sin Cos""".split()
 RULES: dict[str, Rule] = {
-    "Conv": _conv,
-    "ConvTranspose": _conv,
-    "Gemm": _gemm,
-    "MatMul": _matmul,
+    **{op_type: _seed_rule(declaration) for op_type, declaration in OPS.items()},
     **{op: _same_shape for op in _UNARY if op != "PRelu"},
     **{op: _channel_only for op in "MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool Resize Pad".split()},
     "BatchNormalization": _normalization,
@@ -935,9 +992,7 @@ def zero_components(model: onnx.ModelProto, structure: Structure, removed: Seque
                 continue
             positions = np.flatnonzero(np.isin(structure.atoms((tensor, axis)), removed_array))
             if len(positions):
-                index = [slice(None)] * array.ndim
-                index[axis] = positions  # type: ignore[call-overload]
-                array[tuple(index)] = neutral_params.get(name, 0.0)
+                np.moveaxis(array, axis, 0)[positions] = neutral_params.get(name, 0.0)
                 changed = True
         if changed:
             _set_param(out, name, array)
@@ -971,9 +1026,10 @@ def mask_norms(model: onnx.ModelProto, structure: Structure) -> tuple[onnx.Model
         slot = next(((name, a) for (name, a) in structure.approximate if name == x), None)
         rank = len(types[x].shape.dim) if x in types else 0
         last = rank - 1
-        attrs = _attrs(node)
-        norm = node.op_type == "LayerNormalization" and int(attrs.get("axis", -1)) % max(rank, 1) == last  # type: ignore[call-overload]
-        mean = node.op_type == "ReduceMean" and int(attrs.get("keepdims", 1)) and _axes(node, index, rank) == {last}  # type: ignore[call-overload]
+        attrs = Attributes(node)
+        norm = node.op_type == "LayerNormalization" and attrs.get_int("axis", -1) % max(rank, 1) == last
+        keepdims = bool(attrs.get_int("keepdims", 1))
+        mean = node.op_type == "ReduceMean" and keepdims and _axes(node, index, rank) == {last}
         if slot is None or slot[1] != last or node.domain not in ("", "ai.onnx") or not (norm or mean):
             nodes.append(node)
             continue
@@ -988,23 +1044,16 @@ def mask_norms(model: onnx.ModelProto, structure: Structure) -> tuple[onnx.Model
     return out, masks
 
 
-def _constant(index: GraphIndex, name: str) -> np.ndarray | None:
-    """The value of an initializer or Constant node (None for anything computed)."""
-    if name in index.initializers:
-        return numpy_helper.to_array(index.initializers[name])
-    node = index.constants.get(name)
-    if node is not None:
-        value = next((a.t for a in node.attribute if a.name == "value"), None)
-        return None if value is None else numpy_helper.to_array(value)
-    return None
-
-
 def _axes(node: onnx.NodeProto, index: GraphIndex, rank: int) -> set[int] | None:
     """The axes a reduction names (attribute or constant input), None if it names none statically."""
-    value = _attrs(node).get("axes")
+    listed = Attributes(node).get_ints("axes")
+    value = None if listed is None else np.array(listed)
     if value is None and len(node.input) > 1 and node.input[1]:
-        value = _constant(index, node.input[1])
-    return None if value is None else {int(a) % rank for a in np.atleast_1d(np.asarray(value))}
+        value = index.value(node.input[1])
+    return None if value is None else {int(a) % rank for a in np.atleast_1d(value)}
+
+
+_AttributeValue = onnx.TensorProto | int | list[int]
 
 
 def _masked(node: onnx.NodeProto, mask: str, axis: int, opset: int, tag: int, dtype: np.dtype) -> list[onnx.NodeProto]:
@@ -1012,9 +1061,11 @@ def _masked(node: onnx.NodeProto, mask: str, axis: int, opset: int, tag: int, dt
     prefix = f"{node.output[0]}__masked{tag}"
     made: list[onnx.NodeProto] = []
 
-    def op(op_type: str, inputs: list[str], output: str | None = None, **attrs: object) -> str:
+    def op(op_type: str, inputs: list[str], output: str | None = None, **attrs: _AttributeValue) -> str:
         name = output or f"{prefix}_{len(made)}"
-        made.append(helper.make_node(op_type, inputs, [name], **attrs))  # type: ignore[arg-type]
+        new = helper.make_node(op_type, inputs, [name])
+        new.attribute.extend(helper.make_attribute(key, value) for key, value in attrs.items())
+        made.append(new)
         return name
 
     def channel_sum(x: str) -> str:  # ReduceSum over ``axis``, keepdims
@@ -1028,7 +1079,7 @@ def _masked(node: onnx.NodeProto, mask: str, axis: int, opset: int, tag: int, dt
     if node.op_type == "ReduceMean":
         op("Div", [channel_sum(op("Mul", [x, mask])), kept], node.output[0])
         return made
-    eps = float(_attrs(node).get("epsilon", 1e-5))  # type: ignore[arg-type]
+    eps = Attributes(node).get_float("epsilon", 1e-5)
     mean = op("Div", [channel_sum(op("Mul", [x, mask])), kept])
     centred = op("Mul", [op("Sub", [x, mean]), mask])
     var = op("Div", [channel_sum(op("Mul", [centred, centred])), kept])
@@ -1066,23 +1117,22 @@ def remove_components(
     for fix in structure.fixups:
         node = graph.node[fix.node]
         counts = [len(_remaining(structure, removed_array, slot)) for slot in fix.slots]
-        if fix.kind == "group":
+        if isinstance(fix, GroupFixup):
             for attr in node.attribute:
                 if attr.name == "group":
                     attr.i = counts[0]
-        elif fix.kind == "slice":
-            starts_name, ends_name, k, start = (str(fix.detail[0]), str(fix.detail[1]), fix.detail[2], fix.detail[3])
+        elif isinstance(fix, SliceFixup):
             kept_in = _remaining(structure, removed_array, fix.slots[0])
-            new_start = int(np.count_nonzero(kept_in < int(start)))  # type: ignore[call-overload]
-            bounds = {starts_name: new_start, ends_name: new_start + counts[1]}
+            new_start = int(np.count_nonzero(kept_in < fix.start))
+            bounds = {fix.starts: new_start, fix.ends: new_start + counts[1]}
             for index, (name, value) in enumerate(bounds.items(), start=1):
-                values = _param_arrays(model, {str(name)})[str(name)].copy()
-                values[int(k)] = value  # type: ignore[call-overload]
+                values = _param_arrays(model, {name})[name].copy()
+                values[fix.position] = value
                 own = f"{name}__{node.name or fix.node}"
                 graph.initializer.append(numpy_helper.from_array(values, own))
                 node.input[index] = own
-                replaced.add(str(name))
-        elif fix.kind == "split":
+                replaced.add(name)
+        elif isinstance(fix, SplitFixup):
             if len(node.input) > 1 and node.input[1]:
                 # the exporter shares equal sizes between Splits (YOLOv8's C2f blocks): give this node its own
                 sizes_name = node.input[1]
@@ -1095,17 +1145,17 @@ def remove_components(
                     if attr.name == "split":
                         del attr.ints[:]
                         attr.ints.extend(counts)
-        elif fix.kind == "count":  # an entry of a shape-like constant (Reshape shape, Resize sizes)
+        else:  # an entry of a shape-like constant (Reshape shape, Resize sizes)
             # shape constants are often shared (every head split of a model): give this node its own
-            shape_name, position = str(fix.detail[0]), int(fix.detail[1])  # type: ignore[call-overload]
+            shape_name = fix.constant
             target = shape_values.setdefault(fix.node, _param_arrays(model, {shape_name})[shape_name].copy())
-            target[position] = counts[0]
+            target[fix.position] = counts[0]
             own = f"{shape_name}__{node.name or fix.node}"
             if own not in {t.name for t in graph.initializer}:
                 graph.initializer.append(numpy_helper.from_array(target, own))
             else:
                 _set_param(out, own, target)
-            node.input[int(fix.detail[2])] = own  # type: ignore[call-overload]
+            node.input[fix.input_index] = own
             replaced.add(shape_name)
     used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
     for k in reversed(range(len(graph.initializer))):
@@ -1120,15 +1170,13 @@ def remove_components(
 
 
 def _param_arrays(model: onnx.ModelProto, names: set[str] | None = None) -> dict[str, np.ndarray]:
+    """Writable copies of the initializers and Constant values (``names`` only, if given)."""
+    index = GraphIndex.build(model.graph)
     out = {}
-    for tensor in model.graph.initializer:
-        if names is None or tensor.name in names:
-            out[tensor.name] = numpy_helper.to_array(tensor).copy()
-    for node in model.graph.node:
-        if node.op_type == "Constant" and (names is None or node.output[0] in names):
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                out[node.output[0]] = numpy_helper.to_array(value).copy()
+    for name in index.constant_names() if names is None else names:
+        value = index.value(name)
+        if value is not None:
+            out[name] = value.copy()
     return out
 
 
