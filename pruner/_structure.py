@@ -425,10 +425,10 @@ def analyze_structure(model: onnx.ModelProto) -> Structure:
 Rule = Callable[[_Builder, int, onnx.NodeProto, Slot | None], None]
 
 
-def _axis(b: _Builder, trigger: Slot | None, name: str) -> int | None:
+def _axis(builder: _Builder, trigger: Slot | None, name: str) -> int | None:
     if trigger is None or trigger[0] != name:
         return None
-    rank = b.rank(name)
+    rank = builder.rank(name)
     return trigger[1] % rank if rank else trigger[1]
 
 
@@ -446,92 +446,93 @@ def _weight(node: onnx.NodeProto, input_index: int) -> tuple[WeightSlot, int]:
     return slot, layout.groups
 
 
-def _conv(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _conv(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     weight, group = _weight(node, 1)
     x, w, y = node.input[weight.data], node.input[weight.input], node.output[0]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if not b.is_constant(w) or (bias and not b.is_constant(bias)):
+    if not builder.is_constant(w) or (bias and not builder.is_constant(bias)):
         raise _Stop("weight or bias is not a constant")
-    if trigger is not None and trigger[1] % (b.rank(trigger[0]) or 1) != weight.output_axis:
+    if trigger is not None and trigger[1] % (builder.rank(trigger[0]) or 1) != weight.output_axis:
         raise _Stop(f"only the channel axis ({weight.output_axis}) of a conv can shrink")
-    shape = b.shapes[w]
-    c_in = _need(b.dim(x, weight.data_axis), "input channels")
-    c_out = _need(b.dim(y, weight.output_axis), "output channels")
+    shape = builder.shapes[w]
+    c_in = _need(builder.dim(x, weight.data_axis), "input channels")
+    c_out = _need(builder.dim(y, weight.output_axis), "output channels")
     out_axis, in_axis = weight.out_axis, weight.in_axis
-    b.producer_slots.add((w, out_axis))
+    builder.producer_slots.add((w, out_axis))
     if group == 1:
         if trigger is None or trigger[0] == y:
-            b.link(y, weight.output_axis, w, out_axis, c_out)
+            builder.link(y, weight.output_axis, w, out_axis, c_out)
             if bias:
-                b.link(y, weight.output_axis, bias, 0, c_out)
+                builder.link(y, weight.output_axis, bias, 0, c_out)
         if trigger is not None and trigger[0] == x:
-            b.link(x, weight.data_axis, w, in_axis, c_in)
-            b.consumer_slots.add((w, in_axis))
+            builder.link(x, weight.data_axis, w, in_axis, c_in)
+            builder.consumer_slots.add((w, in_axis))
         return
     # depthwise: one input channel per filter, output channel k reads input channel k only
     if out_axis == 0 and group == c_in == c_out and shape[in_axis] == 1:
-        b.link(x, weight.data_axis, y, weight.output_axis, c_out)
-        b.link(y, weight.output_axis, w, out_axis, c_out)
+        builder.link(x, weight.data_axis, y, weight.output_axis, c_out)
+        builder.link(y, weight.output_axis, w, out_axis, c_out)
         if bias:
-            b.link(y, weight.output_axis, bias, 0, c_out)
-        b.add_fixup(GroupFixup(i, ((y, weight.output_axis),)))
+            builder.link(y, weight.output_axis, bias, 0, c_out)
+        builder.add_fixup(GroupFixup(i, ((y, weight.output_axis),)))
         return
     raise _Stop(f"grouped convolution (group={group}) is not pruned")
 
 
-def _gemm(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _gemm(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     weight, _ = _weight(node, 1)
     a, w, y = node.input[weight.data], node.input[weight.input], node.output[0]
-    if not b.is_constant(w):
+    if not builder.is_constant(w):
         raise _Stop("only Gemm with a constant B")
-    n_out = _need(b.dim(y, weight.output_axis), "Gemm output width")
-    b.producer_slots.add((w, weight.out_axis))
+    n_out = _need(builder.dim(y, weight.output_axis), "Gemm output width")
+    builder.producer_slots.add((w, weight.out_axis))
     if trigger is None or trigger[0] == y:
         if trigger is not None and trigger[1] % 2 != weight.output_axis:
             raise _Stop("the batch axis of a Gemm output cannot shrink")
-        b.link(y, weight.output_axis, w, weight.out_axis, n_out)
+        builder.link(y, weight.output_axis, w, weight.out_axis, n_out)
         if len(node.input) > 2 and node.input[2]:
             c = node.input[2]
-            c_shape = b.shapes.get(c)
-            if not b.is_constant(c) or c_shape is None:
+            c_shape = builder.shapes.get(c)
+            if not builder.is_constant(c) or c_shape is None:
                 raise _Stop("Gemm C is not a constant")
             if c_shape and c_shape[-1] == n_out and n_out > 1:
-                b.link(y, weight.output_axis, c, len(c_shape) - 1, n_out)
+                builder.link(y, weight.output_axis, c, len(c_shape) - 1, n_out)
                 if len(c_shape) == 2 and c_shape[0] != 1:
                     raise _Stop("Gemm C is a full matrix")
     if trigger is not None and trigger[0] == a:
         if trigger[1] % 2 != weight.data_axis:
             raise _Stop("the batch axis of a Gemm input cannot shrink")
-        b.link(a, weight.data_axis, w, weight.in_axis, _need(b.dim(a, weight.data_axis), "Gemm input width"))
-        b.consumer_slots.add((w, weight.in_axis))
+        depth = _need(builder.dim(a, weight.data_axis), "Gemm input width")
+        builder.link(a, weight.data_axis, w, weight.in_axis, depth)
+        builder.consumer_slots.add((w, weight.in_axis))
 
 
-def _matmul(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _matmul(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     weight, _ = _weight(node, 1)
     a, w, y = node.input[weight.data], node.input[weight.input], node.output[0]
-    if trigger is not None and not b.is_constant(a) and not b.is_constant(w):
-        _batched_matmul(b, node, trigger)
+    if trigger is not None and not builder.is_constant(a) and not builder.is_constant(w):
+        _batched_matmul(builder, node, trigger)
         return
-    if not b.is_constant(w) or b.is_constant(a) or len(b.shapes.get(w, ())) != 2:
+    if not builder.is_constant(w) or builder.is_constant(a) or len(builder.shapes.get(w, ())) != 2:
         raise _Stop("only MatMul of an activation by a constant 2-D weight")
-    rank_y = _need(b.rank(y), "MatMul output rank")
+    rank_y = _need(builder.rank(y), "MatMul output rank")
     rank_w = 2
     out_axis, in_axis = weight.out_axis % rank_w, weight.in_axis % rank_w
     output_axis = weight.output_axis % rank_y
-    b.producer_slots.add((w, out_axis))
+    builder.producer_slots.add((w, out_axis))
     if trigger is None or trigger[0] == y:
         if trigger is not None and trigger[1] % rank_y != output_axis:
             raise _Stop("only the last axis of a MatMul output can shrink")
-        b.link(y, output_axis, w, out_axis, _need(b.dim(w, out_axis), "MatMul width"))
+        builder.link(y, output_axis, w, out_axis, _need(builder.dim(w, out_axis), "MatMul width"))
     if trigger is not None and trigger[0] == a:
-        rank_a = _need(b.rank(a), "MatMul input rank")
+        rank_a = _need(builder.rank(a), "MatMul input rank")
         if trigger[1] % rank_a != weight.data_axis % rank_a:
             raise _Stop("only the last axis of a MatMul input can shrink")
-        b.link(a, weight.data_axis % rank_a, w, in_axis, _need(b.dim(w, in_axis), "MatMul depth"))
-        b.consumer_slots.add((w, in_axis))
+        builder.link(a, weight.data_axis % rank_a, w, in_axis, _need(builder.dim(w, in_axis), "MatMul depth"))
+        builder.consumer_slots.add((w, in_axis))
 
 
-def _batched_matmul(b: _Builder, node: onnx.NodeProto, trigger: Slot) -> None:
+def _batched_matmul(builder: _Builder, node: onnx.NodeProto, trigger: Slot) -> None:
     """MatMul of two activations (attention): Y[..., m, n] = sum_k A[..., m, k] B[..., k, n].
 
     Batch axes (heads) pass through; A's rows are Y's rows, B's columns Y's
@@ -539,37 +540,37 @@ def _batched_matmul(b: _Builder, node: onnx.NodeProto, trigger: Slot) -> None:
     term of the sum, as pruning query-key dimensions does).
     """
     a, w, y = node.input[0], node.input[1], node.output[0]
-    ranks = {name: _need(b.rank(name), "MatMul rank") for name in (a, w, y)}
+    ranks = {name: _need(builder.rank(name), "MatMul rank") for name in (a, w, y)}
     if min(ranks.values()) < 2:
         raise _Stop("MatMul of vectors")
     name, axis = trigger
-    size = b.slot_size[trigger]
+    size = builder.slot_size[trigger]
     from_end = axis - ranks[name]  # -1 last axis, -2 the one before, lower: batch axes
     if from_end <= -3:
         for operand in (a, w, y):
             in_axis = ranks[operand] + from_end
-            if in_axis >= 0 and b.dim(operand, in_axis) != 1:
-                b.link(name, axis, operand, in_axis, size)
+            if in_axis >= 0 and builder.dim(operand, in_axis) != 1:
+                builder.link(name, axis, operand, in_axis, size)
         return
     pairs = {(a, -1): (w, -2), (w, -2): (a, -1), (a, -2): (y, -2), (y, -2): (a, -2), (w, -1): (y, -1), (y, -1): (w, -1)}
     other, other_from_end = pairs[(name, from_end)]
-    b.link(name, axis, other, ranks[other] + other_from_end, size)
+    builder.link(name, axis, other, ranks[other] + other_from_end, size)
 
 
-def _same_shape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _same_shape(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """Unary ops, activations, casts: channel k in is channel k out."""
     assert trigger is not None
     x, y = node.input[0], node.output[0]
     if trigger[0] not in (x, y):
         raise _Stop("a side input of a unary op carries channels")
     axis = trigger[1]
-    b.link(x, axis, y, axis, b.slot_size[trigger])
+    builder.link(x, axis, y, axis, builder.slot_size[trigger])
     for extra in node.output[1:]:
-        if extra and b.index.uses(extra):
+        if extra and builder.index.uses(extra):
             raise _Stop(f"its second output {extra!r} is used")
 
 
-def _channel_only(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _channel_only(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """Pooling, Resize, Pad: spatial ops that keep the channel axis (1)."""
     assert trigger is not None
     if trigger[1] != 1:
@@ -577,124 +578,125 @@ def _channel_only(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | Non
     x, y = node.input[0], node.output[0]
     if node.op_type == "Resize":
         if len(node.input) > 3 and node.input[3]:
-            sizes = b.constant(node.input[3])
+            sizes = builder.constant(node.input[3])
             if sizes is None or "axes" in Attributes(node) or sizes.size < 2:
                 raise _Stop("Resize sizes must be a constant over all axes")
             # sizes name the channel count: it follows the channels (a per-node copy, as for Reshape)
-            b.add_fixup(CountFixup(i, ((y, 1),), node.input[3], position=1, input_index=3))
+            builder.add_fixup(CountFixup(i, ((y, 1),), node.input[3], position=1, input_index=3))
         else:
-            scales = b.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            scales = builder.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if scales is None or scales.size < 2 or scales[1] != 1:
                 raise _Stop("Resize scales of the channel axis must be a constant 1")
     if node.op_type == "Pad":
-        pads = b.constant(node.input[1]) if len(node.input) > 1 else np.array(Attributes(node).get_ints("pads", []))
-        axes = b.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        listed = np.array(Attributes(node).get_ints("pads", []))
+        pads = builder.constant(node.input[1]) if len(node.input) > 1 else listed
+        axes = builder.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
         if pads is None or axes is not None:
             raise _Stop("Pad without constant pads over all axes")
         rank = pads.size // 2
         if pads[1] or pads[rank + 1]:
             raise _Stop("Pad pads the channel axis")
-    b.link(x, 1, y, 1, b.slot_size[trigger])
+    builder.link(x, 1, y, 1, builder.slot_size[trigger])
     for extra in node.output[1:]:
-        if extra and b.index.uses(extra):
+        if extra and builder.index.uses(extra):
             raise _Stop(f"its second output {extra!r} is used")
 
 
-def _normalization(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _normalization(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """BatchNormalization, InstanceNormalization: per-channel parameters follow the channels."""
     assert trigger is not None
     if trigger[1] != 1:
         raise _Stop("only the channel axis passes through")
     x, y = node.input[0], node.output[0]
-    size = b.slot_size[trigger]
-    b.link(x, 1, y, 1, size)
+    size = builder.slot_size[trigger]
+    builder.link(x, 1, y, 1, size)
     for param in node.input[1:]:
-        if not b.is_constant(param):
+        if not builder.is_constant(param):
             raise _Stop("normalization parameters are not constants")
-        b.link(y, 1, param, 0, size)
-    if any(out and b.index.uses(out) for out in node.output[1:]):
+        builder.link(y, 1, param, 0, size)
+    if any(out and builder.index.uses(out) for out in node.output[1:]):
         raise _Stop("training outputs are used")
     if node.op_type == "BatchNormalization":
-        b.scales.append((node.input[1], node.input[4], Attributes(node).get_float("epsilon", 1e-5)))
+        builder.scales.append((node.input[1], node.input[4], Attributes(node).get_float("epsilon", 1e-5)))
 
 
-def _elementwise(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _elementwise(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """Add, Mul, ...: inputs broadcast against the output; a full-size axis shares its channels."""
     assert trigger is not None
     y = node.output[0]
-    rank_y = _need(b.rank(y), "output rank")
+    rank_y = _need(builder.rank(y), "output rank")
     name, axis = trigger
-    size = b.slot_size[trigger]
+    size = builder.slot_size[trigger]
     if name == y:
         out_axis = axis
     else:
-        rank_in = _need(b.rank(name), "input rank")
+        rank_in = _need(builder.rank(name), "input rank")
         out_axis = axis + rank_y - rank_in
-    b.slot(y, out_axis, size)
+    builder.slot(y, out_axis, size)
     for operand in node.input:
         if not operand:
             continue
-        rank_in = _need(b.rank(operand), "input rank")
+        rank_in = _need(builder.rank(operand), "input rank")
         in_axis = out_axis - (rank_y - rank_in)
         if in_axis < 0:
             continue
-        dim = b.dim(operand, in_axis)
+        dim = builder.dim(operand, in_axis)
         if dim == 1 and size != 1:
             continue  # broadcast: the same value for every channel
         if dim != size:
             raise _Stop(f"input {operand!r} has {dim} along the channel axis, not {size}")
-        b.link(y, out_axis, operand, in_axis, size)
+        builder.link(y, out_axis, operand, in_axis, size)
 
 
-def _concat(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _concat(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     assert trigger is not None
     y = node.output[0]
-    rank = _need(b.rank(y), "Concat rank")
+    rank = _need(builder.rank(y), "Concat rank")
     cat = Attributes(node).get_int("axis", 0) % rank
     axis = trigger[1]
     if axis != cat:
         for x in node.input:
-            b.link(x, axis, y, axis, b.slot_size[trigger])
+            builder.link(x, axis, y, axis, builder.slot_size[trigger])
         return
-    total = _need(b.dim(y, cat), "Concat output size")
+    total = _need(builder.dim(y, cat), "Concat output size")
     offset = 0
     for x in node.input:
-        size = _need(b.dim(x, cat), "Concat input size")
-        b.link_map(x, cat, size, y, cat, total, offset + np.arange(size))
+        size = _need(builder.dim(x, cat), "Concat input size")
+        builder.link_map(x, cat, size, y, cat, total, offset + np.arange(size))
         offset += size
 
 
-def _split(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _split(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     assert trigger is not None
     x = node.input[0]
-    rank = _need(b.rank(x), "Split rank")
+    rank = _need(builder.rank(x), "Split rank")
     split_axis = Attributes(node).get_int("axis", 0) % rank
     axis = trigger[1]
     if axis != split_axis:
         for y in node.output:
-            b.link(x, axis, y, axis, b.slot_size[trigger])
+            builder.link(x, axis, y, axis, builder.slot_size[trigger])
         return
-    total = _need(b.dim(x, axis), "Split input size")
+    total = _need(builder.dim(x, axis), "Split input size")
     offset = 0
     slots = []
     for y in node.output:
-        size = _need(b.dim(y, axis), "Split output size")
-        b.link_map(y, axis, size, x, axis, total, offset + np.arange(size))
+        size = _need(builder.dim(y, axis), "Split output size")
+        builder.link_map(y, axis, size, x, axis, total, offset + np.arange(size))
         slots.append((y, axis))
         offset += size
-    if len(node.input) > 1 and node.input[1] and not b.is_constant(node.input[1]):
+    if len(node.input) > 1 and node.input[1] and not builder.is_constant(node.input[1]):
         raise _Stop("Split sizes are not a constant")
-    b.add_fixup(SplitFixup(i, tuple(slots)))
+    builder.add_fixup(SplitFixup(i, tuple(slots)))
 
 
-def _slice(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _slice(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """Slice with constant starts/ends/axes and step 1: a channel range of the input is the output."""
     assert trigger is not None
     x, y = node.input[0], node.output[0]
-    rank = _need(b.rank(x), "Slice rank")
+    rank = _need(builder.rank(x), "Slice rank")
 
     def constant(k: int) -> np.ndarray | None:
-        return b.constant(node.input[k]) if len(node.input) > k and node.input[k] else None
+        return builder.constant(node.input[k]) if len(node.input) > k and node.input[k] else None
 
     starts, ends, axes, steps = constant(1), constant(2), constant(3), constant(4)
     if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None):
@@ -706,32 +708,32 @@ def _slice(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> N
     sliced = [int(a) % rank for a in axes]
     axis = trigger[1]
     if axis not in sliced:
-        b.link(x, axis, y, axis, b.slot_size[trigger])
+        builder.link(x, axis, y, axis, builder.slot_size[trigger])
         return
-    size = _need(b.dim(x, axis), "Slice input size")
+    size = _need(builder.dim(x, axis), "Slice input size")
     k = sliced.index(axis)
     start = int(np.clip(starts[k] + size if starts[k] < 0 else starts[k], 0, size))
     end = int(np.clip(ends[k] + size if ends[k] < 0 else ends[k], start, size))
-    b.link_map(y, axis, end - start, x, axis, size, start + np.arange(end - start))
-    b.add_fixup(SliceFixup(i, ((x, axis), (y, axis)), node.input[1], node.input[2], position=k, start=start))
+    builder.link_map(y, axis, end - start, x, axis, size, start + np.arange(end - start))
+    builder.add_fixup(SliceFixup(i, ((x, axis), (y, axis)), node.input[1], node.input[2], position=k, start=start))
 
 
-def _transpose(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _transpose(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     assert trigger is not None
     x, y = node.input[0], node.output[0]
-    rank = _need(b.rank(x), "Transpose rank")
+    rank = _need(builder.rank(x), "Transpose rank")
     perm = Attributes(node).get_ints("perm", list(reversed(range(rank))))
     assert perm is not None
-    size = b.slot_size[trigger]
+    size = builder.slot_size[trigger]
     if trigger[0] == x:
-        b.link(x, trigger[1], y, perm.index(trigger[1]), size)
+        builder.link(x, trigger[1], y, perm.index(trigger[1]), size)
     else:
-        b.link(x, perm[trigger[1]], y, trigger[1], size)
+        builder.link(x, perm[trigger[1]], y, trigger[1], size)
 
 
-def _flatten_like(b: _Builder, x: str, y: str, start: int, trigger: Slot) -> int:
+def _flatten_like(builder: _Builder, x: str, y: str, start: int, trigger: Slot) -> int:
     """Channel c of ``x`` (axis >= start) is a block of features of ``y``'s axis 1; returns the axis."""
-    shape = b.shapes.get(x)
+    shape = builder.shapes.get(x)
     if shape is None:
         raise _Stop("input shape unknown")
     axis = trigger[1] if trigger[0] == x else start
@@ -746,30 +748,30 @@ def _flatten_like(b: _Builder, x: str, y: str, start: int, trigger: Slot) -> int
     features = math.prod(dims)
     blocks = np.arange(outer)[:, None] * (size * inner) + np.arange(inner)[None, :]
     to_y = np.stack([(blocks + c * inner).reshape(-1) for c in range(size)])
-    b.link_map(x, axis, size, y, 1, features, to_y)
+    builder.link_map(x, axis, size, y, 1, features, to_y)
     return axis
 
 
-def _flatten(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _flatten(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     assert trigger is not None
     x, y = node.input[0], node.output[0]
-    rank = _need(b.rank(x), "Flatten rank")
+    rank = _need(builder.rank(x), "Flatten rank")
     start = Attributes(node).get_int("axis", 1) % rank
     if start != 1:
         raise _Stop("only Flatten(axis=1)")
     if trigger[0] == y and trigger[1] != 1:
         raise _Stop("the batch axis of a Flatten output cannot shrink")
-    _flatten_like(b, x, y, start, trigger)
+    _flatten_like(builder, x, y, start, trigger)
 
 
-def _heads(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot) -> bool:
+def _heads(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot) -> bool:
     """Reshape [..., H] <-> [..., heads, H / heads] (attention): channel c belongs to head c // head_dim.
 
     Whole heads go together; the shape constant's head count (or width) is updated.
     Returns False when the node is not such a reshape.
     """
     x, shape_name, y = node.input[0], node.input[1], node.output[0]
-    in_shape, out_shape, target = b.shapes.get(x), b.shapes.get(y), b.constant(shape_name)
+    in_shape, out_shape, target = builder.shapes.get(x), builder.shapes.get(y), builder.constant(shape_name)
     if in_shape is None or out_shape is None or target is None:
         return False
     split = len(out_shape) == len(in_shape) + 1 and in_shape[1:-1] == out_shape[1:-2]
@@ -781,37 +783,37 @@ def _heads(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot) -> bool:
     if any(d is None and int(target[k]) != 0 for k, d in enumerate(middle, start=1)):
         return False
     wide, narrow = (x, y) if split else (y, x)  # [..., H] and [..., heads, head_dim]
-    rank_wide = len(b.shapes[wide])
-    heads, head_dim = b.shapes[narrow][-2], b.shapes[narrow][-1]
-    width = b.shapes[wide][-1]
+    rank_wide = len(builder.shapes[wide])
+    heads, head_dim = builder.shapes[narrow][-2], builder.shapes[narrow][-1]
+    width = builder.shapes[wide][-1]
     if heads is None or head_dim is None or width != heads * head_dim:
         return False
     if trigger not in ((wide, rank_wide - 1), (narrow, rank_wide - 1)):
         raise _Stop("only whole heads can shrink through a head reshape")
-    b.link_map(wide, rank_wide - 1, width, narrow, rank_wide - 1, heads, np.arange(width) // head_dim)
+    builder.link_map(wide, rank_wide - 1, width, narrow, rank_wide - 1, heads, np.arange(width) // head_dim)
     index = rank_wide - 1
     if int(target[index]) > 0:
-        b.add_fixup(CountFixup(i, ((y, index),), shape_name, position=index, input_index=1))
+        builder.add_fixup(CountFixup(i, ((y, index),), shape_name, position=index, input_index=1))
     return True
 
 
-def _reshape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _reshape(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """The flattening Reshape [N, C, ...] -> [N, C*...], the attention head split/merge, and
     regrouping the axes before the last one."""
     assert trigger is not None
     x, shape_name, y = node.input[0], node.input[1], node.output[0]
-    if _heads(b, i, node, trigger):
+    if _heads(builder, i, node, trigger):
         return
-    target = b.constant(shape_name)
-    in_shape, out_shape = b.shapes.get(x), b.shapes.get(y)
+    target = builder.constant(shape_name)
+    in_shape, out_shape = builder.shapes.get(x), builder.shapes.get(y)
     if target is not None and in_shape and out_shape and in_shape[-1] is not None and in_shape[-1] == out_shape[-1]:
         # only the leading axes are regrouped ([L * N, H] <-> [L, N, H]): each row stays a row
-        if trigger[1] != len(b.shapes[trigger[0]]) - 1:
+        if trigger[1] != len(builder.shapes[trigger[0]]) - 1:
             raise _Stop("only the last axis passes through a Reshape that keeps it")
-        b.link(x, len(in_shape) - 1, y, len(out_shape) - 1, b.slot_size[trigger])
+        builder.link(x, len(in_shape) - 1, y, len(out_shape) - 1, builder.slot_size[trigger])
         if int(target[-1]) > 0:
             last = len(out_shape) - 1
-            b.add_fixup(CountFixup(i, ((y, last),), shape_name, position=last, input_index=1))
+            builder.add_fixup(CountFixup(i, ((y, last),), shape_name, position=last, input_index=1))
         return
     if target is None or in_shape is None or out_shape is None or len(out_shape) != 2 or len(in_shape) < 2:
         raise _Stop("only a Reshape that flattens [N, C, ...] to [N, features] with a constant shape")
@@ -819,40 +821,40 @@ def _reshape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) ->
         raise _Stop("the Reshape mixes the batch axis into the features")
     if trigger[0] == y and trigger[1] != 1:
         raise _Stop("the batch axis cannot shrink")
-    _flatten_like(b, x, y, 1, trigger)
+    _flatten_like(builder, x, y, 1, trigger)
     if int(target[1]) > 0:
-        b.add_fixup(CountFixup(i, ((y, 1),), shape_name, position=1, input_index=1))
+        builder.add_fixup(CountFixup(i, ((y, 1),), shape_name, position=1, input_index=1))
 
 
-def _squeeze(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _squeeze(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     assert trigger is not None
     x, y = node.input[0], node.output[0]
-    rank_x, rank_y = _need(b.rank(x), "rank"), _need(b.rank(y), "rank")
+    rank_x, rank_y = _need(builder.rank(x), "rank"), _need(builder.rank(y), "rank")
     listed = Attributes(node).get_ints("axes")
-    axes_value = b.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else listed
+    axes_value = builder.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else listed
     if axes_value is None:
         raise _Stop("axes are not constant")
     unsqueeze = node.op_type == "Unsqueeze"
     axes = sorted(int(a) % (rank_y if unsqueeze else rank_x) for a in np.atleast_1d(np.asarray(axes_value)))
     short, long = (x, y) if unsqueeze else (y, x)
     kept = [a for a in range(max(rank_x, rank_y)) if a not in axes]  # long-axis index of each short axis
-    size = b.slot_size[trigger]
+    size = builder.slot_size[trigger]
     if trigger[0] == short:
-        b.link(short, trigger[1], long, kept[trigger[1]], size)
+        builder.link(short, trigger[1], long, kept[trigger[1]], size)
     else:
         if trigger[1] in axes:
             raise _Stop("a squeezed axis cannot carry channels")
-        b.link(short, kept.index(trigger[1]), long, trigger[1], size)
+        builder.link(short, kept.index(trigger[1]), long, trigger[1], size)
 
 
-def _gather(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _gather(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """Gather along another axis (a token picked, an embedding looked up): channels pass."""
     assert trigger is not None
     x, indices, y = node.input[0], node.input[1], node.output[0]
     if trigger[0] == indices:
         raise _Stop("the indices carry channels")
-    rank = _need(b.rank(x), "rank")
-    picked = _need(b.rank(indices), "indices rank")
+    rank = _need(builder.rank(x), "rank")
+    picked = _need(builder.rank(indices), "indices rank")
     axis = Attributes(node).get_int("axis", 0) % rank
     if trigger[0] == x:
         if trigger[1] == axis:
@@ -865,15 +867,15 @@ def _gather(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> 
     else:
         raise _Stop("the indices' axes cannot shrink")
     y_axis = x_axis if x_axis < axis else x_axis + picked - 1
-    b.link(x, x_axis, y, y_axis, b.slot_size[trigger])
+    builder.link(x, x_axis, y, y_axis, builder.slot_size[trigger])
 
 
-def _reduce(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _reduce(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """Reductions and Softmax/LayerNormalization over other axes keep the channels; over the
     channel axis only LayerNormalization and ReduceMean have a rule, an approximate one."""
     assert trigger is not None
     x, y = node.input[0], node.output[0]
-    rank = _need(b.rank(x), "rank")
+    rank = _need(builder.rank(x), "rank")
     attrs = Attributes(node)
     dropped = False
     if node.op_type in ("Softmax", "LogSoftmax", "Hardmax"):
@@ -883,7 +885,7 @@ def _reduce(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> 
         reduced = set(range(start, rank))
     else:
         dropped = not attrs.get_int("keepdims", 1)
-        axes = _axes(node, b.index, rank)
+        axes = _axes(node, builder.index, rank)
         if axes is None:
             raise _Stop("reduction over all axes, or over axes computed at run time")
         reduced = axes
@@ -891,43 +893,44 @@ def _reduce(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> 
     kept = [a for a in range(rank) if a not in reduced] if dropped else list(range(rank))
     axis = kept[trigger[1]] if trigger[0] == y else trigger[1]
     if axis not in reduced:
-        b.link(x, axis, y, kept.index(axis), b.slot_size[trigger])
+        builder.link(x, axis, y, kept.index(axis), builder.slot_size[trigger])
     elif node.op_type == "LayerNormalization":
-        _layer_norm(b, node, axis)
+        _layer_norm(builder, node, axis)
     elif node.op_type == "ReduceMean" and trigger[0] == x and not dropped:
         # a statistic over the channels (decomposed LayerNorm, RMS norm): it is taken over fewer
         # channels after a removal, and its output has none to remove
-        b.approximate.setdefault(trigger, f"{node.name or node.op_type} (ReduceMean) averages over these channels")
+        why = f"{node.name or node.op_type} (ReduceMean) averages over these channels"
+        builder.approximate.setdefault(trigger, why)
     else:
         raise _Stop(f"{node.op_type} mixes the channels")
 
 
-def _layer_norm(b: _Builder, node: onnx.NodeProto, axis: int) -> None:
+def _layer_norm(builder: _Builder, node: onnx.NodeProto, axis: int) -> None:
     """LayerNormalization over the channel axis: approximate (see the module docstring).
 
     The output keeps the input's channels; scale and bias are sliced with them.
     """
     x, y = node.input[0], node.output[0]
-    rank = _need(b.rank(x), "rank")
-    size = b.dim(x, axis)
+    rank = _need(builder.rank(x), "rank")
+    size = builder.dim(x, axis)
     if size is None:
         raise _Stop("the normalized size is not known statically")
-    if any(out and b.index.uses(out) for out in node.output[1:]):
+    if any(out and builder.index.uses(out) for out in node.output[1:]):
         raise _Stop("its mean or inverse standard deviation output is used")
-    b.link(x, axis, y, axis, size)
+    builder.link(x, axis, y, axis, size)
     for param in node.input[1:]:
         if not param:
             continue
-        if not b.is_constant(param):
+        if not builder.is_constant(param):
             raise _Stop("scale or bias is not a constant")
-        param_axis = axis - rank + _need(b.rank(param), "parameter rank")
-        dim = b.dim(param, param_axis) if param_axis >= 0 else 1
+        param_axis = axis - rank + _need(builder.rank(param), "parameter rank")
+        dim = builder.dim(param, param_axis) if param_axis >= 0 else 1
         if dim == size:
-            b.link(x, axis, param, param_axis, size)
+            builder.link(x, axis, param, param_axis, size)
         elif dim != 1:
             raise _Stop(f"parameter {param!r} has {dim} along the normalized axis, not {size}")
     what = node.name or node.op_type
-    b.approximate.setdefault((x, axis), f"{what} (LayerNormalization) normalizes over these channels")
+    builder.approximate.setdefault((x, axis), f"{what} (LayerNormalization) normalizes over these channels")
 
 
 _SEED_RULES: dict[ChannelRule, Rule] = {ChannelRule.CONV: _conv, ChannelRule.GEMM: _gemm, ChannelRule.MATMUL: _matmul}
