@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pruner._analysis import analyze
+from pruner._analysis import PrunableWeight, analyze
 from pruner._nm import reduction_axis
 from pruner._ops import OPS, Unfold, WeightSlot, layout_of
 from pruner._recover import _layer_rows, layouts
@@ -59,6 +59,7 @@ CASES = [
         for b in (0, 1)
     ),
     Case("matmul_b", "MatMul", 1, (3, 4), (2, 5, 3), {}),
+    Case("matmul_b_3d", "MatMul", 1, (2, 3, 4), (2, 5, 3), {}),
     Case("matmul_a_3d", "MatMul", 0, (2, 4, 3), (2, 3, 5), {}),
 ]
 
@@ -139,6 +140,9 @@ def test_recovery_rows_times_weight_rows_are_the_output(case: Case) -> None:
     if slot.unfold is None:
         assert "w" in skipped and "w" not in found
         return
+    if case.op_type == "MatMul" and len(case.weight_shape) > 2:  # one matrix per batch: not fitted
+        assert "3-D MatMul weight" in skipped["w"]
+        return
     layout = found["w"]
     assert layout.unfold is slot.unfold
     rows = _layer_rows(layout, x, samples=1)
@@ -158,6 +162,19 @@ def test_analysis_and_nm_read_the_declared_axes(case: Case) -> None:
     rank = len(case.weight_shape)
     assert layer.channel_axis == slot.out_axis % rank
     assert reduction_axis(layer) == slot.in_axis % rank
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_a_weight_known_by_shape_alone_gets_the_declared_reduction_axis(case: Case) -> None:
+    """A plan's replay knows a weight's shape and output axis only: N:M must group it as the run did."""
+    weight, _ = operands(case)
+    slot = declared(case, weight)
+    rank = len(case.weight_shape)
+    shape_only = PrunableWeight("w", "", (), case.weight_shape, "float32", slot.out_axis % rank)
+    if case.name == "matmul_a_3d":  # the one shape a 1-D ConvTranspose weight shares: see reduction_axis
+        assert reduction_axis(shape_only) != slot.in_axis % rank
+        return
+    assert reduction_axis(shape_only) == slot.in_axis % rank
 
 
 def test_every_declared_op_has_a_channel_rule() -> None:
