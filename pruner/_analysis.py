@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import enum
 import fnmatch
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto
 
 from ._graph import GraphIndex
+from ._ops import layout_of
 
-__all__ = ["Inspection", "PrunableWeight", "SkippedWeight", "analyze"]
+__all__ = ["Inspection", "PrunableWeight", "SkippedWeight", "Unit", "analyze"]
 
 PRUNABLE_DTYPES: dict[int, str] = {
     TensorProto.FLOAT: "float32",
@@ -21,12 +23,22 @@ PRUNABLE_DTYPES: dict[int, str] = {
 }
 
 
+class Unit(enum.Enum):
+    """What a prunable entry of the search stands for."""
+
+    WEIGHT = "weight"
+    """One weight tensor, whose elements or output channels zero and N:M modes zero."""
+    CHANNELS = "channels"
+    """A family of coupled channels that remove mode removes everywhere at once (``_structure``)."""
+
+
 @dataclass(frozen=True)
 class PrunableWeight:
-    """A weight tensor the pruner may zero.
+    """A weight tensor the pruner may zero (or, with ``unit`` CHANNELS, a channel family).
 
     ``channel_axis`` is the axis of output channels (Conv filters, Gemm/MatMul
-    output neurons): the l1/l2 criteria zero whole slices along it.
+    output neurons): the l1/l2 criteria zero whole slices along it. ``input_axis``
+    is the axis it sums over (input channels), as its op's declaration gives it.
     """
 
     name: str
@@ -36,6 +48,13 @@ class PrunableWeight:
     dtype: str
     channel_axis: int
     from_constant: bool = False
+    input_axis: int | None = None
+    unit: Unit = Unit.WEIGHT
+
+    @classmethod
+    def family(cls, name: str, params: int) -> PrunableWeight:
+        """A channel family of ``params`` weight elements, standing in for a layer in the search."""
+        return cls(name, "", (), (params,), "float32", 0, unit=Unit.CHANNELS)
 
     @property
     def params(self) -> int:
@@ -53,6 +72,11 @@ class SkippedWeight:
     name: str
     op_type: str
     reason: str
+
+    @classmethod
+    def family(cls, name: str, reason: str) -> SkippedWeight:
+        """A channel family remove mode leaves alone."""
+        return cls(name, Unit.CHANNELS.value, reason)
 
 
 @dataclass(frozen=True)
@@ -74,26 +98,26 @@ class Inspection:
             "total_params": self.total_params,
             "prunable_params": self.prunable_params,
             "layers": [
-                {**asdict(layer), "params": layer.params, "share": layer.params / total} for layer in self.layers
+                {**_fields(layer), "params": layer.params, "share": layer.params / total} for layer in self.layers
             ],
             "skipped": [asdict(s) for s in self.skipped],
         }
 
 
-def _weight_slots(node: onnx.NodeProto) -> dict[int, int]:
-    """Input index of each weight operand of ``node`` -> its output-channel axis (may be negative)."""
-    if node.domain not in ("", "ai.onnx"):
+def _fields(layer: PrunableWeight) -> dict[str, Any]:
+    """A weight's fields as JSON-ready values (an inspection lists weights only: no unit)."""
+    out = asdict(layer)
+    del out["unit"]
+    return out
+
+
+def _weight_slots(node: onnx.NodeProto) -> dict[int, tuple[int, int]]:
+    """Input index of each weight operand of ``node`` -> its (output-channel, input-channel) axes,
+    as the op's declaration gives them (may be negative)."""
+    layout = layout_of(node)
+    if layout is None:
         return {}
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    if node.op_type == "Conv":
-        return {1: 0}
-    if node.op_type == "ConvTranspose":
-        return {1: 1}
-    if node.op_type == "Gemm":
-        return {0: 1 if attrs.get("transA", 0) else 0, 1: 0 if attrs.get("transB", 0) else 1}
-    if node.op_type == "MatMul":
-        return {0: -2, 1: -1}
-    return {}
+    return {w.input: (w.out_axis, w.in_axis) for w in layout.weights}
 
 
 LISTED_MIN_ELEMENTS = 16
@@ -150,11 +174,11 @@ def analyze(
 ) -> Inspection:
     """Find the prunable weights of ``model``; pure, never modifies it."""
     index = index or GraphIndex.build(model.graph)
-    candidates: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+    candidates: dict[str, list[tuple[onnx.NodeProto, tuple[int, int]]]] = {}
     for node in model.graph.node:
-        for slot, axis in _weight_slots(node).items():
+        for slot, slot_axes in _weight_slots(node).items():
             if slot < len(node.input) and node.input[slot] and index.tensor(node.input[slot]) is not None:
-                candidates.setdefault(node.input[slot], []).append((node, axis))
+                candidates.setdefault(node.input[slot], []).append((node, slot_axes))
 
     layers: list[PrunableWeight] = []
     skipped: list[SkippedWeight] = []
@@ -192,10 +216,11 @@ def analyze(
         if name in index.graph_outputs:
             skip("is a graph output")
             continue
-        axes = {axis % len(shape) for _, axis in slots}
+        axes = {axis % len(shape) for _, (axis, _) in slots}
         if len(axes) > 1:
             skip("is shared by nodes that disagree on its output-channel axis")
             continue
+        input_axes = {axis % len(shape) for _, (_, axis) in slots}
         pattern = _matches(exclude, [name, *node_names])
         if pattern is not None:
             skip(f"excluded by pattern {pattern!r}")
@@ -212,6 +237,7 @@ def analyze(
                 dtype=PRUNABLE_DTYPES[tensor.data_type],
                 channel_axis=axes.pop(),
                 from_constant=name not in index.initializers,
+                input_axis=input_axes.pop() if len(input_axes) == 1 else None,
             )
         )
 
@@ -231,14 +257,6 @@ def analyze(
     constants = [t for t in (index.tensor(n) for n in index.constants) if t is not None]
     total = sum(int(np.prod(t.dims)) for t in [*model.graph.initializer, *constants])
     return Inspection(tuple(layers), tuple(skipped), total)
-
-
-def read_weight(model_index: GraphIndex, name: str) -> np.ndarray:
-    """The weight as float32 (scores and masks are computed in float32)."""
-    tensor = model_index.tensor(name)
-    if tensor is None:
-        raise KeyError(name)
-    return numpy_helper.to_array(tensor).astype(np.float32, copy=False)
 
 
 def tensor_proto(model_index: GraphIndex, name: str) -> TensorProto | None:

@@ -446,7 +446,7 @@ class ChannelCandidates(_Candidates):
         self, config: Config, pruned: onnx.ModelProto
     ) -> tuple[list[LayerReport], tuple[int, int, int], list[SkippedWeight] | None]:
         reports, params = self.remover.summary(config, pruned)
-        skipped = [SkippedWeight(name, "channels", why) for name, why in self.remover.skipped]
+        skipped = [SkippedWeight.family(name, why) for name, why in self.remover.skipped]
         return reports, params, skipped
 
 

@@ -1,4 +1,5 @@
-"""One small index over an ONNX graph: who produces and who consumes each tensor.
+"""One small index over an ONNX graph: who produces and who consumes each tensor, the value of
+every constant, and a node's attributes read with their types.
 
 Built once per model; every graph question in the library goes through it.
 """
@@ -6,12 +7,46 @@ Built once per model; every graph question in the library goes through it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
-__all__ = ["GraphIndex", "Use", "declared_shape", "keep_needed", "reads"]
+__all__ = ["Attributes", "GraphIndex", "Use", "declared_shape", "keep_needed", "reads"]
+
+ONNX_DOMAINS = ("", "ai.onnx")
+"""The default domain, spelled both ways."""
+
+
+class Attributes:
+    """The attributes of a node, read with their types and a default for each missing one."""
+
+    def __init__(self, node: onnx.NodeProto) -> None:
+        self._by_name = {a.name: a for a in node.attribute}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._by_name
+
+    def get_int(self, name: str, default: int) -> int:
+        attr = self._by_name.get(name)
+        return default if attr is None else int(attr.i)
+
+    def get_float(self, name: str, default: float) -> float:
+        attr = self._by_name.get(name)
+        return default if attr is None else float(attr.f)
+
+    def get_str(self, name: str, default: str) -> str:
+        attr = self._by_name.get(name)
+        return default if attr is None else attr.s.decode("utf-8", errors="replace")
+
+    def get_ints(self, name: str, default: Sequence[int] | None = None) -> list[int] | None:
+        """The list, or ``default`` (None unless given) when the node has no such attribute."""
+        attr = self._by_name.get(name)
+        if attr is None:
+            return None if default is None else list(default)
+        return [int(v) for v in attr.ints]
 
 
 def declared_shape(value: onnx.ValueInfoProto) -> tuple[int | None, ...]:
@@ -33,12 +68,19 @@ class Use:
 
 @dataclass
 class GraphIndex:
-    """Producers, consumers, initializers and Constant nodes of the main graph."""
+    """Producers, consumers, initializers and Constant nodes of the main graph.
+
+    Node positions are indices into ``graph.node`` as it was when the index was built.
+    """
 
     graph: onnx.GraphProto
     initializers: dict[str, onnx.TensorProto] = field(default_factory=dict)
     constants: dict[str, onnx.NodeProto] = field(default_factory=dict)
     consumers: dict[str, list[Use]] = field(default_factory=lambda: defaultdict(list))
+    producers: dict[str, int] = field(default_factory=dict)
+    """Tensor name -> position of the node that computes it."""
+    positions: dict[int, int] = field(default_factory=dict)
+    """``id(node)`` -> its position in ``graph.node``."""
     graph_inputs: set[str] = field(default_factory=set)
     graph_outputs: set[str] = field(default_factory=set)
 
@@ -48,8 +90,12 @@ class GraphIndex:
         index.initializers = {t.name: t for t in graph.initializer}
         index.graph_inputs = {v.name for v in graph.input}
         index.graph_outputs = {v.name for v in graph.output}
-        for node in graph.node:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+        for position, node in enumerate(graph.node):
+            index.positions[id(node)] = position
+            for out in node.output:
+                if out:
+                    index.producers[out] = position
+            if node.op_type == "Constant" and node.domain in ONNX_DOMAINS:
                 index.constants[node.output[0]] = node
             for i, name in enumerate(node.input):
                 if name:
@@ -68,6 +114,30 @@ class GraphIndex:
                 if attr.name == "value" and attr.HasField("t"):
                     return attr.t
         return None
+
+    def value(self, name: str) -> np.ndarray | None:
+        """The value of an initializer or Constant node as an array (None for anything computed).
+
+        A read-only view when numpy can give one: copy it before writing to it.
+        """
+        tensor = self.tensor(name)
+        return None if tensor is None else numpy_helper.to_array(tensor)
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.initializers or name in self.constants
+
+    def constant_names(self) -> list[str]:
+        """Initializers, then Constant node outputs, in graph order."""
+        return [*self.initializers, *(n for n in self.constants if n not in self.initializers)]
+
+    def producer(self, name: str) -> onnx.NodeProto | None:
+        """The node computing ``name`` (None for graph inputs, initializers and unknown names)."""
+        position = self.producers.get(name)
+        return None if position is None else self.graph.node[position]
+
+    def position(self, node: onnx.NodeProto) -> int:
+        """Where ``node`` stands in ``graph.node``."""
+        return self.positions[id(node)]
 
     def uses(self, name: str) -> list[Use]:
         return self.consumers.get(name, [])

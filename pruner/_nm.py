@@ -21,11 +21,21 @@ __all__ = ["NMSpace", "NMUnit", "nm_mask", "reduction_axis"]
 
 
 def reduction_axis(layer: PrunableWeight) -> int:
-    """The axis the layer sums over: input channels of a conv, the non-output axis of a matrix."""
+    """The axis the layer sums over: its op declaration's input-channel axis (``_ops``).
+
+    A weight known by its shape and output axis alone (a plan's replay) is taken as a matrix's
+    (the other axis), a batched MatMul weight's (output on the last axis: the one before it) or
+    a conv's (the input channels). A 3-D constant first operand of a MatMul cannot be told from
+    a 1-D ConvTranspose's weight that way and is taken as the latter.
+    """
     rank = len(layer.shape)
+    if layer.input_axis is not None:
+        return layer.input_axis % rank
     out = layer.channel_axis % rank
     if rank == 2:
         return 1 - out
+    if out == rank - 1:
+        return rank - 2
     return 1 if out == 0 else 0
 
 

@@ -38,7 +38,8 @@ from ._analysis import PrunableWeight
 from ._errors import UnsupportedModelError, check_stop
 from ._evalset import EvalSet
 from ._evaluate import SplitModel, make_session, run_session
-from ._graph import GraphIndex, keep_needed, reads
+from ._graph import Attributes, GraphIndex, keep_needed, reads
+from ._ops import Unfold, layout_of
 
 __all__ = ["Calibration", "LayerLayout", "SequentialRefit", "calibrate", "layouts"]
 
@@ -65,6 +66,8 @@ class LayerLayout:
     groups: int = 1
     """Conv groups: output rows of group j read only input columns of group j (depthwise: one
     channel each), so statistics and fits are per group."""
+    unfold: Unfold = Unfold.LAST_AXIS
+    """How the input becomes rows (the op declaration's, ``_ops``); IM2COL with ``conv`` set."""
 
     def grouped(self, rows: np.ndarray) -> np.ndarray:
         """[out, in] rows (or [in] columns) as [groups, out / groups, in] ([groups, in / groups])."""
@@ -429,68 +432,91 @@ def _mean_output(layout: LayerLayout, rows: np.ndarray, mean: np.ndarray) -> np.
 
 
 def layouts(model: onnx.ModelProto, layers: list[PrunableWeight]) -> tuple[dict[str, LayerLayout], dict[str, str]]:
-    """The layout of every layer recovery can handle, and why the others are left alone."""
+    """The layout of every layer recovery can handle, and why the others are left alone.
+
+    Which input a weight multiplies and how that input unfolds into rows are its op's
+    declaration (``_ops``); a weight whose declaration has no unfolding is left alone.
+    """
     index = GraphIndex.build(model.graph)
-    consumers = index.consumers
     out: dict[str, LayerLayout] = {}
     skipped: dict[str, str] = {}
     for layer in layers:
-        users = [u for u in consumers.get(layer.name, []) if not u.in_subgraph]
+        users = [u for u in index.uses(layer.name) if not u.in_subgraph]
         if len(users) != 1:
             skipped[layer.name] = "shared by several nodes"
             continue
         node, slot = users[0].node, users[0].index
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        constants = set(index.initializers) | set(index.constants)
-        if node.op_type == "MatMul" and slot == 1 and len(layer.shape) == 2:
-            bias = _following_bias(index, node, layer.shape[1])
-            out[layer.name] = LayerLayout(layer.name, "MatMul", node.input[0], True, bias=bias)
-        elif node.op_type == "Gemm" and slot == 1 and not attrs.get("transA", 0):
-            bias = node.input[2] if len(node.input) > 2 and node.input[2] in constants else None
-            if bias is not None and _size(index, bias) != layer.channels:
-                bias = None
-            mean = None if bias is not None else _following_mean(index, node, layer.channels)
-            transpose = not attrs.get("transB", 0)
-            out[layer.name] = LayerLayout(
-                layer.name, "Gemm", node.input[0], transpose, bias=bias or mean, bias_is_mean=mean is not None
-            )
-        elif node.op_type == "Conv" and slot == 1 and len(layer.shape) in (3, 4):
-            if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-                skipped[layer.name] = "Conv with auto_pad"
+        op_layout = layout_of(node)
+        weight = None if op_layout is None else op_layout.slot(slot)
+        if op_layout is None or weight is None or weight.unfold is None:
+            skipped[layer.name] = f"{node.op_type} input {slot} is not handled by recovery (transposed)"
+            continue
+        data = node.input[weight.data]
+        if weight.unfold is not Unfold.IM2COL:
+            if len(layer.shape) != 2:
+                skipped[layer.name] = f"a {len(layer.shape)}-D {node.op_type} weight is not handled by recovery"
                 continue
-            spatial = len(layer.shape) - 2
-            conv = {
-                "kernel": list(layer.shape[2:]),
-                "strides": list(attrs.get("strides", [1] * spatial)),
-                "pads": list(attrs.get("pads", [0] * 2 * spatial)),
-                "dilations": list(attrs.get("dilations", [1] * spatial)),
-            }
-            if spatial == 1:  # a 1-D conv is a 2-D one on maps one high
-                conv = {
-                    "kernel": [1, *conv["kernel"]],
-                    "strides": [1, *conv["strides"]],
-                    "pads": [0, conv["pads"][0], 0, conv["pads"][1]],
-                    "dilations": [1, *conv["dilations"]],
-                }
-            bias = node.input[2] if len(node.input) > 2 and node.input[2] in constants else None
-            bias = bias or _following_bias(index, node, layer.channels, spatial=spatial)
+            transpose = weight.out_axis % 2 == 1  # [in, out]: transposed to rows = outputs
+            if node.op_type == "MatMul":
+                bias = _following_bias(index, node, layer.channels)
+                out[layer.name] = LayerLayout(layer.name, "MatMul", data, transpose, bias=bias, unfold=weight.unfold)
+                continue
+            bias = _own_bias(index, node, layer.channels)
             mean = None if bias is not None else _following_mean(index, node, layer.channels)
-            groups = int(attrs.get("group", 1))
             out[layer.name] = LayerLayout(
                 layer.name,
-                "Conv",
-                node.input[0],
-                False,
-                conv=conv,
+                node.op_type,
+                data,
+                transpose,
                 bias=bias or mean,
                 bias_is_mean=mean is not None,
-                groups=groups,
+                unfold=weight.unfold,
             )
-        elif node.op_type == "Conv" and slot == 1:
+            continue
+        if len(layer.shape) not in (3, 4):
             skipped[layer.name] = f"a {len(layer.shape) - 2}-D Conv is not handled by recovery (1-D and 2-D are)"
-        else:
-            skipped[layer.name] = f"{node.op_type} input {slot} is not handled by recovery (transposed)"
+            continue
+        attrs = Attributes(node)
+        if attrs.get_str("auto_pad", "NOTSET") != "NOTSET":
+            skipped[layer.name] = "Conv with auto_pad"
+            continue
+        spatial = len(layer.shape) - 2
+        conv = {
+            "kernel": list(layer.shape[2:]),
+            "strides": attrs.get_ints("strides", [1] * spatial) or [],
+            "pads": attrs.get_ints("pads", [0] * 2 * spatial) or [],
+            "dilations": attrs.get_ints("dilations", [1] * spatial) or [],
+        }
+        if spatial == 1:  # a 1-D conv is a 2-D one on maps one high
+            conv = {
+                "kernel": [1, *conv["kernel"]],
+                "strides": [1, *conv["strides"]],
+                "pads": [0, conv["pads"][0], 0, conv["pads"][1]],
+                "dilations": [1, *conv["dilations"]],
+            }
+        bias = _own_bias(index, node, layer.channels)
+        bias = bias or _following_bias(index, node, layer.channels, spatial=spatial)
+        mean = None if bias is not None else _following_mean(index, node, layer.channels)
+        out[layer.name] = LayerLayout(
+            layer.name,
+            node.op_type,
+            data,
+            False,
+            conv=conv,
+            bias=bias or mean,
+            bias_is_mean=mean is not None,
+            groups=op_layout.groups,
+            unfold=Unfold.IM2COL,
+        )
     return out, skipped
+
+
+def _own_bias(index: GraphIndex, node: onnx.NodeProto, width: int) -> str | None:
+    """The node's constant third input (Conv's B, Gemm's C) if it has one value per output."""
+    bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    if bias is None or not index.is_constant(bias) or _size(index, bias) != width:
+        return None
+    return bias
 
 
 def _size(index: GraphIndex, name: str) -> int:
@@ -502,14 +528,14 @@ def _following_bias(index: GraphIndex, node: onnx.NodeProto, width: int, *, spat
     """The per-output constant of the single Add after a MatMul, or after a Conv without a bias
     (``spatial`` its dims: how exporters write a bias, paddle2onnx for every squeeze-and-excitation
     conv once its Reshape to [1, C, 1, 1] is folded)."""
-    users = index.consumers.get(node.output[0], [])
+    users = index.uses(node.output[0])
     if len(users) != 1 or users[0].node.op_type != "Add":
         return None
     add = users[0].node
     other = add.input[1 - users[0].index]
     tensor = index.tensor(other)  # an initializer or a Constant node (paddle2onnx writes those)
     shapes = ([1, width, *[1] * spatial], [width, *[1] * spatial]) if spatial else ([width], [1, width])
-    if tensor is None or list(tensor.dims) not in shapes or len(index.consumers.get(other, [])) != 1:
+    if tensor is None or list(tensor.dims) not in shapes or len(index.uses(other)) != 1:
         return None
     return other
 
@@ -517,11 +543,11 @@ def _following_bias(index: GraphIndex, node: onnx.NodeProto, width: int, *, spat
 def _following_mean(index: GraphIndex, node: onnx.NodeProto, width: int) -> str | None:
     """The running mean of the BatchNormalization that alone reads a layer's output (a layer
     without a bias of its own: moving that mean moves the layer's output the other way)."""
-    users = index.consumers.get(node.output[0], [])
+    users = index.uses(node.output[0])
     if len(users) != 1 or users[0].node.op_type != "BatchNormalization" or users[0].index != 0:
         return None
     norm = users[0].node
-    if len(norm.input) < 4 or len(norm.output) != 1 or len(index.consumers.get(norm.input[3], [])) != 1:
+    if len(norm.input) < 4 or len(norm.output) != 1 or len(index.uses(norm.input[3])) != 1:
         return None
     if any(a.name == "training_mode" and a.i for a in norm.attribute):  # normalizes by batch statistics
         return None
@@ -555,6 +581,8 @@ def _layer_rows(layout: LayerLayout, x: np.ndarray, samples: int) -> np.ndarray:
     """A layer's input as float32 rows of what one output reads: a conv's unfolded (large maps at
     ``positions_kept`` positions for ``samples`` calibration samples), others' last axis."""
     if layout.conv is None:
+        if layout.unfold is Unfold.TRANSPOSED:  # Gemm with transA: x is [K, M]
+            x = x.T
         return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
     if x.ndim == 3:  # a 1-D conv's [N, C, L]
         x = x[:, :, None, :]
@@ -745,20 +773,20 @@ class SequentialRefit:
         self.evalset = evalset
         self.step, self.fixed = fixed_batch or batch_size, fixed_batch
         index = GraphIndex.build(split.rest.graph)
-        position = {id(node): i for i, node in enumerate(split.rest.graph.node)}
+        nodes = len(split.rest.graph.node)
         groups: dict[str, list[str]] = {}
         first: dict[str, int] = {}
         inputs: dict[str, str] = {}
         self.position: dict[str, int] = {}
         for name in split.weights:
-            users = [position[id(u.node)] for u in index.consumers.get(name, []) if not u.in_subgraph]
-            self.position[name] = min(users, default=len(position))
+            users = [index.position(u.node) for u in index.uses(name) if not u.in_subgraph]
+            self.position[name] = min(users, default=nodes)
         for name, layout in calibration.layouts.items():
             # one pass serves the layers reading one activation the same way (Convs of one kernel)
-            key = f"{layout.input}|{layout.conv}|{layout.groups}"
+            key = f"{layout.input}|{layout.unfold.value}|{layout.conv}|{layout.groups}"
             inputs[key] = layout.input
             groups.setdefault(key, []).append(name)
-            first[key] = min(first.get(key, len(position)), self.position[name])
+            first[key] = min(first.get(key, nodes), self.position[name])
         self.groups = sorted(
             (
                 _Group(inputs[k], first[k], tuple(sorted(names, key=lambda n: self.position[n])))
@@ -921,14 +949,15 @@ class SequentialRefit:
         first = group.layers[0]
         groups = calibration.layouts[first].groups
         count, gram, cross, mean, mean_now = 0, None, None, None, None
-        for a, b in pairs:
+        for now, before in pairs:
             check_stop(self.stop)
-            count += len(a)
-            g, c = _grams(a, groups).astype(np.float64), _grams(a, groups, b).astype(np.float64)
-            gram = g if gram is None else gram + g
-            cross = c if cross is None else cross + c
-            mean_now = a.sum(axis=0, dtype=np.float64) + (0 if mean_now is None else mean_now)
-            mean = b.sum(axis=0, dtype=np.float64) + (0 if mean is None else mean)
+            count += len(now)
+            batch_gram = _grams(now, groups).astype(np.float64)
+            batch_cross = _grams(now, groups, before).astype(np.float64)
+            gram = batch_gram if gram is None else gram + batch_gram
+            cross = batch_cross if cross is None else cross + batch_cross
+            mean_now = now.sum(axis=0, dtype=np.float64) + (0 if mean_now is None else mean_now)
+            mean = before.sum(axis=0, dtype=np.float64) + (0 if mean is None else mean)
         assert gram is not None and cross is not None and mean is not None and mean_now is not None
         gram, cross, mean, mean_now = gram / count, cross / count, mean / count, mean_now / count
         damped = _damped(gram)
@@ -974,7 +1003,7 @@ class _Segments:
     def __init__(self, fed: onnx.ModelProto, groups: list[_Group], inputs: set[str], threads: int) -> None:
         self.fed, self.threads = fed, threads
         nodes = fed.graph.node
-        produced = {name: i for i, node in enumerate(nodes) for name in node.output if name}
+        produced = GraphIndex.build(fed.graph).producers
         self.cut = {g: produced[g.input] + 1 if g.input in produced else 0 for g in groups}
         self.walkable = {g for g in groups if g.input in produced or g.input in inputs}
         read = [reads(node) for node in nodes]

@@ -11,13 +11,12 @@ import fnmatch
 import functools
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from ._analysis import PrunableWeight
+from ._analysis import PrunableWeight, Unit
 from ._errors import check_stop
 from ._evaluate import Runner, SplitModel, make_session, session_runner
 from ._graph import GraphIndex
@@ -57,12 +56,12 @@ def component_scores(
     that channel, from calibration statistics; a family whose consumers have none
     is scored by magnitude.
     """
+    arrays = _Constants(GraphIndex.build(model.graph))
     if criterion is Criterion.ACTIVATION and calibration is not None:
-        drawn = _activation_scores(structure, family, calibration, _constants(model))
+        drawn = _activation_scores(structure, family, calibration, arrays)
         if drawn is not None:
             return drawn
         criterion = Criterion.MAGNITUDE
-    arrays = _constants(model)
     index = {int(c): i for i, c in enumerate(family.components)}
     gain = np.ones(len(family.components), dtype=np.float64)
     for scale, var, eps in structure.scales:
@@ -94,7 +93,7 @@ def component_scores(
 
 
 def _activation_scores(
-    structure: Structure, family: Family, calibration: Calibration, arrays: dict[str, np.ndarray]
+    structure: Structure, family: Family, calibration: Calibration, arrays: Mapping[str, np.ndarray]
 ) -> np.ndarray | None:
     index = {int(c): i for i, c in enumerate(family.components)}
     total = np.zeros(len(family.components), dtype=np.float64)
@@ -117,14 +116,31 @@ def _activation_scores(
     return total.astype(np.float32) if found else None
 
 
-def _constants(model: onnx.ModelProto) -> dict[str, np.ndarray]:
-    out = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                out[node.output[0]] = numpy_helper.to_array(value)
-    return out
+class _Constants(Mapping[str, np.ndarray]):
+    """The initializers and Constant values of a graph as arrays, each read when first asked for."""
+
+    def __init__(self, index: GraphIndex) -> None:
+        self.index = index
+        self.names = index.constant_names()
+        self.read: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.read:
+            value = self.index.value(name)
+            if value is None:
+                raise KeyError(name)
+            self.read[name] = value
+        return self.read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _constants(model: onnx.ModelProto) -> Mapping[str, np.ndarray]:
+    return _Constants(GraphIndex.build(model.graph))
 
 
 def _sizes(model: onnx.ModelProto) -> dict[str, int]:
@@ -139,7 +155,7 @@ def _family_units(family: Family, scores: np.ndarray, options: PruneOptions) -> 
     order = np.argsort(scores, kind="stable")
     params = family.params_per_component
     total = int(params.sum())
-    layer = PrunableWeight(family.name, "channels", (), (total,), "float32", 0)
+    layer = PrunableWeight.family(family.name, total)
     sorted_scores = scores[order]
     if units <= SKETCH_POINTS:
         ranks = np.arange(units)
@@ -215,7 +231,7 @@ class RemoveSpace(ZeroSpace):
     def at_level(self, level: float) -> Config:
         return self._snap(super().at_level(level))
 
-    def push(self, config: Config, layer_ids: list[int], step: float) -> Config:  # type: ignore[override]
+    def push(self, config: Config, layer_ids: Sequence[int], step: float) -> Config:
         pushed = super().push(config, layer_ids, step)
         # a push must move by at least one multiple where it moves at all
         bumped = tuple(
@@ -224,7 +240,7 @@ class RemoveSpace(ZeroSpace):
         )
         return self._snap(bumped)
 
-    def blend(self, config: Config, targets: list[float], t: float) -> Config:  # type: ignore[override]
+    def blend(self, config: Config, targets: Sequence[float], t: float) -> Config:
         return self._snap(super().blend(config, targets, t))
 
 
@@ -404,7 +420,7 @@ class Remover:
             reports.append(
                 LayerReport(
                     family.name,
-                    "channels",
+                    Unit.CHANNELS.value,
                     (channels,),
                     size_before,
                     size_before,

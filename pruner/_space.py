@@ -68,12 +68,12 @@ def build_units(
     layer: PrunableWeight,
     weight: np.ndarray,
     scores: np.ndarray,
-    gran: Granularity,
+    granularity: Granularity,
     allocation: Allocation,
     cap: float,
 ) -> LayerUnits:
     units = len(scores)
-    ppu = layer.params // units
+    params_per_unit = layer.params // units
     finite = np.where(np.isnan(scores), np.inf, scores) if np.isnan(scores).any() else scores
     sorted_scores = np.sort(finite)
     if units <= SKETCH_POINTS:
@@ -85,7 +85,7 @@ def build_units(
     del sorted_scores
     nnz_cum = None
     zeros = 0
-    if gran is Granularity.CHANNEL:
+    if granularity is Granularity.CHANNEL:
         rows = np.moveaxis(weight, layer.channel_axis, 0).reshape(units, -1)
         nnz = np.count_nonzero(rows, axis=1)[np.argsort(finite, kind="stable")]
         nnz_cum = np.concatenate([[0], np.cumsum(nnz)])
@@ -94,7 +94,7 @@ def build_units(
     return LayerUnits(
         layer=layer,
         units=units,
-        params_per_unit=ppu,
+        params_per_unit=params_per_unit,
         max_amount=math.floor(cap * units + 1e-9),
         sketch=sketch,
         sketch_ranks=ranks,

@@ -22,7 +22,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
-from ._graph import GraphIndex, declared_shape, keep_needed
+from ._graph import Attributes, GraphIndex, declared_shape, keep_needed
 from ._model import session_source
 
 __all__ = ["fold_layouts", "static_reshapes"]
@@ -100,14 +100,13 @@ def static_reshapes(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
     """``model`` with layouts of constants folded (``fold_layouts``) and its computed Reshape
     targets made constants (a copy if anything changed), and how many targets were."""
     model = fold_layouts(model)
-    constants = {t.name for t in model.graph.initializer}
-    constants |= {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    index = GraphIndex.build(model.graph)
     dynamic = [
         node
         for node in model.graph.node
         if node.op_type == "Reshape"
-        and node.input[1] not in constants
-        and not any(a.name == "allowzero" and a.i for a in node.attribute)
+        and not index.is_constant(node.input[1])
+        and not Attributes(node).get_int("allowzero", 0)
     ]
     if not dynamic:
         return model, 0

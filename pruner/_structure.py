@@ -39,16 +39,25 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from ._graph import GraphIndex, declared_shape
+from ._graph import Attributes, GraphIndex, declared_shape
+from ._ops import OPS, ChannelRule, OpDeclaration, WeightSlot
 
-__all__ = ["Family", "Structure", "analyze_structure", "remove_components", "set_params", "zero_components"]
+__all__ = [
+    "CountFixup",
+    "Family",
+    "Fixup",
+    "GroupFixup",
+    "SliceFixup",
+    "SplitFixup",
+    "Structure",
+    "analyze_structure",
+    "remove_components",
+    "set_params",
+    "zero_components",
+]
 
 Slot = tuple[str, int]
 """A tensor and one of its axes."""
-
-
-def _attrs(node: onnx.NodeProto) -> dict[str, object]:
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
 
 @dataclass
@@ -66,14 +75,49 @@ class Family:
     """Why removing these channels changes the outputs of the kept ones (None: it does not)."""
 
 
-@dataclass
-class Fixup:
-    """An attribute or constant that names a channel count, and the slot whose count it is."""
+@dataclass(frozen=True)
+class GroupFixup:
+    """The ``group`` of a depthwise conv: the channel count of ``slots[0]``."""
 
-    kind: str
     node: int
     slots: tuple[Slot, ...]
-    detail: tuple[object, ...] = ()
+
+
+@dataclass(frozen=True)
+class SplitFixup:
+    """The sizes of a Split (its ``split`` attribute or sizes input): one count per output slot."""
+
+    node: int
+    slots: tuple[Slot, ...]
+
+
+@dataclass(frozen=True)
+class SliceFixup:
+    """The bounds of a Slice along a channel axis: ``slots`` are (input, output); the constants
+    ``starts`` and ``ends`` hold them at ``position``, the range beginning at channel ``start``."""
+
+    node: int
+    slots: tuple[Slot, ...]
+    starts: str
+    ends: str
+    position: int
+    start: int
+
+
+@dataclass(frozen=True)
+class CountFixup:
+    """An entry of a shape-like constant (Reshape shape, Resize sizes): entry ``position`` of
+    ``constant``, read as ``node.input[input_index]``, is the channel count of ``slots[0]``."""
+
+    node: int
+    slots: tuple[Slot, ...]
+    constant: str
+    position: int
+    input_index: int
+
+
+Fixup = GroupFixup | SplitFixup | SliceFixup | CountFixup
+"""An attribute or constant that names a channel count, and the slots whose counts it holds."""
 
 
 @dataclass
@@ -106,11 +150,6 @@ class _Builder:
     def __init__(self, model: onnx.ModelProto) -> None:
         self.model = model
         self.index = GraphIndex.build(model.graph)
-        self.producer: dict[str, int] = {}
-        self.node_index = {id(node): i for i, node in enumerate(model.graph.node)}
-        for i, node in enumerate(model.graph.node):
-            for out in node.output:
-                self.producer[out] = i
         inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False, data_prop=True)
         self.shapes: dict[str, tuple[int | None, ...]] = {}
         for value in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]:
@@ -118,8 +157,8 @@ class _Builder:
                 self.shapes[value.name] = declared_shape(value)
         for name, tensor in self.index.initializers.items():
             self.shapes[name] = tuple(tensor.dims)
-        for name, node in self.index.constants.items():
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
+        for name in self.index.constants:
+            value = self.index.tensor(name)
             if value is not None:
                 self.shapes[name] = tuple(value.dims)
         self.slot_base: dict[Slot, int] = {}
@@ -142,10 +181,10 @@ class _Builder:
     # --- atoms --------------------------------------------------------------------------------
 
     def is_constant(self, name: str) -> bool:
-        return name in self.index.initializers or name in self.index.constants
+        return self.index.is_constant(name)
 
     def constant(self, name: str) -> np.ndarray | None:
-        return _constant(self.index, name)
+        return self.index.value(name)
 
     def dim(self, name: str, axis: int) -> int | None:
         shape = self.shapes.get(name)
@@ -191,13 +230,14 @@ class _Builder:
             parent[a], a = root, parent[a]
         return root
 
-    def union(self, a: int, b: int) -> None:
-        ra, rb = self.find(a), self.find(b)
-        if ra != rb:
-            self.parent[max(ra, rb)] = min(ra, rb)
-            for r in (ra, rb):
-                if r in self.frozen and min(ra, rb) not in self.frozen:
-                    self.frozen[min(ra, rb)] = self.frozen[r]
+    def union(self, first: int, second: int) -> None:
+        roots = self.find(first), self.find(second)
+        if roots[0] != roots[1]:
+            low, high = min(roots), max(roots)
+            self.parent[high] = low
+            for root in roots:
+                if root in self.frozen and low not in self.frozen:
+                    self.frozen[low] = self.frozen[root]
 
     def link(self, a: str, axis_a: int, b: str, axis_b: int, size: int) -> None:
         """Channel k of ``a`` along ``axis_a`` is channel k of ``b`` along ``axis_b``."""
@@ -222,7 +262,7 @@ class _Builder:
 
     def run(self) -> None:
         for node_index, node in enumerate(self.model.graph.node):
-            if node.op_type in SEEDS and node.domain in ("", "ai.onnx"):
+            if node.op_type in OPS and node.domain in ("", "ai.onnx"):
                 self.apply(node_index, None)
         while self.todo:
             name, axis = self.todo.pop()
@@ -232,13 +272,13 @@ class _Builder:
             if name in self.index.graph_inputs:
                 self.freeze(name, axis, size, f"{name!r} is a graph input")
             touching = []
-            if name in self.producer:
-                touching.append(self.producer[name])
+            if name in self.index.producers:
+                touching.append(self.index.producers[name])
             for use in self.index.uses(name):
                 if use.in_subgraph:
                     self.freeze(name, axis, size, f"{name!r} is read inside a subgraph")
                     continue
-                touching.append(self.node_index[id(use.node)])
+                touching.append(self.index.position(use.node))
             for node_index in touching:
                 self.apply(node_index, (name, axis))
 
@@ -385,10 +425,10 @@ def analyze_structure(model: onnx.ModelProto) -> Structure:
 Rule = Callable[[_Builder, int, onnx.NodeProto, Slot | None], None]
 
 
-def _axis(b: _Builder, trigger: Slot | None, name: str) -> int | None:
+def _axis(builder: _Builder, trigger: Slot | None, name: str) -> int | None:
     if trigger is None or trigger[0] != name:
         return None
-    rank = b.rank(name)
+    rank = builder.rank(name)
     return trigger[1] % rank if rank else trigger[1]
 
 
@@ -398,89 +438,101 @@ def _need(value: int | None, what: str) -> int:
     return value
 
 
-def _conv(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
-    x, w, y = node.input[0], node.input[1], node.output[0]
+def _weight(node: onnx.NodeProto, input_index: int) -> tuple[WeightSlot, int]:
+    """The declaration (``_ops``) of weight operand ``input_index`` of ``node``, and its groups."""
+    layout = OPS[node.op_type].of(node)
+    slot = layout.slot(input_index)
+    assert slot is not None, f"{node.op_type} declares no weight at input {input_index}"
+    return slot, layout.groups
+
+
+def _conv(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    weight, group = _weight(node, 1)
+    x, w, y = node.input[weight.data], node.input[weight.input], node.output[0]
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
-    if not b.is_constant(w) or (bias and not b.is_constant(bias)):
+    if not builder.is_constant(w) or (bias and not builder.is_constant(bias)):
         raise _Stop("weight or bias is not a constant")
-    if trigger is not None and trigger[1] % (b.rank(trigger[0]) or 1) != 1:
-        raise _Stop("only the channel axis (1) of a conv can shrink")
-    shape = b.shapes[w]
-    group = int(_attrs(node).get("group", 1))  # type: ignore[call-overload]
-    transpose = node.op_type == "ConvTranspose"
-    c_in = _need(b.dim(x, 1), "input channels")
-    c_out = _need(b.dim(y, 1), "output channels")
-    out_axis, in_axis = (1, 0) if transpose else (0, 1)
-    b.producer_slots.add((w, out_axis))
+    if trigger is not None and trigger[1] % (builder.rank(trigger[0]) or 1) != weight.output_axis:
+        raise _Stop(f"only the channel axis ({weight.output_axis}) of a conv can shrink")
+    shape = builder.shapes[w]
+    c_in = _need(builder.dim(x, weight.data_axis), "input channels")
+    c_out = _need(builder.dim(y, weight.output_axis), "output channels")
+    out_axis, in_axis = weight.out_axis, weight.in_axis
+    builder.producer_slots.add((w, out_axis))
     if group == 1:
         if trigger is None or trigger[0] == y:
-            b.link(y, 1, w, out_axis, c_out)
+            builder.link(y, weight.output_axis, w, out_axis, c_out)
             if bias:
-                b.link(y, 1, bias, 0, c_out)
+                builder.link(y, weight.output_axis, bias, 0, c_out)
         if trigger is not None and trigger[0] == x:
-            b.link(x, 1, w, in_axis, c_in)
-            b.consumer_slots.add((w, in_axis))
+            builder.link(x, weight.data_axis, w, in_axis, c_in)
+            builder.consumer_slots.add((w, in_axis))
         return
-    if not transpose and group == c_in == c_out and shape[1] == 1:
-        b.link(x, 1, y, 1, c_out)
-        b.link(y, 1, w, 0, c_out)
+    # depthwise: one input channel per filter, output channel k reads input channel k only
+    if out_axis == 0 and group == c_in == c_out and shape[in_axis] == 1:
+        builder.link(x, weight.data_axis, y, weight.output_axis, c_out)
+        builder.link(y, weight.output_axis, w, out_axis, c_out)
         if bias:
-            b.link(y, 1, bias, 0, c_out)
-        b.add_fixup(Fixup("group", i, ((y, 1),)))
+            builder.link(y, weight.output_axis, bias, 0, c_out)
+        builder.add_fixup(GroupFixup(i, ((y, weight.output_axis),)))
         return
     raise _Stop(f"grouped convolution (group={group}) is not pruned")
 
 
-def _gemm(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
-    a, w, y = node.input[0], node.input[1], node.output[0]
-    attrs = _attrs(node)
-    if attrs.get("transA", 0) or not b.is_constant(w):
-        raise _Stop("only Gemm with a constant B and no transA")
-    trans_b = bool(attrs.get("transB", 0))
-    n_out = _need(b.dim(y, 1), "Gemm output width")
-    b.producer_slots.add((w, 0 if trans_b else 1))
+def _gemm(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    weight, _ = _weight(node, 1)
+    a, w, y = node.input[weight.data], node.input[weight.input], node.output[0]
+    if not builder.is_constant(w):
+        raise _Stop("only Gemm with a constant B")
+    n_out = _need(builder.dim(y, weight.output_axis), "Gemm output width")
+    builder.producer_slots.add((w, weight.out_axis))
     if trigger is None or trigger[0] == y:
-        if trigger is not None and trigger[1] % 2 != 1:
+        if trigger is not None and trigger[1] % 2 != weight.output_axis:
             raise _Stop("the batch axis of a Gemm output cannot shrink")
-        b.link(y, 1, w, 0 if trans_b else 1, n_out)
+        builder.link(y, weight.output_axis, w, weight.out_axis, n_out)
         if len(node.input) > 2 and node.input[2]:
             c = node.input[2]
-            c_shape = b.shapes.get(c)
-            if not b.is_constant(c) or c_shape is None:
+            c_shape = builder.shapes.get(c)
+            if not builder.is_constant(c) or c_shape is None:
                 raise _Stop("Gemm C is not a constant")
             if c_shape and c_shape[-1] == n_out and n_out > 1:
-                b.link(y, 1, c, len(c_shape) - 1, n_out)
+                builder.link(y, weight.output_axis, c, len(c_shape) - 1, n_out)
                 if len(c_shape) == 2 and c_shape[0] != 1:
                     raise _Stop("Gemm C is a full matrix")
     if trigger is not None and trigger[0] == a:
-        if trigger[1] % 2 != 1:
+        if trigger[1] % 2 != weight.data_axis:
             raise _Stop("the batch axis of a Gemm input cannot shrink")
-        b.link(a, 1, w, 1 if trans_b else 0, _need(b.dim(a, 1), "Gemm input width"))
-        b.consumer_slots.add((w, 1 if trans_b else 0))
+        depth = _need(builder.dim(a, weight.data_axis), "Gemm input width")
+        builder.link(a, weight.data_axis, w, weight.in_axis, depth)
+        builder.consumer_slots.add((w, weight.in_axis))
 
 
-def _matmul(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
-    a, w, y = node.input[0], node.input[1], node.output[0]
-    if trigger is not None and not b.is_constant(a) and not b.is_constant(w):
-        _batched_matmul(b, node, trigger)
+def _matmul(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    weight, _ = _weight(node, 1)
+    a, w, y = node.input[weight.data], node.input[weight.input], node.output[0]
+    if trigger is not None and not builder.is_constant(a) and not builder.is_constant(w):
+        _batched_matmul(builder, node, trigger)
         return
-    if not b.is_constant(w) or b.is_constant(a) or len(b.shapes.get(w, ())) != 2:
+    if not builder.is_constant(w) or builder.is_constant(a) or len(builder.shapes.get(w, ())) != 2:
         raise _Stop("only MatMul of an activation by a constant 2-D weight")
-    rank_y = _need(b.rank(y), "MatMul output rank")
-    b.producer_slots.add((w, 1))
+    rank_y = _need(builder.rank(y), "MatMul output rank")
+    rank_w = 2
+    out_axis, in_axis = weight.out_axis % rank_w, weight.in_axis % rank_w
+    output_axis = weight.output_axis % rank_y
+    builder.producer_slots.add((w, out_axis))
     if trigger is None or trigger[0] == y:
-        if trigger is not None and trigger[1] % rank_y != rank_y - 1:
+        if trigger is not None and trigger[1] % rank_y != output_axis:
             raise _Stop("only the last axis of a MatMul output can shrink")
-        b.link(y, rank_y - 1, w, 1, _need(b.dim(w, 1), "MatMul width"))
+        builder.link(y, output_axis, w, out_axis, _need(builder.dim(w, out_axis), "MatMul width"))
     if trigger is not None and trigger[0] == a:
-        rank_a = _need(b.rank(a), "MatMul input rank")
-        if trigger[1] % rank_a != rank_a - 1:
+        rank_a = _need(builder.rank(a), "MatMul input rank")
+        if trigger[1] % rank_a != weight.data_axis % rank_a:
             raise _Stop("only the last axis of a MatMul input can shrink")
-        b.link(a, rank_a - 1, w, 0, _need(b.dim(w, 0), "MatMul depth"))
-        b.consumer_slots.add((w, 0))
+        builder.link(a, weight.data_axis % rank_a, w, in_axis, _need(builder.dim(w, in_axis), "MatMul depth"))
+        builder.consumer_slots.add((w, in_axis))
 
 
-def _batched_matmul(b: _Builder, node: onnx.NodeProto, trigger: Slot) -> None:
+def _batched_matmul(builder: _Builder, node: onnx.NodeProto, trigger: Slot) -> None:
     """MatMul of two activations (attention): Y[..., m, n] = sum_k A[..., m, k] B[..., k, n].
 
     Batch axes (heads) pass through; A's rows are Y's rows, B's columns Y's
@@ -488,37 +540,37 @@ def _batched_matmul(b: _Builder, node: onnx.NodeProto, trigger: Slot) -> None:
     term of the sum, as pruning query-key dimensions does).
     """
     a, w, y = node.input[0], node.input[1], node.output[0]
-    ranks = {name: _need(b.rank(name), "MatMul rank") for name in (a, w, y)}
+    ranks = {name: _need(builder.rank(name), "MatMul rank") for name in (a, w, y)}
     if min(ranks.values()) < 2:
         raise _Stop("MatMul of vectors")
     name, axis = trigger
-    size = b.slot_size[trigger]
+    size = builder.slot_size[trigger]
     from_end = axis - ranks[name]  # -1 last axis, -2 the one before, lower: batch axes
     if from_end <= -3:
         for operand in (a, w, y):
             in_axis = ranks[operand] + from_end
-            if in_axis >= 0 and b.dim(operand, in_axis) != 1:
-                b.link(name, axis, operand, in_axis, size)
+            if in_axis >= 0 and builder.dim(operand, in_axis) != 1:
+                builder.link(name, axis, operand, in_axis, size)
         return
     pairs = {(a, -1): (w, -2), (w, -2): (a, -1), (a, -2): (y, -2), (y, -2): (a, -2), (w, -1): (y, -1), (y, -1): (w, -1)}
     other, other_from_end = pairs[(name, from_end)]
-    b.link(name, axis, other, ranks[other] + other_from_end, size)
+    builder.link(name, axis, other, ranks[other] + other_from_end, size)
 
 
-def _same_shape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _same_shape(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """Unary ops, activations, casts: channel k in is channel k out."""
     assert trigger is not None
     x, y = node.input[0], node.output[0]
     if trigger[0] not in (x, y):
         raise _Stop("a side input of a unary op carries channels")
     axis = trigger[1]
-    b.link(x, axis, y, axis, b.slot_size[trigger])
+    builder.link(x, axis, y, axis, builder.slot_size[trigger])
     for extra in node.output[1:]:
-        if extra and b.index.uses(extra):
+        if extra and builder.index.uses(extra):
             raise _Stop(f"its second output {extra!r} is used")
 
 
-def _channel_only(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _channel_only(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """Pooling, Resize, Pad: spatial ops that keep the channel axis (1)."""
     assert trigger is not None
     if trigger[1] != 1:
@@ -526,125 +578,125 @@ def _channel_only(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | Non
     x, y = node.input[0], node.output[0]
     if node.op_type == "Resize":
         if len(node.input) > 3 and node.input[3]:
-            sizes = b.constant(node.input[3])
-            axes = _attrs(node).get("axes")
-            if sizes is None or axes is not None or sizes.size < 2:
+            sizes = builder.constant(node.input[3])
+            if sizes is None or "axes" in Attributes(node) or sizes.size < 2:
                 raise _Stop("Resize sizes must be a constant over all axes")
             # sizes name the channel count: it follows the channels (a per-node copy, as for Reshape)
-            b.add_fixup(Fixup("count", i, ((y, 1),), (node.input[3], 1, 3)))
+            builder.add_fixup(CountFixup(i, ((y, 1),), node.input[3], position=1, input_index=3))
         else:
-            scales = b.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+            scales = builder.constant(node.input[2]) if len(node.input) > 2 and node.input[2] else None
             if scales is None or scales.size < 2 or scales[1] != 1:
                 raise _Stop("Resize scales of the channel axis must be a constant 1")
     if node.op_type == "Pad":
-        pads = b.constant(node.input[1]) if len(node.input) > 1 else np.array(_attrs(node).get("pads", []))
-        axes = b.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
+        listed = np.array(Attributes(node).get_ints("pads", []))
+        pads = builder.constant(node.input[1]) if len(node.input) > 1 else listed
+        axes = builder.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
         if pads is None or axes is not None:
             raise _Stop("Pad without constant pads over all axes")
         rank = pads.size // 2
         if pads[1] or pads[rank + 1]:
             raise _Stop("Pad pads the channel axis")
-    b.link(x, 1, y, 1, b.slot_size[trigger])
+    builder.link(x, 1, y, 1, builder.slot_size[trigger])
     for extra in node.output[1:]:
-        if extra and b.index.uses(extra):
+        if extra and builder.index.uses(extra):
             raise _Stop(f"its second output {extra!r} is used")
 
 
-def _normalization(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _normalization(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """BatchNormalization, InstanceNormalization: per-channel parameters follow the channels."""
     assert trigger is not None
     if trigger[1] != 1:
         raise _Stop("only the channel axis passes through")
     x, y = node.input[0], node.output[0]
-    size = b.slot_size[trigger]
-    b.link(x, 1, y, 1, size)
+    size = builder.slot_size[trigger]
+    builder.link(x, 1, y, 1, size)
     for param in node.input[1:]:
-        if not b.is_constant(param):
+        if not builder.is_constant(param):
             raise _Stop("normalization parameters are not constants")
-        b.link(y, 1, param, 0, size)
-    if any(out and b.index.uses(out) for out in node.output[1:]):
+        builder.link(y, 1, param, 0, size)
+    if any(out and builder.index.uses(out) for out in node.output[1:]):
         raise _Stop("training outputs are used")
     if node.op_type == "BatchNormalization":
-        b.scales.append((node.input[1], node.input[4], float(_attrs(node).get("epsilon", 1e-5))))  # type: ignore[arg-type]
+        builder.scales.append((node.input[1], node.input[4], Attributes(node).get_float("epsilon", 1e-5)))
 
 
-def _elementwise(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _elementwise(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """Add, Mul, ...: inputs broadcast against the output; a full-size axis shares its channels."""
     assert trigger is not None
     y = node.output[0]
-    rank_y = _need(b.rank(y), "output rank")
+    rank_y = _need(builder.rank(y), "output rank")
     name, axis = trigger
-    size = b.slot_size[trigger]
+    size = builder.slot_size[trigger]
     if name == y:
         out_axis = axis
     else:
-        rank_in = _need(b.rank(name), "input rank")
+        rank_in = _need(builder.rank(name), "input rank")
         out_axis = axis + rank_y - rank_in
-    b.slot(y, out_axis, size)
+    builder.slot(y, out_axis, size)
     for operand in node.input:
         if not operand:
             continue
-        rank_in = _need(b.rank(operand), "input rank")
+        rank_in = _need(builder.rank(operand), "input rank")
         in_axis = out_axis - (rank_y - rank_in)
         if in_axis < 0:
             continue
-        dim = b.dim(operand, in_axis)
+        dim = builder.dim(operand, in_axis)
         if dim == 1 and size != 1:
             continue  # broadcast: the same value for every channel
         if dim != size:
             raise _Stop(f"input {operand!r} has {dim} along the channel axis, not {size}")
-        b.link(y, out_axis, operand, in_axis, size)
+        builder.link(y, out_axis, operand, in_axis, size)
 
 
-def _concat(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _concat(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     assert trigger is not None
     y = node.output[0]
-    rank = _need(b.rank(y), "Concat rank")
-    cat = int(_attrs(node)["axis"]) % rank  # type: ignore[call-overload]
+    rank = _need(builder.rank(y), "Concat rank")
+    cat = Attributes(node).get_int("axis", 0) % rank
     axis = trigger[1]
     if axis != cat:
         for x in node.input:
-            b.link(x, axis, y, axis, b.slot_size[trigger])
+            builder.link(x, axis, y, axis, builder.slot_size[trigger])
         return
-    total = _need(b.dim(y, cat), "Concat output size")
+    total = _need(builder.dim(y, cat), "Concat output size")
     offset = 0
     for x in node.input:
-        size = _need(b.dim(x, cat), "Concat input size")
-        b.link_map(x, cat, size, y, cat, total, offset + np.arange(size))
+        size = _need(builder.dim(x, cat), "Concat input size")
+        builder.link_map(x, cat, size, y, cat, total, offset + np.arange(size))
         offset += size
 
 
-def _split(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _split(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     assert trigger is not None
     x = node.input[0]
-    rank = _need(b.rank(x), "Split rank")
-    split_axis = int(_attrs(node).get("axis", 0)) % rank  # type: ignore[call-overload]
+    rank = _need(builder.rank(x), "Split rank")
+    split_axis = Attributes(node).get_int("axis", 0) % rank
     axis = trigger[1]
     if axis != split_axis:
         for y in node.output:
-            b.link(x, axis, y, axis, b.slot_size[trigger])
+            builder.link(x, axis, y, axis, builder.slot_size[trigger])
         return
-    total = _need(b.dim(x, axis), "Split input size")
+    total = _need(builder.dim(x, axis), "Split input size")
     offset = 0
     slots = []
     for y in node.output:
-        size = _need(b.dim(y, axis), "Split output size")
-        b.link_map(y, axis, size, x, axis, total, offset + np.arange(size))
+        size = _need(builder.dim(y, axis), "Split output size")
+        builder.link_map(y, axis, size, x, axis, total, offset + np.arange(size))
         slots.append((y, axis))
         offset += size
-    if len(node.input) > 1 and node.input[1] and not b.is_constant(node.input[1]):
+    if len(node.input) > 1 and node.input[1] and not builder.is_constant(node.input[1]):
         raise _Stop("Split sizes are not a constant")
-    b.add_fixup(Fixup("split", i, tuple(slots)))
+    builder.add_fixup(SplitFixup(i, tuple(slots)))
 
 
-def _slice(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _slice(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """Slice with constant starts/ends/axes and step 1: a channel range of the input is the output."""
     assert trigger is not None
     x, y = node.input[0], node.output[0]
-    rank = _need(b.rank(x), "Slice rank")
+    rank = _need(builder.rank(x), "Slice rank")
 
     def constant(k: int) -> np.ndarray | None:
-        return b.constant(node.input[k]) if len(node.input) > k and node.input[k] else None
+        return builder.constant(node.input[k]) if len(node.input) > k and node.input[k] else None
 
     starts, ends, axes, steps = constant(1), constant(2), constant(3), constant(4)
     if starts is None or ends is None or (len(node.input) > 3 and node.input[3] and axes is None):
@@ -656,69 +708,70 @@ def _slice(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> N
     sliced = [int(a) % rank for a in axes]
     axis = trigger[1]
     if axis not in sliced:
-        b.link(x, axis, y, axis, b.slot_size[trigger])
+        builder.link(x, axis, y, axis, builder.slot_size[trigger])
         return
-    size = _need(b.dim(x, axis), "Slice input size")
+    size = _need(builder.dim(x, axis), "Slice input size")
     k = sliced.index(axis)
     start = int(np.clip(starts[k] + size if starts[k] < 0 else starts[k], 0, size))
     end = int(np.clip(ends[k] + size if ends[k] < 0 else ends[k], start, size))
-    b.link_map(y, axis, end - start, x, axis, size, start + np.arange(end - start))
-    b.add_fixup(Fixup("slice", i, ((x, axis), (y, axis)), (node.input[1], node.input[2], k, start)))
+    builder.link_map(y, axis, end - start, x, axis, size, start + np.arange(end - start))
+    builder.add_fixup(SliceFixup(i, ((x, axis), (y, axis)), node.input[1], node.input[2], position=k, start=start))
 
 
-def _transpose(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _transpose(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     assert trigger is not None
     x, y = node.input[0], node.output[0]
-    rank = _need(b.rank(x), "Transpose rank")
-    perm = list(_attrs(node).get("perm", list(reversed(range(rank)))))  # type: ignore[call-overload]
-    size = b.slot_size[trigger]
+    rank = _need(builder.rank(x), "Transpose rank")
+    perm = Attributes(node).get_ints("perm", list(reversed(range(rank))))
+    assert perm is not None
+    size = builder.slot_size[trigger]
     if trigger[0] == x:
-        b.link(x, trigger[1], y, perm.index(trigger[1]), size)
+        builder.link(x, trigger[1], y, perm.index(trigger[1]), size)
     else:
-        b.link(x, perm[trigger[1]], y, trigger[1], size)
+        builder.link(x, perm[trigger[1]], y, trigger[1], size)
 
 
-def _flatten_like(b: _Builder, x: str, y: str, start: int, trigger: Slot) -> int:
+def _flatten_like(builder: _Builder, x: str, y: str, start: int, trigger: Slot) -> int:
     """Channel c of ``x`` (axis >= start) is a block of features of ``y``'s axis 1; returns the axis."""
-    shape = b.shapes.get(x)
+    shape = builder.shapes.get(x)
     if shape is None:
         raise _Stop("input shape unknown")
     axis = trigger[1] if trigger[0] == x else start
     if axis < start:
         raise _Stop("only an axis that is flattened into the features can shrink")
-    dims = shape[start:]
-    if any(d is None for d in dims):
+    dims = [d for d in shape[start:] if d is not None]
+    if len(dims) != len(shape) - start:
         raise _Stop("flattened dims are not static")
-    size = _need(shape[axis], "channels")
-    inner = math.prod(shape[axis + 1 :])  # type: ignore[arg-type]
-    outer = math.prod(shape[start:axis])  # type: ignore[arg-type]
-    features = math.prod(dims)  # type: ignore[arg-type]
+    size = dims[axis - start]
+    inner = math.prod(dims[axis - start + 1 :])
+    outer = math.prod(dims[: axis - start])
+    features = math.prod(dims)
     blocks = np.arange(outer)[:, None] * (size * inner) + np.arange(inner)[None, :]
-    to_y = [(blocks + c * inner).reshape(-1) for c in range(size)]
-    b.link_map(x, axis, size, y, 1, features, to_y)  # type: ignore[arg-type]
+    to_y = np.stack([(blocks + c * inner).reshape(-1) for c in range(size)])
+    builder.link_map(x, axis, size, y, 1, features, to_y)
     return axis
 
 
-def _flatten(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _flatten(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     assert trigger is not None
     x, y = node.input[0], node.output[0]
-    rank = _need(b.rank(x), "Flatten rank")
-    start = int(_attrs(node).get("axis", 1)) % rank  # type: ignore[call-overload]
+    rank = _need(builder.rank(x), "Flatten rank")
+    start = Attributes(node).get_int("axis", 1) % rank
     if start != 1:
         raise _Stop("only Flatten(axis=1)")
     if trigger[0] == y and trigger[1] != 1:
         raise _Stop("the batch axis of a Flatten output cannot shrink")
-    _flatten_like(b, x, y, start, trigger)
+    _flatten_like(builder, x, y, start, trigger)
 
 
-def _heads(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot) -> bool:
+def _heads(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot) -> bool:
     """Reshape [..., H] <-> [..., heads, H / heads] (attention): channel c belongs to head c // head_dim.
 
     Whole heads go together; the shape constant's head count (or width) is updated.
     Returns False when the node is not such a reshape.
     """
     x, shape_name, y = node.input[0], node.input[1], node.output[0]
-    in_shape, out_shape, target = b.shapes.get(x), b.shapes.get(y), b.constant(shape_name)
+    in_shape, out_shape, target = builder.shapes.get(x), builder.shapes.get(y), builder.constant(shape_name)
     if in_shape is None or out_shape is None or target is None:
         return False
     split = len(out_shape) == len(in_shape) + 1 and in_shape[1:-1] == out_shape[1:-2]
@@ -730,36 +783,37 @@ def _heads(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot) -> bool:
     if any(d is None and int(target[k]) != 0 for k, d in enumerate(middle, start=1)):
         return False
     wide, narrow = (x, y) if split else (y, x)  # [..., H] and [..., heads, head_dim]
-    rank_wide = len(b.shapes[wide])
-    heads, head_dim = b.shapes[narrow][-2], b.shapes[narrow][-1]
-    width = b.shapes[wide][-1]
+    rank_wide = len(builder.shapes[wide])
+    heads, head_dim = builder.shapes[narrow][-2], builder.shapes[narrow][-1]
+    width = builder.shapes[wide][-1]
     if heads is None or head_dim is None or width != heads * head_dim:
         return False
     if trigger not in ((wide, rank_wide - 1), (narrow, rank_wide - 1)):
         raise _Stop("only whole heads can shrink through a head reshape")
-    b.link_map(wide, rank_wide - 1, width, narrow, rank_wide - 1, heads, np.arange(width) // head_dim)
+    builder.link_map(wide, rank_wide - 1, width, narrow, rank_wide - 1, heads, np.arange(width) // head_dim)
     index = rank_wide - 1
     if int(target[index]) > 0:
-        b.add_fixup(Fixup("count", i, ((y, index),), (shape_name, index, 1)))
+        builder.add_fixup(CountFixup(i, ((y, index),), shape_name, position=index, input_index=1))
     return True
 
 
-def _reshape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _reshape(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """The flattening Reshape [N, C, ...] -> [N, C*...], the attention head split/merge, and
     regrouping the axes before the last one."""
     assert trigger is not None
     x, shape_name, y = node.input[0], node.input[1], node.output[0]
-    if _heads(b, i, node, trigger):
+    if _heads(builder, i, node, trigger):
         return
-    target = b.constant(shape_name)
-    in_shape, out_shape = b.shapes.get(x), b.shapes.get(y)
+    target = builder.constant(shape_name)
+    in_shape, out_shape = builder.shapes.get(x), builder.shapes.get(y)
     if target is not None and in_shape and out_shape and in_shape[-1] is not None and in_shape[-1] == out_shape[-1]:
         # only the leading axes are regrouped ([L * N, H] <-> [L, N, H]): each row stays a row
-        if trigger[1] != len(b.shapes[trigger[0]]) - 1:
+        if trigger[1] != len(builder.shapes[trigger[0]]) - 1:
             raise _Stop("only the last axis passes through a Reshape that keeps it")
-        b.link(x, len(in_shape) - 1, y, len(out_shape) - 1, b.slot_size[trigger])
+        builder.link(x, len(in_shape) - 1, y, len(out_shape) - 1, builder.slot_size[trigger])
         if int(target[-1]) > 0:
-            b.add_fixup(Fixup("count", i, ((y, len(out_shape) - 1),), (shape_name, len(out_shape) - 1, 1)))
+            last = len(out_shape) - 1
+            builder.add_fixup(CountFixup(i, ((y, last),), shape_name, position=last, input_index=1))
         return
     if target is None or in_shape is None or out_shape is None or len(out_shape) != 2 or len(in_shape) < 2:
         raise _Stop("only a Reshape that flattens [N, C, ...] to [N, features] with a constant shape")
@@ -767,40 +821,41 @@ def _reshape(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) ->
         raise _Stop("the Reshape mixes the batch axis into the features")
     if trigger[0] == y and trigger[1] != 1:
         raise _Stop("the batch axis cannot shrink")
-    _flatten_like(b, x, y, 1, trigger)
+    _flatten_like(builder, x, y, 1, trigger)
     if int(target[1]) > 0:
-        b.add_fixup(Fixup("count", i, ((y, 1),), (shape_name, 1, 1)))
+        builder.add_fixup(CountFixup(i, ((y, 1),), shape_name, position=1, input_index=1))
 
 
-def _squeeze(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _squeeze(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     assert trigger is not None
     x, y = node.input[0], node.output[0]
-    rank_x, rank_y = _need(b.rank(x), "rank"), _need(b.rank(y), "rank")
-    axes_value = b.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else _attrs(node).get("axes")
+    rank_x, rank_y = _need(builder.rank(x), "rank"), _need(builder.rank(y), "rank")
+    listed = Attributes(node).get_ints("axes")
+    axes_value = builder.constant(node.input[1]) if len(node.input) > 1 and node.input[1] else listed
     if axes_value is None:
         raise _Stop("axes are not constant")
     unsqueeze = node.op_type == "Unsqueeze"
     axes = sorted(int(a) % (rank_y if unsqueeze else rank_x) for a in np.atleast_1d(np.asarray(axes_value)))
     short, long = (x, y) if unsqueeze else (y, x)
     kept = [a for a in range(max(rank_x, rank_y)) if a not in axes]  # long-axis index of each short axis
-    size = b.slot_size[trigger]
+    size = builder.slot_size[trigger]
     if trigger[0] == short:
-        b.link(short, trigger[1], long, kept[trigger[1]], size)
+        builder.link(short, trigger[1], long, kept[trigger[1]], size)
     else:
         if trigger[1] in axes:
             raise _Stop("a squeezed axis cannot carry channels")
-        b.link(short, kept.index(trigger[1]), long, trigger[1], size)
+        builder.link(short, kept.index(trigger[1]), long, trigger[1], size)
 
 
-def _gather(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _gather(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """Gather along another axis (a token picked, an embedding looked up): channels pass."""
     assert trigger is not None
     x, indices, y = node.input[0], node.input[1], node.output[0]
     if trigger[0] == indices:
         raise _Stop("the indices carry channels")
-    rank = _need(b.rank(x), "rank")
-    picked = _need(b.rank(indices), "indices rank")
-    axis = int(_attrs(node).get("axis", 0)) % rank  # type: ignore[call-overload]
+    rank = _need(builder.rank(x), "rank")
+    picked = _need(builder.rank(indices), "indices rank")
+    axis = Attributes(node).get_int("axis", 0) % rank
     if trigger[0] == x:
         if trigger[1] == axis:
             raise _Stop("it selects along the channel axis")
@@ -812,25 +867,25 @@ def _gather(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> 
     else:
         raise _Stop("the indices' axes cannot shrink")
     y_axis = x_axis if x_axis < axis else x_axis + picked - 1
-    b.link(x, x_axis, y, y_axis, b.slot_size[trigger])
+    builder.link(x, x_axis, y, y_axis, builder.slot_size[trigger])
 
 
-def _reduce(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+def _reduce(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
     """Reductions and Softmax/LayerNormalization over other axes keep the channels; over the
     channel axis only LayerNormalization and ReduceMean have a rule, an approximate one."""
     assert trigger is not None
     x, y = node.input[0], node.output[0]
-    rank = _need(b.rank(x), "rank")
-    attrs = _attrs(node)
+    rank = _need(builder.rank(x), "rank")
+    attrs = Attributes(node)
     dropped = False
     if node.op_type in ("Softmax", "LogSoftmax", "Hardmax"):
-        reduced = {int(attrs.get("axis", -1)) % rank}  # type: ignore[call-overload]
+        reduced = {attrs.get_int("axis", -1) % rank}
     elif node.op_type == "LayerNormalization":
-        start = int(attrs.get("axis", -1)) % rank  # type: ignore[call-overload]
+        start = attrs.get_int("axis", -1) % rank
         reduced = set(range(start, rank))
     else:
-        dropped = not int(attrs.get("keepdims", 1))  # type: ignore[call-overload]
-        axes = _axes(node, b.index, rank)
+        dropped = not attrs.get_int("keepdims", 1)
+        axes = _axes(node, builder.index, rank)
         if axes is None:
             raise _Stop("reduction over all axes, or over axes computed at run time")
         reduced = axes
@@ -838,53 +893,58 @@ def _reduce(b: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> 
     kept = [a for a in range(rank) if a not in reduced] if dropped else list(range(rank))
     axis = kept[trigger[1]] if trigger[0] == y else trigger[1]
     if axis not in reduced:
-        b.link(x, axis, y, kept.index(axis), b.slot_size[trigger])
+        builder.link(x, axis, y, kept.index(axis), builder.slot_size[trigger])
     elif node.op_type == "LayerNormalization":
-        _layer_norm(b, node, axis)
+        _layer_norm(builder, node, axis)
     elif node.op_type == "ReduceMean" and trigger[0] == x and not dropped:
         # a statistic over the channels (decomposed LayerNorm, RMS norm): it is taken over fewer
         # channels after a removal, and its output has none to remove
-        b.approximate.setdefault(trigger, f"{node.name or node.op_type} (ReduceMean) averages over these channels")
+        why = f"{node.name or node.op_type} (ReduceMean) averages over these channels"
+        builder.approximate.setdefault(trigger, why)
     else:
         raise _Stop(f"{node.op_type} mixes the channels")
 
 
-def _layer_norm(b: _Builder, node: onnx.NodeProto, axis: int) -> None:
+def _layer_norm(builder: _Builder, node: onnx.NodeProto, axis: int) -> None:
     """LayerNormalization over the channel axis: approximate (see the module docstring).
 
     The output keeps the input's channels; scale and bias are sliced with them.
     """
     x, y = node.input[0], node.output[0]
-    rank = _need(b.rank(x), "rank")
-    size = b.dim(x, axis)
+    rank = _need(builder.rank(x), "rank")
+    size = builder.dim(x, axis)
     if size is None:
         raise _Stop("the normalized size is not known statically")
-    if any(out and b.index.uses(out) for out in node.output[1:]):
+    if any(out and builder.index.uses(out) for out in node.output[1:]):
         raise _Stop("its mean or inverse standard deviation output is used")
-    b.link(x, axis, y, axis, size)
+    builder.link(x, axis, y, axis, size)
     for param in node.input[1:]:
         if not param:
             continue
-        if not b.is_constant(param):
+        if not builder.is_constant(param):
             raise _Stop("scale or bias is not a constant")
-        param_axis = axis - rank + _need(b.rank(param), "parameter rank")
-        dim = b.dim(param, param_axis) if param_axis >= 0 else 1
+        param_axis = axis - rank + _need(builder.rank(param), "parameter rank")
+        dim = builder.dim(param, param_axis) if param_axis >= 0 else 1
         if dim == size:
-            b.link(x, axis, param, param_axis, size)
+            builder.link(x, axis, param, param_axis, size)
         elif dim != 1:
             raise _Stop(f"parameter {param!r} has {dim} along the normalized axis, not {size}")
     what = node.name or node.op_type
-    b.approximate.setdefault((x, axis), f"{what} (LayerNormalization) normalizes over these channels")
+    builder.approximate.setdefault((x, axis), f"{what} (LayerNormalization) normalizes over these channels")
 
 
-SEEDS = {"Conv", "ConvTranspose", "Gemm", "MatMul"}
+_SEED_RULES: dict[ChannelRule, Rule] = {ChannelRule.CONV: _conv, ChannelRule.GEMM: _gemm, ChannelRule.MATMUL: _matmul}
+"""The rule each op declaration (``_ops.OPS``) names: how channels pass through its weights."""
+
+
+def _seed_rule(declaration: OpDeclaration) -> Rule:
+    return _SEED_RULES[declaration.channel_rule]
+
+
 _UNARY = """Relu LeakyRelu PRelu Sigmoid Tanh Clip HardSigmoid HardSwish Elu Selu Celu Softplus Softsign Erf Gelu
 Mish Exp Log Abs Neg Sqrt Reciprocal Identity Dropout Cast Floor Ceil Round Sign ThresholdedRelu Sin Cos""".split()
 RULES: dict[str, Rule] = {
-    "Conv": _conv,
-    "ConvTranspose": _conv,
-    "Gemm": _gemm,
-    "MatMul": _matmul,
+    **{op_type: _seed_rule(declaration) for op_type, declaration in OPS.items()},
     **{op: _same_shape for op in _UNARY if op != "PRelu"},
     **{op: _channel_only for op in "MaxPool AveragePool GlobalAveragePool GlobalMaxPool LpPool Resize Pad".split()},
     "BatchNormalization": _normalization,
@@ -935,9 +995,7 @@ def zero_components(model: onnx.ModelProto, structure: Structure, removed: Seque
                 continue
             positions = np.flatnonzero(np.isin(structure.atoms((tensor, axis)), removed_array))
             if len(positions):
-                index = [slice(None)] * array.ndim
-                index[axis] = positions  # type: ignore[call-overload]
-                array[tuple(index)] = neutral_params.get(name, 0.0)
+                np.moveaxis(array, axis, 0)[positions] = neutral_params.get(name, 0.0)
                 changed = True
         if changed:
             _set_param(out, name, array)
@@ -971,9 +1029,10 @@ def mask_norms(model: onnx.ModelProto, structure: Structure) -> tuple[onnx.Model
         slot = next(((name, a) for (name, a) in structure.approximate if name == x), None)
         rank = len(types[x].shape.dim) if x in types else 0
         last = rank - 1
-        attrs = _attrs(node)
-        norm = node.op_type == "LayerNormalization" and int(attrs.get("axis", -1)) % max(rank, 1) == last  # type: ignore[call-overload]
-        mean = node.op_type == "ReduceMean" and int(attrs.get("keepdims", 1)) and _axes(node, index, rank) == {last}  # type: ignore[call-overload]
+        attrs = Attributes(node)
+        norm = node.op_type == "LayerNormalization" and attrs.get_int("axis", -1) % max(rank, 1) == last
+        keepdims = bool(attrs.get_int("keepdims", 1))
+        mean = node.op_type == "ReduceMean" and keepdims and _axes(node, index, rank) == {last}
         if slot is None or slot[1] != last or node.domain not in ("", "ai.onnx") or not (norm or mean):
             nodes.append(node)
             continue
@@ -988,23 +1047,16 @@ def mask_norms(model: onnx.ModelProto, structure: Structure) -> tuple[onnx.Model
     return out, masks
 
 
-def _constant(index: GraphIndex, name: str) -> np.ndarray | None:
-    """The value of an initializer or Constant node (None for anything computed)."""
-    if name in index.initializers:
-        return numpy_helper.to_array(index.initializers[name])
-    node = index.constants.get(name)
-    if node is not None:
-        value = next((a.t for a in node.attribute if a.name == "value"), None)
-        return None if value is None else numpy_helper.to_array(value)
-    return None
-
-
 def _axes(node: onnx.NodeProto, index: GraphIndex, rank: int) -> set[int] | None:
     """The axes a reduction names (attribute or constant input), None if it names none statically."""
-    value = _attrs(node).get("axes")
+    listed = Attributes(node).get_ints("axes")
+    value = None if listed is None else np.array(listed)
     if value is None and len(node.input) > 1 and node.input[1]:
-        value = _constant(index, node.input[1])
-    return None if value is None else {int(a) % rank for a in np.atleast_1d(np.asarray(value))}
+        value = index.value(node.input[1])
+    return None if value is None else {int(a) % rank for a in np.atleast_1d(value)}
+
+
+_AttributeValue = onnx.TensorProto | int | list[int]
 
 
 def _masked(node: onnx.NodeProto, mask: str, axis: int, opset: int, tag: int, dtype: np.dtype) -> list[onnx.NodeProto]:
@@ -1012,9 +1064,11 @@ def _masked(node: onnx.NodeProto, mask: str, axis: int, opset: int, tag: int, dt
     prefix = f"{node.output[0]}__masked{tag}"
     made: list[onnx.NodeProto] = []
 
-    def op(op_type: str, inputs: list[str], output: str | None = None, **attrs: object) -> str:
+    def op(op_type: str, inputs: list[str], output: str | None = None, **attrs: _AttributeValue) -> str:
         name = output or f"{prefix}_{len(made)}"
-        made.append(helper.make_node(op_type, inputs, [name], **attrs))  # type: ignore[arg-type]
+        new = helper.make_node(op_type, inputs, [name])
+        new.attribute.extend(helper.make_attribute(key, value) for key, value in attrs.items())
+        made.append(new)
         return name
 
     def channel_sum(x: str) -> str:  # ReduceSum over ``axis``, keepdims
@@ -1028,7 +1082,7 @@ def _masked(node: onnx.NodeProto, mask: str, axis: int, opset: int, tag: int, dt
     if node.op_type == "ReduceMean":
         op("Div", [channel_sum(op("Mul", [x, mask])), kept], node.output[0])
         return made
-    eps = float(_attrs(node).get("epsilon", 1e-5))  # type: ignore[arg-type]
+    eps = Attributes(node).get_float("epsilon", 1e-5)
     mean = op("Div", [channel_sum(op("Mul", [x, mask])), kept])
     centred = op("Mul", [op("Sub", [x, mean]), mask])
     var = op("Div", [channel_sum(op("Mul", [centred, centred])), kept])
@@ -1066,23 +1120,22 @@ def remove_components(
     for fix in structure.fixups:
         node = graph.node[fix.node]
         counts = [len(_remaining(structure, removed_array, slot)) for slot in fix.slots]
-        if fix.kind == "group":
+        if isinstance(fix, GroupFixup):
             for attr in node.attribute:
                 if attr.name == "group":
                     attr.i = counts[0]
-        elif fix.kind == "slice":
-            starts_name, ends_name, k, start = (str(fix.detail[0]), str(fix.detail[1]), fix.detail[2], fix.detail[3])
+        elif isinstance(fix, SliceFixup):
             kept_in = _remaining(structure, removed_array, fix.slots[0])
-            new_start = int(np.count_nonzero(kept_in < int(start)))  # type: ignore[call-overload]
-            bounds = {starts_name: new_start, ends_name: new_start + counts[1]}
+            new_start = int(np.count_nonzero(kept_in < fix.start))
+            bounds = {fix.starts: new_start, fix.ends: new_start + counts[1]}
             for index, (name, value) in enumerate(bounds.items(), start=1):
-                values = _param_arrays(model, {str(name)})[str(name)].copy()
-                values[int(k)] = value  # type: ignore[call-overload]
+                values = _param_arrays(model, {name})[name].copy()
+                values[fix.position] = value
                 own = f"{name}__{node.name or fix.node}"
                 graph.initializer.append(numpy_helper.from_array(values, own))
                 node.input[index] = own
-                replaced.add(str(name))
-        elif fix.kind == "split":
+                replaced.add(name)
+        elif isinstance(fix, SplitFixup):
             if len(node.input) > 1 and node.input[1]:
                 # the exporter shares equal sizes between Splits (YOLOv8's C2f blocks): give this node its own
                 sizes_name = node.input[1]
@@ -1095,17 +1148,17 @@ def remove_components(
                     if attr.name == "split":
                         del attr.ints[:]
                         attr.ints.extend(counts)
-        elif fix.kind == "count":  # an entry of a shape-like constant (Reshape shape, Resize sizes)
+        else:  # an entry of a shape-like constant (Reshape shape, Resize sizes)
             # shape constants are often shared (every head split of a model): give this node its own
-            shape_name, position = str(fix.detail[0]), int(fix.detail[1])  # type: ignore[call-overload]
+            shape_name = fix.constant
             target = shape_values.setdefault(fix.node, _param_arrays(model, {shape_name})[shape_name].copy())
-            target[position] = counts[0]
+            target[fix.position] = counts[0]
             own = f"{shape_name}__{node.name or fix.node}"
             if own not in {t.name for t in graph.initializer}:
                 graph.initializer.append(numpy_helper.from_array(target, own))
             else:
                 _set_param(out, own, target)
-            node.input[int(fix.detail[2])] = own  # type: ignore[call-overload]
+            node.input[fix.input_index] = own
             replaced.add(shape_name)
     used = {name for node in graph.node for name in node.input} | {v.name for v in graph.output}
     for k in reversed(range(len(graph.initializer))):
@@ -1120,15 +1173,13 @@ def remove_components(
 
 
 def _param_arrays(model: onnx.ModelProto, names: set[str] | None = None) -> dict[str, np.ndarray]:
+    """Writable copies of the initializers and Constant values (``names`` only, if given)."""
+    index = GraphIndex.build(model.graph)
     out = {}
-    for tensor in model.graph.initializer:
-        if names is None or tensor.name in names:
-            out[tensor.name] = numpy_helper.to_array(tensor).copy()
-    for node in model.graph.node:
-        if node.op_type == "Constant" and (names is None or node.output[0] in names):
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                out[node.output[0]] = numpy_helper.to_array(value).copy()
+    for name in index.constant_names() if names is None else names:
+        value = index.value(name)
+        if value is not None:
+            out[name] = value.copy()
     return out
 
 

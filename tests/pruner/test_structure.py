@@ -14,7 +14,17 @@ import pytest
 
 import pruner
 from pruner._static import static_reshapes
-from pruner._structure import analyze_structure, mask_norms, remove_components, zero_components
+from pruner._structure import (
+    CountFixup,
+    Fixup,
+    GroupFixup,
+    SliceFixup,
+    SplitFixup,
+    analyze_structure,
+    mask_norms,
+    remove_components,
+    zero_components,
+)
 from tests.helpers import parse
 from tests.models import ARCHITECTURES, INPUT_SHAPES
 
@@ -536,3 +546,30 @@ def test_a_plan_with_split_families_replays_to_the_same_model() -> None:
     assert len(set(amounts.values())) > 1  # the halves go by different amounts
     replayed = pruner.apply_plan(result.plan, model)
     np.testing.assert_allclose(run(replayed, x), run(result.model, x), atol=1e-6)
+
+
+def test_fixups_are_typed_by_what_they_fix() -> None:
+    """Each attribute or constant naming a channel count is recorded as its own kind of fixup,
+    with the fields the removal needs (no untyped detail tuple)."""
+
+    def fixups(name: str) -> tuple[onnx.ModelProto, list[Fixup]]:
+        model = build(RULES[name])
+        return model, analyze_structure(model).fixups
+
+    model, found = fixups("depthwise")
+    (group,) = [f for f in found if isinstance(f, GroupFixup)]
+    assert model.graph.node[group.node].op_type == "Conv"
+    model, found = fixups("split")
+    (split,) = [f for f in found if isinstance(f, SplitFixup)]
+    assert len(split.slots) == len(model.graph.node[split.node].output)
+    model, found = fixups("slice-channels")
+    slices = [f for f in found if isinstance(f, SliceFixup)]
+    assert slices
+    for fix in slices:
+        node = model.graph.node[fix.node]
+        assert (fix.starts, fix.ends) == (node.input[1], node.input[2]) and fix.start >= 0
+    model, found = fixups("attention-heads")
+    counts = [f for f in found if isinstance(f, CountFixup)]
+    assert counts
+    for fix in counts:
+        assert model.graph.node[fix.node].input[fix.input_index] == fix.constant

@@ -1,0 +1,156 @@
+"""One declaration per op type that carries weights: everything a stage needs to know of it.
+
+Analysis reads which inputs are weights and their output-channel axes; the N:M mode the
+input-channel (reduction) axes; the channel rules (``_structure``) which weight axis meets
+which activation axis, the groups, and which rule propagates channels through the node;
+recovery how to turn the input into rows, one per output the weight computes. Axes that
+depend on attributes (Gemm's ``transA``/``transB``, a conv's ``group``) are computed from
+the node's typed attributes.
+
+Adding an op is adding an entry to ``OPS`` (and, if no existing one fits, its channel rule
+in ``_structure``), with its tests in ``tests/pruner/test_ops.py``.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx
+
+from ._graph import ONNX_DOMAINS, Attributes
+
+__all__ = ["OPS", "ChannelRule", "OpDeclaration", "OpLayout", "Unfold", "WeightSlot", "declaration", "layout_of"]
+
+
+class Unfold(enum.Enum):
+    """How recovery turns a layer's input into rows, one per output the weight computes."""
+
+    LAST_AXIS = "last_axis"
+    """x[..., K] -> rows [-1, K] (MatMul, Gemm)."""
+    TRANSPOSED = "transposed"
+    """x[K, M] -> rows x.T (Gemm with transA)."""
+    IM2COL = "im2col"
+    """A conv's receptive fields, in the weight's (channel, kernel...) order."""
+
+
+class ChannelRule(enum.Enum):
+    """The rule of ``_structure.RULES`` that propagates channels through the op."""
+
+    CONV = "conv"
+    GEMM = "gemm"
+    MATMUL = "matmul"
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    """One weight operand of a node and how its axes meet the node's other tensors.
+
+    Axes may be negative (counted from the end: MatMul's operands have any rank).
+    """
+
+    input: int
+    """Index of the weight in ``node.input``."""
+    out_axis: int
+    """The weight's output-channel axis: zeroing a slice along it zeroes a slice of the output."""
+    in_axis: int
+    """The weight's input-channel (reduction) axis."""
+    output_axis: int
+    """The axis of ``node.output[0]`` that ``out_axis`` feeds."""
+    data: int
+    """Index in ``node.input`` of the operand the weight multiplies."""
+    data_axis: int
+    """The axis of that operand that ``in_axis`` sums over."""
+    unfold: Unfold | None
+    """How recovery unfolds the data operand into rows; None: recovery leaves this weight alone."""
+
+
+@dataclass(frozen=True)
+class OpLayout:
+    """The weights of one node, given its attributes."""
+
+    weights: tuple[WeightSlot, ...]
+    groups: int = 1
+
+    def slot(self, input_index: int) -> WeightSlot | None:
+        """The declaration of ``node.input[input_index]`` if it is a weight operand."""
+        return next((w for w in self.weights if w.input == input_index), None)
+
+
+@dataclass(frozen=True)
+class OpDeclaration:
+    """What every stage knows of one op type."""
+
+    op_type: str
+    layout: Callable[[Attributes], OpLayout]
+    channel_rule: ChannelRule
+
+    def of(self, node: onnx.NodeProto) -> OpLayout:
+        return self.layout(Attributes(node))
+
+
+def _conv(attrs: Attributes) -> OpLayout:
+    # W [C_out, C_in / group, k...]
+    return OpLayout(
+        (WeightSlot(1, 0, 1, output_axis=1, data=0, data_axis=1, unfold=Unfold.IM2COL),),
+        groups=attrs.get_int("group", 1),
+    )
+
+
+def _conv_transpose(attrs: Attributes) -> OpLayout:
+    # W [C_in, C_out / group, k...]; recovery does not unfold a transposed conv's input
+    return OpLayout(
+        (WeightSlot(1, 1, 0, output_axis=1, data=0, data_axis=1, unfold=None),),
+        groups=attrs.get_int("group", 1),
+    )
+
+
+def _gemm(attrs: Attributes) -> OpLayout:
+    # Y[M, N] = A'[M, K] B'[K, N] (+ C): A' = A.T with transA, B' = B.T with transB
+    trans_a, trans_b = bool(attrs.get_int("transA", 0)), bool(attrs.get_int("transB", 0))
+    a_rows, a_depth = (1, 0) if trans_a else (0, 1)  # the M and K axes of A
+    b_depth, b_columns = (1, 0) if trans_b else (0, 1)  # the K and N axes of B
+    return OpLayout(
+        (
+            WeightSlot(0, a_rows, a_depth, output_axis=0, data=1, data_axis=b_depth, unfold=None),
+            WeightSlot(
+                1,
+                b_columns,
+                b_depth,
+                output_axis=1,
+                data=0,
+                data_axis=a_depth,
+                unfold=Unfold.TRANSPOSED if trans_a else Unfold.LAST_AXIS,
+            ),
+        )
+    )
+
+
+def _matmul(attrs: Attributes) -> OpLayout:
+    # Y[..., M, N] = A[..., M, K] B[..., K, N]
+    return OpLayout(
+        (
+            WeightSlot(0, -2, -1, output_axis=-2, data=1, data_axis=-2, unfold=None),
+            WeightSlot(1, -1, -2, output_axis=-1, data=0, data_axis=-1, unfold=Unfold.LAST_AXIS),
+        )
+    )
+
+
+OPS: dict[str, OpDeclaration] = {
+    "Conv": OpDeclaration("Conv", _conv, ChannelRule.CONV),
+    "ConvTranspose": OpDeclaration("ConvTranspose", _conv_transpose, ChannelRule.CONV),
+    "Gemm": OpDeclaration("Gemm", _gemm, ChannelRule.GEMM),
+    "MatMul": OpDeclaration("MatMul", _matmul, ChannelRule.MATMUL),
+}
+
+
+def declaration(node: onnx.NodeProto) -> OpDeclaration | None:
+    """The declaration of ``node``'s op type (None for ops without weights and other domains)."""
+    return OPS.get(node.op_type) if node.domain in ONNX_DOMAINS else None
+
+
+def layout_of(node: onnx.NodeProto) -> OpLayout | None:
+    """The weights of ``node`` as its declaration and attributes give them."""
+    found = declaration(node)
+    return None if found is None else found.of(node)
