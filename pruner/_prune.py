@@ -34,7 +34,7 @@ from ._metrics import Metric
 from ._model import _check, load_model, save_model, session_source
 from ._nm import NMSpace
 from ._options import AcceptanceRule, Criterion, MetricKind, Mode, Objective, PruneOptions, Recovery
-from ._plan import LayerPlan, PruningPlan
+from ._plan import LayerPlan, PruningPlan, replayable
 from ._report import CandidateRecord, DropInterval, EventKind, ProgressEvent, Report, SplitMetric
 from ._search import Judgement, Phase, Trial, search
 from ._space import Config, ZeroSpace
@@ -510,6 +510,7 @@ def prune(
         timings["recovery"] = candidates.calibration.seconds
     timings["total"] = time.perf_counter() - t_start
 
+    plan = replayable(plan, model, pruned, candidates.written(chosen))
     layer_reports, params, skipped_channels = candidates.summary(chosen, pruned)
     skipped = skipped_channels or list(inspection.skipped)
     drop = None
