@@ -264,3 +264,25 @@ def test_large_models_are_hashed_in_parts() -> None:
     renamed = original("mlp")
     renamed.graph.name = "other"
     assert model_sha256(renamed, limit=0) != parts
+
+
+def test_a_model_read_from_a_file_with_external_data_replays_on_the_large_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a 2 GB model is too slow for a test: lower the limit so the small model takes the large path
+    import pruner._evaluate
+    import pruner._model
+
+    monkeypatch.setattr(pruner._model, "PROTOBUF_LIMIT", 1000)
+    monkeypatch.setattr(pruner._evaluate, "PROTOBUF_LIMIT", 1000)
+    source = tmp_path / "model.onnx"
+    onnx.save_model(original("cnn"), str(source), save_as_external_data=True, location="model.data", size_threshold=0)
+    options = pruner.PruneOptions(
+        metric=pruner.MetricKind.COSINE, tolerance=pruner.Tolerance(0.9), target_sparsity=0.3, calibration_samples=32
+    )
+    result = pruner.prune(source, evalset("cnn"), options)
+    assert result.model_bytes is None and result.report.status == "pruned"
+    replay = result.plan.replay
+    assert replay is not None and any(e.refit for e in replay.edits)
+    for model in (onnx.load(str(source)), pruner.load_model(source)):
+        assert pruner.apply_plan(result.plan, model).SerializeToString() == result.model.SerializeToString()
