@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 import pruner
 from pruner import Mode, Recovery
-from pruner._plan import _rebuild, model_sha256
+from pruner._plan import _rebuild, replayable
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 MODELS = {
@@ -256,14 +256,21 @@ def test_damaged_plans_are_project_errors(tmp_path: Path) -> None:
         pruner.apply_plan(damaged, original("mlp"))
 
 
-def test_large_models_are_hashed_in_parts() -> None:
+def test_the_digest_is_of_the_whole_model() -> None:
     model = original("mlp")
-    parts = model_sha256(model, limit=0)
-    assert parts != model_sha256(model) and parts == model_sha256(original("mlp"), limit=0)
-    assert model_sha256(perturbed(model), limit=0) != parts
+    digest = pruner.model_sha256(model)
+    assert (
+        digest
+        == pruner.model_sha256(original("mlp"))
+        == pruner.model_sha256(onnx.ModelProto.FromString(model.SerializeToString()))
+    )
+    assert pruner.model_sha256(perturbed(model)) != digest
     renamed = original("mlp")
     renamed.graph.name = "other"
-    assert model_sha256(renamed, limit=0) != parts
+    assert pruner.model_sha256(renamed) != digest
+    relabelled = original("mlp")
+    relabelled.graph.node[0].name = "other"
+    assert pruner.model_sha256(relabelled) != digest
 
 
 def test_a_model_read_from_a_file_with_external_data_replays_on_the_large_path(
@@ -286,3 +293,16 @@ def test_a_model_read_from_a_file_with_external_data_replays_on_the_large_path(
     assert replay is not None and any(e.refit for e in replay.edits)
     for model in (onnx.load(str(source)), pruner.load_model(source)):
         assert pruner.apply_plan(result.plan, model).SerializeToString() == result.model.SerializeToString()
+
+
+def test_a_replay_that_misses_the_result_is_our_bug() -> None:
+    result = run("mlp", Mode.ZERO, Recovery.NONE, pruner.Criterion.MAGNITUDE)
+    replay = result.plan.replay
+    assert replay is not None
+    # told the run wrote back one weight fewer than it did, the plan cannot rebuild the model
+    wrong = dataclasses.replace(replay, tensors=replay.tensors[1:], edits=())
+    with pytest.raises(pruner.InternalError, match="does not replay to the pruned model"):
+        replayable(result.plan, original("mlp"), result.model, wrong)
+    tampered = dataclasses.replace(result.plan, result_sha256="0" * 64)
+    with pytest.raises(pruner.InternalError, match="not the one the plan's run returned"):
+        pruner.apply_plan(tampered, original("mlp"))
