@@ -310,7 +310,10 @@ class PlanIssue:
 
 
 def check_plan(plan: PruningPlan, model: onnx.ModelProto) -> list[PlanIssue]:
-    """Reasons the plan does not fit the model; empty when it can be applied."""
+    """Reasons :func:`transfer_plan` cannot apply the plan's layers to ``model``; empty when it can.
+
+    :func:`apply_plan` takes only the model the plan was made from, and checks its digest instead.
+    """
     if plan.mode is Mode.REMOVE:
         if plan.criterion is Criterion.ACTIVATION:
             return [PlanIssue("", "an activation-scored removal needs the run's calibration data to replay")]
@@ -695,9 +698,8 @@ def _edited(edit: TensorEdit, weight: np.ndarray | None) -> np.ndarray:
         zeroed = np.unpackbits(np.frombuffer(edit.zeroed, dtype=np.uint8), count=bits.size).astype(bool)
         bits[zeroed] = 0
     if edit.refit:
-        values = np.frombuffer(edit.refit, dtype=bits.dtype.newbyteorder("<"))
         kept = int(bits.size - np.count_nonzero(zeroed))
-        if len(edit.refit) % bits.dtype.itemsize or len(values) != kept:
+        if len(edit.refit) != kept * bits.dtype.itemsize:
             raise PlanMismatchError(f"the plan's refit values of {edit.tensor!r} are not its {kept} kept elements")
-        bits[~zeroed] = values
+        bits[~zeroed] = np.frombuffer(edit.refit, dtype=bits.dtype.newbyteorder("<"))
     return out

@@ -248,7 +248,7 @@ def test_damaged_plans_are_project_errors(tmp_path: Path) -> None:
     replay = result.plan.replay
     assert replay is not None
     edit = next(e for e in replay.edits if e.refit)
-    short = type(edit)(edit.tensor, edit.zeroed, edit.refit[:-4])
+    short = type(edit)(edit.tensor, edit.zeroed, edit.refit[:-3])  # not even whole values
     damaged = dataclasses.replace(
         result.plan, replay=dataclasses.replace(replay, edits=tuple(short if e is edit else e for e in replay.edits))
     )
