@@ -19,6 +19,7 @@ from ._errors import (
     InvalidEvalSetError,
     InvalidInputError,
     InvalidModelError,
+    PlanMismatchError,
     PrunerError,
     ResourceLimitError,
     UnsupportedModelError,
@@ -38,7 +39,7 @@ from ._options import (
     Recovery,
     Tolerance,
 )
-from ._plan import LayerPlan, PlanIssue, PruningPlan, apply_plan, check_plan
+from ._plan import LayerPlan, PlanIssue, PruningPlan, apply_plan, check_plan, model_sha256, transfer_plan
 from ._prune import PruneResult, inspect, prune
 from ._report import CandidateRecord, DropInterval, EventKind, LayerReport, ProgressEvent, Report, SplitMetric
 from ._search import Phase
@@ -66,6 +67,7 @@ __all__ = [
     "Objective",
     "Phase",
     "PlanIssue",
+    "PlanMismatchError",
     "ProgressEvent",
     "PrunableWeight",
     "PruneOptions",
@@ -87,7 +89,9 @@ __all__ = [
     "load_metric",
     "load_model",
     "metric_plugins",
+    "model_sha256",
     "plugin_metric",
     "prune",
     "save_model",
+    "transfer_plan",
 ]

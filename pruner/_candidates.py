@@ -28,7 +28,7 @@ from ._errors import InternalError, UnsupportedModelError, check_stop
 from ._evaluate import Batches, Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
 from ._options import AUTO_LSQ_COST, REFITTING, Allocation, Criterion, Mode, PruneOptions, Recovery
-from ._plan import LayerPlan, element_mask, zero_lowest
+from ._plan import LayerPlan, Layout, Replay, element_mask, zero_lowest
 from ._recover import Calibration, LayerLayout, SequentialRefit, calibrate
 from ._remove import Remover
 from ._report import LayerReport
@@ -245,6 +245,10 @@ class WeightCandidates(_Candidates):
         self.release()
         return built
 
+    def written(self, config: Config) -> Replay:
+        """How :meth:`build` writes the model (the plan reads the values off it)."""
+        return Replay(Layout.WEIGHTS, tuple(self.split.data_types))
+
     def release(self) -> None:
         """Drop the weights: from here on a fallback reloads the original."""
         self.split.weights.clear()
@@ -436,6 +440,12 @@ class ChannelCandidates(_Candidates):
     def build(self, config: Config) -> bytes:
         return self.remover.to_bytes(config)
 
+    def written(self, config: Config) -> Replay:
+        """How :meth:`build` writes the model: the channel positions it removes per family."""
+        removed = self.remover.removed(config)
+        positions = ((f.name, np.flatnonzero(np.isin(f.components, removed))) for f in self.remover.families)
+        return Replay(Layout.CHANNELS, removed=tuple((name, tuple(map(int, p))) for name, p in positions if len(p)))
+
     def release(self) -> None:
         pass
 
@@ -473,6 +483,9 @@ class NoCandidates(_Candidates):
 
     def sparse_names(self, config: Config) -> list[str]:
         return []
+
+    def written(self, config: Config) -> Replay:
+        return Replay(Layout.UNCHANGED)
 
     def summary(
         self, config: Config, pruned: onnx.ModelProto

@@ -6,7 +6,8 @@ Every error the library raises on purpose derives from :class:`PrunerError`::
     ├── InvalidInputError          the caller gave us something we cannot use
     │   ├── InvalidModelError      not ONNX, truncated, fails the checker, bad external data
     │   ├── InvalidEvalSetError    eval set does not match the model, NaN, pickled data
-    │   └── InvalidConfigError     an option is out of range or inconsistent
+    │   ├── InvalidConfigError     an option is out of range or inconsistent
+    │   └── PlanMismatchError      a pruning plan does not apply to the model given
     ├── UnsupportedModelError      a valid model that onnxruntime or the pruner cannot run
     ├── ResourceLimitError         input over a configured size limit
     ├── CancelledError             the caller asked the run to stop
@@ -26,6 +27,7 @@ __all__ = [
     "InvalidEvalSetError",
     "InvalidInputError",
     "InvalidModelError",
+    "PlanMismatchError",
     "PrunerError",
     "ResourceLimitError",
     "UnsupportedModelError",
@@ -50,6 +52,11 @@ class InvalidEvalSetError(InvalidInputError):
 
 class InvalidConfigError(InvalidInputError):
     """An option is out of range or inconsistent with the others."""
+
+
+class PlanMismatchError(InvalidInputError):
+    """A pruning plan does not apply to the model given: not the model it was made from (exact
+    replay), its layers do not fit the model (transfer), or it lacks what the operation needs."""
 
 
 class UnsupportedModelError(PrunerError):

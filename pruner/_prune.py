@@ -29,7 +29,7 @@ from ._phases import (
     write,
 )
 from ._phases import tool_version as tool_version
-from ._plan import PruningPlan
+from ._plan import PruningPlan, replayable
 from ._report import ProgressEvent, Report
 from ._space import Config
 
@@ -110,7 +110,7 @@ def prune(
     progress.confirmed(pool.space.sparsity(chosen), pool.space.nonzero(chosen), len(loaded.hold_idx))
     check = FinalCheck(baseline.evaluator, loaded.io_names, loaded.search_idx, loaded.hold_idx, options.threads)
     written = write(model, pool, chosen, check, held_out, confirmed.comparisons, sparse=options.sparse_initializers)
-    plan = _plan(options, pool, written.chosen)
+    plan = replayable(_plan(options, pool, written.chosen), model, written.checked.model, pool.written(written.chosen))
     total = time.perf_counter() - start
     report = make_report(loaded, baseline, candidates, searched, held_out, confirmed, written, plan, total)
     progress.done(report)

@@ -10,11 +10,12 @@ EXPECTED = {
     "AcceptanceRule", "Allocation", "CancelledError", "CandidateRecord", "Criterion", "CustomMetric", "DropInterval",
     "EvalSet", "EventKind", "Inspection", "InternalError",
     "InvalidConfigError", "InvalidEvalSetError", "InvalidInputError", "InvalidModelError", "LayerPlan",
-    "LayerReport", "MetricKind", "Mode", "Objective", "Phase", "PlanIssue", "ProgressEvent", "PrunableWeight",
+    "LayerReport", "MetricKind", "Mode", "Objective", "Phase", "PlanIssue", "PlanMismatchError", "ProgressEvent",
+    "PrunableWeight",
     "PruneOptions", "PruneResult", "PrunerError", "PruningPlan", "Recovery", "Report", "ResourceLimitError",
     "SkippedWeight", "SplitMetric", "Tolerance", "UnsupportedModelError", "apply_plan", "check_output_path",
-    "check_plan", "inspect", "load_eval_set", "load_metric", "load_model", "metric_plugins", "plugin_metric",
-    "prune", "save_model",
+    "check_plan", "inspect", "load_eval_set", "load_metric", "load_model", "metric_plugins", "model_sha256",
+    "plugin_metric", "prune", "save_model", "transfer_plan",
 }  # fmt: skip
 
 

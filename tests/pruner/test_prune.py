@@ -283,7 +283,7 @@ def test_remove_plan_replays_to_the_same_model(tmp_path: Path) -> None:
     options = PruneOptions(mode=pruner.Mode.REMOVE, tolerance=Tolerance(0.02), recover=pruner.Recovery.NONE)
     result = pruner.prune(model, fixtures / "cnn_bn_eval.npz", options)
     assert result.report.status == "pruned"
-    plan = pruner.PruningPlan.from_json(result.plan.to_json())
+    plan = pruner.PruningPlan.from_bytes(result.plan.to_bytes())
     assert pruner.check_plan(plan, model) == []
     replayed = pruner.apply_plan(plan, model)
     weights = {t.name: numpy_helper.to_array(t) for t in replayed.graph.initializer}

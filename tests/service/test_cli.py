@@ -342,7 +342,7 @@ def test_nm_mode_end_to_end(tmp_path: Path, method: list[str]) -> None:
 def test_nm_plan_replays(tmp_path: Path) -> None:
     options = pruner.PruneOptions(mode=pruner.Mode.NM, recover=pruner.Recovery.NONE)  # exact values: no refit
     result = pruner.prune(FIXTURES / "mlp.onnx", FIXTURES / "mlp_eval.npz", options)
-    plan = pruner.PruningPlan.from_json(result.plan.to_json())
+    plan = pruner.PruningPlan.from_bytes(result.plan.to_bytes())
     replayed = pruner.apply_plan(plan, onnx.load(str(FIXTURES / "mlp.onnx")))
     expected = {t.name: numpy_helper.to_array(t) for t in result.model.graph.initializer}
     for tensor in replayed.graph.initializer:
