@@ -101,6 +101,7 @@ TABLE: dict[type[BaseException], Row] = {
     pruner.InvalidModelError: Row(grpc.StatusCode.INVALID_ARGUMENT, Exit.BAD_INPUT),
     pruner.InvalidEvalSetError: Row(grpc.StatusCode.INVALID_ARGUMENT, Exit.BAD_INPUT),
     pruner.InvalidConfigError: Row(grpc.StatusCode.INVALID_ARGUMENT, Exit.BAD_INPUT),
+    pruner.PlanMismatchError: Row(grpc.StatusCode.INVALID_ARGUMENT, Exit.BAD_INPUT),
     pruner.UnsupportedModelError: Row(grpc.StatusCode.INVALID_ARGUMENT, Exit.BAD_INPUT),
     AuthenticationError: Row(grpc.StatusCode.UNAUTHENTICATED, Exit.BAD_INPUT),
     pruner.ResourceLimitError: Row(grpc.StatusCode.RESOURCE_EXHAUSTED, Exit.BAD_INPUT),
