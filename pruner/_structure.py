@@ -933,7 +933,16 @@ def _layer_norm(builder: _Builder, node: onnx.NodeProto, axis: int) -> None:
     builder.approximate.setdefault((x, axis), f"{what} (LayerNormalization) normalizes over these channels")
 
 
-_SEED_RULES: dict[ChannelRule, Rule] = {ChannelRule.CONV: _conv, ChannelRule.GEMM: _gemm, ChannelRule.MATMUL: _matmul}
+def _recurrent(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    raise _Stop("the hidden units of a recurrent op are not removable yet")
+
+
+_SEED_RULES: dict[ChannelRule, Rule] = {
+    ChannelRule.CONV: _conv,
+    ChannelRule.GEMM: _gemm,
+    ChannelRule.MATMUL: _matmul,
+    ChannelRule.RECURRENT: _recurrent,
+}
 """The rule each op declaration (``_ops.OPS``) names: how channels pass through its weights."""
 
 

@@ -11,6 +11,7 @@ import pytest
 
 import pruner
 from pruner import Inspection, PrunableWeight, SkippedWeight
+from pruner._analysis import FLOAT_DTYPES
 from tests.helpers import parse, seeded, tiny_mlp
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
@@ -74,8 +75,9 @@ def test_gemm_bias_is_not_a_weight() -> None:
         "g (float[N, 8] x) => (float[N, 4] y) { y = Gemm (x, w, b) }", {"w": seeded((8, 4)), "b": seeded((4,))}
     )
     assert [layer.name for layer in inspection.layers] == ["w"]
-    assert inspection.skipped == ()
-    assert inspection.total_params == 36
+    assert inspection.skipped == (SkippedWeight("b", "Gemm", "bias of Gemm(y) (Gemm): biases are not pruned"),)
+    assert inspection.total_params == inspection.float_params == 36
+    assert inspection.skipped_params == {"b": 4}
 
 
 def test_gemm_constant_a_with_trans_a() -> None:
@@ -359,28 +361,31 @@ def embedding_model() -> onnx.ModelProto:
 
 
 def assert_every_weight_accounted_for(model: onnx.ModelProto, inspection: Inspection) -> None:
+    """Every float initializer is prunable or skipped with a reason, and their elements add up."""
     layers = {la.name for la in inspection.layers}
     skipped = {s.name: s for s in inspection.skipped}
+    floats = 0
     for tensor in model.graph.initializer:
+        if tensor.data_type not in FLOAT_DTYPES:
+            continue
+        floats += int(np.prod(tensor.dims))
         assert (tensor.name in layers) != (tensor.name in skipped), tensor.name
         if tensor.name in skipped:
             assert skipped[tensor.name].reason and skipped[tensor.name].op_type, skipped[tensor.name]
+    assert inspection.float_params == floats
+    assert inspection.prunable_params + sum(inspection.skipped_params.values()) == floats
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
-def test_recurrent_weights_are_listed_as_skipped(op: str) -> None:
+def test_recurrent_w_and_r_are_prunable_and_b_is_a_bias(op: str) -> None:
     model = recurrent_model(op)
     inspection = pruner.inspect(model)
     assert_every_weight_accounted_for(model, inspection)
-    assert [la.name for la in inspection.layers] == ["w_out"]
-    skipped = {s.name: s for s in inspection.skipped}
-    assert set(skipped) == {"W", "R", "B"}
-    for slot, s in skipped.items():
-        assert s.op_type == op
-        assert "recurrent weights are not prunable yet" in s.reason
-        assert f"input {slot} of rnn ({op})" in s.reason
-    # the report's totals say how little of the model is prunable
-    assert inspection.prunable_params / inspection.total_params < 0.2
+    assert [la.name for la in inspection.layers] == ["W", "R", "w_out"]
+    (b,) = inspection.skipped
+    assert (b.name, b.op_type) == ("B", op)
+    assert b.reason == f"input B of rnn ({op}): the gate biases: biases are not pruned"
+    assert inspection.prunable_params / inspection.total_params > 0.5
 
 
 def test_embedding_table_is_listed_as_skipped() -> None:
@@ -396,13 +401,13 @@ def test_weights_of_ops_without_a_declaration_and_unread_ones_are_listed() -> No
     inspection = inspect(
         "g (float[N, 4, 8] x) => (float[N, 4, 8] y) { y = Add (x, bias) }",
         {"bias": seeded((4, 8)), "unused": seeded((4, 4), 1), "tiny": seeded((2, 2), 2)},
-        # the checker accepts an unused initializer; "tiny" is below the listing threshold
+        # the checker accepts an unused initializer
     )
     skipped = {s.name: s for s in inspection.skipped}
-    assert set(skipped) == {"bias", "unused"}
+    assert set(skipped) == {"bias", "unused", "tiny"}
     assert skipped["bias"].op_type == "Add"
     assert "Add has no prunable declaration" in skipped["bias"].reason
-    assert skipped["unused"].reason == "is not read by any node"
+    assert skipped["unused"].reason == skipped["tiny"].reason == "is not read by any node"
 
 
 def test_a_weight_shared_by_a_prunable_op_and_another_is_listed_once() -> None:
