@@ -213,10 +213,12 @@ def _why_unread(index: GraphIndex, name: str, tensor: TensorProto) -> tuple[str,
     if len({(u.node.op_type, u.index) for u in uses}) > 1:
         ops = ", ".join(sorted({u.node.op_type for u in uses}))
         return op, f"is shared by several nodes ({ops}), none of which reads it as a prunable weight"
-    if op in _ELEMENTWISE and len(tensor.dims) < 2 and elements > 1:
+    if op in _ELEMENTWISE and elements > 1 and sum(int(d) != 1 for d in tensor.dims) <= 1:
         return op, f"input {use.index} of {where}: a per-channel bias or scale, not pruned"
     if elements < LISTED_MIN_ELEMENTS:
         return op, f"input {use.index} of {where}: too small to prune ({elements} element(s))"
+    if op in _ELEMENTWISE:
+        return op, f"input {use.index} of {where}: an elementwise operand (a positional embedding, say), not pruned"
     if len(tensor.dims) < 2:
         return op, f"input {use.index} of {where}: has {len(tensor.dims)} dimension(s); only weights of 2+ are pruned"
     return op, f"input {use.index} of {where}: {op} has no prunable declaration for it"
@@ -323,11 +325,12 @@ def analyze(
             op_type, reason = _why_unread(index, name, tensor)
             skipped.append(SkippedWeight(name, op_type, reason))
 
-    tensors = [t for t in (index.tensor(n) for n in [*index.initializers, *index.constants]) if t is not None]
-    total = sum(int(np.prod(t.dims)) for t in tensors)
-    floats = sum(int(np.prod(t.dims)) for t in tensors if t.data_type in FLOAT_DTYPES)
-    sizes = {t.name: int(np.prod(t.dims)) for t in tensors}
-    return Inspection(tuple(layers), tuple(skipped), total, floats, {s.name: sizes.get(s.name, 0) for s in skipped})
+    # by the index's names: a Constant's value tensor has none of its own
+    tensors = {n: t for n in [*index.initializers, *index.constants] if (t := index.tensor(n)) is not None}
+    total = sum(int(np.prod(t.dims)) for t in tensors.values())
+    floats = sum(int(np.prod(t.dims)) for t in tensors.values() if t.data_type in FLOAT_DTYPES)
+    sizes = {s.name: int(np.prod(tensors[s.name].dims)) if s.name in tensors else 0 for s in skipped}
+    return Inspection(tuple(layers), tuple(skipped), total, floats, sizes)
 
 
 def tensor_proto(model_index: GraphIndex, name: str) -> TensorProto | None:

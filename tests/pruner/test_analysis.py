@@ -361,17 +361,23 @@ def embedding_model() -> onnx.ModelProto:
 
 
 def assert_every_weight_accounted_for(model: onnx.ModelProto, inspection: Inspection) -> None:
-    """Every float initializer is prunable or skipped with a reason, and their elements add up."""
+    """Every float initializer and Constant tensor is prunable or skipped with a reason, and their
+    elements add up."""
     layers = {la.name for la in inspection.layers}
     skipped = {s.name: s for s in inspection.skipped}
+    tensors = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tensors[node.output[0]] = node.attribute[0].t
     floats = 0
-    for tensor in model.graph.initializer:
+    for name, tensor in tensors.items():
         if tensor.data_type not in FLOAT_DTYPES:
             continue
         floats += int(np.prod(tensor.dims))
-        assert (tensor.name in layers) != (tensor.name in skipped), tensor.name
-        if tensor.name in skipped:
-            assert skipped[tensor.name].reason and skipped[tensor.name].op_type, skipped[tensor.name]
+        assert (name in layers) != (name in skipped), name
+        if name in skipped:
+            unread = skipped[name].reason == "is not read by any node"
+            assert skipped[name].reason and (skipped[name].op_type or unread), skipped[name]
     assert inspection.float_params == floats
     assert inspection.prunable_params + sum(inspection.skipped_params.values()) == floats
 
@@ -399,14 +405,16 @@ def test_embedding_table_is_listed_as_skipped() -> None:
 
 def test_weights_of_ops_without_a_declaration_and_unread_ones_are_listed() -> None:
     inspection = inspect(
-        "g (float[N, 4, 8] x) => (float[N, 4, 8] y) { y = Add (x, bias) }",
-        {"bias": seeded((4, 8)), "unused": seeded((4, 4), 1), "tiny": seeded((2, 2), 2)},
+        "g (float[N, 4, 8] x) => (float[N, 4, 8] y) {"
+        ' h = Einsum <equation = "nij,jk->nik"> (x, mixer)\n y = Add (h, offset) }',
+        {"mixer": seeded((8, 8)), "offset": seeded((4, 8)), "unused": seeded((4, 4), 1), "tiny": seeded((2, 2), 2)},
         # the checker accepts an unused initializer
     )
     skipped = {s.name: s for s in inspection.skipped}
-    assert set(skipped) == {"bias", "unused", "tiny"}
-    assert skipped["bias"].op_type == "Add"
-    assert "Add has no prunable declaration" in skipped["bias"].reason
+    assert set(skipped) == {"mixer", "offset", "unused", "tiny"}
+    assert skipped["mixer"].op_type == "Einsum"
+    assert skipped["mixer"].reason.endswith("Einsum has no prunable declaration for it")
+    assert skipped["offset"].reason.endswith("an elementwise operand (a positional embedding, say), not pruned")
     assert skipped["unused"].reason == skipped["tiny"].reason == "is not read by any node"
 
 
@@ -417,3 +425,85 @@ def test_a_weight_shared_by_a_prunable_op_and_another_is_listed_once() -> None:
     )
     (s,) = inspection.skipped
     assert s.name == "w" and "non-weight input" in s.reason
+
+
+def test_every_float_tensor_is_named_with_what_it_is() -> None:
+    """Biases, normalization parameters, shape data, scalars, embeddings, unread tensors: each
+    skipped with its own reason, and the elements of all of them and the layers add up."""
+    model = parse(
+        HEADER
+        + """g (float[N, 3, 8, 8] x, int64[N, 5] ids) => (float[N, 4] y, float[N, 5, 16] e) {
+            c = Conv (x, cw, cb)
+            n = BatchNormalization (c, bs, bb, bm, bv)
+            two = Constant <value = float {2.0}> ()
+            p = Pow (n, two)
+            r = Resize (p, roi, scales)
+            m = Mul (r, gain)
+            g = GlobalAveragePool (m)
+            f = Flatten (g)
+            h = Gemm <transB = 1> (f, gw, gb)
+            y = Add (h, hb)
+            e = Gather (table, ids)
+        }""",
+        {
+            "cw": seeded((3, 3, 3, 3)),
+            "cb": seeded((3,), 1),
+            "bs": seeded((3,), 2),
+            "bb": seeded((3,), 3),
+            "bm": seeded((3,), 4),
+            "bv": np.ones(3, np.float32),
+            "roi": np.zeros(0, np.float32),
+            "scales": np.array([1, 1, 2, 2], np.float32),
+            "gain": seeded((3, 1, 1), 5),
+            "gw": seeded((4, 3), 6),
+            "gb": seeded((4,), 7),
+            "hb": seeded((4,), 8),
+            "table": seeded((50, 16), 9),
+            "unused": seeded((3, 3), 10),
+        },
+    )
+    inspection = pruner.inspect(model)
+    assert_every_weight_accounted_for(model, inspection)
+    assert [la.name for la in inspection.layers] == ["cw", "gw"]
+    reasons = {s.name: s.reason for s in inspection.skipped}
+    assert reasons["cb"] == reasons["gb"].replace("Gemm(h) (Gemm)", "Conv(c) (Conv)")
+    assert reasons["cb"] == "bias of Conv(c) (Conv): biases are not pruned"
+    for name in ("bs", "bb", "bm", "bv"):
+        assert "normalization parameters are not pruned" in reasons[name], name
+    assert reasons["two"].endswith("too small to prune (1 element(s))")
+    assert "shape, index or bound data" in reasons["scales"] and "shape, index or bound data" in reasons["roi"]
+    assert reasons["hb"].endswith("a per-channel bias or scale, not pruned")
+    assert reasons["gain"].endswith("a per-channel bias or scale, not pruned")  # [3, 1, 1]
+    assert reasons["table"] == "embedding table read by Gather(e) (Gather): embeddings are not pruned"
+    assert reasons["unused"] == "is not read by any node"
+    assert inspection.skipped_params["table"] == 800 and inspection.skipped_params["two"] == 1
+    assert inspection.to_dict()["float_params"] == inspection.float_params
+
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+ZOO = Path.home() / ".cache" / "onnx-pruner-zoo" / "models"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        *sorted(FIXTURES.glob("*.onnx")),
+        *(ZOO / f"{name}.onnx" for name in ("g2p", "silero_vad", "ppocr_cls", "magika")),
+    ],
+    ids=lambda p: p.stem,
+)
+def test_every_float_parameter_of_real_models_is_accounted_for(path: Path) -> None:
+    if not path.exists():
+        pytest.skip(f"{path} is not cached (bench/zoo.py fetches it)")
+    model = onnx.load(str(path))
+    inspection = pruner.inspect(model)
+    assert_every_weight_accounted_for(model, inspection)
+    constants = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    listed = {la.name for la in inspection.layers} | {s.name for s in inspection.skipped}
+    float_constants = {
+        n.output[0]
+        for n in model.graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+        if n.attribute[0].t.data_type in FLOAT_DTYPES
+    }
+    assert float_constants <= listed <= {t.name for t in model.graph.initializer} | constants
