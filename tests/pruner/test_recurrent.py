@@ -3,6 +3,8 @@ zero and N:M runs of ``pruner.prune`` on them."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -357,3 +359,33 @@ def test_a_plan_transferred_to_retrained_weights_scores_per_gate_block() -> None
         assert zeroed.sum() == layers[name].amount
         per_gate = zeroed.reshape(4, -1).sum(axis=1)
         assert per_gate.max() - per_gate.min() <= 1
+
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+
+def test_a_pytorch_exported_lstm_and_gru_are_pruned_per_gate_block() -> None:
+    """tools/make_recurrent_fixture.py: a bidirectional LSTM, a GRU and a Linear head, as the
+    TorchScript exporter writes them (initial states computed from Shape, gates reordered)."""
+    model = onnx.load(str(FIXTURES / "recurrent.onnx"))
+    data = pruner.load_eval_set(FIXTURES / "recurrent_eval.npz")
+    inspection = pruner.inspect(model)
+    recurrent_layers = {la.name: la for la in inspection.layers if la.op_type in ("LSTM", "GRU")}
+    assert len(recurrent_layers) == 4
+    assert inspection.prunable_params / inspection.float_params > 0.9  # all but the biases
+    options = PruneOptions(tolerance=Tolerance(0.02), allocation=Allocation.UNIFORM, recover=pruner.Recovery.NONE)
+    result = pruner.prune(model, data, options)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.report.status == "pruned"
+    masks = changed_only_in(model, result.model, {*recurrent_layers, "head.weight"})
+    for name, layer in recurrent_layers.items():
+        assert masks[name].any(), name
+        per_block = masks[name].reshape(layer.shape[0], layer.blocks, -1).sum(axis=-1)
+        assert per_block.max() - per_block.min() <= 1, (name, per_block)
+    by_hand = model
+    for name, mask in masks.items():
+        by_hand = with_weight(by_hand, name, np.where(mask, 0, weight(model, name)).astype(np.float32))
+    session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = ort.InferenceSession(by_hand.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = {"input": data.inputs["input"][:32]}
+    np.testing.assert_array_equal(session.run(None, x)[0], expected.run(None, x)[0])
