@@ -20,6 +20,7 @@ from pruner._options import Allocation
 from pruner._recover import layouts
 from pruner._score import Granularity, balance_blocks, lowest, unit_scores
 from pruner._space import ZeroSpace, build_units
+from pruner._structure import analyze_structure, remove_components, zero_components
 
 HIDDEN, INPUT, SEQ, BATCH = 8, 12, 5, 3
 
@@ -389,3 +390,146 @@ def test_a_pytorch_exported_lstm_and_gru_are_pruned_per_gate_block() -> None:
     expected = ort.InferenceSession(by_hand.SerializeToString(), providers=["CPUExecutionProvider"])
     x = {"input": data.inputs["input"][:32]}
     np.testing.assert_array_equal(session.run(None, x)[0], expected.run(None, x)[0])
+
+
+# --- remove mode: hidden units ------------------------------------------------------------------------
+
+
+def stacked(first: str, *, state: str = "none", layout: int = 0, seed: int = 0) -> onnx.ModelProto:
+    """x [N, 5, 6] -> MatMul (8 features) -> ``first`` (hidden 6) -> Y -> GRU (hidden 5) -> Y_h
+    -> MatMul -> y [N, 4]. ``state``: the first op's initial state: none, a constant, or zeros
+    made by ConstantOfShape from the batch size (as exporters write it)."""
+    rng = np.random.default_rng(seed)
+    g1 = RECURRENT_GATES[first]
+
+    def array(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+
+    weights = {
+        "wi": array(6, 8),
+        "W1": array(1, g1 * 6, 8),
+        "R1": array(1, g1 * 6, 6),
+        "B1": array(1, 2 * g1 * 6),
+        "W2": array(1, 15, 6),
+        "R2": array(1, 15, 5),
+        "B2": array(1, 30),
+        "wo": array(5, 4),
+    }
+    if first == "LSTM":
+        weights["P1"] = array(1, 18)
+    nodes = [helper.make_node("MatMul", ["x", "wi"], ["p"])]
+    if layout == 0:
+        nodes.append(helper.make_node("Transpose", ["p"], ["p_t"], perm=[1, 0, 2]))
+    first_in = "p_t" if layout == 0 else "p"
+    inputs = [first_in, "W1", "R1", "B1", "", "", "", ""]
+    if state == "constant":
+        weights["h0"] = array(1, BATCH, 6) if layout == 0 else array(BATCH, 1, 6)
+        inputs[5] = "h0"
+        if first == "LSTM":
+            weights["c0"] = array(1, BATCH, 6) if layout == 0 else array(BATCH, 1, 6)
+            inputs[6] = "c0"
+    elif state == "zeros":
+        weights["batch_axis"] = np.array([0], np.int64)
+        weights["one"] = np.array([1], np.int64)
+        weights["units"] = np.array([6], np.int64)
+        dims = ["one", "n", "units"] if layout == 0 else ["n", "one", "units"]
+        nodes += [
+            helper.make_node("Shape", ["x"], ["shape"]),
+            helper.make_node("Gather", ["shape", "batch_axis"], ["n"]),
+            helper.make_node("Concat", dims, ["state_shape"], axis=0),
+            helper.make_node(
+                "ConstantOfShape", ["state_shape"], ["zeros"], value=numpy_helper.from_array(np.zeros(1, np.float32))
+            ),
+        ]
+        inputs[5] = "zeros"
+        if first == "LSTM":
+            inputs[6] = "zeros"
+    if first == "LSTM":
+        inputs[7] = "P1"
+    while inputs and not inputs[-1]:
+        inputs.pop()
+    squeeze_axis = 1 if layout == 0 else 2
+    weights["axis_seq"] = np.array([squeeze_axis], np.int64)
+    weights["axis_dir"] = np.array([0 if layout == 0 else 1], np.int64)
+    nodes += [
+        helper.make_node(first, inputs, ["seq"], hidden_size=6, layout=layout, name="first"),
+        helper.make_node("Squeeze", ["seq", "axis_seq"], ["s"]),
+        helper.make_node("GRU", ["s", "W2", "R2", "B2"], ["", "last"], hidden_size=5, layout=layout, name="second"),
+        helper.make_node("Squeeze", ["last", "axis_dir"], ["f"]),
+        helper.make_node("MatMul", ["f", "wo"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "stacked",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", SEQ, 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(a, n) for n, a in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run_any(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+@pytest.mark.parametrize("first", sorted(RECURRENT_GATES))
+@pytest.mark.parametrize("state", ["none", "constant", "zeros"])
+def test_removing_hidden_units_gives_what_zeroing_them_does(first: str, state: str) -> None:
+    """(onnxruntime runs layout 0 only: batch-first recurrent ops are not supported.)"""
+    model = stacked(first, state=state)
+    structure = analyze_structure(model)
+    families = {f.name: f for f in structure.families}
+    assert {"wi", "W1", "W2"} <= set(families), structure.skipped
+    assert len(families["W1"].components) == 6 and len(families["W2"].components) == 5
+    gates = RECURRENT_GATES[first]
+    # a unit's weights: its rows of every gate block of W, R, B (and P), its column of R
+    per_unit = gates * 8 + gates * 6 + 6 * gates + 2 * gates + (3 if first == "LSTM" else 0)
+    per_unit += 15  # its column of the GRU's W, which reads it
+    if state == "constant":  # its entries of the initial states
+        per_unit += BATCH * (2 if first == "LSTM" else 1)
+    assert set(families["W1"].params_per_component.tolist()) == {per_unit}
+    removed = [int(families["W1"].components[k]) for k in (1, 4)]
+    removed += [int(families["W2"].components[2]), int(families["wi"].components[0])]
+    x = np.random.default_rng(4).standard_normal((BATCH, SEQ, 6)).astype(np.float32)
+    zeroed = zero_components(model, structure, removed)
+    pruned = remove_components(model, structure, removed)
+    onnx.checker.check_model(pruned, full_check=True)
+    np.testing.assert_allclose(run_any(pruned, x), run_any(zeroed, x), rtol=1e-5, atol=1e-5)
+    shapes = {t.name: tuple(t.dims) for t in pruned.graph.initializer}
+    assert shapes["W1"] == (1, gates * 4, 7) and shapes["R1"] == (1, gates * 4, 4) and shapes["B1"] == (1, 8 * gates)
+    assert shapes["W2"] == (1, 12, 4) and shapes["R2"] == (1, 12, 4)
+    nodes = {n.name: n for n in pruned.graph.node}
+    assert helper.get_attribute_value(next(a for a in nodes["first"].attribute if a.name == "hidden_size")) == 4
+    if state == "zeros":
+        assert len(nodes["first"].input) <= 5 or not nodes["first"].input[5]
+    # a unit that still works is kept: the pruned model differs from the original
+    assert not np.allclose(run_any(pruned, x), run_any(model, x))
+
+
+def test_remove_mode_shrinks_the_exported_gru() -> None:
+    """The exported GRU's hidden units are removable; the bidirectional LSTM's are not yet: the
+    exporter merges its two directions with a Reshape, which no rule splits (named as the reason)."""
+    model = onnx.load(str(FIXTURES / "recurrent.onnx"))
+    structure = analyze_structure(model)
+    gru = next(f for f in structure.families if f.name == "onnx::GRU_299")
+    assert len(gru.components) == 16
+    assert "only whole heads can shrink" in dict(structure.skipped)["onnx::LSTM_278"]
+    data = pruner.load_eval_set(FIXTURES / "recurrent_eval.npz")
+    options = PruneOptions(
+        mode=Mode.REMOVE,
+        target_sparsity=0.3,
+        tolerance=Tolerance(1.0),
+        recover=pruner.Recovery.NONE,
+        channel_multiple=1,
+    )
+    result = pruner.prune(model, data, options)
+    onnx.checker.check_model(result.model, full_check=True)
+    assert result.report.status == "pruned"
+    assert result.report.bytes_after < result.report.bytes_before
+    assert not any("changed the outputs" in s.reason for s in result.report.skipped)
+    shapes = {t.name: tuple(t.dims) for t in result.model.graph.initializer}
+    hidden = shapes["onnx::GRU_300"][2]
+    assert hidden < 16 and shapes["onnx::GRU_299"] == (1, 3 * hidden, 32) and shapes["head.weight"] == (10, hidden)
