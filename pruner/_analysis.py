@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ._graph import GraphIndex
+from ._graph import Attributes, GraphIndex
 from ._ops import RECURRENT_GATES, layout_of
 
 __all__ = ["Inspection", "PrunableWeight", "SkippedWeight", "Unit", "analyze"]
@@ -203,7 +203,8 @@ def _why_unread(index: GraphIndex, name: str, tensor: TensorProto) -> tuple[str,
         }.get(slot, "not a weight")
         return op, f"input {slot} of {where}: {what}"
     if op == "Gather" and use.index == 0:
-        return op, f"embedding table read by {where}: embeddings are not pruned"
+        axis = Attributes(node).get_int("axis", 0)
+        return op, f"read by {where} along axis {axis}: a selection of its channels, not a weight"
     if op in _NORMALIZATIONS and use.index > 0:
         return op, f"input {use.index} of {where}: normalization parameters are not pruned"
     if _BIAS_INPUTS.get(op) == use.index:
@@ -258,6 +259,8 @@ def analyze(
             skipped.append(SkippedWeight(_name, _op, reason))
 
         shape = tuple(int(d) for d in tensor.dims)
+        if tensor.data_type not in FLOAT_DTYPES and (len(shape) < 2 or int(np.prod(shape)) < LISTED_MIN_ELEMENTS):
+            continue  # index or shape data (a Gather of a shape, say): not a parameter
         if tensor.data_type not in PRUNABLE_DTYPES:
             skip(f"dtype {TensorProto.DataType.Name(tensor.data_type).lower()} is not float32/float16/bfloat16")
             continue

@@ -52,6 +52,7 @@ class ChannelRule(enum.Enum):
     GEMM = "gemm"
     MATMUL = "matmul"
     RECURRENT = "recurrent"
+    EMBEDDING = "embedding"
 
 
 @dataclass(frozen=True)
@@ -174,12 +175,23 @@ def _recurrent(gates: int) -> Callable[[Attributes], OpLayout]:
     return layout
 
 
+def _gather(attrs: Attributes) -> OpLayout:
+    # an embedding table [vocab, ...features] read along axis 0: y[..., f] = table[ids, f], the
+    # product of one-hot ids [..., vocab] by the table. Zeroing feature f zeroes y[..., f] for
+    # every token, so the features are the output channels and the vocabulary the reduction
+    # axis. Gather along another axis selects channels: no weight.
+    if attrs.get_int("axis", 0) != 0:
+        return OpLayout(())
+    return OpLayout((WeightSlot(0, -1, 0, output_axis=-1, data=1, data_axis=-1, unfold=None),))
+
+
 OPS: dict[str, OpDeclaration] = {
     "Conv": OpDeclaration("Conv", _conv, ChannelRule.CONV),
     "ConvTranspose": OpDeclaration("ConvTranspose", _conv_transpose, ChannelRule.CONV),
     "Gemm": OpDeclaration("Gemm", _gemm, ChannelRule.GEMM),
     "MatMul": OpDeclaration("MatMul", _matmul, ChannelRule.MATMUL),
     **{op: OpDeclaration(op, _recurrent(gates), ChannelRule.RECURRENT) for op, gates in RECURRENT_GATES.items()},
+    "Gather": OpDeclaration("Gather", _gather, ChannelRule.EMBEDDING),
 }
 
 

@@ -1007,11 +1007,19 @@ def _recurrent(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | 
     builder.add_fixup(HiddenFixup(i, ((r, 2),)))
 
 
+def _embedding(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    """Gather: an embedding table's features are not a family of their own (yet); what passes
+    through a lookup is the Gather rule's."""
+    if trigger is not None:
+        _gather(builder, i, node, trigger)
+
+
 _SEED_RULES: dict[ChannelRule, Rule] = {
     ChannelRule.CONV: _conv,
     ChannelRule.GEMM: _gemm,
     ChannelRule.MATMUL: _matmul,
     ChannelRule.RECURRENT: _recurrent,
+    ChannelRule.EMBEDDING: _embedding,
 }
 """The rule each op declaration (``_ops.OPS``) names: how channels pass through its weights."""
 
@@ -1037,7 +1045,6 @@ RULES: dict[str, Rule] = {
     "Reshape": _reshape,
     "Squeeze": _squeeze,
     "Unsqueeze": _squeeze,
-    "Gather": _gather,
     **{
         op: _reduce
         for op in "ReduceMean ReduceSum ReduceMax ReduceMin Softmax LogSoftmax Hardmax LayerNormalization".split()
