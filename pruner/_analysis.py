@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import enum
 import fnmatch
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto
 
-from ._graph import GraphIndex
-from ._ops import layout_of
+from ._graph import Attributes, GraphIndex
+from ._ops import RECURRENT_GATES, layout_of
 
 __all__ = ["Inspection", "PrunableWeight", "SkippedWeight", "Unit", "analyze"]
 
@@ -50,6 +51,9 @@ class PrunableWeight:
     from_constant: bool = False
     input_axis: int | None = None
     unit: Unit = Unit.WEIGHT
+    blocks: int = 0
+    """Scoring blocks along ``channel_axis`` (an RNN's gates; 0: none), as the op declares them
+    (``_ops.WeightSlot.blocks``)."""
 
     @classmethod
     def family(cls, name: str, params: int) -> PrunableWeight:
@@ -87,6 +91,11 @@ class Inspection:
     skipped: tuple[SkippedWeight, ...]
     total_params: int
     """Elements of all initializers and Constant tensors."""
+    float_params: int = 0
+    """Elements of the floating-point ones: the prunable layers' and the skipped float
+    tensors' elements add up to it (every float tensor is one or the other)."""
+    skipped_params: Mapping[str, int] = field(default_factory=dict)
+    """Elements of each skipped tensor, by name."""
 
     @property
     def prunable_params(self) -> int:
@@ -96,11 +105,12 @@ class Inspection:
         total = max(self.total_params, 1)
         return {
             "total_params": self.total_params,
+            "float_params": self.float_params,
             "prunable_params": self.prunable_params,
             "layers": [
                 {**_fields(layer), "params": layer.params, "share": layer.params / total} for layer in self.layers
             ],
-            "skipped": [asdict(s) for s in self.skipped],
+            "skipped": [{**asdict(s), "params": self.skipped_params.get(s.name, 0)} for s in self.skipped],
         }
 
 
@@ -111,50 +121,107 @@ def _fields(layer: PrunableWeight) -> dict[str, Any]:
     return out
 
 
-def _weight_slots(node: onnx.NodeProto) -> dict[int, tuple[int, int]]:
-    """Input index of each weight operand of ``node`` -> its (output-channel, input-channel) axes,
-    as the op's declaration gives them (may be negative)."""
+def _weight_slots(node: onnx.NodeProto) -> dict[int, tuple[int, int, int]]:
+    """Input index of each weight operand of ``node`` -> its (output-channel, input-channel) axes
+    (may be negative) and scoring blocks, as the op's declaration gives them."""
     layout = layout_of(node)
     if layout is None:
         return {}
-    return {w.input: (w.out_axis, w.in_axis) for w in layout.weights}
+    return {w.input: (w.out_axis, w.in_axis, w.blocks) for w in layout.weights}
 
 
 LISTED_MIN_ELEMENTS = 16
-"""Tensors of at least this many elements and 2+ dimensions count as weights ``inspect`` must account for."""
+"""Below this many elements a tensor is "too small to prune" (scalars and short constants)."""
 
-RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
-_RECURRENT_INPUTS = {1: "W", 2: "R", 3: "B", 5: "initial_h", 6: "initial_c", 7: "P"}
-_WEIGHT_DTYPES = frozenset(
+FLOAT_DTYPES = frozenset(
+    {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE}
+    | {getattr(TensorProto, n) for n in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ")}
+)
+"""Tensors of these types are parameters ``inspect`` accounts for, every one of them."""
+_QUANTIZED_DTYPES = frozenset({TensorProto.INT8, TensorProto.UINT8})
+"""Integer tensors listed too when they look like weights (2+ dimensions, not tiny): quantized weights."""
+
+_RECURRENT_INPUTS = {3: "B", 4: "sequence_lens", 5: "initial_h", 6: "initial_c", 7: "P"}
+_BIAS_INPUTS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2}
+_NORMALIZATIONS = frozenset(
     {
-        TensorProto.FLOAT,
-        TensorProto.FLOAT16,
-        TensorProto.BFLOAT16,
-        TensorProto.DOUBLE,
-        TensorProto.INT8,
-        TensorProto.UINT8,
+        "BatchNormalization",
+        "InstanceNormalization",
+        "LayerNormalization",
+        "GroupNormalization",
+        "SkipLayerNormalization",
+        "SimplifiedLayerNormalization",
+        "SkipSimplifiedLayerNormalization",
+        "RMSNormalization",
+        "LpNormalization",
     }
+)
+_DATA_INPUTS = {
+    "Reshape": {1},
+    "Expand": {1},
+    "Tile": {1},
+    "Slice": {1, 2, 3, 4},
+    "Resize": {1, 2, 3},
+    "Upsample": {1},
+    "Pad": {1, 2, 3},
+    "ConstantOfShape": {0},
+    "Range": {0, 1, 2},
+    "TopK": {1},
+    "Clip": {1, 2},
+    "Squeeze": {1},
+    "Unsqueeze": {1},
+    "ReduceMean": {1},
+    "ReduceSum": {1},
+    "Split": {1},
+    "OneHot": {1, 2},
+    "Where": {0},
+}
+"""Inputs that are shape, index or bound data rather than learned weights."""
+_ELEMENTWISE = frozenset(
+    {"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu", "Where", "Equal", "Less", "Greater"}
 )
 
 
-def _why_unread(index: GraphIndex, name: str) -> tuple[str, str]:
-    """(op type, reason) of a weight-like tensor that no prunable declaration reads."""
+def _why_unread(index: GraphIndex, name: str, tensor: TensorProto) -> tuple[str, str]:
+    """(op type, reason) of a parameter tensor that no prunable declaration reads."""
     uses = index.uses(name)
     if not uses:
         return "", "is not read by any node"
     if any(u.in_subgraph for u in uses):
         return uses[0].node.op_type, "is read inside a subgraph (If/Loop/Scan)"
-    use = next((u for u in uses if u.node.op_type in RECURRENT_OPS), uses[0])
+    use = next((u for u in uses if u.node.op_type in RECURRENT_GATES), uses[0])
     node, op = use.node, use.node.op_type
     where = f"{index.node_name(node)} ({op})"
-    if op in RECURRENT_OPS:
+    elements = int(np.prod(tensor.dims))
+    if op in RECURRENT_GATES:
         slot = _RECURRENT_INPUTS.get(use.index, f"input {use.index}")
-        return op, f"input {slot} of {where}: recurrent weights are not prunable yet"
+        what = {
+            "B": "the gate biases: biases are not pruned",
+            "initial_h": "an initial state, not a weight",
+            "initial_c": "an initial state, not a weight",
+            "P": "the peephole weights: not pruned",
+        }.get(slot, "not a weight")
+        return op, f"input {slot} of {where}: {what}"
     if op == "Gather" and use.index == 0:
-        return op, f"embedding table read by {where}: embeddings are not pruned"
+        axis = Attributes(node).get_int("axis", 0)
+        return op, f"read by {where} along axis {axis}: a selection of its channels, not a weight"
+    if op in _NORMALIZATIONS and use.index > 0:
+        return op, f"input {use.index} of {where}: normalization parameters are not pruned"
+    if _BIAS_INPUTS.get(op) == use.index:
+        return op, f"bias of {where}: biases are not pruned"
+    if use.index in _DATA_INPUTS.get(op, ()) or tensor.data_type not in FLOAT_DTYPES:
+        return op, f"input {use.index} of {where}: shape, index or bound data, not a weight"
     if len({(u.node.op_type, u.index) for u in uses}) > 1:
         ops = ", ".join(sorted({u.node.op_type for u in uses}))
         return op, f"is shared by several nodes ({ops}), none of which reads it as a prunable weight"
+    if op in _ELEMENTWISE and elements > 1 and sum(int(d) != 1 for d in tensor.dims) <= 1:
+        return op, f"input {use.index} of {where}: a per-channel bias or scale, not pruned"
+    if elements < LISTED_MIN_ELEMENTS:
+        return op, f"input {use.index} of {where}: too small to prune ({elements} element(s))"
+    if op in _ELEMENTWISE:
+        return op, f"input {use.index} of {where}: an elementwise operand (a positional embedding, say), not pruned"
+    if len(tensor.dims) < 2:
+        return op, f"input {use.index} of {where}: has {len(tensor.dims)} dimension(s); only weights of 2+ are pruned"
     return op, f"input {use.index} of {where}: {op} has no prunable declaration for it"
 
 
@@ -174,7 +241,7 @@ def analyze(
 ) -> Inspection:
     """Find the prunable weights of ``model``; pure, never modifies it."""
     index = index or GraphIndex.build(model.graph)
-    candidates: dict[str, list[tuple[onnx.NodeProto, tuple[int, int]]]] = {}
+    candidates: dict[str, list[tuple[onnx.NodeProto, tuple[int, int, int]]]] = {}
     for node in model.graph.node:
         for slot, slot_axes in _weight_slots(node).items():
             if slot < len(node.input) and node.input[slot] and index.tensor(node.input[slot]) is not None:
@@ -192,6 +259,8 @@ def analyze(
             skipped.append(SkippedWeight(_name, _op, reason))
 
         shape = tuple(int(d) for d in tensor.dims)
+        if tensor.data_type not in FLOAT_DTYPES and (len(shape) < 2 or int(np.prod(shape)) < LISTED_MIN_ELEMENTS):
+            continue  # index or shape data (a Gather of a shape, say): not a parameter
         if tensor.data_type not in PRUNABLE_DTYPES:
             skip(f"dtype {TensorProto.DataType.Name(tensor.data_type).lower()} is not float32/float16/bfloat16")
             continue
@@ -216,17 +285,21 @@ def analyze(
         if name in index.graph_outputs:
             skip("is a graph output")
             continue
-        axes = {axis % len(shape) for _, (axis, _) in slots}
+        axes = {(axis % len(shape), blocks) for _, (axis, _, blocks) in slots}
         if len(axes) > 1:
             skip("is shared by nodes that disagree on its output-channel axis")
             continue
-        input_axes = {axis % len(shape) for _, (_, axis) in slots}
+        input_axes = {axis % len(shape) for _, (_, axis, _) in slots}
         pattern = _matches(exclude, [name, *node_names])
         if pattern is not None:
             skip(f"excluded by pattern {pattern!r}")
             continue
         if include and _matches(include, [name, *node_names]) is None:
             skip(f"not matched by any include pattern ({', '.join(include)})")
+            continue
+        channel_axis, blocks = axes.pop()
+        if blocks and shape[channel_axis] % blocks:
+            skip(f"its {shape[channel_axis]} rows do not split into {blocks} gate blocks")
             continue
         layers.append(
             PrunableWeight(
@@ -235,28 +308,32 @@ def analyze(
                 nodes=tuple(node_names),
                 shape=shape,
                 dtype=PRUNABLE_DTYPES[tensor.data_type],
-                channel_axis=axes.pop(),
+                channel_axis=channel_axis,
                 from_constant=name not in index.initializers,
                 input_axis=input_axes.pop() if len(input_axes) == 1 else None,
+                blocks=blocks,
             )
         )
 
-    # every other weight-like tensor is accounted for: a model whose big tensors go unmentioned
-    # (an LSTM's W/R/B, an embedding table) would look fully covered when it is not
+    # every other parameter is accounted for: a model whose big tensors go unmentioned (an
+    # LSTM's B, an embedding table, a norm's scale) would look more covered than it is
     for name in [*index.initializers, *index.constants]:
         if name in candidates:
             continue
         tensor = index.tensor(name)
-        if tensor is None or tensor.data_type not in _WEIGHT_DTYPES or len(tensor.dims) < 2:
+        if tensor is None:
             continue
-        if int(np.prod(tensor.dims)) < LISTED_MIN_ELEMENTS:
-            continue
-        op_type, reason = _why_unread(index, name)
-        skipped.append(SkippedWeight(name, op_type, reason))
+        weight_like = len(tensor.dims) >= 2 and int(np.prod(tensor.dims)) >= LISTED_MIN_ELEMENTS
+        if tensor.data_type in FLOAT_DTYPES or (tensor.data_type in _QUANTIZED_DTYPES and weight_like):
+            op_type, reason = _why_unread(index, name, tensor)
+            skipped.append(SkippedWeight(name, op_type, reason))
 
-    constants = [t for t in (index.tensor(n) for n in index.constants) if t is not None]
-    total = sum(int(np.prod(t.dims)) for t in [*model.graph.initializer, *constants])
-    return Inspection(tuple(layers), tuple(skipped), total)
+    # by the index's names: a Constant's value tensor has none of its own
+    tensors = {n: t for n in [*index.initializers, *index.constants] if (t := index.tensor(n)) is not None}
+    total = sum(int(np.prod(t.dims)) for t in tensors.values())
+    floats = sum(int(np.prod(t.dims)) for t in tensors.values() if t.data_type in FLOAT_DTYPES)
+    sizes = {s.name: int(np.prod(tensors[s.name].dims)) if s.name in tensors else 0 for s in skipped}
+    return Inspection(tuple(layers), tuple(skipped), total, floats, sizes)
 
 
 def tensor_proto(model_index: GraphIndex, name: str) -> TensorProto | None:

@@ -21,7 +21,17 @@ import onnx
 
 from ._graph import ONNX_DOMAINS, Attributes
 
-__all__ = ["OPS", "ChannelRule", "OpDeclaration", "OpLayout", "Unfold", "WeightSlot", "declaration", "layout_of"]
+__all__ = [
+    "OPS",
+    "RECURRENT_GATES",
+    "ChannelRule",
+    "OpDeclaration",
+    "OpLayout",
+    "Unfold",
+    "WeightSlot",
+    "declaration",
+    "layout_of",
+]
 
 
 class Unfold(enum.Enum):
@@ -41,6 +51,8 @@ class ChannelRule(enum.Enum):
     CONV = "conv"
     GEMM = "gemm"
     MATMUL = "matmul"
+    RECURRENT = "recurrent"
+    EMBEDDING = "embedding"
 
 
 @dataclass(frozen=True)
@@ -64,6 +76,11 @@ class WeightSlot:
     """The axis of that operand that ``in_axis`` sums over."""
     unfold: Unfold | None
     """How recovery unfolds the data operand into rows; None: recovery leaves this weight alone."""
+    blocks: int = 0
+    """Scoring blocks: 0 (most ops) ranks the weight's units all at once; n >= 1 says ``out_axis``
+    stacks n equal blocks (a recurrent op's gates), and each block of each index of the axes
+    before ``out_axis`` (the directions) is ranked on its own, so that every block loses the
+    same share of its weights (``_score``)."""
 
 
 @dataclass(frozen=True)
@@ -137,11 +154,44 @@ def _matmul(attrs: Attributes) -> OpLayout:
     )
 
 
+RECURRENT_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+"""Gate blocks stacked along a recurrent op's W and R (LSTM: i, o, f, c; GRU: z, r, h)."""
+
+
+def _recurrent(gates: int) -> Callable[[Attributes], OpLayout]:
+    def layout(attrs: Attributes) -> OpLayout:
+        # W [directions, gates * hidden, input], R [directions, gates * hidden, hidden];
+        # Y [seq, directions, batch, hidden] (layout=1: [batch, seq, directions, hidden]).
+        # Row g * hidden + k of gate block g feeds hidden unit k (Y's last axis) through the
+        # gate. R multiplies the hidden state, whose first value is initial_h (input 5).
+        # Recovery does not refit gates yet.
+        return OpLayout(
+            (
+                WeightSlot(1, 1, 2, output_axis=-1, data=0, data_axis=-1, unfold=None, blocks=gates),
+                WeightSlot(2, 1, 2, output_axis=-1, data=5, data_axis=-1, unfold=None, blocks=gates),
+            )
+        )
+
+    return layout
+
+
+def _gather(attrs: Attributes) -> OpLayout:
+    # an embedding table [vocab, ...features] read along axis 0: y[..., f] = table[ids, f], the
+    # product of one-hot ids [..., vocab] by the table. Zeroing feature f zeroes y[..., f] for
+    # every token, so the features are the output channels and the vocabulary the reduction
+    # axis. Gather along another axis selects channels: no weight.
+    if attrs.get_int("axis", 0) != 0:
+        return OpLayout(())
+    return OpLayout((WeightSlot(0, -1, 0, output_axis=-1, data=1, data_axis=-1, unfold=None),))
+
+
 OPS: dict[str, OpDeclaration] = {
     "Conv": OpDeclaration("Conv", _conv, ChannelRule.CONV),
     "ConvTranspose": OpDeclaration("ConvTranspose", _conv_transpose, ChannelRule.CONV),
     "Gemm": OpDeclaration("Gemm", _gemm, ChannelRule.GEMM),
     "MatMul": OpDeclaration("MatMul", _matmul, ChannelRule.MATMUL),
+    **{op: OpDeclaration(op, _recurrent(gates), ChannelRule.RECURRENT) for op, gates in RECURRENT_GATES.items()},
+    "Gather": OpDeclaration("Gather", _gather, ChannelRule.EMBEDDING),
 }
 
 

@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from ._analysis import PrunableWeight, tensor_proto
+from ._analysis import PrunableWeight, analyze, tensor_proto
 from ._errors import InternalError, InvalidInputError, InvalidModelError, PlanMismatchError
 from ._evaluate import ModelBuilder, SplitModel
 from ._graph import GraphIndex
@@ -375,11 +375,16 @@ def element_mask(shape: tuple[int, ...], units: np.ndarray, gran: Granularity, c
     return mask
 
 
-def pruned_weight(plan: PruningPlan, layer: LayerPlan, weight: np.ndarray) -> np.ndarray:
-    """``weight`` (any float dtype) pruned as ``layer`` of ``plan`` says, in place."""
+def pruned_weight(
+    plan: PruningPlan, layer: LayerPlan, weight: np.ndarray, found: PrunableWeight | None = None
+) -> np.ndarray:
+    """``weight`` (any float dtype) pruned as ``layer`` of ``plan`` says, in place; ``found``: the
+    weight as analysis finds it in the model (its reduction axis and scoring blocks)."""
     if layer.amount == 0:
         return weight
     info = PrunableWeight(layer.tensor, "", (), tuple(weight.shape), "", layer.channel_axis)
+    if found is not None and found.shape == info.shape and found.channel_axis == layer.channel_axis % weight.ndim:
+        info = replace(info, input_axis=found.input_axis, blocks=found.blocks)
     scores = unit_scores(plan.criterion, info, weight)
     if plan.mode is Mode.NM:
         assert plan.nm is not None
@@ -530,13 +535,14 @@ def transfer_plan(plan: PruningPlan, model: onnx.ModelProto) -> onnx.ModelProto:
     out = onnx.ModelProto()
     out.CopyFrom(model)
     index = GraphIndex.build(out.graph)
+    found = {la.name: la for la in analyze(out, index=index).layers}
     for layer in plan.layers:
         if layer.amount == 0:
             continue
         tensor = tensor_proto(index, layer.tensor)
         if tensor is None:  # check_plan found every one
             raise InternalError(f"tensor {layer.tensor!r} vanished after the plan was checked")
-        weight = pruned_weight(plan, layer, numpy_helper.to_array(tensor).copy())
+        weight = pruned_weight(plan, layer, numpy_helper.to_array(tensor).copy(), found.get(layer.tensor))
         tensor.CopyFrom(numpy_helper.from_array(weight, tensor.name))
     return out
 

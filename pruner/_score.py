@@ -2,6 +2,11 @@
 
 Scorers are plug-ins: a function from a layer and its float32 weight to unit
 scores. Lower scores are pruned first; ties go to the lower index (see :func:`lowest`).
+
+A weight whose op declares scoring blocks (an LSTM's or GRU's gates, ``_ops.WeightSlot.blocks``)
+has its scores balanced across blocks (:func:`balance_blocks`): whatever amount the search
+gives the layer, each block loses the same share of its weights, so no gate is emptied while
+another stays full.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 from ._analysis import PrunableWeight
 from ._options import Criterion
 
-__all__ = ["SCORERS", "Granularity", "granularity", "lowest", "unit_scores"]
+__all__ = ["SCORERS", "Granularity", "balance_blocks", "granularity", "lowest", "unit_scores"]
 
 
 class Granularity(enum.Enum):
@@ -64,11 +69,50 @@ def unit_scores(
     The activation criterion needs ``calibration``; a layer it has no statistics
     for is scored by magnitude.
     """
+    gran, scorer = SCORERS[criterion]
+    scores = None
     if criterion is Criterion.ACTIVATION and calibration is not None:
         scores = calibration.activation_scores(layer, weight)
-        if scores is not None:
-            return scores
-    return SCORERS[criterion][1](layer, weight.astype(np.float32, copy=False))
+    if scores is None:
+        scores = scorer(layer, weight.astype(np.float32, copy=False))
+    return balance_blocks(layer, scores, gran) if layer.blocks else scores
+
+
+def _block_rows(layer: PrunableWeight, scores: np.ndarray, gran: Granularity) -> np.ndarray:
+    """``scores`` as one row per scoring block (a view when it can be)."""
+    if gran is Granularity.CHANNEL:  # a channel spans every direction: blocks of the gate axis only
+        return scores.reshape(layer.blocks, -1)
+    axis = layer.channel_axis % len(layer.shape)
+    lead = int(np.prod(layer.shape[:axis]))
+    return scores.reshape(lead * layer.blocks, -1)
+
+
+def balance_blocks(layer: PrunableWeight, scores: np.ndarray, gran: Granularity) -> np.ndarray:
+    """Scores that prune every scoring block of ``layer`` alike (new array; ``scores`` kept).
+
+    A block's positive scores are replaced, in their order, by the pooled positive scores of the
+    whole layer at the same quantile: the element at quantile q of its block gets the layer's
+    q-quantile (blocks of equal size share the pooled scores out exactly, in turn). The lowest
+    ``amount`` scores then take the same share of every block's nonzero weights (to one unit),
+    within a layer and in the allocation across layers, whose score distribution is kept. Zero
+    scores (weights already zero) stay zero and go first; NaN stays.
+    """
+    rows = _block_rows(layer, scores, gran)
+    out = np.array(rows, dtype=np.float32)
+    live = np.isfinite(rows) & (rows > 0)
+    pooled = np.sort(rows[live], kind="stable")
+    if len(pooled) == 0:
+        return out.reshape(-1)
+    for b in range(rows.shape[0]):
+        where = np.flatnonzero(live[b])
+        if len(where) == 0:
+            continue
+        order = where[np.argsort(rows[b, where], kind="stable")]
+        # block b's r-th lowest sits at quantile (r + (b + 0.5) / blocks) / n: blocks of equal size
+        # share the pooled scores out exactly, r-th lowest of block b at pooled rank r * blocks + b
+        quantiles = (np.arange(len(order)) + (b + 0.5) / rows.shape[0]) / len(order)
+        out[b, order] = pooled[np.minimum((quantiles * len(pooled)).astype(np.int64), len(pooled) - 1)]
+    return out.reshape(-1)
 
 
 def lowest(scores: np.ndarray, amount: int, hint: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:

@@ -47,6 +47,7 @@ __all__ = [
     "Family",
     "Fixup",
     "GroupFixup",
+    "HiddenFixup",
     "SliceFixup",
     "SplitFixup",
     "Structure",
@@ -116,7 +117,16 @@ class CountFixup:
     input_index: int
 
 
-Fixup = GroupFixup | SplitFixup | SliceFixup | CountFixup
+@dataclass(frozen=True)
+class HiddenFixup:
+    """The ``hidden_size`` of a recurrent op: the channel count of ``slots[0]`` (R's columns).
+    Its zero initial states made by ConstantOfShape are dropped (an absent state is zero)."""
+
+    node: int
+    slots: tuple[Slot, ...]
+
+
+Fixup = GroupFixup | SplitFixup | SliceFixup | CountFixup | HiddenFixup
 """An attribute or constant that names a channel count, and the slots whose counts it holds."""
 
 
@@ -933,7 +943,84 @@ def _layer_norm(builder: _Builder, node: onnx.NodeProto, axis: int) -> None:
     builder.approximate.setdefault((x, axis), f"{what} (LayerNormalization) normalizes over these channels")
 
 
-_SEED_RULES: dict[ChannelRule, Rule] = {ChannelRule.CONV: _conv, ChannelRule.GEMM: _gemm, ChannelRule.MATMUL: _matmul}
+_RECURRENT_PARAMS = {3: 2, 7: 3}
+"""Input index of B and P -> how many blocks of ``hidden`` they stack (times the gates for B)."""
+
+
+def _zero_state(builder: _Builder, name: str) -> bool:
+    """Whether ``name`` is zeros made by ConstantOfShape: the state a recurrent op starts from
+    when the input is left out (exporters write it out, its shape computed from the batch)."""
+    producer = builder.index.producer(name)
+    if producer is None or producer.op_type != "ConstantOfShape":
+        return False
+    value = next((a.t for a in producer.attribute if a.name == "value"), None)
+    return value is None or not np.any(numpy_helper.to_array(value))
+
+
+def _recurrent(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    """LSTM, GRU, RNN: hidden unit k is row g * hidden + k of every gate block g of W, R, B (and
+    P), column k of R, entry k of the initial states and channel k of Y, Y_h, Y_c (their last
+    axis in either layout). Input feature j of X is column j of W.
+
+    Removing a unit whose weights are zero changes nothing: its pre-activations are zero, so
+    its state stays zero (an LSTM's c = 0.5 c + 0.5 tanh(0), a GRU's h = 0.5 h from h_0 = 0,
+    a vanilla RNN's tanh(0)) and its column of R adds nothing to the others. Zero initial
+    states made by ConstantOfShape are dropped (an absent state is zero) instead of resized.
+    """
+    weight, _ = _weight(node, 1)
+    gates = OPS[node.op_type].of(node).weights[0].blocks
+    inputs = list(node.input) + [""] * (8 - len(node.input))
+    x, w, r = inputs[0], inputs[1], inputs[2]
+    if not builder.is_constant(w) or not builder.is_constant(r):
+        raise _Stop("W or R is not a constant")
+    hidden = Attributes(node).get_int("hidden_size", 0) or _need(builder.dim(r, 2), "hidden size")
+    if trigger is not None and trigger[0] == x:
+        if trigger[1] != _need(builder.rank(x), "input rank") - 1:
+            raise _Stop("only the feature axis of a recurrent op's input can shrink")
+        features = _need(builder.dim(w, weight.in_axis), "input size")
+        builder.link(x, trigger[1], w, weight.in_axis, features)
+        builder.consumer_slots.add((w, weight.in_axis))
+        return
+    for out in node.output:
+        if trigger is not None and trigger[0] == out and trigger[1] != _need(builder.rank(out), "rank") - 1:
+            raise _Stop("only the hidden axis of a recurrent op's output can shrink")
+    units = np.arange(hidden)
+    blocks = units[:, None] + hidden * np.arange(gates)[None, :]  # unit k -> its row of each gate
+    builder.producer_slots.add((w, weight.out_axis))
+    builder.link_map(r, 2, hidden, w, weight.out_axis, gates * hidden, blocks)
+    builder.link_map(r, 2, hidden, r, 1, gates * hidden, blocks)
+    for index, per_gate in _RECURRENT_PARAMS.items():
+        param = inputs[index]
+        if not param:
+            continue
+        if not builder.is_constant(param):
+            raise _Stop(f"input {index} is not a constant")
+        count = per_gate * (gates if index == 3 else 1)
+        rows = units[:, None] + hidden * np.arange(count)[None, :]
+        builder.link_map(r, 2, hidden, param, 1, count * hidden, rows)
+    for state in (inputs[5], inputs[6] if node.op_type == "LSTM" else ""):
+        if state and not _zero_state(builder, state):
+            builder.link(r, 2, state, _need(builder.rank(state), "state rank") - 1, hidden)
+    for out in node.output:
+        if out and (builder.index.uses(out) or out in builder.index.graph_outputs):
+            builder.link(r, 2, out, _need(builder.rank(out), "output rank") - 1, hidden)
+    builder.add_fixup(HiddenFixup(i, ((r, 2),)))
+
+
+def _embedding(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
+    """Gather: an embedding table's features are not a family of their own (yet); what passes
+    through a lookup is the Gather rule's."""
+    if trigger is not None:
+        _gather(builder, i, node, trigger)
+
+
+_SEED_RULES: dict[ChannelRule, Rule] = {
+    ChannelRule.CONV: _conv,
+    ChannelRule.GEMM: _gemm,
+    ChannelRule.MATMUL: _matmul,
+    ChannelRule.RECURRENT: _recurrent,
+    ChannelRule.EMBEDDING: _embedding,
+}
 """The rule each op declaration (``_ops.OPS``) names: how channels pass through its weights."""
 
 
@@ -958,7 +1045,6 @@ RULES: dict[str, Rule] = {
     "Reshape": _reshape,
     "Squeeze": _squeeze,
     "Unsqueeze": _squeeze,
-    "Gather": _gather,
     **{
         op: _reduce
         for op in "ReduceMean ReduceSum ReduceMax ReduceMin Softmax LogSoftmax Hardmax LayerNormalization".split()
@@ -1124,6 +1210,13 @@ def remove_components(
             for attr in node.attribute:
                 if attr.name == "group":
                     attr.i = counts[0]
+        elif isinstance(fix, HiddenFixup):
+            for attr in node.attribute:
+                if attr.name == "hidden_size":
+                    attr.i = counts[0]
+            for k in (5, 6):
+                if k < len(node.input) and node.input[k] and _made_zeros(graph, node.input[k]):
+                    node.input[k] = ""
         elif isinstance(fix, SliceFixup):
             kept_in = _remaining(structure, removed_array, fix.slots[0])
             new_start = int(np.count_nonzero(kept_in < fix.start))
@@ -1170,6 +1263,15 @@ def remove_components(
             del graph.node[k]
     del graph.value_info[:]
     return out
+
+
+def _made_zeros(graph: onnx.GraphProto, name: str) -> bool:
+    """Whether ``name`` is the output of a ConstantOfShape filling zeros."""
+    producer = next((n for n in graph.node if name in n.output), None)
+    if producer is None or producer.op_type != "ConstantOfShape":
+        return False
+    value = next((a.t for a in producer.attribute if a.name == "value"), None)
+    return value is None or not np.any(numpy_helper.to_array(value))
 
 
 def _param_arrays(model: onnx.ModelProto, names: set[str] | None = None) -> dict[str, np.ndarray]:

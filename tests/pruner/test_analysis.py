@@ -11,6 +11,7 @@ import pytest
 
 import pruner
 from pruner import Inspection, PrunableWeight, SkippedWeight
+from pruner._analysis import FLOAT_DTYPES
 from tests.helpers import parse, seeded, tiny_mlp
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
@@ -74,8 +75,9 @@ def test_gemm_bias_is_not_a_weight() -> None:
         "g (float[N, 8] x) => (float[N, 4] y) { y = Gemm (x, w, b) }", {"w": seeded((8, 4)), "b": seeded((4,))}
     )
     assert [layer.name for layer in inspection.layers] == ["w"]
-    assert inspection.skipped == ()
-    assert inspection.total_params == 36
+    assert inspection.skipped == (SkippedWeight("b", "Gemm", "bias of Gemm(y) (Gemm): biases are not pruned"),)
+    assert inspection.total_params == inspection.float_params == 36
+    assert inspection.skipped_params == {"b": 4}
 
 
 def test_gemm_constant_a_with_trans_a() -> None:
@@ -359,50 +361,71 @@ def embedding_model() -> onnx.ModelProto:
 
 
 def assert_every_weight_accounted_for(model: onnx.ModelProto, inspection: Inspection) -> None:
+    """Every float initializer and Constant tensor is prunable or skipped with a reason, and their
+    elements add up."""
     layers = {la.name for la in inspection.layers}
     skipped = {s.name: s for s in inspection.skipped}
-    for tensor in model.graph.initializer:
-        assert (tensor.name in layers) != (tensor.name in skipped), tensor.name
-        if tensor.name in skipped:
-            assert skipped[tensor.name].reason and skipped[tensor.name].op_type, skipped[tensor.name]
+    tensors = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tensors[node.output[0]] = node.attribute[0].t
+    floats = 0
+    for name, tensor in tensors.items():
+        if tensor.data_type not in FLOAT_DTYPES:
+            continue
+        floats += int(np.prod(tensor.dims))
+        assert (name in layers) != (name in skipped), name
+        if name in skipped:
+            unread = skipped[name].reason == "is not read by any node"
+            assert skipped[name].reason and (skipped[name].op_type or unread), skipped[name]
+    assert inspection.float_params == floats
+    skipped_floats = sum(inspection.skipped_params[n] for n in skipped if tensors[n].data_type in FLOAT_DTYPES)
+    assert inspection.prunable_params + skipped_floats == floats
 
 
 @pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
-def test_recurrent_weights_are_listed_as_skipped(op: str) -> None:
+def test_recurrent_w_and_r_are_prunable_and_b_is_a_bias(op: str) -> None:
     model = recurrent_model(op)
     inspection = pruner.inspect(model)
     assert_every_weight_accounted_for(model, inspection)
-    assert [la.name for la in inspection.layers] == ["w_out"]
-    skipped = {s.name: s for s in inspection.skipped}
-    assert set(skipped) == {"W", "R", "B"}
-    for slot, s in skipped.items():
-        assert s.op_type == op
-        assert "recurrent weights are not prunable yet" in s.reason
-        assert f"input {slot} of rnn ({op})" in s.reason
-    # the report's totals say how little of the model is prunable
-    assert inspection.prunable_params / inspection.total_params < 0.2
+    assert [la.name for la in inspection.layers] == ["W", "R", "w_out"]
+    (b,) = inspection.skipped
+    assert (b.name, b.op_type) == ("B", op)
+    assert b.reason == f"input B of rnn ({op}): the gate biases: biases are not pruned"
+    assert inspection.prunable_params / inspection.total_params > 0.5
 
 
-def test_embedding_table_is_listed_as_skipped() -> None:
+def test_an_embedding_table_is_prunable_along_its_features() -> None:
     model = embedding_model()
     inspection = pruner.inspect(model)
     assert_every_weight_accounted_for(model, inspection)
+    assert inspection.skipped == ()
+    table = next(la for la in inspection.layers if la.name == "table")
+    assert (table.op_type, table.channel_axis, table.input_axis) == ("Gather", 1, 0)
+
+
+def test_a_gather_along_another_axis_selects_channels_and_is_no_weight() -> None:
+    inspection = inspect(
+        "g (int64[3] ids) => (float[10, 3] y) { y = Gather <axis = 1> (table, ids) }", {"table": seeded((10, 8))}
+    )
     (s,) = inspection.skipped
     assert (s.name, s.op_type) == ("table", "Gather")
-    assert "embedding" in s.reason
+    assert s.reason == "read by Gather(y) (Gather) along axis 1: a selection of its channels, not a weight"
 
 
 def test_weights_of_ops_without_a_declaration_and_unread_ones_are_listed() -> None:
     inspection = inspect(
-        "g (float[N, 4, 8] x) => (float[N, 4, 8] y) { y = Add (x, bias) }",
-        {"bias": seeded((4, 8)), "unused": seeded((4, 4), 1), "tiny": seeded((2, 2), 2)},
-        # the checker accepts an unused initializer; "tiny" is below the listing threshold
+        "g (float[N, 4, 8] x) => (float[N, 4, 8] y) {"
+        ' h = Einsum <equation = "nij,jk->nik"> (x, mixer)\n y = Add (h, offset) }',
+        {"mixer": seeded((8, 8)), "offset": seeded((4, 8)), "unused": seeded((4, 4), 1), "tiny": seeded((2, 2), 2)},
+        # the checker accepts an unused initializer
     )
     skipped = {s.name: s for s in inspection.skipped}
-    assert set(skipped) == {"bias", "unused"}
-    assert skipped["bias"].op_type == "Add"
-    assert "Add has no prunable declaration" in skipped["bias"].reason
-    assert skipped["unused"].reason == "is not read by any node"
+    assert set(skipped) == {"mixer", "offset", "unused", "tiny"}
+    assert skipped["mixer"].op_type == "Einsum"
+    assert skipped["mixer"].reason.endswith("Einsum has no prunable declaration for it")
+    assert skipped["offset"].reason.endswith("an elementwise operand (a positional embedding, say), not pruned")
+    assert skipped["unused"].reason == skipped["tiny"].reason == "is not read by any node"
 
 
 def test_a_weight_shared_by_a_prunable_op_and_another_is_listed_once() -> None:
@@ -412,3 +435,84 @@ def test_a_weight_shared_by_a_prunable_op_and_another_is_listed_once() -> None:
     )
     (s,) = inspection.skipped
     assert s.name == "w" and "non-weight input" in s.reason
+
+
+def test_every_float_tensor_is_named_with_what_it_is() -> None:
+    """Biases, normalization parameters, shape data, scalars, unread tensors: each
+    skipped with its own reason, and the elements of all of them and the layers add up."""
+    model = parse(
+        HEADER
+        + """g (float[N, 3, 8, 8] x, int64[N, 5] ids) => (float[N, 4] y, float[N, 5, 16] e) {
+            c = Conv (x, cw, cb)
+            n = BatchNormalization (c, bs, bb, bm, bv)
+            two = Constant <value = float {2.0}> ()
+            p = Pow (n, two)
+            r = Resize (p, roi, scales)
+            m = Mul (r, gain)
+            g = GlobalAveragePool (m)
+            f = Flatten (g)
+            h = Gemm <transB = 1> (f, gw, gb)
+            y = Add (h, hb)
+            e = Gather (table, ids)
+        }""",
+        {
+            "cw": seeded((3, 3, 3, 3)),
+            "cb": seeded((3,), 1),
+            "bs": seeded((3,), 2),
+            "bb": seeded((3,), 3),
+            "bm": seeded((3,), 4),
+            "bv": np.ones(3, np.float32),
+            "roi": np.zeros(0, np.float32),
+            "scales": np.array([1, 1, 2, 2], np.float32),
+            "gain": seeded((3, 1, 1), 5),
+            "gw": seeded((4, 3), 6),
+            "gb": seeded((4,), 7),
+            "hb": seeded((4,), 8),
+            "table": seeded((50, 16), 9),
+            "unused": seeded((3, 3), 10),
+        },
+    )
+    inspection = pruner.inspect(model)
+    assert_every_weight_accounted_for(model, inspection)
+    assert [la.name for la in inspection.layers] == ["cw", "gw", "table"]
+    reasons = {s.name: s.reason for s in inspection.skipped}
+    assert reasons["cb"] == reasons["gb"].replace("Gemm(h) (Gemm)", "Conv(c) (Conv)")
+    assert reasons["cb"] == "bias of Conv(c) (Conv): biases are not pruned"
+    for name in ("bs", "bb", "bm", "bv"):
+        assert "normalization parameters are not pruned" in reasons[name], name
+    assert reasons["two"].endswith("too small to prune (1 element(s))")
+    assert "shape, index or bound data" in reasons["scales"] and "shape, index or bound data" in reasons["roi"]
+    assert reasons["hb"].endswith("a per-channel bias or scale, not pruned")
+    assert reasons["gain"].endswith("a per-channel bias or scale, not pruned")  # [3, 1, 1]
+    assert reasons["unused"] == "is not read by any node"
+    assert inspection.skipped_params["two"] == 1
+    assert inspection.to_dict()["float_params"] == inspection.float_params
+
+
+FIXTURES = Path(__file__).parent.parent / "fixtures"
+ZOO = Path.home() / ".cache" / "onnx-pruner-zoo" / "models"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        *sorted(FIXTURES.glob("*.onnx")),
+        *(ZOO / f"{name}.onnx" for name in ("g2p", "silero_vad", "ppocr_cls", "magika")),
+    ],
+    ids=lambda p: p.stem,
+)
+def test_every_float_parameter_of_real_models_is_accounted_for(path: Path) -> None:
+    if not path.exists():
+        pytest.skip(f"{path} is not cached (bench/zoo.py fetches it)")
+    model = onnx.load(str(path))
+    inspection = pruner.inspect(model)
+    assert_every_weight_accounted_for(model, inspection)
+    constants = {n.output[0] for n in model.graph.node if n.op_type == "Constant"}
+    listed = {la.name for la in inspection.layers} | {s.name for s in inspection.skipped}
+    float_constants = {
+        n.output[0]
+        for n in model.graph.node
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value"
+        if n.attribute[0].t.data_type in FLOAT_DTYPES
+    }
+    assert float_constants <= listed <= {t.name for t in model.graph.initializer} | constants

@@ -106,12 +106,10 @@ def test_inspect_prints_every_skipped_weight(tmp_path: Path) -> None:
     onnx.save(recurrent_model("LSTM"), path)
     text = run_cli("inspect", path)
     assert text.returncode == 0, text.stderr
-    for slot in ("W", "R", "B"):
-        assert (
-            f"skipped {slot} (LSTM): input {slot} of rnn (LSTM): recurrent weights are not prunable yet" in text.stdout
-        )
+    assert "skipped B (LSTM): input B of rnn (LSTM): the gate biases: biases are not pruned" in text.stdout
     data = json.loads(run_cli("inspect", path, "--json").stdout)
-    assert {s["name"] for s in data["skipped"]} == {"W", "R", "B"}
+    assert {s["name"] for s in data["skipped"]} == {"B"}
+    assert {la["name"] for la in data["layers"]} == {"W", "R", "w_out"}
 
 
 def test_label_free_metric_and_relative_tolerance(tmp_path: Path) -> None:
