@@ -326,19 +326,31 @@ def validate_eval_set(evalset: EvalSet, specs: list[InputSpec]) -> None:
                     f"{_shape_text(spec.shape)}: axis {axis} must be {want}"
                 )
         counts[spec.name] = int(array.shape[0])
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        if array.dtype.kind in "fc" and not all_finite(array):
             raise InvalidEvalSetError(f"eval input {spec.name!r} contains NaN or Inf")
     if evalset.labels is not None:
         counts[LABELS_KEY] = int(evalset.labels.shape[0]) if evalset.labels.ndim else -1
         if evalset.labels.dtype.kind not in "biuf":
             raise InvalidEvalSetError(f"labels have dtype {evalset.labels.dtype}; expected integers or floats")
-        if evalset.labels.dtype.kind == "f" and not np.isfinite(evalset.labels).all():
+        if evalset.labels.dtype.kind == "f" and not all_finite(evalset.labels):
             raise InvalidEvalSetError("labels contain NaN or Inf")
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
         raise InvalidEvalSetError(f"eval set arrays differ in sample count ({detail})")
     if not counts or next(iter(counts.values())) <= 0:
         raise InvalidEvalSetError("eval set is empty (0 samples)")
+
+
+FINITE_CHUNK = 1 << 22
+"""Elements tested for NaN/Inf at a time (a mask of the whole set would cost a byte per element)."""
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether ``array`` holds no NaN or Inf, tested a slice of samples at a time."""
+    if array.ndim == 0 or array.size <= FINITE_CHUNK:
+        return bool(np.isfinite(array).all())
+    rows = max(1, FINITE_CHUNK // max(1, array.size // array.shape[0]))
+    return all(bool(np.isfinite(array[i : i + rows]).all()) for i in range(0, array.shape[0], rows))
 
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:

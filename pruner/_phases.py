@@ -62,6 +62,7 @@ __all__ = [
     "load_source",
     "make_report",
     "measure_baseline",
+    "process_memory",
     "run_search",
     "split_rows",
     "tool_version",
@@ -78,6 +79,20 @@ LATENCY_RUNS = 15
 NO_NOTES: tuple[str, ...] = ()
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
 EvalSource = str | os.PathLike[str] | bytes | EvalSet
+
+
+def process_memory() -> tuple[int, int]:
+    """This process's resident memory now and its peak, in bytes (Linux ``/proc``; zeros elsewhere)."""
+    found = {"VmRSS:": 0, "VmHWM:": 0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(maxsplit=1)[0] if line.strip() else ""
+                if key in found:
+                    found[key] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return found["VmRSS:"], found["VmHWM:"]
 
 
 def load_source(source: ModelSource) -> onnx.ModelProto:
