@@ -206,8 +206,8 @@ def main() -> None:
         r = json.loads(done.stdout.strip().splitlines()[-1])
         print(json.dumps(r), file=sys.stderr)
         rows.append(row(r))
-    load = os.getloadavg()
-    print(f"machine: {platform.machine()} cores={os.cpu_count()} load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    print(f"machine: {platform.machine()} cores={os.cpu_count()} load average {load}")
     print(f"zero mode, default options, tolerance 1 point, batch {BATCH}, max_evaluations {args.max_evaluations}")
     print(table(HEADERS, rows))
 
