@@ -64,13 +64,17 @@ class PhasePeaks(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.peaks: dict[str, int] = {}
+        self.after: dict[str, int] = {}
+        """RSS at the end of each phase."""
 
     def reset(self) -> None:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
 
     def mark(self, phase: str) -> None:
-        self.peaks[phase] = max(self.peaks.get(phase, 0), process_memory()[1])
+        rss, peak = process_memory()
+        self.peaks[phase] = max(self.peaks.get(phase, 0), peak)
+        self.after[phase] = rss
         self.reset()
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -130,6 +134,7 @@ def job(key: str, max_evaluations: int, threads: int) -> dict[str, Any]:
         "eval_bytes": eval_bytes,
         "rss_before": before,
         "peaks": peaks.peaks,
+        "after": peaks.after,
         "peak": max(peaks.peaks.values()),
         "wall": wall,
         "calibration": calibration,
