@@ -7,6 +7,8 @@ and timings each returns.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 import os
 import platform
@@ -63,6 +65,7 @@ __all__ = [
     "make_report",
     "measure_baseline",
     "process_memory",
+    "release_freed_memory",
     "run_search",
     "split_rows",
     "tool_version",
@@ -93,6 +96,27 @@ def process_memory() -> tuple[int, int]:
     except (OSError, ValueError, IndexError):
         pass
     return found["VmRSS:"], found["VmHWM:"]
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc
+        return None
+    return trim
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed so far back to the system (glibc only; elsewhere nothing happens).
+
+    glibc keeps freed blocks below its mmap threshold (which grows to 32 MiB as onnxruntime and numpy
+    free large buffers) for reuse: after calibration or a batch's activations the process would
+    hold hundreds of MiB it no longer uses, and the next phase would stack its own on top.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def load_source(source: ModelSource) -> onnx.ModelProto:

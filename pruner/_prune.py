@@ -27,6 +27,7 @@ from ._phases import (
     make_report,
     measure_baseline,
     process_memory,
+    release_freed_memory,
     run_search,
     write,
 )
@@ -129,8 +130,9 @@ def prune(
 
 
 def _phase_done(name: str) -> None:
-    """A DEBUG line at the end of each phase with the process's memory (``bench/memory.py`` reads
-    these lines to attribute the peak to a phase)."""
+    """Hand back what the phase freed, and a DEBUG line with the process's memory (``bench/memory.py``
+    reads these lines to attribute the peak to a phase)."""
+    release_freed_memory()
     if logger.isEnabledFor(logging.DEBUG):
         rss, peak = process_memory()
         logger.debug(

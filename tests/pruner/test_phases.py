@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 import onnx
@@ -14,7 +15,7 @@ from pruner import Allocation, Criterion, EvalSet, MetricKind, Mode, PruneOption
 from pruner._candidates import NOTHING_PRUNABLE, NoCandidates, WeightCandidates, make_candidates
 from pruner._confirm import UNCONFIRMED, confirm
 from pruner._evaluate import Batches, Runner
-from pruner._phases import FinalCheck, load, measure_baseline, process_memory, run_search, write
+from pruner._phases import FinalCheck, load, measure_baseline, process_memory, release_freed_memory, run_search, write
 from pruner._search import Trial
 from tests.helpers import tiny_mlp, tiny_mlp_evalset
 
@@ -209,3 +210,16 @@ def test_remove_mode_with_no_removable_channel_says_why_and_nothing_about_runnin
     assert len(report.notes) == 2 and report.notes[0].startswith("Reshape targets computed at run time were left")
     assert report.notes[1] == "no channel can be removed: the model is returned unchanged"
     assert report.status == "unchanged" and report.evaluations == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_heap_memory_goes_back_to_the_system_at_a_phase_end() -> None:
+    warm = np.ones(2**20)  # freed: glibc's mmap threshold rises past 8 MiB, so the blocks below sit on its heap
+    del warm
+    blocks = [np.ones(2**17) for _ in range(100)]  # 100 MiB
+    top = np.ones(2**17)  # above them: the heap cannot shrink from its end
+    del blocks
+    before = process_memory()[0]
+    release_freed_memory()
+    assert process_memory()[0] <= before - 50 * 2**20
+    del top
