@@ -150,6 +150,7 @@ def row(r: dict[str, Any]) -> tuple[object, ...]:
     size = (r["model_bytes"] + r["eval_bytes"]) / MiB
     limit = 2 * size + 1024
     peak = r["peak"] / MiB
+    rest = max(v for k, v in r["peaks"].items() if k != "calibration") / MiB
     phases = " ".join(f"{p[:5]}={r['peaks'][p] / MiB:.0f}" for p in PHASES if p in r["peaks"])
     overhead = (r["wall"] - r["calibration"]) / max(r["evaluations"] * r["pass"], 1e-9)
     return (
@@ -159,6 +160,7 @@ def row(r: dict[str, Any]) -> tuple[object, ...]:
         f"{peak:.0f}",
         f"{limit:.0f}",
         "pass" if peak <= limit else "FAIL",
+        f"{rest:.0f}",
         f"{r['wall']:.1f}",
         f"{r['calibration']:.1f}",
         r["evaluations"],
@@ -175,6 +177,7 @@ HEADERS = [
     "peak RSS MiB",
     "limit MiB",
     "",
+    "peak w/o calibration",
     "wall s",
     "calib s",
     "evals",
@@ -189,13 +192,19 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated keys of bench/zoo_models.py (default: all cached)")
     parser.add_argument("--max-evaluations", type=int, default=MAX_EVALUATIONS)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its choice)")
+    parser.add_argument("--json", type=Path, help="print the table of the job results saved in this file (one a line)")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
         print(json.dumps(job(args.job, args.max_evaluations, args.threads)))
         return
-    keys = args.models.split(",") if args.models else present()
     rows = []
+    if args.json:
+        lines = args.json.read_text().splitlines()
+        rows = [row(json.loads(line)) for line in lines if line.startswith("{")]
+        print(table(HEADERS, rows))
+        return
+    keys = args.models.split(",") if args.models else present()
     for key in keys:
         if key not in present():
             print(f"{key}: model or eval set not in {CACHE}; skipped", file=sys.stderr)
