@@ -25,6 +25,7 @@ import onnx
 
 from ._analysis import Inspection, SkippedWeight, analyze
 from ._errors import InternalError, UnsupportedModelError, check_stop
+from ._evalset import release_freed_memory
 from ._evaluate import Batches, Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
 from ._options import AUTO_LSQ_COST, REFITTING, Allocation, Criterion, Mode, PruneOptions, Recovery
@@ -111,6 +112,7 @@ class WeightCandidates(_Candidates):
             )
             notes += calibrated
             timings["calibration"] = time.perf_counter() - start
+            release_freed_memory()  # the batches' layer inputs: not to stay on glibc's heap for the search
         biases = set()
         if self.calibration is not None and options.recover is not Recovery.NONE:
             biases = {la.bias for la in self.calibration.layouts.values() if la.bias is not None}
@@ -326,6 +328,7 @@ class ChannelCandidates(_Candidates):
             rows = calibration_rows(search_idx, options.calibration_samples, options.seed)
             calibration, calibrated = _calibrate(model, everything, rows, batches, options.recover, options.threads)
             timings["calibration"] = time.perf_counter() - start
+            release_freed_memory()
         sequential = None
         if options.recover is Recovery.SEQUENTIAL and calibration is not None:
             refit = calibration

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import io
 import math
 import os
@@ -10,6 +12,7 @@ import sys
 import traceback
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
@@ -259,6 +262,41 @@ def available_memory() -> int:
         return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):
         return sys.maxsize
+
+
+def process_memory() -> tuple[int, int]:
+    """This process's resident memory now and its peak, in bytes (Linux ``/proc``; zeros elsewhere)."""
+    found = {"VmRSS:": 0, "VmHWM:": 0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(maxsplit=1)[0] if line.strip() else ""
+                if key in found:
+                    found[key] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return found["VmRSS:"], found["VmHWM:"]
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc
+        return None
+    return trim
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed so far back to the system (glibc only; elsewhere nothing happens).
+
+    glibc keeps freed blocks below its mmap threshold (which grows to 32 MiB as onnxruntime and numpy
+    free large buffers) for reuse: after calibration or a batch's activations the process would
+    hold hundreds of MiB it no longer uses, and the next phase would stack its own on top.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _size_text(size: int) -> str:

@@ -7,8 +7,6 @@ and timings each returns.
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import os
 import platform
@@ -34,7 +32,15 @@ from ._errors import (
     UnsupportedModelError,
     check_stop,
 )
-from ._evalset import EvalSet, InputSpec, load_eval_set, model_inputs, validate_eval_set
+from ._evalset import (
+    EvalSet,
+    InputSpec,
+    load_eval_set,
+    model_inputs,
+    process_memory,
+    release_freed_memory,
+    validate_eval_set,
+)
 from ._evaluate import Batches, Evaluator, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._graph import declared_shape, reads
 from ._metrics import Metric
@@ -82,41 +88,6 @@ LATENCY_RUNS = 15
 NO_NOTES: tuple[str, ...] = ()
 ModelSource = str | os.PathLike[str] | bytes | onnx.ModelProto
 EvalSource = str | os.PathLike[str] | bytes | EvalSet
-
-
-def process_memory() -> tuple[int, int]:
-    """This process's resident memory now and its peak, in bytes (Linux ``/proc``; zeros elsewhere)."""
-    found = {"VmRSS:": 0, "VmHWM:": 0}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key = line.split(maxsplit=1)[0] if line.strip() else ""
-                if key in found:
-                    found[key] = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return found["VmRSS:"], found["VmHWM:"]
-
-
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError, TypeError):  # not glibc
-        return None
-    return trim
-
-
-def release_freed_memory() -> None:
-    """Give the memory freed so far back to the system (glibc only; elsewhere nothing happens).
-
-    glibc keeps freed blocks below its mmap threshold (which grows to 32 MiB as onnxruntime and numpy
-    free large buffers) for reuse: after calibration or a batch's activations the process would
-    hold hundreds of MiB it no longer uses, and the next phase would stack its own on top.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
 
 
 def load_source(source: ModelSource) -> onnx.ModelProto:
