@@ -25,6 +25,7 @@ import onnx
 
 from ._analysis import Inspection, SkippedWeight, analyze
 from ._errors import InternalError, UnsupportedModelError, check_stop
+from ._evalset import release_freed_memory
 from ._evaluate import Batches, Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
 from ._options import AUTO_LSQ_COST, REFITTING, Allocation, Criterion, Mode, PruneOptions, Recovery
@@ -111,6 +112,7 @@ class WeightCandidates(_Candidates):
             )
             notes += calibrated
             timings["calibration"] = time.perf_counter() - start
+            release_freed_memory()  # the batches' layer inputs: not to stay on glibc's heap for the search
         biases = set()
         if self.calibration is not None and options.recover is not Recovery.NONE:
             biases = {la.bias for la in self.calibration.layouts.values() if la.bias is not None}
@@ -326,6 +328,7 @@ class ChannelCandidates(_Candidates):
             rows = calibration_rows(search_idx, options.calibration_samples, options.seed)
             calibration, calibrated = _calibrate(model, everything, rows, batches, options.recover, options.threads)
             timings["calibration"] = time.perf_counter() - start
+            release_freed_memory()
         sequential = None
         if options.recover is Recovery.SEQUENTIAL and calibration is not None:
             refit = calibration
@@ -639,15 +642,23 @@ def _choose_strategy(
     base = built(split.weights)
     created = time.perf_counter() - start
     fed_runner = fed.runner(split.weights)
-    fed_out = batches.outputs(fed_runner, sample)  # also warms the session up
+    # each session is warmed up on the first batch and timed on the others; the fed run that
+    # checks the outputs is also the one timed (a second pass over the sample cost as much)
+    warm, rest = sample[: batches.batch_size], sample[batches.batch_size :]
+    if not len(rest):
+        rest = warm
+    fed_warm = batches.outputs(fed_runner, warm)
+    start = time.perf_counter()
+    fed_rest = batches.outputs(fed_runner, rest)
+    timed = {"fed": time.perf_counter() - start}
+    fed_out = np.concatenate([fed_warm, fed_rest]) if rest is not warm else fed_warm
     if not _same_outputs(fed_out, evaluator.reference[sample]):
         return built, "candidates ran as sessions of the built model (fed weights changed the outputs)"
-    batches.outputs(base, sample[: batches.batch_size])  # warms the session up
-    timed = {}
-    for name, runner in (("fed", fed_runner), ("built", base)):
-        start = time.perf_counter()
-        batches.outputs(runner, sample)
-        timed[name] = (time.perf_counter() - start) * len(search_idx) / max(len(sample), 1)
+    batches.outputs(base, warm)
+    start = time.perf_counter()
+    batches.outputs(base, rest)
+    timed["built"] = time.perf_counter() - start
+    timed = {name: seconds * len(search_idx) / len(rest) for name, seconds in timed.items()}
     logger.debug("per search pass: fed %.3f s, built %.3f s + %.3f s a session", timed["fed"], timed["built"], created)
     if timed["fed"] <= created + timed["built"]:
         return fed.runner, "candidates ran with their weights fed as inputs of one session (measured faster)"

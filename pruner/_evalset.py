@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import io
 import math
 import os
@@ -10,6 +12,7 @@ import sys
 import traceback
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
@@ -261,6 +264,41 @@ def available_memory() -> int:
         return sys.maxsize
 
 
+def process_memory() -> tuple[int, int]:
+    """This process's resident memory now and its peak, in bytes (Linux ``/proc``; zeros elsewhere)."""
+    found = {"VmRSS:": 0, "VmHWM:": 0}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key = line.split(maxsplit=1)[0] if line.strip() else ""
+                if key in found:
+                    found[key] = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return found["VmRSS:"], found["VmHWM:"]
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        trim: Callable[[int], int] = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError, TypeError):  # not glibc
+        return None
+    return trim
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed so far back to the system (glibc only; elsewhere nothing happens).
+
+    glibc keeps freed blocks below its mmap threshold (which grows to 32 MiB as onnxruntime and numpy
+    free large buffers) for reuse: after calibration or a batch's activations the process would
+    hold hundreds of MiB it no longer uses, and the next phase would stack its own on top.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _size_text(size: int) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if size >= 1 << shift:
@@ -326,19 +364,31 @@ def validate_eval_set(evalset: EvalSet, specs: list[InputSpec]) -> None:
                     f"{_shape_text(spec.shape)}: axis {axis} must be {want}"
                 )
         counts[spec.name] = int(array.shape[0])
-        if array.dtype.kind in "fc" and not np.isfinite(array).all():
+        if array.dtype.kind in "fc" and not all_finite(array):
             raise InvalidEvalSetError(f"eval input {spec.name!r} contains NaN or Inf")
     if evalset.labels is not None:
         counts[LABELS_KEY] = int(evalset.labels.shape[0]) if evalset.labels.ndim else -1
         if evalset.labels.dtype.kind not in "biuf":
             raise InvalidEvalSetError(f"labels have dtype {evalset.labels.dtype}; expected integers or floats")
-        if evalset.labels.dtype.kind == "f" and not np.isfinite(evalset.labels).all():
+        if evalset.labels.dtype.kind == "f" and not all_finite(evalset.labels):
             raise InvalidEvalSetError("labels contain NaN or Inf")
     if len(set(counts.values())) > 1:
         detail = ", ".join(f"{k}: {v}" for k, v in counts.items())
         raise InvalidEvalSetError(f"eval set arrays differ in sample count ({detail})")
     if not counts or next(iter(counts.values())) <= 0:
         raise InvalidEvalSetError("eval set is empty (0 samples)")
+
+
+FINITE_CHUNK = 1 << 22
+"""Elements tested for NaN/Inf at a time (a mask of the whole set would cost a byte per element)."""
+
+
+def all_finite(array: np.ndarray) -> bool:
+    """Whether ``array`` holds no NaN or Inf, tested a slice of samples at a time."""
+    if array.ndim == 0 or array.size <= FINITE_CHUNK:
+        return bool(np.isfinite(array).all())
+    rows = max(1, FINITE_CHUNK // max(1, array.size // array.shape[0]))
+    return all(bool(np.isfinite(array[i : i + rows]).all()) for i in range(0, array.shape[0], rows))
 
 
 def _shape_text(shape: tuple[int | None, ...]) -> str:

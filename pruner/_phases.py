@@ -32,7 +32,15 @@ from ._errors import (
     UnsupportedModelError,
     check_stop,
 )
-from ._evalset import EvalSet, InputSpec, load_eval_set, model_inputs, validate_eval_set
+from ._evalset import (
+    EvalSet,
+    InputSpec,
+    load_eval_set,
+    model_inputs,
+    process_memory,
+    release_freed_memory,
+    validate_eval_set,
+)
 from ._evaluate import Batches, Evaluator, ModelBuilder, Runner, SplitModel, make_session, session_runner
 from ._graph import declared_shape, reads
 from ._metrics import Metric
@@ -62,6 +70,8 @@ __all__ = [
     "load_source",
     "make_report",
     "measure_baseline",
+    "process_memory",
+    "release_freed_memory",
     "run_search",
     "split_rows",
     "tool_version",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -25,6 +26,8 @@ from ._phases import (
     load_source,
     make_report,
     measure_baseline,
+    process_memory,
+    release_freed_memory,
     run_search,
     write,
 )
@@ -34,6 +37,8 @@ from ._report import ProgressEvent, Report
 from ._space import Config
 
 __all__ = ["PruneResult", "inspect", "prune"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,25 +101,43 @@ def prune(
     """
     start = time.perf_counter()
     loaded, owned = load(model, evalset, options or PruneOptions(), stop)
+    _phase_done("load")
     options = loaded.options
     progress = Progress(on_progress, loaded.metric.name, options.max_evaluations)
     baseline = measure_baseline(owned, loaded, options.tolerance, options.threads)
+    _phase_done("baseline")
     progress.baseline(baseline.metric.search)
     candidates = make_candidates(owned, loaded.inspection, loaded.search_idx, baseline.evaluator, options)
     del owned  # taken apart by the candidates: its memory goes with it
+    _phase_done("candidates")
     pool = candidates.pool
     searched = run_search(pool, loaded, baseline, progress.trial)
+    _phase_done("search")
     held_out = held_out_split(loaded, baseline)
     confirmed = confirm(searched.outcome, pool.space, pool.runner, held_out, searched.judge, progress.trial)
+    _phase_done("confirm")
     chosen = confirmed.chosen
     progress.confirmed(pool.space.sparsity(chosen), pool.space.nonzero(chosen), len(loaded.hold_idx))
     check = FinalCheck(baseline.evaluator, loaded.io_names, loaded.search_idx, loaded.hold_idx, options.threads)
     written = write(model, pool, chosen, check, held_out, confirmed.comparisons, sparse=options.sparse_initializers)
+    _phase_done("write")
     plan = replayable(_plan(options, pool, written.chosen), model, written.checked.model, pool.written(written.chosen))
     total = time.perf_counter() - start
     report = make_report(loaded, baseline, candidates, searched, held_out, confirmed, written, plan, total)
+    _phase_done("report")
     progress.done(report)
     return PruneResult(written.checked.model, plan, report, written.checked.model_bytes)
+
+
+def _phase_done(name: str) -> None:
+    """Hand back what the phase freed, and a DEBUG line with the process's memory (``bench/memory.py``
+    reads these lines to attribute the peak to a phase)."""
+    release_freed_memory()
+    if logger.isEnabledFor(logging.DEBUG):
+        rss, peak = process_memory()
+        logger.debug(
+            "phase %s done: RSS %.0f MiB, peak %.0f MiB", name, rss / 2**20, peak / 2**20, extra={"phase": name}
+        )
 
 
 def _plan(options: PruneOptions, pool: CandidatePool, chosen: Config) -> PruningPlan:

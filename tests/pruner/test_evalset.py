@@ -459,3 +459,21 @@ def test_output_that_is_not_a_model_output() -> None:
         pruner.prune(tiny_mlp(), EvalSet({"x": x}, labels), PruneOptions(output="h", max_evaluations=2))
     assert "'h'" in str(info.value)
     assert "not a model output" in str(info.value)
+
+
+@pytest.mark.parametrize("where", [0, 31, 63])
+def test_the_finite_check_finds_a_nan_in_any_slice_without_a_mask_of_the_whole_set(where: int) -> None:
+    from pruner._evalset import FINITE_CHUNK, InputSpec, validate_eval_set
+
+    x = np.zeros((64, FINITE_CHUNK // 16), np.float32)  # 4x the elements of one slice tested
+    specs = [InputSpec("x", np.dtype(np.float32), (None, x.shape[1]))]
+    tracemalloc.start()
+    try:
+        validate_eval_set(EvalSet({"x": x}), specs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= x.size // 2  # a whole-set boolean mask is x.size bytes
+    x[where, -1] = np.nan
+    with pytest.raises(pruner.InvalidEvalSetError, match="'x' contains NaN or Inf"):
+        validate_eval_set(EvalSet({"x": x}), specs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import numpy as np
 import onnx
@@ -13,7 +14,8 @@ import pruner
 from pruner import Allocation, Criterion, EvalSet, MetricKind, Mode, PruneOptions, Recovery, Tolerance
 from pruner._candidates import NOTHING_PRUNABLE, NoCandidates, WeightCandidates, make_candidates
 from pruner._confirm import UNCONFIRMED, confirm
-from pruner._phases import FinalCheck, load, measure_baseline, run_search, write
+from pruner._evaluate import Batches, Runner
+from pruner._phases import FinalCheck, load, measure_baseline, process_memory, release_freed_memory, run_search, write
 from pruner._search import Trial
 from tests.helpers import tiny_mlp, tiny_mlp_evalset
 
@@ -162,6 +164,41 @@ def test_a_run_logs_its_phases_and_verdicts_at_debug(caplog: pytest.LogCaptureFi
     assert len(verdicts) == result.report.evaluations
     assert any(m.startswith("baseline agreement 1 in ") for m in messages["pruner._phases"])
     assert any(m.startswith("calibrated 2 layer(s) on 32 samples") for m in messages["pruner._candidates"])
+    phases = [(r.getMessage(), getattr(r, "phase", None)) for r in caplog.records if r.name == "pruner._prune"]
+    assert [p for _, p in phases] == ["load", "baseline", "candidates", "search", "confirm", "write", "report"]
+    for message, phase in phases:
+        assert message.startswith(f"phase {phase} done: RSS ") and "MiB, peak " in message
+
+
+def test_process_memory_reads_this_process_resident_and_peak_bytes() -> None:
+    rss, peak = process_memory()
+    block = np.ones(64 * 2**20 // 8)  # touched: 64 MiB resident
+    after, peak_after = process_memory()
+    assert 0 < rss <= peak and after <= peak_after
+    assert after >= rss + 48 * 2**20 and peak_after >= after
+    del block
+
+
+def test_choosing_how_candidates_run_passes_over_its_sample_twice_not_three_times(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The fed session's run that checks its outputs is also the one timed: one pass of the sample
+    per way of running, each warmed up on its first batch."""
+    data = EvalSet({"x": tiny_mlp_evalset(200)["x"]}, None)
+    options = PruneOptions(metric=MetricKind.AGREEMENT, recover=Recovery.NONE, batch_size=16, holdout_fraction=0.0)
+    loaded, owned = load(tiny_mlp(), data, options, None)
+    baseline = measure_baseline(owned, loaded, options.tolerance, 1)
+    runs = []
+    real_run = Batches.run
+
+    def counted(self: Batches, runner: Runner, rows: np.ndarray) -> np.ndarray:
+        runs.append(len(rows))
+        return real_run(self, runner, rows)
+
+    monkeypatch.setattr(Batches, "run", counted)
+    candidates = make_candidates(owned, loaded.inspection, loaded.search_idx, baseline.evaluator, options)
+    assert candidates.notes[-1].startswith("candidates ran ") and "changed the outputs" not in candidates.notes[-1]
+    assert sum(runs) == 2 * len(loaded.search_idx)  # 200 rows: fed once, built once
 
 
 def test_remove_mode_with_no_removable_channel_says_why_and_nothing_about_running() -> None:
@@ -173,3 +210,16 @@ def test_remove_mode_with_no_removable_channel_says_why_and_nothing_about_runnin
     assert len(report.notes) == 2 and report.notes[0].startswith("Reshape targets computed at run time were left")
     assert report.notes[1] == "no channel can be removed: the model is returned unchanged"
     assert report.status == "unchanged" and report.evaluations == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_heap_memory_goes_back_to_the_system_at_a_phase_end() -> None:
+    warm = np.ones(2**20)  # freed: glibc's mmap threshold rises past 8 MiB, so the blocks below sit on its heap
+    del warm
+    blocks = [np.ones(2**17) for _ in range(100)]  # 100 MiB
+    top = np.ones(2**17)  # above them: the heap cannot shrink from its end
+    del blocks
+    before = process_memory()[0]
+    release_freed_memory()
+    assert process_memory()[0] <= before - 50 * 2**20
+    del top
