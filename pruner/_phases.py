@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ._analysis import Inspection, analyze
+from ._analysis import Inspection, SkippedWeight, analyze
 from ._candidates import CandidatePool, Candidates
 from ._confirm import Confirmation, HeldOut
 from ._errors import (
@@ -211,9 +211,15 @@ def _inspect(
     inspection = analyze(model, include=include, exclude=exclude)
     if model.ir_version >= 4 or not any(la.from_constant for la in inspection.layers):
         return inspection, ()
-    kept = tuple(la for la in inspection.layers if not la.from_constant)
+    reason = "a Constant node's weight: left alone in models of IR version < 4"
+    left = [la for la in inspection.layers if la.from_constant]
     return (
-        Inspection(kept, inspection.skipped, inspection.total_params),
+        replace(
+            inspection,
+            layers=tuple(la for la in inspection.layers if not la.from_constant),
+            skipped=(*inspection.skipped, *(SkippedWeight(la.name, la.op_type, reason) for la in left)),
+            skipped_params={**inspection.skipped_params, **{la.name: la.params for la in left}},
+        ),
         ("Constant-node weights are left alone in models of IR version < 4",),
     )
 

@@ -15,7 +15,16 @@ from pruner import Allocation, Criterion, EvalSet, MetricKind, Mode, PruneOption
 from pruner._candidates import NOTHING_PRUNABLE, NoCandidates, WeightCandidates, make_candidates
 from pruner._confirm import UNCONFIRMED, confirm
 from pruner._evaluate import Batches, Runner
-from pruner._phases import FinalCheck, load, measure_baseline, process_memory, release_freed_memory, run_search, write
+from pruner._phases import (
+    FinalCheck,
+    _inspect,
+    load,
+    measure_baseline,
+    process_memory,
+    release_freed_memory,
+    run_search,
+    write,
+)
 from pruner._search import Trial
 from tests.helpers import tiny_mlp, tiny_mlp_evalset
 
@@ -223,3 +232,24 @@ def test_freed_heap_memory_goes_back_to_the_system_at_a_phase_end() -> None:
     release_freed_memory()
     assert process_memory()[0] <= before - 50 * 2**20
     del top
+
+
+def test_constant_weights_left_alone_below_ir_version_4_are_counted_as_skipped() -> None:
+    """Every float tensor is prunable or skipped with a reason, also when the load phase leaves
+    Constant-node weights out (IR version < 4)."""
+    rng = np.random.default_rng(0)
+    weight = helper.make_tensor("w", TensorProto.FLOAT, (8, 4), rng.normal(size=32).astype(np.float32).ravel())
+    graph = helper.make_graph(
+        [helper.make_node("Constant", [], ["w"], value=weight), helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model.ir_version = 3
+    inspection, notes = _inspect(model, (), ())
+    assert not inspection.layers
+    assert [(s.name, s.op_type) for s in inspection.skipped] == [("w", "MatMul")]
+    assert "IR version < 4" in inspection.skipped[0].reason
+    assert inspection.float_params == inspection.prunable_params + sum(inspection.skipped_params.values()) == 32
+    assert notes == ("Constant-node weights are left alone in models of IR version < 4",)
