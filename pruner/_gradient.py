@@ -94,10 +94,32 @@ def _import_onnx2torch() -> Any:
         sys.modules.update(stand_in)
         logger.debug("torchvision does not load (%s): a stand-in for onnx2torch's import", e)
     try:
-        return importlib.import_module("onnx2torch")
+        onnx2torch = importlib.import_module("onnx2torch")
     finally:
         for name in stand_in:
             sys.modules.pop(name, None)
+    _add_converters(importlib.import_module("torch"))
+    return onnx2torch
+
+
+def _add_converters(torch: Any) -> None:
+    """Converters onnx2torch 1.5.15 lacks, through its own registry: GlobalMaxPool."""
+    registry = importlib.import_module("onnx2torch.node_converters.registry")
+    common = importlib.import_module("onnx2torch.utils.common")
+
+    class GlobalMaxPool(torch.nn.Module):  # type: ignore[misc]
+        def forward(self, x: Any) -> Any:
+            return torch.amax(x, dim=tuple(range(2, x.dim())), keepdim=True)
+
+    def convert(node: Any, graph: Any) -> Any:
+        return common.OperationConverterResult(
+            torch_module=GlobalMaxPool(), onnx_mapping=common.onnx_mapping_from_node(node)
+        )
+
+    try:
+        registry.add_converter(operation_type="GlobalMaxPool", version=1)(convert)
+    except ValueError:  # a later onnx2torch has its own
+        pass
 
 
 def _torchvision_stand_in(why: str) -> dict[str, types.ModuleType]:
@@ -250,7 +272,7 @@ def gradient_scores(
     stop = batches.stop
     start = time.perf_counter()
     try:
-        converted = onnx2torch.convert(model)
+        converted = onnx2torch.convert(_constants_as_initializers(model))
     except Exception as e:  # onnx2torch raises NotImplementedError, KeyError, ...
         raise UnsupportedModelError(
             f"onnx2torch cannot convert the model for criterion {criterion.value} ({type(e).__name__}: "
@@ -277,7 +299,7 @@ def gradient_scores(
     # one sample's pass is small: more threads than asked for only contend with onnxruntime's
     torch.set_num_threads(threads or 1)
     try:
-        for i in range(0, len(rows), step):
+        for i in range(0, len(rows) if where else 0, step):  # nothing mapped: nothing to differentiate
             check_stop(stop)
             chunk = rows[i : i + step]
             out = _forward(torch, converted, inputs, position, batches, chunk, criterion)
@@ -286,7 +308,10 @@ def gradient_scores(
                 checked = True
             for tensor in tensors.values():
                 tensor.grad = None
-            loss(torch, out, chunk, evaluator).backward()
+            value = loss(torch, out, chunk, evaluator)
+            if not value.requires_grad:  # no mapped weight reaches the measured output
+                break
+            value.backward()
             for name, uses in where.items():
                 grads = [(tensors[t].grad, transposed) for t, transposed in uses]
                 parts = [g.T if transposed else g for g, transposed in grads if g is not None]
@@ -310,6 +335,25 @@ def gradient_scores(
     ]
     notes += [f"{name}: no gradient ({why}); scored by magnitude" for name, why in unmapped.items()]
     return GradientScores(criterion, scores), notes
+
+
+def _constants_as_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its top-level Constant tensors as initializers (onnx2torch's Conv and Gemm
+    converters read weights from initializers only); ``model`` itself is not changed."""
+    constants = [n for n in model.graph.node if n.op_type == "Constant" and [a.name for a in n.attribute] == ["value"]]
+    if not constants:
+        return model
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    kept = [n for n in out.graph.node if not (n.op_type == "Constant" and [a.name for a in n.attribute] == ["value"])]
+    for node in constants:
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(node.attribute[0].t)
+        tensor.name = node.output[0]
+        out.graph.initializer.append(tensor)
+    del out.graph.node[:]
+    out.graph.node.extend(kept)
+    return out
 
 
 def _weights(model: onnx.ModelProto, layers: Sequence[PrunableWeight]) -> dict[str, np.ndarray]:
