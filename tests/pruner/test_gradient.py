@@ -144,15 +144,17 @@ def test_label_free_fisher_of_a_linear_layer_is_squared_wanda() -> None:
 
 
 @needs_extra
-@pytest.mark.parametrize("name", ["mlp", "cnn", "cnn_bn", "attention", "mlp_b1"])
+@pytest.mark.parametrize(
+    "name", ["mlp", "cnn", "cnn_bn", "attention", "mlp_b1", "compact", "encoder_exported", "torch_encoder_exported"]
+)
 def test_every_prunable_weight_of_the_fixtures_maps_to_its_torch_copy(name: str) -> None:
-    from pruner._gradient import _constants_as_initializers, load_torch, map_weights
+    from pruner._gradient import _constants_as_initializers, _weights, load_torch, map_weights
 
     _, onnx2torch = load_torch(Criterion.GRADIENT)
-    model, _ = fixture(name)
+    model = onnx.load(FIXTURES / f"{name}.onnx")
     layers = analyze(model).layers
-    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    wanted = {layer.name: weights[layer.name] for layer in layers}
+    wanted = _weights(model, layers)
+    assert len(wanted) == len(layers)
     converted = onnx2torch.convert(_constants_as_initializers(model))
     where, unmapped = map_weights(converted, wanted)
     assert unmapped == {}
@@ -271,3 +273,28 @@ def test_without_the_extra_the_cli_exits_2_naming_the_extra(tmp_path: Path) -> N
     assert proc.returncode == 2, proc.stderr
     assert "onnx-pruner[gradient]" in proc.stderr
     assert not out.exists()
+
+
+@needs_extra
+def test_a_conv_weight_stored_as_a_constant_node_gets_gradient_scores() -> None:
+    """PaddlePaddle exports weights as Constant nodes; onnx2torch's Conv converter reads initializers only."""
+    from pruner._gradient import gradient_scores
+
+    rng = np.random.default_rng(5)
+    weight = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    model = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]>\n'
+        "g (float[N, 2, 6, 6] x) => (float[N, 3] y) { h = Conv <pads = [1, 1, 1, 1]> (x, w)\n"
+        " p = GlobalMaxPool (h)\n y = Flatten (p) }"
+    )
+    constant = onnx.helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight, "w"))
+    model.graph.node.insert(0, constant)
+    onnx.checker.check_model(model, full_check=True)
+    data = pruner.EvalSet({"x": rng.standard_normal((12, 2, 6, 6)).astype(np.float32)}, rng.integers(0, 3, 12))
+    ev = evaluator(model, data, MetricKind.ACCURACY, "y")
+    layers = analyze(model).layers
+    assert [layer.name for layer in layers] == ["w"]
+    scores, notes = gradient_scores(model, layers, ev, np.arange(12), Criterion.GRADIENT)
+    assert scores.scores["w"].shape == (weight.size,)
+    assert (scores.scores["w"] > 0).any()
+    assert not any("no gradient" in n for n in notes)
