@@ -8,12 +8,14 @@ neither: they block the imports in a subprocess.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
+import jsonschema
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -212,6 +214,8 @@ def test_a_gradient_scored_prune_is_checker_valid(name: str, criterion: Criterio
     assert any(n.startswith(f"criterion {criterion.value}:") and "64 samples" in n for n in result.report.notes)
     assert "gradients" in result.report.timings
     assert result.report.nonzero_after < result.report.nonzero_before
+    schema = json.loads((ROOT / "protos" / "onnxpruner" / "v1" / "report.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(json.loads(result.report.to_json()))
 
 
 def test_remove_mode_refuses_the_gradient_criteria() -> None:
