@@ -302,3 +302,14 @@ def test_a_conv_weight_stored_as_a_constant_node_gets_gradient_scores() -> None:
     assert scores.scores["w"].shape == (weight.size,)
     assert (scores.scores["w"] > 0).any()
     assert not any("no gradient" in n for n in notes)
+
+
+def test_the_gradient_criteria_survive_the_round_trip_through_the_proto() -> None:
+    from service import convert
+    from service._gen.onnxpruner.v1 import pruner_pb2 as pb
+
+    for criterion, value in ((Criterion.GRADIENT, pb.CRITERION_GRADIENT), (Criterion.FISHER, pb.CRITERION_FISHER)):
+        options = PruneOptions(criterion=criterion, mode=Mode.NM)
+        config = convert.options_to_proto(options)
+        assert config.criterion == value
+        assert convert.options_from_proto(config) == options
