@@ -11,8 +11,8 @@ the test drop is measured on the zoo's independent test set of 1000 samples. Res
 as JSON in ``$ONNX_PRUNER_ZOO_CACHE/results/criteria_*.json``.
 
 Columns: nonzero share of the weights (``bench/zoo.py``'s count), held-out drop the tool saw,
-drop on the test set, wall time of the run, and the seconds spent computing the criterion's
-scores (calibration for activation, the gradient passes for gradient and fisher).
+drop on the test set, wall time of the run, the seconds spent in calibration (recovery's, and
+the activation criterion's) and in the gradient passes, and the machine's load.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ def run(key: str, criterion: Criterion, recover: Recovery, tolerance: float) -> 
     timings = report.timings if isinstance(report.timings, dict) else {}
     out["scoring_seconds"] = sum(float(v) for k, v in timings.items() if k in ("calibration", "gradients"))
     out["notes"] = [n for n in report.notes if "criterion" in n or "gradient" in n]
+    out["load"] = os.getloadavg()[0]
     return out
 
 
@@ -107,8 +108,8 @@ def main() -> None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(r))
                 rows.append(_row(r))
-    headers = ["model", "recover", "criterion", "nonzero", "held-out drop", "test drop", "wall s", "calib+grad s"]
-    print(f"zero mode, tolerance {args.tolerance:g}; load: {_load()}")
+    headers = ["model", "recover", "criterion", "nonzero", "held-out drop", "test drop", "wall s", "calib+grad s", "load"]
+    print(f"zero mode, tolerance {args.tolerance:g}; load now: {_load()}; load: 1-minute average at the end of each run")
     print(table(headers, rows))
     for key in args.models.split(","):
         for criterion in (Criterion.GRADIENT, Criterion.FISHER):
@@ -121,7 +122,7 @@ def main() -> None:
 
 def _row(r: dict[str, Any]) -> tuple[object, ...]:
     if "error" in r:
-        return (r["model"], r["recover"], r["criterion"], r["error"][:60], "", "", "", "")
+        return (r["model"], r["recover"], r["criterion"], r["error"][:60], "", "", "", "", "")
 
     def points(x: float | None) -> str:
         return "-" if x is None else f"{100 * x:+.1f} pt"
@@ -135,6 +136,7 @@ def _row(r: dict[str, Any]) -> tuple[object, ...]:
         points(r["test_drop"]),
         f"{r['wall']:.0f}",
         f"{r['scoring_seconds']:.1f}",
+        f"{r['load']:.1f}" if "load" in r else "-",
     )
 
 
