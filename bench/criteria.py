@@ -108,8 +108,9 @@ def main() -> None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_text(json.dumps(r))
                 rows.append(_row(r))
-    headers = ["model", "recover", "criterion", "nonzero", "held-out drop", "test drop", "wall s", "calib+grad s", "load"]
-    print(f"zero mode, tolerance {args.tolerance:g}; load now: {_load()}; load: 1-minute average at the end of each run")
+    headers = ["model", "recover", "criterion", "nonzero", "held-out drop", "test drop", "wall s", "calib+grad s"]
+    headers.append("load")
+    print(f"zero mode, tolerance {args.tolerance:g}; load now: {_load()} (load: 1-minute average as each run ended)")
     print(table(headers, rows))
     for key in args.models.split(","):
         for criterion in (Criterion.GRADIENT, Criterion.FISHER):
