@@ -27,8 +27,9 @@ from ._analysis import Inspection, SkippedWeight, analyze
 from ._errors import InternalError, UnsupportedModelError, check_stop
 from ._evalset import release_freed_memory
 from ._evaluate import Batches, Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
+from ._gradient import GradientScores, gradient_scores
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
-from ._options import AUTO_LSQ_COST, REFITTING, Allocation, Criterion, Mode, PruneOptions, Recovery
+from ._options import AUTO_LSQ_COST, GRADIENT_CRITERIA, REFITTING, Allocation, Criterion, Mode, PruneOptions, Recovery
 from ._plan import LayerPlan, Layout, Replay, element_mask, zero_lowest
 from ._recover import Calibration, LayerLayout, SequentialRefit, calibrate
 from ._remove import Remover
@@ -113,6 +114,15 @@ class WeightCandidates(_Candidates):
             notes += calibrated
             timings["calibration"] = time.perf_counter() - start
             release_freed_memory()  # the batches' layer inputs: not to stay on glibc's heap for the search
+        self.gradients: GradientScores | None = None
+        if options.criterion in GRADIENT_CRITERIA:
+            start = time.perf_counter()
+            rows = calibration_rows(search_idx, options.calibration_samples, options.seed)
+            self.gradients, computed = gradient_scores(
+                model, inspection.layers, evaluator, rows, options.criterion, seed=options.seed, threads=options.threads
+            )
+            notes += computed
+            timings["gradients"] = time.perf_counter() - start
         biases = set()
         if self.calibration is not None and options.recover is not Recovery.NONE:
             biases = {la.bias for la in self.calibration.layouts.values() if la.bias is not None}
@@ -152,7 +162,7 @@ class WeightCandidates(_Candidates):
             for layer in inspection.layers:
                 check_stop(self.stop)
                 weight = self.split.weights[layer.name]
-                scores = unit_scores(options.criterion, layer, weight, self.calibration)
+                scores = unit_scores(options.criterion, layer, weight, self.calibration, self.gradients)
                 units.append(
                     build_units(layer, weight, scores, self.granularity, options.allocation, options.layer_cap)
                 )
@@ -207,7 +217,7 @@ class WeightCandidates(_Candidates):
             else:
                 scores = self.scores[name] if self.keep_scores else None
                 if scores is None:
-                    scores = unit_scores(options.criterion, u.layer, out[name], calibration)
+                    scores = unit_scores(options.criterion, u.layer, out[name], calibration, self.gradients)
                 hint = (u.sketch_ranks, u.raw_sketch)
                 if not recover:
                     weight = out[name] if in_place else out[name].copy()
@@ -289,7 +299,8 @@ class WeightCandidates(_Candidates):
         for layer in inspection.layers:
             check_stop(self.stop)
             weight = self.split.weights[layer.name]
-            mask = nm_mask(layer, unit_scores(self.options.criterion, layer, weight, self.calibration), n, m)
+            scores = unit_scores(self.options.criterion, layer, weight, self.calibration, self.gradients)
+            mask = nm_mask(layer, scores, n, m)
             if mask is None:
                 size = layer.shape[reduction_axis(layer)]
                 notes.append(f"{layer.name}: left dense, its reduction axis of {size} is not a multiple of {m}")

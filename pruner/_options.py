@@ -61,6 +61,16 @@ class Criterion(enum.Enum):
     """L2 norm of each output channel; whole channels are zeroed."""
     ACTIVATION = "activation"
     """|w| times the L2 norm of its input over calibration data (Wanda; summed per channel in remove mode)."""
+    GRADIENT = "gradient"
+    """First-order Taylor importance: |w * dL/dw| summed over the calibration samples, L the
+    metric's loss (or the output deviation; docs/criteria.md). Zero and N:M modes; needs the
+    ``gradient`` extra (torch and onnx2torch)."""
+    FISHER = "fisher"
+    """Its squared variant (empirical Fisher): (w * dL/dw)^2 summed over the calibration samples."""
+
+
+GRADIENT_CRITERIA = (Criterion.GRADIENT, Criterion.FISHER)
+"""Criteria scored from gradients of the converted model (``pruner._gradient``)."""
 
 
 class Recovery(enum.Enum):
@@ -379,6 +389,11 @@ class PruneOptions:
             raise InvalidConfigError(f"nm must be (N, M) with 1 <= N < M <= 64, got {self.nm!r}")
         if self.mode is Mode.NM and self.criterion in (Criterion.L1, Criterion.L2):
             raise InvalidConfigError("N:M mode scores single weights: use criterion magnitude or activation")
+        if self.mode is Mode.REMOVE and self.criterion in GRADIENT_CRITERIA:
+            raise InvalidConfigError(
+                f"criterion {self.criterion.value} scores single weights (zero and N:M modes); "
+                "remove mode: use criterion l1, l2, magnitude or activation"
+            )
         if self.sensitivity is not None and not (
             isinstance(self.sensitivity, dict)
             and all(

@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from ._analysis import PrunableWeight
-from ._options import Criterion
+from ._options import GRADIENT_CRITERIA, Criterion
 
 __all__ = ["SCORERS", "Granularity", "balance_blocks", "granularity", "lowest", "unit_scores"]
 
@@ -50,6 +50,8 @@ SCORERS: dict[Criterion, tuple[Granularity, Scorer]] = {
     Criterion.L1: (Granularity.CHANNEL, _channel_norm(1)),
     Criterion.L2: (Granularity.CHANNEL, _channel_norm(2)),
     Criterion.ACTIVATION: (Granularity.ELEMENT, _magnitude),  # scaled by input norms in unit_scores
+    Criterion.GRADIENT: (Granularity.ELEMENT, _magnitude),  # the gradient scores in unit_scores
+    Criterion.FISHER: (Granularity.ELEMENT, _magnitude),
 }
 
 
@@ -61,18 +63,28 @@ class ActivationScores(Protocol):
     def activation_scores(self, layer: PrunableWeight, weight: np.ndarray) -> np.ndarray | None: ...
 
 
+class GradientScores(Protocol):
+    def gradient_scores(self, layer: PrunableWeight, weight: np.ndarray) -> np.ndarray | None: ...
+
+
 def unit_scores(
-    criterion: Criterion, layer: PrunableWeight, weight: np.ndarray, calibration: ActivationScores | None = None
+    criterion: Criterion,
+    layer: PrunableWeight,
+    weight: np.ndarray,
+    calibration: ActivationScores | None = None,
+    gradients: GradientScores | None = None,
 ) -> np.ndarray:
     """Float32 score of every unit of ``layer`` (flattened elements or channels).
 
-    The activation criterion needs ``calibration``; a layer it has no statistics
-    for is scored by magnitude.
+    The activation criterion needs ``calibration``, the gradient criteria ``gradients``;
+    a layer they have no scores for is scored by magnitude.
     """
     gran, scorer = SCORERS[criterion]
     scores = None
     if criterion is Criterion.ACTIVATION and calibration is not None:
         scores = calibration.activation_scores(layer, weight)
+    elif criterion in GRADIENT_CRITERIA and gradients is not None:
+        scores = gradients.gradient_scores(layer, weight)
     if scores is None:
         scores = scorer(layer, weight.astype(np.float32, copy=False))
     return balance_blocks(layer, scores, gran) if layer.blocks else scores

@@ -131,7 +131,13 @@ def _parser() -> argparse.ArgumentParser:
         help="remove mode: keep channel counts a multiple of this (default: 8 where a layer has a multiple "
         "of 8, as onnxruntime's fast conv kernels need, else 1)",
     )
-    p.add_argument("--criterion", choices=[c.value for c in Criterion], default=DEFAULTS.criterion.value)
+    p.add_argument(
+        "--criterion",
+        choices=[c.value for c in Criterion],
+        default=DEFAULTS.criterion.value,
+        help="how weights are scored (docs/criteria.md); gradient and fisher need the gradient extra: "
+        "pip install 'onnx-pruner[gradient]'",
+    )
     p.add_argument(
         "--sensitivity-from",
         metavar="REPORT",

@@ -58,6 +58,8 @@ _CRITERIA = {
     Criterion.L1: pb.CRITERION_L1,
     Criterion.L2: pb.CRITERION_L2,
     Criterion.ACTIVATION: pb.CRITERION_ACTIVATION,
+    Criterion.GRADIENT: pb.CRITERION_GRADIENT,
+    Criterion.FISHER: pb.CRITERION_FISHER,
 }
 _RECOVERIES = {
     Recovery.NONE: pb.RECOVERY_NONE,

@@ -15,6 +15,8 @@ class Criterion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CRITERION_L1: _ClassVar[Criterion]
     CRITERION_L2: _ClassVar[Criterion]
     CRITERION_ACTIVATION: _ClassVar[Criterion]
+    CRITERION_GRADIENT: _ClassVar[Criterion]
+    CRITERION_FISHER: _ClassVar[Criterion]
 
 class Recovery(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -85,6 +87,8 @@ CRITERION_MAGNITUDE: Criterion
 CRITERION_L1: Criterion
 CRITERION_L2: Criterion
 CRITERION_ACTIVATION: Criterion
+CRITERION_GRADIENT: Criterion
+CRITERION_FISHER: Criterion
 RECOVERY_UNSPECIFIED: Recovery
 RECOVERY_NONE: Recovery
 RECOVERY_BIAS: Recovery
