@@ -15,7 +15,9 @@ import pruner
 from pruner._analysis import analyze
 from pruner._recover import (
     MIN_POSITIONS,
+    LayerLayout,
     _damped,
+    _fit_rows,
     _inverse_factor,
     _one_pass,
     _solve_rows,
@@ -822,3 +824,30 @@ def test_a_model_that_fails_on_the_eval_set_during_calibration_is_a_clear_error(
     evalset = pruner.EvalSet({"x": np.ones((40, 4), np.float32)}, None)
     with pytest.raises(pruner.UnsupportedModelError, match="onnxruntime failed to run the model"):
         pruner.prune(model, evalset, pruner.PruneOptions(metric=pruner.MetricKind.COSINE))
+
+
+def test_one_obs_pass_fits_each_group_of_a_grouped_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    conjugate_gradients_only(monkeypatch)
+    groups, width, rows = 2, 16, 6
+    x = correlated_inputs(512, groups * width, seed=8).astype(np.float64)
+    hessian = _damped(
+        np.stack([x[:, g * width : (g + 1) * width].T @ x[:, g * width : (g + 1) * width] for g in range(groups)])
+        / len(x)
+    )
+    layout = LayerLayout("w", "Conv", "x", False, conv={"kernel": [1, 1]}, groups=groups)
+    w0 = np.random.default_rng(9).standard_normal((groups * rows, width))
+    pruned = np.abs(w0) < np.median(np.abs(w0))
+    linear = layout.grouped(w0) @ hessian
+    factor = _inverse_factor(hessian)
+    fast = _fit_rows(layout, w0.copy(), linear, pruned, hessian, factor=factor)
+    exact = _fit_rows(layout, np.where(pruned, 0.0, w0), linear, pruned, hessian)
+    for g in range(groups):
+        block = slice(g * rows, (g + 1) * rows)
+
+        def error(w: np.ndarray, g: int = g, block: slice = block) -> float:
+            d = w[block] - w0[block]
+            return float(np.einsum("ij,jk,ik->", d, hessian[g], d))
+
+        assert not fast[pruned].any()
+        assert error(exact) <= error(fast) + 1e-9 <= 1.3 * error(exact) + 1e-9
+        assert error(fast) < error(np.where(pruned, 0.0, w0))
