@@ -31,7 +31,7 @@ from ._gradient import GradientScores, gradient_scores
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
 from ._options import AUTO_LSQ_COST, GRADIENT_CRITERIA, REFITTING, Allocation, Criterion, Mode, PruneOptions, Recovery
 from ._plan import LayerPlan, Layout, Replay, element_mask, zero_lowest
-from ._recover import Calibration, LayerLayout, SequentialRefit, calibrate
+from ._recover import ONE_PASS_STEPS, Calibration, LayerLayout, SequentialRefit, calibrate
 from ._remove import Remover
 from ._report import LayerReport
 from ._score import granularity, lowest, unit_scores
@@ -603,7 +603,26 @@ def _calibrate(
         notes.append(f"{name}: no calibration ({why}); scored by magnitude, not recovered")
     for name, why in calibration.partial.items():
         notes.append(f"{name}: no least-squares fit ({why}); bias-corrected only")
+    for name, why in calibration.one_pass.items():
+        notes.append(f"{name}: least squares by one OBS pass and {ONE_PASS_STEPS} conjugate-gradient steps ({why})")
+    if recover in REFITTING:
+        notes.append(_fit_summary(calibration, recover))
     return calibration, notes
+
+
+def _fit_summary(calibration: Calibration, recover: Recovery) -> str:
+    """Which recovery each calibrated layer gets, counted."""
+    fitted = [n for n in calibration.layouts if n not in calibration.partial]
+    exact = len(fitted) - len(calibration.one_pass)
+    how = "sequential least squares" if recover is Recovery.SEQUENTIAL else "least squares"
+    parts = [f"{exact} layer(s) fit by {how} to tolerance"]
+    if calibration.one_pass:
+        parts.append(f"{len(calibration.one_pass)} by one OBS pass and {ONE_PASS_STEPS} steps")
+    if calibration.partial:
+        parts.append(f"{len(calibration.partial)} bias-corrected only")
+    if calibration.skipped:
+        parts.append(f"{len(calibration.skipped)} not recovered")
+    return "recovery: " + ", ".join(parts)
 
 
 def calibration_rows(search_idx: np.ndarray, samples: int, seed: int) -> np.ndarray:

@@ -85,8 +85,8 @@ class Recovery(enum.Enum):
     solved by conjugate gradients), then correct the bias."""
     AUTO = "auto"
     """The default: ``LSQ`` for every layer whose fit is cheap (output rows x inputs^2 up to
-    ``AUTO_LSQ_COST``, e.g. convs up to 128 channels, 1x1 convs up to ~1000 inputs), bias
-    correction for the others (named in the report's notes)."""
+    ``AUTO_LSQ_COST``, e.g. convs up to 128 channels, 1x1 convs up to ~1000 inputs); the wider
+    ones by one OBS pass and a few conjugate-gradient steps (named in the report's notes)."""
     SEQUENTIAL = "sequential"
     """LSQ layer by layer in graph order, each fitted on the inputs the already pruned model
     produces (errors no longer add up); dense layers after pruned ones are refit too. Each

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,18 @@ from onnx import numpy_helper
 
 import pruner
 from pruner._analysis import analyze
-from pruner._recover import MIN_POSITIONS, _solve_rows, _unfold, calibrate, positions_kept
+from pruner._recover import (
+    MIN_POSITIONS,
+    LayerLayout,
+    _damped,
+    _fit_rows,
+    _inverse_factor,
+    _one_pass,
+    _solve_rows,
+    _unfold,
+    calibrate,
+    positions_kept,
+)
 from tests.helpers import parse
 
 HEADER = '<ir_version: 8, opset_import: ["" : 17]>\n'
@@ -644,29 +656,91 @@ def test_depthwise_conv_is_recovered_per_channel() -> None:
     np.testing.assert_allclose(scores.reshape(channels, 9), np.abs(weight).reshape(channels, 9) * norms, rtol=1e-4)
 
 
-def test_auto_fits_cheap_layers_and_bias_corrects_the_wide_ones() -> None:
+def test_auto_fits_wide_layers_by_one_obs_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(5)
     w1, w2 = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal((40, 8)).astype(np.float32)
     model = two_gemms({"w1": w1, "w2": w2})
     x = correlated_inputs(128, 6, seed=6)
     layers = list(analyze(model).layers)
     # w1: 8 rows x 6^2 = 288 multiply-adds a solver step; w2: 40 x 8^2 = 2560
+    options = {"batch_size": 64, "fixed_batch": None, "full": True}
+    calibration = calibrate(model, layers, pruner.EvalSet({"x": x}), np.arange(128), max_cost=1000, **options)
+    assert "w1" not in calibration.one_pass and "w2" in calibration.one_pass and not calibration.partial
+    assert "2560" not in calibration.one_pass["w2"] and "lsq" in calibration.one_pass["w2"]
+    exact = calibrate(model, layers, pruner.EvalSet({"x": x}), np.arange(128), **options)
+    assert not exact.one_pass
+    conjugate_gradients_only(monkeypatch)
+    mask = np.abs(w2) < np.median(np.abs(w2))
+    fast, _ = calibration.recover("w2", w2, mask, reconstruct=True)
+    solved, _ = exact.recover("w2", w2, mask, reconstruct=True)
+    assert np.all(fast[mask] == 0) and np.all(fast[~mask] != w2[~mask])  # refit, the mask kept
+    hessian = exact.hessian("w2")
+    assert hessian is not None
+
+    def error(w: np.ndarray) -> float:
+        d = (w - w2).astype(np.float64)
+        return float(np.einsum("ij,jk,ik->", d, hessian[0], d))
+
+    masked = error(np.where(mask, 0, w2))
+    assert error(solved) <= error(fast) <= 1.2 * error(solved) < masked
+
+
+def test_a_layer_over_the_one_pass_limit_is_bias_corrected_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pruner._recover.ONE_PASS_COST", 2000)
+    rng = np.random.default_rng(5)
+    w1, w2 = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal((40, 8)).astype(np.float32)
+    model = two_gemms({"w1": w1, "w2": w2})
+    x = correlated_inputs(128, 6, seed=6)
     calibration = calibrate(
-        model,
-        layers,
-        pruner.EvalSet({"x": x}),
-        np.arange(128),
-        batch_size=64,
-        fixed_batch=None,
-        full=True,
-        max_cost=1000,
-    )
-    assert calibration.hessian("w1") is not None
+        model, list(analyze(model).layers), pruner.EvalSet({"x": x}), np.arange(128),
+        batch_size=64, fixed_batch=None, full=True, max_cost=1000,
+    )  # fmt: skip
     assert calibration.hessian("w2") is None and "auto" in calibration.partial["w2"]
     mask = np.abs(w2) < np.median(np.abs(w2))
     pruned, shift = calibration.recover("w2", w2, mask, reconstruct=True)
     np.testing.assert_array_equal(pruned, np.where(mask, 0, w2))  # masked, not refit
     assert shift is None  # no bias to correct here; with one it would be the mean shift
+
+
+def test_one_obs_pass_is_exact_for_a_single_pruned_first_column() -> None:
+    # removing the first column alone, OBS's update over every later column is the exact fit
+    x = correlated_inputs(256, 12, seed=3).astype(np.float64)
+    hessian = _damped((x.T @ x / len(x))[None])
+    w0 = np.random.default_rng(4).standard_normal((5, 12))
+    pruned = np.zeros_like(w0, dtype=bool)
+    pruned[:, 0] = True
+    factor = _inverse_factor(hessian)
+    assert factor is not None
+    passed = _one_pass(w0.astype(np.float32), pruned, factor[0], None)
+    keep = np.arange(1, 12)
+    exact = np.zeros_like(w0)
+    exact[:, keep] = np.linalg.solve(hessian[0][np.ix_(keep, keep)], (w0 @ hessian[0])[:, keep].T).T
+    np.testing.assert_allclose(passed, exact, rtol=1e-3, atol=1e-3)
+
+
+def test_one_obs_pass_checks_the_stop_event() -> None:
+    stop = threading.Event()
+    stop.set()
+    factor = np.eye(4, dtype=np.float32)
+    with pytest.raises(pruner.CancelledError):
+        _one_pass(np.ones((2, 4), dtype=np.float32), np.ones((2, 4), dtype=bool), factor, stop)
+
+
+def test_the_default_fits_every_layer_and_says_how(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("pruner._candidates.AUTO_LSQ_COST", 0)  # every layer is wide
+    result = pruner.prune(FIXTURES / "mlp.onnx", FIXTURES / "mlp_eval.npz", pruner.PruneOptions())
+    report = result.report
+    assert report.status == "pruned"
+    assert report.baseline.holdout is not None and report.final.holdout is not None
+    assert report.baseline.holdout - report.final.holdout <= 0.01 + 1e-9
+    layers = analyze(onnx.load(FIXTURES / "mlp.onnx")).layers
+    one_pass = [n for n in report.notes if "by one OBS pass" in n and not n.startswith("recovery: ")]
+    assert len(one_pass) == len(layers)
+    summary = [n for n in report.notes if n.startswith("recovery: ")]
+    assert summary == [
+        f"recovery: 0 layer(s) fit by least squares to tolerance, {len(layers)} by one OBS pass and 3 steps"
+    ]
+    assert not any("bias-corrected only" in n for n in report.notes)
 
 
 def test_remove_mode_refits_consumers_outside_the_include_patterns() -> None:
@@ -750,3 +824,30 @@ def test_a_model_that_fails_on_the_eval_set_during_calibration_is_a_clear_error(
     evalset = pruner.EvalSet({"x": np.ones((40, 4), np.float32)}, None)
     with pytest.raises(pruner.UnsupportedModelError, match="onnxruntime failed to run the model"):
         pruner.prune(model, evalset, pruner.PruneOptions(metric=pruner.MetricKind.COSINE))
+
+
+def test_one_obs_pass_fits_each_group_of_a_grouped_layer(monkeypatch: pytest.MonkeyPatch) -> None:
+    conjugate_gradients_only(monkeypatch)
+    groups, width, rows = 2, 16, 6
+    x = correlated_inputs(512, groups * width, seed=8).astype(np.float64)
+    hessian = _damped(
+        np.stack([x[:, g * width : (g + 1) * width].T @ x[:, g * width : (g + 1) * width] for g in range(groups)])
+        / len(x)
+    )
+    layout = LayerLayout("w", "Conv", "x", False, conv={"kernel": [1, 1]}, groups=groups)
+    w0 = np.random.default_rng(9).standard_normal((groups * rows, width))
+    pruned = np.abs(w0) < np.median(np.abs(w0))
+    linear = layout.grouped(w0) @ hessian
+    factor = _inverse_factor(hessian)
+    fast = _fit_rows(layout, w0.copy(), linear, pruned, hessian, factor=factor)
+    exact = _fit_rows(layout, np.where(pruned, 0.0, w0), linear, pruned, hessian)
+    for g in range(groups):
+        block = slice(g * rows, (g + 1) * rows)
+
+        def error(w: np.ndarray, g: int = g, block: slice = block) -> float:
+            d = w[block] - w0[block]
+            return float(np.einsum("ij,jk,ik->", d, hessian[g], d))
+
+        assert not fast[pruned].any()
+        assert error(exact) <= error(fast) + 1e-9 <= 1.3 * error(exact) + 1e-9
+        assert error(fast) < error(np.where(pruned, 0.0, w0))
