@@ -544,7 +544,7 @@ def layouts(model: onnx.ModelProto, layers: list[PrunableWeight]) -> tuple[dict[
         op_layout = layout_of(node)
         weight = None if op_layout is None else op_layout.slot(slot)
         if op_layout is None or weight is None or weight.unfold is None:
-            skipped[layer.name] = f"{node.op_type} input {slot} is not handled by recovery (transposed)"
+            skipped[layer.name] = f"{node.op_type} input {slot} is not handled by recovery (no refit is declared for it)"
             continue
         data = node.input[weight.data]
         if weight.unfold is not Unfold.IM2COL:
