@@ -544,7 +544,7 @@ def layouts(model: onnx.ModelProto, layers: list[PrunableWeight]) -> tuple[dict[
         op_layout = layout_of(node)
         weight = None if op_layout is None else op_layout.slot(slot)
         if op_layout is None or weight is None or weight.unfold is None:
-            skipped[layer.name] = f"{node.op_type} input {slot} is not handled by recovery (no refit is declared for it)"
+            skipped[layer.name] = f"{node.op_type} input {slot} is not handled by recovery (no refit declared)"
             continue
         data = node.input[weight.data]
         if weight.unfold is not Unfold.IM2COL:
@@ -787,7 +787,7 @@ def calibrate(
         if name not in existing:
             probe.graph.output.append(helper.make_empty_tensor_value_info(name))
     session = make_session(probe.SerializeToString(), threads=threads)
-    step = fixed_batch or batch_size
+    step = fixed_batch or _fitting_step(session, wanted, evalset, rows, batch_size)
     for batch, real in _batches(rows, step, fixed_batch):
         check_stop(stop)
         feeds = {k: v[batch] for k, v in evalset.inputs.items()}
@@ -797,6 +797,24 @@ def calibrate(
             flat = _layer_rows(layout, np.asarray(outputs[layout.input])[:real], len(rows))
             stats[name].add(flat, full and name not in wide, layout.groups)
     return Calibration(found, stats, len(rows), skipped, rows, wide, one_pass, stop=stop)
+
+
+CALIBRATION_BATCH_BYTES = 256 * 2**20
+"""Layer inputs one calibration batch may return together: a model whose layer inputs of
+``batch_size`` samples are larger calibrates in smaller batches (open_nsfw's 64-sample batch
+returned 1.3 GiB at once, the peak of its whole run)."""
+
+
+def _fitting_step(
+    session: ort.InferenceSession, wanted: list[str], evalset: EvalSet, rows: np.ndarray, batch_size: int
+) -> int:
+    """The calibration batch size: ``batch_size``, or fewer samples when their layer inputs would
+    take more than ``CALIBRATION_BATCH_BYTES`` (measured on one sample, which is not counted)."""
+    if len(rows) <= 1 or batch_size <= 1:
+        return batch_size
+    feeds = {k: v[rows[:1]] for k, v in evalset.inputs.items()}
+    per_sample = sum(np.asarray(x).nbytes for x in run_session(session, wanted, feeds))
+    return max(1, min(batch_size, CALIBRATION_BATCH_BYTES // max(per_sample, 1)))
 
 
 HESSIAN_BUDGET_BYTES = 1 << 30

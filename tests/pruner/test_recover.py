@@ -12,6 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 import pruner
+from pruner import _recover
 from pruner._analysis import analyze
 from pruner._recover import (
     MIN_POSITIONS,
@@ -851,3 +852,32 @@ def test_one_obs_pass_fits_each_group_of_a_grouped_layer(monkeypatch: pytest.Mon
         assert not fast[pruned].any()
         assert error(exact) <= error(fast) + 1e-9 <= 1.3 * error(exact) + 1e-9
         assert error(fast) < error(np.where(pruned, 0.0, w0))
+
+
+def test_calibration_batches_shrink_to_keep_layer_inputs_under_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch's layer inputs over ``CALIBRATION_BATCH_BYTES`` calibrate in smaller batches, with
+    the same statistics; under the budget, the batches are as asked."""
+    rng = np.random.default_rng(3)
+    model = two_gemms(
+        {"w1": rng.standard_normal((32, 16)).astype(np.float32), "w2": rng.standard_normal((4, 32)).astype(np.float32)}
+    )
+    x = correlated_inputs(200, 16)
+    seen: list[int] = []
+    original = _recover.run_session
+
+    def counting(session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        seen.append(len(next(iter(feeds.values()))))
+        return original(session, names, feeds)
+
+    monkeypatch.setattr(_recover, "run_session", counting)
+    asked = calibrated(model, x)
+    assert seen == [1, 64, 64, 64, 8]  # one sample measured (x and the Relu: 192 bytes), then as asked
+    per_sample = (16 + 32) * 4
+    monkeypatch.setattr(_recover, "CALIBRATION_BATCH_BYTES", 10 * per_sample)
+    seen.clear()
+    small = calibrated(model, x)
+    assert seen == [1] + [10] * 20
+    for name, stats in asked.stats.items():
+        assert stats.gram is not None and small.stats[name].gram is not None
+        np.testing.assert_allclose(small.stats[name].gram, stats.gram, rtol=1e-5)
+        np.testing.assert_allclose(small.stats[name].total, stats.total, rtol=1e-5)
