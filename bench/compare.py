@@ -39,7 +39,7 @@ from common import fixtures, table
 import pruner
 from pruner import Mode, PruneOptions, Recovery, Tolerance
 from pruner._metrics import Metric
-from pruner._prune import _split
+from pruner._phases import split_rows as _split
 
 TOLERANCES = (0.005, 0.01, 0.02)
 LEVELS = [round(0.05 * i, 2) for i in range(1, 20)]

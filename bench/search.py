@@ -29,7 +29,7 @@ from common import fixtures, plain_pass_seconds, repeated, table
 import pruner
 from pruner import Allocation, PruneOptions, Tolerance
 from pruner._metrics import Metric
-from pruner._prune import _split
+from pruner._phases import split_rows as _split
 
 
 def sweep(model: Path, evalset: pruner.EvalSet, tolerance: float) -> tuple[float, float, int]:

@@ -32,7 +32,7 @@ from common import FIXTURES, fixtures, table
 
 import pruner
 from pruner._evaluate import make_session
-from pruner._prune import _split
+from pruner._phases import split_rows as _split
 from pruner._recover import calibrate
 from pruner._remove import Remover, nchwc_block
 from pruner._static import static_reshapes

@@ -241,7 +241,7 @@ def sweep(
 ) -> list[dict[str, Any]]:
     """Fixed levels in 5% steps; stops after the first level whose search-split drop exceeds the largest tolerance."""
     points: list[dict[str, Any]] = []
-    from pruner._prune import _split
+    from pruner._phases import split_rows as _split
 
     search, hold = _split(len(data), PruneOptions().holdout_fraction, 0)
     spec = MODELS[key]
