@@ -50,7 +50,7 @@ def _fixed_level(model: Path, evalset: pruner.EvalSet, options: PruneOptions, le
     from onnx import numpy_helper
 
     from pruner._analysis import analyze
-    from pruner._plan import LayerPlan, PruningPlan, apply_plan
+    from pruner._plan import LayerPlan, PruningPlan, transfer_plan
     from pruner._score import Granularity, unit_scores
     from pruner._space import ZeroSpace, build_units
 
@@ -66,7 +66,7 @@ def _fixed_level(model: Path, evalset: pruner.EvalSet, options: PruneOptions, le
         options.criterion,
         tuple(LayerPlan(u.layer.name, a, u.units) for u, a in zip(units, config, strict=True)),
     )
-    pruned = apply_plan(plan, proto)
+    pruned = transfer_plan(plan, proto)  # a hand-made plan: scored on the weights, not replayed
     search_idx, hold_idx = _split(len(evalset), options.holdout_fraction, options.seed)
     metric = Metric(options.metric)
     base = _accuracy(proto.SerializeToString(), evalset, metric)
