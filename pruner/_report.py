@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -156,27 +157,59 @@ class Report:
         return out
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        """Strict JSON: a metric that is not finite (an undefined correlation, an unbounded interval)
+        is the string "NaN", "Infinity" or "-Infinity", as in protobuf's JSON mapping."""
+        return json.dumps(_strict(self.to_dict()), indent=2, allow_nan=False)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Report:
         """The report ``to_dict`` describes (e.g. one received from the gRPC service)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in fields}
-        values["baseline"] = SplitMetric(**data["baseline"])
-        values["final"] = SplitMetric(**data["final"])
+        values["baseline"] = SplitMetric(**_reals(data["baseline"], "search", "holdout"))
+        values["final"] = SplitMetric(**_reals(data["final"], "search", "holdout"))
         layer_fields = {f.name for f in dataclasses.fields(LayerReport)}
         values["layers"] = [
             LayerReport(**{**{k: v for k, v in la.items() if k in layer_fields}, "shape": tuple(la["shape"])})
             for la in data["layers"]
         ]
-        values["trace"] = [CandidateRecord(**{**t, "phase": Phase(t["phase"])}) for t in data["trace"]]
+        values["trace"] = [
+            CandidateRecord(**{**_reals(t, "metric"), "phase": Phase(t["phase"])}) for t in data["trace"]
+        ]
         values["skipped"] = [SkippedWeight(**s) for s in data["skipped"]]
         if data.get("drop") is not None:
             drop_fields = {f.name for f in dataclasses.fields(DropInterval)}
-            values["drop"] = DropInterval(**{k: v for k, v in data["drop"].items() if k in drop_fields})
+            drop = _reals(data["drop"], "estimate", "low", "high")
+            values["drop"] = DropInterval(**{k: v for k, v in drop.items() if k in drop_fields})
+        if "sensitivity" in data:
+            values["sensitivity"] = {
+                name: [[_real(x) for x in point] for point in points] for name, points in data["sensitivity"].items()
+            }
         return cls(**values)
 
     @classmethod
     def from_json(cls, text: str) -> Report:
         return cls.from_dict(json.loads(text))
+
+
+_NOT_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _strict(value: Any) -> Any:
+    """``value`` with every float that is not finite written as protobuf's JSON strings for it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(item) for item in value]
+    return value
+
+
+def _real(value: Any) -> Any:
+    """The float a number field of ``to_json`` holds (the inverse of ``_strict``)."""
+    return _NOT_FINITE.get(value, value) if isinstance(value, str) else value
+
+
+def _reals(data: dict[str, Any], *names: str) -> dict[str, Any]:
+    return {**data, **{name: _real(data[name]) for name in names if name in data}}

@@ -83,3 +83,36 @@ def test_the_schema_refuses_a_report_that_breaks_it(change: dict[str, Any], prob
     broken = {**report.report.to_dict(), **change}
     with pytest.raises(jsonschema.ValidationError, match=problem.replace("[", r"\[").replace("]", r"\]")):
         validate(json.dumps(broken))
+
+
+def test_a_metric_that_is_not_finite_is_strict_json_and_reads_back() -> None:
+    # an undefined correlation (NaN) or an unbounded interval (inf) once came out as bare NaN/Infinity,
+    # which JSON parsers other than Python's refuse
+    report = pruner.prune(
+        FIXTURES / "mlp.onnx", FIXTURES / "mlp_eval.npz", pruner.PruneOptions(max_evaluations=2)
+    ).report
+    nan, inf = float("nan"), float("inf")
+    assert report.drop is not None and report.trace
+    odd = dataclasses.replace(
+        report,
+        baseline=SplitMetric(search=nan, holdout=inf),
+        trace=[dataclasses.replace(report.trace[0], metric=-inf), *report.trace[1:]],
+        drop=dataclasses.replace(report.drop, estimate=nan, low=-inf, high=inf),
+        sensitivity={"w": [[0.5, inf]]},
+    )
+
+    def refuse(constant: str) -> None:
+        raise AssertionError(f"bare {constant} in the report's JSON")
+
+    text = odd.to_json()
+    data = json.loads(text, parse_constant=refuse)
+    assert data["baseline"] == {"search": "NaN", "holdout": "Infinity"}
+    assert data["drop"]["low"] == "-Infinity"
+    validate(text)
+    back = Report.from_json(text)
+    assert back.baseline.search != back.baseline.search and back.baseline.holdout == inf
+    assert back.trace[0].metric == -inf
+    assert back.drop is not None and back.drop.estimate != back.drop.estimate
+    assert (back.drop.low, back.drop.high) == (-inf, inf)
+    assert back.sensitivity == {"w": [[0.5, inf]]}
+    assert back.final == report.final and back.layers == report.layers
