@@ -407,12 +407,12 @@ def open_store(url: str, artifacts: Path) -> JobStore:
 
         return PostgresStore(url, artifacts)
     raise ValueError(
-        f"job store URL {_redact(url)!r} has an unknown scheme {scheme!r}: "
+        f"job store URL {redact_url(url)!r} has an unknown scheme {scheme!r}: "
         "use sqlite:///abs/path/jobs.db or postgresql://user@host:port/db"
     )
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL without its password, for messages and logs."""
     parts = urllib.parse.urlsplit(url)
     if parts.password is None:

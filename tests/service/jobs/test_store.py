@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -526,3 +527,89 @@ def test_sqlite_store_is_in_wal_mode(tmp_path: Path) -> None:
     open_store(f"sqlite://{tmp_path}/jobs.db", tmp_path).close()
     with sqlite3.connect(tmp_path / "jobs.db") as db:
         assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+# ------------------------------------------------------------------------------------------ PostgreSQL
+
+
+def test_postgres_replicas_claim_and_submit_on_one_database(postgres_db: str, tmp_path: Path) -> None:
+    """Two replicas (store objects) on one PostgreSQL database and one artifacts folder."""
+    replicas = [open_store(postgres_db, tmp_path / "shared") for _ in range(2)]
+    try:
+        # a blob one replica stored is served by the other
+        digest, _ = replicas[0].put_blob([b"uploaded to replica 0"])
+        assert replicas[1].blob_path(digest).read_bytes() == b"uploaded to replica 0"
+        # every key submitted by both replicas at once: one job each
+        submits: list[tuple[str, Job, bool]] = []
+        run_threads(
+            8,
+            lambda i: submits.extend(
+                (f"k{n}", *replicas[i % 2].submit({"model": digest}, idempotency_key=f"k{n}")) for n in range(10)
+            ),
+        )
+        by_key: dict[str, set[str]] = {}
+        for key, job, _ in submits:
+            by_key.setdefault(key, set()).add(job.id)
+        assert all(len(ids) == 1 for ids in by_key.values())
+        assert sum(created for _, _, created in submits) == 10
+        # both replicas' runners claiming at once: each job once
+        claimed: list[tuple[str, str]] = []
+
+        def claim_all(i: int) -> None:
+            owner = f"replica{i % 2}"
+            while (job := replicas[i % 2].claim(owner)) is not None:
+                claimed.append((job.id, owner))
+
+        run_threads(6, claim_all)
+        assert sorted(job_id for job_id, _ in claimed) == sorted(ids.pop() for ids in by_key.values())
+        for job_id, owner in claimed:
+            got = replicas[1 - int(owner[-1])].get(job_id)
+            assert got is not None and (got.owner, got.attempts) == (owner, 1)
+    finally:
+        for replica in replicas:
+            replica.close()
+
+
+def test_postgres_replicas_opening_a_new_database_at_once(postgres_db: str, tmp_path: Path) -> None:
+    stores: list[JobStore] = []
+    run_threads(6, lambda i: stores.append(open_store(postgres_db, tmp_path)))
+    try:
+        job, _ = stores[0].submit({"model": "0" * 64})
+        assert all(s.get(job.id) == job for s in stores)
+    finally:
+        for s in stores:
+            s.close()
+
+
+def test_postgres_unreachable_database_is_a_value_error_naming_it(tmp_path: Path) -> None:
+    pytest.importorskip("psycopg")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, not listening: connections are refused
+        url = f"postgresql://jobs:secret@127.0.0.1:{port}/jobs"
+        with pytest.raises(
+            ValueError, match=f"cannot open the job store postgresql://jobs:\\*\\*\\*@127.0.0.1:{port}/jobs"
+        ) as e:
+            open_store(url, tmp_path)
+    assert "secret" not in str(e.value)
+
+
+def test_postgres_without_the_driver_names_the_extra(tmp_path: Path) -> None:
+    # a fresh interpreter in which `import psycopg` fails, as where the extra is not installed
+    code = (
+        "import sys; sys.modules['psycopg'] = None\n"
+        "from pathlib import Path\n"
+        "from service.jobs.store import open_store\n"
+        "try:\n"
+        f"    open_store('postgresql://u@127.0.0.1:1/db', Path({str(tmp_path)!r}))\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert "pip install 'onnx-pruner[postgres]'" in out.stdout
