@@ -118,7 +118,7 @@ class PostgresStore(JobStore):
         self._psycopg = _import_psycopg()
         self.url = url
         self._local = threading.local()
-        self._connections: list[psycopg.Connection[Any]] = []
+        self._connections: list[tuple[int, psycopg.Connection[Any]]] = []
         self._lock = threading.Lock()
         self._closed = False
         try:
@@ -153,7 +153,7 @@ class PostgresStore(JobStore):
         conn: psycopg.Connection[Any] = self._psycopg.connect(self.url, autocommit=True, connect_timeout=30)
         self._local.conn = (pid, conn)
         with self._lock:
-            self._connections.append(conn)
+            self._connections.append((pid, conn))
         return conn
 
     @contextmanager
@@ -166,8 +166,11 @@ class PostgresStore(JobStore):
         with self._lock:
             self._closed = True
             connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
+        pid = os.getpid()
+        for owner_pid, conn in connections:
+            # a connection inherited through a fork is the parent's: closing it here would break it there
+            if owner_pid == pid:
+                conn.close()
 
     # ------------------------------------------------------------------------------------------ jobs
 

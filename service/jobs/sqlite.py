@@ -103,7 +103,7 @@ class SQLiteStore(JobStore):
         if not self.path.parent.is_dir():
             raise ValueError(f"cannot open the job store {self.path}: its folder {self.path.parent} does not exist")
         self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
+        self._connections: list[tuple[int, sqlite3.Connection]] = []
         self._lock = threading.Lock()
         self._closed = False
         try:
@@ -138,7 +138,7 @@ class SQLiteStore(JobStore):
         conn.execute("PRAGMA synchronous = FULL")
         self._local.conn = (pid, conn)
         with self._lock:
-            self._connections.append(conn)
+            self._connections.append((pid, conn))
         return conn
 
     @contextmanager
@@ -157,8 +157,11 @@ class SQLiteStore(JobStore):
         with self._lock:
             self._closed = True
             connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
+        pid = os.getpid()
+        for owner_pid, conn in connections:
+            # a connection inherited through a fork is the parent's: closing it here would break it there
+            if owner_pid == pid:
+                conn.close()
 
     # ------------------------------------------------------------------------------------------ jobs
 

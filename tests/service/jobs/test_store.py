@@ -613,3 +613,25 @@ def test_postgres_without_the_driver_names_the_extra(tmp_path: Path) -> None:
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert "pip install 'onnx-pruner[postgres]'" in out.stdout
+
+
+def test_a_forked_child_uses_connections_of_its_own(store: JobStore) -> None:
+    first, _ = store.submit({"model": "0" * 64})
+    second, _ = store.submit({"model": "1" * 64})
+    assert store.get(first.id) is not None  # the parent's connection exists before the fork
+    pid = os.fork()
+    if pid == 0:  # the child: claim one job, close the store, leave without running the parent's finalizers
+        ok = False
+        try:
+            job = store.claim("child")
+            ok = job is not None and job.id == first.id
+            store.close()
+        finally:
+            os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    # the parent's connection survived the child's close()
+    got = store.get(first.id)
+    assert got is not None and (got.state, got.owner) == (JobState.RUNNING, "child")
+    claimed = store.claim("parent")
+    assert claimed is not None and claimed.id == second.id
