@@ -10,8 +10,6 @@ replicas whose clocks disagree still judge heartbeats alike.
 from __future__ import annotations
 
 import json
-import os
-import threading
 import uuid
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -26,6 +24,7 @@ from service.jobs.store import (
     Jobs,
     JobState,
     JobStore,
+    PerThread,
     check_finishable,
     recovered_state,
     redact_url,
@@ -117,10 +116,10 @@ class PostgresStore(JobStore):
         super().__init__(artifacts)
         self._psycopg = _import_psycopg()
         self.url = url
-        self._local = threading.local()
-        self._connections: list[tuple[int, psycopg.Connection[Any]]] = []
-        self._lock = threading.Lock()
-        self._closed = False
+        # a lost connection (a restarted database) is replaced on the thread's next call
+        self._conns: PerThread[psycopg.Connection[Any]] = PerThread(
+            self._connect, lambda conn: conn.close(), lambda conn: not conn.closed and not conn.broken
+        )
         try:
             with self._transaction() as db:
                 # replicas opening a new database at once: one creates the tables, the others wait and find them
@@ -142,19 +141,12 @@ class PostgresStore(JobStore):
 
     # ---------------------------------------------------------------------------------- connections
 
-    def _conn(self) -> psycopg.Connection[Any]:
-        if self._closed:
-            raise RuntimeError("the job store is closed")
-        pid = os.getpid()
-        held: tuple[int, psycopg.Connection[Any]] | None = getattr(self._local, "conn", None)
-        if held is not None and held[0] == pid and not held[1].closed and not held[1].broken:
-            return held[1]
-        # a new thread, a forked child (a connection must not cross a fork) or a lost connection: a new one
+    def _connect(self) -> psycopg.Connection[Any]:
         conn: psycopg.Connection[Any] = self._psycopg.connect(self.url, autocommit=True, connect_timeout=30)
-        self._local.conn = (pid, conn)
-        with self._lock:
-            self._connections.append((pid, conn))
         return conn
+
+    def _conn(self) -> psycopg.Connection[Any]:
+        return self._conns.get()
 
     @contextmanager
     def _transaction(self) -> Iterator[psycopg.Connection[Any]]:
@@ -163,14 +155,7 @@ class PostgresStore(JobStore):
             yield conn
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            connections, self._connections = self._connections, []
-        pid = os.getpid()
-        for owner_pid, conn in connections:
-            # a connection inherited through a fork is the parent's: closing it here would break it there
-            if owner_pid == pid:
-                conn.close()
+        self._conns.close()
 
     # ------------------------------------------------------------------------------------------ jobs
 

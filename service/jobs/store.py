@@ -24,10 +24,12 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import urllib.parse
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
+from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +125,56 @@ Jobs = list[Job]
 Events = list[tuple[int, bytes]]
 #: (id, state, updated, blobs) of jobs, for cleanup.
 JobRefs = list[tuple[str, JobState, float, set[str]]]
+
+
+C = TypeVar("C")
+
+
+class PerThread(Generic[C]):
+    """One database connection per thread and per process, for a store used from many threads.
+
+    A forked child gets connections of its own (a connection must not cross a fork) and never closes its
+    parent's; the connections of threads that ended are closed when the next one is opened, so a server
+    that starts a thread per job does not pile them up.
+    """
+
+    def __init__(self, connect: Callable[[], C], close: Callable[[C], None], usable: Callable[[C], bool]) -> None:
+        self._connect = connect
+        self._close = close
+        self._usable = usable
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: list[tuple[int, threading.Thread, C]] = []
+        self._closed = False
+
+    def get(self) -> C:
+        """This thread's connection, opened if it has none (or lost it)."""
+        if self._closed:
+            raise RuntimeError("the job store is closed")
+        pid = os.getpid()
+        held: tuple[int, C] | None = getattr(self._local, "conn", None)
+        if held is not None and held[0] == pid and self._usable(held[1]):
+            return held[1]
+        conn = self._connect()
+        self._local.conn = (pid, conn)
+        me = threading.current_thread()
+        with self._lock:
+            stale = [e for e in self._open if e[0] == pid and (not e[1].is_alive() or e[1] is me)]
+            self._open = [e for e in self._open if e not in stale] + [(pid, me, conn)]
+        for _, _, old in stale:
+            self._close(old)
+        return conn
+
+    def close(self) -> None:
+        """Closes every connection this process opened; later calls to :meth:`get` raise RuntimeError."""
+        with self._lock:
+            self._closed = True
+            entries, self._open = self._open, []
+        pid = os.getpid()
+        for owner_pid, _, conn in entries:
+            # a connection inherited through a fork is the parent's: closing it here would break it there
+            if owner_pid == pid:
+                self._close(conn)
 
 
 def crashed_message(attempts: int) -> str:
