@@ -239,11 +239,11 @@ class JobStore(abc.ABC):
             hexdigest = digest.hexdigest()
             final = self._blob_file(hexdigest)
             final.parent.mkdir(exist_ok=True)
-            if final.exists():
-                tmp.unlink()
-                # a fresh mtime keeps a blob about to be referenced again out of cleanup's reach
+            try:
+                # stored already: a fresh mtime keeps it out of cleanup's reach until the job refers to it
                 os.utime(final)
-            else:
+                tmp.unlink()
+            except FileNotFoundError:
                 os.replace(tmp, final)
                 _fsync_dir(final.parent)
             return hexdigest, size
