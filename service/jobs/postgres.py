@@ -301,6 +301,11 @@ class PostgresStore(JobStore):
 
     # --------------------------------------------------------------------------------------- cleanup
 
+    def _now(self) -> float:
+        row = self._conn().execute(f"SELECT {_NOW}").fetchone()
+        assert row is not None
+        return float(row[0])
+
     def _job_refs(self) -> JobRefs:
         rows = self._conn().execute("SELECT id, state, updated, inputs, result FROM jobs ORDER BY updated, seq")
         refs: JobRefs = []

@@ -360,7 +360,7 @@ class JobStore(abc.ABC):
         then every blob no remaining job refers to (and leftover temp files) older than ``grace`` seconds.
         QUEUED and RUNNING jobs and their blobs are never touched.
         """
-        now = time.time()
+        now = self._now()
         jobs = self._job_refs()
         refcount: dict[str, int] = {}
         for _, _, _, refs in jobs:
@@ -400,7 +400,7 @@ class JobStore(abc.ABC):
                 stat = path.stat()
             except FileNotFoundError:
                 continue
-            if path.name in referenced or stat.st_mtime > now - grace:
+            if path.name in referenced or stat.st_mtime > time.time() - grace:
                 bytes_left += stat.st_size
                 continue
             path.unlink(missing_ok=True)
@@ -408,7 +408,7 @@ class JobStore(abc.ABC):
             bytes_freed += stat.st_size
         for tmp in self._blobs.glob(_TMP_PREFIX + "*"):
             try:
-                if tmp.stat().st_mtime < now - grace:
+                if tmp.stat().st_mtime < time.time() - grace:
                     tmp.unlink(missing_ok=True)
             except FileNotFoundError:
                 pass
@@ -416,6 +416,10 @@ class JobStore(abc.ABC):
         if jobs_deleted or blobs_deleted:
             logger.info("cleanup: %s", stats)
         return stats
+
+    def _now(self) -> float:
+        """The clock the store's timestamps come from (unix seconds)."""
+        return time.time()
 
     def __enter__(self) -> JobStore:
         return self
