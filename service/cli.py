@@ -567,7 +567,9 @@ def _cmd_fetch(args: argparse.Namespace) -> int:
     with _connection(args) as connection:
         job = connection.get_job(args.job)
         if job.state != pb.JOB_STATE_SUCCEEDED:
-            raise_for_job(job)  # failed or cancelled: that job's error
+            state = _STATE_NAMES.get(job.state, str(job.state))
+            why = f" ({job.error_code}: {job.error_message})" if job.error_code else ""
+            raise errors.JobStateError(f"the job {job.job_id} is {state}, not succeeded{why}: it has no result")
         offset = part.stat().st_size if part.exists() else 0
         if offset > job.result_size:  # not a part of this result
             offset = 0

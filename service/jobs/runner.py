@@ -35,9 +35,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from service.jobs.store import FINISHED, Job, JobState, JobStore
-
 from service.jobs import worker
+from service.jobs.store import FINISHED, Job, JobState, JobStore
 
 __all__ = ["STOP_SECONDS", "Runner"]
 
@@ -247,7 +246,7 @@ class Runner:
 
     def _finish(self, job: Job, state: JobState, code: str, message: str) -> None:
         try:
-            self.store.finish(job.id, state, error_code=code, error_message=message)
+            self.store.finish(job.id, state, error_code=code, error_message=message, owner=self.replica_id)
         except ValueError:  # finished meanwhile (by its worker, or recovered elsewhere)
             return
         _log("finished", job, state=state.value, error_code=code, error=message)

@@ -75,11 +75,10 @@ def _out_of_memory(error: BaseException) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     # imported here, after die_with_parent: importing onnxruntime takes a second
-    from service.jobs.store import JobState, open_store
-
     import pruner
     from service import convert, errors
     from service._gen.onnxpruner.v1 import pruner_pb2 as pb
+    from service.jobs.store import JobState, open_store
 
     store = open_store(args.store, Path(args.artifacts))
     job = store.get(args.job)
@@ -107,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         del evalset
         data = result.model_bytes if result.model_bytes is not None else result.model.SerializeToString()
         digest, _ = store.put_blob([data])
-        store.finish(job.id, JobState.SUCCEEDED, report_json=result.report.to_json(), result=digest)
+        store.finish(job.id, JobState.SUCCEEDED, report_json=result.report.to_json(), result=digest, owner=job.owner)
         return 0
     except pruner.CancelledError:
         if stop.is_set():
@@ -123,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
             code = type(error).__name__ if isinstance(error, pruner.PrunerError) else "InternalError"
             message = f"internal error (job {job.id}); the server's log has the details"
     try:
-        store.finish(job.id, JobState.FAILED, error_code=code, error_message=message)
+        store.finish(job.id, JobState.FAILED, error_code=code, error_message=message, owner=job.owner)
     except MemoryError:
         return EXIT_MEMORY
     return 0
