@@ -413,6 +413,8 @@ class Connection:
             pruner.PrunerError: as :meth:`prune`; a failed job raises its error's class
                 (``errors.error_named``), a cancelled one ``pruner.CancelledError``.
         """
+        _check_readable(model, evalset)
+        self._connect()  # a server that cannot be reached at all fails at once; later losses are retried
         key = uuid.uuid4().hex
         retry = _Retry(reconnect_seconds)
         while True:
