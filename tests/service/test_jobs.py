@@ -411,3 +411,32 @@ def test_prune_on_a_server_survives_a_server_restart_mid_job(
         job = connection.get_job(job_id)
     assert job.attempts == 2 and job.state == pb.JOB_STATE_SUCCEEDED
     check_result(out.read_bytes(), job)
+
+
+def test_sigterm_requeues_a_job_still_running_after_the_grace_and_the_next_start_runs_it(
+    job_server: Callable[..., JobServer],
+) -> None:
+    server = job_server("--grace", "1")
+    with Connection(server.address) as connection:
+        job_id, _ = connection.submit(MLP, MLP_EVAL, SLOWISH)
+        assert wait_until(running_with_events(connection, job_id))
+    workers = worker_pids(job_id)
+    server.stop()
+    assert server.process is not None and server.process.returncode == 0
+    assert all(not alive(pid) for pid in workers)
+    server.start()
+    with Connection(server.address) as connection:
+        final = connection.follow(job_id)
+    assert final.state == pb.JOB_STATE_SUCCEEDED and final.attempts == 2
+    assert "job-requeued" in server.log.read_text()
+
+
+def test_a_job_past_the_time_limit_fails_naming_it(job_server: Callable[..., JobServer]) -> None:
+    server = job_server("--job-time-limit", "3")
+    with Connection(server.address) as connection:
+        job_id, _ = connection.submit(MLP, MLP_EVAL, SLOW)
+        final = connection.follow(job_id)
+    assert final.state == pb.JOB_STATE_FAILED and final.error_code == "TimeLimitError"
+    assert "time limit of 3 s (job_time_limit)" in final.error_message
+    with pytest.raises(errors.TimeLimitError):
+        raise_for_job(final)
