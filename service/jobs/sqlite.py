@@ -8,9 +8,7 @@ loser wait instead of failing).
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
-import threading
 import time
 import uuid
 from collections.abc import Collection, Iterator
@@ -26,6 +24,7 @@ from service.jobs.store import (
     Jobs,
     JobState,
     JobStore,
+    PerThread,
     check_finishable,
     recovered_state,
 )
@@ -102,10 +101,7 @@ class SQLiteStore(JobStore):
         self.path = Path(path)
         if not self.path.parent.is_dir():
             raise ValueError(f"cannot open the job store {self.path}: its folder {self.path.parent} does not exist")
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._closed = False
+        self._conns = PerThread(self._connect, sqlite3.Connection.close, lambda conn: True)
         try:
             with self._write() as db:
                 for statement in _SCHEMA.split(";"):
@@ -123,23 +119,16 @@ class SQLiteStore(JobStore):
 
     # ---------------------------------------------------------------------------------- connections
 
-    def _conn(self) -> sqlite3.Connection:
-        if self._closed:
-            raise RuntimeError("the job store is closed")
-        pid = os.getpid()
-        held: tuple[int, sqlite3.Connection] | None = getattr(self._local, "conn", None)
-        if held is not None and held[0] == pid:
-            return held[1]
-        # a new thread, or a forked child (a connection must not cross a fork): a connection of its own
+    def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL: a committed transaction survives a power loss, not only a crash of the process
         conn.execute("PRAGMA synchronous = FULL")
-        self._local.conn = (pid, conn)
-        with self._lock:
-            self._connections.append(conn)
         return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        return self._conns.get()
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
@@ -154,11 +143,7 @@ class SQLiteStore(JobStore):
         db.execute("COMMIT")
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            connections, self._connections = self._connections, []
-        for conn in connections:
-            conn.close()
+        self._conns.close()
 
     # ------------------------------------------------------------------------------------------ jobs
 

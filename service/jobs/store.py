@@ -24,10 +24,12 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import time
 import urllib.parse
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
+from typing import Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +127,56 @@ Events = list[tuple[int, bytes]]
 JobRefs = list[tuple[str, JobState, float, set[str]]]
 
 
+C = TypeVar("C")
+
+
+class PerThread(Generic[C]):
+    """One database connection per thread and per process, for a store used from many threads.
+
+    A forked child gets connections of its own (a connection must not cross a fork) and never closes its
+    parent's; the connections of threads that ended are closed when the next one is opened, so a server
+    that starts a thread per job does not pile them up.
+    """
+
+    def __init__(self, connect: Callable[[], C], close: Callable[[C], None], usable: Callable[[C], bool]) -> None:
+        self._connect = connect
+        self._close = close
+        self._usable = usable
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._open: list[tuple[int, threading.Thread, C]] = []
+        self._closed = False
+
+    def get(self) -> C:
+        """This thread's connection, opened if it has none (or lost it)."""
+        if self._closed:
+            raise RuntimeError("the job store is closed")
+        pid = os.getpid()
+        held: tuple[int, C] | None = getattr(self._local, "conn", None)
+        if held is not None and held[0] == pid and self._usable(held[1]):
+            return held[1]
+        conn = self._connect()
+        self._local.conn = (pid, conn)
+        me = threading.current_thread()
+        with self._lock:
+            stale = [e for e in self._open if e[0] == pid and (not e[1].is_alive() or e[1] is me)]
+            self._open = [e for e in self._open if e not in stale] + [(pid, me, conn)]
+        for _, _, old in stale:
+            self._close(old)
+        return conn
+
+    def close(self) -> None:
+        """Closes every connection this process opened; later calls to :meth:`get` raise RuntimeError."""
+        with self._lock:
+            self._closed = True
+            entries, self._open = self._open, []
+        pid = os.getpid()
+        for owner_pid, _, conn in entries:
+            # a connection inherited through a fork is the parent's: closing it here would break it there
+            if owner_pid == pid:
+                self._close(conn)
+
+
 def crashed_message(attempts: int) -> str:
     """The error message of a job failed by :meth:`JobStore.recover`."""
     plural = "attempt" if attempts == 1 else "attempts"
@@ -187,11 +239,11 @@ class JobStore(abc.ABC):
             hexdigest = digest.hexdigest()
             final = self._blob_file(hexdigest)
             final.parent.mkdir(exist_ok=True)
-            if final.exists():
-                tmp.unlink()
-                # a fresh mtime keeps a blob about to be referenced again out of cleanup's reach
+            try:
+                # stored already: a fresh mtime keeps it out of cleanup's reach until the job refers to it
                 os.utime(final)
-            else:
+                tmp.unlink()
+            except FileNotFoundError:
                 os.replace(tmp, final)
                 _fsync_dir(final.parent)
             return hexdigest, size
@@ -308,7 +360,7 @@ class JobStore(abc.ABC):
         then every blob no remaining job refers to (and leftover temp files) older than ``grace`` seconds.
         QUEUED and RUNNING jobs and their blobs are never touched.
         """
-        now = time.time()
+        now = self._now()
         jobs = self._job_refs()
         refcount: dict[str, int] = {}
         for _, _, _, refs in jobs:
@@ -348,7 +400,7 @@ class JobStore(abc.ABC):
                 stat = path.stat()
             except FileNotFoundError:
                 continue
-            if path.name in referenced or stat.st_mtime > now - grace:
+            if path.name in referenced or stat.st_mtime > time.time() - grace:
                 bytes_left += stat.st_size
                 continue
             path.unlink(missing_ok=True)
@@ -356,7 +408,7 @@ class JobStore(abc.ABC):
             bytes_freed += stat.st_size
         for tmp in self._blobs.glob(_TMP_PREFIX + "*"):
             try:
-                if tmp.stat().st_mtime < now - grace:
+                if tmp.stat().st_mtime < time.time() - grace:
                     tmp.unlink(missing_ok=True)
             except FileNotFoundError:
                 pass
@@ -364,6 +416,10 @@ class JobStore(abc.ABC):
         if jobs_deleted or blobs_deleted:
             logger.info("cleanup: %s", stats)
         return stats
+
+    def _now(self) -> float:
+        """The clock the store's timestamps come from (unix seconds)."""
+        return time.time()
 
     def __enter__(self) -> JobStore:
         return self
@@ -407,12 +463,12 @@ def open_store(url: str, artifacts: Path) -> JobStore:
 
         return PostgresStore(url, artifacts)
     raise ValueError(
-        f"job store URL {_redact(url)!r} has an unknown scheme {scheme!r}: "
+        f"job store URL {redact_url(url)!r} has an unknown scheme {scheme!r}: "
         "use sqlite:///abs/path/jobs.db or postgresql://user@host:port/db"
     )
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """The URL without its password, for messages and logs."""
     parts = urllib.parse.urlsplit(url)
     if parts.password is None:

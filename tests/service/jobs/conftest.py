@@ -96,6 +96,7 @@ def postgres_server() -> Iterator[str]:
         capture_output=True,
         text=True,
         check=False,
+        cwd=root,  # a folder the unprivileged user can enter, wherever the tests run from
     )
     if init.returncode != 0:
         shutil.rmtree(root, ignore_errors=True)
@@ -122,6 +123,7 @@ def postgres_server() -> Iterator[str]:
         ],
         stdout=log,
         stderr=subprocess.STDOUT,
+        cwd=root,
     )
     url = f"postgresql://postgres@127.0.0.1:{port}"
     try:
@@ -165,7 +167,7 @@ def postgres_db(postgres_server: str) -> str:
     return f"{postgres_server}/{name}"
 
 
-@pytest.fixture(params=["sqlite"])
+@pytest.fixture(params=["sqlite", "postgresql"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A job store URL on each backend (a fresh database)."""
     if request.param == "sqlite":
