@@ -138,7 +138,7 @@ class ServerConfig:
     def store_url(self) -> str:
         if self.job_store:
             return self.job_store
-        return f"sqlite:///{Path(self.artifacts or '.').expanduser().resolve() / 'jobs.db'}"
+        return f"sqlite://{Path(self.artifacts or '.').expanduser().resolve() / 'jobs.db'}"
 
 
 JOIN_SECONDS = 10.0

@@ -106,7 +106,8 @@ class Runner:
         self.time_limit = time_limit
         self.threads = threads
         self.max_eval_bytes = max_eval_bytes
-        self.heartbeat = heartbeat
+        # a replica beating less often than others take it for dead would recover its own live jobs
+        self.heartbeat = min(heartbeat, dead_after / 3)
         self.dead_after = dead_after
         self.max_attempts = max_attempts
         self.retention_ttl = retention_ttl
@@ -182,12 +183,13 @@ class Runner:
                 return
             command = [
                 sys.executable, "-m", "service.jobs.worker",
-                "--store", self.store_url, "--artifacts", str(self.artifacts), "--job", job.id,
+                "--artifacts", str(self.artifacts), "--job", job.id,
                 "--parent", str(os.getpid()), "--memory-limit", str(self.memory_limit),
                 "--threads", str(self.threads), "--max-eval-bytes", str(self.max_eval_bytes),
             ]  # fmt: skip
             # two malloc arenas keep the address space (what RLIMIT_AS counts) near what is used
             env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
+            env[worker.STORE_ENV] = self.store_url  # not on the command line, where ps shows a password
             process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL)
             self._runs[job.id] = _Run(job, process, time.monotonic())
             _log("started", job, pid=process.pid, attempt=job.attempts)
@@ -220,7 +222,8 @@ class Runner:
 
     def _ended(self, run: _Run, code: int) -> None:
         job = self.store.get(run.job.id)
-        if job is None or job.state in FINISHED:
+        if job is None or job.state in FINISHED or job.attempts != run.job.attempts:
+            # finished (by its worker, usually), or recovered and claimed again: not this run's to finish
             _log("ended", run.job, exit=code, state=job.state.value if job else "removed")
             return
         if run.reason == "shutdown":

@@ -1,4 +1,5 @@
-"""The process that runs one job: ``python -m service.jobs.worker --store URL --artifacts DIR --job ID``.
+"""The process that runs one job: ``python -m service.jobs.worker --artifacts DIR --job ID`` (store URL in
+``$ONNX_PRUNER_WORKER_STORE``).
 
 The server's :class:`service.jobs.runner.Runner` starts one per job, so a job
 that crashes (a segfault in onnxruntime or a plugin) or runs out of memory takes
@@ -24,12 +25,15 @@ import resource
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 EXIT_STOPPED = 75
 """Exit code: the runner's SIGTERM stopped the job; the runner finishes it (cancelled, time limit, shutdown)."""
 EXIT_MEMORY = 86
 """Exit code: the job ran out of its memory limit and could not record it; the runner does."""
+STORE_ENV = "ONNX_PRUNER_WORKER_STORE"
+"""The environment variable the runner hands the store's URL (with its password, if any) in."""
 _PR_SET_PDEATHSIG = 1
 
 logger = logging.getLogger("onnxpruner.service.jobs.worker")
@@ -91,10 +95,26 @@ def run(args: argparse.Namespace) -> int:
         limit_memory(args.memory_limit)
     parent = args.parent
 
+    checked = [time.monotonic()]
+
     def on_progress(event: pruner.ProgressEvent) -> None:
         if os.getppid() != parent:  # the server died (no PDEATHSIG here): stop, its replacement re-runs the job
             stop.set()
+        if time.monotonic() - checked[0] >= 1.0:
+            checked[0] = time.monotonic()
+            current = store.get(job.id)
+            if current is None or current.state is not JobState.RUNNING or current.attempts != job.attempts:
+                # recovered and re-queued meanwhile (this replica was taken for dead): another run owns it now
+                logger.warning("job %s is no longer this worker's (attempt %d); stopping", job.id, job.attempts)
+                stop.set()
+                return
         store.append_event(job.id, convert.event_to_proto(event).SerializeToString())
+
+    def finish(state: JobState, **fields: str) -> None:
+        try:
+            store.finish(job.id, state, owner=job.owner, **fields)
+        except ValueError as e:  # recovered, cancelled or finished meanwhile: the store keeps what it has
+            logger.warning("job %s: not finished by this worker: %s", job.id, e)
 
     try:
         config = pb.PruneConfig.FromString(store.blob_path(job.inputs["config"]).read_bytes())
@@ -106,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         del evalset
         data = result.model_bytes if result.model_bytes is not None else result.model.SerializeToString()
         digest, _ = store.put_blob([data])
-        store.finish(job.id, JobState.SUCCEEDED, report_json=result.report.to_json(), result=digest, owner=job.owner)
+        finish(JobState.SUCCEEDED, report_json=result.report.to_json(), result=digest)
         return 0
     except pruner.CancelledError:
         if stop.is_set():
@@ -122,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
             code = type(error).__name__ if isinstance(error, pruner.PrunerError) else "InternalError"
             message = f"internal error (job {job.id}); the server's log has the details"
     try:
-        store.finish(job.id, JobState.FAILED, error_code=code, error_message=message, owner=job.owner)
+        finish(JobState.FAILED, error_code=code, error_message=message)
     except MemoryError:
         return EXIT_MEMORY
     return 0
@@ -130,7 +150,9 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m service.jobs.worker", description=__doc__)
-    parser.add_argument("--store", required=True, help="the job store's URL")
+    parser.add_argument(
+        "--store", default=os.environ.get(STORE_ENV), help=f"the job store's URL (default ${STORE_ENV})"
+    )
     parser.add_argument("--artifacts", required=True, help="the artifacts folder")
     parser.add_argument("--job", required=True, help="the job's id")
     parser.add_argument("--parent", type=int, default=os.getppid(), help="the runner's pid")
@@ -138,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: auto)")
     parser.add_argument("--max-eval-bytes", type=int, default=0, help="decoded eval set limit (0: free memory)")
     args = parser.parse_args(argv)
+    if not args.store:
+        parser.error(f"give the job store's URL with --store or ${STORE_ENV}")
     die_with_parent(args.parent)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
