@@ -148,7 +148,8 @@ class Runner:
     # -- the loop
 
     def _loop(self) -> None:
-        beat = recovered = cleaned = time.monotonic()
+        beat = recovered = time.monotonic()
+        cleaned = beat - self.cleanup_every  # the first cleanup at start
         while True:
             now = time.monotonic()
             try:

@@ -440,3 +440,20 @@ def test_a_job_past_the_time_limit_fails_naming_it(job_server: Callable[..., Job
     assert "time limit of 3 s (job_time_limit)" in final.error_message
     with pytest.raises(errors.TimeLimitError):
         raise_for_job(final)
+
+
+def test_retention_removes_finished_jobs_past_their_ttl_at_the_next_start(
+    job_server: Callable[..., JobServer],
+) -> None:
+    server = job_server()
+    with Connection(server.address) as connection:
+        job_id, _ = connection.submit(MLP, MLP_EVAL, QUICK)
+        assert connection.follow(job_id).state == pb.JOB_STATE_SUCCEEDED
+    server.stop()
+    time.sleep(2.0)
+    server.args = ("--retention-ttl", "1")
+    server.start()
+    with Connection(server.address) as connection:
+        assert wait_until(lambda: not connection.list_jobs(), 30)
+        with pytest.raises(errors.JobNotFoundError, match="no job has the id"):
+            connection.get_job(job_id)
