@@ -160,7 +160,8 @@ class Runner:
                     recovered = now
                     for job in self.store.recover(dead_after=self.dead_after, max_attempts=self.max_attempts):
                         _log("recovered", job, state=job.state.value, attempts=job.attempts)
-                if (self.retention_ttl or self.retention_max_bytes) and now - cleaned >= self.cleanup_every:
+                retention = self.retention_ttl is not None or self.retention_max_bytes is not None
+                if retention and now - cleaned >= self.cleanup_every:
                     cleaned = now
                     stats = self.store.cleanup(ttl=self.retention_ttl, max_bytes=self.retention_max_bytes)
                     logger.info(json.dumps({"event": "cleanup", "stats": repr(stats)}))
