@@ -1,4 +1,5 @@
-"""The ``onnx-prune`` command line: ``prune``, ``inspect`` and ``metrics``.
+"""The ``onnx-prune`` command line: ``prune``, ``inspect``, ``metrics``, and the jobs of a server:
+``submit``, ``watch``, ``status``, ``cancel`` and ``fetch`` (docs/jobs.md).
 
 Every failure, local or remote, ends in :func:`main`, which prints one line
 (``onnx-prune: error: ...``) and exits with the code the one table in
@@ -18,6 +19,7 @@ Every failure, local or remote, ends in :func:`main`, which prints one line
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -43,7 +45,8 @@ from pruner import (
     Tolerance,
 )
 from service import convert, errors, views
-from service.client import Connection, check_target
+from service._gen.onnxpruner.v1 import pruner_pb2 as pb
+from service.client import Connection, check_target, raise_for_job
 from service.errors import Exit
 
 DEFAULTS = PruneOptions()
@@ -64,12 +67,69 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prune", help="prune a model to the smallest one within tolerance")
     p.add_argument("model", help="input .onnx model")
     p.add_argument(
-        "--eval", required=True, dest="eval_set", help=".npz eval set: one array per input, optional 'labels'"
+        "--eval",
+        "--eval-set",
+        required=True,
+        dest="eval_set",
+        help=".npz eval set: one array per input, optional 'labels'",
     )
     p.add_argument("-o", "--out", required=True, help="where to write the pruned .onnx")
     p.add_argument("--report", help="where to write the JSON report")
     p.add_argument("--plot", metavar="PNG", help="write the metric-vs-size plot of every candidate (needs [plot])")
     p.add_argument("--html", metavar="HTML", help="write a self-contained HTML report (needs [plot])")
+    _option_arguments(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--fail-unchanged",
+        action="store_true",
+        help="exit 3 when no candidate passed the tolerance (for pipelines; the files are still written)",
+    )
+    _remote_arguments(p)
+
+    i = sub.add_parser("inspect", help="list the prunable layers of a model")
+    i.add_argument("model")
+    i.add_argument("--json", action="store_true", help="machine-readable output")
+    i.add_argument("--include", action="append", default=[], metavar="GLOB")
+    i.add_argument("--exclude", action="append", default=[], metavar="GLOB")
+    _remote_arguments(i)
+
+    j = sub.add_parser("submit", help="store a pruning job on a server; prints its id (docs/jobs.md)")
+    j.add_argument("model", help="input .onnx model")
+    j.add_argument("--eval", "--eval-set", required=True, dest="eval_set", help=".npz eval set")
+    _option_arguments(j)
+    j.add_argument("--idempotency-key", metavar="KEY", help="submitting again with the same key runs the job once")
+    _remote_arguments(j, required=True)
+
+    w = sub.add_parser("watch", help="stream a job's progress until it ends; exits as prune would")
+    w.add_argument("job", help="the job's id")
+    w.add_argument("--from-event", type=int, default=0, help="the first event to show (default 0)")
+    w.add_argument("--quiet", action="store_true", help="no progress lines")
+    w.add_argument("--fail-unchanged", action="store_true", help="exit 3 when no candidate passed the tolerance")
+    _remote_arguments(w, required=True)
+
+    st = sub.add_parser("status", help="a job's state, report and error")
+    st.add_argument("job", help="the job's id")
+    st.add_argument("--json", action="store_true", help="machine-readable output (the Job message as JSON)")
+    _remote_arguments(st, required=True)
+
+    c = sub.add_parser("cancel", help="cancel a job")
+    c.add_argument("job", help="the job's id")
+    _remote_arguments(c, required=True)
+
+    f = sub.add_parser("fetch", help="download a succeeded job's model (resumes a partial download)")
+    f.add_argument("job", help="the job's id")
+    f.add_argument("-o", "--out", required=True, help="where to write the pruned .onnx")
+    f.add_argument("--report", help="where to write the JSON report")
+    _remote_arguments(f, required=True)
+
+    m = sub.add_parser("metrics", help="list the built-in metrics and the installed metric plugins")
+    m.add_argument("--json", action="store_true", help="machine-readable output")
+    _remote_arguments(m)
+    return parser
+
+
+def _option_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of a pruning run, shared by ``prune`` and ``submit``."""
     p.add_argument(
         "--metric",
         metavar="NAME|MODULE:FUNCTION",
@@ -186,29 +246,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--include", action="append", default=[], metavar="GLOB", help="prune only matching layers")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never prune matching layers")
     p.add_argument("--sparse-initializers", action="store_true", help="store zeroed weights as sparse_initializer")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument(
-        "--fail-unchanged",
-        action="store_true",
-        help="exit 3 when no candidate passed the tolerance (for pipelines; the files are still written)",
-    )
-    _remote_arguments(p)
-
-    i = sub.add_parser("inspect", help="list the prunable layers of a model")
-    i.add_argument("model")
-    i.add_argument("--json", action="store_true", help="machine-readable output")
-    i.add_argument("--include", action="append", default=[], metavar="GLOB")
-    i.add_argument("--exclude", action="append", default=[], metavar="GLOB")
-    _remote_arguments(i)
-
-    m = sub.add_parser("metrics", help="list the built-in metrics and the installed metric plugins")
-    m.add_argument("--json", action="store_true", help="machine-readable output")
-    _remote_arguments(m)
-    return parser
 
 
-def _remote_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--server", metavar="HOST:PORT", help="run the job on an onnx-pruner gRPC server")
+def _remote_arguments(p: argparse.ArgumentParser, *, required: bool = False) -> None:
+    p.add_argument("--server", metavar="HOST:PORT", required=required, help="an onnx-pruner gRPC server")
     p.add_argument("--token-file", help="file with the server's bearer token (default: $ONNX_PRUNER_TOKEN if set)")
     p.add_argument("--tls-ca", metavar="PEM", help="CA certificate of the server; connects with TLS")
     p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
@@ -408,7 +449,8 @@ def _cmd_prune(args: argparse.Namespace) -> int:
     try:
         if args.server:
             with _connection(args) as connection:
-                result = connection.prune(args.model, args.eval_set, options, on_progress=progress)
+                # a durable job: survives a dropped connection or a server restart
+                result = connection.prune_job(args.model, args.eval_set, options, on_progress=progress)
         else:
             result = pruner.prune(args.model, args.eval_set, options, on_progress=progress)
     finally:
@@ -449,6 +491,101 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     )
     for s in data["skipped"]:
         print(f"skipped {s['name']} ({s['op_type']}): {s['reason']}")
+    return Exit.OK
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    options = _options(args)
+    with _connection(args) as connection:
+        job_id, created = connection.submit(args.model, args.eval_set, options, idempotency_key=args.idempotency_key)
+    if not created:
+        print(f"onnx-prune: the idempotency key names job {job_id}, submitted before", file=sys.stderr)
+    print(job_id)
+    return Exit.OK
+
+
+_STATE_NAMES = {value.number: value.name.removeprefix("JOB_STATE_").lower() for value in pb.JobState.DESCRIPTOR.values}
+
+
+def _job_lines(job: pb.Job) -> str:
+    rows = [("job", job.job_id), ("state", _STATE_NAMES.get(job.state, str(job.state)))]
+    if job.status:
+        rows.append(("status", job.status))
+    if job.error_code:
+        rows.append(("error", f"{job.error_code}: {job.error_message}"))
+    if job.result_sha256:
+        rows.append(("result", f"{job.result_size:,} bytes, sha256 {job.result_sha256}"))
+    rows += [("attempts", str(job.attempts)), ("events", str(job.events))]
+    if job.cancel_requested and job.state == pb.JOB_STATE_RUNNING:
+        rows.append(("cancel", "requested"))
+    if job.idempotency_key:
+        rows.append(("idempotency key", job.idempotency_key))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    def show(event: ProgressEvent) -> None:
+        if not args.quiet:
+            print(f"[{event.evaluation}/{event.max_evaluations}] {event.message}", file=sys.stderr, flush=True)
+
+    with _connection(args) as connection:
+        job = connection.follow(args.job, args.from_event, on_progress=show)
+    raise_for_job(job)
+    print(_summary(pruner.Report.from_json(job.report_json)))
+    if args.fail_unchanged and job.status == "unchanged":
+        print("onnx-prune: nothing could be pruned within the tolerance", file=sys.stderr)
+        return Exit.UNCHANGED
+    return Exit.OK
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    with _connection(args) as connection:
+        job = connection.get_job(args.job)
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(job, preserving_proto_field_name=True), indent=2))
+    else:
+        print(_job_lines(job))
+    return Exit.OK
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    with _connection(args) as connection:
+        job = connection.cancel_job(args.job)
+    print(_job_lines(job))
+    return Exit.OK
+
+
+def _cmd_fetch(args: argparse.Namespace) -> int:
+    taken: list[tuple[str, str]] = []
+    for path, what in ((args.out, "-o/--out"), (args.report, "--report")):
+        if path:
+            pruner.check_output_path(path, what, others=taken)
+            taken.append((path, what))
+    out = Path(args.out)
+    part = out.with_name(out.name + ".part")
+    with _connection(args) as connection:
+        job = connection.get_job(args.job)
+        if job.state != pb.JOB_STATE_SUCCEEDED:
+            state = _STATE_NAMES.get(job.state, str(job.state))
+            why = f" ({job.error_code}: {job.error_message})" if job.error_code else ""
+            raise errors.JobStateError(f"the job {job.job_id} is {state}, not succeeded{why}: it has no result")
+        offset = part.stat().st_size if part.exists() else 0
+        if offset > job.result_size:  # not a part of this result
+            offset = 0
+        with open(part, "ab" if offset else "wb") as handle:
+            connection.fetch(args.job, handle, offset)
+    digest = hashlib.sha256()
+    with open(part, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    if digest.hexdigest() != job.result_sha256 or part.stat().st_size != job.result_size:
+        part.unlink()
+        raise pruner.InternalError(f"the downloaded result of job {args.job} does not match its sha256; fetch again")
+    part.replace(out)
+    if args.report:
+        Path(args.report).write_text(job.report_json)
+    print(f"{out}: {job.result_size:,} bytes, sha256 {job.result_sha256}")
     return Exit.OK
 
 
@@ -502,9 +639,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_target(args.server, "--server")
         if args.command == "prune":
             return _cmd_prune(args)
-        if args.command == "metrics":
-            return _cmd_metrics(args)
-        return _cmd_inspect(args)
+        commands = {
+            "metrics": _cmd_metrics,
+            "submit": _cmd_submit,
+            "watch": _cmd_watch,
+            "status": _cmd_status,
+            "cancel": _cmd_cancel,
+            "fetch": _cmd_fetch,
+            "inspect": _cmd_inspect,
+        }
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("onnx-prune: interrupted; nothing was written", file=sys.stderr)
         return Exit.INTERRUPTED

@@ -14,9 +14,12 @@ import hashlib
 import json
 import os
 import re
+import sys
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import grpc
 import onnx
@@ -29,12 +32,20 @@ from service import convert, errors
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 from service._gen.onnxpruner.v1 import pruner_pb2_grpc as pb_grpc
 
-__all__ = ["CONNECT_TIMEOUT", "Connection", "check_target"]
+__all__ = ["CONNECT_TIMEOUT", "RECONNECT_SECONDS", "Connection", "JobUpdate", "check_target"]
 
 Source = str | os.PathLike[str] | bytes
 
 CONNECT_TIMEOUT = 10.0
 """Seconds to wait for a connection before a call fails with ``ServerUnavailableError``."""
+RECONNECT_SECONDS = 120.0
+"""How long :meth:`Connection.prune_job` keeps reconnecting to a server that is unavailable."""
+_BACKOFF = (0.5, 5.0)
+"""The first and the longest wait between two reconnects (doubling)."""
+
+FINISHED = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+JobUpdate = tuple[int, pruner.ProgressEvent] | pb.Job
+"""What :meth:`Connection.watch` yields: ``(index, event)``, then the final ``pb.Job``."""
 _PRUNER_SERVICE = pb.DESCRIPTOR.services_by_name["PrunerService"].full_name
 
 _TARGET = re.compile(r"(?:\[(?P<v6>[^\[\]]*)\]|(?P<host>[^:\[\]]*)):(?P<port>[^:]*)")
@@ -265,3 +276,246 @@ class Connection:
         except grpc.RpcError as e:
             raise self._error(e) from None
         return response
+
+    # -- durable jobs (docs/jobs.md)
+
+    def submit(
+        self,
+        model: Source,
+        evalset: Source,
+        options: pruner.PruneOptions,
+        *,
+        idempotency_key: str | None = None,
+        timeout: float | None = None,
+    ) -> tuple[str, bool]:
+        """Store a job on the server: returns ``(job id, created)``.
+
+        ``created`` is False when ``idempotency_key`` named an existing job (nothing new runs).
+
+        Raises:
+            pruner.PrunerError: as :meth:`prune`; ``JobsUnsupportedError`` when the server has no job API.
+        """
+        _check_readable(model, evalset)
+        config = convert.options_to_proto(options)
+        self._connect()
+
+        def requests() -> Iterator[pb.SubmitJobRequest]:
+            if idempotency_key:
+                yield pb.SubmitJobRequest(idempotency_key=idempotency_key)
+            yield pb.SubmitJobRequest(prune=pb.PruneRequest(config=config))
+            for chunk in _chunks(model):
+                yield pb.SubmitJobRequest(prune=pb.PruneRequest(model_chunk=chunk))
+            for chunk in _chunks(evalset):
+                yield pb.SubmitJobRequest(prune=pb.PruneRequest(eval_npz_chunk=chunk))
+
+        try:
+            response = self.stub.SubmitJob(requests(), metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as e:
+            raise self._job_error(e) from None
+        return response.job_id, response.created
+
+    def watch(self, job_id: str, from_event: int = 0) -> Iterator[JobUpdate]:
+        """The job's progress events from ``from_event`` as ``(index, event)``, then its final status.
+
+        Raises:
+            pruner.PrunerError: as :meth:`prune` (``JobNotFoundError`` for an unknown id).
+        """
+        self._connect()
+        calls = self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id, from_event=from_event), metadata=self._metadata)
+        try:
+            for response in calls:
+                if response.WhichOneof("payload") == "event":
+                    yield int(response.event.index), convert.event_from_proto(response.event.progress)
+                else:
+                    yield response.job
+                    return
+        except grpc.RpcError as e:
+            raise self._job_error(e) from None
+        finally:
+            calls.cancel()
+        raise errors.ServerUnavailableError(f"the watch of job {job_id} ended before the job finished")
+
+    def get_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
+        """The job's status (``pb.Job``). Raises as :meth:`watch`."""
+        self._connect()
+        try:
+            response = self.stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as e:
+            raise self._job_error(e) from None
+        job: pb.Job = response.job
+        return job
+
+    def cancel_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:
+        """Ask the server to cancel the job; its status after the request. Raises as :meth:`watch`."""
+        self._connect()
+        try:
+            response = self.stub.CancelJob(pb.CancelJobRequest(job_id=job_id), metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as e:
+            raise self._job_error(e) from None
+        job: pb.Job = response.job
+        return job
+
+    def list_jobs(self, *, limit: int = 100, timeout: float | None = None) -> list[pb.Job]:
+        """The server's jobs, newest first. Raises as :meth:`watch`."""
+        self._connect()
+        try:
+            response = self.stub.ListJobs(pb.ListJobsRequest(limit=limit), metadata=self._metadata, timeout=timeout)
+        except grpc.RpcError as e:
+            raise self._job_error(e) from None
+        return list(response.jobs)
+
+    def download(self, job_id: str, offset: int = 0) -> Iterator[tuple[bytes, int, str]]:
+        """The result of a succeeded job from ``offset``, as ``(chunk, total size, sha256)``.
+
+        Raises:
+            pruner.PrunerError: as :meth:`watch`; ``JobStateError`` when the job has not succeeded.
+        """
+        self._connect()
+        calls = self.stub.DownloadResult(
+            pb.DownloadResultRequest(job_id=job_id, offset=offset), metadata=self._metadata
+        )
+        try:
+            for response in calls:
+                if response.offset != offset:
+                    raise pruner.InternalError(f"the server sent bytes from {response.offset}, not {offset}")
+                offset += len(response.chunk)
+                yield response.chunk, int(response.total_size), response.sha256
+        except grpc.RpcError as e:
+            raise self._job_error(e) from None
+        finally:
+            calls.cancel()
+
+    def _job_error(self, error: grpc.RpcError) -> pruner.PrunerError:
+        code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+        if code is grpc.StatusCode.UNIMPLEMENTED:
+            return JobsUnsupportedError(f"the server at {self.target} runs no job store")
+        return self._error(error)
+
+    def prune_job(
+        self,
+        model: Source,
+        evalset: Source,
+        options: pruner.PruneOptions,
+        *,
+        on_progress: Callable[[pruner.ProgressEvent], None] | None = None,
+        on_submitted: Callable[[str], None] | None = None,
+        reconnect_seconds: float = RECONNECT_SECONDS,
+    ) -> pruner.PruneResult:
+        """:meth:`prune` as a durable job: submit, watch, download; reconnects by itself.
+
+        A server that is unavailable (restarting, or a dropped connection) is retried with
+        backoff for up to ``reconnect_seconds`` since the last answer: the submit with the
+        same idempotency key (it runs once), the watch from the event after the last one
+        seen, the download from the last byte received. A server without the job API
+        gets the one-call :meth:`prune` instead.
+
+        Raises:
+            pruner.PrunerError: as :meth:`prune`; a failed job raises its error's class
+                (``errors.error_named``), a cancelled one ``pruner.CancelledError``.
+        """
+        _check_readable(model, evalset)
+        self._connect()  # a server that cannot be reached at all fails at once; later losses are retried
+        key = uuid.uuid4().hex
+        retry = _Retry(reconnect_seconds)
+        while True:
+            try:
+                job_id, _ = self.submit(model, evalset, options, idempotency_key=key)
+                break
+            except JobsUnsupportedError:
+                return self.prune(model, evalset, options, on_progress=on_progress)
+            except errors.ServerUnavailableError:
+                retry.wait()
+        retry.reset()
+        if on_submitted is not None:
+            on_submitted(job_id)
+        final = self.follow(job_id, on_progress=on_progress, reconnect_seconds=reconnect_seconds)
+        raise_for_job(final)
+        data = bytearray()
+        self.fetch(job_id, data, reconnect_seconds=reconnect_seconds)
+        return _result(bytes(data), final.report_json)
+
+    def follow(
+        self,
+        job_id: str,
+        from_event: int = 0,
+        *,
+        on_progress: Callable[[pruner.ProgressEvent], None] | None = None,
+        reconnect_seconds: float = RECONNECT_SECONDS,
+    ) -> pb.Job:
+        """Watches the job until it finishes, reconnecting as :meth:`prune_job` does; its final status."""
+        retry = _Retry(reconnect_seconds)
+        index = from_event
+        while True:
+            try:
+                for update in self.watch(job_id, index):
+                    if isinstance(update, tuple):
+                        index = update[0] + 1
+                        retry.reset()
+                        if on_progress is not None:
+                            on_progress(update[1])
+                    else:
+                        return update
+            except errors.ServerUnavailableError:
+                retry.wait()
+
+    def fetch(
+        self, job_id: str, sink: bytearray | BinaryIO, offset: int = 0, *, reconnect_seconds: float = RECONNECT_SECONDS
+    ) -> tuple[int, str]:
+        """Appends the job's result from ``offset`` to ``sink``, reconnecting as :meth:`prune_job` does.
+
+        Returns ``(size, sha256)`` as the server gave them, once all bytes arrived; the caller checks
+        the digest of the whole (``sink`` may hold a part downloaded earlier).
+        """
+        retry = _Retry(reconnect_seconds)
+        size, digest = -1, ""
+        while True:
+            try:
+                for chunk, total, sha256 in self.download(job_id, offset):
+                    size, digest = total, sha256
+                    if isinstance(sink, bytearray):
+                        sink += chunk
+                    else:
+                        sink.write(chunk)
+                    offset += len(chunk)
+                    retry.reset()
+                if isinstance(sink, bytearray) and (len(sink) != size or hashlib.sha256(sink).hexdigest() != digest):
+                    raise pruner.InternalError(f"the result of job {job_id} does not match the server's digest")
+                return size, digest
+            except errors.ServerUnavailableError:
+                retry.wait()
+
+
+class JobsUnsupportedError(pruner.PrunerError):
+    """The server has no job API (an older server, or one started without a job store)."""
+
+
+def raise_for_job(job: pb.Job) -> None:
+    """Nothing for a SUCCEEDED job; the error of its class for a FAILED or CANCELLED one."""
+    if job.state == pb.JOB_STATE_SUCCEEDED:
+        return
+    if job.state == pb.JOB_STATE_CANCELLED:
+        raise pruner.CancelledError(job.error_message or f"the job {job.job_id} was cancelled")
+    if job.state == pb.JOB_STATE_FAILED:
+        raise errors.error_named(job.error_code, job.error_message or f"the job {job.job_id} failed")
+    raise errors.JobStateError(f"the job {job.job_id} has not finished")
+
+
+class _Retry:
+    """Waits with doubling backoff; gives up ``seconds`` after the last success."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.reset()
+
+    def reset(self) -> None:
+        self.since = time.monotonic()
+        self.delay = _BACKOFF[0]
+
+    def wait(self) -> None:
+        error = sys.exc_info()[1]
+        if time.monotonic() - self.since + self.delay > self.seconds:
+            if error is not None:
+                raise error
+            raise errors.ServerUnavailableError("the server stayed unavailable")
+        time.sleep(self.delay)
+        self.delay = min(self.delay * 2, _BACKOFF[1])

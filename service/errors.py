@@ -12,6 +12,10 @@ winning (its method resolution order is walked)::
     ServerBusyError                RESOURCE_EXHAUSTED   RetryInfo        5  busy: retry later
     ServerUnavailableError         UNAVAILABLE          RetryInfo        4  unreachable or shutting down
     TimeLimitError                 DEADLINE_EXCEEDED                     6  over the time limit
+    JobNotFoundError               NOT_FOUND                             2  no job has this id
+    JobStateError                  FAILED_PRECONDITION                   2  e.g. downloading an unfinished job
+    JobMemoryLimitError            RESOURCE_EXHAUSTED   QuotaFailure     2  a job over its memory limit
+    JobCrashedError                INTERNAL                              1  a job's process died
     CancelledError                 CANCELLED                             130 interrupted
     InternalError, PrunerError     INTERNAL                              1  internal error
     anything else                  INTERNAL                              1  internal error
@@ -40,10 +44,15 @@ __all__ = [
     "TABLE",
     "AuthenticationError",
     "Exit",
+    "JobCrashedError",
+    "JobMemoryLimitError",
+    "JobNotFoundError",
+    "JobStateError",
     "Row",
     "ServerBusyError",
     "ServerUnavailableError",
     "TimeLimitError",
+    "error_named",
     "exit_code",
     "from_rpc_error",
     "row_of",
@@ -88,6 +97,25 @@ class TimeLimitError(pruner.PrunerError):
     """The job, or its upload, ran past a time limit (the server's, or the client's deadline)."""
 
 
+class JobNotFoundError(pruner.InvalidInputError):
+    """No job has this id: it never existed, or retention removed it."""
+
+
+class JobStateError(pruner.InvalidInputError):
+    """The job is not in a state that allows the call (its result asked for before it succeeded)."""
+
+
+class JobMemoryLimitError(pruner.ResourceLimitError):
+    """A job's process went over the server's per-job memory limit (``job_memory_limit``)."""
+
+    def __init__(self, message: str, subject: str = "job_memory_limit") -> None:
+        super().__init__(message, subject)
+
+
+class JobCrashedError(pruner.PrunerError):
+    """A job's process died (killed by a signal, or its replica died too often); no result."""
+
+
 @dataclass(frozen=True)
 class Row:
     """What callers see of one error class."""
@@ -108,6 +136,10 @@ TABLE: dict[type[BaseException], Row] = {
     ServerBusyError: Row(grpc.StatusCode.RESOURCE_EXHAUSTED, Exit.BUSY),
     ServerUnavailableError: Row(grpc.StatusCode.UNAVAILABLE, Exit.UNAVAILABLE),
     TimeLimitError: Row(grpc.StatusCode.DEADLINE_EXCEEDED, Exit.TIME_LIMIT),
+    JobNotFoundError: Row(grpc.StatusCode.NOT_FOUND, Exit.BAD_INPUT),
+    JobStateError: Row(grpc.StatusCode.FAILED_PRECONDITION, Exit.BAD_INPUT),
+    JobMemoryLimitError: Row(grpc.StatusCode.RESOURCE_EXHAUSTED, Exit.BAD_INPUT),
+    JobCrashedError: Row(grpc.StatusCode.INTERNAL, Exit.INTERNAL),
     pruner.CancelledError: Row(grpc.StatusCode.CANCELLED, Exit.INTERRUPTED),
     pruner.InternalError: Row(grpc.StatusCode.INTERNAL, Exit.INTERNAL),
     pruner.PrunerError: Row(grpc.StatusCode.INTERNAL, Exit.INTERNAL),
@@ -184,7 +216,25 @@ def from_rpc_error(error: grpc.RpcError) -> pruner.PrunerError:
         return pruner.ResourceLimitError(text)
     if code is grpc.StatusCode.UNAVAILABLE:
         return ServerUnavailableError(text)
-    for cls in (AuthenticationError, TimeLimitError, pruner.CancelledError, pruner.InvalidInputError):
+    classes = (AuthenticationError, TimeLimitError, JobNotFoundError, JobStateError, pruner.CancelledError)
+    for cls in (*classes, pruner.InvalidInputError):
         if TABLE[cls].code is code:
             return cls(text)
     return pruner.InternalError(f"the server said {code.name}: {text}")
+
+
+def error_named(name: str, message: str) -> pruner.PrunerError:
+    """An error of the class a job's ``error_code`` names (a class of the table, or of the library's tree).
+
+    A name this version does not know (a newer server's) gives ``pruner.PrunerError``: an internal error.
+    """
+    classes = {cls.__name__: cls for cls in TABLE}
+    candidate = getattr(pruner, name, None)
+    if isinstance(candidate, type) and issubclass(candidate, pruner.PrunerError):
+        classes.setdefault(name, candidate)
+    cls = classes.get(name, pruner.PrunerError)
+    try:
+        error = cls(message)
+    except TypeError:  # a constructor that wants more than a message
+        error = pruner.PrunerError(message)
+    return error if isinstance(error, pruner.PrunerError) else pruner.PrunerError(message)

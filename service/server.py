@@ -14,11 +14,13 @@ import ctypes
 import gc
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -30,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -37,6 +40,8 @@ import pruner
 from service import convert, errors, healthcheck
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 from service._gen.onnxpruner.v1 import pruner_pb2_grpc as pb_grpc
+from service.jobs.runner import Runner
+from service.jobs.store import FINISHED, Job, JobState, JobStore, open_store
 
 __all__ = ["ServerConfig", "create_server", "main"]
 
@@ -72,6 +77,23 @@ class ServerConfig:
     token: str | None = None
     """When set, every call but health checks needs ``authorization: Bearer <token>``."""
     log_level: str = "INFO"
+    artifacts: str | None = None
+    """The job store's artifacts folder; None: no job store, the job RPCs answer UNIMPLEMENTED
+    (``python -m service`` always sets one, default ``~/.local/share/onnx-pruner``)."""
+    job_store: str | None = None
+    """The job store's URL; None: ``sqlite:///<artifacts>/jobs.db``."""
+    job_workers: int | None = None
+    """Jobs of the store this replica runs at once, each in its own process; None: ``max_jobs``."""
+    job_memory_limit: int = 0
+    """Each job process's address-space limit in bytes (RLIMIT_AS); 0: none."""
+    replica_id: str | None = None
+    """This replica's name in the job store; None: ``<hostname>-<pid>``."""
+    retention_ttl: float | None = None
+    """Seconds a finished job (and its blobs) is kept; None: forever."""
+    retention_max_bytes: int | None = None
+    """Most bytes of blobs kept; the oldest finished jobs go first; None: no limit."""
+    job_dead_after: float = 60.0
+    """Seconds without a heartbeat after which another replica's running jobs re-run."""
 
     def __post_init__(self) -> None:
         for name in ("max_jobs", "max_inspects", "max_model_bytes", "max_eval_bytes"):
@@ -86,12 +108,37 @@ class ServerConfig:
             raise ValueError(f"grace must be >= 0 seconds, got {self.grace}")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both a certificate and a key")
+        if self.job_workers is not None and self.job_workers < 1:
+            raise ValueError(f"job_workers must be >= 1, got {self.job_workers}")
+        if self.job_memory_limit < 0:
+            raise ValueError(f"job_memory_limit must be >= 0 bytes (0: none), got {self.job_memory_limit}")
+        if self.retention_ttl is not None and not self.retention_ttl > 0:
+            raise ValueError(f"retention_ttl must be > 0 seconds, got {self.retention_ttl}")
+        if self.retention_max_bytes is not None and self.retention_max_bytes < 0:
+            raise ValueError(f"retention_max_bytes must be >= 0, got {self.retention_max_bytes}")
+        if not self.job_dead_after > 0:
+            raise ValueError(f"job_dead_after must be > 0 seconds, got {self.job_dead_after}")
         if self.token is not None and not self.token.strip():
             raise ValueError("the bearer token is empty; set a non-empty token, or none to run without authentication")
 
     @property
     def upload_slots(self) -> int:
         return self.max_uploads if self.max_uploads is not None else 4 * self.max_jobs
+
+    @property
+    def workers(self) -> int:
+        return self.job_workers if self.job_workers is not None else self.max_jobs
+
+    @property
+    def watch_slots(self) -> int:
+        """WatchJob and DownloadResult calls at once."""
+        return 4 * self.workers + 8
+
+    @property
+    def store_url(self) -> str:
+        if self.job_store:
+            return self.job_store
+        return f"sqlite://{Path(self.artifacts or '.').expanduser().resolve() / 'jobs.db'}"
 
 
 JOIN_SECONDS = 10.0
@@ -230,8 +277,11 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
     once. A job's slot is free again only once its worker thread has ended.
     """
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, store: JobStore | None = None, runner: Runner | None = None) -> None:
         self.config = config
+        self.store = store
+        self.runner = runner
+        self._watches = threading.BoundedSemaphore(config.watch_slots)
         self._jobs = threading.BoundedSemaphore(config.max_jobs)
         self._uploads = threading.BoundedSemaphore(config.upload_slots)
         self._inspects = threading.BoundedSemaphore(config.max_inspects)
@@ -258,6 +308,7 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
 
         Returns once every call has sent its status (or after ``SHUTDOWN_SECONDS`` more).
         """
+        deadline = time.monotonic() + grace
         with self._changed:
             self._closing = True
             self._changed.wait_for(lambda: not self._calls, timeout=grace)
@@ -266,6 +317,8 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
             job.cancel("shutdown")
         with self._changed:
             self._changed.wait_for(lambda: not self._calls, timeout=SHUTDOWN_SECONDS)
+        if self.runner is not None:  # job processes get what is left of the grace, then are re-queued
+            self.runner.stop(max(0.0, deadline - time.monotonic()))
 
     @staticmethod
     def _take(semaphore: threading.BoundedSemaphore, busy: str) -> None:
@@ -436,7 +489,7 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
             except pruner.ResourceLimitError as e:
                 e.subject = e.subject or "max_eval_bytes"
                 raise
-        return {"options": options, "model": bytes(model), "evalset": evalset}
+        return {"options": options, "model": bytes(model), "evalset": evalset, "config": config, "npz": npz}
 
     # -- Prune
 
@@ -601,6 +654,188 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
         except BaseException as error:
             self._fail(job, context, error)
 
+    # -- durable jobs
+
+    def _job_store(self) -> JobStore:
+        if self.store is None:
+            raise _NoJobStore("this server runs without a job store (no --artifacts); use Prune")
+        return self.store
+
+    def _get_job(self, job_id: str) -> Job:
+        if not job_id:
+            raise _bad("job_id is empty", "job_id")
+        job = self._job_store().get(job_id)
+        if job is None:
+            raise errors.JobNotFoundError(f"no job has the id {job_id!r} (never submitted, or removed by retention)")
+        return job
+
+    def _unary(self, name: str, context: grpc.ServicerContext, work: Callable[[], Any]) -> Any:
+        call = _Job(name, uuid.uuid4().hex[:12], time.monotonic(), context=context)
+        try:
+            response = work()
+            call.log("ok")
+            return response
+        except BaseException as error:
+            self._fail(call, context, error)
+
+    def SubmitJob(self, request_iterator: Iterator[pb.SubmitJobRequest], context: grpc.ServicerContext) -> Any:
+        job = _Job("SubmitJob", uuid.uuid4().hex[:12], time.monotonic(), context=context)
+        context.add_callback(job.stop.set)
+        try:
+            try:
+                store = self._job_store()
+                self._enter(job)
+                keys: list[str] = []
+
+                def prune_requests() -> Iterator[pb.PruneRequest]:
+                    for i, request in enumerate(self._requests(request_iterator, job)):
+                        kind = request.WhichOneof("payload")
+                        if kind == "idempotency_key":
+                            if i:
+                                raise _bad("the idempotency_key must come in the first message", "idempotency_key")
+                            if len(request.idempotency_key) > MAX_KEY:
+                                raise _bad(f"the idempotency_key is over {MAX_KEY} characters", "idempotency_key")
+                            keys.append(request.idempotency_key)
+                        elif kind == "prune":
+                            yield request.prune
+                        else:
+                            raise _bad("a SubmitJobRequest carries nothing", "payload")
+
+                with self._upload():
+                    inputs = self._receive(prune_requests(), job)
+                npz = bytes(inputs["npz"]) if inputs["npz"] else _npz(inputs["evalset"])
+                blobs = {
+                    "model": store.put_blob([inputs.pop("model")])[0],
+                    "eval": store.put_blob([npz])[0],
+                    "config": store.put_blob([inputs["config"].SerializeToString()])[0],
+                }
+                inputs.clear()
+                del npz
+                stored, created = store.submit(blobs, idempotency_key=(keys[0] if keys else "") or None)
+                job.log("ok", job_id=stored.id, created=created)
+                return pb.SubmitJobResponse(job_id=stored.id, created=created)
+            except BaseException as error:
+                self._fail(job, context, error)
+            finally:
+                self._leave(job)
+        finally:
+            job.stop.set()
+            _release_memory()
+
+    def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+        call = _Job("WatchJob", uuid.uuid4().hex[:12], time.monotonic(), context=context)
+        try:
+            try:
+                self._enter(call)
+                job = self._get_job(request.job_id)
+                self._take(self._watches, f"the server is serving its maximum of {self.config.watch_slots} watches")
+                try:
+                    yield from self._watch(job, request.from_event, call)
+                finally:
+                    self._watches.release()
+                call.log("ok", job_id=job.id)
+            except BaseException as error:
+                self._fail(call, context, error)
+            finally:
+                self._leave(call)
+        finally:
+            call.stop.set()
+
+    def _watch(self, job: Job, start: int, call: _Job) -> Iterator[pb.WatchJobResponse]:
+        store = self._job_store()
+        index = start
+        while True:
+            if self._closing:
+                raise errors.ServerUnavailableError(_SHUTTING_DOWN)
+            if call.gone():
+                return
+            batch = store.events(job.id, index)
+            for number, payload in batch:
+                progress = pb.ProgressEvent.FromString(payload)
+                yield pb.WatchJobResponse(event=pb.JobEvent(index=number, progress=progress))
+                index = number + 1
+            if batch:
+                continue
+            current = store.get(job.id)
+            if current is None:
+                raise errors.JobNotFoundError(f"the job {job.id!r} was removed by retention while it was watched")
+            if current.state in FINISHED:
+                if current.events > index:  # events appended just before it finished
+                    continue
+                yield pb.WatchJobResponse(job=_job_to_proto(current, store))
+                return
+            time.sleep(_WATCH_POLL)
+
+    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> Any:
+        return self._unary(
+            "GetJob",
+            context,
+            lambda: pb.GetJobResponse(job=_job_to_proto(self._get_job(request.job_id), self._job_store())),
+        )
+
+    def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> Any:
+        def cancel() -> pb.CancelJobResponse:
+            job = self._get_job(request.job_id)
+            try:
+                job = self._job_store().request_cancel(job.id)
+            except KeyError:  # removed by retention meanwhile
+                raise errors.JobNotFoundError(f"no job has the id {request.job_id!r}") from None
+            return pb.CancelJobResponse(job=_job_to_proto(job, self._job_store()))
+
+        return self._unary("CancelJob", context, cancel)
+
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> Any:
+        def listing() -> pb.ListJobsResponse:
+            limit = min(request.limit or MAX_LIST, MAX_LIST)
+            states = []
+            for value in request.states:
+                if value not in _STATES_FROM_PROTO:
+                    raise _bad(f"states has an unknown value {value}", "states")
+                states.append(_STATES_FROM_PROTO[value])
+            jobs = self._job_store().list(limit=limit, states=states)
+            return pb.ListJobsResponse(jobs=[_job_to_proto(job, self._job_store(), report=False) for job in jobs])
+
+        return self._unary("ListJobs", context, listing)
+
+    def DownloadResult(self, request: pb.DownloadResultRequest, context: grpc.ServicerContext) -> Iterator[Any]:
+        call = _Job("DownloadResult", uuid.uuid4().hex[:12], time.monotonic(), context=context)
+        try:
+            self._enter(call)
+            job = self._get_job(request.job_id)
+            if job.state is not JobState.SUCCEEDED or job.result is None:
+                raise errors.JobStateError(
+                    f"the job {job.id} is {job.state.value}, not succeeded: it has no result to download"
+                )
+            try:
+                path = self._job_store().blob_path(job.result)
+                size = path.stat().st_size
+            except (KeyError, OSError):
+                raise errors.JobNotFoundError(f"the result of job {job.id} was removed by retention") from None
+            if request.offset > size:
+                raise _bad(f"offset {request.offset} is past the end of the {size}-byte result", "offset")
+            self._take(self._watches, f"the server is serving its maximum of {self.config.watch_slots} downloads")
+            try:
+                with open(path, "rb") as handle:
+                    handle.seek(request.offset)
+                    offset = request.offset
+                    while True:
+                        if self._closing:
+                            raise errors.ServerUnavailableError(_SHUTTING_DOWN)
+                        chunk = handle.read(convert.CHUNK_BYTES)
+                        if not chunk and offset < size:
+                            raise pruner.InternalError(f"the result blob of job {job.id} is shorter than its size")
+                        yield pb.DownloadResultResponse(offset=offset, chunk=chunk, total_size=size, sha256=job.result)
+                        offset += len(chunk)
+                        if offset >= size:
+                            break
+            finally:
+                self._watches.release()
+            call.log("ok", job_id=job.id, offset=request.offset)
+        except BaseException as error:
+            self._fail(call, context, error)
+        finally:
+            self._leave(call)
+
     # -- failing
 
     def _fail(self, job: _Job, context: grpc.ServicerContext, error: BaseException) -> None:
@@ -608,6 +843,9 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
         if isinstance(error, GeneratorExit):  # gRPC closed the response stream: the client went
             job.log("CANCELLED", reason="the client cancelled or went away while results streamed")
             raise error
+        if isinstance(error, _NoJobStore):
+            job.log("UNIMPLEMENTED")
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, str(error))
         if isinstance(error, pruner.CancelledError) and job.reason is None:
             job.log("CANCELLED", reason="the client cancelled or went away")
             error.__traceback__ = None
@@ -632,6 +870,63 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
 
 
 _SHUTTING_DOWN = "the server is shutting down; retry on another replica or later"
+MAX_KEY = 200
+"""Characters of an idempotency key."""
+MAX_LIST = 1000
+_WATCH_POLL = 0.2
+
+_STATES = {
+    JobState.QUEUED: pb.JOB_STATE_QUEUED,
+    JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: pb.JOB_STATE_FAILED,
+    JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
+}
+_STATES_FROM_PROTO = {number: state for state, number in _STATES.items()}
+
+
+class _NoJobStore(Exception):
+    """A job RPC on a server without a job store: UNIMPLEMENTED, as on a server that predates them."""
+
+
+def _npz(evalset: pruner.EvalSet) -> bytes:
+    """An eval set sent as tensors, stored as the .npz a worker reads."""
+    arrays = dict(evalset.inputs)
+    if evalset.labels is not None:
+        arrays["labels"] = evalset.labels
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _job_to_proto(job: Job, store: JobStore, *, report: bool = True) -> pb.Job:
+    out = pb.Job(
+        job_id=job.id,
+        state=_STATES[job.state],
+        created=job.created,
+        updated=job.updated,
+        idempotency_key=job.idempotency_key or "",
+        attempts=job.attempts,
+        cancel_requested=job.cancel_requested,
+        events=job.events,
+    )
+    if job.report_json and job.state is JobState.SUCCEEDED:
+        with contextlib.suppress(ValueError, AttributeError):
+            out.status = str(json.loads(job.report_json).get("status", ""))
+        if report:
+            out.report_json = job.report_json
+    if job.error_code:
+        out.error_code = job.error_code
+        out.error_message = job.error_message or ""
+        code = errors.row_of(errors.error_named(job.error_code, "")).code
+        if job.state is JobState.CANCELLED:
+            code = grpc.StatusCode.CANCELLED
+        out.error_status = code.value[0]
+    if job.result and job.state is JobState.SUCCEEDED:
+        out.result_sha256 = job.result
+        with contextlib.suppress(KeyError, OSError):  # removed by retention: size 0, and NOT_FOUND on download
+            out.result_size = store.blob_path(job.result).stat().st_size
+    return out
 
 
 @dataclass(frozen=True)
@@ -737,7 +1032,7 @@ def _build(config: ServerConfig) -> tuple[grpc.Server, int, health.HealthService
     if config.token:
         interceptors.insert(0, _TokenCheck(config.token))
     # a thread per call that can hold a slot, and some for health checks and refusals
-    threads = config.upload_slots + config.max_jobs + config.max_inspects + 8
+    threads = config.upload_slots + config.max_jobs + config.max_inspects + config.watch_slots + 8
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="grpc"),
         interceptors=interceptors,
@@ -747,7 +1042,8 @@ def _build(config: ServerConfig) -> tuple[grpc.Server, int, health.HealthService
             ("grpc.max_receive_message_length", convert.MAX_MESSAGE_BYTES),
         ],
     )
-    servicer = PrunerServicer(config)
+    store, runner = _jobs(config)
+    servicer = PrunerServicer(config, store, runner)
     pb_grpc.add_PrunerServiceServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -762,6 +1058,35 @@ def _build(config: ServerConfig) -> tuple[grpc.Server, int, health.HealthService
     if port == 0:
         raise OSError(f"cannot listen on {config.address}")
     return server, port, health_servicer, servicer
+
+
+def _jobs(config: ServerConfig) -> tuple[JobStore | None, Runner | None]:
+    """The job store and its runner (started), or none without an artifacts folder.
+
+    Raises:
+        ValueError: the store's URL has an unknown scheme, or its database cannot be reached.
+    """
+    if config.artifacts is None:
+        return None, None
+    artifacts = Path(config.artifacts).expanduser().resolve()
+    artifacts.mkdir(parents=True, exist_ok=True)
+    store = open_store(config.store_url, artifacts)
+    runner = Runner(
+        store,
+        store_url=config.store_url,
+        artifacts=artifacts,
+        replica_id=config.replica_id or f"{socket.gethostname()}-{os.getpid()}",
+        workers=config.workers,
+        memory_limit=config.job_memory_limit,
+        time_limit=config.job_time_limit,
+        threads=max(1, (os.cpu_count() or 1) // config.workers),
+        max_eval_bytes=config.max_eval_bytes,
+        dead_after=config.job_dead_after,
+        retention_ttl=config.retention_ttl,
+        retention_max_bytes=config.retention_max_bytes,
+    )
+    runner.start()
+    return store, runner
 
 
 def set_serving(health_servicer: health.HealthServicer, serving: bool) -> None:
@@ -809,6 +1134,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", default=_env("tls_key", None), help="PEM private key")
     p.add_argument("--token-file", default=_env("token_file", None), help="file holding the bearer token")
     p.add_argument("--log-level", default=_env("log_level", d.log_level))
+    p.add_argument("--artifacts", default=_env("artifacts", "~/.local/share/onnx-pruner"),
+                   help="the job store's folder of blobs (inputs and results)")  # fmt: skip
+    p.add_argument("--job-store", default=_env("job_store", None),
+                   help="sqlite:///PATH or postgresql://... (default sqlite:///ARTIFACTS/jobs.db)")  # fmt: skip
+    p.add_argument("--job-workers", type=int, default=_env("job_workers", None),
+                   help="stored jobs run at once, each in its own process (default: max-jobs)")  # fmt: skip
+    p.add_argument("--job-memory-limit", type=int, default=_env("job_memory_limit", 0),
+                   help="address-space limit of each job process in bytes (RLIMIT_AS; 0: none)")  # fmt: skip
+    p.add_argument("--replica-id", default=_env("replica_id", None),
+                   help="this replica's name in the job store (default HOSTNAME-PID; a stable one re-queues "
+                   "this replica's running jobs at once on restart)")  # fmt: skip
+    p.add_argument("--retention-ttl", type=float, default=_env("retention_ttl", None),
+                   help="seconds finished jobs are kept (default: forever)")  # fmt: skip
+    p.add_argument("--retention-max-bytes", type=int, default=_env("retention_max_bytes", None),
+                   help="most bytes of blobs kept; oldest finished jobs go first (default: no limit)")  # fmt: skip
+    p.add_argument("--job-dead-after", type=float, default=_env("job_dead_after", d.job_dead_after),
+                   help="seconds without a heartbeat after which another replica's jobs re-run")  # fmt: skip
     p.add_argument("--runtime-dir", default=str(healthcheck.runtime_dir()),
                    help="where the server writes server.json (its port and TLS mode) for the health check")  # fmt: skip
     return p
@@ -871,6 +1213,14 @@ def main(argv: list[str] | None = None) -> int:
             tls_key=args.tls_key,
             token=token,
             log_level=str(args.log_level).upper(),
+            artifacts=str(args.artifacts),
+            job_store=args.job_store or None,
+            job_workers=None if args.job_workers is None else int(args.job_workers),
+            job_memory_limit=int(args.job_memory_limit),
+            replica_id=args.replica_id or None,
+            retention_ttl=None if args.retention_ttl is None else float(args.retention_ttl),
+            retention_max_bytes=None if args.retention_max_bytes is None else int(args.retention_max_bytes),
+            job_dead_after=float(args.job_dead_after),
         )
     except ValueError as e:
         print(f"onnx-pruner server: error: {e}", file=sys.stderr)
@@ -880,7 +1230,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=config.log_level, handlers=[handler], force=True)
     try:
         server, port, health_servicer, servicer = _build(config)
-    except OSError as e:  # an unreadable certificate or key, a port in use
+    except (OSError, ValueError) as e:  # an unreadable certificate or key, a port in use, a bad job store
         print(f"onnx-pruner server: error: {e}", file=sys.stderr)
         return 2
     server.start()
@@ -893,6 +1243,9 @@ def main(argv: list[str] | None = None) -> int:
         "max_jobs": config.max_jobs,
         "max_uploads": config.upload_slots,
         "max_inspects": config.max_inspects,
+        "job_store": config.store_url.split(":", 1)[0] if servicer.runner is not None else None,
+        "job_workers": config.workers,
+        "replica_id": servicer.runner.replica_id if servicer.runner is not None else None,
     }
     logger.info(json.dumps({**serving, "tls": bool(config.tls_cert), "auth": bool(token)}))
     signalled: list[int] = []

@@ -82,6 +82,15 @@ class EventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     EVENT_KIND_NEW_BEST: _ClassVar[EventKind]
     EVENT_KIND_CONFIRM: _ClassVar[EventKind]
     EVENT_KIND_DONE: _ClassVar[EventKind]
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_QUEUED: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_SUCCEEDED: _ClassVar[JobState]
+    JOB_STATE_FAILED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
 CRITERION_UNSPECIFIED: Criterion
 CRITERION_MAGNITUDE: Criterion
 CRITERION_L1: Criterion
@@ -133,6 +142,12 @@ EVENT_KIND_CANDIDATE: EventKind
 EVENT_KIND_NEW_BEST: EventKind
 EVENT_KIND_CONFIRM: EventKind
 EVENT_KIND_DONE: EventKind
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_QUEUED: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_SUCCEEDED: JobState
+JOB_STATE_FAILED: JobState
+JOB_STATE_CANCELLED: JobState
 
 class PruneRequest(_message.Message):
     __slots__ = ("config", "model_chunk", "eval_npz_chunk", "eval_tensor", "eval_tensor_data")
@@ -388,3 +403,135 @@ class ListMetricsResponse(_message.Message):
     builtin: _containers.RepeatedCompositeFieldContainer[MetricInfo]
     plugins: _containers.RepeatedCompositeFieldContainer[MetricInfo]
     def __init__(self, builtin: _Optional[_Iterable[_Union[MetricInfo, _Mapping]]] = ..., plugins: _Optional[_Iterable[_Union[MetricInfo, _Mapping]]] = ...) -> None: ...
+
+class SubmitJobRequest(_message.Message):
+    __slots__ = ("idempotency_key", "prune")
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_FIELD_NUMBER: _ClassVar[int]
+    idempotency_key: str
+    prune: PruneRequest
+    def __init__(self, idempotency_key: _Optional[str] = ..., prune: _Optional[_Union[PruneRequest, _Mapping]] = ...) -> None: ...
+
+class SubmitJobResponse(_message.Message):
+    __slots__ = ("job_id", "created")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    created: bool
+    def __init__(self, job_id: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class WatchJobRequest(_message.Message):
+    __slots__ = ("job_id", "from_event")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_EVENT_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    from_event: int
+    def __init__(self, job_id: _Optional[str] = ..., from_event: _Optional[int] = ...) -> None: ...
+
+class WatchJobResponse(_message.Message):
+    __slots__ = ("event", "job")
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    event: JobEvent
+    job: Job
+    def __init__(self, event: _Optional[_Union[JobEvent, _Mapping]] = ..., job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class JobEvent(_message.Message):
+    __slots__ = ("index", "progress")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    progress: ProgressEvent
+    def __init__(self, index: _Optional[int] = ..., progress: _Optional[_Union[ProgressEvent, _Mapping]] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class CancelJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class CancelJobResponse(_message.Message):
+    __slots__ = ("job",)
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    job: Job
+    def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("job_id", "state", "created", "updated", "idempotency_key", "attempts", "cancel_requested", "events", "report_json", "status", "error_code", "error_message", "error_status", "result_sha256", "result_size")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_JSON_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_STATUS_FIELD_NUMBER: _ClassVar[int]
+    RESULT_SHA256_FIELD_NUMBER: _ClassVar[int]
+    RESULT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: JobState
+    created: float
+    updated: float
+    idempotency_key: str
+    attempts: int
+    cancel_requested: bool
+    events: int
+    report_json: str
+    status: str
+    error_code: str
+    error_message: str
+    error_status: int
+    result_sha256: str
+    result_size: int
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., created: _Optional[float] = ..., updated: _Optional[float] = ..., idempotency_key: _Optional[str] = ..., attempts: _Optional[int] = ..., cancel_requested: _Optional[bool] = ..., events: _Optional[int] = ..., report_json: _Optional[str] = ..., status: _Optional[str] = ..., error_code: _Optional[str] = ..., error_message: _Optional[str] = ..., error_status: _Optional[int] = ..., result_sha256: _Optional[str] = ..., result_size: _Optional[int] = ...) -> None: ...
+
+class DownloadResultRequest(_message.Message):
+    __slots__ = ("job_id", "offset")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    offset: int
+    def __init__(self, job_id: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class DownloadResultResponse(_message.Message):
+    __slots__ = ("offset", "chunk", "total_size", "sha256")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    chunk: bytes
+    total_size: int
+    sha256: str
+    def __init__(self, offset: _Optional[int] = ..., chunk: _Optional[bytes] = ..., total_size: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class ListJobsRequest(_message.Message):
+    __slots__ = ("limit", "states")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    STATES_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    states: _containers.RepeatedScalarFieldContainer[JobState]
+    def __init__(self, limit: _Optional[int] = ..., states: _Optional[_Iterable[_Union[JobState, str]]] = ...) -> None: ...
+
+class ListJobsResponse(_message.Message):
+    __slots__ = ("jobs",)
+    JOBS_FIELD_NUMBER: _ClassVar[int]
+    jobs: _containers.RepeatedCompositeFieldContainer[Job]
+    def __init__(self, jobs: _Optional[_Iterable[_Union[Job, _Mapping]]] = ...) -> None: ...

@@ -104,6 +104,36 @@ class PrunerServiceStub:
                 request_serializer=onnxpruner_dot_v1_dot_pruner__pb2.ListMetricsRequest.SerializeToString,
                 response_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.ListMetricsResponse.FromString,
                 _registered_method=True)
+        self.SubmitJob = channel.stream_unary(
+                '/onnxpruner.v1.PrunerService/SubmitJob',
+                request_serializer=onnxpruner_dot_v1_dot_pruner__pb2.SubmitJobRequest.SerializeToString,
+                response_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.SubmitJobResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/onnxpruner.v1.PrunerService/WatchJob',
+                request_serializer=onnxpruner_dot_v1_dot_pruner__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.WatchJobResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/onnxpruner.v1.PrunerService/GetJob',
+                request_serializer=onnxpruner_dot_v1_dot_pruner__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.GetJobResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/onnxpruner.v1.PrunerService/CancelJob',
+                request_serializer=onnxpruner_dot_v1_dot_pruner__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
+        self.DownloadResult = channel.unary_stream(
+                '/onnxpruner.v1.PrunerService/DownloadResult',
+                request_serializer=onnxpruner_dot_v1_dot_pruner__pb2.DownloadResultRequest.SerializeToString,
+                response_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.DownloadResultResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/onnxpruner.v1.PrunerService/ListJobs',
+                request_serializer=onnxpruner_dot_v1_dot_pruner__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class PrunerServiceServicer:
@@ -205,6 +235,89 @@ class PrunerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitJob(self, request_iterator, context):
+        """--- Durable jobs (docs/jobs.md). A job outlives the call that submits it:
+        it is stored (inputs as content-addressed blobs), queued, run in a worker
+        process of some replica, and its events and result stay readable after a
+        client disconnects or a server restarts, until the server's retention
+        removes the finished job. Job ids are 32 lowercase hex characters.
+
+        Errors of the job RPCs, beside those above (UNAUTHENTICATED, UNAVAILABLE
+        while shutting down, INTERNAL):
+        NOT_FOUND: no job has this id (never existed, or removed by retention).
+        FAILED_PRECONDITION: DownloadResult of a job that has not SUCCEEDED.
+        INVALID_ARGUMENT + BadRequest: a malformed request (an empty job id, a
+        download offset past the result's size, ...), naming the field.
+
+        Submit a job. The client sends, in order, an optional SubmitJobRequest
+        carrying `idempotency_key`, then SubmitJobRequests carrying `prune`: exactly
+        the PruneRequest messages that Prune takes (config first, then the model and
+        the eval set, with the same rules and limits), then half-closes. The server
+        checks the config and the eval set as Prune does (INVALID_ARGUMENT,
+        RESOURCE_EXHAUSTED + QuotaFailure, DEADLINE_EXCEEDED for the upload limits),
+        stores the inputs, queues the job and returns its id. It takes an upload
+        slot while receiving, never a job slot: RESOURCE_EXHAUSTED + RetryInfo only
+        when every upload slot is taken.
+
+        Idempotency: a submit carrying a non-empty `idempotency_key` that an earlier
+        job of this store already carries returns that job's id, with `created`
+        false, and starts nothing (even if the inputs differ, and across replicas
+        of one store). Retry a submit whose outcome you did not see with the same
+        key: the job runs once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """Stream a job's progress events from `from_event` (0: from the first; a
+        client that reconnects passes the index after the last one it saw), then,
+        once the job is finished and every event was sent, one `job` message with
+        its final status, and the stream ends OK. A job that fails ends the stream
+        OK too: its status says why. NOT_FOUND for an unknown job id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """A job's status: its state, report, error, and the result's digest and size.
+        NOT_FOUND for an unknown job id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Cancel a job: a QUEUED job becomes CANCELLED at once; a RUNNING one is
+        stopped by its replica within seconds, then CANCELLED; a finished job is
+        left as it is. Returns the job's status after the request (a running job
+        is still RUNNING with `cancel_requested` set). NOT_FOUND for an unknown id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadResult(self, request, context):
+        """The result model of a SUCCEEDED job, in chunks of at most 1 MiB from
+        `offset` (to resume a download, the number of bytes already received).
+        Every message carries the result's total size and SHA-256, so a client
+        can check the whole file once it has it. NOT_FOUND for an unknown job id,
+        FAILED_PRECONDITION when the job has not SUCCEEDED (the message names its
+        state), INVALID_ARGUMENT (field "offset") for an offset past the end.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """The jobs of this store, newest first. Reports are left out (`report_json`
+        empty; GetJob has them).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PrunerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -222,6 +335,36 @@ def add_PrunerServiceServicer_to_server(servicer, server):
                     servicer.ListMetrics,
                     request_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.ListMetricsRequest.FromString,
                     response_serializer=onnxpruner_dot_v1_dot_pruner__pb2.ListMetricsResponse.SerializeToString,
+            ),
+            'SubmitJob': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitJob,
+                    request_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.SubmitJobRequest.FromString,
+                    response_serializer=onnxpruner_dot_v1_dot_pruner__pb2.SubmitJobResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.WatchJobRequest.FromString,
+                    response_serializer=onnxpruner_dot_v1_dot_pruner__pb2.WatchJobResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.GetJobRequest.FromString,
+                    response_serializer=onnxpruner_dot_v1_dot_pruner__pb2.GetJobResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.CancelJobRequest.FromString,
+                    response_serializer=onnxpruner_dot_v1_dot_pruner__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'DownloadResult': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadResult,
+                    request_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.DownloadResultRequest.FromString,
+                    response_serializer=onnxpruner_dot_v1_dot_pruner__pb2.DownloadResultResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=onnxpruner_dot_v1_dot_pruner__pb2.ListJobsRequest.FromString,
+                    response_serializer=onnxpruner_dot_v1_dot_pruner__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -359,6 +502,168 @@ class PrunerService:
             '/onnxpruner.v1.PrunerService/ListMetrics',
             onnxpruner_dot_v1_dot_pruner__pb2.ListMetricsRequest.SerializeToString,
             onnxpruner_dot_v1_dot_pruner__pb2.ListMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitJob(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/onnxpruner.v1.PrunerService/SubmitJob',
+            onnxpruner_dot_v1_dot_pruner__pb2.SubmitJobRequest.SerializeToString,
+            onnxpruner_dot_v1_dot_pruner__pb2.SubmitJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/onnxpruner.v1.PrunerService/WatchJob',
+            onnxpruner_dot_v1_dot_pruner__pb2.WatchJobRequest.SerializeToString,
+            onnxpruner_dot_v1_dot_pruner__pb2.WatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onnxpruner.v1.PrunerService/GetJob',
+            onnxpruner_dot_v1_dot_pruner__pb2.GetJobRequest.SerializeToString,
+            onnxpruner_dot_v1_dot_pruner__pb2.GetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onnxpruner.v1.PrunerService/CancelJob',
+            onnxpruner_dot_v1_dot_pruner__pb2.CancelJobRequest.SerializeToString,
+            onnxpruner_dot_v1_dot_pruner__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadResult(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/onnxpruner.v1.PrunerService/DownloadResult',
+            onnxpruner_dot_v1_dot_pruner__pb2.DownloadResultRequest.SerializeToString,
+            onnxpruner_dot_v1_dot_pruner__pb2.DownloadResultResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/onnxpruner.v1.PrunerService/ListJobs',
+            onnxpruner_dot_v1_dot_pruner__pb2.ListJobsRequest.SerializeToString,
+            onnxpruner_dot_v1_dot_pruner__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
