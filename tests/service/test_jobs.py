@@ -35,7 +35,6 @@ MLP_EVAL = FIXTURES / "mlp_eval.npz"
 QUICK = pruner.PruneOptions(max_evaluations=3)
 SLOWISH = pruner.PruneOptions(max_evaluations=8, batch_size=1)
 """About 5 s of work on this machine: long enough to be interrupted."""
-SLOW = pruner.PruneOptions(max_evaluations=50, batch_size=1, metric=pruner.MetricKind.COSINE)
 
 
 def free_address() -> str:
@@ -249,21 +248,34 @@ def test_sigkill_of_the_server_mid_job_reruns_it_after_a_restart_and_keeps_finis
     check_result(kept, finished)
 
 
-def segfault_plugin(site: Path) -> Path:
-    """A metric plugin (an entry point of onnx_pruner.metrics) that dereferences NULL."""
+def metric_plugin(site: Path, name: str, body: str) -> Path:
+    """A metric plugin ``name`` (an entry point of onnx_pruner.metrics) whose function runs ``body``."""
     site.mkdir(parents=True)
-    (site / "crash_metric.py").write_text(
-        "import ctypes\n"
+    (site / f"{name}_metric.py").write_text(
+        "import ctypes, time\n"
         "from pruner import CustomMetric\n\n"
-        "def _crash(outputs, labels, reference):\n"
-        "    ctypes.string_at(0)\n\n"
-        "crash = CustomMetric(name='crash', fn=_crash, best=1.0)\n"
+        "def _fn(outputs, labels, reference):\n"
+        f"    {body}\n\n"
+        f"{name} = CustomMetric(name='{name}', fn=_fn, best=1.0)\n"
     )
-    info = site / "crash_metric-0.1.dist-info"
+    info = site / f"{name}_metric-0.1.dist-info"
     info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: crash-metric\nVersion: 0.1\n")
-    (info / "entry_points.txt").write_text("[onnx_pruner.metrics]\ncrash = crash_metric:crash\n")
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-metric\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[onnx_pruner.metrics]\n{name} = {name}_metric:{name}\n")
     return site
+
+
+def sleepy_plugin(site: Path) -> Path:
+    """A metric taking 1 s a call: a job using it outlasts any short limit or race, however fast the machine."""
+    return metric_plugin(site, "sleepy", "time.sleep(1.0); return [1.0] * len(labels)")
+
+
+SLEEPY = pruner.PruneOptions(max_evaluations=20, metric=convert.server_metric("sleepy"))
+
+
+def segfault_plugin(site: Path) -> Path:
+    """A metric that dereferences NULL."""
+    return metric_plugin(site, "crash", "ctypes.string_at(0)")
 
 
 def test_a_segfaulting_job_fails_cleanly_and_the_server_runs_the_next_one(
@@ -318,14 +330,16 @@ def test_a_job_over_its_memory_limit_fails_cleanly_and_the_server_runs_the_next_
     assert after.state == pb.JOB_STATE_SUCCEEDED
 
 
-def test_the_job_rpcs_name_unknown_jobs_and_unfinished_results(job_server: Callable[..., JobServer]) -> None:
-    server = job_server()
+def test_the_job_rpcs_name_unknown_jobs_and_unfinished_results(
+    job_server: Callable[..., JobServer], tmp_path: Path
+) -> None:
+    server = job_server(pythonpath=(sleepy_plugin(tmp_path / "site"),))
     with Connection(server.address) as connection:
         with pytest.raises(errors.JobNotFoundError, match="no job has the id 'f00'"):
             connection.get_job("f00")
         with pytest.raises(errors.JobNotFoundError, match="no job has the id"):
             connection.cancel_job("f00")
-        job_id, _ = connection.submit(MLP, MLP_EVAL, SLOW)
+        job_id, _ = connection.submit(MLP, MLP_EVAL, SLEEPY)
         with pytest.raises(errors.JobStateError, match="not succeeded"):
             download(connection, job_id)
         cancelled = connection.cancel_job(job_id)
@@ -431,10 +445,10 @@ def test_sigterm_requeues_a_job_still_running_after_the_grace_and_the_next_start
     assert "job-requeued" in server.log.read_text()
 
 
-def test_a_job_past_the_time_limit_fails_naming_it(job_server: Callable[..., JobServer]) -> None:
-    server = job_server("--job-time-limit", "3")
+def test_a_job_past_the_time_limit_fails_naming_it(job_server: Callable[..., JobServer], tmp_path: Path) -> None:
+    server = job_server("--job-time-limit", "3", pythonpath=(sleepy_plugin(tmp_path / "site"),))
     with Connection(server.address) as connection:
-        job_id, _ = connection.submit(MLP, MLP_EVAL, SLOW)
+        job_id, _ = connection.submit(MLP, MLP_EVAL, SLEEPY)
         final = connection.follow(job_id)
     assert final.state == pb.JOB_STATE_FAILED and final.error_code == "TimeLimitError"
     assert "time limit of 3 s (job_time_limit)" in final.error_message
