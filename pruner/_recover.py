@@ -156,9 +156,12 @@ class LayerLayout:
 
     def shifted(self, bias: np.ndarray, shift: np.ndarray) -> np.ndarray:
         """``bias`` moved so that the layer's output moves by ``shift``, in its own dtype."""
-        if self.unfold in (Unfold.SEQUENCE, Unfold.STATE):  # B [directions, 2 * rows]: W's half, added outside any gate
+        if self.unfold in (Unfold.SEQUENCE, Unfold.STATE):  # B [directions, 2 * rows]: Wb, then Rb
             out = bias.astype(np.float64).reshape(bias.shape[0], -1)
-            out[:, : out.shape[1] // 2] += shift.reshape(bias.shape[0], -1)
+            half = out.shape[1] // 2
+            # each term is added where its product is (a GRU's Rb_h inside the reset gate, as R_h h)
+            part = out[:, half:] if self.unfold is Unfold.STATE else out[:, :half]
+            part += shift.reshape(bias.shape[0], -1)
             return out.reshape(bias.shape).astype(bias.dtype)
         step = shift.reshape(bias.shape).astype(np.float64)
         return (bias.astype(np.float64) + (-step if self.bias_is_mean else step)).astype(bias.dtype)
@@ -656,10 +659,10 @@ def _use_layout(
     weight = None if op_layout is None else op_layout.slot(slot)
     if op_layout is None or weight is None or weight.unfold is None:
         return f"{node.op_type} input {slot} is not handled by recovery (no refit declared)"
-    data = node.input[weight.data]
     shape = layer.shape
-    if weight.unfold in (Unfold.SEQUENCE, Unfold.STATE):
+    if weight.unfold in (Unfold.SEQUENCE, Unfold.STATE):  # R's data, initial_h, may be absent
         return _recurrent_layout(index, layer, node, weight.unfold, op_layout.slot(1) is weight, users)
+    data = node.input[weight.data]
     if weight.unfold in (Unfold.LAST_AXIS, Unfold.TRANSPOSED):
         transpose = weight.out_axis % 2 == 1  # [in, out]: transposed to rows = outputs
         if len(shape) != 2:
