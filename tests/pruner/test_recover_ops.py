@@ -4,6 +4,8 @@ original than masking alone, while an unpruned weight refits to itself."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -15,6 +17,8 @@ from pruner._analysis import analyze
 from pruner._ops import Unfold
 from pruner._recover import _layer_rows, _use_rows, calibrate, layouts
 from tests.pruner.test_ops import CASES, Case, declared, model_of, operands, run
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 RECOVERY_CASES = [
     *CASES,
@@ -385,3 +389,23 @@ def test_a_shared_weight_fit_weighs_every_use() -> None:
         return sum(float(np.mean((o - r) ** 2)) for o, r in zip(outputs, reference, strict=True))
 
     assert both_errors(fits[0]) < both_errors(fits[1])
+
+
+@pytest.mark.parametrize("recover", [pruner.Recovery.AUTO, pruner.Recovery.SEQUENTIAL])
+def test_a_pytorch_lstm_and_gru_are_recovered_end_to_end(recover: pruner.Recovery) -> None:
+    """tests/fixtures/recurrent.onnx (tools/make_recurrent_fixture.py: a bidirectional LSTM, a GRU and a
+    Linear head) at 60% sparsity: every weight is fit, none named as not recovered, and the held-out
+    accuracy is far above masking's (0.47 masked; auto 0.77, sequential 0.86, where with the LSTM and
+    GRU not fitted they were 0.53 and 0.78)."""
+    model = onnx.load(str(FIXTURES / "recurrent.onnx"))
+    data = pruner.load_eval_set(FIXTURES / "recurrent_eval.npz")
+    results = {}
+    for method in (pruner.Recovery.NONE, recover):
+        options = pruner.PruneOptions(tolerance=pruner.Tolerance(1.0), target_sparsity=0.6, recover=method)
+        results[method] = pruner.prune(model, data, options).report
+    report = results[recover]
+    assert report.sparsity == pytest.approx(0.6, abs=0.01)
+    assert not [n for n in report.notes if "not recovered" in n or "no calibration" in n]
+    assert any(n.startswith("recovery: 5 layer(s) fit") for n in report.notes)
+    assert report.final.holdout is not None and results[pruner.Recovery.NONE].final.holdout is not None
+    assert report.final.holdout > results[pruner.Recovery.NONE].final.holdout + 0.15
