@@ -868,7 +868,7 @@ def _layer_rows(layout: LayerLayout, x: np.ndarray, samples: int) -> np.ndarray:
         if layout.unfold is Unfold.TRANSPOSED:  # Gemm with transA, or the weight is the first operand
             x = np.swapaxes(x, -1, -2)
         if layout.groups > 1:  # a batched MatMul: x [..., groups..., M, K] -> [rows, groups * K]
-            x = x.reshape(-1, layout.groups, *x.shape[-2:]).transpose(0, 2, 1, 3)
+            x = _per_matrix(x, layout.groups).transpose(0, 2, 1, 3)
             return np.ascontiguousarray(x.reshape(-1, layout.groups * x.shape[-1]), dtype=np.float32)
         return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
     if layout.transposed is not None:
@@ -877,6 +877,22 @@ def _layer_rows(layout: LayerLayout, x: np.ndarray, samples: int) -> np.ndarray:
         x = x[:, :, None, :]
     keep = positions_kept(layout.conv, x.shape[1], layout.groups, samples)
     return np.ascontiguousarray(_unfold(x.astype(np.float32, copy=False), layout.conv, keep))
+
+
+def _per_matrix(x: np.ndarray, groups: int) -> np.ndarray:
+    """A batched MatMul's data [..., M, K] as [n, groups, M, K]: its trailing batch axes are the
+    weight's (one matrix each), or it has none and every matrix reads all of it (broadcast)."""
+    lead = math.prod(x.shape[-3:-2]) if x.ndim > 2 else 1
+    for size in reversed(x.shape[:-3]):
+        if lead >= groups:
+            break
+        lead *= size
+    if lead == groups:
+        return x.reshape(-1, groups, *x.shape[-2:])
+    if math.prod(x.shape[:-2]) == 1 or x.ndim == 2:
+        return np.broadcast_to(x.reshape(1, 1, *x.shape[-2:]), (1, groups, *x.shape[-2:]))
+    # batch axes of their own before the weight's broadcast ones: [n, 1..., M, K]
+    return np.broadcast_to(x.reshape(-1, 1, *x.shape[-2:]), (x.size // math.prod(x.shape[-2:]), groups, *x.shape[-2:]))
 
 
 def _dilated(x: np.ndarray, strides: list[int], pads: list[int]) -> np.ndarray:

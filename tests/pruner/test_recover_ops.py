@@ -38,6 +38,8 @@ RECOVERY_CASES = [
     Case("conv_transpose_3d", "ConvTranspose", 1, (2, 3, 2, 2, 2), (1, 2, 3, 3, 2), {"strides": [2, 1, 2]}),
     Case("matmul_a", "MatMul", 0, (4, 3), (2, 3, 5), {}),
     Case("matmul_b_4d", "MatMul", 1, (2, 3, 3, 4), (2, 3, 5, 3), {}),
+    Case("matmul_b_3d_broadcast", "MatMul", 1, (2, 3, 4), (5, 3), {}),
+    Case("matmul_b_3d_broadcast_batch", "MatMul", 1, (2, 3, 4), (4, 1, 5, 3), {}),
 ]
 
 
