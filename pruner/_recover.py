@@ -913,19 +913,20 @@ def _use_rows(
     layout: LayerLayout, use: LayerUse, values: Mapping[str, np.ndarray], real: int, samples: int
 ) -> np.ndarray:
     """The rows one use of a layer reads, from ``values`` (a calibration batch's tensors, of which
-    the first ``real`` samples count)."""
+    the first ``real`` samples count; ``samples`` in the whole calibration)."""
     if use.recurrent is None:
         return _layer_rows(layout, np.asarray(values[use.input])[:real], samples)
-    return _recurrent_rows(layout.unfold, use.input, use.recurrent, values, real)
+    return _recurrent_rows(layout.unfold, use.input, use.recurrent, values, real, samples)
 
 
 def _recurrent_rows(
-    unfold: Unfold, data: str, rec: Recurrent, values: Mapping[str, np.ndarray], real: int
+    unfold: Unfold, data: str, rec: Recurrent, values: Mapping[str, np.ndarray], real: int, samples: int
 ) -> np.ndarray:
     """A recurrent node's rows, one per (step, sequence) within its length: x_t for W
     (``Unfold.SEQUENCE``), and for R (``Unfold.STATE``) h_{t-1} per direction and gate,
     [rows, directions * gates * hidden] (initial_h before the first step, a reverse direction's
-    at its sequence's last step)."""
+    at its sequence's last step). Long sequences keep a seeded subset of their steps, as large
+    feature maps keep a subset of positions: ``ROWS_PER_INPUT`` rows per input over all samples."""
     x = np.asarray(values[data], dtype=np.float32)
     if rec.batch_major:
         x = x.swapaxes(0, 1)
@@ -934,9 +935,14 @@ def _recurrent_rows(
     lengths = np.full(batch, seq, dtype=np.int64)
     if rec.lengths:
         lengths = np.minimum(np.asarray(values[rec.lengths], dtype=np.int64).reshape(-1)[:real], seq)
-    valid = np.arange(seq)[:, None] < lengths[None, :]  # [seq, batch]
+    cells = np.flatnonzero(np.arange(seq)[:, None] < lengths[None, :])  # valid (step, sequence), step-major
+    width = x.shape[2] if unfold is Unfold.SEQUENCE else rec.hidden
+    quota = max(MIN_POSITIONS * batch, -(-ROWS_PER_INPUT * width * batch // max(samples, 1)))
+    if len(cells) > quota:
+        cells = np.sort(np.random.default_rng(len(cells)).choice(cells, quota, replace=False))
+    x_rows = x.reshape(seq * batch, -1)[cells]
     if unfold is Unfold.SEQUENCE:
-        return np.ascontiguousarray(x[valid])
+        return np.ascontiguousarray(x_rows)
     d, h = rec.directions, rec.hidden
     y = np.asarray(values[rec.state], dtype=np.float32)
     y = (y.transpose(1, 2, 0, 3) if rec.batch_major else y)[:, :, :real]  # [seq, directions, batch, hidden]
@@ -951,15 +957,15 @@ def _recurrent_rows(
         previous[1, :-1] = y[1:, 1]
         ends = np.flatnonzero(lengths > 0)
         previous[1, lengths[ends] - 1, ends] = initial[1, ends]
-    blocks = np.repeat(previous[:, None], rec.gates, axis=1)  # [directions, gates, seq, batch, hidden]
+    states = previous.reshape(d, seq * batch, h)[:, cells]  # [directions, rows, hidden]
+    blocks = np.repeat(states[:, None], rec.gates, axis=1)  # [directions, gates, rows, hidden]
     if rec.reset is not None:  # a GRU's hidden gate reads r_t * h_{t-1} (gates z, r, h; B = Wb, Rb)
         w, r, b = (np.asarray(values[n], dtype=np.float32) for n in rec.reset)
         gate = slice(h, 2 * h)
         for k in range(d):
-            pre = x @ w[k, gate].T + previous[k] @ r[k, gate].T + b[k, gate] + b[k, 4 * h : 5 * h]
+            pre = x_rows @ w[k, gate].T + states[k] @ r[k, gate].T + b[k, gate] + b[k, 4 * h : 5 * h]
             blocks[k, 2] *= 1.0 / (1.0 + np.exp(-pre))
-    rows = blocks[:, :, valid]  # [directions, gates, rows, hidden]
-    return np.ascontiguousarray(rows.transpose(2, 0, 1, 3).reshape(rows.shape[2], -1))
+    return np.ascontiguousarray(blocks.transpose(2, 0, 1, 3).reshape(len(cells), -1))
 
 
 @functools.lru_cache(maxsize=64)

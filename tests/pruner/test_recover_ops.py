@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import pruner
 from pruner._analysis import analyze
 from pruner._ops import Unfold
-from pruner._recover import _layer_rows, _use_rows, calibrate, layouts
+from pruner._recover import MIN_POSITIONS, Recurrent, _layer_rows, _recurrent_rows, _use_rows, calibrate, layouts
 from tests.pruner.test_ops import CASES, Case, declared, model_of, operands, run
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -411,3 +411,25 @@ def test_a_pytorch_lstm_and_gru_are_recovered_end_to_end(recover: pruner.Recover
     assert any(n.startswith("recovery: 5 layer(s) fit") for n in report.notes)
     assert report.final.holdout is not None and results[pruner.Recovery.NONE].final.holdout is not None
     assert report.final.holdout > results[pruner.Recovery.NONE].final.holdout + 0.15
+
+
+def test_long_sequences_keep_a_subset_of_their_steps() -> None:
+    """As large feature maps keep a subset of positions: a long sequence keeps at least
+    ``MIN_POSITIONS`` steps per sequence, rows of its own, and W's and R's rows stay bounded."""
+    rng = np.random.default_rng(13)
+    steps, batch, width, hidden = 300, 2, 3, 4
+    values = {
+        "x": rng.standard_normal((steps, batch, width)).astype(np.float32),
+        "Y": rng.standard_normal((steps, 1, batch, hidden)).astype(np.float32),
+    }
+    rec = Recurrent(hidden=hidden, directions=1, gates=3, batch_major=False, state="Y")
+    x_rows = _recurrent_rows(Unfold.SEQUENCE, "x", rec, values, batch, samples=1000)
+    h_rows = _recurrent_rows(Unfold.STATE, "x", rec, values, batch, samples=1000)
+    assert len(x_rows) == len(h_rows) == MIN_POSITIONS * batch
+    every = values["x"].reshape(-1, width)
+    assert all((every == row).all(axis=1).any() for row in x_rows)
+    shifted = np.concatenate([np.zeros((1, batch, hidden)), values["Y"][:-1, 0]]).reshape(-1, hidden)
+    assert all((shifted == row[:hidden]).all(axis=1).any() for row in h_rows)
+    np.testing.assert_array_equal(h_rows[:, :hidden], h_rows[:, hidden : 2 * hidden])  # every gate reads h_{t-1}
+    full = _recurrent_rows(Unfold.SEQUENCE, "x", rec, values, batch, samples=1)
+    assert len(full) == steps * batch
