@@ -5,7 +5,10 @@ split (never the held-out one) with the input of every prunable layer exposed
 as an extra output, and accumulates per layer, batch by batch: the mean input
 row and the input Gram matrix X^T X / n (its diagonal alone when the full matrix
 is not needed). Conv inputs are unfolded (im2col) so a row is one receptive
-field, matching the weight flattened to [out, in * kh * kw].
+field, matching the weight flattened to [out, in * kh * kw]; a ConvTranspose's
+are the equivalent conv's on its dilated input, a recurrent node's W rows its steps'
+inputs and R rows its previous states, and a weight several nodes read gets the
+rows of all of them.
 
 From those statistics:
 
