@@ -40,9 +40,19 @@ class Unfold(enum.Enum):
     LAST_AXIS = "last_axis"
     """x[..., K] -> rows [-1, K] (MatMul, Gemm)."""
     TRANSPOSED = "transposed"
-    """x[K, M] -> rows x.T (Gemm with transA)."""
+    """x[..., K, M] -> rows over the last two axes swapped (Gemm with transA, a weight that is
+    the first operand of a MatMul or Gemm)."""
     IM2COL = "im2col"
     """A conv's receptive fields, in the weight's (channel, kernel...) order."""
+    TRANSPOSED_CONV = "transposed_conv"
+    """A transposed conv's input dilated by its strides and padded: the receptive fields of the
+    equivalent conv, whose weight is the transposed conv's flipped and swapped to [out, in, k...]."""
+    SEQUENCE = "sequence"
+    """A recurrent op's input X: one row per (step, sequence), x_t, read by every gate of W."""
+    STATE = "state"
+    """A recurrent op's previous hidden state h_{t-1} (its output Y shifted by one step, with
+    initial_h first; both directions), one column block per direction and gate of R: a GRU's
+    hidden gate without ``linear_before_reset`` reads r_t * h_{t-1}."""
 
 
 class ChannelRule(enum.Enum):
@@ -116,9 +126,9 @@ def _conv(attrs: Attributes) -> OpLayout:
 
 
 def _conv_transpose(attrs: Attributes) -> OpLayout:
-    # W [C_in, C_out / group, k...]; recovery does not unfold a transposed conv's input
+    # W [C_in, C_out / group, k...]
     return OpLayout(
-        (WeightSlot(1, 1, 0, output_axis=1, data=0, data_axis=1, unfold=None),),
+        (WeightSlot(1, 1, 0, output_axis=1, data=0, data_axis=1, unfold=Unfold.TRANSPOSED_CONV),),
         groups=attrs.get_int("group", 1),
     )
 
@@ -130,7 +140,16 @@ def _gemm(attrs: Attributes) -> OpLayout:
     b_depth, b_columns = (1, 0) if trans_b else (0, 1)  # the K and N axes of B
     return OpLayout(
         (
-            WeightSlot(0, a_rows, a_depth, output_axis=0, data=1, data_axis=b_depth, unfold=None),
+            WeightSlot(
+                0,
+                a_rows,
+                a_depth,
+                output_axis=0,
+                data=1,
+                data_axis=b_depth,
+                # one output column reads a column of B' (a row of B with transB)
+                unfold=Unfold.LAST_AXIS if trans_b else Unfold.TRANSPOSED,
+            ),
             WeightSlot(
                 1,
                 b_columns,
@@ -148,7 +167,7 @@ def _matmul(attrs: Attributes) -> OpLayout:
     # Y[..., M, N] = A[..., M, K] B[..., K, N]
     return OpLayout(
         (
-            WeightSlot(0, -2, -1, output_axis=-2, data=1, data_axis=-2, unfold=None),
+            WeightSlot(0, -2, -1, output_axis=-2, data=1, data_axis=-2, unfold=Unfold.TRANSPOSED),
             WeightSlot(1, -1, -2, output_axis=-1, data=0, data_axis=-1, unfold=Unfold.LAST_AXIS),
         )
     )
@@ -164,11 +183,12 @@ def _recurrent(gates: int) -> Callable[[Attributes], OpLayout]:
         # Y [seq, directions, batch, hidden] (layout=1: [batch, seq, directions, hidden]).
         # Row g * hidden + k of gate block g feeds hidden unit k (Y's last axis) through the
         # gate. R multiplies the hidden state, whose first value is initial_h (input 5).
-        # Recovery does not refit gates yet.
+        # Recovery refits each gate's pre-activation: W on the steps' inputs, R on the
+        # previous hidden states.
         return OpLayout(
             (
-                WeightSlot(1, 1, 2, output_axis=-1, data=0, data_axis=-1, unfold=None, blocks=gates),
-                WeightSlot(2, 1, 2, output_axis=-1, data=5, data_axis=-1, unfold=None, blocks=gates),
+                WeightSlot(1, 1, 2, output_axis=-1, data=0, data_axis=-1, unfold=Unfold.SEQUENCE, blocks=gates),
+                WeightSlot(2, 1, 2, output_axis=-1, data=5, data_axis=-1, unfold=Unfold.STATE, blocks=gates),
             )
         )
 

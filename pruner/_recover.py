@@ -5,7 +5,10 @@ split (never the held-out one) with the input of every prunable layer exposed
 as an extra output, and accumulates per layer, batch by batch: the mean input
 row and the input Gram matrix X^T X / n (its diagonal alone when the full matrix
 is not needed). Conv inputs are unfolded (im2col) so a row is one receptive
-field, matching the weight flattened to [out, in * kh * kw].
+field, matching the weight flattened to [out, in * kh * kw]; a ConvTranspose's
+are the equivalent conv's on its dilated input, a recurrent node's W rows its steps'
+inputs and R rows its previous states, and a weight several nodes read gets the
+rows of all of them.
 
 From those statistics:
 
@@ -27,7 +30,7 @@ import math
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
@@ -39,12 +42,47 @@ from ._errors import UnsupportedModelError, check_stop
 from ._evalset import EvalSet
 from ._evaluate import SplitModel, make_session, run_session
 from ._graph import Attributes, GraphIndex, keep_needed, reads
-from ._ops import Unfold, layout_of
+from ._ops import RECURRENT_GATES, Unfold, layout_of
 
 __all__ = ["Calibration", "LayerLayout", "SequentialRefit", "calibrate", "layouts"]
 
 DAMPING = 0.01
 """Share of the mean Hessian diagonal added to it before inversion."""
+
+
+@dataclass(frozen=True)
+class Recurrent:
+    """What the rows of a recurrent node's weights need beyond its input X (``Unfold.SEQUENCE``:
+    W's rows are the steps' inputs x_t; ``Unfold.STATE``: R's rows the previous states h_{t-1})."""
+
+    hidden: int
+    directions: int
+    gates: int
+    batch_major: bool
+    """``layout=1``: X [batch, seq, in], Y [batch, seq, directions, hidden], initial_h [batch, directions, hidden]."""
+    state: str
+    """The node's output Y (named by calibration when the node leaves it unnamed: ``_state_name``)."""
+    initial: str = ""
+    """initial_h ("": zeros)."""
+    lengths: str = ""
+    """sequence_lens ("": every step of every sequence); the steps past a sequence's end are not rows."""
+    reset: tuple[str, str, str] | None = None
+    """A GRU without ``linear_before_reset``: its W, R and B, from which the reset gate r_t is computed,
+    since the hidden gate's block of R multiplies r_t * h_{t-1}."""
+
+    def reads(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.state, self.initial, self.lengths, *(self.reset or ())) if n)
+
+
+@dataclass(frozen=True)
+class LayerUse:
+    """One node a weight feeds: the activation it multiplies (and a recurrent node's other tensors)."""
+
+    input: str
+    recurrent: Recurrent | None = None
+
+    def reads(self) -> tuple[str, ...]:
+        return (self.input, *(() if self.recurrent is None else self.recurrent.reads()))
 
 
 @dataclass(frozen=True)
@@ -54,20 +92,38 @@ class LayerLayout:
     name: str
     op_type: str
     input: str
-    """The activation multiplied by the weight."""
+    """The activation multiplied by the weight (of its first use)."""
     transpose: bool
     """Gemm/MatMul: the weight is [in, out] and is transposed to rows = outputs."""
     conv: dict[str, list[int]] | None = None
-    """Conv: kernel, strides, pads, dilations (2-D; a 1-D conv's as a 2-D one on maps one high)."""
+    """Conv: kernel, strides, pads, dilations (2-D or 3-D; a 1-D conv's as a 2-D one on maps one high).
+    ConvTranspose: the equivalent conv's on the dilated input (``transposed``)."""
     bias: str | None = None
     """The constant added to the layer's output per output channel, if any: its bias, or the
     mean of the BatchNormalization right after a layer without one (subtracted, not added)."""
     bias_is_mean: bool = False
     groups: int = 1
     """Conv groups: output rows of group j read only input columns of group j (depthwise: one
-    channel each), so statistics and fits are per group."""
+    channel each), so statistics and fits are per group. Also a batched MatMul weight's matrices,
+    and a recurrent R's (direction, gate) blocks."""
     unfold: Unfold = Unfold.LAST_AXIS
     """How the input becomes rows (the op declaration's, ``_ops``); IM2COL with ``conv`` set."""
+    uses: tuple[LayerUse, ...] = ()
+    """Every node the weight feeds (empty: the one reading ``input``): a weight shared by several
+    nodes (an unrolled decoder's) is fit once on the rows of all of them."""
+    transposed: dict[str, list[int]] | None = None
+    """ConvTranspose: the strides its input is dilated by and the pads (negative: cropped) of the
+    equivalent conv, per spatial axis (begins, then ends)."""
+
+    @property
+    def all_uses(self) -> tuple[LayerUse, ...]:
+        return self.uses or (LayerUse(self.input),)
+
+    @property
+    def walkable(self) -> bool:
+        """Whether a sequential refit can walk to its one input and fit it there (recurrent and
+        shared weights are fit on the unpruned model's inputs)."""
+        return len(self.all_uses) == 1 and self.all_uses[0].recurrent is None
 
     def grouped(self, rows: np.ndarray) -> np.ndarray:
         """[out, in] rows (or [in] columns) as [groups, out / groups, in] ([groups, in / groups])."""
@@ -77,15 +133,39 @@ class LayerLayout:
 
     def rows(self, weight: np.ndarray) -> np.ndarray:
         """The weight as [out, in] (a view when possible)."""
+        if self.transposed is not None:  # [in, out / groups, k...] -> [out, in / groups * k...], flipped
+            g, spatial = self.groups, weight.ndim - 2
+            split = weight.reshape(g, weight.shape[0] // g, *weight.shape[1:])
+            flipped = np.flip(split, axis=tuple(range(3, 3 + spatial)))
+            moved = flipped.transpose(0, 2, 1, *range(3, 3 + spatial))
+            return moved.reshape(g * weight.shape[1], -1)
         if self.conv is not None:
             return weight.reshape(weight.shape[0], -1)
+        if weight.ndim > 2:  # a batched MatMul's [..., in, out], a recurrent [directions, gates * hidden, in]
+            if self.transpose:
+                return np.swapaxes(weight, -1, -2).reshape(-1, weight.shape[-2])
+            return weight.reshape(-1, weight.shape[-1])
         return weight.T if self.transpose else weight
 
     def unrows(self, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        return (rows.T if self.transpose and self.conv is None else rows).reshape(shape)
+        if self.transposed is not None:
+            g, spatial = self.groups, len(shape) - 2
+            split = rows.reshape(g, shape[1], shape[0] // g, *shape[2:])
+            moved = split.transpose(0, 2, 1, *range(3, 3 + spatial))
+            return np.flip(moved, axis=tuple(range(3, 3 + spatial))).reshape(shape)
+        if self.conv is None and len(shape) > 2 and self.transpose:
+            return np.swapaxes(rows.reshape(*shape[:-2], shape[-1], shape[-2]), -1, -2)
+        return (rows.T if self.transpose and self.conv is None and len(shape) == 2 else rows).reshape(shape)
 
     def shifted(self, bias: np.ndarray, shift: np.ndarray) -> np.ndarray:
         """``bias`` moved so that the layer's output moves by ``shift``, in its own dtype."""
+        if self.unfold in (Unfold.SEQUENCE, Unfold.STATE):  # B [directions, 2 * rows]: Wb, then Rb
+            out = bias.astype(np.float64).reshape(bias.shape[0], -1)
+            half = out.shape[1] // 2
+            # each term is added where its product is (a GRU's Rb_h inside the reset gate, as R_h h)
+            part = out[:, half:] if self.unfold is Unfold.STATE else out[:, :half]
+            part += shift.reshape(bias.shape[0], -1)
+            return out.reshape(bias.shape).astype(bias.dtype)
         step = shift.reshape(bias.shape).astype(np.float64)
         return (bias.astype(np.float64) + (-step if self.bias_is_mean else step)).astype(bias.dtype)
 
@@ -530,86 +610,194 @@ def layouts(model: onnx.ModelProto, layers: list[PrunableWeight]) -> tuple[dict[
     """The layout of every layer recovery can handle, and why the others are left alone.
 
     Which input a weight multiplies and how that input unfolds into rows are its op's
-    declaration (``_ops``); a weight whose declaration has no unfolding is left alone.
+    declaration (``_ops``); a weight whose declaration has no unfolding is left alone. A weight
+    several nodes read the same way gets one layout over all of them.
     """
     index = GraphIndex.build(model.graph)
     out: dict[str, LayerLayout] = {}
     skipped: dict[str, str] = {}
     for layer in layers:
         users = [u for u in index.uses(layer.name) if not u.in_subgraph]
-        if len(users) != 1:
-            skipped[layer.name] = "shared by several nodes"
-            continue
-        node, slot = users[0].node, users[0].index
-        op_layout = layout_of(node)
-        weight = None if op_layout is None else op_layout.slot(slot)
-        if op_layout is None or weight is None or weight.unfold is None:
-            skipped[layer.name] = f"{node.op_type} input {slot} is not handled by recovery (no refit declared)"
-            continue
-        data = node.input[weight.data]
-        if weight.unfold is not Unfold.IM2COL:
-            if len(layer.shape) != 2:
-                skipped[layer.name] = f"a {len(layer.shape)}-D {node.op_type} weight is not handled by recovery"
-                continue
-            transpose = weight.out_axis % 2 == 1  # [in, out]: transposed to rows = outputs
-            if node.op_type == "MatMul":
-                bias = _following_bias(index, node, layer.channels)
-                out[layer.name] = LayerLayout(layer.name, "MatMul", data, transpose, bias=bias, unfold=weight.unfold)
-                continue
-            bias = _own_bias(index, node, layer.channels)
-            mean = None if bias is not None else _following_mean(index, node, layer.channels)
-            out[layer.name] = LayerLayout(
-                layer.name,
-                node.op_type,
-                data,
-                transpose,
-                bias=bias or mean,
-                bias_is_mean=mean is not None,
-                unfold=weight.unfold,
+        found = [_use_layout(index, layer, u.node, u.index, len(users)) for u in users]
+        reasons = [f for f in found if isinstance(f, str)]
+        if not found:
+            skipped[layer.name] = "read by no node"
+        elif reasons:
+            skipped[layer.name] = (
+                reasons[0] if len(found) == 1 else f"shared by several nodes, one of them: {reasons[0]}"
             )
-            continue
-        if len(layer.shape) not in (3, 4):
-            skipped[layer.name] = f"a {len(layer.shape) - 2}-D Conv is not handled by recovery (1-D and 2-D are)"
-            continue
-        attrs = Attributes(node)
-        if attrs.get_str("auto_pad", "NOTSET") != "NOTSET":
-            skipped[layer.name] = "Conv with auto_pad"
-            continue
-        spatial = len(layer.shape) - 2
-        conv = {
-            "kernel": list(layer.shape[2:]),
-            "strides": attrs.get_ints("strides", [1] * spatial) or [],
-            "pads": attrs.get_ints("pads", [0] * 2 * spatial) or [],
-            "dilations": attrs.get_ints("dilations", [1] * spatial) or [],
-        }
-        if spatial == 1:  # a 1-D conv is a 2-D one on maps one high
-            conv = {
-                "kernel": [1, *conv["kernel"]],
-                "strides": [1, *conv["strides"]],
-                "pads": [0, conv["pads"][0], 0, conv["pads"][1]],
-                "dilations": [1, *conv["dilations"]],
-            }
-        bias = _own_bias(index, node, layer.channels)
-        bias = bias or _following_bias(index, node, layer.channels, spatial=spatial)
-        mean = None if bias is not None else _following_mean(index, node, layer.channels)
-        out[layer.name] = LayerLayout(
-            layer.name,
-            node.op_type,
-            data,
-            False,
-            conv=conv,
-            bias=bias or mean,
-            bias_is_mean=mean is not None,
-            groups=op_layout.groups,
-            unfold=Unfold.IM2COL,
-        )
+        else:
+            merged = _merged([f for f in found if isinstance(f, LayerLayout)])
+            if merged is None:
+                skipped[layer.name] = "shared by several nodes that read it differently"
+            else:
+                out[layer.name] = merged
     return out, skipped
 
 
-def _own_bias(index: GraphIndex, node: onnx.NodeProto, width: int) -> str | None:
-    """The node's constant third input (Conv's B, Gemm's C) if it has one value per output."""
+def _merged(found: list[LayerLayout]) -> LayerLayout | None:
+    """One layout for every use of a shared weight: its rows are all of theirs (None if the uses
+    unfold differently); a bias only if every use adds the same one."""
+    first = found[0]
+    if len(found) == 1:
+        return first
+    plain = [replace(f, input="", uses=(), bias=None, bias_is_mean=False) for f in found]
+    if any(p != plain[0] for p in plain[1:]):
+        return None
+    same_bias = all(f.bias == first.bias and f.bias_is_mean == first.bias_is_mean for f in found)
+    return replace(
+        first,
+        uses=tuple(u for f in found for u in f.all_uses),
+        bias=first.bias if same_bias else None,
+        bias_is_mean=first.bias_is_mean and same_bias,
+    )
+
+
+def _use_layout(
+    index: GraphIndex, layer: PrunableWeight, node: onnx.NodeProto, slot: int, users: int
+) -> LayerLayout | str:
+    """The layout of ``layer`` as ``node.input[slot]`` (``users``: nodes reading it), or why recovery
+    leaves it alone."""
+    op_layout = layout_of(node)
+    weight = None if op_layout is None else op_layout.slot(slot)
+    if op_layout is None or weight is None or weight.unfold is None:
+        return f"{node.op_type} input {slot} is not handled by recovery (no refit declared)"
+    shape = layer.shape
+    if weight.unfold in (Unfold.SEQUENCE, Unfold.STATE):  # R's data, initial_h, may be absent
+        return _recurrent_layout(index, layer, node, weight.unfold, op_layout.slot(1) is weight, users)
+    data = node.input[weight.data]
+    if weight.unfold in (Unfold.LAST_AXIS, Unfold.TRANSPOSED):
+        transpose = weight.out_axis % 2 == 1  # [in, out]: transposed to rows = outputs
+        if len(shape) != 2:
+            if slot != 1 or node.op_type != "MatMul":
+                return f"a {len(shape)}-D {node.op_type} weight is not handled by recovery"
+            # one matrix per batch: each multiplies its own slice of the input, a group of its own
+            groups = math.prod(shape[:-2])
+            return LayerLayout(layer.name, "MatMul", data, True, groups=groups, unfold=weight.unfold)
+        if slot == 0:  # the weight is the first operand: its output channels are the output's rows
+            bias = _own_bias(index, node, layer.channels, column=True, users=users)
+            return LayerLayout(layer.name, node.op_type, data, transpose, bias=bias, unfold=weight.unfold)
+        if node.op_type == "MatMul":
+            bias = _following_bias(index, node, layer.channels, users=users)
+            return LayerLayout(layer.name, "MatMul", data, transpose, bias=bias, unfold=weight.unfold)
+        bias = _own_bias(index, node, layer.channels, users=users)
+        mean = None if bias is not None else _following_mean(index, node, layer.channels)
+        return LayerLayout(
+            layer.name,
+            node.op_type,
+            data,
+            transpose,
+            bias=bias or mean,
+            bias_is_mean=mean is not None,
+            unfold=weight.unfold,
+        )
+    spatial = len(shape) - 2
+    if spatial not in (1, 2, 3):
+        return f"a {spatial}-D {node.op_type} is not handled by recovery (1-D, 2-D and 3-D are)"
+    attrs = Attributes(node)
+    if attrs.get_str("auto_pad", "NOTSET") != "NOTSET":
+        return f"{node.op_type} with auto_pad"
+    strides = attrs.get_ints("strides", [1] * spatial) or []
+    pads = attrs.get_ints("pads", [0] * 2 * spatial) or []
+    dilations = attrs.get_ints("dilations", [1] * spatial) or []
+    transposed = None
+    if weight.unfold is Unfold.TRANSPOSED_CONV:
+        if attrs.get_ints("output_shape"):
+            return "ConvTranspose with output_shape"
+        extra = attrs.get_ints("output_padding", [0] * spatial) or []
+        reach = [d * (k - 1) for d, k in zip(dilations, shape[2:], strict=True)]
+        # the transposed conv is a conv with the flipped kernel on its input dilated by its strides
+        transposed = {
+            "strides": strides,
+            "pads": [r - p for r, p in zip(reach, pads[:spatial], strict=True)]
+            + [r - p + e for r, p, e in zip(reach, pads[spatial:], extra, strict=True)],
+        }
+        strides, pads = [1] * spatial, [0] * 2 * spatial
+    conv = {"kernel": list(shape[2:]), "strides": strides, "pads": pads, "dilations": dilations}
+    if spatial == 1:  # a 1-D conv is a 2-D one on maps one high
+        conv = {
+            "kernel": [1, *conv["kernel"]],
+            "strides": [1, *conv["strides"]],
+            "pads": [0, conv["pads"][0], 0, conv["pads"][1]],
+            "dilations": [1, *conv["dilations"]],
+        }
+    bias = _own_bias(index, node, layer.channels, users=users)
+    bias = bias or _following_bias(index, node, layer.channels, spatial=spatial, users=users)
+    mean = None if bias is not None or users > 1 else _following_mean(index, node, layer.channels)
+    return LayerLayout(
+        layer.name,
+        node.op_type,
+        data,
+        False,
+        conv=conv,
+        bias=bias or mean,
+        bias_is_mean=mean is not None,
+        groups=op_layout.groups,
+        unfold=weight.unfold,
+        transposed=transposed,
+    )
+
+
+def _state_name(index: GraphIndex, node: onnx.NodeProto) -> str:
+    """The name of a recurrent node's output Y: its own, or one calibration gives it."""
+    if node.output and node.output[0]:
+        return node.output[0]
+    return f"{index.node_name(node)}#{index.position(node)}/Y"
+
+
+def _recurrent_layout(
+    index: GraphIndex, layer: PrunableWeight, node: onnx.NodeProto, unfold: Unfold, is_w: bool, users: int
+) -> LayerLayout | str:
+    attrs = Attributes(node)
+    gates = RECURRENT_GATES[node.op_type]
+    directions = 2 if attrs.get_str("direction", "forward") == "bidirectional" else 1
+    hidden = layer.shape[1] // gates
+    read = list(node.input) + [""] * (8 - len(node.input))
+    reset = None
+    if unfold is Unfold.STATE and node.op_type == "GRU" and not attrs.get_int("linear_before_reset", 0):
+        names = (read[1], read[2], read[3])
+        if not all(index.is_constant(n) for n in names):
+            return "GRU without linear_before_reset and with computed W, R or B"
+        if "activations" in attrs or "clip" in attrs:  # the reset gate is computed with the default sigmoid
+            return "GRU without linear_before_reset and with custom activations or clip"
+        reset = names
+    recurrent = Recurrent(
+        hidden=hidden,
+        directions=directions,
+        gates=gates,
+        batch_major=bool(attrs.get_int("layout", 0)),
+        state=_state_name(index, node),
+        initial=read[5],
+        lengths=read[4],
+        reset=reset,
+    )
+    bias = read[3] if read[3] and index.is_constant(read[3]) and len(index.uses(read[3])) == users else None
+    return LayerLayout(
+        layer.name,
+        node.op_type,
+        read[0],
+        False,
+        bias=bias,
+        # R: one block of columns per direction and gate (each its own previous state)
+        groups=1 if is_w else directions * gates,
+        unfold=unfold,
+        uses=(LayerUse(read[0], recurrent),),
+    )
+
+
+def _own_bias(
+    index: GraphIndex, node: onnx.NodeProto, width: int, *, column: bool = False, users: int = 1
+) -> str | None:
+    """The node's constant third input (Conv's B, Gemm's C) if it has one value per output
+    (``column``: per row of the output, C [M, 1], for Gemm's first operand), read by no other
+    node than the ``users`` that share the weight."""
     bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
     if bias is None or not index.is_constant(bias) or _size(index, bias) != width:
+        return None
+    tensor = index.tensor(bias)
+    if column and (tensor is None or list(tensor.dims) != [width, 1]):
+        return None
+    if users > 1 and len(index.uses(bias)) != users:
         return None
     return bias
 
@@ -619,18 +807,21 @@ def _size(index: GraphIndex, name: str) -> int:
     return -1 if tensor is None else math.prod(tensor.dims)
 
 
-def _following_bias(index: GraphIndex, node: onnx.NodeProto, width: int, *, spatial: int = 0) -> str | None:
+def _following_bias(
+    index: GraphIndex, node: onnx.NodeProto, width: int, *, spatial: int = 0, users: int = 1
+) -> str | None:
     """The per-output constant of the single Add after a MatMul, or after a Conv without a bias
     (``spatial`` its dims: how exporters write a bias, paddle2onnx for every squeeze-and-excitation
-    conv once its Reshape to [1, C, 1, 1] is folded)."""
-    users = index.uses(node.output[0])
-    if len(users) != 1 or users[0].node.op_type != "Add":
+    conv once its Reshape to [1, C, 1, 1] is folded); with ``users`` nodes sharing the weight, read
+    by the Adds after them only."""
+    readers = index.uses(node.output[0])
+    if len(readers) != 1 or readers[0].node.op_type != "Add":
         return None
-    add = users[0].node
-    other = add.input[1 - users[0].index]
+    add = readers[0].node
+    other = add.input[1 - readers[0].index]
     tensor = index.tensor(other)  # an initializer or a Constant node (paddle2onnx writes those)
     shapes = ([1, width, *[1] * spatial], [width, *[1] * spatial]) if spatial else ([width], [1, width])
-    if tensor is None or list(tensor.dims) not in shapes or len(index.uses(other)) != 1:
+    if tensor is None or list(tensor.dims) not in shapes or len(index.uses(other)) != users:
         return None
     return other
 
@@ -668,21 +859,116 @@ cost up to 1.5 points: a fixed subset of a map is a biased sample of its mean.)"
 
 def positions_kept(conv: Mapping[str, list[int]], channels: int, groups: int, samples: int) -> int:
     """How many output positions per sample ``_unfold`` keeps for a conv reading ``channels``."""
-    kh, kw = conv["kernel"]
-    return max(MIN_POSITIONS, -(-ROWS_PER_INPUT * (channels // groups) * kh * kw // max(samples, 1)))
+    per_row = (channels // groups) * math.prod(conv["kernel"])
+    return max(MIN_POSITIONS, -(-ROWS_PER_INPUT * per_row // max(samples, 1)))
 
 
 def _layer_rows(layout: LayerLayout, x: np.ndarray, samples: int) -> np.ndarray:
     """A layer's input as float32 rows of what one output reads: a conv's unfolded (large maps at
-    ``positions_kept`` positions for ``samples`` calibration samples), others' last axis."""
+    ``positions_kept`` positions for ``samples`` calibration samples), others' last axis (a batched
+    MatMul's matrices side by side, one group each)."""
     if layout.conv is None:
-        if layout.unfold is Unfold.TRANSPOSED:  # Gemm with transA: x is [K, M]
-            x = x.T
+        if layout.unfold is Unfold.TRANSPOSED:  # Gemm with transA, or the weight is the first operand
+            x = np.swapaxes(x, -1, -2)
+        if layout.groups > 1:  # a batched MatMul: x [..., groups..., M, K] -> [rows, groups * K]
+            x = _per_matrix(x, layout.groups).transpose(0, 2, 1, 3)
+            return np.ascontiguousarray(x.reshape(-1, layout.groups * x.shape[-1]), dtype=np.float32)
         return np.ascontiguousarray(x.reshape(-1, x.shape[-1]), dtype=np.float32)
+    if layout.transposed is not None:
+        x = _dilated(x, layout.transposed["strides"], layout.transposed["pads"])
     if x.ndim == 3:  # a 1-D conv's [N, C, L]
         x = x[:, :, None, :]
     keep = positions_kept(layout.conv, x.shape[1], layout.groups, samples)
     return np.ascontiguousarray(_unfold(x.astype(np.float32, copy=False), layout.conv, keep))
+
+
+def _per_matrix(x: np.ndarray, groups: int) -> np.ndarray:
+    """A batched MatMul's data [..., M, K] as [n, groups, M, K]: its trailing batch axes are the
+    weight's (one matrix each), or it has none and every matrix reads all of it (broadcast)."""
+    lead = math.prod(x.shape[-3:-2]) if x.ndim > 2 else 1
+    for size in reversed(x.shape[:-3]):
+        if lead >= groups:
+            break
+        lead *= size
+    if lead == groups:
+        return x.reshape(-1, groups, *x.shape[-2:])
+    if math.prod(x.shape[:-2]) == 1 or x.ndim == 2:
+        return np.broadcast_to(x.reshape(1, 1, *x.shape[-2:]), (1, groups, *x.shape[-2:]))
+    # batch axes of their own before the weight's broadcast ones: [n, 1..., M, K]
+    return np.broadcast_to(x.reshape(-1, 1, *x.shape[-2:]), (x.size // math.prod(x.shape[-2:]), groups, *x.shape[-2:]))
+
+
+def _dilated(x: np.ndarray, strides: list[int], pads: list[int]) -> np.ndarray:
+    """A transposed conv's input [N, C, spatial...] as the equivalent conv reads it: ``strides`` - 1
+    zeros between neighbours, then padded by ``pads`` (begins, then ends; negative: cropped)."""
+    spatial = len(strides)
+    begins, ends = pads[:spatial], pads[spatial:]
+    sizes = [s * (m - 1) + 1 for s, m in zip(strides, x.shape[2:], strict=True)]
+    grown = (m + max(b, 0) + max(e, 0) for m, b, e in zip(sizes, begins, ends, strict=True))
+    out = np.zeros((*x.shape[:2], *grown), dtype=np.float32)
+    spread = (slice(max(b, 0), max(b, 0) + m, s) for b, m, s in zip(begins, sizes, strides, strict=True))
+    out[(slice(None), slice(None), *spread)] = x
+    crop = (slice(max(-b, 0), n - max(-e, 0)) for b, e, n in zip(begins, ends, out.shape[2:], strict=True))
+    return out[(slice(None), slice(None), *crop)]
+
+
+def _use_rows(
+    layout: LayerLayout, use: LayerUse, values: Mapping[str, np.ndarray], real: int, samples: int
+) -> np.ndarray:
+    """The rows one use of a layer reads, from ``values`` (a calibration batch's tensors, of which
+    the first ``real`` samples count; ``samples`` in the whole calibration)."""
+    if use.recurrent is None:
+        return _layer_rows(layout, np.asarray(values[use.input])[:real], samples)
+    return _recurrent_rows(layout.unfold, use.input, use.recurrent, values, real, samples)
+
+
+def _recurrent_rows(
+    unfold: Unfold, data: str, rec: Recurrent, values: Mapping[str, np.ndarray], real: int, samples: int
+) -> np.ndarray:
+    """A recurrent node's rows, one per (step, sequence) within its length: x_t for W
+    (``Unfold.SEQUENCE``), and for R (``Unfold.STATE``) h_{t-1} per direction and gate,
+    [rows, directions * gates * hidden] (initial_h before the first step, a reverse direction's
+    at its sequence's last step). Long sequences keep a seeded subset of their steps, as large
+    feature maps keep a subset of positions: ``ROWS_PER_INPUT`` rows per input over all samples."""
+    x = np.asarray(values[data], dtype=np.float32)
+    if rec.batch_major:
+        x = x.swapaxes(0, 1)
+    x = x[:, :real]  # [seq, batch, in]
+    seq, batch = x.shape[:2]
+    lengths = np.full(batch, seq, dtype=np.int64)
+    if rec.lengths:
+        lengths = np.minimum(np.asarray(values[rec.lengths], dtype=np.int64).reshape(-1)[:real], seq)
+    cells = np.flatnonzero(np.arange(seq)[:, None] < lengths[None, :])  # valid (step, sequence), step-major
+    width = x.shape[2] if unfold is Unfold.SEQUENCE else rec.hidden
+    quota = max(MIN_POSITIONS * batch, -(-ROWS_PER_INPUT * width * batch // max(samples, 1)))
+    if len(cells) > quota:
+        cells = np.sort(np.random.default_rng(len(cells)).choice(cells, quota, replace=False))
+    x_rows = x.reshape(seq * batch, -1)[cells]
+    if unfold is Unfold.SEQUENCE:
+        return np.ascontiguousarray(x_rows)
+    d, h = rec.directions, rec.hidden
+    y = np.asarray(values[rec.state], dtype=np.float32)
+    y = (y.transpose(1, 2, 0, 3) if rec.batch_major else y)[:, :, :real]  # [seq, directions, batch, hidden]
+    initial = np.zeros((d, batch, h), dtype=np.float32)
+    if rec.initial:
+        given = np.asarray(values[rec.initial], dtype=np.float32)
+        initial = (given.swapaxes(0, 1) if rec.batch_major else given)[:, :real]
+    previous = np.zeros((d, seq, batch, h), dtype=np.float32)
+    previous[0, 0] = initial[0]
+    previous[0, 1:] = y[:-1, 0]
+    if d == 2:  # the reverse direction starts at each sequence's last step
+        previous[1, :-1] = y[1:, 1]
+        ends = np.flatnonzero(lengths > 0)
+        previous[1, lengths[ends] - 1, ends] = initial[1, ends]
+    states = previous.reshape(d, seq * batch, h)[:, cells]  # [directions, rows, hidden]
+    blocks = np.repeat(states[:, None], rec.gates, axis=1)  # [directions, gates, rows, hidden]
+    if rec.reset is not None:  # a GRU's hidden gate reads r_t * h_{t-1} (gates z, r, h; B = Wb, Rb)
+        w, r, b = (np.asarray(values[n], dtype=np.float32) for n in rec.reset)
+        gate = slice(h, 2 * h)
+        for k in range(d):
+            pre = x_rows @ w[k, gate].T + states[k] @ r[k, gate].T + b[k, gate] + b[k, 4 * h : 5 * h]
+            blocks[k, 2] *= 1.0 / (1.0 + np.exp(-pre))
+    return np.ascontiguousarray(blocks.transpose(2, 0, 1, 3).reshape(len(cells), -1))
 
 
 @functools.lru_cache(maxsize=64)
@@ -698,37 +984,50 @@ def _positions(samples: int, total: int, positions: int) -> np.ndarray:
 
 
 def _unfold(x: np.ndarray, conv: Mapping[str, list[int]], positions: int | None = None) -> np.ndarray:
-    """im2col: [N, C, H, W] -> [N * OH * OW, C * kh * kw] rows, in the weight's (c, kh, kw) order;
-    with ``positions``, only that many output positions of each sample (``_positions``: the same
-    ones for every array of the same shape, so a layer's current and original inputs stay paired
-    row by row)."""
-    kh, kw = conv["kernel"]
-    sh, sw = conv["strides"]
-    dh, dw = conv["dilations"]
-    top, left, bottom, right = conv["pads"]
-    n, c, h, w = x.shape
-    oh = (h + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + left + right - dw * (kw - 1) - 1) // sw + 1
-    if positions is not None and positions < oh * ow:
-        picked = _positions(n, oh * ow, positions)
+    """im2col: [N, C, spatial...] -> [N * positions, C * kernel size] rows, in the weight's (c, k...)
+    order; with ``positions``, only that many output positions of each sample (``_positions``: the
+    same ones for every array of the same shape, so a layer's current and original inputs stay
+    paired row by row)."""
+    kernel, strides, dilations, pads = conv["kernel"], conv["strides"], conv["dilations"], conv["pads"]
+    spatial = len(kernel)
+    begins, ends = pads[:spatial], pads[spatial:]
+    n, c = x.shape[:2]
+    sizes = x.shape[2:]
+    out = [
+        (m + b + e - d * (k - 1) - 1) // s + 1
+        for m, b, e, d, k, s in zip(sizes, begins, ends, dilations, kernel, strides, strict=True)
+    ]
+    total, window = math.prod(out), math.prod(kernel)
+    if positions is not None and positions < total:
+        picked = _positions(n, total, positions)
         # the input pixels each picked window reads; outside the image, padding: a zero pixel
-        ys = (picked // ow)[:, :, None, None] * sh + (np.arange(kh) * dh)[None, None, :, None] - top
-        xs = (picked % ow)[:, :, None, None] * sw + (np.arange(kw) * dw)[None, None, None, :] - left
-        inside = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
-        pixels = np.where(inside, ys * w + xs, h * w).reshape(n, positions, 1, kh * kw)
-        flat = np.zeros((n, c, h * w + 1), dtype=x.dtype)
-        flat[:, :, : h * w] = x.reshape(n, c, h * w)
-        flat = flat.reshape(n, -1)
-        channels = (np.arange(c) * (h * w + 1))[None, :, None]
-        rows = np.empty((n, positions, c, kh * kw), dtype=x.dtype)
+        at = np.unravel_index(picked, out)
+        offsets = np.unravel_index(np.arange(window), kernel)
+        inside = np.ones((n, positions, window), dtype=bool)
+        flat = np.zeros((n, positions, window), dtype=np.int64)
+        for axis in range(spatial):
+            where = at[axis][:, :, None] * strides[axis] + offsets[axis][None, None, :] * dilations[axis]
+            where -= begins[axis]
+            inside &= (where >= 0) & (where < sizes[axis])
+            flat = flat * sizes[axis] + where
+        area = math.prod(sizes)
+        pixels = np.where(inside, flat, area).reshape(n, positions, 1, window)
+        padded = np.zeros((n, c, area + 1), dtype=x.dtype)
+        padded[:, :, :area] = x.reshape(n, c, area)
+        padded = padded.reshape(n, -1)
+        channels = (np.arange(c) * (area + 1))[None, :, None]
+        rows = np.empty((n, positions, c, window), dtype=x.dtype)
         for i in range(n):  # one sample at a time: its index array stays in cache
-            np.take(flat[i], pixels[i] + channels, out=rows[i])
-        return rows.reshape(n * positions, c * kh * kw)
-    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
-    windows = np.lib.stride_tricks.sliding_window_view(padded, (span_h, span_w), axis=(2, 3))
-    windows = windows[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, OH, OW, kh, kw]
-    return windows.transpose(0, 2, 3, 1, 4, 5).reshape(n * oh * ow, c * kh * kw)
+            np.take(padded[i], pixels[i] + channels, out=rows[i])
+        return rows.reshape(n * positions, c * window)
+    padded = np.pad(x, ((0, 0), (0, 0), *zip(begins, ends, strict=True)))
+    spans = tuple(d * (k - 1) + 1 for d, k in zip(dilations, kernel, strict=True))
+    axes = tuple(range(2, 2 + spatial))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, spans, axis=axes)
+    steps = (*(slice(None, None, s) for s in strides), *(slice(None, None, d) for d in dilations))
+    windows = windows[(slice(None), slice(None), *steps)]
+    order = (0, *axes, 1, *range(2 + spatial, 2 + 2 * spatial))  # [N, out..., C, kernel...]
+    return windows.transpose(order).reshape(n * total, c * window)
 
 
 def calibrate(
@@ -779,24 +1078,43 @@ def calibrate(
     stats = {name: LayerStats() for name in found}
     if not found:  # nothing to run for (and onnxruntime would return every output for none asked)
         return Calibration(found, stats, len(rows), skipped, rows, wide, one_pass, stop=stop)
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    wanted = sorted({layout.input for layout in found.values()})
-    for name in wanted:
-        if name not in existing:
-            probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    probe, constants = _probe(model, found)
+    wanted = sorted({n for la in found.values() for use in la.all_uses for n in use.reads()} - set(constants))
     session = make_session(probe.SerializeToString(), threads=threads)
     step = fixed_batch or _fitting_step(session, wanted, evalset, rows, batch_size)
     for batch, real in _batches(rows, step, fixed_batch):
         check_stop(stop)
         feeds = {k: v[batch] for k, v in evalset.inputs.items()}
-        outputs = dict(zip(wanted, run_session(session, wanted, feeds), strict=True))
+        outputs = dict(zip(wanted, run_session(session, wanted, feeds), strict=True)) | constants
         for name, layout in found.items():
-            check_stop(stop)
-            flat = _layer_rows(layout, np.asarray(outputs[layout.input])[:real], len(rows))
-            stats[name].add(flat, full and name not in wide, layout.groups)
+            for use in layout.all_uses:  # a shared weight: the rows of every node it feeds
+                check_stop(stop)
+                flat = _use_rows(layout, use, outputs, real, len(rows))
+                stats[name].add(flat, full and name not in wide, layout.groups)
     return Calibration(found, stats, len(rows), skipped, rows, wide, one_pass, stop=stop)
+
+
+def _probe(model: onnx.ModelProto, found: Mapping[str, LayerLayout]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """``model`` with every tensor the layers' rows read as an output (a recurrent node's Y named
+    where the node leaves it unnamed), and those of them that are constants, as arrays."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    index = GraphIndex.build(probe.graph)
+    reads = {n for la in found.values() for use in la.all_uses for n in use.reads()}
+    constants = {n: np.asarray(index.value(n)) for n in reads if index.is_constant(n)}
+    for node in probe.graph.node:
+        if node.op_type not in RECURRENT_GATES or (node.output and node.output[0]):
+            continue
+        name = _state_name(index, node)
+        if name in reads:
+            if node.output:
+                node.output[0] = name
+            else:
+                node.output.append(name)
+    existing = {o.name for o in probe.graph.output}
+    for name in sorted(reads - set(constants) - existing):
+        probe.graph.output.append(helper.make_empty_tensor_value_info(name))
+    return probe, constants
 
 
 CALIBRATION_BATCH_BYTES = 256 * 2**20
@@ -827,18 +1145,24 @@ recognizer, 60 x 2880, 24 G; MiniLM's MLP out, 4.5 G); a ResNet-18 3x3 conv at 5
 (512 x 4608, 109 G) is over, and bias-corrected only."""
 
 
+def _row_shape(layout: LayerLayout, shape: tuple[int, ...]) -> tuple[int, int]:
+    """Output rows of the layer (channels or features) and the width of the input row one reads."""
+    if layout.transposed is not None:  # [in, out / groups, k...]
+        return shape[1] * layout.groups, shape[0] // layout.groups * math.prod(shape[2:])
+    if layout.conv is not None:
+        return shape[0], math.prod(shape[1:])
+    lead = math.prod(shape[:-2])
+    return (lead * shape[-1], shape[-2]) if layout.transpose else (lead * shape[-2], shape[-1])
+
+
 def _inputs_per_row(layout: LayerLayout, shape: tuple[int, ...]) -> int:
     """Width of the input row one output of the layer reads."""
-    if layout.conv is not None:
-        return math.prod(shape[1:])
-    return shape[0] if layout.transpose else shape[1]
+    return _row_shape(layout, shape)[1]
 
 
 def _outputs(layout: LayerLayout, shape: tuple[int, ...]) -> int:
     """Output rows of the layer (channels or features)."""
-    if layout.conv is not None:
-        return shape[0]
-    return shape[1] if layout.transpose else shape[0]
+    return _row_shape(layout, shape)[0]
 
 
 def _batches(rows: np.ndarray, step: int, fixed: int | None) -> Iterator[tuple[np.ndarray, int]]:
@@ -908,7 +1232,12 @@ class SequentialRefit:
         for name in split.weights:
             users = [index.position(u.node) for u in index.uses(name) if not u.in_subgraph]
             self.position[name] = min(users, default=nodes)
+        self.plain = [name for name, layout in calibration.layouts.items() if not layout.walkable]
+        """Layers fit on the unpruned model's inputs, as ``lsq`` does (recurrent and shared weights)."""
+        self._plain: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] = {}
         for name, layout in calibration.layouts.items():
+            if not layout.walkable:
+                continue
             # one pass serves the layers reading one activation the same way (Convs of one kernel)
             key = f"{layout.input}|{layout.unfold.value}|{layout.conv}|{layout.groups}"
             inputs[key] = layout.input
@@ -944,6 +1273,7 @@ class SequentialRefit:
     def forget(self) -> None:
         """Drop the cached fits (the unpruned activations stay)."""
         self._cache.clear()
+        self._plain.clear()
         self._cached_bytes = 0
 
     def _flat(self, name: str, x: np.ndarray) -> np.ndarray:
@@ -1019,6 +1349,7 @@ class SequentialRefit:
     def _refit(
         self, weights: dict[str, np.ndarray], masks: Mapping[str, np.ndarray], amounts: Mapping[str, int]
     ) -> None:
+        self._refit_plain(weights, masks, amounts)
         pruned_at = min((self.position.get(n, -1) for n, a in amounts.items() if a), default=None)
         todo: list[tuple[_Group, tuple[object, ...], bool]] = []
         for group in self.groups:
@@ -1052,6 +1383,24 @@ class SequentialRefit:
             weights.update(fitted)
             if walk is not None and group is to_walk[-1]:
                 walk = None  # nothing further to fit from it
+
+    def _refit_plain(
+        self, weights: dict[str, np.ndarray], masks: Mapping[str, np.ndarray], amounts: Mapping[str, int]
+    ) -> None:
+        """Refit the pruned layers a walk cannot feed (``plain``) as ``lsq`` does, and shift their
+        biases (a recurrent node's W and R move the same B: the shifts add up)."""
+        for name in self.plain:
+            mask = masks.get(name)
+            if mask is None:
+                continue
+            check_stop(self.stop)
+            key = (name, amounts.get(name, 0))
+            if key not in self._plain:
+                self._plain[key] = self.calibration.recover(name, self.original[name], mask, reconstruct=True)
+            weights[name], shift = self._plain[key]
+            layout = self.calibration.layouts[name]
+            if layout.bias is not None and shift is not None and layout.bias in weights:
+                weights[layout.bias] = layout.shifted(weights[layout.bias], shift)
 
     def _fit(
         self,

@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 from pruner._analysis import PrunableWeight, analyze
 from pruner._nm import reduction_axis
 from pruner._ops import OPS, Unfold, WeightSlot, layout_of
-from pruner._recover import _layer_rows, layouts
+from pruner._recover import layouts
 from pruner._structure import RULES, analyze_structure, remove_components, zero_components
 
 
@@ -130,28 +130,7 @@ def test_a_declared_input_channel_is_the_data_slice_it_sums_over(case: Case) -> 
         np.testing.assert_allclose(without_weights, without_data, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.weight_input == 1], ids=lambda c: c.name)
-def test_recovery_rows_times_weight_rows_are_the_output(case: Case) -> None:
-    """What recovery unfolds the input into, times the weight as [out, in] rows, is the node's output."""
-    weight, x = operands(case)
-    model = model_of(case, weight)
-    slot = declared(case, weight)
-    found, skipped = layouts(model, list(analyze(model).layers))
-    if slot.unfold is None:
-        assert "w" in skipped and "w" not in found
-        return
-    if case.op_type == "MatMul" and len(case.weight_shape) > 2:  # one matrix per batch: not fitted
-        assert "3-D MatMul weight" in skipped["w"]
-        return
-    layout = found["w"]
-    assert layout.unfold is slot.unfold
-    rows = _layer_rows(layout, x, samples=1)
-    outputs = rows.astype(np.float64) @ layout.rows(weight.astype(np.float64)).T  # [positions, out]
-    y = run(model, x)
-    expected = np.moveaxis(y, slot.output_axis, -1).reshape(-1, weight.shape[slot.out_axis])
-    if slot.unfold is Unfold.IM2COL:  # conv rows are (sample, position)-major
-        expected = np.moveaxis(y, 1, -1).reshape(-1, y.shape[1])
-    np.testing.assert_allclose(outputs, expected, rtol=1e-4)
+# recovery's rows for every case: tests/pruner/test_recover_ops.py
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)

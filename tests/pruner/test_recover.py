@@ -802,16 +802,18 @@ def test_a_1d_conv_is_calibrated_and_recovered_as_a_2d_one_a_row_high() -> None:
 
 
 def test_a_model_with_no_layer_recovery_handles_still_prunes() -> None:
-    """Only a ConvTranspose: calibration has nothing to run for (it used to ask onnxruntime for no
-    outputs, which returns all of them) and the layer is pruned by magnitude alone."""
+    """Only a ConvTranspose with ``output_shape``: calibration has nothing to run for (it used to ask
+    onnxruntime for no outputs, which returns all of them) and the layer is pruned by magnitude alone."""
     rng = np.random.default_rng(9)
-    text = HEADER + "g (float[N, 4, 5, 5] x) => (float[N, 3, 7, 7] y) { y = ConvTranspose (x, w) }"
+    text = HEADER + (
+        "g (float[N, 4, 5, 5] x) => (float[N, 3, 7, 7] y) { y = ConvTranspose <output_shape = [7, 7]> (x, w) }"
+    )
     model = parse(text, {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32)})
     evalset = pruner.EvalSet({"x": rng.standard_normal((40, 4, 5, 5)).astype(np.float32)}, None)
     options = pruner.PruneOptions(metric=pruner.MetricKind.COSINE, target_sparsity=0.3, tolerance=pruner.Tolerance(1.0))
     report = pruner.prune(model, evalset, options).report
     assert report.sparsity > 0.25
-    assert any("not handled by recovery" in note for note in report.notes)
+    assert any("ConvTranspose with output_shape" in note for note in report.notes)
 
 
 def test_a_model_that_fails_on_the_eval_set_during_calibration_is_a_clear_error() -> None:

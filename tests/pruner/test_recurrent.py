@@ -15,7 +15,7 @@ import pruner
 from pruner import Criterion, Mode, PruneOptions, Tolerance
 from pruner._analysis import analyze
 from pruner._nm import nm_mask, reduction_axis
-from pruner._ops import RECURRENT_GATES, layout_of
+from pruner._ops import RECURRENT_GATES, Unfold, layout_of
 from pruner._options import Allocation
 from pruner._recover import layouts
 from pruner._score import Granularity, balance_blocks, lowest, unit_scores
@@ -150,7 +150,8 @@ def test_zeroing_an_element_of_gate_block_g_changes_gate_g_only(op_type: str, wh
     assert layout is not None
     slot = layout.slot(1 if which == "w" else 2)
     assert slot is not None and slot.blocks == RECURRENT_GATES[op_type]
-    assert (slot.out_axis, slot.in_axis, slot.output_axis, slot.unfold) == (1, 2, -1, None)
+    unfold = Unfold.SEQUENCE if which == "w" else Unfold.STATE
+    assert (slot.out_axis, slot.in_axis, slot.output_axis, slot.unfold) == (1, 2, -1, unfold)
     before = first_step_gates(op_type, model, x)
     y_before = run(model, x)[0, 0]
     k, j = 3, 1
@@ -190,10 +191,11 @@ def test_analysis_lists_w_and_r_with_their_blocks_and_skips_b(op_type: str) -> N
 
 
 @pytest.mark.parametrize("op_type", sorted(RECURRENT_GATES))
-def test_recovery_declares_recurrent_weights_not_handled(op_type: str) -> None:
+def test_recovery_handles_recurrent_weights(op_type: str) -> None:
+    """W is refit on the steps' inputs, R on the previous states (tests/pruner/test_recover_ops.py)."""
     model = recurrent(op_type)
     found, skipped = layouts(model, list(analyze(model).layers))
-    assert not found and set(skipped) == {"w", "r"}
+    assert not skipped and set(found) == {"w", "r"}
 
 
 # --- scoring per gate block ----------------------------------------------------------------------
