@@ -881,3 +881,45 @@ def test_calibration_batches_shrink_to_keep_layer_inputs_under_the_budget(monkey
         assert stats.gram is not None and small.stats[name].gram is not None
         np.testing.assert_allclose(small.stats[name].gram, stats.gram, rtol=1e-5)
         np.testing.assert_allclose(small.stats[name].total, stats.total, rtol=1e-5)
+
+
+def test_a_one_pass_fit_is_made_once_per_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the search revisits a wide layer's masks (bisection, confirmation, the write): the pass and its
+    # steps are paid once per mask, the right-hand side W0 H once per layer
+    rng = np.random.default_rng(5)
+    w1, w2 = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal((40, 8)).astype(np.float32)
+    model = two_gemms({"w1": w1, "w2": w2})
+    x = correlated_inputs(128, 6, seed=6)
+    calibration = calibrate(
+        model, list(analyze(model).layers), pruner.EvalSet({"x": x}), np.arange(128),
+        batch_size=64, fixed_batch=None, full=True, max_cost=1000,
+    )  # fmt: skip
+    assert "w2" in calibration.one_pass
+    passes: list[int] = []
+    real_pass = _recover._one_pass
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        passes.append(1)
+        return real_pass(*args, **kwargs)
+
+    monkeypatch.setattr("pruner._recover._one_pass", counted)
+    conjugate_gradients_only(monkeypatch)
+    half = np.abs(w2) < np.median(np.abs(w2))
+    quarter = np.abs(w2) < np.quantile(np.abs(w2), 0.25)
+    first, _ = calibration.recover("w2", w2, half, reconstruct=True)
+    made = len(passes)
+    assert made > 0
+    again, _ = calibration.recover("w2", w2, half.copy(), reconstruct=True)
+    assert len(passes) == made  # the same mask: no new pass
+    np.testing.assert_array_equal(again, first)
+    assert not again.flags.writeable  # shared with every caller: nobody may change it in place
+    other, _ = calibration.recover("w2", w2, quarter, reconstruct=True)
+    assert len(passes) > made and not np.array_equal(other, first)
+    # what the cache hands out is what a fresh calibration computes
+    fresh = calibrate(
+        model, list(analyze(model).layers), pruner.EvalSet({"x": x}), np.arange(128),
+        batch_size=64, fixed_batch=None, full=True, max_cost=1000,
+    )  # fmt: skip
+    np.testing.assert_array_equal(fresh.recover("w2", w2, half, reconstruct=True)[0], first)
+    calibration.forget_fits()
+    np.testing.assert_array_equal(calibration.recover("w2", w2, half, reconstruct=True)[0], first)
