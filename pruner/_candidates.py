@@ -267,7 +267,7 @@ class WeightCandidates(_Candidates):
         self.scores.clear()
         self.recovered.clear()
         if self.calibration is not None:
-            self.calibration.forget_fits()
+            self.calibration.release()
         if self.sequential is not None:
             self.sequential.release()
 

@@ -183,6 +183,7 @@ class Calibration:
             return None
         hessian = _damped(stats.gram / max(stats.count, 1))
         self._hessians[name] = hessian
+        stats.gram = None  # the damped matrix replaces it: not two float64 copies of every layer's
         return hessian
 
     def factor(self, name: str) -> np.ndarray | None:
@@ -251,11 +252,17 @@ class Calibration:
             self._linears[name] = _times_hessian(self.layouts[name], target, hessian)
         return self._linears[name]
 
-    def forget_fits(self) -> None:
-        """Drop the cached one-pass fits and right-hand sides (the factors stay)."""
+    def release(self) -> None:
+        """Drop what only fits need (Gram matrices, Hessians, factors, cached fits) once the model to
+        write is built: on open_nsfw they held 450 MiB through the write phase's session runs. The
+        means and norms stay; no fit can be made afterwards."""
         self._fits.clear()
         self._fit_bytes = 0
         self._linears.clear()
+        self._hessians.clear()
+        self._factors.clear()
+        for stats in self.stats.values():
+            stats.gram = None
 
     def _recover(
         self,

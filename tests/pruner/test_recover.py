@@ -921,5 +921,23 @@ def test_a_one_pass_fit_is_made_once_per_mask(monkeypatch: pytest.MonkeyPatch) -
         batch_size=64, fixed_batch=None, full=True, max_cost=1000,
     )  # fmt: skip
     np.testing.assert_array_equal(fresh.recover("w2", w2, half, reconstruct=True)[0], first)
-    calibration.forget_fits()
-    np.testing.assert_array_equal(calibration.recover("w2", w2, half, reconstruct=True)[0], first)
+
+
+def test_a_damped_hessian_replaces_its_gram_matrix_and_release_drops_both() -> None:
+    # the statistics are held through the search and the write: one float64 matrix a layer, then none
+    rng = np.random.default_rng(3)
+    weight, bias = rng.standard_normal((4, 8)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    calibration = calibrated(gemm_model(weight, bias), correlated_inputs(100, 8))
+    stats = calibration.stats["w"]
+    gram = stats.gram
+    assert gram is not None
+    hessian = calibration.hessian("w")
+    assert hessian is not None and stats.gram is None
+    np.testing.assert_allclose(hessian, _damped(gram / stats.count))
+    assert calibration.hessian("w") is hessian and calibration.factor("w") is not None
+    mask = np.abs(weight) < np.median(np.abs(weight))
+    refit, _ = calibration.recover("w", weight, mask, reconstruct=True)
+    assert not np.array_equal(refit, np.where(mask, 0, weight))
+    calibration.release()
+    assert calibration.hessian("w") is None and calibration.factor("w") is None
+    assert stats.total is not None and stats.squares is not None  # bias correction and scores still work
