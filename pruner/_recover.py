@@ -576,8 +576,22 @@ def _grams(x: np.ndarray, groups: int, y: np.ndarray | None = None) -> np.ndarra
     y = x if y is None else y
     if groups == 1:
         return (x.T @ y)[None]
+    width = x.shape[1] // groups
+    if width <= NARROW_GROUP:
+        # depthwise and narrow groups: numpy's stacked matmul of many tiny products ([w, n] x [n, w]
+        # per group, one BLAS call each) took 80% of a MobileNet's calibration; one product-and-sum
+        # per column over every group at once is 4-8x faster (ppocr_cls, 5x5 depthwise at 200 channels)
+        left, right = x.reshape(len(x), groups, width), y.reshape(len(y), groups, width)
+        out = np.empty((groups, width, width), dtype=np.result_type(x, y))
+        for i in range(width):
+            out[:, i, :] = np.einsum("ng,ngj->gj", left[:, :, i], right)
+        return out
     left, right = (z.reshape(len(z), groups, -1).transpose(1, 0, 2) for z in (x, y))
     return left.transpose(0, 2, 1) @ right
+
+
+NARROW_GROUP = 64
+"""Inputs per group up to which ``_grams`` sums column products instead of stacking matmuls."""
 
 
 def _damped(gram: np.ndarray) -> np.ndarray:

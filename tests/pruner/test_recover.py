@@ -941,3 +941,19 @@ def test_a_damped_hessian_replaces_its_gram_matrix_and_release_drops_both() -> N
     calibration.release()
     assert calibration.hessian("w") is None and calibration.factor("w") is None
     assert stats.total is not None and stats.squares is not None  # bias correction and scores still work
+
+
+@pytest.mark.parametrize(("groups", "width"), [(40, 9), (6, 25), (3, 70)])
+def test_grouped_gram_matrices_are_each_groups_own_products(groups: int, width: int) -> None:
+    # depthwise and narrow groups sum column products, wide groups stack matmuls: both are X_g^T Y_g
+    from pruner._recover import _grams
+
+    rng = np.random.default_rng(groups)
+    x, y = (rng.standard_normal((300, groups * width)).astype(np.float32) for _ in range(2))
+    for other in (None, y):
+        got = _grams(x, groups, other)
+        right = x if other is None else other
+        for g in range(groups):
+            cols = slice(g * width, (g + 1) * width)
+            expected = x[:, cols].astype(np.float64).T @ right[:, cols].astype(np.float64)
+            np.testing.assert_allclose(got[g], expected, rtol=1e-4, atol=1e-3)
