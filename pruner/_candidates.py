@@ -266,6 +266,8 @@ class WeightCandidates(_Candidates):
         self.split.weights.clear()
         self.scores.clear()
         self.recovered.clear()
+        if self.calibration is not None:
+            self.calibration.release()
         if self.sequential is not None:
             self.sequential.release()
 

@@ -883,3 +883,79 @@ def test_calibration_batches_shrink_to_keep_layer_inputs_under_the_budget(monkey
         assert stats.gram is not None and small.stats[name].gram is not None
         np.testing.assert_allclose(small.stats[name].gram, stats.gram, rtol=1e-5)
         np.testing.assert_allclose(small.stats[name].total, stats.total, rtol=1e-5)
+
+
+def test_a_one_pass_fit_is_made_once_per_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the search revisits a wide layer's masks (bisection, confirmation, the write): the pass and its
+    # steps are paid once per mask, the right-hand side W0 H once per layer
+    rng = np.random.default_rng(5)
+    w1, w2 = rng.standard_normal((8, 6)).astype(np.float32), rng.standard_normal((40, 8)).astype(np.float32)
+    model = two_gemms({"w1": w1, "w2": w2})
+    x = correlated_inputs(128, 6, seed=6)
+    calibration = calibrate(
+        model, list(analyze(model).layers), pruner.EvalSet({"x": x}), np.arange(128),
+        batch_size=64, fixed_batch=None, full=True, max_cost=1000,
+    )  # fmt: skip
+    assert "w2" in calibration.one_pass
+    passes: list[int] = []
+    real_pass = _recover._one_pass
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        passes.append(1)
+        return real_pass(*args, **kwargs)
+
+    monkeypatch.setattr("pruner._recover._one_pass", counted)
+    conjugate_gradients_only(monkeypatch)
+    half = np.abs(w2) < np.median(np.abs(w2))
+    quarter = np.abs(w2) < np.quantile(np.abs(w2), 0.25)
+    first, _ = calibration.recover("w2", w2, half, reconstruct=True)
+    made = len(passes)
+    assert made > 0
+    again, _ = calibration.recover("w2", w2, half.copy(), reconstruct=True)
+    assert len(passes) == made  # the same mask: no new pass
+    np.testing.assert_array_equal(again, first)
+    assert not again.flags.writeable  # shared with every caller: nobody may change it in place
+    other, _ = calibration.recover("w2", w2, quarter, reconstruct=True)
+    assert len(passes) > made and not np.array_equal(other, first)
+    # what the cache hands out is what a fresh calibration computes
+    fresh = calibrate(
+        model, list(analyze(model).layers), pruner.EvalSet({"x": x}), np.arange(128),
+        batch_size=64, fixed_batch=None, full=True, max_cost=1000,
+    )  # fmt: skip
+    np.testing.assert_array_equal(fresh.recover("w2", w2, half, reconstruct=True)[0], first)
+
+
+def test_a_damped_hessian_replaces_its_gram_matrix_and_release_drops_both() -> None:
+    # the statistics are held through the search and the write: one float64 matrix a layer, then none
+    rng = np.random.default_rng(3)
+    weight, bias = rng.standard_normal((4, 8)).astype(np.float32), rng.standard_normal(4).astype(np.float32)
+    calibration = calibrated(gemm_model(weight, bias), correlated_inputs(100, 8))
+    stats = calibration.stats["w"]
+    gram = stats.gram
+    assert gram is not None
+    hessian = calibration.hessian("w")
+    assert hessian is not None and stats.gram is None
+    np.testing.assert_allclose(hessian, _damped(gram / stats.count))
+    assert calibration.hessian("w") is hessian and calibration.factor("w") is not None
+    mask = np.abs(weight) < np.median(np.abs(weight))
+    refit, _ = calibration.recover("w", weight, mask, reconstruct=True)
+    assert not np.array_equal(refit, np.where(mask, 0, weight))
+    calibration.release()
+    assert calibration.hessian("w") is None and calibration.factor("w") is None
+    assert stats.total is not None and stats.squares is not None  # bias correction and scores still work
+
+
+@pytest.mark.parametrize(("groups", "width"), [(40, 9), (6, 25), (3, 70)])
+def test_grouped_gram_matrices_are_each_groups_own_products(groups: int, width: int) -> None:
+    # depthwise and narrow groups sum column products, wide groups stack matmuls: both are X_g^T Y_g
+    from pruner._recover import _grams
+
+    rng = np.random.default_rng(groups)
+    x, y = (rng.standard_normal((300, groups * width)).astype(np.float32) for _ in range(2))
+    for other in (None, y):
+        got = _grams(x, groups, other)
+        right = x if other is None else other
+        for g in range(groups):
+            cols = slice(g * width, (g + 1) * width)
+            expected = x[:, cols].astype(np.float64).T @ right[:, cols].astype(np.float64)
+            np.testing.assert_allclose(got[g], expected, rtol=1e-4, atol=1e-3)
