@@ -40,6 +40,7 @@ import pruner
 from service import convert, errors, healthcheck
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 from service._gen.onnxpruner.v1 import pruner_pb2_grpc as pb_grpc
+from service.cpus import usable_cpus
 from service.jobs.runner import Runner
 from service.jobs.store import FINISHED, Job, JobState, JobStore, open_store
 
@@ -56,7 +57,7 @@ class ServerConfig:
     """How the server runs. Sizes in bytes, times in seconds."""
 
     address: str = "[::]:50051"
-    max_jobs: int = os.cpu_count() or 1
+    max_jobs: int = field(default_factory=usable_cpus)
     """Prune jobs computing at once (each takes a share of the cores)."""
     max_uploads: int | None = None
     """Calls receiving their inputs at once; None: 4 x ``max_jobs``."""
@@ -285,7 +286,7 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
         self._jobs = threading.BoundedSemaphore(config.max_jobs)
         self._uploads = threading.BoundedSemaphore(config.upload_slots)
         self._inspects = threading.BoundedSemaphore(config.max_inspects)
-        self._threads = max(1, (os.cpu_count() or 1) // config.max_jobs)
+        self._threads = max(1, usable_cpus() // config.max_jobs)
         self._calls: set[_Job] = set()
         self._changed = threading.Condition()
         self._closing = False
@@ -1079,7 +1080,7 @@ def _jobs(config: ServerConfig) -> tuple[JobStore | None, Runner | None]:
         workers=config.workers,
         memory_limit=config.job_memory_limit,
         time_limit=config.job_time_limit,
-        threads=max(1, (os.cpu_count() or 1) // config.workers),
+        threads=max(1, usable_cpus() // config.workers),
         max_eval_bytes=config.max_eval_bytes,
         dead_after=config.job_dead_after,
         retention_ttl=config.retention_ttl,
