@@ -33,7 +33,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from ._errors import UnsupportedModelError, check_stop
+from ._errors import PrunerError, UnsupportedModelError, check_stop
 from ._evalset import EvalSet, InputSpec
 from ._executor import Executor, LocalExecutor
 from ._metrics import Metric
@@ -393,6 +393,8 @@ class Batches:
             feeds[name] = np.moveaxis(feeds[name], 0, axis)
         try:
             out = runner(feeds)
+        except PrunerError:  # a portable runner builds its model on its first run: cancelled, or not runnable
+            raise
         except Exception as e:  # onnxruntime raises its own exception types
             raise UnsupportedModelError(f"onnxruntime failed to run the model: {_first_line(e)}") from e
         axis = self.output_axis

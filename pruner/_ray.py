@@ -220,11 +220,24 @@ class RayExecutor(Executor):
             yield from super().outputs(batches, runner, pieces)
             return
         shipped, spec = self._batches_ref(batches), self._spec(runner)
+        # each batch is a task of its own, so that the work spreads evenly over the workers; the
+        # batches are the local run's, so their outputs are too, and a piece's is their concatenation
+        size = batches.batch_size
+        tasks = [(k, piece[i : i + size]) for k, piece in enumerate(pieces) for i in range(0, len(piece), size)]
 
-        def submit(actor: Any, piece: np.ndarray) -> Any:
-            return actor.outputs.remote(shipped, spec, piece)
+        def submit(actor: Any, task: tuple[int, np.ndarray]) -> Any:
+            return actor.outputs.remote(shipped, spec, task[1])
 
-        yield from self._ordered(pieces, submit, batches.stop)
+        results = self._ordered(tasks, submit, batches.stop)
+        try:
+            parts: list[np.ndarray] = []
+            for i, out in enumerate(results):
+                parts.append(out)
+                if i + 1 == len(tasks) or tasks[i + 1][0] != tasks[i][0]:
+                    yield np.concatenate(parts)
+                    parts = []
+        finally:
+            results.close()
 
     def map_model(
         self, batches: Batches, model: bytes, task: Callable[[ort.InferenceSession, EvalSet, T], R], parts: Sequence[T]
