@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import pytest
 
 import pruner
@@ -97,7 +98,7 @@ class Cluster:
         self.nodes: list[subprocess.Popen[bytes]] = []
 
     def start_node(self, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"node{len(self.nodes)}.log", "wb")  # noqa: SIM115 (kept open for the node's life)
+        log = open(self.root / f"node{len(self.nodes)}.log", "wb")  # open for the node's life
         common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--block", *_ports()]
         process = subprocess.Popen(
             [sys.executable, "-m", "ray.scripts.scripts", "start", *args, *common],
@@ -227,14 +228,12 @@ def test_a_worker_killed_mid_run_has_its_pieces_run_again(cluster: Cluster, capl
 
 
 def test_every_worker_dead_is_a_clear_error_not_a_hang(cluster: Cluster) -> None:
-    from pruner._evaluate import Batches, PortableRunner
     from pruner._evalset import load_eval_set, model_inputs
+    from pruner._evaluate import Batches, PortableRunner
     from pruner._ray import RayExecutor
 
     model = (FIXTURES / "mlp.onnx").read_bytes()
     data = load_eval_set(FIXTURES / "mlp_eval.npz")
-    import onnx
-
     specs = model_inputs(onnx.load_from_string(model))
     output = onnx.load_from_string(model).graph.output[0].name
     batches = Batches(specs, output, data, batch_size=16)
