@@ -69,6 +69,7 @@ def main() -> None:
     data = load_set()
     rows = []
     shas = set()
+    phases: dict[int, dict[str, float]] = {}
     for repeat in range(args.repeats):
         for workers in (1, 2):
             options = PruneOptions(
@@ -86,6 +87,7 @@ def main() -> None:
             search = result.report.timings.get("search", float("nan"))
             shas.add(hashlib.sha256(result.model_bytes or result.model.SerializeToString()).hexdigest())
             rows.append((repeat, workers, wall, search, result.report.evaluations, load))
+            phases[workers] = {k: round(v, 1) for k, v in result.report.timings.items()}
             print(f"repeat {repeat} workers {workers}: {wall:.1f} s (search {search:.1f} s); {load}", flush=True)
     ray.shutdown()
 
@@ -109,6 +111,7 @@ def main() -> None:
         f"median search: 1 worker {median(1, 3):.1f} s, 2 workers {median(2, 3):.1f} s, "
         f"ratio {median(1, 3) / median(2, 3):.2f}x",
     ]
+    lines += [f"phases of the last run with {w} worker(s), s: {phases[w]}" for w in sorted(phases)]
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.no_write:
