@@ -206,9 +206,8 @@ class RayExecutor(Executor):
             spec: tuple[Any, ...] = ("fed", runner.output, [fed[1], ray.put(dict(runner.weights or {}))])
         else:
             spec = ("model", runner.output, [ray.put(runner.model_bytes())])
-        self._specs[id(runner)] = (runner, spec)  # the runner held: its id is not reused meanwhile
-        while len(self._specs) > SESSIONS_KEPT:
-            self._specs.popitem(last=False)
+        # only the current candidate's: its weights (and their copy in the store) stay alive with it
+        self._specs = collections.OrderedDict({id(runner): (runner, spec)})  # held: its id is not reused
         return spec
 
     # -- running pieces --------------------------------------------------------------------------
