@@ -263,28 +263,42 @@ def test_ray_options_are_checked() -> None:
         PruneOptions(executor="ray")  # type: ignore[arg-type]
 
 
-def test_executor_ray_without_the_extra_says_how_to_install_it() -> None:
-    # ray blocked in a subprocess: the run fails with a message naming the extra, and the
-    # default (local) run needs no ray at all
+def test_executor_ray_without_the_extra_exits_2_naming_it(tmp_path: Path) -> None:
+    # ray blocked in a subprocess: the CLI exits 2 with a message naming the extra and writes
+    # nothing, and the default (local) run needs no ray at all
+    out = tmp_path / "out.onnx"
     code = textwrap.dedent(
         f"""
         import sys
         sys.modules["ray"] = None
         import pruner
-        fixtures = {str(FIXTURES)!r}
-        local = pruner.prune(fixtures + "/mlp.onnx", fixtures + "/mlp_eval.npz", pruner.PruneOptions(max_evaluations=2))
+        from service.cli import main
+        model, data = {str(FIXTURES / "mlp.onnx")!r}, {str(FIXTURES / "mlp_eval.npz")!r}
+        local = pruner.prune(model, data, pruner.PruneOptions(max_evaluations=2))
         assert local.report.evaluations >= 1
-        try:
-            pruner.prune(fixtures + "/mlp.onnx", fixtures + "/mlp_eval.npz",
-                         pruner.PruneOptions(executor=pruner.Executor.RAY))
-        except pruner.InvalidConfigError as e:
-            print(e)
-        else:
-            raise SystemExit("no error")
+        sys.exit(main(["prune", model, "--eval", data, "-o", {str(out)!r}, "--executor", "ray", "--quiet"]))
         """
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env={**os.environ}
-    )
-    assert done.returncode == 0, done.stderr
-    assert "pip install 'onnx-pruner[ray]'" in done.stdout
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'onnx-pruner[ray]'" in done.stderr
+    assert not out.exists()
+
+
+def test_the_cli_refuses_executor_ray_for_a_server_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    out = tmp_path / "out.onnx"
+    args = ["prune", str(FIXTURES / "mlp.onnx"), "--eval", str(FIXTURES / "mlp_eval.npz"), "-o", str(out)]
+    assert main([*args, "--executor", "ray", "--server", "127.0.0.1:1", "--quiet"]) == 2
+    assert "--executor ray is for local runs" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_cli_on_the_cluster_writes_the_local_model(cluster: Cluster, tmp_path: Path) -> None:
+    from service.cli import main
+
+    args = ["prune", str(FIXTURES / "cnn.onnx"), "--eval", str(FIXTURES / "cnn_eval.npz"), "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "local.onnx")]) == 0
+    assert main([*args, "-o", str(tmp_path / "ray.onnx"), "--executor", "ray", "--ray-address", cluster.address]) == 0
+    assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
