@@ -154,6 +154,8 @@ class RayExecutor(Executor):
         cpus = int(ray.cluster_resources().get("CPU", 1))
         self.workers = workers or max(1, cpus)
         if self.workers > cpus:
+            if self._owned:
+                ray.shutdown()
             raise InvalidConfigError(
                 f"executor_workers {self.workers} is more than the Ray cluster's {cpus} CPU(s): "
                 "each worker takes one, and the extra ones would never start"

@@ -254,6 +254,12 @@ def test_every_worker_dead_is_a_clear_error_not_a_hang(cluster: Cluster) -> None
         executor.close()
 
 
+def test_more_workers_than_the_cluster_has_cpus_is_a_config_error(cluster: Cluster) -> None:
+    options = PruneOptions(executor=Executor.RAY, executor_workers=3)
+    with pytest.raises(InvalidConfigError, match="executor_workers 3 is more than the Ray cluster's 2 CPU"):
+        pruner.prune(FIXTURES / "mlp.onnx", FIXTURES / "mlp_eval.npz", options)
+
+
 def test_ray_options_are_checked() -> None:
     with pytest.raises(InvalidConfigError, match="ray_address and executor_workers need executor ray"):
         PruneOptions(ray_address="127.0.0.1:6379")
