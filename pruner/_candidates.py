@@ -26,7 +26,17 @@ import onnx
 from ._analysis import Inspection, SkippedWeight, analyze
 from ._errors import InternalError, UnsupportedModelError, check_stop
 from ._evalset import release_freed_memory
-from ._evaluate import Batches, Evaluator, FedWeights, ModelBuilder, Runner, SplitModel, make_session, session_runner
+from ._evaluate import (
+    Batches,
+    Evaluator,
+    FedWeights,
+    ModelBuilder,
+    PortableRunner,
+    Runner,
+    SplitModel,
+    make_session,
+    session_runner,
+)
 from ._gradient import GradientScores, gradient_scores
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
 from ._options import AUTO_LSQ_COST, GRADIENT_CRITERIA, REFITTING, Allocation, Criterion, Mode, PruneOptions, Recovery
@@ -451,7 +461,8 @@ class ChannelCandidates(_Candidates):
         return None
 
     def runner(self, config: Config) -> Runner:
-        return self.remover.runner(config, self.evaluator.batches.output, self.options.threads)
+        remover, output, threads = self.remover, self.evaluator.batches.output, self.options.threads
+        return PortableRunner(output, model=lambda: remover.to_bytes(config), threads=threads)
 
     def build(self, config: Config) -> bytes:
         return self.remover.to_bytes(config)
@@ -598,6 +609,7 @@ def _calibrate(
         max_cost=AUTO_LSQ_COST if recover is Recovery.AUTO else None,
         threads=threads,
         stop=batches.stop,
+        runs_on=batches,
     )
     logger.debug("calibrated %d layer(s) on %d samples", len(inspection.layers), count)
     notes = [f"calibrated on {count} samples of the search split"]
@@ -661,8 +673,13 @@ def _choose_strategy(
     else:
         why = " (bfloat16 weights cannot be fed as inputs)"
 
-    def built(weights: Mapping[str, np.ndarray]) -> Runner:
+    def built_now(weights: Mapping[str, np.ndarray]) -> Runner:
         return session_runner(builder.session(weights, threads=threads), output)
+
+    def built(weights: Mapping[str, np.ndarray]) -> Runner:
+        # its session is made on its first local run: an executor that runs it elsewhere sends bytes
+        model = None if builder.large else lambda: builder.to_bytes(weights)
+        return PortableRunner(output, model=model, local=lambda: built_now(weights), threads=threads)
 
     if fed is not None and split.weight_bytes >= FED_ALWAYS_BYTES:
         # one set of weights in memory, not one more per session
@@ -671,7 +688,7 @@ def _choose_strategy(
         return built, "candidates ran as sessions of the built model" + why
     sample = search_idx[: max(STRATEGY_SAMPLES, 4 * batches.batch_size)]
     start = time.perf_counter()
-    base = built(split.weights)
+    base = built_now(split.weights)
     created = time.perf_counter() - start
     fed_runner = fed.runner(split.weights)
     # each session is warmed up on the first batch and timed on the others; the fed run that

@@ -33,8 +33,9 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from ._errors import UnsupportedModelError, check_stop
+from ._errors import PrunerError, UnsupportedModelError, check_stop
 from ._evalset import EvalSet, InputSpec
+from ._executor import Executor, LocalExecutor
 from ._metrics import Metric
 from ._model import PROTOBUF_LIMIT, session_source
 
@@ -44,6 +45,7 @@ __all__ = [
     "Evaluator",
     "FedWeights",
     "ModelBuilder",
+    "PortableRunner",
     "Runner",
     "SplitModel",
     "make_session",
@@ -93,6 +95,53 @@ def session_runner(session: ort.InferenceSession, output: str) -> Runner:
         return np.asarray(session.run([output], dict(feeds))[0])
 
     return run
+
+
+class PortableRunner:
+    """A runner that can also run elsewhere: on a worker that has only bytes and arrays.
+
+    It is either a serialized model (``model()``, computed once) or the split model with
+    its weights as inputs (``fed``, the same bytes for every candidate) and the candidate's
+    ``weights``. Its own session is made on its first local run (an executor that runs it
+    elsewhere never makes one here).
+    """
+
+    def __init__(
+        self,
+        output: str,
+        *,
+        model: Callable[[], bytes] | None = None,
+        fed: FedWeights | None = None,
+        weights: Mapping[str, np.ndarray] | None = None,
+        local: Callable[[], Runner] | None = None,
+        threads: int = 0,
+    ) -> None:
+        self.output = output
+        self.fed = fed
+        self.weights = weights
+        self.threads = threads
+        self._model = model
+        self._bytes: bytes | None = None
+        self._local = local
+        self._run: Runner | None = None
+
+    @property
+    def portable(self) -> bool:
+        return self.fed is not None or self._model is not None
+
+    def model_bytes(self) -> bytes:
+        if self._bytes is None:
+            assert self._model is not None
+            self._bytes = self._model()
+        return self._bytes
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        if self._run is None:
+            if self._local is not None:
+                self._run = self._local()
+            else:
+                self._run = session_runner(make_session(self.model_bytes(), threads=self.threads), self.output)
+        return self._run(feeds)
 
 
 def _first_line(e: BaseException) -> str:
@@ -246,19 +295,21 @@ class FedWeights:
 
     def __init__(self, split: SplitModel, output: str, *, threads: int = 0) -> None:
         self.output = output
-        self.session = make_session(split.fed().SerializeToString(), threads=threads)
+        self.model = split.fed().SerializeToString()
+        """What a worker elsewhere loads (the weights are its inputs: small, and the same for every candidate)."""
+        self.session = make_session(self.model, threads=threads)
 
     @staticmethod
     def possible(split: SplitModel) -> bool:
         return all(t in FEEDABLE for t in split.data_types.values())
 
-    def runner(self, weights: Mapping[str, np.ndarray]) -> Runner:
+    def runner(self, weights: Mapping[str, np.ndarray]) -> PortableRunner:
         session, output, fixed = self.session, self.output, dict(weights)
 
         def run(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
             return np.asarray(session.run([output], {**feeds, **fixed})[0])
 
-        return run
+        return PortableRunner(output, fed=self, weights=fixed, local=lambda: run)
 
 
 @dataclass(frozen=True)
@@ -311,6 +362,22 @@ class Batches:
             )
         self.fixed_batch = fixed.pop() if fixed else None
         self.batch_size = self.fixed_batch or batch_size
+        self.executor: Executor = LocalExecutor()
+        """Where runs over many rows go (``prune`` sets the run's)."""
+
+    def shippable(self) -> Batches:
+        """A copy to send to a worker: no stop event (the driver checks it) and a local executor."""
+        copy = Batches.__new__(Batches)
+        copy.__dict__.update(self.__dict__)
+        copy.stop = None
+        copy.executor = LocalExecutor()
+        return copy
+
+    def pieces(self, indices: np.ndarray) -> list[np.ndarray]:
+        """``indices`` in pieces of whole batches (at least ``METRIC_CHUNK`` rows each): the unit
+        of the metric's early-abort test, and of the work an executor hands out."""
+        chunk = self.batch_size * max(1, METRIC_CHUNK // self.batch_size)
+        return [indices[i : i + chunk] for i in range(0, len(indices), chunk)]
 
     def _batches(self, indices: np.ndarray) -> list[np.ndarray]:
         return [indices[i : i + self.batch_size] for i in range(0, len(indices), self.batch_size)]
@@ -326,6 +393,8 @@ class Batches:
             feeds[name] = np.moveaxis(feeds[name], 0, axis)
         try:
             out = runner(feeds)
+        except PrunerError:  # a portable runner builds its model on its first run: cancelled, or not runnable
+            raise
         except Exception as e:  # onnxruntime raises its own exception types
             raise UnsupportedModelError(f"onnxruntime failed to run the model: {_first_line(e)}") from e
         axis = self.output_axis
@@ -390,30 +459,34 @@ class Evaluator:
         seen = 0
         # the metric and the early-abort test run per chunk of batches: per batch of one,
         # their Python overhead would cost more than the model
-        chunk = batches.batch_size * max(1, METRIC_CHUNK // batches.batch_size)
+        pieces = batches.pieces(indices)
+        outputs = batches.executor.outputs(batches, runner, pieces)
         if metric.whole_set:  # a correlation: every sample's score first, never an early stop
-            parts = [metric.scores(batches.outputs(runner, indices[i : i + chunk])) for i in range(0, total, chunk)]
+            parts = [metric.scores(out) for out in outputs]
             scores = np.concatenate(parts) if parts else np.zeros(0)
             value = metric.correlate(scores, None if labels is None else labels[indices], self.reference[indices])
             return EvalOutcome(value, True, total, time.perf_counter() - start)
-        for start_row in range(0, total, chunk):
-            rows = indices[start_row : start_row + chunk]
-            out = batches.outputs(runner, rows)
-            scores = metric.per_sample(
-                out,
-                None if labels is None else labels[rows],
-                self.reference[rows],
-                None if mask is None else mask[rows],
-            )
-            score_sum += float(scores.sum())
-            seen += len(rows)
-            if bound is not None and seen < total and metric.cannot_pass(score_sum, seen, total, bound):
-                logger.debug("stopped after %d of %d samples: the mean can no longer reach %.6g", seen, total, bound)
-                return EvalOutcome(score_sum / seen, False, seen, time.perf_counter() - start)
+        with contextlib.closing(outputs):  # an early stop abandons the pieces still out
+            for rows, out in zip(pieces, outputs, strict=False):
+                scores = metric.per_sample(
+                    out,
+                    None if labels is None else labels[rows],
+                    self.reference[rows],
+                    None if mask is None else mask[rows],
+                )
+                score_sum += float(scores.sum())
+                seen += len(rows)
+                if bound is not None and seen < total and metric.cannot_pass(score_sum, seen, total, bound):
+                    logger.debug(
+                        "stopped after %d of %d samples: the mean can no longer reach %.6g", seen, total, bound
+                    )
+                    return EvalOutcome(score_sum / seen, False, seen, time.perf_counter() - start)
         return EvalOutcome(score_sum / total, True, total, time.perf_counter() - start)
 
     def deviation(self, indices: np.ndarray, runner: Runner) -> float:
         """Relative squared error of the output vs the unpruned model: a smooth, label-free proxy."""
-        out = self.batches.outputs(runner, indices).astype(np.float64)
+        batches = self.batches
+        parts = list(batches.executor.outputs(batches, runner, batches.pieces(indices)))
+        out = np.concatenate(parts).astype(np.float64)
         ref = self.reference[indices].astype(np.float64)
         return float(((out - ref) ** 2).sum() / max((ref**2).sum(), 1e-30))

@@ -18,6 +18,7 @@ __all__ = [
     "Allocation",
     "Criterion",
     "CustomMetric",
+    "Executor",
     "MetricKind",
     "Mode",
     "Objective",
@@ -129,6 +130,15 @@ class Allocation(enum.Enum):
     SENSITIVITY = "sensitivity"
     """Per-layer sensitivity profiles (output deviation with only that layer pruned at a few
     levels) decide: sparsity goes where it costs least per weight."""
+
+
+class Executor(enum.Enum):
+    """Where a run's expensive parts (candidate evaluation, calibration, probes) run."""
+
+    LOCAL = "local"
+    """In this process, on onnxruntime's own threads (the default; needs nothing more)."""
+    RAY = "ray"
+    """Sharded over the workers of a Ray cluster (the optional ``ray`` extra): the same results."""
 
 
 class Objective(enum.Enum):
@@ -355,6 +365,12 @@ class PruneOptions:
     """The held-out acceptance rule; every rule reports the drop's confidence interval."""
     confidence: float = DEFAULT_CONFIDENCE
     """Level of the held-out drop's two-sided confidence interval (alpha = 1 - confidence)."""
+    executor: Executor = Executor.LOCAL
+    """Where evaluation, calibration and probes run (see ``docs/ray.md``)."""
+    ray_address: str | None = None
+    """``executor`` ray: the cluster's address (``host:port`` or ``ray://...``); None starts a local one."""
+    executor_workers: int = 0
+    """``executor`` ray: workers (one CPU and one onnxruntime thread each); 0: one per CPU of the cluster."""
     channel_multiple: int | None = None
     """Remove mode: keep every layer's channel count a multiple of this. None: 8 for layers whose
     count is a multiple of 8 (onnxruntime's fast blocked conv kernels need it: odd counts can make
@@ -369,6 +385,7 @@ class PruneOptions:
             ("objective", Objective),
             ("recover", Recovery),
             ("acceptance", AcceptanceRule),
+            ("executor", Executor),
         ):
             if name == "objective" and self.objective is None:
                 continue
@@ -415,6 +432,11 @@ class PruneOptions:
         _check_int("batch_size", self.batch_size, 1, MAX_BATCH_SIZE)
         _check_int("top_k", self.top_k, 1, 1_000_000)
         _check_int("threads", self.threads, 0, 1024)
+        _check_int("executor_workers", self.executor_workers, 0, 100_000)
+        if self.executor is not Executor.RAY and (self.ray_address is not None or self.executor_workers):
+            raise InvalidConfigError("ray_address and executor_workers need executor ray")
+        if self.ray_address is not None and (not isinstance(self.ray_address, str) or not self.ray_address.strip()):
+            raise InvalidConfigError(f"ray_address must be a non-empty address, got {self.ray_address!r}")
         _check_int("seed", self.seed, 0, 2**32 - 1)
         if self.max_seconds is not None:
             _check_float("max_seconds", self.max_seconds, 0.0, 30 * 24 * 3600.0, low_open=True)

@@ -41,7 +41,16 @@ from ._evalset import (
     release_freed_memory,
     validate_eval_set,
 )
-from ._evaluate import Batches, Evaluator, ModelBuilder, Runner, SplitModel, make_session, session_runner
+from ._evaluate import (
+    Batches,
+    Evaluator,
+    ModelBuilder,
+    PortableRunner,
+    Runner,
+    SplitModel,
+    make_session,
+    session_runner,
+)
 from ._graph import declared_shape, reads
 from ._metrics import Metric
 from ._model import _check, load_model, session_source
@@ -343,10 +352,16 @@ def measure_baseline(model: onnx.ModelProto, loaded: Loaded, tolerance: Toleranc
     """
     start = time.perf_counter()
     batches, metric = loaded.batches, loaded.metric
+    everything = np.arange(len(batches.evalset))
     with session_source(model) as source:
-        session = make_session(source, threads=threads)
-        reference = batches.outputs(session_runner(session, batches.output), np.arange(len(batches.evalset)))
-    del session
+        if batches.executor.remote and isinstance(source, bytes):
+            sent = source
+            runner = PortableRunner(batches.output, model=lambda: sent)
+            reference = np.concatenate(list(batches.executor.outputs(batches, runner, batches.pieces(everything))))
+        else:
+            session = make_session(source, threads=threads)
+            reference = batches.outputs(session_runner(session, batches.output), everything)
+            del session
     evaluator = Evaluator(batches, metric, reference)
     search_value = evaluator.reference_value(loaded.search_idx)
     hold_value = evaluator.reference_value(loaded.hold_idx) if len(loaded.hold_idx) else None

@@ -14,6 +14,7 @@ import onnx
 from ._analysis import Inspection, analyze
 from ._candidates import CandidatePool, make_candidates
 from ._confirm import confirm
+from ._executor import make_executor
 from ._model import save_model
 from ._options import Mode, PruneOptions
 from ._phases import (
@@ -101,32 +102,37 @@ def prune(
     """
     start = time.perf_counter()
     loaded, owned = load(model, evalset, options or PruneOptions(), stop)
-    _phase_done("load")
-    options = loaded.options
-    progress = Progress(on_progress, loaded.metric.name, options.max_evaluations)
-    baseline = measure_baseline(owned, loaded, options.tolerance, options.threads)
-    _phase_done("baseline")
-    progress.baseline(baseline.metric.search)
-    candidates = make_candidates(owned, loaded.inspection, loaded.search_idx, baseline.evaluator, options)
-    del owned  # taken apart by the candidates: its memory goes with it
-    _phase_done("candidates")
-    pool = candidates.pool
-    searched = run_search(pool, loaded, baseline, progress.trial)
-    _phase_done("search")
-    held_out = held_out_split(loaded, baseline)
-    confirmed = confirm(searched.outcome, pool.space, pool.runner, held_out, searched.judge, progress.trial)
-    _phase_done("confirm")
-    chosen = confirmed.chosen
-    progress.confirmed(pool.space.sparsity(chosen), pool.space.nonzero(chosen), len(loaded.hold_idx))
-    check = FinalCheck(baseline.evaluator, loaded.io_names, loaded.search_idx, loaded.hold_idx, options.threads)
-    written = write(model, pool, chosen, check, held_out, confirmed.comparisons, sparse=options.sparse_initializers)
-    _phase_done("write")
-    plan = replayable(_plan(options, pool, written.chosen), model, written.checked.model, pool.written(written.chosen))
-    total = time.perf_counter() - start
-    report = make_report(loaded, baseline, candidates, searched, held_out, confirmed, written, plan, total)
-    _phase_done("report")
-    progress.done(report)
-    return PruneResult(written.checked.model, plan, report, written.checked.model_bytes)
+    # the executor runs the evaluations, calibration and probes: here, or on a Ray cluster
+    with make_executor(loaded.options) as executor:
+        loaded.batches.executor = executor
+        _phase_done("load")
+        options = loaded.options
+        progress = Progress(on_progress, loaded.metric.name, options.max_evaluations)
+        baseline = measure_baseline(owned, loaded, options.tolerance, options.threads)
+        _phase_done("baseline")
+        progress.baseline(baseline.metric.search)
+        candidates = make_candidates(owned, loaded.inspection, loaded.search_idx, baseline.evaluator, options)
+        del owned  # taken apart by the candidates: its memory goes with it
+        _phase_done("candidates")
+        pool = candidates.pool
+        searched = run_search(pool, loaded, baseline, progress.trial)
+        _phase_done("search")
+        held_out = held_out_split(loaded, baseline)
+        confirmed = confirm(searched.outcome, pool.space, pool.runner, held_out, searched.judge, progress.trial)
+        _phase_done("confirm")
+        chosen = confirmed.chosen
+        progress.confirmed(pool.space.sparsity(chosen), pool.space.nonzero(chosen), len(loaded.hold_idx))
+        check = FinalCheck(baseline.evaluator, loaded.io_names, loaded.search_idx, loaded.hold_idx, options.threads)
+        written = write(model, pool, chosen, check, held_out, confirmed.comparisons, sparse=options.sparse_initializers)
+        _phase_done("write")
+        plan = replayable(
+            _plan(options, pool, written.chosen), model, written.checked.model, pool.written(written.chosen)
+        )
+        total = time.perf_counter() - start
+        report = make_report(loaded, baseline, candidates, searched, held_out, confirmed, written, plan, total)
+        _phase_done("report")
+        progress.done(report)
+        return PruneResult(written.checked.model, plan, report, written.checked.model_bytes)
 
 
 def _phase_done(name: str) -> None:

@@ -31,7 +31,7 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -42,7 +42,7 @@ from onnx import helper
 from ._analysis import PrunableWeight
 from ._errors import UnsupportedModelError, check_stop
 from ._evalset import EvalSet
-from ._evaluate import SplitModel, make_session, run_session
+from ._evaluate import Batches, SplitModel, make_session, run_session
 from ._graph import Attributes, GraphIndex, keep_needed, reads
 from ._ops import RECURRENT_GATES, Unfold, layout_of
 
@@ -193,6 +193,14 @@ class LayerStats:
             squares = (x * x).sum(axis=0, dtype=np.float64)
         self.total = total if self.total is None else self.total + total
         self.squares = squares if self.squares is None else self.squares + squares
+
+    def merge(self, other: LayerStats) -> None:
+        """Add the statistics of other rows (a shard's: Gram matrices and sums add)."""
+        self.count += other.count
+        for name in ("total", "squares", "gram"):
+            mine, theirs = getattr(self, name), getattr(other, name)
+            if theirs is not None:
+                setattr(self, name, theirs if mine is None else mine + theirs)
 
     @property
     def mean(self) -> np.ndarray:
@@ -1125,8 +1133,12 @@ def calibrate(
     max_cost: int | None = None,
     threads: int = 0,
     stop: threading.Event | None = None,
+    runs_on: Batches | None = None,
 ) -> Calibration:
     """Statistics of every handled layer's input over ``rows`` of ``evalset`` (batch by batch).
+
+    ``runs_on``: batches of the same eval set whose executor, when remote, computes the
+    statistics per shard of batches on its workers (and this process adds them up).
 
     ``stop`` cancels it (checked per batch and layer) and every fit made from its result.
 
@@ -1163,18 +1175,75 @@ def calibrate(
         return Calibration(found, stats, len(rows), skipped, rows, wide, one_pass, stop=stop)
     probe, constants = _probe(model, found)
     wanted = sorted({n for la in found.values() for use in la.all_uses for n in use.reads()} - set(constants))
-    session = make_session(probe.SerializeToString(), threads=threads)
+    probe_bytes = probe.SerializeToString()
+    del probe
+    session = make_session(probe_bytes, threads=threads)
     step = fixed_batch or _fitting_step(session, wanted, evalset, rows, batch_size)
-    for batch, real in _batches(rows, step, fixed_batch):
+    batches = list(_batches(rows, step, fixed_batch))
+    collect = functools.partial(
+        _collect,
+        wanted=wanted,
+        constants=constants,
+        layouts=found,
+        full={n for n in found if full and n not in wide},
+        samples=len(rows),
+    )
+    executor = None if runs_on is None else runs_on.executor
+    if executor is not None and executor.remote and len(batches) > 1:
+        del session
+        # contiguous shards of whole batches, a few per worker. A shard returns each batch's
+        # statistics and they are added here in batch order: the sums are the local run's to the
+        # bit (a shard's own sum would reorder float additions, and move a weight or two)
+        count = min(len(batches), 2 * executor.workers)
+        bounds = [round(i * len(batches) / count) for i in range(count + 1)]
+        shards = [batches[bounds[i] : bounds[i + 1]] for i in range(count)]
+        assert runs_on is not None
+        for part in executor.map_model(runs_on, probe_bytes, functools.partial(_each_batch, collect), shards):
+            for batch_stats in part:
+                check_stop(stop)
+                for name, layer_stats in batch_stats.items():
+                    stats[name].merge(layer_stats)
+    else:
+        collect(session, evalset, batches, stats=stats, stop=stop)
+    return Calibration(found, stats, len(rows), skipped, rows, wide, one_pass, stop=stop)
+
+
+def _each_batch(
+    collect: Callable[..., dict[str, LayerStats]],
+    session: ort.InferenceSession,
+    evalset: EvalSet,
+    batches: Sequence[tuple[np.ndarray, int]],
+) -> list[dict[str, LayerStats]]:
+    """Each batch's statistics on its own (a worker's shard of the calibration pass)."""
+    return [collect(session, evalset, [batch]) for batch in batches]
+
+
+def _collect(
+    session: ort.InferenceSession,
+    evalset: EvalSet,
+    batches: Sequence[tuple[np.ndarray, int]],
+    *,
+    wanted: list[str],
+    constants: Mapping[str, np.ndarray],
+    layouts: Mapping[str, LayerLayout],
+    full: set[str],
+    samples: int,
+    stats: dict[str, LayerStats] | None = None,
+    stop: threading.Event | None = None,
+) -> dict[str, LayerStats]:
+    """Accumulate every layer's input statistics over ``batches`` (of ``samples`` calibration
+    rows in all) into ``stats`` (new ones when None), and return them. Runs on a worker too."""
+    stats = {name: LayerStats() for name in layouts} if stats is None else stats
+    for batch, real in batches:
         check_stop(stop)
         feeds = {k: v[batch] for k, v in evalset.inputs.items()}
-        outputs = dict(zip(wanted, run_session(session, wanted, feeds), strict=True)) | constants
-        for name, layout in found.items():
+        outputs = dict(zip(wanted, run_session(session, wanted, feeds), strict=True)) | dict(constants)
+        for name, layout in layouts.items():
             for use in layout.all_uses:  # a shared weight: the rows of every node it feeds
                 check_stop(stop)
-                flat = _use_rows(layout, use, outputs, real, len(rows))
-                stats[name].add(flat, full and name not in wide, layout.groups)
-    return Calibration(found, stats, len(rows), skipped, rows, wide, one_pass, stop=stop)
+                flat = _use_rows(layout, use, outputs, real, samples)
+                stats[name].add(flat, name in full, layout.groups)
+    return stats
 
 
 def _probe(model: onnx.ModelProto, found: Mapping[str, LayerLayout]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

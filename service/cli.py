@@ -242,6 +242,18 @@ def _option_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
     p.add_argument("--threads", type=int, default=DEFAULTS.threads, help="onnxruntime intra-op threads (0: auto)")
+    p.add_argument(
+        "--executor",
+        choices=[e.value for e in pruner.Executor],
+        default=DEFAULTS.executor.value,
+        help="where a local run evaluates candidates: here, or sharded over a Ray cluster's workers "
+        "(needs the ray extra; the same model and report) (default %(default)s; docs/ray.md)",
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="--executor ray: the cluster (HOST:PORT of its head, or ray://...); default: a local Ray for the run",
+    )
     p.add_argument("--layer-cap", type=float, default=DEFAULTS.layer_cap, help="max sparsity of any layer")
     p.add_argument("--include", action="append", default=[], metavar="GLOB", help="prune only matching layers")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never prune matching layers")
@@ -268,7 +280,11 @@ def _connection(args: argparse.Namespace) -> Connection:
 
 
 def _options(args: argparse.Namespace) -> PruneOptions:
+    if args.server and args.executor != pruner.Executor.LOCAL.value:
+        raise pruner.InvalidConfigError("--executor ray is for local runs; with --server, the server runs the job")
     return PruneOptions(
+        executor=pruner.Executor(args.executor),
+        ray_address=args.ray_address,
         mode=Mode(args.mode),
         nm=_nm(args.nm),
         objective=Objective(args.objective) if args.objective else None,

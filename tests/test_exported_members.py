@@ -8,7 +8,7 @@ import pruner
 
 EXPECTED = {
     "AcceptanceRule", "Allocation", "CancelledError", "CandidateRecord", "Criterion", "CustomMetric", "DropInterval",
-    "EvalSet", "EventKind", "Inspection", "InternalError",
+    "EvalSet", "EventKind", "Executor", "Inspection", "InternalError",
     "InvalidConfigError", "InvalidEvalSetError", "InvalidInputError", "InvalidModelError", "LayerPlan",
     "LayerReport", "MetricKind", "Mode", "Objective", "Phase", "PlanIssue", "PlanMismatchError", "ProgressEvent",
     "PrunableWeight",

@@ -1,0 +1,313 @@
+"""The Ray executor: a run's model runs sharded over the workers of a Ray cluster.
+
+Needs the optional ``ray`` extra (``pip install 'onnx-pruner[ray]'``); ``ray`` is imported
+only when this executor is made. Every worker is a Ray actor holding one CPU and running
+onnxruntime on one intra-op thread; it keeps the sessions it made (the fed model's for the
+whole run, the latest candidates') so a candidate's model is loaded once per worker.
+
+What goes through the object store, once each: the eval set (with the batching settings),
+the fed model (the split model with its weights as inputs) and then each candidate's
+weights, or each candidate's serialized model where candidates run as built sessions.
+Pieces of rows go out in order, a few per worker at a time; their outputs come back in
+order and the driver computes the metric from them as the local executor does, so the
+values are the same to the bit (see ``docs/ray.md``).
+
+A worker that dies has its pieces run again on the others; when none is left the run fails
+with a :class:`ResourceLimitError` that says so, never a hang.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Callable, Generator, Iterator, Sequence
+from typing import Any, TypeVar
+
+import numpy as np
+import onnxruntime as ort
+
+from ._errors import InvalidConfigError, PrunerError, ResourceLimitError, check_stop
+from ._evalset import EvalSet
+from ._evaluate import Batches, PortableRunner, Runner, make_session, session_runner
+from ._executor import Executor
+
+__all__ = ["RayExecutor", "ray_module"]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+IN_FLIGHT = 2
+"""Pieces queued per worker: one running and one ready, so a worker never waits for the driver,
+and an early stop abandons at most this many per worker."""
+WAIT_SECONDS = 0.5
+"""How often the driver checks the stop event while it waits for a worker."""
+SESSIONS_KEPT = 2
+"""Candidate sessions a worker keeps (the current one, and the one before for a re-run)."""
+
+
+def ray_module() -> Any:
+    """The ``ray`` package, or a clear error when the extra is not installed."""
+    try:
+        import ray
+    except ImportError as e:
+        raise InvalidConfigError(
+            "executor ray needs the ray extra: pip install 'onnx-pruner[ray]' (or use executor local)"
+        ) from e
+    return ray
+
+
+class _Worker:
+    """A Ray actor: runs pieces of the eval set through the candidates' sessions, one thread."""
+
+    def __init__(self) -> None:
+        self.batches: dict[str, Batches] = {}
+        self.fed: dict[str, ort.InferenceSession] = {}
+        self.sessions: collections.OrderedDict[str, Runner] = collections.OrderedDict()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def _batches(self, ref: list[Any]) -> Batches:
+        key = ref[0].hex()
+        if key not in self.batches:
+            self.batches = {key: ray_module().get(ref[0])}
+        return self.batches[key]
+
+    def _runner(self, spec: tuple[Any, ...]) -> Runner:
+        ray = ray_module()
+        kind, output, refs = spec
+        key = ":".join(r.hex() for r in refs)
+        if key in self.sessions:
+            self.sessions.move_to_end(key)
+            return self.sessions[key]
+        if kind == "model":
+            run = session_runner(make_session(ray.get(refs[0]), threads=1), output)
+        else:
+            fed_key = refs[0].hex()
+            if fed_key not in self.fed:
+                self.fed = {fed_key: make_session(ray.get(refs[0]), threads=1)}
+            session, weights = self.fed[fed_key], dict(ray.get(refs[1]))
+
+            def run(feeds: Any) -> np.ndarray:
+                return np.asarray(session.run([output], {**feeds, **weights})[0])
+
+        self.sessions[key] = run
+        while len(self.sessions) > SESSIONS_KEPT:
+            self.sessions.popitem(last=False)
+        return run
+
+    def outputs(self, batches: list[Any], spec: tuple[Any, ...], rows: np.ndarray) -> np.ndarray:
+        return self._batches(batches).outputs(self._runner(spec), rows)
+
+    def map_model(
+        self, batches: list[Any], model: list[Any], task: Callable[..., Any], part: Any, blas_threads: int | None
+    ) -> Any:
+        session = make_session(ray_module().get(model[0]), threads=1)
+        with _blas_threads(blas_threads):
+            return task(session, self._batches(batches).evalset, part)
+
+
+def _blas_threads(count: int | None) -> contextlib.AbstractContextManager[Any]:
+    """numpy's BLAS on ``count`` threads: OpenBLAS splits a product's sums by its thread count, so
+    a Gram matrix is the driver's to the bit only on as many threads as the driver's (Ray starts
+    workers with one)."""
+    if count is None:
+        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits  # in the ray extra
+
+    return threadpool_limits(limits=count, user_api="blas")
+
+
+def blas_threads() -> int | None:
+    """This process's BLAS thread count (None when threadpoolctl is missing or finds no BLAS)."""
+    try:
+        from threadpoolctl import threadpool_info
+    except ImportError:
+        return None
+    counts = [int(i["num_threads"]) for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(counts) if counts else None
+
+
+class RayExecutor(Executor):
+    """Runs pieces of the eval set on a Ray cluster's workers (see the module docstring).
+
+    Args:
+        address: the cluster (``host:port`` of a head, or ``ray://...``); None connects to the
+            one this process already joined, or starts a local one.
+        workers: actors to start, one CPU each; 0: one per CPU of the cluster.
+    """
+
+    def __init__(self, address: str | None, workers: int = 0) -> None:
+        ray = self.ray = ray_module()
+        self._owned = False
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                raise InvalidConfigError(f"cannot connect to the Ray cluster at {address or 'local'}: {e}") from e
+            self._owned = True
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        self.workers = workers or max(1, cpus)
+        if self.workers > cpus:
+            if self._owned:
+                ray.shutdown()
+            raise InvalidConfigError(
+                f"executor_workers {self.workers} is more than the Ray cluster's {cpus} CPU(s): "
+                "each worker takes one, and the extra ones would never start"
+            )
+        actor = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(_Worker)
+        self._actors = [actor.options(scheduling_strategy="SPREAD").remote() for _ in range(self.workers)]
+        self._live = list(range(self.workers))
+        self._shipped: dict[int, tuple[Any, list[Any]]] = {}
+        self._specs: collections.OrderedDict[int, tuple[Any, tuple[Any, ...]]] = collections.OrderedDict()
+        self._fed: dict[int, tuple[Any, Any]] = {}
+        logger.debug("ray executor: %d worker(s) on a cluster of %d CPU(s)", self.workers, cpus)
+
+    @property
+    def remote(self) -> bool:
+        return True
+
+    def pids(self) -> list[int]:
+        """The worker processes' ids (tests kill one)."""
+        return [self.ray.get(self._actors[i].pid.remote()) for i in self._live]
+
+    def close(self) -> None:
+        for actor in self._actors:
+            self.ray.kill(actor)
+        self._actors, self._live = [], []
+        self._shipped.clear()
+        self._specs.clear()
+        self._fed.clear()
+        if self._owned:
+            self.ray.shutdown()
+
+    # -- what goes to the object store, once ----------------------------------------------------
+
+    def _batches_ref(self, batches: Batches) -> list[Any]:
+        shipped = self._shipped.get(id(batches))
+        if shipped is None or shipped[0] is not batches:
+            shipped = (batches, [self.ray.put(batches.shippable())])
+            self._shipped = {id(batches): shipped}
+        return shipped[1]
+
+    def _spec(self, runner: PortableRunner) -> tuple[Any, ...]:
+        cached = self._specs.get(id(runner))
+        if cached is not None and cached[0] is runner:
+            return cached[1]
+        ray = self.ray
+        if runner.fed is not None:
+            fed = self._fed.get(id(runner.fed))
+            if fed is None or fed[0] is not runner.fed:
+                fed = (runner.fed, ray.put(runner.fed.model))
+                self._fed = {id(runner.fed): fed}
+            spec: tuple[Any, ...] = ("fed", runner.output, [fed[1], ray.put(dict(runner.weights or {}))])
+        else:
+            spec = ("model", runner.output, [ray.put(runner.model_bytes())])
+        # only the current candidate's: its weights (and their copy in the store) stay alive with it
+        self._specs = collections.OrderedDict({id(runner): (runner, spec)})  # held: its id is not reused
+        return spec
+
+    # -- running pieces --------------------------------------------------------------------------
+
+    def outputs(
+        self, batches: Batches, runner: Runner, pieces: Sequence[np.ndarray]
+    ) -> Generator[np.ndarray, None, None]:
+        if not isinstance(runner, PortableRunner) or not runner.portable or not pieces:
+            yield from super().outputs(batches, runner, pieces)
+            return
+        shipped, spec = self._batches_ref(batches), self._spec(runner)
+        # each batch is a task of its own, so that the work spreads evenly over the workers; the
+        # batches are the local run's, so their outputs are too, and a piece's is their concatenation
+        size = batches.batch_size
+        tasks = [(k, piece[i : i + size]) for k, piece in enumerate(pieces) for i in range(0, len(piece), size)]
+
+        def submit(actor: Any, task: tuple[int, np.ndarray]) -> Any:
+            return actor.outputs.remote(shipped, spec, task[1])
+
+        results = self._ordered(tasks, submit, batches.stop)
+        try:
+            parts: list[np.ndarray] = []
+            for i, out in enumerate(results):
+                parts.append(out)
+                if i + 1 == len(tasks) or tasks[i + 1][0] != tasks[i][0]:
+                    yield np.concatenate(parts)
+                    parts = []
+        finally:
+            results.close()
+
+    def map_model(
+        self, batches: Batches, model: bytes, task: Callable[[ort.InferenceSession, EvalSet, T], R], parts: Sequence[T]
+    ) -> Iterator[R]:
+        shipped, sent, threads = self._batches_ref(batches), [self.ray.put(model)], blas_threads()
+
+        def submit(actor: Any, part: T) -> Any:
+            return actor.map_model.remote(shipped, sent, task, part, threads)
+
+        return self._ordered(parts, submit, batches.stop)
+
+    def _ordered(
+        self, items: Sequence[Any], submit: Callable[[Any, Any], Any], stop: threading.Event | None
+    ) -> Generator[Any, None, None]:
+        """Each item's result in order: at most ``IN_FLIGHT`` items per live worker out at once,
+        an item whose worker died sent again to another; abandoned ones finish unread."""
+        ray = self.ray
+        out: dict[int, tuple[Any, int]] = {}  # item -> (ref, worker)
+        turn = 0
+
+        def send(i: int) -> None:
+            nonlocal turn
+            if not self._live:
+                raise ResourceLimitError(
+                    "every Ray worker of the run died (a node lost, or a worker killed or out of memory); "
+                    "the run cannot go on: check the cluster (ray status) and run it again"
+                )
+            worker = self._live[turn % len(self._live)]
+            turn += 1
+            out[i] = (submit(self._actors[worker], items[i]), worker)
+
+        try:
+            ahead = 0
+            for i in range(len(items)):
+                while ahead < len(items) and ahead < i + IN_FLIGHT * max(1, len(self._live)):
+                    send(ahead)
+                    ahead += 1
+                while True:
+                    ref, worker = out[i]
+                    ready: list[Any] = []
+                    while not ready:
+                        check_stop(stop)
+                        ready, _ = ray.wait([ref], timeout=WAIT_SECONDS)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayActorError as e:
+                        self._lost(worker, e)
+                        for j in sorted(j for j, (_, w) in out.items() if w == worker and j >= i):
+                            send(j)
+                        continue
+                    except ray.exceptions.RayTaskError as e:
+                        cause = getattr(e, "cause", None)
+                        if isinstance(cause, PrunerError):
+                            raise cause from e
+                        raise
+                    del out[i]
+                    break
+                yield result
+        finally:
+            # pieces still out (an early stop) are left to finish, not cancelled: cancelling a
+            # queued actor task leaves a gap in the actor's task order that stalls it for 30 s
+            out.clear()
+
+    def _lost(self, worker: int, error: BaseException) -> None:
+        if worker in self._live:
+            self._live.remove(worker)
+            logger.warning(
+                "Ray worker %d died (%s); its pieces run again on the %d left",
+                worker,
+                str(error).splitlines()[0] if str(error) else type(error).__name__,
+                len(self._live),
+            )

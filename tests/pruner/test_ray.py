@@ -1,0 +1,310 @@
+"""The Ray executor on a real two-node Ray cluster: the same model and report as the local executor.
+
+The cluster (a head and one more worker node, one CPU each, started with ``ray start`` as
+separate processes in a temporary directory, on loopback ports of their own) is started once
+for the module and stopped at teardown by its process groups. The tests need the ``ray``
+extra and are skipped without it, except under PRUNER_CI_REQUIRE_RAY=1 (CI's Ray step), where a
+missing extra fails them. The tests of the options and of the missing extra need no cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+import pruner
+from pruner import Executor, InvalidConfigError, Mode, PruneOptions, ResourceLimitError
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+ROOT = Path(__file__).resolve().parents[2]
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+REQUIRED = os.environ.get("PRUNER_CI_REQUIRE_RAY") == "1"
+"""CI's Ray step sets it (CI=true alone cannot: the README's test command runs before the extra is installed)."""
+START_SECONDS = 180.0
+"""How long the cluster may take to show both CPUs (Ray's start-up is slow on a loaded machine)."""
+
+
+def _needs_ray() -> None:
+    if HAVE_RAY:
+        return
+    if REQUIRED:
+        pytest.fail("the ray extra is not installed (PRUNER_CI_REQUIRE_RAY=1 requires it): pip install -e '.[ray]'")
+    pytest.skip("needs the ray extra: pip install -e '.[ray]'")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _ports() -> list[str]:
+    """Every port a node would otherwise take at a fixed default, free ones instead."""
+    names = [
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    ]
+    return [f"--{name}={_free_port()}" for name in names]
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop a node: its ``ray start --block`` process and every process of its group."""
+    for sig, wait in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if process.poll() is not None and not _group_alive(process.pid):
+                return
+            time.sleep(0.2)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.nodes: list[subprocess.Popen[bytes]] = []
+
+    def start_node(self, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"node{len(self.nodes)}.log", "wb")  # open for the node's life
+        common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--block", *_ports()]
+        process = subprocess.Popen(
+            [sys.executable, "-m", "ray.scripts.scripts", "start", *args, *common],
+            env=self.env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopped by id at teardown
+        )
+        self.nodes.append(process)
+        return process
+
+    def descendants(self, pid: int) -> list[tuple[int, str]]:
+        """(pid, command line) of every process under ``pid``."""
+        children: dict[int, list[int]] = {}
+        lines: dict[int, str] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry.name))
+            lines[int(entry.name)] = cmdline
+        found, todo = [], [pid]
+        while todo:
+            for child in children.get(todo.pop(), []):
+                found.append((child, lines[child]))
+                todo.append(child)
+        return found
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    _needs_ray()
+    import ray
+
+    root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths have a length limit
+    cluster = Cluster(root)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    try:
+        cluster.start_node(
+            "--head",
+            f"--port={cluster.port}",
+            f"--temp-dir={root}",
+            "--include-dashboard=false",
+            f"--ray-client-server-port={_free_port()}",
+        )
+        cluster.start_node(f"--address={cluster.address}")
+        deadline = time.monotonic() + START_SECONDS
+        while True:
+            try:
+                ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+                break
+            except Exception:  # the head is not up yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+        while ray.cluster_resources().get("CPU", 0) < 2:
+            assert time.monotonic() < deadline, f"the worker node did not join within {START_SECONDS} s"
+            time.sleep(0.5)
+        yield cluster
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        for node in reversed(cluster.nodes):
+            _stop(node)
+
+
+def _run(name: str, executor: Executor, on_progress: Any = None, **options: Any) -> tuple[str, dict[str, Any]]:
+    """The sha256 of the returned model, and the report's figures (what does not depend on where
+    or how fast it ran: no timings, no executor options, no per-candidate seconds)."""
+    result = pruner.prune(
+        FIXTURES / f"{name}.onnx",
+        FIXTURES / f"{name}_eval.npz",
+        PruneOptions(executor=executor, **options),
+        on_progress=on_progress,
+    )
+    model = result.model_bytes or result.model.SerializeToString()
+    figures = json.loads(result.report.to_json())
+    del figures["timings"]
+    for key in ("executor", "ray_address", "executor_workers"):
+        del figures["options"][key]
+    for record in figures["trace"]:
+        del record["seconds"]
+    # fed weights or built sessions is chosen by timing both (either way the same outputs)
+    figures["notes"] = [n for n in figures["notes"] if not n.startswith("candidates ran")]
+    return hashlib.sha256(model).hexdigest(), figures
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("mlp", {}),  # zero mode, least-squares recovery: the calibration pass is sharded too
+        ("cnn_bn", {"mode": Mode.REMOVE}),  # every candidate a rebuilt model, sent as bytes
+    ],
+)
+def test_ray_gives_the_local_model_and_report(cluster: Cluster, name: str, options: dict[str, Any]) -> None:
+    local_sha, local_figures = _run(name, Executor.LOCAL, **options)
+    ray_sha, ray_figures = _run(name, Executor.RAY, **options)
+    assert ray_sha == local_sha
+    assert ray_figures == local_figures
+    assert ray_figures["evaluations"] > 1 and ray_figures["status"] == "pruned"
+
+
+def test_a_worker_killed_mid_run_has_its_pieces_run_again(cluster: Cluster, caplog: pytest.LogCaptureFixture) -> None:
+    local_sha, local_figures = _run("mlp", Executor.LOCAL)
+    killed: list[int] = []
+
+    def kill_a_worker(event: pruner.ProgressEvent) -> None:
+        if killed or event.kind is not pruner.EventKind.CANDIDATE:
+            return
+        # the worker actor on the second node: a process under that node's raylet
+        workers = [pid for pid, line in cluster.descendants(cluster.nodes[1].pid) if line.startswith("ray::_Worker")]
+        assert workers, "no executor worker runs on the second node"
+        os.kill(workers[0], signal.SIGKILL)
+        killed.append(workers[0])
+
+    with caplog.at_level(logging.WARNING, logger="pruner._ray"):
+        sha, figures = _run("mlp", Executor.RAY, on_progress=kill_a_worker)
+    assert killed
+    assert any("died" in r.getMessage() and "run again on the 1 left" in r.getMessage() for r in caplog.records)
+    assert sha == local_sha
+    assert figures == local_figures
+
+
+def test_every_worker_dead_is_a_clear_error_not_a_hang(cluster: Cluster) -> None:
+    from pruner._evalset import load_eval_set, model_inputs
+    from pruner._evaluate import Batches, PortableRunner
+    from pruner._ray import RayExecutor
+
+    model = (FIXTURES / "mlp.onnx").read_bytes()
+    data = load_eval_set(FIXTURES / "mlp_eval.npz")
+    specs = model_inputs(onnx.load_from_string(model))
+    output = onnx.load_from_string(model).graph.output[0].name
+    batches = Batches(specs, output, data, batch_size=16)
+    executor = RayExecutor(None, 2)
+    try:
+        runner = PortableRunner(output, model=lambda: model)
+        pieces = batches.pieces(np.arange(len(data)))
+        expected = batches.outputs(runner, np.arange(len(data)))
+        assert np.array_equal(np.concatenate(list(executor.outputs(batches, runner, pieces))), expected)
+        for pid in executor.pids():
+            os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(ResourceLimitError, match="every Ray worker of the run died"):
+            list(executor.outputs(batches, PortableRunner(output, model=lambda: model), pieces))
+        assert time.monotonic() - start < 120  # Ray's own failure detection; a hang would be the test's timeout
+    finally:
+        executor.close()
+
+
+def test_more_workers_than_the_cluster_has_cpus_is_a_config_error(cluster: Cluster) -> None:
+    options = PruneOptions(executor=Executor.RAY, executor_workers=3)
+    with pytest.raises(InvalidConfigError, match="executor_workers 3 is more than the Ray cluster's 2 CPU"):
+        pruner.prune(FIXTURES / "mlp.onnx", FIXTURES / "mlp_eval.npz", options)
+
+
+def test_ray_options_are_checked() -> None:
+    with pytest.raises(InvalidConfigError, match="ray_address and executor_workers need executor ray"):
+        PruneOptions(ray_address="127.0.0.1:6379")
+    with pytest.raises(InvalidConfigError, match="executor_workers"):
+        PruneOptions(executor=Executor.RAY, executor_workers=-1)
+    with pytest.raises(InvalidConfigError, match="executor must be one of: local, ray"):
+        PruneOptions(executor="ray")  # type: ignore[arg-type]
+
+
+def test_executor_ray_without_the_extra_exits_2_naming_it(tmp_path: Path) -> None:
+    # ray blocked in a subprocess: the CLI exits 2 with a message naming the extra and writes
+    # nothing, and the default (local) run needs no ray at all
+    out = tmp_path / "out.onnx"
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["ray"] = None
+        import pruner
+        from service.cli import main
+        model, data = {str(FIXTURES / "mlp.onnx")!r}, {str(FIXTURES / "mlp_eval.npz")!r}
+        local = pruner.prune(model, data, pruner.PruneOptions(max_evaluations=2))
+        assert local.report.evaluations >= 1
+        sys.exit(main(["prune", model, "--eval", data, "-o", {str(out)!r}, "--executor", "ray", "--quiet"]))
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 2, done.stderr
+    assert "pip install 'onnx-pruner[ray]'" in done.stderr
+    assert not out.exists()
+
+
+def test_the_cli_refuses_executor_ray_for_a_server_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from service.cli import main
+
+    out = tmp_path / "out.onnx"
+    args = ["prune", str(FIXTURES / "mlp.onnx"), "--eval", str(FIXTURES / "mlp_eval.npz"), "-o", str(out)]
+    assert main([*args, "--executor", "ray", "--server", "127.0.0.1:1", "--quiet"]) == 2
+    assert "--executor ray is for local runs" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_cli_on_the_cluster_writes_the_local_model(cluster: Cluster, tmp_path: Path) -> None:
+    from service.cli import main
+
+    args = ["prune", str(FIXTURES / "cnn.onnx"), "--eval", str(FIXTURES / "cnn_eval.npz"), "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "local.onnx")]) == 0
+    assert main([*args, "-o", str(tmp_path / "ray.onnx"), "--executor", "ray", "--ray-address", cluster.address]) == 0
+    assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
