@@ -281,7 +281,9 @@ def _connection(args: argparse.Namespace) -> Connection:
 
 def _options(args: argparse.Namespace) -> PruneOptions:
     if args.server and args.executor != pruner.Executor.LOCAL.value:
-        raise pruner.InvalidConfigError("--executor ray is for local runs; with --server, the server runs the job")
+        raise pruner.InvalidConfigError(
+            "--executor ray is for local runs; with --server, the server's own --executor decides where its jobs run"
+        )
     return PruneOptions(
         executor=pruner.Executor(args.executor),
         ray_address=args.ray_address,

@@ -14,6 +14,7 @@ import ctypes
 import gc
 import hashlib
 import hmac
+import importlib.util
 import io
 import json
 import logging
@@ -95,8 +96,20 @@ class ServerConfig:
     """Most bytes of blobs kept; the oldest finished jobs go first; None: no limit."""
     job_dead_after: float = 60.0
     """Seconds without a heartbeat after which another replica's running jobs re-run."""
+    executor: str = "local"
+    """Where stored jobs do their expensive parts: ``local`` (the job's own process) or ``ray``
+    (each job process is a Ray driver fanning evaluation, calibration and probes out to the
+    cluster at ``ray_address``; docs/ray.md). ``Prune`` calls always run locally."""
+    ray_address: str | None = None
+    """``executor`` ray: the cluster (``host:port`` or ``ray://host:10001``); None: a Ray local to each job."""
 
     def __post_init__(self) -> None:
+        if self.executor not in ("local", "ray"):
+            raise ValueError(f"executor must be local or ray, got {self.executor!r}")
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError("ray_address needs executor ray")
+        if self.executor == "ray" and importlib.util.find_spec("ray") is None:
+            raise ValueError("executor ray needs the ray extra: pip install 'onnx-pruner[ray]'")
         for name in ("max_jobs", "max_inspects", "max_model_bytes", "max_eval_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -1085,6 +1098,8 @@ def _jobs(config: ServerConfig) -> tuple[JobStore | None, Runner | None]:
         dead_after=config.job_dead_after,
         retention_ttl=config.retention_ttl,
         retention_max_bytes=config.retention_max_bytes,
+        executor=config.executor,
+        ray_address=config.ray_address,
     )
     runner.start()
     return store, runner
@@ -1152,6 +1167,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="most bytes of blobs kept; oldest finished jobs go first (default: no limit)")  # fmt: skip
     p.add_argument("--job-dead-after", type=float, default=_env("job_dead_after", d.job_dead_after),
                    help="seconds without a heartbeat after which another replica's jobs re-run")  # fmt: skip
+    p.add_argument("--executor", choices=("local", "ray"), default=_env("executor", d.executor),
+                   help="where stored jobs run evaluations, calibration and probes (ray: the ray extra)")  # fmt: skip
+    p.add_argument("--ray-address", default=_env("ray_address", None),
+                   help="--executor ray: host:port or ray://HOST:10001 (default: a Ray per job)")  # fmt: skip
     p.add_argument("--runtime-dir", default=str(healthcheck.runtime_dir()),
                    help="where the server writes server.json (its port and TLS mode) for the health check")  # fmt: skip
     return p
@@ -1222,6 +1241,8 @@ def main(argv: list[str] | None = None) -> int:
             retention_ttl=None if args.retention_ttl is None else float(args.retention_ttl),
             retention_max_bytes=None if args.retention_max_bytes is None else int(args.retention_max_bytes),
             job_dead_after=float(args.job_dead_after),
+            executor=str(args.executor),
+            ray_address=args.ray_address or None,
         )
     except ValueError as e:
         print(f"onnx-pruner server: error: {e}", file=sys.stderr)

@@ -76,6 +76,8 @@ class Runner:
         dead_after: seconds without a heartbeat after which another replica's jobs re-run.
         max_attempts: a job whose replica died this many times is failed, not re-run.
         retention_ttl, retention_max_bytes: cleanup of finished jobs (None: keep).
+        executor, ray_address: where each job fans out its expensive parts (``ray``: the
+            worker process is a Ray driver of the cluster at ``ray_address``).
     """
 
     def __init__(
@@ -96,6 +98,8 @@ class Runner:
         retention_ttl: float | None = None,
         retention_max_bytes: int | None = None,
         cleanup_every: float = 600.0,
+        executor: str = "local",
+        ray_address: str | None = None,
     ) -> None:
         self.store = store
         self.store_url = store_url
@@ -113,6 +117,8 @@ class Runner:
         self.retention_ttl = retention_ttl
         self.retention_max_bytes = retention_max_bytes
         self.cleanup_every = cleanup_every
+        self.executor = executor
+        self.ray_address = ray_address
         self._runs: dict[str, _Run] = {}
         self._claiming = threading.Event()
         self._claiming.set()
@@ -188,7 +194,10 @@ class Runner:
                 "--artifacts", str(self.artifacts), "--job", job.id,
                 "--parent", str(os.getpid()), "--memory-limit", str(self.memory_limit),
                 "--threads", str(self.threads), "--max-eval-bytes", str(self.max_eval_bytes),
+                "--executor", self.executor,
             ]  # fmt: skip
+            if self.ray_address:
+                command += ["--ray-address", self.ray_address]
             # two malloc arenas keep the address space (what RLIMIT_AS counts) near what is used
             env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
             env[worker.STORE_ENV] = self.store_url  # not on the command line, where ps shows a password

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import logging
 import os
 import resource
@@ -119,6 +120,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = pb.PruneConfig.FromString(store.blob_path(job.inputs["config"]).read_bytes())
         options = convert.options_from_proto(config, threads=args.threads)
+        if args.executor != "local":  # the server's choice: PruneConfig has no such field
+            executor = pruner.Executor(args.executor)
+            options = dataclasses.replace(options, executor=executor, ray_address=args.ray_address)
         evalset = pruner.load_eval_set(store.blob_path(job.inputs["eval"]), max_bytes=args.max_eval_bytes or None)
         result = pruner.prune(
             store.blob_path(job.inputs["model"]), evalset, options, on_progress=on_progress, stop=stop
@@ -159,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-limit", type=int, default=0, help="RLIMIT_AS in bytes (0: none)")
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: auto)")
     parser.add_argument("--max-eval-bytes", type=int, default=0, help="decoded eval set limit (0: free memory)")
+    parser.add_argument("--executor", default="local", choices=("local", "ray"), help="where the job fans work out")
+    parser.add_argument("--ray-address", default=None, help="--executor ray: the cluster's address")
     args = parser.parse_args(argv)
     if not args.store:
         parser.error(f"give the job store's URL with --store or ${STORE_ENV}")

@@ -308,3 +308,51 @@ def test_the_cli_on_the_cluster_writes_the_local_model(cluster: Cluster, tmp_pat
     assert main([*args, "-o", str(tmp_path / "local.onnx")]) == 0
     assert main([*args, "-o", str(tmp_path / "ray.onnx"), "--executor", "ray", "--ray-address", cluster.address]) == 0
     assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
+
+
+def test_a_server_job_runs_on_the_cluster_and_gives_the_local_model(cluster: Cluster, tmp_path: Path) -> None:
+    """``python -m service --executor ray``: each stored job's process drives the cluster."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service.cli import main
+
+    address = f"127.0.0.1:{_free_port()}"
+    command = [sys.executable, "-m", "service", "--address", address, "--artifacts", str(tmp_path / "store")]
+    command += ["--runtime-dir", str(tmp_path / "run"), "--executor", "ray", "--ray-address", cluster.address]
+    log = open(tmp_path / "server.log", "wb")
+    server = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=log, stderr=log)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if health.Check(health_pb2.HealthCheckRequest(), timeout=2).status == 1:
+                        break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                    time.sleep(0.5)
+        args = ["prune", str(FIXTURES / "cnn.onnx"), "--eval", str(FIXTURES / "cnn_eval.npz"), "--quiet"]
+        assert main([*args, "-o", str(tmp_path / "local.onnx")]) == 0
+        remote = [*args, "-o", str(tmp_path / "job.onnx"), "--report", str(tmp_path / "job.json")]
+        assert main([*remote, "--server", address]) == 0, (tmp_path / "server.log").read_text()
+        assert (tmp_path / "job.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
+        options = json.loads((tmp_path / "job.json").read_text())["options"]
+        assert (options["executor"], options["ray_address"]) == ("ray", cluster.address)
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+
+
+def test_a_server_refuses_executor_ray_without_the_extra_or_an_executor_it_does_not_know() -> None:
+    from service.server import ServerConfig
+
+    with pytest.raises(ValueError, match="executor must be local or ray"):
+        ServerConfig(executor="dask")
+    with pytest.raises(ValueError, match="ray_address needs executor ray"):
+        ServerConfig(ray_address="127.0.0.1:6379")
+    if not HAVE_RAY:
+        with pytest.raises(ValueError, match=r"pip install 'onnx-pruner\[ray\]'"):
+            ServerConfig(executor="ray")
