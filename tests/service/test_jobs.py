@@ -33,8 +33,9 @@ FIXTURES = REPO_ROOT / "tests" / "fixtures"
 MLP = FIXTURES / "mlp.onnx"
 MLP_EVAL = FIXTURES / "mlp_eval.npz"
 QUICK = pruner.PruneOptions(max_evaluations=3)
-SLOWISH = pruner.PruneOptions(max_evaluations=8, batch_size=1)
-"""About 5 s of work on this machine: long enough to be interrupted."""
+SLOWISH = pruner.PruneOptions(max_evaluations=8, batch_size=1, metric=convert.server_metric("slowish"))
+"""At least 4 s of work however fast the machine (the plugin metric "slowish" sleeps 50 ms for each of
+its ~80 calls): long enough to be interrupted after its first events."""
 
 
 def free_address() -> str:
@@ -108,8 +109,10 @@ class JobServer:
 def job_server(tmp_path: Path) -> Iterator[Callable[..., JobServer]]:
     servers: list[JobServer] = []
 
+    plugins = slow_plugins(tmp_path / "slow-plugins")
+
     def make(*args: str, pythonpath: tuple[Path, ...] = ()) -> JobServer:
-        server = JobServer(tmp_path / f"artifacts-{len(servers)}", *args, pythonpath=pythonpath)
+        server = JobServer(tmp_path / f"artifacts-{len(servers)}", *args, pythonpath=(plugins, *pythonpath))
         servers.append(server)
         return server.start()
 
@@ -200,7 +203,8 @@ def test_submit_disconnect_reconnect_watch_from_the_last_event_and_download(
         status = connection.get_job(job_id)
     assert status.result_sha256 == final.result_sha256 and status.status == "pruned"
     check_result(data, status)
-    assert pruner.Report.from_json(status.report_json).evaluations == SLOWISH.max_evaluations
+    report = pruner.Report.from_json(status.report_json)
+    assert report.evaluations == len(report.trace) > 0 and report.metric == "slowish"
 
 
 def test_a_duplicate_submit_with_the_same_idempotency_key_runs_once(job_server: Callable[..., JobServer]) -> None:
@@ -250,7 +254,7 @@ def test_sigkill_of_the_server_mid_job_reruns_it_after_a_restart_and_keeps_finis
 
 def metric_plugin(site: Path, name: str, body: str) -> Path:
     """A metric plugin ``name`` (an entry point of onnx_pruner.metrics) whose function runs ``body``."""
-    site.mkdir(parents=True)
+    site.mkdir(parents=True, exist_ok=True)
     (site / f"{name}_metric.py").write_text(
         "import ctypes, time\n"
         "from pruner import CustomMetric\n\n"
@@ -265,8 +269,10 @@ def metric_plugin(site: Path, name: str, body: str) -> Path:
     return site
 
 
-def sleepy_plugin(site: Path) -> Path:
-    """A metric taking 1 s a call: a job using it outlasts any short limit or race, however fast the machine."""
+def slow_plugins(site: Path) -> Path:
+    """Metrics that take their time, so that a job outlasts a grace, a limit or a race on any machine:
+    "slowish" 50 ms a call (SLOWISH), "sleepy" 1 s a call (SLEEPY)."""
+    metric_plugin(site, "slowish", "time.sleep(0.05); return [1.0] * len(labels)")
     return metric_plugin(site, "sleepy", "time.sleep(1.0); return [1.0] * len(labels)")
 
 
@@ -333,7 +339,7 @@ def test_a_job_over_its_memory_limit_fails_cleanly_and_the_server_runs_the_next_
 def test_the_job_rpcs_name_unknown_jobs_and_unfinished_results(
     job_server: Callable[..., JobServer], tmp_path: Path
 ) -> None:
-    server = job_server(pythonpath=(sleepy_plugin(tmp_path / "site"),))
+    server = job_server()
     with Connection(server.address) as connection:
         with pytest.raises(errors.JobNotFoundError, match="no job has the id 'f00'"):
             connection.get_job("f00")
@@ -399,8 +405,9 @@ def test_prune_on_a_server_survives_a_server_restart_mid_job(
     server = job_server()
     out = tmp_path / "pruned.onnx"
     command = [sys.executable, "-m", "service.cli", "prune", str(MLP), "--eval", str(MLP_EVAL), "-o", str(out)]
+    command += ["--max-evaluations", "8", "--batch-size", "1", "--metric-plugin", "slowish"]
     cli = subprocess.Popen(
-        [*command, "--max-evaluations", "8", "--batch-size", "1", "--server", server.address],
+        [*command, "--server", server.address],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -446,7 +453,7 @@ def test_sigterm_requeues_a_job_still_running_after_the_grace_and_the_next_start
 
 
 def test_a_job_past_the_time_limit_fails_naming_it(job_server: Callable[..., JobServer], tmp_path: Path) -> None:
-    server = job_server("--job-time-limit", "3", pythonpath=(sleepy_plugin(tmp_path / "site"),))
+    server = job_server("--job-time-limit", "3")
     with Connection(server.address) as connection:
         job_id, _ = connection.submit(MLP, MLP_EVAL, SLEEPY)
         final = connection.follow(job_id)

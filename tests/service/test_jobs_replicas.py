@@ -4,6 +4,7 @@ killed mid-job are re-run by the other once it has gone silent."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from tests.service.test_jobs import (
     download,
     free_address,
     serving,
+    slow_plugins,
     wait_until,
     worker_pids,
 )
@@ -34,7 +36,8 @@ from tests.service.test_jobs import (
 def replicas(postgres_db: str, tmp_path: Path) -> Iterator[dict[str, tuple[str, subprocess.Popen[bytes]]]]:  # noqa: F811
     """Replicas "a" and "b": (address, process), one job worker each, silent after 3 s taken for dead."""
     started: dict[str, tuple[str, subprocess.Popen[bytes]]] = {}
-    env = {"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin", "ONNX_PRUNER_JOB_STORE": postgres_db}
+    path = f"{REPO_ROOT}{os.pathsep}{slow_plugins(tmp_path / 'plugins')}"  # SLOWISH's metric
+    env = {"PYTHONPATH": path, "PATH": "/usr/bin:/bin", "ONNX_PRUNER_JOB_STORE": postgres_db}
     for name in ("a", "b"):
         address = free_address()
         process = subprocess.Popen(
