@@ -186,6 +186,9 @@ class Runner:
 
     def _claim(self) -> None:
         while len(self._runs) < self.workers:
+            # a read first: an idle replica polling every _POLL s would otherwise commit (and fsync) a claim each time
+            if not self.store.list(limit=1, states=(JobState.QUEUED,)):
+                return
             job = self.store.claim(self.replica_id)
             if job is None:
                 return
