@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import pstats
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import table
+from common import run_job, table
 from zoo_models import CACHE, MODELS
 
 from pruner._analysis import analyze
@@ -161,15 +160,10 @@ def main() -> None:
         if key not in present():
             print(f"{key}: model or eval set not in {CACHE}; skipped", file=sys.stderr)
             continue
-        command = [sys.executable, __file__, "--job", key, "--threads", str(args.threads)]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         loads.append(os.getloadavg()[0])
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode:
-            print(f"{key}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        r = run_job(__file__, key, "--threads", str(args.threads))
+        if r is None:
             continue
-        r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(json.dumps(r), file=sys.stderr)
         rows.append(row(r))
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"machine: {platform.machine()} cores={os.cpu_count()} load average at the end {load}")

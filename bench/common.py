@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -61,6 +64,20 @@ def plain_pass_seconds(model: Path, evalset: pruner.EvalSet, batch_size: int = 6
             session.run(None, feeds)
         times.append(time.perf_counter() - start)
     return statistics.median(times[1:])
+
+
+def run_job(script: str, key: str, *args: str) -> dict[str, object] | None:
+    """``python SCRIPT --job KEY ARGS...`` in a process of its own (its peak RSS is then this job's
+    alone): the dict its last stdout line holds, or None (the failure said on stderr)."""
+    command = [sys.executable, script, "--job", key, *args]
+    env = {**os.environ, "PYTHONPATH": str(Path(script).resolve().parents[1])}
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        print(f"{key}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        return None
+    result = dict(json.loads(done.stdout.strip().splitlines()[-1]))
+    print(json.dumps(result), file=sys.stderr)
+    return result
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

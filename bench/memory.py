@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common import table
+from common import run_job, table
 from zoo_models import CACHE, MODELS
 
 import pruner
@@ -209,16 +208,10 @@ def main() -> None:
         if key not in present():
             print(f"{key}: model or eval set not in {CACHE}; skipped", file=sys.stderr)
             continue
-        command = [sys.executable, __file__, "--job", key, "--max-evaluations", str(args.max_evaluations)]
-        command += ["--threads", str(args.threads)]
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
         print(f"running {key} ...", file=sys.stderr, flush=True)
-        done = subprocess.run(command, env=env, capture_output=True, text=True)
-        if done.returncode:
-            print(f"{key}: failed: {done.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
+        r = run_job(__file__, key, "--max-evaluations", str(args.max_evaluations), "--threads", str(args.threads))
+        if r is None:
             continue
-        r = json.loads(done.stdout.strip().splitlines()[-1])
-        print(json.dumps(r), file=sys.stderr)
         rows.append(row(r))
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"machine: {platform.machine()} cores={os.cpu_count()} load average {load}")
