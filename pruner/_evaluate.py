@@ -24,7 +24,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -451,16 +451,41 @@ class Evaluator:
     def evaluate(self, indices: np.ndarray, runner: Runner, *, bound: float | None = None) -> EvalOutcome:
         """Metric on ``indices``; stops early once the mean cannot reach ``bound``."""
         start = time.perf_counter()
+        batches = self.batches
+        # the metric and the early-abort test run per chunk of batches: per batch of one,
+        # their Python overhead would cost more than the model
+        pieces = batches.pieces(indices)
+        return self._score(indices, pieces, batches.executor.outputs(batches, runner, pieces), bound, start)
+
+    def evaluate_many(
+        self, indices: np.ndarray, runners: Sequence[Callable[[], Runner]], *, bound: float | None = None
+    ) -> list[EvalOutcome]:
+        """:meth:`evaluate` of each runner (made when the executor needs it), run together where
+        the executor can (``Executor.outputs_many``); each stops early on its own."""
+        batches = self.batches
+        pieces = batches.pieces(indices)
+        streams = batches.executor.outputs_many(batches, [(make, pieces) for make in runners])
+        try:
+            return [self._score(indices, pieces, stream, bound, time.perf_counter()) for stream in streams]
+        finally:
+            for stream in streams:  # after an error: abandon the ones not consumed
+                stream.close()
+
+    def _score(
+        self,
+        indices: np.ndarray,
+        pieces: list[np.ndarray],
+        outputs: Generator[np.ndarray, None, None],
+        bound: float | None,
+        start: float,
+    ) -> EvalOutcome:
+        """The metric of ``outputs``, the outputs of ``pieces`` of ``indices`` in order."""
         metric, batches = self.metric, self.batches
         labels = batches.evalset.labels if metric.uses_labels else None
         mask = self.mask
         total = len(indices)
         score_sum = 0.0
         seen = 0
-        # the metric and the early-abort test run per chunk of batches: per batch of one,
-        # their Python overhead would cost more than the model
-        pieces = batches.pieces(indices)
-        outputs = batches.executor.outputs(batches, runner, pieces)
         if metric.whole_set:  # a correlation: every sample's score first, never an early stop
             parts = [metric.scores(out) for out in outputs]
             scores = np.concatenate(parts) if parts else np.zeros(0)

@@ -8,6 +8,9 @@ goes through :class:`Executor`:
   batches) and yields each piece's outputs in order; the caller computes the metric from
   them exactly as before, so where the pieces ran does not change a single bit of it (AUC or
   mAP do not decompose into per-shard metrics; outputs do).
+* :meth:`Executor.outputs_many` does the same for several models over the same pieces (the
+  candidates of one round of a k-section search): a cluster runs them at once, this process
+  one after the other.
 * :meth:`Executor.map_model` runs a task with a session of one model over parts of the
   eval set: the calibration pass, per shard, whose statistics the caller reduces.
 
@@ -52,6 +55,23 @@ class Executor:
         generator) to abandon the rest."""
         for piece in pieces:
             yield batches.outputs(runner, piece)
+
+    def outputs_many(
+        self, batches: Batches, jobs: Sequence[tuple[Callable[[], Runner], Sequence[np.ndarray]]]
+    ) -> list[Generator[np.ndarray, None, None]]:
+        """:meth:`outputs` for each job, a ``(make_runner, pieces)`` pair, as one generator each.
+
+        Consume them in order, each to its end or until closed (an early stop of that job alone);
+        close them all when done. Here a job's runner is made when its generator starts and its
+        pieces run as it is consumed: exactly :meth:`outputs` of one job after the other, with
+        one candidate's weights in memory at a time. A cluster makes every runner at once and
+        runs the jobs' pieces together, so the workers one job cannot fill run the next ones.
+        """
+
+        def one(make: Callable[[], Runner], pieces: Sequence[np.ndarray]) -> Generator[np.ndarray, None, None]:
+            yield from self.outputs(batches, make(), pieces)
+
+        return [one(make, pieces) for make, pieces in jobs]
 
     @property
     def remote(self) -> bool:

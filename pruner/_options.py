@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from ._errors import InvalidConfigError
+from ._search import MAX_SEARCH_WIDTH
 
 __all__ = [
     "AcceptanceRule",
@@ -343,6 +344,10 @@ class PruneOptions:
     """No layer loses more than this share of its weights."""
     resolution: float = DEFAULT_RESOLUTION
     """Step of the global sparsity bisection."""
+    search_width: int = 1
+    """Levels judged in each round of the global-level bisection: 1 bisects; k > 1 judges the k
+    levels that cut the interval into k + 1 equal parts, at once where the executor has the workers
+    (a k-section, see ``docs/search.md``). Every one counts against ``max_evaluations``."""
     include: tuple[str, ...] = ()
     """Globs on node or initializer names; when set, only matching layers are pruned."""
     exclude: tuple[str, ...] = ()
@@ -444,6 +449,7 @@ class PruneOptions:
         _check_float("confidence", self.confidence, 0.5, 1.0, high_open=True)
         _check_float("layer_cap", self.layer_cap, 0.0, 1.0, low_open=True, high_open=True)
         _check_float("resolution", self.resolution, 0.001, 0.25)
+        _check_int("search_width", self.search_width, 1, MAX_SEARCH_WIDTH)
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
             if isinstance(patterns, str) or not all(isinstance(p, str) and p for p in patterns):

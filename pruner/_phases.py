@@ -43,6 +43,7 @@ from ._evalset import (
 )
 from ._evaluate import (
     Batches,
+    EvalOutcome,
     Evaluator,
     ModelBuilder,
     PortableRunner,
@@ -486,10 +487,34 @@ class SearchJudge:
     def __call__(self, config: Config) -> Judgement:
         check_stop(self.evaluator.batches.stop)
         runner = self.pool.runner(config)
-        result = self.evaluator.evaluate(self.rows, runner, bound=self.bound)
+        return self._verdict(self.evaluator.evaluate(self.rows, runner, bound=self.bound), runner)
+
+    def many(self, configs: Sequence[Config]) -> list[Judgement]:
+        """Each config's verdict, as :meth:`__call__` gives it, the evaluations run together where
+        the executor can (a k-section round)."""
+        check_stop(self.evaluator.batches.stop)
+        timed: dict[int, Runner] = {}  # kept for the latency only: else one candidate's weights at a time
+
+        def maker(i: int, config: Config) -> Callable[[], Runner]:
+            def make() -> Runner:
+                runner = self.pool.runner(config)
+                if self.timed:
+                    timed[i] = runner
+                return runner
+
+            return make
+
+        results = self.evaluator.evaluate_many(
+            self.rows, [maker(i, c) for i, c in enumerate(configs)], bound=self.bound
+        )
+        return [self._verdict(result, timed.get(i)) for i, result in enumerate(results)]
+
+    def _verdict(self, result: EvalOutcome, runner: Runner | None) -> Judgement:
         metric = self.evaluator.metric
         passed = result.complete and metric.loss(self.baseline, result.value) <= self.allowed + 1e-9
-        cost = _latency(self.evaluator.batches, runner, self.rows) if passed and self.timed else None
+        cost = None
+        if passed and self.timed and runner is not None:
+            cost = _latency(self.evaluator.batches, runner, self.rows)
         return Judgement(passed, result.value, result.complete, result.samples, result.seconds, cost)
 
 
@@ -552,6 +577,8 @@ def run_search(
             resolution=options.resolution,
             on_trial=on_trial,
             target=options.target_sparsity,
+            search_width=options.search_width,
+            judge_many=judge.many,
         )
     else:
         outcome = SearchOutcome(best=pool.space.empty())

@@ -240,6 +240,23 @@ class RayExecutor(Executor):
         finally:
             results.close()
 
+    def outputs_many(
+        self, batches: Batches, jobs: Sequence[tuple[Callable[[], Runner], Sequence[np.ndarray]]]
+    ) -> list[Generator[np.ndarray, None, None]]:
+        made = [(make(), pieces) for make, pieces in jobs]
+        if not all(isinstance(runner, PortableRunner) and runner.portable for runner, _ in made):
+            return super().outputs_many(batches, [(_given(runner), pieces) for runner, pieces in made])
+        shipped = self._batches_ref(batches)
+        wave = _Wave(self, batches.stop)
+        size = batches.batch_size
+        for job, (runner, pieces) in enumerate(made):
+            assert isinstance(runner, PortableRunner)
+            spec = self._spec(runner)  # held by the wave's tasks: every job's weights stay in the store
+            for k, piece in enumerate(pieces):
+                for i in range(0, len(piece), size):
+                    wave.add(job, k, _submitter(shipped, spec, piece[i : i + size]))
+        return [wave.stream(job) for job in range(len(made))]
+
     def map_model(
         self, batches: Batches, model: bytes, task: Callable[[ort.InferenceSession, EvalSet, T], R], parts: Sequence[T]
     ) -> Iterator[R]:
@@ -311,3 +328,100 @@ class RayExecutor(Executor):
                 str(error).splitlines()[0] if str(error) else type(error).__name__,
                 len(self._live),
             )
+
+
+def _given(runner: Runner) -> Callable[[], Runner]:
+    return lambda: runner
+
+
+def _submitter(shipped: list[Any], spec: tuple[Any, ...], rows: np.ndarray) -> Callable[[Any], Any]:
+    return lambda actor: actor.outputs.remote(shipped, spec, rows)
+
+
+class _Wave:
+    """The batch tasks of several jobs (the candidates of a k-section round) run together.
+
+    Tasks go out in job order, at most ``IN_FLIGHT`` sent and unread per live worker, so the
+    workers one job leaves idle (fewer batches than workers, or its last ones) run the next
+    job's. Each job's stream reads its own results in order; closing it (an early stop) drops
+    its tasks not yet sent, and those still out finish unread (see ``RayExecutor._ordered``).
+    A worker that dies has its unread tasks sent again to the others.
+    """
+
+    def __init__(self, executor: RayExecutor, stop: threading.Event | None) -> None:
+        self.executor = executor
+        self.stop = stop
+        self.tasks: list[tuple[int, int, Callable[[Any], Any]]] = []
+        """(job, piece, submit(actor) -> ref), in job order."""
+        self.out: dict[int, tuple[Any, int]] = {}
+        """Task -> (ref, worker): sent, not read, its job not closed."""
+        self.sent = 0
+        """Tasks before this one were sent, or skipped as their job was closed."""
+        self.closed: set[int] = set()
+        self.turn = 0
+
+    def add(self, job: int, piece: int, submit: Callable[[Any], Any]) -> None:
+        self.tasks.append((job, piece, submit))
+
+    def _send(self, task: int) -> None:
+        executor = self.executor
+        if not executor._live:
+            raise ResourceLimitError(
+                "every Ray worker of the run died (a node lost, or a worker killed or out of memory); "
+                "the run cannot go on: check the cluster (ray status) and run it again"
+            )
+        worker = executor._live[self.turn % len(executor._live)]
+        self.turn += 1
+        self.out[task] = (self.tasks[task][2](executor._actors[worker]), worker)
+
+    def _fill(self, needed: int) -> None:
+        """Send every task up to ``needed``, then more while the window has room."""
+        while self.sent < len(self.tasks):
+            task = self.sent
+            if task > needed and len(self.out) >= IN_FLIGHT * max(1, len(self.executor._live)):
+                return
+            if self.tasks[task][0] not in self.closed:
+                self._send(task)
+            self.sent += 1
+
+    def result(self, task: int) -> Any:
+        ray = self.executor.ray
+        self._fill(task)
+        while True:
+            ref, worker = self.out[task]
+            ready: list[Any] = []
+            while not ready:
+                check_stop(self.stop)
+                ready, _ = ray.wait([ref], timeout=WAIT_SECONDS)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                self.executor._lost(worker, e)
+                for again in sorted(t for t, (_, w) in self.out.items() if w == worker):
+                    self._send(again)
+                continue
+            except ray.exceptions.RayTaskError as e:
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, PrunerError):
+                    raise cause from e
+                raise
+            del self.out[task]
+            return result
+
+    def close(self, job: int) -> None:
+        self.closed.add(job)
+        for task in [t for t in self.out if self.tasks[t][0] == job]:
+            del self.out[task]  # left to finish, unread: cancelling would stall the actor
+
+    def stream(self, job: int) -> Generator[np.ndarray, None, None]:
+        """``job``'s outputs, a piece at a time (its batches' outputs joined)."""
+        mine = [t for t, (j, _, _) in enumerate(self.tasks) if j == job]
+        try:
+            parts: list[np.ndarray] = []
+            for n, task in enumerate(mine):
+                parts.append(self.result(task))
+                if n + 1 == len(mine) or self.tasks[mine[n + 1]][1] != self.tasks[task][1]:
+                    yield np.concatenate(parts)
+                    parts = []
+        finally:
+            self.close(job)

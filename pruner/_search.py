@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-__all__ = ["Judgement", "Phase", "SearchOutcome", "SearchSpace", "Trial", "search"]
+__all__ = ["MAX_SEARCH_WIDTH", "Judgement", "Phase", "SearchOutcome", "SearchSpace", "Trial", "search", "section"]
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +117,10 @@ def _groups(n_layers: int) -> list[list[int]]:
     return [list(range(bounds[i], bounds[i + 1])) for i in range(count)]
 
 
+MAX_SEARCH_WIDTH = 16
+"""Most candidates of one bisection round (``PruneOptions.search_width``)."""
+
+
 def search(
     space: SearchSpace,
     judge: Callable[[Config], Judgement],
@@ -127,26 +131,32 @@ def search(
     resolution: float = 0.01,
     on_trial: Callable[[Trial, bool], None] | None = None,
     target: float | None = None,
+    search_width: int = 1,
+    judge_many: Callable[[Sequence[Config]], Sequence[Judgement]] | None = None,
 ) -> SearchOutcome:
     """Find the smallest config the judge passes, within the budgets.
 
     The empty config (the unpruned model) is taken to pass without asking. With
     ``target``, only the config at that level is evaluated.
     ``on_trial(trial, is_new_best)`` is called after every evaluation.
+    With ``search_width`` k > 1 every round of the global-level bisection judges k levels
+    (a k-section of the interval), all at once through ``judge_many`` when given (its
+    verdicts must be ``judge``'s, in order), else one after the other.
     """
+    if not 1 <= search_width <= MAX_SEARCH_WIDTH:
+        raise ValueError(f"search_width must be in [1, {MAX_SEARCH_WIDTH}], got {search_width}")
     start = time.monotonic()
     outcome = SearchOutcome(best=space.empty())
     seen: dict[Config, Judgement] = {}
     seen_trials: dict[Config, Trial] = {}
 
-    def evaluate(config: Config, phase: Phase) -> bool:
-        if config in seen:
-            return seen[config].passed
+    def check_budget() -> None:
         if len(outcome.trials) >= max_evaluations:
             raise _Budget("max_evaluations")
         if max_seconds is not None and time.monotonic() - start >= max_seconds:
             raise _Budget("max_seconds")
-        verdict = judge(config)
+
+    def record(config: Config, phase: Phase, verdict: Judgement) -> None:
         seen[config] = verdict
         trial = Trial(len(outcome.trials) + 1, phase, config, space.sparsity(config), space.nonzero(config), verdict)
         outcome.trials.append(trial)
@@ -160,13 +170,39 @@ def search(
             outcome.best = config
         if on_trial is not None:
             on_trial(trial, better)
-        return verdict.passed
 
+    def evaluate(config: Config, phase: Phase) -> bool:
+        if config in seen:
+            return seen[config].passed
+        check_budget()
+        record(config, phase, judge(config))
+        return seen[config].passed
+
+    def fresh(configs: Sequence[Config]) -> list[Config]:
+        return [c for c in dict.fromkeys(configs) if c not in seen]
+
+    def evaluate_round(configs: Sequence[Config], phase: Phase) -> list[bool]:
+        new = fresh(configs)
+        if len(new) == 1 or judge_many is None:
+            for config in new:
+                evaluate(config, phase)
+        elif new:
+            check_budget()
+            if len(outcome.trials) + len(new) > max_evaluations:
+                raise _Budget("max_evaluations")
+            for config, verdict in zip(new, judge_many(new), strict=True):
+                record(config, phase, verdict)
+        return [seen[c].passed for c in configs]
+
+    rounds = _Rounds(evaluate_round, lambda configs: len(fresh(configs)), lambda: max_evaluations - len(outcome.trials))
     try:
         if target is not None:
             evaluate(space.at_level(target), Phase.BISECT)
             return outcome
-        _bisect(space, evaluate, resolution)
+        if search_width == 1:
+            _bisect(space, evaluate, resolution)
+        else:
+            _ksect(space, rounds, resolution, search_width)
         if probe is not None:
             _refine(space, evaluate, probe, outcome)
     except _Budget as spent:
@@ -192,6 +228,50 @@ def _bisect(space: SearchSpace, evaluate: Callable[[Config, Phase], bool], resol
         else:
             hi = mid
     logger.debug("bisection: level %.4f passes, %.4f fails", lo * resolution, hi * resolution)
+    return lo, hi
+
+
+@dataclass(frozen=True)
+class _Rounds:
+    """How :func:`_ksect` evaluates: a round of configs at once, and what is left of the budget."""
+
+    evaluate: Callable[[Sequence[Config], Phase], list[bool]]
+    """Each config's verdict, in order (configs judged before are not judged again)."""
+    fresh: Callable[[Sequence[Config]], int]
+    """How many of the configs a round would judge (distinct and not judged before)."""
+    left: Callable[[], int]
+    """Evaluations left in the budget."""
+
+
+def section(lo: int, hi: int, width: int) -> list[int]:
+    """The ``width`` grid steps that cut ``(lo, hi)`` into ``width + 1`` (near) equal parts: every
+    step strictly between them when there are no more than ``width``."""
+    if hi - lo - 1 <= width:
+        return list(range(lo + 1, hi))
+    return [lo + j * (hi - lo) // (width + 1) for j in range(1, width + 1)]
+
+
+def _ksect(space: SearchSpace, rounds: _Rounds, resolution: float, width: int) -> tuple[int, int]:
+    """:func:`_bisect` with ``width`` levels a round: the largest passing level on a grid of
+    ``resolution``, returned as (passing step, failing step).
+
+    After every round ``lo`` is the largest judged step that passed (0: the unpruned model)
+    and ``hi`` the smallest judged step above it that failed (``top + 1``: beyond the grid),
+    the bisection's invariant, so what it returns keeps the bisection's guarantee. A round
+    judges fewer levels (an even cut of the interval) when the evaluation budget has fewer left.
+    """
+    top = math.floor(space.max_level / resolution + 1e-9)
+    lo, hi = 0, top + 1
+    while hi - lo > 1:
+        for w in range(width, 0, -1):  # as many levels as the budget still pays for (at least one)
+            steps = section(lo, hi, w)
+            configs = [space.at_level(s * resolution) for s in steps]
+            if rounds.fresh(configs) <= max(rounds.left(), 1):
+                break
+        passed = rounds.evaluate(configs, Phase.BISECT)
+        lo = max((s for s, ok in zip(steps, passed, strict=True) if ok), default=lo)
+        hi = min((s for s, ok in zip(steps, passed, strict=True) if not ok and s > lo), default=hi)
+    logger.debug("k-section (%d a round): level %.4f passes, %.4f fails", width, lo * resolution, hi * resolution)
     return lo, hi
 
 

@@ -222,6 +222,14 @@ def _option_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-evaluations", type=int, default=DEFAULTS.max_evaluations)
     p.add_argument("--max-seconds", type=float, help="wall-clock budget of the search")
     p.add_argument(
+        "--search-width",
+        type=int,
+        default=DEFAULTS.search_width,
+        help="levels judged per round of the global-level bisection, 1-16 (default %(default)s: a bisection); "
+        "k > 1 judges k levels at once where the executor has idle workers, each one counting against "
+        "--max-evaluations (docs/search.md)",
+    )
+    p.add_argument(
         "--target-sparsity", type=float, help="skip the search: try only this sparsity (kept if within tolerance)"
     )
     p.add_argument("--seed", type=int, default=DEFAULTS.seed)
@@ -308,6 +316,7 @@ def _options(args: argparse.Namespace) -> PruneOptions:
         tolerance=Tolerance.parse(args.tolerance),
         max_evaluations=args.max_evaluations,
         max_seconds=args.max_seconds,
+        search_width=args.search_width,
         target_sparsity=args.target_sparsity,
         sensitivity=_profile(args.sensitivity_from),
         seed=args.seed,

@@ -147,6 +147,7 @@ _SCALARS = [
     ("ctc_blank", "ctc_blank"),
     ("output_sample_axis", "output_sample_axis"),
     ("confidence", "confidence"),
+    ("search_width", "search_width"),
 ]
 
 

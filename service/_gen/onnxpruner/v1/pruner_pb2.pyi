@@ -200,7 +200,7 @@ class Tolerance(_message.Message):
     def __init__(self, value: _Optional[float] = ..., relative: _Optional[bool] = ...) -> None: ...
 
 class PruneConfig(_message.Message):
-    __slots__ = ("mode", "criterion", "allocation", "metric", "top_k", "output_name", "tolerance", "objective", "max_evaluations", "max_seconds", "seed", "holdout_fraction", "batch_size", "layer_cap", "include", "exclude", "sparse_initializers", "channel_multiple", "recover", "calibration_samples", "target_sparsity", "nm_n", "nm_m", "sensitivity_json", "threshold", "column", "pad_id", "ctc_blank", "sequence_mask", "output_sample_axis", "input_sample_axes", "metric_plugin", "acceptance", "confidence")
+    __slots__ = ("mode", "criterion", "allocation", "metric", "top_k", "output_name", "tolerance", "objective", "max_evaluations", "max_seconds", "seed", "holdout_fraction", "batch_size", "layer_cap", "include", "exclude", "sparse_initializers", "channel_multiple", "recover", "calibration_samples", "target_sparsity", "nm_n", "nm_m", "sensitivity_json", "threshold", "column", "pad_id", "ctc_blank", "sequence_mask", "output_sample_axis", "input_sample_axes", "metric_plugin", "acceptance", "confidence", "search_width")
     class InputSampleAxesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -242,6 +242,7 @@ class PruneConfig(_message.Message):
     METRIC_PLUGIN_FIELD_NUMBER: _ClassVar[int]
     ACCEPTANCE_FIELD_NUMBER: _ClassVar[int]
     CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_WIDTH_FIELD_NUMBER: _ClassVar[int]
     mode: Mode
     criterion: Criterion
     allocation: Allocation
@@ -276,7 +277,8 @@ class PruneConfig(_message.Message):
     metric_plugin: str
     acceptance: Acceptance
     confidence: float
-    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., allocation: _Optional[_Union[Allocation, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., top_k: _Optional[int] = ..., output_name: _Optional[str] = ..., tolerance: _Optional[_Union[Tolerance, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., max_evaluations: _Optional[int] = ..., max_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., holdout_fraction: _Optional[float] = ..., batch_size: _Optional[int] = ..., layer_cap: _Optional[float] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., sparse_initializers: _Optional[bool] = ..., channel_multiple: _Optional[int] = ..., recover: _Optional[_Union[Recovery, str]] = ..., calibration_samples: _Optional[int] = ..., target_sparsity: _Optional[float] = ..., nm_n: _Optional[int] = ..., nm_m: _Optional[int] = ..., sensitivity_json: _Optional[str] = ..., threshold: _Optional[float] = ..., column: _Optional[int] = ..., pad_id: _Optional[int] = ..., ctc_blank: _Optional[int] = ..., sequence_mask: _Optional[str] = ..., output_sample_axis: _Optional[int] = ..., input_sample_axes: _Optional[_Mapping[str, int]] = ..., metric_plugin: _Optional[str] = ..., acceptance: _Optional[_Union[Acceptance, str]] = ..., confidence: _Optional[float] = ...) -> None: ...
+    search_width: int
+    def __init__(self, mode: _Optional[_Union[Mode, str]] = ..., criterion: _Optional[_Union[Criterion, str]] = ..., allocation: _Optional[_Union[Allocation, str]] = ..., metric: _Optional[_Union[Metric, str]] = ..., top_k: _Optional[int] = ..., output_name: _Optional[str] = ..., tolerance: _Optional[_Union[Tolerance, _Mapping]] = ..., objective: _Optional[_Union[Objective, str]] = ..., max_evaluations: _Optional[int] = ..., max_seconds: _Optional[float] = ..., seed: _Optional[int] = ..., holdout_fraction: _Optional[float] = ..., batch_size: _Optional[int] = ..., layer_cap: _Optional[float] = ..., include: _Optional[_Iterable[str]] = ..., exclude: _Optional[_Iterable[str]] = ..., sparse_initializers: _Optional[bool] = ..., channel_multiple: _Optional[int] = ..., recover: _Optional[_Union[Recovery, str]] = ..., calibration_samples: _Optional[int] = ..., target_sparsity: _Optional[float] = ..., nm_n: _Optional[int] = ..., nm_m: _Optional[int] = ..., sensitivity_json: _Optional[str] = ..., threshold: _Optional[float] = ..., column: _Optional[int] = ..., pad_id: _Optional[int] = ..., ctc_blank: _Optional[int] = ..., sequence_mask: _Optional[str] = ..., output_sample_axis: _Optional[int] = ..., input_sample_axes: _Optional[_Mapping[str, int]] = ..., metric_plugin: _Optional[str] = ..., acceptance: _Optional[_Union[Acceptance, str]] = ..., confidence: _Optional[float] = ..., search_width: _Optional[int] = ...) -> None: ...
 
 class PruneResponse(_message.Message):
     __slots__ = ("progress", "result", "model_chunk")
