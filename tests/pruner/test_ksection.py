@@ -265,7 +265,9 @@ def test_a_run_with_search_width_3_returns_a_checked_model_and_reports_the_optio
     assert report.options["search_width"] == 3
     assert report.status == "pruned" and report.evaluations <= 9 + 3  # a held-out miss adds at most 3
     bisect = [t for t in report.trace if t.phase is Phase.BISECT]
-    assert [round(t.sparsity, 2) for t in bisect[:3]] == [0.24, 0.49, 0.74]  # the first round's three levels
+    # the first round's three levels (a level's sparsity is rounded to whole weights per layer)
+    assert [t.index for t in bisect[:3]] == [1, 2, 3]
+    assert [t.sparsity for t in bisect[:3]] == pytest.approx([0.24, 0.49, 0.74], abs=0.015)
     onnx.checker.check_model(result.model, full_check=True)
     session = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"])
     data = load_eval_set(FIXTURES / "mlp_eval.npz")

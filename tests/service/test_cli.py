@@ -385,3 +385,28 @@ def test_plot_without_matplotlib_says_how_to_install(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert "pip install 'onnx-pruner[plot]'" in proc.stderr
     assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("width", ["0", "17"])
+def test_a_search_width_out_of_range_exits_2_naming_it(tmp_path: Path, width: str) -> None:
+    proc = run_cli(
+        "prune", FIXTURES / "mlp.onnx", "--eval", FIXTURES / "mlp_eval.npz", "-o", tmp_path / "o.onnx",
+        "--search-width", width,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert f"search_width must be an integer in [1, 16], got {width}" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_search_width_reaches_the_run_and_its_report(tmp_path: Path) -> None:
+    report = tmp_path / "r.json"
+    proc = run_cli(
+        "prune", FIXTURES / "mlp.onnx", "--eval", FIXTURES / "mlp_eval.npz", "-o", tmp_path / "o.onnx",
+        "--search-width", "2", "--max-evaluations", "4", "--report", report, "--quiet",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    written = json.loads(report.read_text())
+    assert written["options"]["search_width"] == 2
+    assert [t["index"] for t in written["trace"][:2]] == [1, 2]
+    assert [t["sparsity"] for t in written["trace"][:2]] == pytest.approx([0.33, 0.66], abs=0.015)

@@ -42,6 +42,7 @@ def test_options_survive_the_round_trip_through_the_config() -> None:
         pruner.PruneOptions(mode=pruner.Mode.NM, recover=pruner.Recovery.SEQUENTIAL),
         pruner.PruneOptions(acceptance=pruner.AcceptanceRule.INTERVAL, confidence=0.8),
         pruner.PruneOptions(acceptance=pruner.AcceptanceRule.BOUND),
+        pruner.PruneOptions(search_width=3, max_evaluations=15),
         pruner.PruneOptions(
             mode=pruner.Mode.REMOVE,
             objective=pruner.Objective.BYTES,

@@ -235,6 +235,15 @@ BAD_REQUESTS = [
         ["max_evaluations"],
     ),
     (
+        "absurd-search-width",
+        [
+            config_request(search_width=17),
+            pb.PruneRequest(model_chunk=GOOD_MODEL),
+            pb.PruneRequest(eval_npz_chunk=GOOD_EVAL),
+        ],
+        ["search_width", "[1, 16]", "17"],
+    ),
+    (
         "unknown-enum",
         [config_request(metric=99), pb.PruneRequest(model_chunk=GOOD_MODEL), pb.PruneRequest(eval_npz_chunk=GOOD_EVAL)],
         ["metric", "99"],
