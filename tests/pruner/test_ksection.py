@@ -131,17 +131,11 @@ def test_ksection_keeps_the_bisections_guarantee_on_any_verdicts(width: int) -> 
     for _ in range(200):
         passes = [rng.random() < 0.6 for _ in range(TOP + 1)]
         judge = Judge(passes)
-        asked: list[int] = []
-
-        def evaluate(configs: Sequence[Config], phase: Phase) -> list[bool]:
-            asked.extend(c[0] for c in configs)
-            return [passes[c[0]] for c in configs]
-
-        lo, hi = _ksect(LevelSpace(), _Rounds(evaluate, len, lambda: 1000), RESOLUTION, width)
+        rounds = _Rounds(lambda configs, _: [v.passed for v in judge.many(configs)], len, lambda: 1000)
+        lo, hi = _ksect(LevelSpace(), rounds, RESOLUTION, width)
         assert hi == lo + 1
-        assert lo == 0 or (lo in asked and passes[lo])
-        assert hi == TOP + 1 or (hi in asked and not passes[hi])
-        del judge
+        assert lo == 0 or (lo in judge.asked and passes[lo])
+        assert hi == TOP + 1 or (hi in judge.asked and not passes[hi])
 
 
 def test_rounds_judge_k_levels_at_once_with_the_results_of_one_after_the_other() -> None:
