@@ -77,6 +77,9 @@ class Judge:
         self.rounds.append([c[0] for c in configs])
         return [self(c) for c in configs]
 
+    def round(self, configs: Sequence[Config], phase: Phase) -> list[bool]:
+        return [v.passed for v in self.many(configs)]
+
 
 def monotone(limit: int) -> list[bool]:
     """Steps up to ``limit`` pass, the others fail."""
@@ -131,7 +134,7 @@ def test_ksection_keeps_the_bisections_guarantee_on_any_verdicts(width: int) -> 
     for _ in range(200):
         passes = [rng.random() < 0.6 for _ in range(TOP + 1)]
         judge = Judge(passes)
-        rounds = _Rounds(lambda configs, _: [v.passed for v in judge.many(configs)], len, lambda: 1000)
+        rounds = _Rounds(judge.round, len, lambda: 1000)
         lo, hi = _ksect(LevelSpace(), rounds, RESOLUTION, width)
         assert hi == lo + 1
         assert lo == 0 or (lo in judge.asked and passes[lo])
