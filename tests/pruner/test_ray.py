@@ -356,3 +356,59 @@ def test_a_server_refuses_executor_ray_without_the_extra_or_an_executor_it_does_
     if not HAVE_RAY:
         with pytest.raises(ValueError, match=r"pip install 'onnx-pruner\[ray\]'"):
             ServerConfig(executor="ray")
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("mlp", {"search_width": 2}),  # fed weights: each candidate's weights in the store at once
+        ("cnn_bn", {"mode": Mode.REMOVE, "search_width": 2}),  # rebuilt models, sent as bytes
+    ],
+)
+def test_a_k_section_on_ray_gives_the_local_model_and_report(
+    cluster: Cluster, name: str, options: dict[str, Any]
+) -> None:
+    local_sha, local_figures = _run(name, Executor.LOCAL, **options)
+    ray_sha, ray_figures = _run(name, Executor.RAY, **options)
+    assert ray_sha == local_sha
+    assert ray_figures == local_figures
+    assert ray_figures["options"]["search_width"] == 2
+    assert [t["phase"] for t in ray_figures["trace"][:2]] == ["bisect", "bisect"]
+
+
+def test_ray_runs_the_candidates_of_a_round_together_each_stopping_on_its_own(cluster: Cluster) -> None:
+    from pruner._evalset import load_eval_set, model_inputs
+    from pruner._evaluate import Batches, PortableRunner
+    from pruner._ray import IN_FLIGHT, RayExecutor
+
+    model = (FIXTURES / "mlp.onnx").read_bytes()
+    data = load_eval_set(FIXTURES / "mlp_eval.npz")
+    proto = onnx.load_from_string(model)
+    output = proto.graph.output[0].name
+    batches = Batches(model_inputs(proto), output, data, batch_size=16)
+    rows = np.arange(32)  # 2 batches a candidate: one candidate alone leaves workers idle
+    pieces = batches.pieces(rows)
+    variants = []
+    for scale in (1.0, 0.5, 0.25):
+        changed = onnx.load_from_string(model)
+        changed.graph.initializer[0].CopyFrom(
+            onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(proto.graph.initializer[0]) * scale, "w")
+        )
+        changed.graph.initializer[0].name = proto.graph.initializer[0].name
+        variants.append(changed.SerializeToString())
+    executor = RayExecutor(None, 2)
+    try:
+        jobs = [(lambda v=v: PortableRunner(output, model=lambda: v), pieces) for v in variants]
+        streams = executor.outputs_many(batches, jobs)
+        first = next(streams[0])
+        wave = streams[0].gi_frame.f_locals["self"]  # the streams' shared schedule
+        # the second candidate's batches went out while the first's were read (a window of 2 a worker)
+        assert wave.sent > IN_FLIGHT * 2 - 1
+        streams[0].close()  # an early stop of the first: the others go on
+        rest = [np.concatenate(list(s)) for s in streams[1:]]
+        expected = [batches.outputs(PortableRunner(output, model=lambda v=v: v), rows) for v in variants]
+        assert np.array_equal(first, expected[0][: len(first)])
+        assert all(np.array_equal(a, b) for a, b in zip(rest, expected[1:], strict=True))
+        assert not np.array_equal(expected[1], expected[2])  # the premise: different candidates
+    finally:
+        executor.close()
