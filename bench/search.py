@@ -2,6 +2,8 @@
 
     python bench/search.py            # fixtures + allocation comparison + sweep reference
     python bench/search.py --big-mlp  # also the ~200 MB MLP peak-memory run
+    python bench/search.py --ksection [--executor ray] [--widths 1,2,3] [--model M.onnx --eval E.npz]
+        # the k-section (search_width): evaluations and wall for each width, nothing else
 
 For each fixture at tolerance 0.01: sparsity reached, evaluations, wall time,
 final metric on both splits, and the overhead ratio = wall time / (evaluations
@@ -30,6 +32,8 @@ import pruner
 from pruner import Allocation, PruneOptions, Tolerance
 from pruner._metrics import Metric
 from pruner._phases import split_rows as _split
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def sweep(model: Path, evalset: pruner.EvalSet, tolerance: float) -> tuple[float, float, int]:
@@ -256,12 +260,93 @@ def run_big_mlp() -> None:
     )
 
 
+def run_ksection(model: Path, evals: Path, widths: list[int], executor: str, batch_size: int, repeats: int) -> None:
+    """One run per search width (``repeats`` times, alternating), on the local executor or on a Ray
+    cluster of two one-CPU nodes (``ray_scaling.start_nodes``, 2 workers): evaluations (of the
+    bisection, and all), the search phase's and the whole run's wall time,
+    the sparsity reached, and the model's sha256 (each width is a different search: its own model)."""
+    import hashlib
+
+    from ray_scaling import start_nodes, stop_node, uptime
+
+    from pruner import Executor, Phase
+
+    nodes: list[subprocess.Popen[bytes]] = []
+    if executor == "ray":
+        import os
+
+        import ray
+
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        nodes, address = start_nodes()
+        ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        while ray.cluster_resources().get("CPU", 0) < 2:
+            time.sleep(0.5)
+    evalset = pruner.load_eval_set(evals)
+    rows = []
+    try:
+        for repeat in range(repeats):
+            for width in widths:
+                kind = Executor.RAY if executor == "ray" else Executor.LOCAL
+                options = PruneOptions(
+                    search_width=width,
+                    batch_size=batch_size,
+                    executor=kind,
+                    executor_workers=2 if kind is Executor.RAY else 0,
+                )
+                load = uptime().split("load average:")[-1].strip()
+                start = time.perf_counter()
+                result = pruner.prune(model, evalset, options)
+                wall = time.perf_counter() - start
+                r = result.report
+                bisect = [t for t in r.trace if t.phase is Phase.BISECT]
+                sha = hashlib.sha256(result.model_bytes or result.model.SerializeToString()).hexdigest()[:12]
+                rows.append(
+                    (
+                        repeat,
+                        width,
+                        len(bisect),
+                        r.evaluations,
+                        f"{r.timings.get('search', float('nan')):.2f}",
+                        f"{wall:.2f}",
+                        f"{r.sparsity:.1%}",
+                        sha,
+                        load,
+                    )
+                )
+                print(f"repeat {repeat} width {width}: {wall:.2f} s; load {load}", flush=True)
+    finally:
+        if nodes:
+            import ray
+
+            ray.shutdown()
+            for node in reversed(nodes):
+                stop_node(node)
+    print(
+        f"\nk-section: {model.name}, {len(evalset)} samples, batch {batch_size}, executor {executor}"
+        + (" (2 one-CPU nodes, 2 workers of 1 thread)" if executor == "ray" else "")
+    )
+    headers = ["repeat", "width", "bisect evals", "evals", "search s", "wall s"]
+    print(table([*headers, "sparsity", "sha256", "load before (1/5/15 min)"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--big-mlp", action="store_true", help="also run the ~200 MB MLP memory benchmark")
     parser.add_argument("--big-only", action="store_true")
+    parser.add_argument("--ksection", action="store_true", help="only the k-section (search_width) comparison")
+    parser.add_argument("--widths", default="1,2,3", help="--ksection: the search widths, comma-separated")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local", help="--ksection: where")
+    parser.add_argument("--model", type=Path, default=ROOT / "tests" / "fixtures" / "mlp.onnx", help="--ksection")
+    parser.add_argument("--eval", type=Path, default=ROOT / "tests" / "fixtures" / "mlp_eval.npz", help="--ksection")
+    parser.add_argument("--batch-size", type=int, default=64, help="--ksection")
+    parser.add_argument("--repeats", type=int, default=1, help="--ksection")
     args = parser.parse_args()
+    if args.ksection:
+        widths = [int(w) for w in args.widths.split(",")]
+        run_ksection(args.model, args.eval, widths, args.executor, args.batch_size, args.repeats)
+        return
     print(
         f"machine: {platform.machine()} {platform.processor() or ''} cores={__import__('os').cpu_count()} "
         f"python {platform.python_version()} onnxruntime {ort.__version__}"
