@@ -32,6 +32,7 @@ from tests.service.test_jobs import (
     MLP_EVAL,
     SLEEPY,
     JobServer,
+    alive,
     download,
     metric_plugin,
     running_with_events,
@@ -42,6 +43,8 @@ from tests.service.test_jobs import (
 
 TASK = "ray::onnx-prune job "
 """The process title of a Ray worker running a job's task (its task name, which ends with the job id)."""
+STUCK = "stuck-metric-runs"
+"""The file the metric "stuck" touches in the plugins' folder when it starts its 120 s call."""
 BROKEN = pruner.PruneOptions(max_evaluations=3, metric=convert.server_metric("broken"))
 
 
@@ -49,6 +52,8 @@ BROKEN = pruner.PruneOptions(max_evaluations=3, metric=convert.server_metric("br
 def plugins() -> Path:
     site = Path(tempfile.mkdtemp(prefix="ray-plugins-"))
     slow_plugins(site)
+    stuck = f"__import__('pathlib').Path({str(site / STUCK)!r}).touch(); time.sleep(120); return [1.0] * len(labels)"
+    metric_plugin(site, "stuck", stuck)
     return metric_plugin(site, "broken", "raise ValueError('the labels are not class ids')")
 
 
@@ -143,6 +148,25 @@ def test_cancel_mid_job_ends_its_ray_task(cluster: Cluster, servers: Callable[..
     assert wait_until(lambda: free_cpus() == 2.0, 60)
     with pytest.raises(pruner.CancelledError):
         raise_for_job(final)
+
+
+def test_a_task_that_does_not_stop_is_cancelled_by_force(
+    cluster: Cluster, servers: Callable[..., JobServer], plugins: Path
+) -> None:
+    # the metric "stuck" runs 120 s in one call: the library cannot see its stop event meanwhile
+    server = ray_server(servers, cluster)
+    stuck = pruner.PruneOptions(max_evaluations=2, metric=convert.server_metric("stuck"))
+    with Connection(server.address) as connection:
+        job_id, _ = connection.submit(MLP, MLP_EVAL, stuck)
+        assert wait_until(lambda: (plugins / STUCK).exists())
+        (task,) = cluster.processes(TASK + job_id)
+        connection.cancel_job(job_id)
+        final = connection.follow(job_id)
+    assert final.state == pb.JOB_STATE_CANCELLED and final.error_code == "CancelledError"
+    # ray.cancel(force=True) killed the task's process (a stop of its own would have left it idle)
+    assert wait_until(lambda: not alive(task), 30)
+    assert wait_until(lambda: free_cpus() == 2.0, 60)
+    assert f"its Ray task did not stop within {ray_task.FORCE_AFTER:g} s; cancelling it" in server.log.read_text()
 
 
 def test_a_ray_task_killed_mid_run_fails_its_job_naming_it(cluster: Cluster, servers: Callable[..., JobServer]) -> None:
