@@ -24,12 +24,15 @@ Ray executor it submits the job as one task and waits for it::
   process killed, its node lost, killed by Ray for memory) is a
   :class:`service.errors.JobCrashedError` naming what Ray said. The task is never retried by
   Ray (``max_retries=0``): the runner's attempts count as for a local job.
+- **Same model.** The task's numpy BLAS runs on the worker process's thread count (Ray starts
+  it with one): the least-squares refits are then a local job's to the bit.
 
 ``ray`` is imported only here, and only for ``--executor ray``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import signal
@@ -90,8 +93,6 @@ def _run_job(
     least-squares refits (and the calibration the executor sends out at this count) would
     differ from a local job's in the last bits.
     """
-    import contextlib
-
     import ray
     from threadpoolctl import threadpool_limits  # in the ray extra
 
@@ -109,7 +110,10 @@ def _run_job(
                 return
 
     def on_progress(event: pruner.ProgressEvent) -> None:
-        if ray.get(progress.put.remote(event)):
+        try:
+            if ray.get(progress.put.remote(event)):
+                stop.set()
+        except ray.exceptions.RayError:  # as in watch(): the worker process is gone
             stop.set()
 
     watcher = threading.Thread(target=watch, name="job-stop-watch", daemon=True)
@@ -229,7 +233,7 @@ def run(
                     stopped_at = now
                     progress.stop.remote()
                 elif now - stopped_at >= FORCE_AFTER:
-                    logger.warning("job %s: its Ray task did not stop within %g s; cancelling it", name, FORCE_AFTER)
+                    logger.warning("%s: its Ray task did not stop within %g s; cancelling it", name, FORCE_AFTER)
                     ray.cancel(ref, force=True)
                     ray.wait([ref], timeout=_CANCEL_WAIT)
                     raise pruner.CancelledError("the job was stopped")
@@ -237,8 +241,8 @@ def run(
             result, report = ray.get(ref)
         except ray.exceptions.RayTaskError as e:
             cause = getattr(e, "cause", None)
-            if isinstance(cause, BaseException):
-                raise cause from None
+            if isinstance(cause, BaseException):  # the run's own error, as a local job raises it
+                raise cause from e
             raise
         except ray.exceptions.TaskCancelledError as e:
             if stop.is_set():
@@ -248,4 +252,5 @@ def run(
             raise _died(ray, e) from e
         return bytes(result), str(report)
     finally:
-        ray.kill(progress)
+        with contextlib.suppress(Exception):  # gone with its node, or the connection: nothing to end
+            ray.kill(progress)
