@@ -1,7 +1,8 @@
 """Stored jobs run as Ray tasks (``python -m service --executor ray --ray-address ADDR``) on a real
 two-node Ray cluster (``tests/ray_cluster.py``): the job's model and events are a local job's, a
-cancel ends the task on the cluster, a task killed mid-run fails its job naming it, and an error
-of the model is the local job's error.
+cancel ends the task on the cluster (by force when the run cannot stop), a task killed mid-run
+fails its job naming it, a SIGKILLed server takes its task down and re-runs the job after its
+restart, and an error of the model is the local job's error.
 
 The cluster's nodes import the slow and failing metric plugins the server has, as a cluster
 built from the server's image would. Needs the ``ray`` extra (skipped without it, a failure
@@ -39,6 +40,7 @@ from tests.service.test_jobs import (
     serving,
     slow_plugins,
     wait_until,
+    worker_pids,
 )
 
 TASK = "ray::onnx-prune job "
@@ -188,6 +190,29 @@ def test_a_ray_task_killed_mid_run_fails_its_job_naming_it(cluster: Cluster, ser
     assert waited < 120  # Ray reports the death; a hang would be the job's time limit (3600 s)
     with pytest.raises(errors.JobCrashedError, match="Ray task died"):
         raise_for_job(final)
+
+
+def test_sigkill_of_the_server_mid_job_ends_its_ray_task_and_the_restart_runs_it_again(
+    cluster: Cluster, servers: Callable[..., JobServer]
+) -> None:
+    server = ray_server(servers, cluster)
+    with Connection(server.address) as connection:
+        job_id, _ = connection.submit(MLP, MLP_EVAL, SLEEPY)
+        assert wait_until(running_with_events(connection, job_id))
+    (task,) = cluster.processes(TASK + job_id)
+    workers = worker_pids(job_id)
+    server.kill()
+    # the worker dies with its server, and Ray ends the task of the driver that is gone (its process)
+    assert wait_until(lambda: not any(alive(pid) for pid in workers), 30)
+    assert wait_until(lambda: not alive(task), 60)
+    assert wait_until(lambda: free_cpus() == 2.0, 60)
+    server.start()
+    with Connection(server.address) as connection:
+        assert wait_until(lambda: bool(cluster.processes(TASK + job_id)))
+        assert connection.get_job(job_id).attempts == 2
+        connection.cancel_job(job_id)
+        final = connection.follow(job_id)
+    assert final.state == pb.JOB_STATE_CANCELLED and final.attempts == 2
 
 
 def test_an_error_of_the_model_in_the_task_is_the_local_jobs_error(
