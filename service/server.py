@@ -98,8 +98,8 @@ class ServerConfig:
     """Seconds without a heartbeat after which another replica's running jobs re-run."""
     executor: str = "local"
     """Where stored jobs do their expensive parts: ``local`` (the job's own process) or ``ray``
-    (each job process is a Ray driver fanning evaluation, calibration and probes out to the
-    cluster at ``ray_address``; docs/ray.md). ``Prune`` calls always run locally."""
+    (each job runs as a Ray task on the cluster at ``ray_address``, fanning evaluation, calibration
+    and probes out to its actors; docs/ray.md). ``Prune`` calls always run locally."""
     ray_address: str | None = None
     """``executor`` ray: the cluster (``host:port`` or ``ray://host:10001``); None: a Ray local to each job."""
 

@@ -76,8 +76,8 @@ class Runner:
         dead_after: seconds without a heartbeat after which another replica's jobs re-run.
         max_attempts: a job whose replica died this many times is failed, not re-run.
         retention_ttl, retention_max_bytes: cleanup of finished jobs (None: keep).
-        executor, ray_address: where each job fans out its expensive parts (``ray``: the
-            worker process is a Ray driver of the cluster at ``ray_address``).
+        executor, ray_address: where each job runs (``ray``: as a Ray task on the cluster at
+            ``ray_address``, which its worker process submits and relays; ``ray_task``).
     """
 
     def __init__(

@@ -6,7 +6,9 @@ that crashes (a segfault in onnxruntime or a plugin) or runs out of memory takes
 only itself down. The worker reads the job's inputs from their blobs, runs
 ``pruner.prune`` with a progress callback that appends each event to the store,
 writes the result model as a blob and finishes the job (SUCCEEDED, or FAILED
-with the error table's class name and message).
+with the error table's class name and message). With ``--executor ray`` the run
+itself is a Ray task on the cluster (:mod:`service.jobs.ray_task`): this process
+sends it the inputs, writes its events and its result, and stops it on SIGTERM.
 
 It leaves the job RUNNING and lets the runner decide in three cases: SIGTERM
 (the runner stops it: cancel, time limit, shutdown), which it turns into the
@@ -92,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-    if args.memory_limit:
+    on_ray = args.executor == "ray"
+    if args.memory_limit and not on_ray:  # on Ray the limit is the task's memory resource (ray_task.run)
         limit_memory(args.memory_limit)
     parent = args.parent
 
@@ -123,14 +126,30 @@ def run(args: argparse.Namespace) -> int:
         if args.executor != "local":  # the server's choice: PruneConfig has no such field
             executor = pruner.Executor(args.executor)
             options = dataclasses.replace(options, executor=executor, ray_address=args.ray_address)
-        evalset = pruner.load_eval_set(store.blob_path(job.inputs["eval"]), max_bytes=args.max_eval_bytes or None)
-        result = pruner.prune(
-            store.blob_path(job.inputs["model"]), evalset, options, on_progress=on_progress, stop=stop
-        )
-        del evalset
-        data = result.model_bytes if result.model_bytes is not None else result.model.SerializeToString()
+        model_path, eval_path = store.blob_path(job.inputs["model"]), store.blob_path(job.inputs["eval"])
+        max_eval_bytes = args.max_eval_bytes or None
+        if on_ray:  # the job runs as a Ray task on the cluster; this process relays its events and its stop
+            from service.jobs import ray_task
+
+            data, report_json = ray_task.run(
+                model_path,
+                eval_path,
+                options,
+                max_eval_bytes=max_eval_bytes,
+                address=args.ray_address,
+                memory=args.memory_limit,
+                name=f"onnx-prune job {job.id}",
+                on_progress=on_progress,
+                stop=stop,
+            )
+        else:
+            evalset = pruner.load_eval_set(eval_path, max_bytes=max_eval_bytes)
+            result = pruner.prune(model_path, evalset, options, on_progress=on_progress, stop=stop)
+            del evalset
+            data = result.model_bytes if result.model_bytes is not None else result.model.SerializeToString()
+            report_json = result.report.to_json()
         digest, _ = store.put_blob([data])
-        finish(JobState.SUCCEEDED, report_json=result.report.to_json(), result=digest)
+        finish(JobState.SUCCEEDED, report_json=report_json, result=digest)
         return 0
     except pruner.CancelledError:
         if stop.is_set():
@@ -139,7 +158,9 @@ def run(args: argparse.Namespace) -> int:
     except BaseException as error:  # everything else ends the job FAILED, with the table's class name
         if args.memory_limit and _out_of_memory(error):
             code, message = "JobMemoryLimitError", memory_message(args.memory_limit)
-        elif isinstance(error, pruner.PrunerError) and errors.row_of(error).code.name != "INTERNAL":
+        elif isinstance(error, errors.JobCrashedError) or (
+            isinstance(error, pruner.PrunerError) and errors.row_of(error).code.name != "INTERNAL"
+        ):
             code, message = type(error).__name__, str(error)
         else:
             logger.error("job %s failed", job.id, exc_info=error)
