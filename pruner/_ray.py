@@ -68,9 +68,13 @@ class _Worker:
         self.batches: dict[str, Batches] = {}
         self.fed: dict[str, ort.InferenceSession] = {}
         self.sessions: collections.OrderedDict[str, Runner] = collections.OrderedDict()
+        self.rows = 0
 
     def pid(self) -> int:
         return os.getpid()
+
+    def rows_run(self) -> int:
+        return self.rows
 
     def _batches(self, ref: list[Any]) -> Batches:
         key = ref[0].hex()
@@ -102,7 +106,9 @@ class _Worker:
         return run
 
     def outputs(self, batches: list[Any], spec: tuple[Any, ...], rows: np.ndarray) -> np.ndarray:
-        return self._batches(batches).outputs(self._runner(spec), rows)
+        out = self._batches(batches).outputs(self._runner(spec), rows)
+        self.rows += len(rows)
+        return out
 
     def map_model(
         self, batches: list[Any], model: list[Any], task: Callable[..., Any], part: Any, blas_threads: int | None
@@ -175,6 +181,10 @@ class RayExecutor(Executor):
     def pids(self) -> list[int]:
         """The worker processes' ids (tests kill one)."""
         return [self.ray.get(self._actors[i].pid.remote()) for i in self._live]
+
+    def rows_run(self) -> list[int]:
+        """Rows each live worker has run through a model so far (where the work went)."""
+        return [self.ray.get(self._actors[i].rows_run.remote()) for i in self._live]
 
     def close(self) -> None:
         for actor in self._actors:
