@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -105,7 +107,11 @@ class _Worker:
             self.sessions.popitem(last=False)
         return run
 
-    def outputs(self, batches: list[Any], spec: tuple[Any, ...], rows: np.ndarray) -> np.ndarray:
+    def outputs(
+        self, batches: list[Any], spec: tuple[Any, ...], rows: np.ndarray, call: str | None = None
+    ) -> np.ndarray | None:
+        if call is not None and _abandoned(call):
+            return None  # its evaluation stopped early: the driver reads no more of it
         out = self._batches(batches).outputs(self._runner(spec), rows)
         self.rows += len(rows)
         return out
@@ -116,6 +122,20 @@ class _Worker:
         session = make_session(ray_module().get(model[0]), threads=1)
         with _blas_threads(blas_threads):
             return task(session, self._batches(batches).evalset, part)
+
+
+ABANDONED = "onnx-pruner-abandoned"
+"""The Ray key-value namespace where a driver marks the calls whose remaining pieces it will not read."""
+
+
+def _abandoned(call: str) -> bool:
+    """Whether the driver gave up on ``call`` (a key-value lookup; False when it cannot be asked)."""
+    try:
+        from ray.experimental import internal_kv
+
+        return bool(internal_kv._internal_kv_exists(call, namespace=ABANDONED))
+    except Exception:  # an optimisation only: the piece runs, as it would without the mark
+        return False
 
 
 def _blas_threads(count: int | None) -> contextlib.AbstractContextManager[Any]:
@@ -172,6 +192,9 @@ class RayExecutor(Executor):
         self._shipped: dict[int, tuple[Any, list[Any]]] = {}
         self._specs: collections.OrderedDict[int, tuple[Any, tuple[Any, ...]]] = collections.OrderedDict()
         self._fed: dict[int, tuple[Any, Any]] = {}
+        self._run_id = uuid.uuid4().hex
+        self._calls = itertools.count()
+        self._abandoned: list[str] = []
         logger.debug("ray executor: %d worker(s) on a cluster of %d CPU(s)", self.workers, cpus)
 
     @property
@@ -189,6 +212,7 @@ class RayExecutor(Executor):
     def close(self) -> None:
         for actor in self._actors:
             self.ray.kill(actor)
+        self._forget_abandoned()
         self._actors, self._live = [], []
         self._shipped.clear()
         self._specs.clear()
@@ -236,19 +260,25 @@ class RayExecutor(Executor):
         size = batches.batch_size
         tasks = [(k, piece[i : i + size]) for k, piece in enumerate(pieces) for i in range(0, len(piece), size)]
 
+        call = f"{self._run_id}:{next(self._calls)}"
+
         def submit(actor: Any, task: tuple[int, np.ndarray]) -> Any:
-            return actor.outputs.remote(shipped, spec, task[1])
+            return actor.outputs.remote(shipped, spec, task[1], call)
 
         results = self._ordered(tasks, submit, batches.stop)
+        read = 0
         try:
             parts: list[np.ndarray] = []
             for i, out in enumerate(results):
+                read = i + 1
                 parts.append(out)
                 if i + 1 == len(tasks) or tasks[i + 1][0] != tasks[i][0]:
                     yield np.concatenate(parts)
                     parts = []
         finally:
             results.close()
+            if read < len(tasks):
+                self._abandon(call)
 
     def map_model(
         self, batches: Batches, model: bytes, task: Callable[[ort.InferenceSession, EvalSet, T], R], parts: Sequence[T]
@@ -311,6 +341,29 @@ class RayExecutor(Executor):
             # pieces still out (an early stop) are left to finish, not cancelled: cancelling a
             # queued actor task leaves a gap in the actor's task order that stalls it for 30 s
             out.clear()
+
+    def _abandon(self, call: str) -> None:
+        """Mark ``call`` abandoned: its pieces still queued on a worker return at once instead of
+        running (an early stop left them; cancelling them would stall the actor, see ``_ordered``).
+        Only their unread results change: the run's figures are the same either way."""
+        try:
+            from ray.experimental import internal_kv
+
+            internal_kv._internal_kv_put(call, b"1", namespace=ABANDONED)
+        except Exception as e:  # an optimisation only: the pieces then run to the end, unread
+            logger.debug("could not mark call %s abandoned: %s", call, e)
+            return
+        self._abandoned.append(call)
+
+    def _forget_abandoned(self) -> None:
+        try:
+            from ray.experimental import internal_kv
+
+            for call in self._abandoned:
+                internal_kv._internal_kv_del(call, namespace=ABANDONED)
+        except Exception as e:
+            logger.debug("could not remove the abandoned marks: %s", e)
+        self._abandoned.clear()
 
     def _lost(self, worker: int, error: BaseException) -> None:
         if worker in self._live:

@@ -338,6 +338,43 @@ def test_the_confirmation_scores_the_held_out_split_on_the_workers(cluster: Clus
     assert passes["ray"] == passes["local"]
 
 
+def test_the_pieces_left_queued_by_an_early_stop_are_skipped_not_run(cluster: Cluster) -> None:
+    import ray
+
+    from pruner._evalset import load_eval_set, model_inputs
+    from pruner._evaluate import Batches, PortableRunner
+    from pruner._ray import RayExecutor
+
+    model = (FIXTURES / "mlp.onnx").read_bytes()
+    data = load_eval_set(FIXTURES / "mlp_eval.npz")
+    output = onnx.load_from_string(model).graph.output[0].name
+    batches = Batches(model_inputs(onnx.load_from_string(model)), output, data, batch_size=16)
+    executor = RayExecutor(None, 2)
+    try:
+        runner = PortableRunner(output, model=lambda: model)
+        pieces = batches.pieces(np.arange(len(data)))
+        outputs = executor.outputs(batches, runner, pieces)
+        assert np.array_equal(next(outputs), batches.outputs(runner, pieces[0]))
+        outputs.close()  # as an early stop does: the call is marked abandoned
+        assert len(executor._abandoned) == 1
+        # a piece of that call that a worker has not started yet returns at once, unrun
+        shipped, spec, worker = executor._batches_ref(batches), executor._spec(runner), executor._actors[0]
+        before = executor.rows_run()
+        assert ray.get(worker.outputs.remote(shipped, spec, pieces[1], executor._abandoned[0])) is None
+        assert executor.rows_run() == before
+        fresh = ray.get(worker.outputs.remote(shipped, spec, pieces[1], "another call"))
+        assert np.array_equal(fresh, batches.outputs(runner, pieces[1]))
+        # a call read to its end is not marked
+        assert np.array_equal(
+            np.concatenate(list(executor.outputs(batches, runner, pieces))),
+            batches.outputs(runner, np.arange(len(data))),
+        )
+        assert len(executor._abandoned) == 1
+    finally:
+        executor.close()
+    assert executor._abandoned == []
+
+
 def test_more_workers_than_the_cluster_has_cpus_is_a_config_error(cluster: Cluster) -> None:
     options = PruneOptions(executor=Executor.RAY, executor_workers=3)
     with pytest.raises(InvalidConfigError, match="executor_workers 3 is more than the Ray cluster's 2 CPU"):
