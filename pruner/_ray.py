@@ -7,13 +7,16 @@ whole run, the latest candidates') so a candidate's model is loaded once per wor
 
 What goes through the object store, once each: the eval set (with the batching settings),
 the fed model (the split model with its weights as inputs) and then each candidate's
-weights, or each candidate's serialized model where candidates run as built sessions.
+weights, or each candidate's serialized model where candidates run as built sessions; at the
+end, the written model's bytes, of which every worker makes a fresh session for the final check.
 Pieces of rows go out in order, a few per worker at a time; their outputs come back in
 order and the driver computes the metric from them as the local executor does, so the
 values are the same to the bit (see ``docs/ray.md``).
 
-A worker that dies has its pieces run again on the others; when none is left the run fails
-with a :class:`ResourceLimitError` that says so, never a hang.
+Pieces an early stop leaves queued are skipped by the workers (the call is marked abandoned
+in Ray's key-value store), not cancelled. A worker that dies has its pieces run again on the
+others; when none is left the run fails with a :class:`ResourceLimitError` that says so, never
+a hang.
 """
 
 from __future__ import annotations
