@@ -159,7 +159,13 @@ def main() -> None:
     else:
         nodes, address = start_nodes()
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        deadline = time.monotonic() + 180
         while ray.cluster_resources().get("CPU", 0) < 2:
+            if time.monotonic() > deadline:  # a node that died at start (e.g. a port taken meanwhile)
+                ray.shutdown()
+                for node in reversed(nodes):
+                    stop_node(node)
+                sys.exit("the Ray cluster did not show 2 CPUs within 180 s: run the bench again")
             time.sleep(0.5)
     model = (CACHE / "models" / "minilm.onnx").read_bytes()
     data = load_set()
