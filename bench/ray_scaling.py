@@ -171,6 +171,7 @@ def main() -> None:
     data = load_set()
     rows = []
     shas = set()
+    finals: set[tuple[float, float | None]] = set()
     phases: dict[int, dict[str, float]] = {}
     for repeat in range(args.repeats):
         for workers in (1, 2):
@@ -189,6 +190,7 @@ def main() -> None:
             search = result.report.timings.get("search", float("nan"))
             evaluating = sum(r.seconds for r in result.report.trace if r.phase.value != "fallback")
             shas.add(hashlib.sha256(result.model_bytes or result.model.SerializeToString()).hexdigest())
+            finals.add((result.report.final.search, result.report.final.holdout))
             rows.append((repeat, workers, wall, search, search - evaluating, result.report.evaluations, load))
             phases[workers] = {k: round(v, 1) for k, v in result.report.timings.items()}
             print(f"repeat {repeat} workers {workers}: {wall:.1f} s (search {search:.1f} s); {load}", flush=True)
@@ -202,7 +204,8 @@ def main() -> None:
     lines = [
         f"minilm (86 MB), {len(data)} samples, batch {args.batch_size}, metric cosine, recover none, "
         f"max {args.max_evaluations} evaluations; workers 1 thread each; cluster: {CLUSTERS[args.cluster]}",
-        f"machine: {os.cpu_count()} cores, shared; models returned: {len(shas)} distinct sha256 (must be 1)",
+        f"machine: {os.cpu_count()} cores, shared; models returned: {len(shas)} distinct sha256 (must be 1), "
+        f"final check's metrics: {len(finals)} distinct (must be 1)",
         "",
         "repeat  workers  wall s  search s  between s  evaluations  load (uptime before the run)",
     ]
