@@ -12,9 +12,13 @@ stops them. Runs alternate 1 and 2 workers, repeated, so that a
 change of the machine's load hits both; ``uptime`` is recorded with every run. Every run must
 return the same model (sha256): the executor changes where the work runs, not what it computes.
 
-Columns: the whole run's wall time, and the search phase's (candidate evaluations and probes:
-the part the workers share; loading, the strategy timing, the confirmation and the final check
-and write run in the driver on one model), and the 1-worker / 2-worker ratio of each.
+Columns: the whole run's wall time, the search phase's (candidate evaluations and probes), and
+the 1-worker / 2-worker ratio of each; and the search's driver time between evaluations (the
+search phase minus its evaluations' own seconds: building each candidate's weights, serial on
+the driver). Every phase that runs rows is sharded over the workers: the baseline, the search,
+the held-out confirmation and the final check of the written model (its serialized bytes, a
+fresh session on each worker); loading, the unit scores, each candidate's weights and the
+write's build and checker run on the driver, a third process on this machine's 2 cores.
 """
 
 from __future__ import annotations
@@ -155,12 +159,19 @@ def main() -> None:
     else:
         nodes, address = start_nodes()
         ray.init(address=address, logging_level="WARNING", log_to_driver=False)
+        deadline = time.monotonic() + 180
         while ray.cluster_resources().get("CPU", 0) < 2:
+            if time.monotonic() > deadline:  # a node that died at start (e.g. a port taken meanwhile)
+                ray.shutdown()
+                for node in reversed(nodes):
+                    stop_node(node)
+                sys.exit("the Ray cluster did not show 2 CPUs within 180 s: run the bench again")
             time.sleep(0.5)
     model = (CACHE / "models" / "minilm.onnx").read_bytes()
     data = load_set()
     rows = []
     shas = set()
+    finals: set[tuple[float, float | None]] = set()
     phases: dict[int, dict[str, float]] = {}
     for repeat in range(args.repeats):
         for workers in (1, 2):
@@ -177,8 +188,10 @@ def main() -> None:
             result = pruner.prune(model, data, options)
             wall = time.perf_counter() - start
             search = result.report.timings.get("search", float("nan"))
+            evaluating = sum(r.seconds for r in result.report.trace if r.phase.value != "fallback")
             shas.add(hashlib.sha256(result.model_bytes or result.model.SerializeToString()).hexdigest())
-            rows.append((repeat, workers, wall, search, result.report.evaluations, load))
+            finals.add((result.report.final.search, result.report.final.holdout))
+            rows.append((repeat, workers, wall, search, search - evaluating, result.report.evaluations, load))
             phases[workers] = {k: round(v, 1) for k, v in result.report.timings.items()}
             print(f"repeat {repeat} workers {workers}: {wall:.1f} s (search {search:.1f} s); {load}", flush=True)
     ray.shutdown()
@@ -191,13 +204,16 @@ def main() -> None:
     lines = [
         f"minilm (86 MB), {len(data)} samples, batch {args.batch_size}, metric cosine, recover none, "
         f"max {args.max_evaluations} evaluations; workers 1 thread each; cluster: {CLUSTERS[args.cluster]}",
-        f"machine: {os.cpu_count()} cores, shared; models returned: {len(shas)} distinct sha256 (must be 1)",
+        f"machine: {os.cpu_count()} cores, shared; models returned: {len(shas)} distinct sha256 (must be 1), "
+        f"final check's metrics: {len(finals)} distinct (must be 1)",
         "",
-        "repeat  workers  wall s  search s  evaluations  load (uptime before the run)",
+        "repeat  workers  wall s  search s  between s  evaluations  load (uptime before the run)",
     ]
-    for repeat, workers, wall, search, evaluations, load in rows:
+    for repeat, workers, wall, search, between, evaluations, load in rows:
         average = load.split("load average:")[-1].strip()
-        lines.append(f"{repeat:6d}  {workers:7d}  {wall:6.1f}  {search:8.1f}  {evaluations:11d}  {average}")
+        lines.append(
+            f"{repeat:6d}  {workers:7d}  {wall:6.1f}  {search:8.1f}  {between:9.1f}  {evaluations:11d}  {average}"
+        )
     lines += [
         "",
         f"median wall:   1 worker {median(1, 2):.1f} s, 2 workers {median(2, 2):.1f} s, "

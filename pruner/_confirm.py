@@ -84,8 +84,11 @@ class HeldOut:
         return result.complete and metric.loss(self.baseline, result.value) <= self.allowed + 1e-9
 
     def scores(self, runner: Runner) -> np.ndarray:
-        """The candidate's per-sample scores on the split."""
-        return self.evaluator.per_sample(self.evaluator.batches.outputs(runner, self.rows), self.rows)
+        """The candidate's per-sample scores on the split (its pieces through the run's executor:
+        sharded over the workers of a remote one, the same batches as one local pass)."""
+        batches = self.evaluator.batches
+        outputs = np.concatenate(list(batches.executor.outputs(batches, runner, batches.pieces(self.rows))))
+        return self.evaluator.per_sample(outputs, self.rows)
 
     def interval(self, scores: np.ndarray, comparisons: int) -> DropInterval:
         """The drop of a candidate with these per-sample scores, corrected for ``comparisons``."""

@@ -631,7 +631,8 @@ class FinalCheck:
             with session_source(built) as path:
                 assert isinstance(path, str)
                 self._validate(built, Path(path))
-                final, hold_scores = self._measure(make_session(path, threads=self.threads))
+                session = make_session(path, threads=self.threads)
+                final, hold_scores = self._measure(session_runner(session, self.evaluator.batches.output))
             return Checked(built, None, final, hold_scores)
         data, notes = built, NO_NOTES
         if sparse:
@@ -642,7 +643,7 @@ class FinalCheck:
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise InternalError(f"the pruned model fails the checker ({e})") from e
         check_stop(self.stop)
-        final, hold_scores = self._measure(make_session(data, threads=self.threads))
+        final, hold_scores = self._measure(self._fresh(data))
         model = onnx.ModelProto.FromString(data)
         self._validate(model, None)
         return Checked(model, data, final, hold_scores, notes)
@@ -657,13 +658,22 @@ class FinalCheck:
         if names != self.io_names:
             raise InternalError("the pruned model's inputs or outputs changed")
 
-    def _measure(self, session: ort.InferenceSession) -> tuple[SplitMetric, np.ndarray | None]:
-        evaluator = self.evaluator
-        runner = session_runner(session, evaluator.batches.output)
+    def _fresh(self, data: bytes) -> Runner:
+        """A fresh session of ``data``: here, or one on each worker of a remote executor (the bytes
+        go to its object store once, the rows are sharded like any evaluation's)."""
+        batches = self.evaluator.batches
+        if batches.executor.remote:
+            return PortableRunner(batches.output, model=lambda: data)
+        return session_runner(make_session(data, threads=self.threads), batches.output)
+
+    def _measure(self, runner: Runner) -> tuple[SplitMetric, np.ndarray | None]:
+        evaluator, batches = self.evaluator, self.evaluator.batches
         search_value = evaluator.evaluate(self.search_idx, runner).value
         if not len(self.hold_idx):
             return SplitMetric(search_value, None), None
-        scores = evaluator.per_sample(evaluator.batches.outputs(runner, self.hold_idx), self.hold_idx)
+        # piece by piece through the executor: the same batches as one local pass over the rows
+        outputs = np.concatenate(list(batches.executor.outputs(batches, runner, batches.pieces(self.hold_idx))))
+        scores = evaluator.per_sample(outputs, self.hold_idx)
         return SplitMetric(search_value, float(scores.mean())), scores
 
 

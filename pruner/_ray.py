@@ -7,22 +7,27 @@ whole run, the latest candidates') so a candidate's model is loaded once per wor
 
 What goes through the object store, once each: the eval set (with the batching settings),
 the fed model (the split model with its weights as inputs) and then each candidate's
-weights, or each candidate's serialized model where candidates run as built sessions.
+weights, or each candidate's serialized model where candidates run as built sessions; at the
+end, the written model's bytes, of which every worker makes a fresh session for the final check.
 Pieces of rows go out in order, a few per worker at a time; their outputs come back in
 order and the driver computes the metric from them as the local executor does, so the
 values are the same to the bit (see ``docs/ray.md``).
 
-A worker that dies has its pieces run again on the others; when none is left the run fails
-with a :class:`ResourceLimitError` that says so, never a hang.
+Pieces an early stop leaves queued are skipped by the workers (the call is marked abandoned
+in Ray's key-value store), not cancelled. A worker that dies has its pieces run again on the
+others; when none is left the run fails with a :class:`ResourceLimitError` that says so, never
+a hang.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -68,9 +73,13 @@ class _Worker:
         self.batches: dict[str, Batches] = {}
         self.fed: dict[str, ort.InferenceSession] = {}
         self.sessions: collections.OrderedDict[str, Runner] = collections.OrderedDict()
+        self.rows = 0
 
     def pid(self) -> int:
         return os.getpid()
+
+    def rows_run(self) -> int:
+        return self.rows
 
     def _batches(self, ref: list[Any]) -> Batches:
         key = ref[0].hex()
@@ -101,8 +110,14 @@ class _Worker:
             self.sessions.popitem(last=False)
         return run
 
-    def outputs(self, batches: list[Any], spec: tuple[Any, ...], rows: np.ndarray) -> np.ndarray:
-        return self._batches(batches).outputs(self._runner(spec), rows)
+    def outputs(
+        self, batches: list[Any], spec: tuple[Any, ...], rows: np.ndarray, call: str | None = None
+    ) -> np.ndarray | None:
+        if call is not None and _abandoned(call):
+            return None  # its evaluation stopped early: the driver reads no more of it
+        out = self._batches(batches).outputs(self._runner(spec), rows)
+        self.rows += len(rows)
+        return out
 
     def map_model(
         self, batches: list[Any], model: list[Any], task: Callable[..., Any], part: Any, blas_threads: int | None
@@ -110,6 +125,20 @@ class _Worker:
         session = make_session(ray_module().get(model[0]), threads=1)
         with _blas_threads(blas_threads):
             return task(session, self._batches(batches).evalset, part)
+
+
+ABANDONED = "onnx-pruner-abandoned"
+"""The Ray key-value namespace where a driver marks the calls whose remaining pieces it will not read."""
+
+
+def _abandoned(call: str) -> bool:
+    """Whether the driver gave up on ``call`` (a key-value lookup; False when it cannot be asked)."""
+    try:
+        from ray.experimental import internal_kv
+
+        return bool(internal_kv._internal_kv_exists(call, namespace=ABANDONED))
+    except Exception:  # an optimisation only: the piece runs, as it would without the mark
+        return False
 
 
 def _blas_threads(count: int | None) -> contextlib.AbstractContextManager[Any]:
@@ -166,6 +195,9 @@ class RayExecutor(Executor):
         self._shipped: dict[int, tuple[Any, list[Any]]] = {}
         self._specs: collections.OrderedDict[int, tuple[Any, tuple[Any, ...]]] = collections.OrderedDict()
         self._fed: dict[int, tuple[Any, Any]] = {}
+        self._run_id = uuid.uuid4().hex
+        self._calls = itertools.count()
+        self._abandoned: list[str] = []
         logger.debug("ray executor: %d worker(s) on a cluster of %d CPU(s)", self.workers, cpus)
 
     @property
@@ -176,9 +208,14 @@ class RayExecutor(Executor):
         """The worker processes' ids (tests kill one)."""
         return [self.ray.get(self._actors[i].pid.remote()) for i in self._live]
 
+    def rows_run(self) -> list[int]:
+        """Rows each live worker has run through a model so far (where the work went)."""
+        return [self.ray.get(self._actors[i].rows_run.remote()) for i in self._live]
+
     def close(self) -> None:
         for actor in self._actors:
             self.ray.kill(actor)
+        self._forget_abandoned()
         self._actors, self._live = [], []
         self._shipped.clear()
         self._specs.clear()
@@ -226,19 +263,25 @@ class RayExecutor(Executor):
         size = batches.batch_size
         tasks = [(k, piece[i : i + size]) for k, piece in enumerate(pieces) for i in range(0, len(piece), size)]
 
+        call = f"{self._run_id}:{next(self._calls)}"
+
         def submit(actor: Any, task: tuple[int, np.ndarray]) -> Any:
-            return actor.outputs.remote(shipped, spec, task[1])
+            return actor.outputs.remote(shipped, spec, task[1], call)
 
         results = self._ordered(tasks, submit, batches.stop)
+        read = 0
         try:
             parts: list[np.ndarray] = []
             for i, out in enumerate(results):
+                read = i + 1
                 parts.append(out)
                 if i + 1 == len(tasks) or tasks[i + 1][0] != tasks[i][0]:
                     yield np.concatenate(parts)
                     parts = []
         finally:
             results.close()
+            if read < len(tasks):
+                self._abandon(call)
 
     def outputs_many(
         self, batches: Batches, jobs: Sequence[tuple[Callable[[], Runner], Sequence[np.ndarray]]]
@@ -318,6 +361,29 @@ class RayExecutor(Executor):
             # pieces still out (an early stop) are left to finish, not cancelled: cancelling a
             # queued actor task leaves a gap in the actor's task order that stalls it for 30 s
             out.clear()
+
+    def _abandon(self, call: str) -> None:
+        """Mark ``call`` abandoned: its pieces still queued on a worker return at once instead of
+        running (an early stop left them; cancelling them would stall the actor, see ``_ordered``).
+        Only their unread results change: the run's figures are the same either way."""
+        try:
+            from ray.experimental import internal_kv
+
+            internal_kv._internal_kv_put(call, b"1", namespace=ABANDONED)
+        except Exception as e:  # an optimisation only: the pieces then run to the end, unread
+            logger.debug("could not mark call %s abandoned: %s", call, e)
+            return
+        self._abandoned.append(call)
+
+    def _forget_abandoned(self) -> None:
+        try:
+            from ray.experimental import internal_kv
+
+            for call in self._abandoned:
+                internal_kv._internal_kv_del(call, namespace=ABANDONED)
+        except Exception as e:
+            logger.debug("could not remove the abandoned marks: %s", e)
+        self._abandoned.clear()
 
     def _lost(self, worker: int, error: BaseException) -> None:
         if worker in self._live:

@@ -27,7 +27,7 @@ import onnx
 import pytest
 
 import pruner
-from pruner import Executor, InvalidConfigError, Mode, PruneOptions, ResourceLimitError
+from pruner import AcceptanceRule, Executor, InvalidConfigError, Mode, PruneOptions, ResourceLimitError
 from tests.ray_cluster import HAVE_RAY, ROOT, Cluster, free_port, running_cluster
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
@@ -65,6 +65,7 @@ def _run(name: str, executor: Executor, on_progress: Any = None, **options: Any)
     [
         ("mlp", {}),  # zero mode, least-squares recovery: the calibration pass is sharded too
         ("cnn_bn", {"mode": Mode.REMOVE}),  # every candidate a rebuilt model, sent as bytes
+        ("mlp", {"acceptance": AcceptanceRule.INTERVAL}),  # the held-out scores of the confirmation
     ],
 )
 def test_ray_gives_the_local_model_and_report(cluster: Cluster, name: str, options: dict[str, Any]) -> None:
@@ -120,6 +121,126 @@ def test_every_worker_dead_is_a_clear_error_not_a_hang(cluster: Cluster) -> None
         assert time.monotonic() - start < 120  # Ray's own failure detection; a hang would be the test's timeout
     finally:
         executor.close()
+
+
+def _perturbed_mlp() -> bytes:
+    """The fixture MLP with half of its first weight's rows zeroed: a model whose metric is not the baseline's."""
+    model = onnx.load(FIXTURES / "mlp.onnx")
+    tensor = model.graph.initializer[0]
+    weight = onnx.numpy_helper.to_array(tensor).copy()
+    weight[: len(weight) // 2] = 0
+    tensor.CopyFrom(onnx.numpy_helper.from_array(weight, tensor.name))
+    return model.SerializeToString()
+
+
+def _driver_side(executor: Any) -> tuple[Any, Any, Any]:
+    """The load and baseline phases of the fixture MLP run with ``executor``: what the final check
+    and the confirmation are made of."""
+    from pruner._phases import load, measure_baseline
+
+    options = PruneOptions()
+    loaded, owned = load(FIXTURES / "mlp.onnx", FIXTURES / "mlp_eval.npz", options, None)
+    loaded.batches.executor = executor
+    baseline = measure_baseline(owned, loaded, options.tolerance, options.threads)
+    return options, loaded, baseline
+
+
+def test_the_final_check_runs_the_written_bytes_on_the_workers(cluster: Cluster) -> None:
+    from pruner._executor import LocalExecutor
+    from pruner._phases import FinalCheck
+    from pruner._ray import RayExecutor
+
+    written = _perturbed_mlp()
+    checked = {}
+    for name, executor in (("local", LocalExecutor()), ("ray", RayExecutor(None, 2))):
+        try:
+            options, loaded, baseline = _driver_side(executor)
+            check = FinalCheck(baseline.evaluator, loaded.io_names, loaded.search_idx, loaded.hold_idx, options.threads)
+            before = executor.rows_run() if isinstance(executor, RayExecutor) else []
+            checked[name] = check(written, ())
+            if isinstance(executor, RayExecutor):
+                ran = [after - b for after, b in zip(executor.rows_run(), before, strict=True)]
+                # every row of both splits went through a worker's session of the bytes, none through the driver's
+                assert sum(ran) == len(loaded.search_idx) + len(loaded.hold_idx)
+                assert all(n > 0 for n in ran), ran
+        finally:
+            executor.close()
+    local, ray = checked["local"], checked["ray"]
+    assert ray.final == local.final
+    assert local.final.search != baseline.metric.search  # a model the baseline's figures could not stand for
+    assert local.hold_scores is not None and ray.hold_scores is not None
+    assert np.array_equal(ray.hold_scores, local.hold_scores)
+    assert ray.model_bytes == local.model_bytes == written
+
+
+def test_the_confirmation_scores_the_held_out_split_on_the_workers(cluster: Cluster) -> None:
+    from pruner._confirm import HeldOut
+    from pruner._evaluate import PortableRunner
+    from pruner._executor import LocalExecutor
+    from pruner._ray import RayExecutor
+
+    written = _perturbed_mlp()
+    scores, passes = {}, {}
+    for name, executor in (("local", LocalExecutor()), ("ray", RayExecutor(None, 2))):
+        try:
+            options, loaded, baseline = _driver_side(executor)
+            held_out = HeldOut.of(
+                baseline.evaluator,
+                loaded.hold_idx,
+                baseline.metric.holdout,
+                options.tolerance,
+                AcceptanceRule.INTERVAL,
+                options.confidence,
+            )
+            before = executor.rows_run() if isinstance(executor, RayExecutor) else []
+            scores[name] = held_out.scores(PortableRunner(loaded.batches.output, model=lambda: written))
+            if isinstance(executor, RayExecutor):
+                ran = [after - b for after, b in zip(executor.rows_run(), before, strict=True)]
+                assert sum(ran) == len(loaded.hold_idx)  # every held-out row on a worker, none on the driver
+                assert all(n > 0 for n in ran), ran
+            passes[name] = held_out.passes(PortableRunner(loaded.batches.output, model=lambda: written))
+        finally:
+            executor.close()
+    assert np.array_equal(scores["ray"], scores["local"])
+    assert len(scores["local"]) == len(loaded.hold_idx)
+    assert passes["ray"] == passes["local"]
+
+
+def test_the_pieces_left_queued_by_an_early_stop_are_skipped_not_run(cluster: Cluster) -> None:
+    import ray
+
+    from pruner._evalset import load_eval_set, model_inputs
+    from pruner._evaluate import Batches, PortableRunner
+    from pruner._ray import RayExecutor
+
+    model = (FIXTURES / "mlp.onnx").read_bytes()
+    data = load_eval_set(FIXTURES / "mlp_eval.npz")
+    output = onnx.load_from_string(model).graph.output[0].name
+    batches = Batches(model_inputs(onnx.load_from_string(model)), output, data, batch_size=16)
+    executor = RayExecutor(None, 2)
+    try:
+        runner = PortableRunner(output, model=lambda: model)
+        pieces = batches.pieces(np.arange(len(data)))
+        outputs = executor.outputs(batches, runner, pieces)
+        assert np.array_equal(next(outputs), batches.outputs(runner, pieces[0]))
+        outputs.close()  # as an early stop does: the call is marked abandoned
+        assert len(executor._abandoned) == 1
+        # a piece of that call that a worker has not started yet returns at once, unrun
+        shipped, spec, worker = executor._batches_ref(batches), executor._spec(runner), executor._actors[0]
+        before = executor.rows_run()
+        assert ray.get(worker.outputs.remote(shipped, spec, pieces[1], executor._abandoned[0])) is None
+        assert executor.rows_run() == before
+        fresh = ray.get(worker.outputs.remote(shipped, spec, pieces[1], "another call"))
+        assert np.array_equal(fresh, batches.outputs(runner, pieces[1]))
+        # a call read to its end is not marked
+        assert np.array_equal(
+            np.concatenate(list(executor.outputs(batches, runner, pieces))),
+            batches.outputs(runner, np.arange(len(data))),
+        )
+        assert len(executor._abandoned) == 1
+    finally:
+        executor.close()
+    assert executor._abandoned == []
 
 
 def test_more_workers_than_the_cluster_has_cpus_is_a_config_error(cluster: Cluster) -> None:
