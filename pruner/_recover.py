@@ -99,7 +99,8 @@ class LayerLayout:
     """Gemm/MatMul: the weight is [in, out] and is transposed to rows = outputs."""
     conv: dict[str, list[int]] | None = None
     """Conv: kernel, strides, pads, dilations (2-D or 3-D; a 1-D conv's as a 2-D one on maps one high).
-    ConvTranspose: the equivalent conv's on the dilated input (``transposed``)."""
+    ConvTranspose: the equivalent conv's on the dilated input (``transposed``). With auto_pad SAME_UPPER
+    (SAME_LOWER), ``same`` is [1] ([0]) and the pads are computed per input size (``_explicit``)."""
     bias: str | None = None
     """The constant added to the layer's output per output channel, if any: its bias, or the
     mean of the BatchNormalization right after a layer without one (subtracted, not added)."""
@@ -786,17 +787,24 @@ def _use_layout(
     if spatial not in (1, 2, 3):
         return f"a {spatial}-D {node.op_type} is not handled by recovery (1-D, 2-D and 3-D are)"
     attrs = Attributes(node)
-    if attrs.get_str("auto_pad", "NOTSET") != "NOTSET":
-        return f"{node.op_type} with auto_pad"
+    auto_pad = attrs.get_str("auto_pad", "NOTSET")
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        return f"{node.op_type} with auto_pad {auto_pad!r} (not an ONNX value)"
     strides = attrs.get_ints("strides", [1] * spatial) or []
-    pads = attrs.get_ints("pads", [0] * 2 * spatial) or []
+    pads = [0] * 2 * spatial  # VALID: none; SAME: computed from the input's size (``_explicit``)
+    if auto_pad == "NOTSET":
+        pads = attrs.get_ints("pads", pads) or []
     dilations = attrs.get_ints("dilations", [1] * spatial) or []
+    same = {"same": [int(auto_pad == "SAME_UPPER")]} if auto_pad.startswith("SAME") else {}
     transposed = None
     if weight.unfold is Unfold.TRANSPOSED_CONV:
         if attrs.get_ints("output_shape"):
             return "ConvTranspose with output_shape"
         extra = attrs.get_ints("output_padding", [0] * spatial) or []
         reach = [d * (k - 1) for d, k in zip(dilations, shape[2:], strict=True)]
+        if same:
+            pads = _transposed_same_pads(strides, reach, extra, upper=bool(same["same"][0]))
+            same = {}
         # the transposed conv is a conv with the flipped kernel on its input dilated by its strides
         transposed = {
             "strides": strides,
@@ -804,13 +812,14 @@ def _use_layout(
             + [r - p + e for r, p, e in zip(reach, pads[spatial:], extra, strict=True)],
         }
         strides, pads = [1] * spatial, [0] * 2 * spatial
-    conv = {"kernel": list(shape[2:]), "strides": strides, "pads": pads, "dilations": dilations}
-    if spatial == 1:  # a 1-D conv is a 2-D one on maps one high
+    conv = {"kernel": list(shape[2:]), "strides": strides, "pads": pads, "dilations": dilations, **same}
+    if spatial == 1:  # a 1-D conv is a 2-D one on maps one high (its SAME pads: none on that axis)
         conv = {
             "kernel": [1, *conv["kernel"]],
             "strides": [1, *conv["strides"]],
             "pads": [0, conv["pads"][0], 0, conv["pads"][1]],
             "dilations": [1, *conv["dilations"]],
+            **same,
         }
     bias = _own_bias(index, node, layer.channels, users=users)
     bias = bias or _following_bias(index, node, layer.channels, spatial=spatial, users=users)
@@ -827,6 +836,31 @@ def _use_layout(
         unfold=weight.unfold,
         transposed=transposed,
     )
+
+
+def _transposed_same_pads(strides: list[int], reach: list[int], extra: list[int], *, upper: bool) -> list[int]:
+    """A ConvTranspose's pads under auto_pad SAME_UPPER/SAME_LOWER (begins, then ends): its output is
+    its input times its strides, which leaves a total of ``reach`` + 1 + output_padding - stride per
+    axis, whatever the input's size; onnxruntime, as the ONNX spec, puts the odd one at the end
+    for SAME_UPPER."""
+    total = [max(r + 1 + e - s, 0) for r, e, s in zip(reach, extra, strides, strict=True)]
+    small, large = [t // 2 for t in total], [t - t // 2 for t in total]
+    return small + large if upper else large + small
+
+
+def _explicit(conv: Mapping[str, list[int]], sizes: Sequence[int]) -> Mapping[str, list[int]]:
+    """``conv`` with the pads of its auto_pad SAME_UPPER (``same`` [1]) or SAME_LOWER ([0]) for an
+    input of spatial ``sizes``: in total per axis what makes ceil(size / stride) outputs, the odd
+    one at the end (upper) or at the beginning (lower). Explicit pads are returned as they are."""
+    if "same" not in conv:
+        return conv
+    begins, ends = [], []
+    for m, s, d, k in zip(sizes, conv["strides"], conv["dilations"], conv["kernel"], strict=True):
+        total = max(0, (-(-m // s) - 1) * s + d * (k - 1) + 1 - m)
+        small, large = total // 2, total - total // 2
+        begins.append(small if conv["same"][0] else large)
+        ends.append(large if conv["same"][0] else small)
+    return {"kernel": conv["kernel"], "strides": conv["strides"], "pads": begins + ends, "dilations": conv["dilations"]}
 
 
 def _state_name(index: GraphIndex, node: onnx.NodeProto) -> str:
@@ -1079,6 +1113,7 @@ def _unfold(x: np.ndarray, conv: Mapping[str, list[int]], positions: int | None 
     order; with ``positions``, only that many output positions of each sample (``_positions``: the
     same ones for every array of the same shape, so a layer's current and original inputs stay
     paired row by row)."""
+    conv = _explicit(conv, x.shape[2:])
     kernel, strides, dilations, pads = conv["kernel"], conv["strides"], conv["dilations"], conv["pads"]
     spatial = len(kernel)
     begins, ends = pads[:spatial], pads[spatial:]
