@@ -207,9 +207,8 @@ def _option_arguments(p: argparse.ArgumentParser) -> None:
         "--recover",
         choices=[r.value for r in Recovery],
         default=DEFAULTS.recover.value,
-        help="win accuracy back from calibration data: auto (default: sequential where its walks fit the time "
-        "budget, else each layer fitted on its own; a note says which), bias correction, lsq (least-squares "
-        "refit of the kept weights, then "
+        help="win accuracy back from calibration data: auto (default: lsq for every layer whose fit is cheap, "
+        "bias correction for the others), bias correction, lsq (least-squares refit of the kept weights, then "
         "bias correction), sequential (lsq layer by layer on the inputs the pruned model produces: best at "
         "high sparsity; each candidate walks the calibration samples through the model), or none",
     )
