@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -39,18 +39,7 @@ from ._evaluate import (
 )
 from ._gradient import GradientScores, gradient_scores
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
-from ._options import (
-    AUTO_LSQ_COST,
-    GRADIENT_CRITERIA,
-    REFITTING,
-    SEQUENTIAL_BUDGET,
-    SEQUENTIAL_WALK_FACTOR,
-    Allocation,
-    Criterion,
-    Mode,
-    PruneOptions,
-    Recovery,
-)
+from ._options import AUTO_LSQ_COST, GRADIENT_CRITERIA, REFITTING, Allocation, Criterion, Mode, PruneOptions, Recovery
 from ._plan import LayerPlan, Layout, Replay, element_mask, zero_lowest
 from ._recover import ONE_PASS_STEPS, Calibration, LayerLayout, SequentialRefit, calibrate
 from ._remove import Remover
@@ -111,11 +100,7 @@ class _Candidates:
 
 
 class WeightCandidates(_Candidates):
-    """Zero and N:M modes. Takes ownership of ``model`` (pass a copy to keep it).
-
-    ``pass_seconds``: one plain pass over the search split, what ``Recovery.AUTO`` weighs a
-    sequential refit against (None: not measured, and ``AUTO`` fits layers independently).
-    """
+    """Zero and N:M modes. Takes ownership of ``model`` (pass a copy to keep it)."""
 
     def __init__(
         self,
@@ -124,8 +109,6 @@ class WeightCandidates(_Candidates):
         search_idx: np.ndarray,
         evaluator: Evaluator,
         options: PruneOptions,
-        *,
-        pass_seconds: float | None = None,
     ) -> None:
         batches = evaluator.batches
         self.options = options
@@ -156,12 +139,6 @@ class WeightCandidates(_Candidates):
         self.split = SplitModel.take(model, {la.name for la in inspection.layers} | biases)
         del model
         self.builder = ModelBuilder(self.split)
-        if self.calibration is not None and options.recover is Recovery.AUTO:
-            recover, why = auto_recovery(timings["calibration"], pass_seconds, FedWeights.possible(self.split))
-            options = self.options = replace(options, recover=recover)
-            notes.append(why)
-        if self.calibration is not None and options.recover in REFITTING:
-            notes.append(_fit_summary(self.calibration, options.recover))
         self.sequential: SequentialRefit | None = None
         if options.recover is Recovery.SEQUENTIAL and self.calibration is not None:
             if FedWeights.possible(self.split):
@@ -373,8 +350,6 @@ class ChannelCandidates(_Candidates):
             everything = analyze(model) if options.include or options.exclude else inspection
             rows = calibration_rows(search_idx, options.calibration_samples, options.seed)
             calibration, calibrated = _calibrate(model, everything, rows, batches, options.recover, options.threads)
-            if options.recover in REFITTING:
-                calibrated.append(_fit_summary(calibration, options.recover))
             timings["calibration"] = time.perf_counter() - start
             release_freed_memory()
         sequential = None
@@ -561,26 +536,16 @@ class Candidates:
 
 
 def make_candidates(
-    model: onnx.ModelProto,
-    inspection: Inspection,
-    search_idx: np.ndarray,
-    evaluator: Evaluator,
-    options: PruneOptions,
-    *,
-    pass_seconds: float | None = None,
+    model: onnx.ModelProto, inspection: Inspection, search_idx: np.ndarray, evaluator: Evaluator, options: PruneOptions
 ) -> Candidates:
     """The candidates phase: the kind of candidates ``options.mode`` asks for, built from ``model``
     (taken apart: pass a copy to keep it). Nothing is calibrated or timed when nothing is prunable,
-    and then the only note says so. ``pass_seconds``: one plain pass over the search split
-    (``Recovery.AUTO`` weighs a sequential refit by it in zero and N:M modes)."""
+    and then the only note says so."""
     if not inspection.layers:
         logger.debug("no prunable layer: no candidates")
         return Candidates(NoCandidates(evaluator, options), (NOTHING_PRUNABLE,))
-    pool: WeightCandidates | ChannelCandidates
-    if options.mode is Mode.REMOVE:
-        pool = ChannelCandidates(model, inspection, search_idx, evaluator, options)
-    else:
-        pool = WeightCandidates(model, inspection, search_idx, evaluator, options, pass_seconds=pass_seconds)
+    kind = ChannelCandidates if options.mode is Mode.REMOVE else WeightCandidates
+    pool = kind(model, inspection, search_idx, evaluator, options)
     logger.debug("%d candidate layer(s) built in %s", len(pool.units), _seconds(pool.timings))
     if not pool.units:
         return Candidates(pool, (*pool.notes, NOTHING_REMOVABLE), pool.timings)
@@ -654,33 +619,9 @@ def _calibrate(
         notes.append(f"{name}: no least-squares fit ({why}); bias-corrected only")
     for name, why in calibration.one_pass.items():
         notes.append(f"{name}: least squares by one OBS pass and {ONE_PASS_STEPS} conjugate-gradient steps ({why})")
+    if recover in REFITTING:
+        notes.append(_fit_summary(calibration, recover))
     return calibration, notes
-
-
-def auto_recovery(calibration_seconds: float, pass_seconds: float | None, feedable: bool) -> tuple[Recovery, str]:
-    """What ``Recovery.AUTO`` runs: ``SEQUENTIAL`` when a walk per candidate, estimated at
-    ``SEQUENTIAL_WALK_FACTOR`` calibration passes (``calibration_seconds``), costs at most
-    ``SEQUENTIAL_BUDGET`` plain passes over the search split (``pass_seconds``); else ``AUTO``,
-    its layers fitted independently. With the note that says which and why."""
-    if not feedable:
-        return Recovery.AUTO, (
-            "recovery auto: layers fitted independently (a sequential walk needs weights onnxruntime can feed)"
-        )
-    if pass_seconds is None or pass_seconds <= 0:
-        return Recovery.AUTO, "recovery auto: layers fitted independently (no plain pass timed to weigh a walk by)"
-    walk = SEQUENTIAL_WALK_FACTOR * calibration_seconds
-    budget = SEQUENTIAL_BUDGET * pass_seconds
-    passes = walk / pass_seconds
-    cost = f"a walk per candidate estimated at {walk:.3g} s, {passes:.2g} search passes of {pass_seconds:.3g} s"
-    if walk <= budget:
-        return Recovery.SEQUENTIAL, (
-            f"recovery auto: sequential, each candidate refit on the pruned model's own activations ({cost}, "
-            f"within {SEQUENTIAL_BUDGET:g})"
-        )
-    return Recovery.AUTO, (
-        f"recovery auto: layers fitted independently, as sequential would be too slow ({cost}, over "
-        f"{SEQUENTIAL_BUDGET:g}; --recover sequential runs it anyway)"
-    )
 
 
 def _fit_summary(calibration: Calibration, recover: Recovery) -> str:

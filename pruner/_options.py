@@ -85,15 +85,9 @@ class Recovery(enum.Enum):
     """Refit the kept weights by least squares (the objective SparseGPT's OBS updates approximate,
     solved by conjugate gradients), then correct the bias."""
     AUTO = "auto"
-    """The default: ``SEQUENTIAL`` where its walks fit the time budget, else each layer fitted on
-    its own. After calibration, a walk per candidate is estimated at ``SEQUENTIAL_WALK_FACTOR``
-    calibration passes; when that is at most ``SEQUENTIAL_BUDGET`` plain passes over the search
-    split (so the whole run stays within about 5x its evaluations), the run is sequential, else
-    (a large model, a small eval set, weights onnxruntime cannot feed) independent fits: ``LSQ``
-    for every layer whose fit is cheap (output rows x inputs^2 up to ``AUTO_LSQ_COST``, e.g. convs
-    up to 128 channels, 1x1 convs up to ~1000 inputs), the wider ones by one OBS pass and a few
-    conjugate-gradient steps. A note says which ran and why, and the plan's ``recover`` names it
-    (``sequential``, or ``auto`` for the independent fits)."""
+    """The default: ``LSQ`` for every layer whose fit is cheap (output rows x inputs^2 up to
+    ``AUTO_LSQ_COST``, e.g. convs up to 128 channels, 1x1 convs up to ~1000 inputs); the wider
+    ones by one OBS pass and a few conjugate-gradient steps (named in the report's notes)."""
     SEQUENTIAL = "sequential"
     """LSQ layer by layer in graph order, each fitted on the inputs the already pruned model
     produces (errors no longer add up); dense layers after pruned ones are refit too. Each
@@ -103,15 +97,6 @@ class Recovery(enum.Enum):
 
 REFITTING = (Recovery.AUTO, Recovery.LSQ, Recovery.SEQUENTIAL)
 """Recoveries that refit kept weights by least squares (and need the input Gram matrices)."""
-SEQUENTIAL_WALK_FACTOR = 4.0
-"""A sequential refit per candidate, in calibration passes: both run the calibration samples
-through the model and accumulate Gram matrices; a walk adds the cross products with the
-unpruned inputs and the fits of every layer after the first pruned one (not cached across
-candidates). Measured per refit: 3.8-4.5 passes on PP-OCR's classifier, 1-2 on silero_vad
-and the compact fixture (docs/recovery.md)."""
-SEQUENTIAL_BUDGET = 3.0
-"""Plain passes over the search split that ``Recovery.AUTO`` lets a sequential refit take per
-candidate: the default runs in about 2x its evaluations, the strongest mode may take 5x."""
 AUTO_LSQ_COST = 1 << 28
 """``Recovery.AUTO`` fits a layer by least squares when output rows x inputs^2 stays below this
 (one solver step's multiply-adds: ~5 ms here, the fit about 30 steps per candidate)."""

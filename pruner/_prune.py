@@ -111,11 +111,7 @@ def prune(
         baseline = measure_baseline(owned, loaded, options.tolerance, options.threads)
         _phase_done("baseline")
         progress.baseline(baseline.metric.search)
-        # the baseline ran the whole eval set once: its search split's share is a plain pass
-        pass_seconds = baseline.seconds * len(loaded.search_idx) / max(len(loaded.batches.evalset), 1)
-        candidates = make_candidates(
-            owned, loaded.inspection, loaded.search_idx, baseline.evaluator, options, pass_seconds=pass_seconds
-        )
+        candidates = make_candidates(owned, loaded.inspection, loaded.search_idx, baseline.evaluator, options)
         del owned  # taken apart by the candidates: its memory goes with it
         _phase_done("candidates")
         pool = candidates.pool
@@ -157,6 +153,6 @@ def _plan(options: PruneOptions, pool: CandidatePool, chosen: Config) -> Pruning
         options.criterion,
         pool.plan_layers(chosen),
         options.nm if options.mode is Mode.NM else None,
-        pool.options.recover,  # what ran: auto may have chosen sequential
+        options.recover,
         pool.static_reshapes,
     )
