@@ -88,7 +88,10 @@ class Recovery(enum.Enum):
     AUTO = "auto"
     """The default: ``LSQ`` for every layer whose fit is cheap (output rows x inputs^2 up to
     ``AUTO_LSQ_COST``, e.g. convs up to 128 channels, 1x1 convs up to ~1000 inputs); the wider
-    ones by one OBS pass and a few conjugate-gradient steps (named in the report's notes)."""
+    ones by one OBS pass and a few conjugate-gradient steps (named in the report's notes). Each
+    layer is fitted on the unpruned model's inputs: ``SEQUENTIAL`` keeps fewer weights but costs
+    about 4 calibration passes per candidate, past the 5x-evaluations budget on the zoo's models
+    (docs/recovery.md), so it is asked for explicitly."""
     SEQUENTIAL = "sequential"
     """LSQ layer by layer in graph order, each fitted on the inputs the already pruned model
     produces (errors no longer add up); dense layers after pruned ones are refit too. Each

@@ -1450,6 +1450,10 @@ class SequentialRefit:
         self._originals: dict[_Group, list[np.ndarray]] | None = None
         self._cache: dict[tuple[object, ...], dict[str, np.ndarray]] = {}
         self._cached_bytes = 0
+        self._starts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        """Each layer's latest drifted fit (float32 rows) and its mask: the next fit of the same
+        mask starts there (the drift before it changed a little: a few steps, not thirty)."""
+        self._start_bytes = 0
 
     def release(self) -> None:
         self.original.clear()
@@ -1462,6 +1466,8 @@ class SequentialRefit:
         self._cache.clear()
         self._plain.clear()
         self._cached_bytes = 0
+        self._starts.clear()
+        self._start_bytes = 0
 
     def _flat(self, name: str, x: np.ndarray) -> np.ndarray:
         return _layer_rows(self.calibration.layouts[name], x, len(self.calibration.rows))
@@ -1632,15 +1638,32 @@ class SequentialRefit:
             mask = masks.get(name)
             pruned = np.zeros(w0.shape, dtype=bool) if mask is None else layout.rows(mask.reshape(original.shape))
             start = np.where(pruned, 0.0, w0)
+            prior = self._starts.get(name)
+            if prior is not None and np.array_equal(prior[1], pruned):
+                start = prior[0].astype(np.float64)
             rows = _fit_rows(
                 layout, start, layout.grouped(w0) @ cross.transpose(0, 2, 1), pruned, damped, stop=self.stop
             )
+            self._keep_start(name, rows, pruned)
             out[name] = layout.unrows(rows, original.shape).astype(original.dtype)
             if layout.bias is not None:
                 self._shift(out, name, _mean_output(layout, w0, mean) - _mean_output(layout, rows, mean_now))
         if not all(np.isfinite(a).all() for a in out.values()):  # overflowed activations: keep the masking
             return {}
         return out
+
+    def _keep_start(self, name: str, rows: np.ndarray, pruned: np.ndarray) -> None:
+        """Keep a drifted fit as the start of the layer's next one, within ``FIT_CACHE_BYTES``."""
+        old = self._starts.pop(name, None)
+        if old is not None:
+            self._start_bytes -= old[0].nbytes + old[1].nbytes
+        if not np.isfinite(rows).all():
+            return
+        kept = (rows.astype(np.float32), pruned.copy())
+        size = kept[0].nbytes + kept[1].nbytes
+        if self._start_bytes + size <= FIT_CACHE_BYTES:
+            self._starts[name] = kept
+            self._start_bytes += size
 
     def _shift(self, out: dict[str, np.ndarray], name: str, shift: np.ndarray | None) -> None:
         bias = self.calibration.layouts[name].bias

@@ -412,6 +412,44 @@ def test_sequential_refit_fits_what_the_pruned_model_feeds_each_layer() -> None:
     np.testing.assert_allclose(through_tap, full, rtol=1e-6)
 
 
+def test_sequential_refit_starts_a_layer_from_its_last_fit_of_the_same_mask(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A later candidate that moves only the layers before it refits a layer from its previous fit
+    of the same mask (a few conjugate-gradient steps, not thirty from the masked original): the
+    fit is the one a cold start reaches."""
+    from pruner._evaluate import SplitModel
+    from pruner._recover import SequentialRefit
+
+    conjugate_gradients_only(monkeypatch)
+    rng = np.random.default_rng(5)
+    w1, w2 = rng.standard_normal((48, 24)).astype(np.float32), rng.standard_normal((6, 48)).astype(np.float32)
+    b1, b2 = rng.standard_normal(48).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    originals = {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    x = correlated_inputs(512, 24, seed=6)
+    calibration = calibrated(two_gemms(originals), x)
+    mask2 = np.abs(w2) < np.quantile(np.abs(w2), 0.5)
+
+    def refit_with(refit: SequentialRefit, share: float) -> dict[str, np.ndarray]:
+        mask1 = np.abs(w1) < np.quantile(np.abs(w1), share)
+        masks = {"w1": mask1, "w2": mask2}
+        weights = {"w1": np.where(mask1, 0, w1), "b1": b1, "w2": np.where(mask2, 0, w2), "b2": b2}
+        refit.refit(weights, masks, {"w1": round(100 * share), "w2": 50})
+        return weights
+
+    def new_refit() -> SequentialRefit:
+        split = SplitModel.take(two_gemms(originals), set(originals))
+        return SequentialRefit(calibration, split, pruner.EvalSet({"x": x}), batch_size=64, fixed_batch=None)
+
+    warm = new_refit()
+    refit_with(warm, 0.3)
+    assert "w2" in warm._starts  # the start kept for the next candidate
+    warmed = refit_with(warm, 0.4)
+    cold = refit_with(new_refit(), 0.4)
+    assert np.all(warmed["w2"][mask2] == 0)
+    np.testing.assert_allclose(warmed["w2"], cold["w2"], rtol=0, atol=1e-3 * float(np.abs(cold["w2"]).max()))
+    warm.forget()
+    assert not warm._starts
+
+
 def branching(weights: dict[str, np.ndarray], subgraph: bool = False) -> onnx.ModelProto:
     """Gemms with a shortcut past a group, a model input read deep (with ``subgraph``, from
     inside an If's branch), and two groups computed by one node (a Split): x, m -> ... -> y."""
