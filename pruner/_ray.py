@@ -338,22 +338,13 @@ class RayExecutor(Executor):
                     ahead += 1
                 while True:
                     ref, worker = out[i]
-                    ready: list[Any] = []
-                    while not ready:
-                        check_stop(stop)
-                        ready, _ = ray.wait([ref], timeout=WAIT_SECONDS)
                     try:
-                        result = ray.get(ref)
+                        result = _result(ray, ref, stop)
                     except ray.exceptions.RayActorError as e:
                         self._lost(worker, e)
                         for j in sorted(j for j, (_, w) in out.items() if w == worker and j >= i):
                             send(j)
                         continue
-                    except ray.exceptions.RayTaskError as e:
-                        cause = getattr(e, "cause", None)
-                        if isinstance(cause, PrunerError):
-                            raise cause from e
-                        raise
                     del out[i]
                     break
                 yield result
@@ -394,6 +385,23 @@ class RayExecutor(Executor):
                 str(error).splitlines()[0] if str(error) else type(error).__name__,
                 len(self._live),
             )
+
+
+def _result(ray: Any, ref: Any, stop: threading.Event | None) -> Any:
+    """A task's result, waited for with the run's stop checked every ``WAIT_SECONDS``. An error of
+    ours raised on the worker comes back as itself; a dead worker is ``RayActorError`` (the
+    caller sends its pieces again)."""
+    ready: list[Any] = []
+    while not ready:
+        check_stop(stop)
+        ready, _ = ray.wait([ref], timeout=WAIT_SECONDS)
+    try:
+        return ray.get(ref)
+    except ray.exceptions.RayTaskError as e:
+        cause = getattr(e, "cause", None)
+        if isinstance(cause, PrunerError):
+            raise cause from e
+        raise
 
 
 def _given(runner: Runner) -> Callable[[], Runner]:
@@ -455,22 +463,13 @@ class _Wave:
         self._fill(task)
         while True:
             ref, worker = self.out[task]
-            ready: list[Any] = []
-            while not ready:
-                check_stop(self.stop)
-                ready, _ = ray.wait([ref], timeout=WAIT_SECONDS)
             try:
-                result = ray.get(ref)
+                result = _result(ray, ref, self.stop)
             except ray.exceptions.RayActorError as e:
                 self.executor._lost(worker, e)
                 for again in sorted(t for t, (_, w) in self.out.items() if w == worker):
                     self._send(again)
                 continue
-            except ray.exceptions.RayTaskError as e:
-                cause = getattr(e, "cause", None)
-                if isinstance(cause, PrunerError):
-                    raise cause from e
-                raise
             del self.out[task]
             return result
 
