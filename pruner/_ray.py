@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -47,8 +48,11 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 IN_FLIGHT = 2
-"""Pieces queued per worker: one running and one ready, so a worker never waits for the driver,
+"""Tasks queued per worker: one running and one ready, so a worker never waits for the driver,
 and an early stop abandons at most this many per worker."""
+WINDOW = 4
+"""Tasks sent and not yet read, per live worker: how far a fast worker may run ahead of the
+task the driver waits for (their outputs wait in the object store until read)."""
 WAIT_SECONDS = 0.5
 """How often the driver checks the stop event while it waits for a worker."""
 SESSIONS_KEPT = 2
@@ -257,31 +261,9 @@ class RayExecutor(Executor):
         if not isinstance(runner, PortableRunner) or not runner.portable or not pieces:
             yield from super().outputs(batches, runner, pieces)
             return
-        shipped, spec = self._batches_ref(batches), self._spec(runner)
-        # each batch is a task of its own, so that the work spreads evenly over the workers; the
-        # batches are the local run's, so their outputs are too, and a piece's is their concatenation
-        size = batches.batch_size
-        tasks = [(k, piece[i : i + size]) for k, piece in enumerate(pieces) for i in range(0, len(piece), size)]
-
-        call = f"{self._run_id}:{next(self._calls)}"
-
-        def submit(actor: Any, task: tuple[int, np.ndarray]) -> Any:
-            return actor.outputs.remote(shipped, spec, task[1], call)
-
-        results = self._ordered(tasks, submit, batches.stop)
-        read = 0
-        try:
-            parts: list[np.ndarray] = []
-            for i, out in enumerate(results):
-                read = i + 1
-                parts.append(out)
-                if i + 1 == len(tasks) or tasks[i + 1][0] != tasks[i][0]:
-                    yield np.concatenate(parts)
-                    parts = []
-        finally:
-            results.close()
-            if read < len(tasks):
-                self._abandon(call)
+        wave = _Wave(self, batches.stop)
+        wave.add_batches(0, self._batches_ref(batches), self._spec(runner), pieces, batches.batch_size)
+        yield from wave.stream(0)
 
     def outputs_many(
         self, batches: Batches, jobs: Sequence[tuple[Callable[[], Runner], Sequence[np.ndarray]]]
@@ -291,72 +273,29 @@ class RayExecutor(Executor):
             return super().outputs_many(batches, [(_given(runner), pieces) for runner, pieces in made])
         shipped = self._batches_ref(batches)
         wave = _Wave(self, batches.stop)
-        size = batches.batch_size
         for job, (runner, pieces) in enumerate(made):
             assert isinstance(runner, PortableRunner)
-            spec = self._spec(runner)  # held by the wave's tasks: every job's weights stay in the store
-            for k, piece in enumerate(pieces):
-                for i in range(0, len(piece), size):
-                    wave.add(job, k, _submitter(shipped, spec, piece[i : i + size]))
+            # held by the wave's tasks: every job's weights stay in the store
+            wave.add_batches(job, shipped, self._spec(runner), pieces, batches.batch_size)
         return [wave.stream(job) for job in range(len(made))]
 
     def map_model(
         self, batches: Batches, model: bytes, task: Callable[[ort.InferenceSession, EvalSet, T], R], parts: Sequence[T]
     ) -> Iterator[R]:
         shipped, sent, threads = self._batches_ref(batches), [self.ray.put(model)], blas_threads()
+        wave = _Wave(self, batches.stop)
+        for k, part in enumerate(parts):
+            wave.add(0, k, functools.partial(_map_model, shipped, sent, task, part, threads))
+        return wave.results(0)
 
-        def submit(actor: Any, part: T) -> Any:
-            return actor.map_model.remote(shipped, sent, task, part, threads)
-
-        return self._ordered(parts, submit, batches.stop)
-
-    def _ordered(
-        self, items: Sequence[Any], submit: Callable[[Any, Any], Any], stop: threading.Event | None
-    ) -> Generator[Any, None, None]:
-        """Each item's result in order: at most ``IN_FLIGHT`` items per live worker out at once,
-        an item whose worker died sent again to another; abandoned ones finish unread."""
-        ray = self.ray
-        out: dict[int, tuple[Any, int]] = {}  # item -> (ref, worker)
-        turn = 0
-
-        def send(i: int) -> None:
-            nonlocal turn
-            if not self._live:
-                raise ResourceLimitError(
-                    "every Ray worker of the run died (a node lost, or a worker killed or out of memory); "
-                    "the run cannot go on: check the cluster (ray status) and run it again"
-                )
-            worker = self._live[turn % len(self._live)]
-            turn += 1
-            out[i] = (submit(self._actors[worker], items[i]), worker)
-
-        try:
-            ahead = 0
-            for i in range(len(items)):
-                while ahead < len(items) and ahead < i + IN_FLIGHT * max(1, len(self._live)):
-                    send(ahead)
-                    ahead += 1
-                while True:
-                    ref, worker = out[i]
-                    try:
-                        result = _result(ray, ref, stop)
-                    except ray.exceptions.RayActorError as e:
-                        self._lost(worker, e)
-                        for j in sorted(j for j, (_, w) in out.items() if w == worker and j >= i):
-                            send(j)
-                        continue
-                    del out[i]
-                    break
-                yield result
-        finally:
-            # pieces still out (an early stop) are left to finish, not cancelled: cancelling a
-            # queued actor task leaves a gap in the actor's task order that stalls it for 30 s
-            out.clear()
+    def _call(self) -> str:
+        """A new call id: what the workers look up to skip the pieces of an abandoned one."""
+        return f"{self._run_id}:{next(self._calls)}"
 
     def _abandon(self, call: str) -> None:
         """Mark ``call`` abandoned: its pieces still queued on a worker return at once instead of
-        running (an early stop left them; cancelling them would stall the actor, see ``_ordered``).
-        Only their unread results change: the run's figures are the same either way."""
+        running (an early stop left them). They are not cancelled: cancelling a queued actor task
+        leaves a gap in the actor's task order that stalls it for 30 s. Only their unread results change: the run's figures are the same either way."""
         try:
             from ray.experimental import internal_kv
 
@@ -408,27 +347,45 @@ def _given(runner: Runner) -> Callable[[], Runner]:
     return lambda: runner
 
 
-def _submitter(shipped: list[Any], spec: tuple[Any, ...], rows: np.ndarray) -> Callable[[Any], Any]:
-    return lambda actor: actor.outputs.remote(shipped, spec, rows)
+def _map_model(shipped: list[Any], sent: list[Any], task: Any, part: Any, threads: int | None, actor: Any) -> Any:
+    return actor.map_model.remote(shipped, sent, task, part, threads)
+
+
+def _outputs(shipped: list[Any], spec: tuple[Any, ...], rows: np.ndarray, call: str, actor: Any) -> Any:
+    return actor.outputs.remote(shipped, spec, rows, call)
 
 
 class _Wave:
-    """The batch tasks of several jobs (the candidates of a k-section round) run together.
+    """The tasks of one or more jobs (one evaluation's batches, the candidates of a k-section
+    round, the final check's parts), run on the workers as they free up; each job's results are
+    read in order.
 
-    Tasks go out in job order, at most ``IN_FLIGHT`` sent and unread per live worker, so the
-    workers one job leaves idle (fewer batches than workers, or its last ones) run the next
-    job's. Each job's stream reads its own results in order; closing it (an early stop) drops
-    its tasks not yet sent, and those still out finish unread (see ``RayExecutor._ordered``).
-    A worker that dies has its unread tasks sent again to the others.
+    Tasks go out in order, job after job, each to the live worker with the fewest unfinished
+    tasks, while some worker has fewer than ``IN_FLIGHT`` unfinished and fewer than ``WINDOW`` per
+    live worker are sent and unread; the task a reader waits for always goes out. So a worker that
+    runs faster (a lighter node, no driver beside it) takes more of the tasks, instead of every
+    worker taking its share in turn and the fast ones waiting for the slowest; and the workers one
+    job leaves idle (fewer batches than workers, or its last ones) run the next job's. Which worker
+    ran a task changes nothing in its result.
+
+    Closing a job's stream (an early stop) drops its tasks not yet sent and marks its call
+    abandoned, so those already queued on a worker return at once unread (cancelling them would
+    stall the actor, see ``RayExecutor._abandon``). A worker that dies has its unread tasks sent
+    again to the others.
     """
 
     def __init__(self, executor: RayExecutor, stop: threading.Event | None) -> None:
         self.executor = executor
+        self.ray = executor.ray
         self.stop = stop
         self.tasks: list[tuple[int, int, Callable[[Any], Any]]] = []
         """(job, piece, submit(actor) -> ref), in job order."""
+        self.calls: dict[int, str] = {}
+        """Job -> its call id, for the jobs whose queued tasks can be skipped."""
         self.out: dict[int, tuple[Any, int]] = {}
         """Task -> (ref, worker): sent, not read, its job not closed."""
+        self.busy: dict[Any, int] = {}
+        """Ref -> worker: sent and not yet seen finished (a closed job's too: it holds its worker)."""
         self.sent = 0
         """Tasks before this one were sent, or skipped as their job was closed."""
         self.closed: set[int] = set()
@@ -437,56 +394,114 @@ class _Wave:
     def add(self, job: int, piece: int, submit: Callable[[Any], Any]) -> None:
         self.tasks.append((job, piece, submit))
 
+    def add_batches(
+        self, job: int, shipped: list[Any], spec: tuple[Any, ...], pieces: Sequence[np.ndarray], size: int
+    ) -> None:
+        """``job``: the outputs of ``spec``'s model over ``pieces``, each batch of a piece a task of its
+        own so the work spreads evenly (the batches are the local run's, so their outputs are too)."""
+        call = self.calls[job] = self.executor._call()
+        for k, piece in enumerate(pieces):
+            for i in range(0, len(piece), size):
+                self.add(job, k, functools.partial(_outputs, shipped, spec, piece[i : i + size], call))
+
     def _send(self, task: int) -> None:
-        executor = self.executor
-        if not executor._live:
+        live = self.executor._live
+        if not live:
             raise ResourceLimitError(
                 "every Ray worker of the run died (a node lost, or a worker killed or out of memory); "
                 "the run cannot go on: check the cluster (ray status) and run it again"
             )
-        worker = executor._live[self.turn % len(executor._live)]
+        load = collections.Counter(self.busy.values())
+        # the least loaded worker; among equals, the next in turn
+        worker = min((live[(self.turn + k) % len(live)] for k in range(len(live))), key=lambda w: load[w])
         self.turn += 1
-        self.out[task] = (self.tasks[task][2](executor._actors[worker]), worker)
+        ref = self.tasks[task][2](self.executor._actors[worker])
+        self.out[task] = (ref, worker)
+        self.busy[ref] = worker
+
+    def _room(self) -> bool:
+        live = self.executor._live
+        if len(self.out) >= WINDOW * max(1, len(live)):
+            return False
+        load = collections.Counter(self.busy.values())
+        return any(load[w] < IN_FLIGHT for w in live)
 
     def _fill(self, needed: int) -> None:
-        """Send every task up to ``needed``, then more while the window has room."""
+        """Send every task up to ``needed``, then more while a worker has room."""
         while self.sent < len(self.tasks):
             task = self.sent
-            if task > needed and len(self.out) >= IN_FLIGHT * max(1, len(self.executor._live)):
+            if task > needed and not self._room():
                 return
             if self.tasks[task][0] not in self.closed:
                 self._send(task)
             self.sent += 1
 
+    def _settle(self) -> None:
+        """Wait up to ``WAIT_SECONDS`` for a sent task to finish; forget every finished one."""
+        refs = list(self.busy)
+        ready, _ = self.ray.wait(refs, num_returns=1, timeout=WAIT_SECONDS)
+        if ready:
+            ready, _ = self.ray.wait(refs, num_returns=len(refs), timeout=0)
+            for ref in ready:
+                del self.busy[ref]
+
     def result(self, task: int) -> Any:
-        ray = self.executor.ray
         self._fill(task)
         while True:
             ref, worker = self.out[task]
+            check_stop(self.stop)
+            if ref in self.busy:
+                self._settle()  # a worker that frees up meanwhile gets the next task
+                self._fill(task)
+                continue
             try:
-                result = _result(ray, ref, self.stop)
-            except ray.exceptions.RayActorError as e:
+                result = _result(self.ray, ref, self.stop)
+            except self.ray.exceptions.RayActorError as e:
                 self.executor._lost(worker, e)
+                self.busy = {r: w for r, w in self.busy.items() if w != worker}
                 for again in sorted(t for t, (_, w) in self.out.items() if w == worker):
                     self._send(again)
                 continue
             del self.out[task]
             return result
 
-    def close(self, job: int) -> None:
+    def close(self, job: int, *, finished: bool) -> None:
         self.closed.add(job)
         for task in [t for t in self.out if self.tasks[t][0] == job]:
-            del self.out[task]  # left to finish, unread: cancelling would stall the actor
+            del self.out[task]  # left to finish, unread (skipped by the worker once abandoned)
+        if not finished and job in self.calls:
+            self.executor._abandon(self.calls[job])
+
+    def _read(self, job: int) -> Generator[tuple[bool, Any], None, None]:
+        """``job``'s results in order, each with whether it ends its piece; closes the job at the end."""
+        mine = [t for t, (j, _, _) in enumerate(self.tasks) if j == job]
+        read = 0
+        try:
+            for n, task in enumerate(mine):
+                result = self.result(task)
+                read = n + 1
+                yield n + 1 == len(mine) or self.tasks[mine[n + 1]][1] != self.tasks[task][1], result
+        finally:
+            self.close(job, finished=read == len(mine))
+
+    def results(self, job: int) -> Generator[Any, None, None]:
+        """``job``'s results, one a task, in order."""
+        reader = self._read(job)
+        try:
+            for _, result in reader:
+                yield result
+        finally:
+            reader.close()
 
     def stream(self, job: int) -> Generator[np.ndarray, None, None]:
         """``job``'s outputs, a piece at a time (its batches' outputs joined)."""
-        mine = [t for t, (j, _, _) in enumerate(self.tasks) if j == job]
+        reader = self._read(job)
         try:
             parts: list[np.ndarray] = []
-            for n, task in enumerate(mine):
-                parts.append(self.result(task))
-                if n + 1 == len(mine) or self.tasks[mine[n + 1]][1] != self.tasks[task][1]:
+            for last, out in reader:
+                parts.append(out)
+                if last:
                     yield np.concatenate(parts)
                     parts = []
         finally:
-            self.close(job)
+            reader.close()

@@ -243,6 +243,45 @@ def test_the_pieces_left_queued_by_an_early_stop_are_skipped_not_run(cluster: Cl
     assert executor._abandoned == []
 
 
+def test_a_worker_that_is_held_up_runs_fewer_batches_and_the_outputs_stay_in_order(cluster: Cluster) -> None:
+    import ray
+
+    from pruner._evalset import load_eval_set, model_inputs
+    from pruner._evaluate import Batches, PortableRunner
+    from pruner._ray import IN_FLIGHT, WINDOW, RayExecutor
+
+    model = (FIXTURES / "mlp.onnx").read_bytes()
+    data = load_eval_set(FIXTURES / "mlp_eval.npz")
+    output = onnx.load_from_string(model).graph.output[0].name
+    batches = Batches(model_inputs(onnx.load_from_string(model)), output, data, batch_size=16)
+    executor = RayExecutor(None, 2)
+    try:
+        runner = PortableRunner(output, model=lambda: model)
+        rows = np.arange(16 * 2 * WINDOW)  # as many batches as the window holds
+        pieces = batches.pieces(rows)
+        expected = batches.outputs(runner, rows)
+        assert np.array_equal(np.concatenate(list(executor.outputs(batches, runner, pieces))), expected)
+        before = executor.rows_run()
+
+        # worker 0 is held up (a slow node, or the driver beside it): a task of 4 s ahead of ours
+        def sleep(session: Any, evalset: Any, seconds: float) -> float:  # pickled by value: a local function
+            time.sleep(seconds)
+            return seconds
+
+        shipped, sent = executor._batches_ref(batches), [ray.put(model)]
+        held = executor._actors[0].map_model.remote(shipped, sent, sleep, 4.0, None)
+        got = np.concatenate(list(executor.outputs(batches, runner, pieces)))
+        ray.get(held)
+        assert np.array_equal(got, expected)  # the same outputs, in order, whichever worker ran them
+        ran = [(after - b) // 16 for after, b in zip(executor.rows_run(), before, strict=True)]
+        assert sum(ran) == 2 * WINDOW
+        # the first batch waits behind the slow task; the other worker takes every batch after
+        # its share of the first round (in turn, it would have taken only half of them)
+        assert ran[0] <= IN_FLIGHT and ran[1] >= 2 * WINDOW - IN_FLIGHT, ran
+    finally:
+        executor.close()
+
+
 def test_more_workers_than_the_cluster_has_cpus_is_a_config_error(cluster: Cluster) -> None:
     options = PruneOptions(executor=Executor.RAY, executor_workers=3)
     with pytest.raises(InvalidConfigError, match="executor_workers 3 is more than the Ray cluster's 2 CPU"):
