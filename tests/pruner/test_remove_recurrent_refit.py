@@ -173,3 +173,62 @@ def test_a_remove_run_with_recurrent_refits_replays_byte_for_byte(op_type: str) 
     assert replay is not None
     assert any(e.tensor == "R1" and e.refit for e in replay.edits)
     assert pruner.apply_plan(result.plan, model).SerializeToString() == result.model.SerializeToString()
+
+
+def bidirectional(op_type: str) -> onnx.ModelProto:
+    """x [N, SEQ, 5] -> Transpose -> bidirectional op_type (hidden 6) -> Y_h [2, N, 6] -> ReduceSum
+    over the directions -> MatMul -> y [N, 4]."""
+    gates = RECURRENT_GATES[op_type]
+    rng = np.random.default_rng(2)
+
+    def array(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.5).astype(np.float32)
+
+    arrays = {
+        "W": array(2, gates * HIDDEN, 5),
+        "R": array(2, gates * HIDDEN, HIDDEN),
+        "B": array(2, 2 * gates * HIDDEN),
+        "head": array(HIDDEN, 4),
+        "axes": np.array([0], np.int64),
+    }
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["xt"], perm=[1, 0, 2]),
+        helper.make_node(op_type, ["xt", "W", "R", "B"], ["", "yh"], hidden_size=HIDDEN, direction="bidirectional"),
+        helper.make_node("ReduceSum", ["yh", "axes"], ["s"], keepdims=0),
+        helper.make_node("MatMul", ["s", "head"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bidirectional",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", SEQ, 5])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+        [numpy_helper.from_array(a, n) for n, a in arrays.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@pytest.mark.parametrize("op_type", ["LSTM", "GRU"])
+def test_both_directions_refit_their_r_blocks(op_type: str) -> None:
+    model = bidirectional(op_type)
+    x = np.random.default_rng(1).standard_normal((256, SEQ, 5)).astype(np.float32)
+    evalset = pruner.EvalSet({"x": x}, run(model, x)[0].argmax(-1))
+    layers = list(analyze(model).layers)
+    calibration = calibrate(model, layers, evalset, np.arange(len(x)), batch_size=64, fixed_batch=None, full=True)
+    remover = Remover(model, PruneOptions(mode=Mode.REMOVE, recover=Recovery.LSQ, channel_multiple=1), calibration)
+    (family,) = remover.families
+    removed = np.array([int(family.components[k]) for k in REMOVED])
+    refit = remover._refit(removed)
+    before, after = weights(model), weights(refit)
+    kept = np.setdiff1d(np.arange(HIDDEN), REMOVED)
+    for direction in range(2):
+        assert not np.allclose(before["R"][direction][:, kept], after["R"][direction][:, kept])
+    np.testing.assert_array_equal(before["W"], after["W"])
+    pruned = remove_components(refit, remover.structure, list(removed), copy=False)
+    plain = remove_components(model, remover.structure, list(removed))
+    onnx.checker.check_model(pruned, full_check=True)
+    test = np.random.default_rng(9).standard_normal((128, SEQ, 5)).astype(np.float32)
+    (original,) = run(model, test, ("yh",))
+    errors = [float(np.mean((run(m, test, ("yh",))[0] - original[..., kept]) ** 2)) for m in (pruned, plain)]
+    assert errors[0] < 0.9 * errors[1], errors
