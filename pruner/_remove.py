@@ -20,6 +20,7 @@ from ._analysis import PrunableWeight, Unit
 from ._errors import check_stop
 from ._evaluate import Runner, SplitModel, make_session, session_runner
 from ._graph import GraphIndex
+from ._ops import Unfold
 from ._options import REFITTING, Criterion, Objective, PruneOptions, Recovery
 from ._recover import Calibration, SequentialRefit
 from ._report import LayerReport
@@ -193,6 +194,9 @@ def channel_multiple(channels: int, options: PruneOptions) -> int:
 
 
 AUTO_MULTIPLE = 8
+STATE_COLUMNS = 2
+"""The axis of a recurrent R [directions, gates * hidden, hidden] that is h_{t-1}, the units' own
+states read back (remove mode refits the kept columns when units go)."""
 BUILT_CACHE_ENTRIES = 4
 BUILT_CACHE_BYTES = 256 << 20
 """Serialized candidates kept (the most recent one always, however large)."""
@@ -359,7 +363,11 @@ class Remover:
 
         Removing input channels of a layer is masking whole input columns: the same
         least-squares fit (and bias correction) as zero mode recovers the kept columns,
-        and the columns, zero now, are then sliced away with the channels.
+        and the columns, zero now, are then sliced away with the channels. A recurrent
+        node's R consumes its own hidden units (column k is h_k(t-1) read by every unit):
+        when units go, the kept units' rows of R are refit per (direction, gate) on the
+        remaining h_{t-1} columns, the lost columns' mean contribution going into Rb; a
+        recurrent node that loses input features is a consumer like any other (W's columns).
         """
         calibration = self.calibration
         assert calibration is not None
@@ -367,10 +375,13 @@ class Remover:
         out.CopyFrom(self.model)
         arrays = _constants(out)
         changed: dict[str, np.ndarray] = {}
-        for name, axis in sorted(self.structure.consumer_slots):
+        states = {(n, STATE_COLUMNS) for n, la in calibration.layouts.items() if la.unfold is Unfold.STATE}
+        for name, axis in sorted(self.structure.consumer_slots | states):
             if name not in calibration.layouts or (name, axis) not in self.structure.slot_base:
                 continue
-            if calibration.layouts[name].groups > 1:  # removing its channels removes whole groups
+            # removing a grouped conv's channels removes whole groups; R's groups are its
+            # (direction, gate) blocks, each reading every hidden unit
+            if calibration.layouts[name].groups > 1 and (name, axis) not in states:
                 continue
             positions = np.flatnonzero(np.isin(self.structure.atoms((name, axis)), removed))
             if not len(positions):
