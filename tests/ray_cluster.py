@@ -89,6 +89,8 @@ class Cluster:
         self.env = {**os.environ, "PYTHONPATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.client_address = f"ray://127.0.0.1:{free_port()}"
+        """The head's Ray Client server (``ray://``), for a driver that is not a node of the cluster."""
         self.nodes: list[subprocess.Popen[bytes]] = []
 
     def start_node(self, *args: str) -> subprocess.Popen[bytes]:
@@ -148,7 +150,7 @@ def running_cluster(pythonpath: tuple[Path, ...] = ()) -> Iterator[Cluster]:
             f"--port={cluster.port}",
             f"--temp-dir={root}",
             "--include-dashboard=false",
-            f"--ray-client-server-port={free_port()}",
+            f"--ray-client-server-port={cluster.client_address.rsplit(':', 1)[1]}",
         )
         cluster.start_node(f"--address={cluster.address}")
         deadline = time.monotonic() + START_SECONDS

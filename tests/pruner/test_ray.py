@@ -338,6 +338,25 @@ def test_the_cli_on_the_cluster_writes_the_local_model(cluster: Cluster, tmp_pat
     assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
 
 
+def test_a_driver_outside_the_cluster_runs_through_ray_client(cluster: Cluster, tmp_path: Path) -> None:
+    """``--ray-address ray://HEAD:PORT`` (Ray Client): the CLI in a process of its own, not a node of
+    the cluster, gives the local model."""
+    args = ["prune", str(FIXTURES / "mlp.onnx"), "--eval", str(FIXTURES / "mlp_eval.npz"), "--quiet"]
+    run = [sys.executable, "-m", "service.cli", *args]
+    local = subprocess.run([*run, "-o", str(tmp_path / "local.onnx")], capture_output=True, text=True, cwd=ROOT)
+    assert local.returncode == 0, local.stderr
+    remote = subprocess.run(
+        [*run, "-o", str(tmp_path / "ray.onnx"), "--executor", "ray", "--ray-address", cluster.client_address],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=cluster.env,
+        timeout=600,
+    )
+    assert remote.returncode == 0, remote.stderr
+    assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
+
+
 def test_a_server_job_runs_on_the_cluster_and_gives_the_local_model(cluster: Cluster, tmp_path: Path) -> None:
     """``python -m service --executor ray``: each stored job's process drives the cluster."""
     import grpc
