@@ -193,8 +193,21 @@ class RayExecutor(Executor):
                 f"executor_workers {self.workers} is more than the Ray cluster's {cpus} CPU(s): "
                 "each worker takes one, and the extra ones would never start"
             )
+        # the workers start together or not at all (a placement group: gang scheduling): two runs
+        # sharing a cluster, each holding some of the CPUs its other workers wait for, would
+        # otherwise both wait for ever; a run whose group cannot be placed yet waits for it, its
+        # stop (cancel, time limit) checked
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self._group = placement_group([{"CPU": 1}] * self.workers, strategy="SPREAD")
         actor = ray.remote(num_cpus=1, max_restarts=0, max_task_retries=0)(_Worker)
-        self._actors = [actor.options(scheduling_strategy="SPREAD").remote() for _ in range(self.workers)]
+        self._actors = [
+            actor.options(
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self._group, placement_group_bundle_index=i)
+            ).remote()
+            for i in range(self.workers)
+        ]
         self._live = list(range(self.workers))
         self._shipped: dict[int, tuple[Any, list[Any]]] = {}
         self._specs: collections.OrderedDict[int, tuple[Any, tuple[Any, ...]]] = collections.OrderedDict()
@@ -217,8 +230,12 @@ class RayExecutor(Executor):
         return [self.ray.get(self._actors[i].rows_run.remote()) for i in self._live]
 
     def close(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
         for actor in self._actors:
             self.ray.kill(actor)
+        with contextlib.suppress(Exception):  # a cluster already gone
+            remove_placement_group(self._group)
         self._forget_abandoned()
         self._actors, self._live = [], []
         self._shipped.clear()
@@ -295,7 +312,8 @@ class RayExecutor(Executor):
     def _abandon(self, call: str) -> None:
         """Mark ``call`` abandoned: its pieces still queued on a worker return at once instead of
         running (an early stop left them). They are not cancelled: cancelling a queued actor task
-        leaves a gap in the actor's task order that stalls it for 30 s. Only their unread results change: the run's figures are the same either way."""
+        leaves a gap in the actor's task order that stalls it for 30 s. Only their unread results
+        change: the run's figures are the same either way."""
         try:
             from ray.experimental import internal_kv
 

@@ -282,6 +282,50 @@ def test_a_worker_that_is_held_up_runs_fewer_batches_and_the_outputs_stay_in_ord
         executor.close()
 
 
+def test_a_run_s_workers_start_together_or_wait_together(cluster: Cluster) -> None:
+    """Two runs sharing a cluster must not each take some of the CPUs the other's workers wait for
+    (both would wait for ever): a run's workers are one placement group, placed all at once."""
+    import threading
+
+    import ray
+
+    from pruner._evalset import load_eval_set, model_inputs
+    from pruner._evaluate import Batches, PortableRunner
+    from pruner._ray import RayExecutor
+
+    model = (FIXTURES / "mlp.onnx").read_bytes()
+    data = load_eval_set(FIXTURES / "mlp_eval.npz")
+    output = onnx.load_from_string(model).graph.output[0].name
+    batches = Batches(model_inputs(onnx.load_from_string(model)), output, data, batch_size=16)
+    runner = PortableRunner(output, model=lambda: model)
+    rows = np.arange(64)
+
+    class Holder:  # pickled by value: a local class
+        def ping(self) -> int:
+            return os.getpid()
+
+    holder = ray.remote(num_cpus=1)(Holder).remote()  # another run's worker, holding one of the 2 CPUs
+    ray.get(holder.ping.remote())
+    before = set(cluster.processes("ray::_Worker"))
+    executor = RayExecutor(None, 2)
+    got: list[np.ndarray] = []
+    reader = threading.Thread(target=lambda: got.extend(executor.outputs(batches, runner, batches.pieces(rows))))
+    try:
+        reader.start()
+        time.sleep(5.0)
+        # neither worker started on the one free CPU: they wait together
+        assert set(cluster.processes("ray::_Worker")) - before == set()
+        assert reader.is_alive() and not got
+        ray.kill(holder)  # the other run ends: both start, and the run goes on
+        reader.join(120)
+        assert not reader.is_alive()
+        assert np.array_equal(np.concatenate(got), batches.outputs(runner, rows))
+    finally:
+        ray.kill(holder)
+        executor.close()
+        reader.join(30)
+
+
 def test_more_workers_than_the_cluster_has_cpus_is_a_config_error(cluster: Cluster) -> None:
     options = PruneOptions(executor=Executor.RAY, executor_workers=3)
     with pytest.raises(InvalidConfigError, match="executor_workers 3 is more than the Ray cluster's 2 CPU"):
