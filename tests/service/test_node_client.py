@@ -441,7 +441,8 @@ def test_node_watch_goes_on_from_where_it_was_across_a_server_restart(
     with Connection(server.address) as connection:
         job_id, _ = connection.submit(MLP, MLP_EVAL, jobs.SLOWISH)
     watch = subprocess.Popen(
-        [node, str(CLIENT / "job.js"), "watch", job_id, "--address", server.address],
+        # retries enough for a server that takes its time to start on a loaded machine (~90 s of backoff)
+        [node, str(CLIENT / "job.js"), "watch", job_id, "--address", server.address, "--retries", "20"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
