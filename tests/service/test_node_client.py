@@ -1,4 +1,5 @@
-"""A client in another language, written from protos/ alone: clients/node/prune.js against the real server.
+"""A client in another language, written from protos/ alone: clients/node/prune.js (the one-call
+``Prune``) and clients/node/job.js (the durable job API) against the real server.
 
 Also what such a client relies on that the Python side can check without Node: the vendored
 protos are the ones the server serves, ``Tensor`` is onnx.TensorProto on the wire, and model
@@ -12,11 +13,14 @@ missing, the tests install them the same way, from the lock file.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -33,11 +37,14 @@ from onnx import numpy_helper
 import pruner
 from service import convert
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
+from service.client import Connection
+from tests.service import test_jobs as jobs
 from tests.service import test_server as base
 from tests.service.test_report_schema import validate
 from tests.service.test_server import QUICK, Start, call_prune, tensor_requests
 
-start_server = base.start_server  # the fixture
+start_server = base.start_server  # the fixtures
+job_server = jobs.job_server
 
 ROOT = Path(__file__).resolve().parents[2]
 PROTOS = ROOT / "protos"
@@ -64,10 +71,10 @@ def node() -> Iterator[str]:
     yield found
 
 
-def run_client(node: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+def run_client(node: str, *args: str | Path, script: str = "prune.js") -> subprocess.CompletedProcess[str]:
     # the server runs in this process, on threads: the client is a child process that we wait for
     return subprocess.run(
-        [node, str(CLIENT / "prune.js"), *map(str, args)],
+        [node, str(CLIENT / script), *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -233,3 +240,230 @@ def test_model_and_eval_messages_may_interleave(start_server: Start) -> None:
     for requests in (as_npz, as_tensors):
         results = [r.result for r in call_prune(address, requests) if r.WhichOneof("payload") == "result"]
         assert pruner.Report.from_json(results[0].report_json).nonzero_after == expected
+
+
+def test_the_node_client_passes_search_width(start_server: Start, node: str, tmp_path: Path) -> None:
+    address = start_server()
+    done = run_client(node, MLP, MLP_EVAL, tmp_path / "out.onnx", "--address", address, "--search-width", "17")
+    assert done.returncode == 2 and "--search-width must be an integer in [1, 16], got 17" in done.stderr
+    report_path = tmp_path / "report.json"
+    done = run_client(
+        node, MLP, MLP_EVAL, tmp_path / "out.onnx", "--address", address, "--max-evaluations", "4",
+        "--search-width", "2", "--report", report_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = pruner.Report.from_json(report_path.read_text())
+    assert report.options["search_width"] == 2  # type: ignore[index]
+
+
+# -- clients/node/job.js: the durable job API (docs/jobs.md)
+
+
+@pytest.fixture(scope="module")
+def jobs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[jobs.JobServer]:
+    """One ``python -m service`` with a job store for this module's job tests (its plugins: the slow metrics)."""
+    folder = tmp_path_factory.mktemp("node-jobs")
+    server = jobs.JobServer(folder / "artifacts", pythonpath=(jobs.slow_plugins(folder / "plugins"),))
+    yield server.start()
+    server.stop()
+
+
+def run_job(node: str, address: str, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    command, *rest = args
+    return run_client(node, command, *rest, "--address", address, script="job.js")
+
+
+def event_indices(stdout: str) -> list[int]:
+    return [
+        int(line.split(":", 1)[0].removeprefix("event ")) for line in stdout.splitlines() if line.startswith("event ")
+    ]
+
+
+class Finished:
+    """A job the Node client submitted and watched to its end."""
+
+    def __init__(
+        self, job_id: str, submitted: subprocess.CompletedProcess[str], watched: subprocess.CompletedProcess[str]
+    ):
+        self.job_id, self.submitted, self.watched = job_id, submitted, watched
+
+
+@pytest.fixture(scope="module")
+def finished(jobs_server: jobs.JobServer, node: str) -> Finished:
+    submitted = run_job(
+        node, jobs_server.address, "submit", MLP, MLP_EVAL, "--max-evaluations", "3", "--idempotency-key", "node-1"
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    watched = run_job(node, jobs_server.address, "watch", job_id)
+    return Finished(job_id, submitted, watched)
+
+
+def test_node_submit_watch_fetch_gives_the_python_clients_model_and_a_report(
+    jobs_server: jobs.JobServer, node: str, finished: Finished, tmp_path: Path
+) -> None:
+    assert len(finished.job_id) == 32 and finished.submitted.stderr == ""
+    watched = finished.watched
+    assert watched.returncode == 0, watched.stderr
+    lines = watched.stdout.splitlines()
+    indices = event_indices(watched.stdout)
+    assert indices == list(range(len(indices))) and len(indices) >= 5  # every event, in order
+    assert lines[0].startswith("event 0: [0/0] baseline: ") and lines[-2].startswith(
+        f"event {indices[-1]}: [3/3] done: "
+    )
+    assert sum(" candidate: " in line for line in lines) == 3
+    assert lines[-1].startswith(f"job {finished.job_id}: succeeded, pruned at sparsity ")
+
+    out, report_path = tmp_path / "pruned.onnx", tmp_path / "report.json"
+    fetched = run_job(node, jobs_server.address, "fetch", finished.job_id, out, "--report", report_path)
+    assert fetched.returncode == 0, fetched.stderr
+    data = out.read_bytes()
+    with Connection(jobs_server.address) as connection:
+        theirs = bytearray()
+        size, sha256 = connection.fetch(finished.job_id, theirs)
+        job = connection.get_job(finished.job_id)
+    assert data == bytes(theirs) and hashlib.sha256(data).hexdigest() == sha256 == job.result_sha256
+    assert fetched.stdout.strip() == f"{out}: {size} bytes, sha256 {sha256}"
+    assert not out.with_name(out.name + ".part").exists()
+    jobs.check_result(data, job)
+    validate(report_path.read_text())
+    report = pruner.Report.from_json(report_path.read_text())
+    assert report.status == "pruned" and report.evaluations == 3 and report_path.read_text() == job.report_json
+
+    status = run_job(node, jobs_server.address, "status", finished.job_id)
+    assert status.returncode == 0
+    assert "state            succeeded" in status.stdout and "idempotency key  node-1" in status.stdout
+    listed = run_job(node, jobs_server.address, "list", "--state", "succeeded")
+    assert listed.returncode == 0 and any(
+        line.startswith(f"{finished.job_id}  succeeded") for line in listed.stdout.splitlines()
+    )
+
+
+def test_a_node_resubmit_with_the_same_idempotency_key_returns_the_same_job(
+    jobs_server: jobs.JobServer, node: str, finished: Finished
+) -> None:
+    again = run_job(
+        node, jobs_server.address, "submit", MLP, MLP_EVAL, "--max-evaluations", "3", "--idempotency-key", "node-1"
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == finished.job_id
+    assert f"the idempotency key names job {finished.job_id}, submitted before" in again.stderr
+    with Connection(jobs_server.address) as connection:
+        job = connection.get_job(finished.job_id)
+        keyed = [j for j in connection.list_jobs() if j.idempotency_key == "node-1"]
+    assert job.attempts == 1 and len(keyed) == 1  # it ran once
+
+
+def test_node_watch_from_n_starts_at_event_n(jobs_server: jobs.JobServer, node: str, finished: Finished) -> None:
+    later = run_job(node, jobs_server.address, "watch", finished.job_id, "--from", "3")
+    assert later.returncode == 0, later.stderr
+    assert later.stdout.splitlines() == finished.watched.stdout.splitlines()[3:]
+    assert later.stdout.startswith("event 3: ")
+
+
+def test_node_fetch_checks_the_sha256_and_never_overwrites(
+    jobs_server: jobs.JobServer, node: str, finished: Finished, tmp_path: Path
+) -> None:
+    address = jobs_server.address
+    with Connection(address) as connection:
+        data = bytearray()
+        connection.fetch(finished.job_id, data)
+    out = tmp_path / "pruned.onnx"
+    out.write_bytes(b"mine")
+    refused = run_job(node, address, "fetch", finished.job_id, out)
+    assert refused.returncode == 2
+    assert refused.stderr == f"error: {out} exists; pass --force to replace it\n"
+    assert out.read_bytes() == b"mine"
+    forced = run_job(node, address, "fetch", finished.job_id, out, "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert out.read_bytes() == data
+
+    # a part downloaded earlier is resumed from its size: a good one gives the model, a bad one is caught
+    part = tmp_path / "resumed.onnx.part"
+    part.write_bytes(data[:40_000])
+    resumed = run_job(node, address, "fetch", finished.job_id, tmp_path / "resumed.onnx")
+    assert resumed.returncode == 0, resumed.stderr
+    assert (tmp_path / "resumed.onnx").read_bytes() == data and not part.exists()
+    bad = tmp_path / "bad.onnx"
+    bad.with_name("bad.onnx.part").write_bytes(b"\0" * 40_000)
+    mismatch = run_job(node, address, "fetch", finished.job_id, bad)
+    assert mismatch.returncode == 1
+    assert f"the downloaded result of job {finished.job_id} ({len(data)} bytes, sha256 " in mismatch.stderr
+    assert "does not match the server's" in mismatch.stderr
+    assert not bad.exists() and not bad.with_name("bad.onnx.part").exists()
+
+
+def test_a_node_job_of_a_truncated_model_fails_with_exit_2_naming_the_problem(
+    jobs_server: jobs.JobServer, node: str, tmp_path: Path
+) -> None:
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(MLP.read_bytes()[:3000])
+    # the server stores the model as it is (it checks the config and the eval set at submit): the job fails
+    submitted = run_job(node, jobs_server.address, "submit", truncated, MLP_EVAL, "--max-evaluations", "3")
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    watched = run_job(node, jobs_server.address, "watch", job_id)
+    assert watched.returncode == 2, watched.stderr
+    assert watched.stderr.startswith(f"error: job {job_id} failed: INVALID_ARGUMENT: InvalidModelError: ")
+    assert "not an ONNX model or is truncated" in watched.stderr
+    fetched = run_job(node, jobs_server.address, "fetch", job_id, tmp_path / "out.onnx")
+    assert fetched.returncode == 2
+    assert f"error: the job {job_id} is failed, not succeeded (InvalidModelError: " in fetched.stderr
+    assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out.onnx.part").exists()
+    unknown = run_job(node, jobs_server.address, "status", "0" * 32)
+    assert unknown.returncode == 2
+    assert unknown.stderr.startswith(f"error: NOT_FOUND: no job has the id '{'0' * 32}'")
+    bad_option = run_job(node, jobs_server.address, "submit", MLP, MLP_EVAL, "--max-evaluations", "0")
+    assert bad_option.returncode == 2
+    assert bad_option.stderr.startswith("error: --max-evaluations must be a positive integer, got 0")
+
+
+def test_node_cancel_of_a_running_job_ends_it_cancelled(jobs_server: jobs.JobServer, node: str) -> None:
+    with Connection(jobs_server.address) as connection:
+        job_id, _ = connection.submit(MLP, MLP_EVAL, jobs.SLOWISH)
+        assert jobs.wait_until(jobs.running_with_events(connection, job_id, 1))
+    cancelled = run_job(node, jobs_server.address, "cancel", job_id)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert f"job       {job_id}" in cancelled.stdout
+    assert "cancel    requested" in cancelled.stdout or "state     cancelled" in cancelled.stdout
+    watched = run_job(node, jobs_server.address, "watch", job_id)
+    assert watched.returncode == 130, watched.stderr
+    assert watched.stderr.startswith(f"error: job {job_id} was cancelled: ")
+    status = run_job(node, jobs_server.address, "status", job_id, "--json")
+    job = json.loads(status.stdout)
+    assert (job["state"], job["error_code"]) == ("JOB_STATE_CANCELLED", "CancelledError")
+
+
+def test_node_watch_goes_on_from_where_it_was_across_a_server_restart(
+    job_server: Callable[..., jobs.JobServer], node: str
+) -> None:
+    server = job_server()
+    with Connection(server.address) as connection:
+        job_id, _ = connection.submit(MLP, MLP_EVAL, jobs.SLOWISH)
+    watch = subprocess.Popen(
+        # retries enough for a server that takes its time to start on a loaded machine (~90 s of backoff)
+        [node, str(CLIENT / "job.js"), "watch", job_id, "--address", server.address, "--retries", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with Connection(server.address) as connection:
+            assert jobs.wait_until(jobs.running_with_events(connection, job_id))
+        server.kill()
+        time.sleep(1.0)  # the watch sees the server gone and backs off
+        server.start()
+        stdout, stderr = watch.communicate(timeout=300)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait(30)
+    assert watch.returncode == 0, stderr
+    assert "watch: connection lost (UNAVAILABLE: " in stderr and "; reconnecting from event " in stderr
+    with Connection(server.address) as connection:
+        job = connection.get_job(job_id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED and job.attempts == 2  # re-run from the start after the kill
+    indices = event_indices(stdout)
+    assert indices == list(range(job.events))  # no event missed, none twice
+    assert sum(" baseline: " in line for line in stdout.splitlines()) == 2
+    assert stdout.splitlines()[-1].startswith(f"job {job_id}: succeeded, ")
