@@ -120,6 +120,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:  # recovered, cancelled or finished meanwhile: the store keeps what it has
             logger.warning("job %s: not finished by this worker: %s", job.id, e)
 
+    # the inputs' blob files are the server's business: a message names what the client sent
+    public = {"model": "the submitted model", "eval": "the submitted eval set"}
     try:
         config = pb.PruneConfig.FromString(store.blob_path(job.inputs["config"]).read_bytes())
         options = convert.options_from_proto(config, threads=args.threads)
@@ -127,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             executor = pruner.Executor(args.executor)
             options = dataclasses.replace(options, executor=executor, ray_address=args.ray_address)
         model_path, eval_path = store.blob_path(job.inputs["model"]), store.blob_path(job.inputs["eval"])
+        public = {str(model_path): public["model"], str(eval_path): public["eval"]}
         max_eval_bytes = args.max_eval_bytes or None
         if on_ray:  # the job runs as a Ray task on the cluster; this process relays its events and its stop
             from service.jobs import ray_task
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         elif isinstance(error, errors.JobCrashedError) or (
             isinstance(error, pruner.PrunerError) and errors.row_of(error).code.name != "INTERNAL"
         ):
-            code, message = type(error).__name__, str(error)
+            code, message = type(error).__name__, _named(str(error), public)
         else:
             logger.error("job %s failed", job.id, exc_info=error)
             code = type(error).__name__ if isinstance(error, pruner.PrunerError) else "InternalError"
@@ -171,6 +174,13 @@ def run(args: argparse.Namespace) -> int:
     except MemoryError:
         return EXIT_MEMORY
     return 0
+
+
+def _named(message: str, names: dict[str, str]) -> str:
+    """``message`` with each blob file's path (quoted or not) replaced by what the client sent."""
+    for path, name in names.items():
+        message = message.replace(repr(path), name).replace(path, name)
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:

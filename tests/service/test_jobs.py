@@ -305,6 +305,25 @@ def test_a_segfaulting_job_fails_cleanly_and_the_server_runs_the_next_one(
     assert server.process is not None and server.process.poll() is None
 
 
+def test_a_job_of_a_truncated_model_fails_naming_the_submitted_model_not_a_server_path(
+    job_server: Callable[..., JobServer], tmp_path: Path
+) -> None:
+    server = job_server()
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(MLP.read_bytes()[:1000])
+    with Connection(server.address) as connection:
+        job_id, _ = connection.submit(truncated, MLP_EVAL, QUICK)
+        failed = connection.follow(job_id)
+    assert failed.state == pb.JOB_STATE_FAILED
+    assert failed.error_code == "InvalidModelError"
+    assert failed.error_status == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "the submitted model" in failed.error_message
+    assert "blobs" not in failed.error_message and str(tmp_path) not in failed.error_message
+    with pytest.raises(pruner.InvalidModelError) as raised:
+        raise_for_job(failed)
+    assert errors.exit_code(raised.value) == errors.Exit.BAD_INPUT
+
+
 def zeros_npz(samples: int) -> bytes:
     """An eval set of ``samples`` x 64 float32 zeros: about 256 bytes a sample decoded, almost nothing zipped."""
     buffer = io.BytesIO()
