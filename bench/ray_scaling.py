@@ -63,17 +63,29 @@ def load_set() -> pruner.EvalSet:
     return pruner.EvalSet({k: np.concatenate(v) for k, v in parts.items()})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """Distinct free loopback ports (sockets held open until all are chosen: one at a time, the
+    kernel may hand one out twice, and a node refuses to start)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def start_nodes() -> tuple[list[subprocess.Popen[bytes]], str]:
     """A head and a worker node of one CPU each (``ray start --block``, each in its own session and
     process group), on free loopback ports; stopped by ``stop_node``."""
     root = Path(tempfile.mkdtemp(prefix="rb", dir="/tmp"))
-    port = _free_port()
+    names = (
+        "node-manager-port",
+        "object-manager-port",
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "runtime-env-agent-port",
+        "metrics-export-port",
+    )
+    port, client, *free = _free_ports(2 + 2 * len(names))
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "RAY_AUTH_MODE": "disabled"}
     nodes = []
@@ -83,21 +95,11 @@ def start_nodes() -> tuple[list[subprocess.Popen[bytes]], str]:
             f"--port={port}",
             f"--temp-dir={root}",
             "--include-dashboard=false",
-            f"--ray-client-server-port={_free_port()}",
+            f"--ray-client-server-port={client}",
         ],
         [f"--address={address}"],
     ):
-        ports = [
-            f"--{n}={_free_port()}"
-            for n in (
-                "node-manager-port",
-                "object-manager-port",
-                "dashboard-agent-listen-port",
-                "dashboard-agent-grpc-port",
-                "runtime-env-agent-port",
-                "metrics-export-port",
-            )
-        ]
+        ports = [f"--{n}={free.pop()}" for n in names]
         nodes.append(
             subprocess.Popen(
                 [

@@ -40,22 +40,35 @@ def needs_ray() -> None:
 
 
 def free_port() -> int:
+    return free_ports(1)[0]
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports: the sockets are held open until all are chosen (one
+    after the other, the kernel may hand the same port out twice, and a node refuses to start)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+
+
+NODE_PORTS = (
+    "node-manager-port",
+    "object-manager-port",
+    "dashboard-agent-listen-port",
+    "dashboard-agent-grpc-port",
+    "runtime-env-agent-port",
+    "metrics-export-port",
+)
+"""Every port a node would otherwise take at a fixed default: free ones instead."""
+NODES = 2
+
+
+def _listening(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _ports() -> list[str]:
-    """Every port a node would otherwise take at a fixed default, free ones instead."""
-    names = [
-        "node-manager-port",
-        "object-manager-port",
-        "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port",
-        "runtime-env-agent-port",
-        "metrics-export-port",
-    ]
-    return [f"--{name}={free_port()}" for name in names]
+        s.settimeout(1.0)
+        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
@@ -87,15 +100,17 @@ class Cluster:
         self.root = root
         path = os.pathsep.join(str(p) for p in (ROOT, *pythonpath))
         self.env = {**os.environ, "PYTHONPATH": path, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-        self.port = free_port()
+        # every port of both nodes chosen at once, so that no two of them are the same
+        self.port, client, *self._free = free_ports(2 + NODES * len(NODE_PORTS))
         self.address = f"127.0.0.1:{self.port}"
-        self.client_address = f"ray://127.0.0.1:{free_port()}"
+        self.client_address = f"ray://127.0.0.1:{client}"
         """The head's Ray Client server (``ray://``), for a driver that is not a node of the cluster."""
         self.nodes: list[subprocess.Popen[bytes]] = []
 
     def start_node(self, *args: str) -> subprocess.Popen[bytes]:
         log = open(self.root / f"node{len(self.nodes)}.log", "wb")  # open for the node's life
-        common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--block", *_ports()]
+        ports = [f"--{name}={self._free.pop()}" for name in NODE_PORTS]
+        common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--disable-usage-stats", "--block", *ports]
         process = subprocess.Popen(
             [sys.executable, "-m", "ray.scripts.scripts", "start", *args, *common],
             env=self.env,
@@ -155,6 +170,14 @@ def running_cluster(pythonpath: tuple[Path, ...] = ()) -> Iterator[Cluster]:
         cluster.start_node(f"--address={cluster.address}")
         deadline = time.monotonic() + START_SECONDS
         while True:
+            head = cluster.nodes[0]
+            if head.poll() is not None:  # it failed to start: say why, do not wait for it
+                log = (root / "node0.log").read_text(errors="replace").strip().splitlines()
+                pytest.fail(f"the Ray head exited with {head.returncode}: {log[-1] if log else 'no output'}")
+            if not _listening(cluster.port):  # ray.init would wait long for a head that is not there
+                assert time.monotonic() < deadline, f"the Ray head did not listen within {START_SECONDS} s"
+                time.sleep(0.5)
+                continue
             try:
                 ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
                 break
