@@ -665,22 +665,12 @@ def _grams(x: np.ndarray, groups: int, y: np.ndarray | None = None) -> np.ndarra
     y = x if y is None else y
     if groups == 1:
         return (x.T @ y)[None]
-    width = x.shape[1] // groups
-    if width <= NARROW_GROUP:
-        # depthwise and narrow groups: numpy's stacked matmul of many tiny products ([w, n] x [n, w]
-        # per group, one BLAS call each) took 80% of a MobileNet's calibration; one product-and-sum
-        # per column over every group at once is 4-8x faster (ppocr_cls, 5x5 depthwise at 200 channels)
-        left, right = x.reshape(len(x), groups, width), y.reshape(len(y), groups, width)
-        out = np.empty((groups, width, width), dtype=np.result_type(x, y))
-        for i in range(width):
-            out[:, i, :] = np.einsum("ng,ngj->gj", left[:, :, i], right)
-        return out
-    left, right = (z.reshape(len(z), groups, -1).transpose(1, 0, 2) for z in (x, y))
-    return left.transpose(0, 2, 1) @ right
-
-
-NARROW_GROUP = 64
-"""Inputs per group up to which ``_grams`` sums column products instead of stacking matmuls."""
+    # each group's columns copied out as one contiguous [in, rows] block, then one stacked
+    # product: numpy's matmul on the strided [rows, in] views of x, and a product-and-sum per
+    # column (the previous way), were 2-3x slower on depthwise convs (5x5 at 200 channels)
+    left = np.ascontiguousarray(x.reshape(len(x), groups, -1).transpose(1, 2, 0))
+    right = left if y is x else np.ascontiguousarray(y.reshape(len(y), groups, -1).transpose(1, 2, 0))
+    return left @ right.transpose(0, 2, 1)
 
 
 def _damped(gram: np.ndarray) -> np.ndarray:
@@ -1212,7 +1202,7 @@ def calibrate(
     wanted = sorted({n for la in found.values() for use in la.all_uses for n in use.reads()} - set(constants))
     probe_bytes = probe.SerializeToString()
     del probe
-    session = make_session(probe_bytes, threads=threads)
+    session = make_session(probe_bytes, threads=threads, arena=True)
     step = fixed_batch or _fitting_step(session, wanted, evalset, rows, batch_size)
     batches = list(_batches(rows, step, fixed_batch))
     collect = functools.partial(
@@ -1273,12 +1263,28 @@ def _collect(
         check_stop(stop)
         feeds = {k: v[batch] for k, v in evalset.inputs.items()}
         outputs = dict(zip(wanted, run_session(session, wanted, feeds), strict=True)) | dict(constants)
-        for name, layout in layouts.items():
-            for use in layout.all_uses:  # a shared weight: the rows of every node it feeds
-                check_stop(stop)
-                flat = _use_rows(layout, use, outputs, real, samples)
-                stats[name].add(flat, name in full, layout.groups)
+        with _one_blas_thread():
+            for name, layout in layouts.items():
+                for use in layout.all_uses:  # a shared weight: the rows of every node it feeds
+                    check_stop(stop)
+                    flat = _use_rows(layout, use, outputs, real, samples)
+                    stats[name].add(flat, name in full, layout.groups)
     return stats
+
+
+def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
+    """numpy's BLAS on one thread, when threadpoolctl is installed (the ray extra has it).
+
+    Calibration's products are many and small (a batch's rows of one layer; a depthwise conv's
+    one per channel): OpenBLAS's hand-off to its second thread cost more than it gave, 10x on
+    the depthwise Gram matrices with other processes on the cores (ppocr_cls at load 6: 7.4
+    plain passes of calibration on two threads, 2.0 on one). One thread is also the count Ray's
+    workers run, so a shard's sums stay the driver's to the bit."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - an optional dependency
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _probe(model: onnx.ModelProto, found: Mapping[str, LayerLayout]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

@@ -985,7 +985,7 @@ def test_a_damped_hessian_replaces_its_gram_matrix_and_release_drops_both() -> N
 
 @pytest.mark.parametrize(("groups", "width"), [(40, 9), (6, 25), (3, 70)])
 def test_grouped_gram_matrices_are_each_groups_own_products(groups: int, width: int) -> None:
-    # depthwise and narrow groups sum column products, wide groups stack matmuls: both are X_g^T Y_g
+    # every group width (depthwise, narrow, wide): one stacked product of contiguous blocks, X_g^T Y_g
     from pruner._recover import _grams
 
     rng = np.random.default_rng(groups)
