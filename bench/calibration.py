@@ -48,7 +48,7 @@ SAMPLES = 256
 HOLDOUT = 0.2
 MiB = 2**20
 PARTS = {
-    "ort": ("run_session", "_fitting_step"),
+    "ort": ("run_session", "_fitting_step", "_run_views"),
     "unfold": ("_layer_rows",),
     "gram": ("add",),
 }
