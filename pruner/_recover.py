@@ -1285,19 +1285,45 @@ def _run_views(session: ort.InferenceSession, names: list[str], feeds: Mapping[s
         return run_session(session, names, feeds)
 
 
-def _one_blas_thread() -> contextlib.AbstractContextManager[object]:
-    """numpy's BLAS on one thread, when threadpoolctl is installed (the ray extra has it).
+class _OneBlasThread:
+    """numpy's BLAS on one thread while any calibration pass of this process computes its
+    statistics, when threadpoolctl is installed (the ray extra has it).
 
     Calibration's products are many and small (a batch's rows of one layer; a depthwise conv's
     one per channel): OpenBLAS's hand-off to its second thread cost more than it gave, 10x on
     the depthwise Gram matrices with other processes on the cores (ppocr_cls at load 6: 7.4
     plain passes of calibration on two threads, 2.0 on one). One thread is also the count Ray's
-    workers run, so a shard's sums stay the driver's to the bit."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - an optional dependency
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    workers run, so a shard's sums stay the driver's to the bit. The limit is process-wide:
+    counted, so that concurrent runs (the server's jobs) restore the count only when the last
+    of them leaves."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._limit: contextlib.AbstractContextManager[object] | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - an optional dependency: BLAS as it is
+            yield
+            return
+        with self._lock:
+            if self._users == 0:
+                self._limit = threadpool_limits(limits=1, user_api="blas")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._limit is not None:
+                    self._limit.__exit__(None, None, None)
+                    self._limit = None
+
+
+_one_blas_thread = _OneBlasThread()
 
 
 def _probe(model: onnx.ModelProto, found: Mapping[str, LayerLayout]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

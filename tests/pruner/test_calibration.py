@@ -140,3 +140,21 @@ def test_grouped_products_of_two_arrays_are_each_groups_own(groups: int, width: 
             [x64[:, g * width : (g + 1) * width].T @ right[:, g * width : (g + 1) * width] for g in range(groups)]
         )
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * float(np.abs(expected).max()))
+
+
+def test_one_blas_thread_is_restored_when_the_last_overlapping_pass_leaves() -> None:
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from pruner._recover import _one_blas_thread
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    first, second = _one_blas_thread(), _one_blas_thread()  # two jobs' passes overlapping
+    first.__enter__()
+    second.__enter__()
+    assert set(blas_threads()) == {1}
+    first.__exit__(None, None, None)
+    assert set(blas_threads()) == {1}  # the second pass still computes
+    second.__exit__(None, None, None)
+    assert blas_threads() == before
