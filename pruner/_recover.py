@@ -1295,7 +1295,11 @@ class _OneBlasThread:
     plain passes of calibration on two threads, 2.0 on one). One thread is also the count Ray's
     workers run, so a shard's sums stay the driver's to the bit. The limit is process-wide:
     counted, so that concurrent runs (the server's jobs) restore the count only when the last
-    of them leaves."""
+    of them leaves. Known cost: a run in the same process that fits while another calibrates
+    makes some of its products on one thread, and OpenBLAS's sums differ in the last bits
+    between thread counts, so its weights may differ from a solo run's in those bits (a run of
+    its own, the CLI's or a job process's, is reproducible to the bit). OpenBLAS's
+    ``openblas_set_num_threads_local`` is no way out: it changed another thread's bits too."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
