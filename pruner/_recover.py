@@ -665,22 +665,12 @@ def _grams(x: np.ndarray, groups: int, y: np.ndarray | None = None) -> np.ndarra
     y = x if y is None else y
     if groups == 1:
         return (x.T @ y)[None]
-    width = x.shape[1] // groups
-    if width <= NARROW_GROUP:
-        # depthwise and narrow groups: numpy's stacked matmul of many tiny products ([w, n] x [n, w]
-        # per group, one BLAS call each) took 80% of a MobileNet's calibration; one product-and-sum
-        # per column over every group at once is 4-8x faster (ppocr_cls, 5x5 depthwise at 200 channels)
-        left, right = x.reshape(len(x), groups, width), y.reshape(len(y), groups, width)
-        out = np.empty((groups, width, width), dtype=np.result_type(x, y))
-        for i in range(width):
-            out[:, i, :] = np.einsum("ng,ngj->gj", left[:, :, i], right)
-        return out
-    left, right = (z.reshape(len(z), groups, -1).transpose(1, 0, 2) for z in (x, y))
-    return left.transpose(0, 2, 1) @ right
-
-
-NARROW_GROUP = 64
-"""Inputs per group up to which ``_grams`` sums column products instead of stacking matmuls."""
+    # each group's columns copied out as one contiguous [in, rows] block, then one stacked
+    # product: numpy's matmul on the strided [rows, in] views of x, and a product-and-sum per
+    # column (the previous way), were 2-3x slower on depthwise convs (5x5 at 200 channels)
+    left = np.ascontiguousarray(x.reshape(len(x), groups, -1).transpose(1, 2, 0))
+    right = left if y is x else np.ascontiguousarray(y.reshape(len(y), groups, -1).transpose(1, 2, 0))
+    return left @ right.transpose(0, 2, 1)
 
 
 def _damped(gram: np.ndarray) -> np.ndarray:
@@ -1137,14 +1127,16 @@ def _unfold(x: np.ndarray, conv: Mapping[str, list[int]], positions: int | None 
             inside &= (where >= 0) & (where < sizes[axis])
             flat = flat * sizes[axis] + where
         area = math.prod(sizes)
-        pixels = np.where(inside, flat, area).reshape(n, positions, 1, window)
-        padded = np.zeros((n, c, area + 1), dtype=x.dtype)
-        padded[:, :, :area] = x.reshape(n, c, area)
-        padded = padded.reshape(n, -1)
-        channels = (np.arange(c) * (area + 1))[None, :, None]
+        # read straight from x (a padding pixel reads pixel 0, then is zeroed): a padded copy of
+        # the whole map, to read 16 of its 12,544 positions, was most of the unfold's time
+        pixels = np.where(inside, flat, 0).reshape(n, positions, 1, window)
+        image = np.ascontiguousarray(x).reshape(n, c * area)
+        channels = (np.arange(c) * area)[None, :, None]
         rows = np.empty((n, positions, c, window), dtype=x.dtype)
         for i in range(n):  # one sample at a time: its index array stays in cache
-            np.take(padded[i], pixels[i] + channels, out=rows[i])
+            np.take(image[i], pixels[i] + channels, out=rows[i])
+        if not inside.all():
+            np.copyto(rows, 0, where=~inside.reshape(n, positions, 1, window))
         return rows.reshape(n * positions, c * window)
     padded = np.pad(x, ((0, 0), (0, 0), *zip(begins, ends, strict=True)))
     spans = tuple(d * (k - 1) + 1 for d, k in zip(dilations, kernel, strict=True))
@@ -1212,7 +1204,7 @@ def calibrate(
     wanted = sorted({n for la in found.values() for use in la.all_uses for n in use.reads()} - set(constants))
     probe_bytes = probe.SerializeToString()
     del probe
-    session = make_session(probe_bytes, threads=threads)
+    session = make_session(probe_bytes, threads=threads, arena=True)
     step = fixed_batch or _fitting_step(session, wanted, evalset, rows, batch_size)
     batches = list(_batches(rows, step, fixed_batch))
     collect = functools.partial(
@@ -1272,13 +1264,70 @@ def _collect(
     for batch, real in batches:
         check_stop(stop)
         feeds = {k: v[batch] for k, v in evalset.inputs.items()}
-        outputs = dict(zip(wanted, run_session(session, wanted, feeds), strict=True)) | dict(constants)
-        for name, layout in layouts.items():
-            for use in layout.all_uses:  # a shared weight: the rows of every node it feeds
-                check_stop(stop)
-                flat = _use_rows(layout, use, outputs, real, samples)
-                stats[name].add(flat, name in full, layout.groups)
+        outputs = dict(zip(wanted, _run_views(session, wanted, feeds), strict=True)) | dict(constants)
+        with _one_blas_thread():
+            for name, layout in layouts.items():
+                for use in layout.all_uses:  # a shared weight: the rows of every node it feeds
+                    check_stop(stop)
+                    stats[name].add(_use_rows(layout, use, outputs, real, samples), name in full, layout.groups)
+        del outputs  # before the next run: one batch's layer inputs held at a time, not two
     return stats
+
+
+def _run_views(session: ort.InferenceSession, names: list[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """``run_session``'s outputs as views of onnxruntime's own buffers, not copies: calibration's
+    probe returns every layer input of a batch (145 MiB a batch on ppocr_cls), and copying them
+    took as long as the run (with the arena, the views' memory is reused by the next run)."""
+    try:
+        values = session.run_with_ort_values(names, {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()})
+        return [np.asarray(v.numpy()) for v in values]
+    except Exception:  # a feed or output numpy cannot view (strings, sequences): the copying run
+        return run_session(session, names, feeds)
+
+
+class _OneBlasThread:
+    """numpy's BLAS on one thread while any calibration pass of this process computes its
+    statistics, when threadpoolctl is installed (the ray extra has it).
+
+    Calibration's products are many and small (a batch's rows of one layer; a depthwise conv's
+    one per channel): OpenBLAS's hand-off to its second thread cost more than it gave, 10x on
+    the depthwise Gram matrices with other processes on the cores (ppocr_cls at load 6: 7.4
+    plain passes of calibration on two threads, 2.0 on one). One thread is also the count Ray's
+    workers run, so a shard's sums stay the driver's to the bit. The limit is process-wide:
+    counted, so that concurrent runs (the server's jobs) restore the count only when the last
+    of them leaves. Known cost: a run in the same process that fits while another calibrates
+    makes some of its products on one thread, and OpenBLAS's sums differ in the last bits
+    between thread counts, so its weights may differ from a solo run's in those bits (a run of
+    its own, the CLI's or a job process's, is reproducible to the bit). OpenBLAS's
+    ``openblas_set_num_threads_local`` is no way out: it changed another thread's bits too."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._limit: contextlib.AbstractContextManager[object] | None = None
+
+    @contextlib.contextmanager
+    def __call__(self) -> Iterator[None]:
+        try:
+            from threadpoolctl import threadpool_limits
+        except ImportError:  # pragma: no cover - an optional dependency: BLAS as it is
+            yield
+            return
+        with self._lock:
+            if self._users == 0:
+                self._limit = threadpool_limits(limits=1, user_api="blas")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0 and self._limit is not None:
+                    self._limit.__exit__(None, None, None)
+                    self._limit = None
+
+
+_one_blas_thread = _OneBlasThread()
 
 
 def _probe(model: onnx.ModelProto, found: Mapping[str, LayerLayout]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -903,13 +904,16 @@ def test_calibration_batches_shrink_to_keep_layer_inputs_under_the_budget(monkey
     )
     x = correlated_inputs(200, 16)
     seen: list[int] = []
-    original = _recover.run_session
+    for runner in ("run_session", "_run_views"):  # the size probe, then the batches
+        original = getattr(_recover, runner)
 
-    def counting(session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        seen.append(len(next(iter(feeds.values()))))
-        return original(session, names, feeds)
+        def counting(
+            session: ort.InferenceSession, names: list[str], feeds: dict[str, np.ndarray], run: Any = original
+        ) -> list[np.ndarray]:
+            seen.append(len(next(iter(feeds.values()))))
+            return list(run(session, names, feeds))
 
-    monkeypatch.setattr(_recover, "run_session", counting)
+        monkeypatch.setattr(_recover, runner, counting)
     asked = calibrated(model, x)
     assert seen == [1, 64, 64, 64, 8]  # one sample measured (x and the Relu: 192 bytes), then as asked
     per_sample = (16 + 32) * 4
@@ -985,7 +989,7 @@ def test_a_damped_hessian_replaces_its_gram_matrix_and_release_drops_both() -> N
 
 @pytest.mark.parametrize(("groups", "width"), [(40, 9), (6, 25), (3, 70)])
 def test_grouped_gram_matrices_are_each_groups_own_products(groups: int, width: int) -> None:
-    # depthwise and narrow groups sum column products, wide groups stack matmuls: both are X_g^T Y_g
+    # every group width (depthwise, narrow, wide): one stacked product of contiguous blocks, X_g^T Y_g
     from pruner._recover import _grams
 
     rng = np.random.default_rng(groups)
