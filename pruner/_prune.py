@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import onnx
 
 from ._analysis import Inspection, analyze
+from ._blas import one_blas_thread
 from ._candidates import CandidatePool, make_candidates
 from ._confirm import confirm
 from ._executor import make_executor
@@ -100,6 +101,17 @@ def prune(
         ResourceLimitError: the eval set's arrays would not fit in memory.
         CancelledError: ``stop`` was set.
     """
+    with one_blas_thread():  # the whole run: its bits the same whatever else the process runs
+        return _prune(model, evalset, options, on_progress, stop)
+
+
+def _prune(
+    model: ModelSource,
+    evalset: EvalSource,
+    options: PruneOptions | None,
+    on_progress: Callable[[ProgressEvent], None] | None,
+    stop: threading.Event | None,
+) -> PruneResult:
     start = time.perf_counter()
     loaded, owned = load(model, evalset, options or PruneOptions(), stop)
     # the executor runs the evaluations, calibration and probes: here, or on a Ray cluster

@@ -151,7 +151,7 @@ def _blas_threads(count: int | None) -> contextlib.AbstractContextManager[Any]:
     workers with one)."""
     if count is None:
         return contextlib.nullcontext()
-    from threadpoolctl import threadpool_limits  # in the ray extra
+    from threadpoolctl import threadpool_limits
 
     return threadpool_limits(limits=count, user_api="blas")
 

@@ -40,6 +40,7 @@ import onnxruntime as ort
 from onnx import helper
 
 from ._analysis import PrunableWeight
+from ._blas import one_blas_thread
 from ._errors import UnsupportedModelError, check_stop
 from ._evalset import EvalSet
 from ._evaluate import Batches, SplitModel, make_session, run_session
@@ -1265,7 +1266,7 @@ def _collect(
         check_stop(stop)
         feeds = {k: v[batch] for k, v in evalset.inputs.items()}
         outputs = dict(zip(wanted, _run_views(session, wanted, feeds), strict=True)) | dict(constants)
-        with _one_blas_thread():
+        with one_blas_thread():  # the run holds it too: here for a pass called on its own
             for name, layout in layouts.items():
                 for use in layout.all_uses:  # a shared weight: the rows of every node it feeds
                     check_stop(stop)
@@ -1285,49 +1286,6 @@ def _run_views(session: ort.InferenceSession, names: list[str], feeds: Mapping[s
         return run_session(session, names, feeds)
 
 
-class _OneBlasThread:
-    """numpy's BLAS on one thread while any calibration pass of this process computes its
-    statistics, when threadpoolctl is installed (the ray extra has it).
-
-    Calibration's products are many and small (a batch's rows of one layer; a depthwise conv's
-    one per channel): OpenBLAS's hand-off to its second thread cost more than it gave, 10x on
-    the depthwise Gram matrices with other processes on the cores (ppocr_cls at load 6: 7.4
-    plain passes of calibration on two threads, 2.0 on one). One thread is also the count Ray's
-    workers run, so a shard's sums stay the driver's to the bit. The limit is process-wide:
-    counted, so that concurrent runs (the server's jobs) restore the count only when the last
-    of them leaves. Known cost: a run in the same process that fits while another calibrates
-    makes some of its products on one thread, and OpenBLAS's sums differ in the last bits
-    between thread counts, so its weights may differ from a solo run's in those bits (a run of
-    its own, the CLI's or a job process's, is reproducible to the bit). OpenBLAS's
-    ``openblas_set_num_threads_local`` is no way out: it changed another thread's bits too."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._users = 0
-        self._limit: contextlib.AbstractContextManager[object] | None = None
-
-    @contextlib.contextmanager
-    def __call__(self) -> Iterator[None]:
-        try:
-            from threadpoolctl import threadpool_limits
-        except ImportError:  # pragma: no cover - an optional dependency: BLAS as it is
-            yield
-            return
-        with self._lock:
-            if self._users == 0:
-                self._limit = threadpool_limits(limits=1, user_api="blas")
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0 and self._limit is not None:
-                    self._limit.__exit__(None, None, None)
-                    self._limit = None
-
-
-_one_blas_thread = _OneBlasThread()
 
 
 def _probe(model: onnx.ModelProto, found: Mapping[str, LayerLayout]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:

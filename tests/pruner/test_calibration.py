@@ -4,6 +4,7 @@ written out by hand (im2col by loops, a recurrent node's x_t and h_{t-1}), then 
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -143,14 +144,15 @@ def test_grouped_products_of_two_arrays_are_each_groups_own(groups: int, width: 
 
 
 def test_one_blas_thread_is_restored_when_the_last_overlapping_pass_leaves() -> None:
-    threadpoolctl = pytest.importorskip("threadpoolctl")
-    from pruner._recover import _one_blas_thread
+    import threadpoolctl
+
+    from pruner._blas import one_blas_thread
 
     def blas_threads() -> list[int]:
         return [i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"]
 
     before = blas_threads()
-    first, second = _one_blas_thread(), _one_blas_thread()  # two jobs' passes overlapping
+    first, second = one_blas_thread(), one_blas_thread()  # two jobs' passes overlapping
     first.__enter__()
     second.__enter__()
     assert set(blas_threads()) == {1}
@@ -158,3 +160,39 @@ def test_one_blas_thread_is_restored_when_the_last_overlapping_pass_leaves() -> 
     assert set(blas_threads()) == {1}  # the second pass still computes
     second.__exit__(None, None, None)
     assert blas_threads() == before
+
+
+def test_a_run_holds_one_blas_thread_from_start_to_end_and_concurrent_runs_give_its_bits() -> None:
+    import hashlib
+    import threading
+
+    import threadpoolctl
+
+    fixtures = Path(__file__).resolve().parents[1] / "fixtures"
+
+    def blas() -> set[int]:
+        return {i["num_threads"] for i in threadpoolctl.threadpool_info() if i["user_api"] == "blas"}
+
+    seen: list[set[int]] = []
+    options = pruner.PruneOptions(max_evaluations=4)
+
+    def run(record: bool) -> str:
+        result = pruner.prune(
+            fixtures / "cnn.onnx",
+            fixtures / "cnn_eval.npz",
+            options,
+            on_progress=(lambda event: seen.append(blas())) if record else None,
+        )
+        return hashlib.sha256(result.model_bytes or result.model.SerializeToString()).hexdigest()
+
+    with threadpoolctl.threadpool_limits(limits=2, user_api="blas"):  # as a 2-core machine starts
+        solo = run(record=True)
+        assert seen and all(threads == {1} for threads in seen)  # every step, not the calibration alone
+        assert blas() == {2}  # given back at the end
+        together: list[str] = []
+        runs = [threading.Thread(target=lambda: together.append(run(record=False))) for _ in range(2)]
+        for t in runs:
+            t.start()
+        for t in runs:
+            t.join()
+    assert together == [solo, solo]
