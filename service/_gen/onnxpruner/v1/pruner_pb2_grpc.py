@@ -34,7 +34,8 @@ class PrunerServiceStub:
     one (service name "onnxpruner.v1.PrunerService"); and google/rpc/status.proto
     and google/rpc/error_details.proto, the error details described below. The
     vendored files name their origin and license. The server also offers
-    reflection. clients/node/prune.js is a client written from these files.
+    reflection. clients/node/prune.js (Prune) and clients/node/job.js (the job
+    API) are clients written from these files.
 
     Authentication: a server started with a token wants the metadata header
     `authorization: Bearer <token>` (key in lower case, the value exactly
@@ -144,7 +145,8 @@ class PrunerServiceServicer:
     one (service name "onnxpruner.v1.PrunerService"); and google/rpc/status.proto
     and google/rpc/error_details.proto, the error details described below. The
     vendored files name their origin and license. The server also offers
-    reflection. clients/node/prune.js is a client written from these files.
+    reflection. clients/node/prune.js (Prune) and clients/node/job.js (the job
+    API) are clients written from these files.
 
     Authentication: a server started with a token wants the metadata header
     `authorization: Bearer <token>` (key in lower case, the value exactly
@@ -382,7 +384,8 @@ class PrunerService:
     one (service name "onnxpruner.v1.PrunerService"); and google/rpc/status.proto
     and google/rpc/error_details.proto, the error details described below. The
     vendored files name their origin and license. The server also offers
-    reflection. clients/node/prune.js is a client written from these files.
+    reflection. clients/node/prune.js (Prune) and clients/node/job.js (the job
+    API) are clients written from these files.
 
     Authentication: a server started with a token wants the metadata header
     `authorization: Bearer <token>` (key in lower case, the value exactly
