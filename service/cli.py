@@ -262,6 +262,13 @@ def _option_arguments(p: argparse.ArgumentParser) -> None:
         metavar="ADDRESS",
         help="--executor ray: the cluster (HOST:PORT of its head, or ray://...); default: a local Ray for the run",
     )
+    p.add_argument(
+        "--executor-workers",
+        type=int,
+        default=DEFAULTS.executor_workers,
+        metavar="N",
+        help="--executor ray: Ray workers, one CPU each, placed together (default: one per CPU of the cluster)",
+    )
     p.add_argument("--layer-cap", type=float, default=DEFAULTS.layer_cap, help="max sparsity of any layer")
     p.add_argument("--include", action="append", default=[], metavar="GLOB", help="prune only matching layers")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="never prune matching layers")
@@ -295,6 +302,7 @@ def _options(args: argparse.Namespace) -> PruneOptions:
     return PruneOptions(
         executor=pruner.Executor(args.executor),
         ray_address=args.ray_address,
+        executor_workers=args.executor_workers,
         mode=Mode(args.mode),
         nm=_nm(args.nm),
         objective=Objective(args.objective) if args.objective else None,

@@ -102,12 +102,20 @@ class ServerConfig:
     and probes out to its actors; docs/ray.md). ``Prune`` calls always run locally."""
     ray_address: str | None = None
     """``executor`` ray: the cluster (``host:port`` or ``ray://host:10001``); None: a Ray local to each job."""
+    ray_workers: int = 0
+    """``executor`` ray: the workers (Ray actors, one CPU each) of each job; 0: one per CPU of the
+    cluster. A job's workers are placed together or not at all, so jobs at once on one cluster
+    share it only when each takes part of it: with 0, they run one after the other."""
 
     def __post_init__(self) -> None:
         if self.executor not in ("local", "ray"):
             raise ValueError(f"executor must be local or ray, got {self.executor!r}")
         if self.ray_address is not None and self.executor != "ray":
             raise ValueError("ray_address needs executor ray")
+        if not 0 <= self.ray_workers <= 100_000:
+            raise ValueError(f"ray_workers must be 0 (one per CPU of the cluster) to 100000, got {self.ray_workers}")
+        if self.ray_workers and self.executor != "ray":
+            raise ValueError("ray_workers needs executor ray")
         if self.executor == "ray" and importlib.util.find_spec("ray") is None:
             raise ValueError("executor ray needs the ray extra: pip install 'onnx-pruner[ray]'")
         for name in ("max_jobs", "max_inspects", "max_model_bytes", "max_eval_bytes"):
@@ -1100,6 +1108,7 @@ def _jobs(config: ServerConfig) -> tuple[JobStore | None, Runner | None]:
         retention_max_bytes=config.retention_max_bytes,
         executor=config.executor,
         ray_address=config.ray_address,
+        ray_workers=config.ray_workers,
     )
     runner.start()
     return store, runner
@@ -1171,6 +1180,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="where stored jobs run evaluations, calibration and probes (ray: the ray extra)")  # fmt: skip
     p.add_argument("--ray-address", default=_env("ray_address", None),
                    help="--executor ray: host:port or ray://HOST:10001 (default: a Ray per job)")  # fmt: skip
+    p.add_argument("--ray-workers", type=int, default=_env("ray_workers", d.ray_workers),
+                   help="--executor ray: Ray workers (one CPU each) a job; 0: one per CPU of the cluster")  # fmt: skip
     p.add_argument("--runtime-dir", default=str(healthcheck.runtime_dir()),
                    help="where the server writes server.json (its port and TLS mode) for the health check")  # fmt: skip
     return p
@@ -1243,6 +1254,7 @@ def main(argv: list[str] | None = None) -> int:
             job_dead_after=float(args.job_dead_after),
             executor=str(args.executor),
             ray_address=args.ray_address or None,
+            ray_workers=int(args.ray_workers),
         )
     except ValueError as e:
         print(f"onnx-pruner server: error: {e}", file=sys.stderr)

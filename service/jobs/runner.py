@@ -100,6 +100,7 @@ class Runner:
         cleanup_every: float = 600.0,
         executor: str = "local",
         ray_address: str | None = None,
+        ray_workers: int = 0,
     ) -> None:
         self.store = store
         self.store_url = store_url
@@ -119,6 +120,7 @@ class Runner:
         self.cleanup_every = cleanup_every
         self.executor = executor
         self.ray_address = ray_address
+        self.ray_workers = ray_workers
         self._runs: dict[str, _Run] = {}
         self._claiming = threading.Event()
         self._claiming.set()
@@ -201,6 +203,8 @@ class Runner:
             ]  # fmt: skip
             if self.ray_address:
                 command += ["--ray-address", self.ray_address]
+            if self.ray_workers:
+                command += ["--ray-workers", str(self.ray_workers)]
             # two malloc arenas keep the address space (what RLIMIT_AS counts) near what is used
             env = {**os.environ, "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX", "2")}
             env[worker.STORE_ENV] = self.store_url  # not on the command line, where ps shows a password

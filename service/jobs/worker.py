@@ -127,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
         options = convert.options_from_proto(config, threads=args.threads)
         if args.executor != "local":  # the server's choice: PruneConfig has no such field
             executor = pruner.Executor(args.executor)
-            options = dataclasses.replace(options, executor=executor, ray_address=args.ray_address)
+            options = dataclasses.replace(
+                options, executor=executor, ray_address=args.ray_address, executor_workers=args.ray_workers
+            )
         model_path, eval_path = store.blob_path(job.inputs["model"]), store.blob_path(job.inputs["eval"])
         public = {str(model_path): public["model"], str(eval_path): public["eval"]}
         max_eval_bytes = args.max_eval_bytes or None
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-eval-bytes", type=int, default=0, help="decoded eval set limit (0: free memory)")
     parser.add_argument("--executor", default="local", choices=("local", "ray"), help="where the job fans work out")
     parser.add_argument("--ray-address", default=None, help="--executor ray: the cluster's address")
+    parser.add_argument("--ray-workers", type=int, default=0, help="--executor ray: workers (0: one per CPU)")
     args = parser.parse_args(argv)
     if not args.store:
         parser.error(f"give the job store's URL with --store or ${STORE_ENV}")

@@ -60,6 +60,17 @@ def _run(name: str, executor: Executor, on_progress: Any = None, **options: Any)
     return hashlib.sha256(model).hexdigest(), figures
 
 
+def _mlp_batches() -> tuple[bytes, Any]:
+    """The mlp fixture's bytes and its eval set's batches of 16 (``Batches``; ``.output`` its output)."""
+    from pruner._evalset import load_eval_set, model_inputs
+    from pruner._evaluate import Batches
+
+    model = (FIXTURES / "mlp.onnx").read_bytes()
+    proto = onnx.load_from_string(model)
+    data = load_eval_set(FIXTURES / "mlp_eval.npz")
+    return model, Batches(model_inputs(proto), proto.graph.output[0].name, data, batch_size=16)
+
+
 @pytest.mark.parametrize(
     ("name", "options"),
     [
@@ -98,15 +109,11 @@ def test_a_worker_killed_mid_run_has_its_pieces_run_again(cluster: Cluster, capl
 
 
 def test_every_worker_dead_is_a_clear_error_not_a_hang(cluster: Cluster) -> None:
-    from pruner._evalset import load_eval_set, model_inputs
-    from pruner._evaluate import Batches, PortableRunner
+    from pruner._evaluate import PortableRunner
     from pruner._ray import RayExecutor
 
-    model = (FIXTURES / "mlp.onnx").read_bytes()
-    data = load_eval_set(FIXTURES / "mlp_eval.npz")
-    specs = model_inputs(onnx.load_from_string(model))
-    output = onnx.load_from_string(model).graph.output[0].name
-    batches = Batches(specs, output, data, batch_size=16)
+    model, batches = _mlp_batches()
+    output, data = batches.output, batches.evalset
     executor = RayExecutor(None, 2)
     try:
         runner = PortableRunner(output, model=lambda: model)
@@ -209,14 +216,11 @@ def test_the_confirmation_scores_the_held_out_split_on_the_workers(cluster: Clus
 def test_the_pieces_left_queued_by_an_early_stop_are_skipped_not_run(cluster: Cluster) -> None:
     import ray
 
-    from pruner._evalset import load_eval_set, model_inputs
-    from pruner._evaluate import Batches, PortableRunner
+    from pruner._evaluate import PortableRunner
     from pruner._ray import RayExecutor
 
-    model = (FIXTURES / "mlp.onnx").read_bytes()
-    data = load_eval_set(FIXTURES / "mlp_eval.npz")
-    output = onnx.load_from_string(model).graph.output[0].name
-    batches = Batches(model_inputs(onnx.load_from_string(model)), output, data, batch_size=16)
+    model, batches = _mlp_batches()
+    output, data = batches.output, batches.evalset
     executor = RayExecutor(None, 2)
     try:
         runner = PortableRunner(output, model=lambda: model)
@@ -246,14 +250,11 @@ def test_the_pieces_left_queued_by_an_early_stop_are_skipped_not_run(cluster: Cl
 def test_a_worker_that_is_held_up_runs_fewer_batches_and_the_outputs_stay_in_order(cluster: Cluster) -> None:
     import ray
 
-    from pruner._evalset import load_eval_set, model_inputs
-    from pruner._evaluate import Batches, PortableRunner
+    from pruner._evaluate import PortableRunner
     from pruner._ray import IN_FLIGHT, WINDOW, RayExecutor
 
-    model = (FIXTURES / "mlp.onnx").read_bytes()
-    data = load_eval_set(FIXTURES / "mlp_eval.npz")
-    output = onnx.load_from_string(model).graph.output[0].name
-    batches = Batches(model_inputs(onnx.load_from_string(model)), output, data, batch_size=16)
+    model, batches = _mlp_batches()
+    output = batches.output
     executor = RayExecutor(None, 2)
     try:
         runner = PortableRunner(output, model=lambda: model)
@@ -289,14 +290,11 @@ def test_a_run_s_workers_start_together_or_wait_together(cluster: Cluster) -> No
 
     import ray
 
-    from pruner._evalset import load_eval_set, model_inputs
-    from pruner._evaluate import Batches, PortableRunner
+    from pruner._evaluate import PortableRunner
     from pruner._ray import RayExecutor
 
-    model = (FIXTURES / "mlp.onnx").read_bytes()
-    data = load_eval_set(FIXTURES / "mlp_eval.npz")
-    output = onnx.load_from_string(model).graph.output[0].name
-    batches = Batches(model_inputs(onnx.load_from_string(model)), output, data, batch_size=16)
+    model, batches = _mlp_batches()
+    output = batches.output
     runner = PortableRunner(output, model=lambda: model)
     rows = np.arange(64)
 
@@ -341,6 +339,17 @@ def test_ray_options_are_checked() -> None:
         PruneOptions(executor="ray")  # type: ignore[arg-type]
 
 
+def test_executor_workers_without_executor_ray_exits_2_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    args = ["prune", str(FIXTURES / "mlp.onnx"), "--eval", str(FIXTURES / "mlp_eval.npz"), "--quiet"]
+    assert main([*args, "-o", str(tmp_path / "out.onnx"), "--executor-workers", "2"]) == 2
+    assert "executor_workers need executor ray" in capsys.readouterr().err
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_executor_ray_without_the_extra_exits_2_naming_it(tmp_path: Path) -> None:
     # ray blocked in a subprocess: the CLI exits 2 with a message naming the extra and writes
     # nothing, and the default (local) run needs no ray at all
@@ -380,6 +389,9 @@ def test_the_cli_on_the_cluster_writes_the_local_model(cluster: Cluster, tmp_pat
     assert main([*args, "-o", str(tmp_path / "local.onnx")]) == 0
     assert main([*args, "-o", str(tmp_path / "ray.onnx"), "--executor", "ray", "--ray-address", cluster.address]) == 0
     assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
+    one = ["-o", str(tmp_path / "one.onnx"), "--executor", "ray", "--ray-address", cluster.address]
+    assert main([*args, *one, "--executor-workers", "1"]) == 0  # one of the cluster's 2 CPUs
+    assert (tmp_path / "one.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
 
 
 def test_a_driver_outside_the_cluster_runs_through_ray_client(cluster: Cluster, tmp_path: Path) -> None:
@@ -444,6 +456,11 @@ def test_a_server_refuses_executor_ray_without_the_extra_or_an_executor_it_does_
         ServerConfig(executor="dask")
     with pytest.raises(ValueError, match="ray_address needs executor ray"):
         ServerConfig(ray_address="127.0.0.1:6379")
+    with pytest.raises(ValueError, match="ray_workers needs executor ray"):
+        ServerConfig(ray_workers=2)
+    if HAVE_RAY:
+        with pytest.raises(ValueError, match=r"ray_workers must be 0 .* got -1"):
+            ServerConfig(executor="ray", ray_workers=-1)
     if not HAVE_RAY:
         with pytest.raises(ValueError, match=r"pip install 'onnx-pruner\[ray\]'"):
             ServerConfig(executor="ray")
@@ -468,15 +485,11 @@ def test_a_k_section_on_ray_gives_the_local_model_and_report(
 
 
 def test_ray_runs_the_candidates_of_a_round_together_each_stopping_on_its_own(cluster: Cluster) -> None:
-    from pruner._evalset import load_eval_set, model_inputs
-    from pruner._evaluate import Batches, PortableRunner
+    from pruner._evaluate import PortableRunner
     from pruner._ray import IN_FLIGHT, RayExecutor
 
-    model = (FIXTURES / "mlp.onnx").read_bytes()
-    data = load_eval_set(FIXTURES / "mlp_eval.npz")
-    proto = onnx.load_from_string(model)
-    output = proto.graph.output[0].name
-    batches = Batches(model_inputs(proto), output, data, batch_size=16)
+    model, batches = _mlp_batches()
+    proto, output = onnx.load_from_string(model), batches.output
     rows = np.arange(32)  # 2 batches a candidate: one candidate alone leaves workers idle
     pieces = batches.pieces(rows)
     variants = []

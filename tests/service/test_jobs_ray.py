@@ -100,7 +100,7 @@ def events_of(connection: Connection, job_id: str) -> tuple[list[int], list[prun
 def test_a_job_runs_as_a_ray_task_with_the_local_model_and_events(
     cluster: Cluster, servers: Callable[..., JobServer]
 ) -> None:
-    local, remote = servers(), ray_server(servers, cluster)
+    local, remote = servers(), ray_server(servers, cluster, "--ray-workers", "1")
     options = pruner.PruneOptions(max_evaluations=4)
     with Connection(local.address) as connection:
         local_id, _ = connection.submit(MLP, MLP_EVAL, options)
@@ -128,6 +128,7 @@ def test_a_job_runs_as_a_ray_task_with_the_local_model_and_events(
     assert events[-1].kind is pruner.EventKind.DONE
     options_run = json.loads(final.report_json)["options"]
     assert (options_run["executor"], options_run["ray_address"]) == ("ray", cluster.address)
+    assert options_run["executor_workers"] == 1  # the server's --ray-workers
     assert options_run["threads"] == ray_task.TASK_CPUS  # set in the task: the job did not run in the worker
     assert seen, "the job's Ray task was not seen on the cluster"
     # the task ended, the executor's actors with it: the cluster's CPUs are free again
