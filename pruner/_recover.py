@@ -1286,8 +1286,6 @@ def _run_views(session: ort.InferenceSession, names: list[str], feeds: Mapping[s
         return run_session(session, names, feeds)
 
 
-
-
 def _probe(model: onnx.ModelProto, found: Mapping[str, LayerLayout]) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """``model`` with every tensor the layers' rows read as an output (a recurrent node's Y named
     where the node leaves it unnamed), and those of them that are constants, as arrays."""
