@@ -401,14 +401,20 @@ def test_a_driver_outside_the_cluster_runs_through_ray_client(cluster: Cluster, 
     run = [sys.executable, "-m", "service.cli", *args]
     local = subprocess.run([*run, "-o", str(tmp_path / "local.onnx")], capture_output=True, text=True, cwd=ROOT)
     assert local.returncode == 0, local.stderr
-    remote = subprocess.run(
-        [*run, "-o", str(tmp_path / "ray.onnx"), "--executor", "ray", "--ray-address", cluster.client_address],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=cluster.env,
-        timeout=600,
-    )
+    for attempt in range(2):
+        remote = subprocess.run(
+            [*run, "-o", str(tmp_path / "ray.onnx"), "--executor", "ray", "--ray-address", cluster.client_address],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=cluster.env,
+            timeout=600,
+        )
+        # Ray's client proxy once lost the per-client server it forks (it exited at once, its logs
+        # empty: "Starting Ray client server failed"): Ray's flake, not ours, so one more try
+        if attempt == 0 and "Starting Ray client server failed" in remote.stderr:
+            continue
+        break
     assert remote.returncode == 0, remote.stderr
     assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
 
