@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
             logger.warning("job %s: not finished by this worker: %s", job.id, e)
 
     # the inputs' blob files are the server's business: a message names what the client sent
-    public = {"model": "the submitted model", "eval": "the submitted eval set"}
+    public: dict[str, str] = {}
     try:
         config = pb.PruneConfig.FromString(store.blob_path(job.inputs["config"]).read_bytes())
         options = convert.options_from_proto(config, threads=args.threads)
@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
                 options, executor=executor, ray_address=args.ray_address, executor_workers=args.ray_workers
             )
         model_path, eval_path = store.blob_path(job.inputs["model"]), store.blob_path(job.inputs["eval"])
-        public = {str(model_path): public["model"], str(eval_path): public["eval"]}
+        public = {str(model_path): "the submitted model", str(eval_path): "the submitted eval set"}
         max_eval_bytes = args.max_eval_bytes or None
         if on_ray:  # the job runs as a Ray task on the cluster; this process relays its events and its stop
             from service.jobs import ray_task
