@@ -73,6 +73,11 @@ class Executor:
 
         return [one(make, pieces) for make, pieces in jobs]
 
+    def prepare(self, batches: Batches, runner: Runner) -> None:
+        """Get ``runner`` ready where its pieces will run, without waiting: a cluster sends its model
+        to every worker and makes the session there while this process goes on (the final check
+        overlaps the checker with it). Here, nothing: the session is made on the first piece."""
+
     @property
     def remote(self) -> bool:
         """Whether work goes elsewhere (then :meth:`map_model` is worth its transfers)."""

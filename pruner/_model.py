@@ -15,8 +15,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
-from google.protobuf.message import DecodeError
+from google.protobuf.message import DecodeError, EncodeError
 from onnx import TensorProto
 
 from ._errors import InvalidConfigError, InvalidModelError
@@ -190,11 +191,23 @@ def _external_int(tensor: TensorProto, info: dict[str, str], key: str) -> int:
         ) from None
 
 
+def _serialized(model: onnx.ModelProto) -> bytes | None:
+    """``model`` serialized, or None when it is over protobuf's 2 GB. One serialization where its
+    initializers are well under the limit (``ByteSize()`` is a serialization of its own)."""
+    if sum(int(np.prod(t.dims)) for t in model.graph.initializer) * 8 < PROTOBUF_LIMIT:
+        try:
+            return model.SerializeToString()
+        except EncodeError:  # Constant nodes or attributes took it over
+            pass
+    return model.SerializeToString() if model.ByteSize() < PROTOBUF_LIMIT else None
+
+
 @contextlib.contextmanager
 def session_source(model: onnx.ModelProto) -> Iterator[str | bytes]:
     """What onnxruntime should load: bytes, or a temporary path for models over 2 GB."""
-    if model.ByteSize() < PROTOBUF_LIMIT:
-        yield model.SerializeToString()
+    data = _serialized(model)
+    if data is not None:
+        yield data
         return
     with tempfile.TemporaryDirectory(prefix="onnx-pruner-") as tmp:
         path = os.path.join(tmp, "model.onnx")

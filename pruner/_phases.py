@@ -638,12 +638,15 @@ class FinalCheck:
         if sparse:
             data, notes = _with_sparse_initializers(data, sparse)
             check_stop(self.stop)
+        fresh = self._fresh(data)
+        # a cluster's workers load the bytes while the checker runs here; nothing runs rows before it passes
+        self.evaluator.batches.executor.prepare(self.evaluator.batches, fresh)
         try:
             onnx.checker.check_model(data, full_check=True)
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
             raise InternalError(f"the pruned model fails the checker ({e})") from e
         check_stop(self.stop)
-        final, hold_scores = self._measure(self._fresh(data))
+        final, hold_scores = self._measure(fresh)
         model = onnx.ModelProto.FromString(data)
         self._validate(model, None)
         return Checked(model, data, final, hold_scores, notes)
@@ -659,12 +662,10 @@ class FinalCheck:
             raise InternalError("the pruned model's inputs or outputs changed")
 
     def _fresh(self, data: bytes) -> Runner:
-        """A fresh session of ``data``: here, or one on each worker of a remote executor (the bytes
-        go to its object store once, the rows are sharded like any evaluation's)."""
-        batches = self.evaluator.batches
-        if batches.executor.remote:
-            return PortableRunner(batches.output, model=lambda: data)
-        return session_runner(make_session(data, threads=self.threads), batches.output)
+        """A fresh session of ``data``, made where its rows run: here on the first of them, or on each
+        worker of a remote executor (the bytes go to its object store once, the rows are sharded like
+        any evaluation's)."""
+        return PortableRunner(self.evaluator.batches.output, model=lambda: data, threads=self.threads)
 
     def _measure(self, runner: Runner) -> tuple[SplitMetric, np.ndarray | None]:
         evaluator, batches = self.evaluator, self.evaluator.batches

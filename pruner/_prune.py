@@ -113,9 +113,11 @@ def _prune(
     stop: threading.Event | None,
 ) -> PruneResult:
     start = time.perf_counter()
-    loaded, owned = load(model, evalset, options or PruneOptions(), stop)
-    # the executor runs the evaluations, calibration and probes: here, or on a Ray cluster
-    with make_executor(loaded.options) as executor:
+    options = options or PruneOptions()
+    # the executor runs the evaluations, calibration and probes: here, or on a Ray cluster, whose
+    # workers start while the model and the eval set load
+    with make_executor(options) as executor:
+        loaded, owned = load(model, evalset, options, stop)
         loaded.batches.executor = executor
         _phase_done("load")
         options = loaded.options

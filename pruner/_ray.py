@@ -114,6 +114,12 @@ class _Worker:
             self.sessions.popitem(last=False)
         return run
 
+    def prepare(self, spec: tuple[Any, ...]) -> None:
+        """Make ``spec``'s session now, ahead of its pieces (an actor runs its tasks in order). A
+        model that cannot be loaded fails its first piece instead, with the error in full."""
+        with contextlib.suppress(Exception):
+            self._runner(spec)
+
     def outputs(
         self, batches: list[Any], spec: tuple[Any, ...], rows: np.ndarray, call: str | None = None
     ) -> np.ndarray | None:
@@ -271,6 +277,12 @@ class RayExecutor(Executor):
         return spec
 
     # -- running pieces --------------------------------------------------------------------------
+
+    def prepare(self, batches: Batches, runner: Runner) -> None:
+        if isinstance(runner, PortableRunner) and runner.portable:
+            spec = self._spec(runner)
+            for worker in self._live:
+                self._actors[worker].prepare.remote(spec)  # no result: it only warms the worker
 
     def outputs(
         self, batches: Batches, runner: Runner, pieces: Sequence[np.ndarray]
