@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import traceback
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -531,9 +532,12 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     options = _options(args)
+    # a submit cut off (a server restart, a dropped connection) is sent again with the same key:
+    # the user's, or one of ours, so the job is stored once either way
+    key = args.idempotency_key or uuid.uuid4().hex
     with _connection(args) as connection:
-        job_id, created = connection.submit(args.model, args.eval_set, options, idempotency_key=args.idempotency_key)
-    if not created:
+        job_id, created, attempts = connection.submit_retrying(args.model, args.eval_set, options, idempotency_key=key)
+    if not created and attempts == 1:
         print(f"onnx-prune: the idempotency key names job {job_id}, submitted before", file=sys.stderr)
     print(job_id)
     return Exit.OK

@@ -314,6 +314,31 @@ class Connection:
             raise self._job_error(e) from None
         return response.job_id, response.created
 
+    def submit_retrying(
+        self,
+        model: Source,
+        evalset: Source,
+        options: pruner.PruneOptions,
+        *,
+        idempotency_key: str,
+        reconnect_seconds: float = RECONNECT_SECONDS,
+    ) -> tuple[str, bool, int]:
+        """:meth:`submit`, sent again with the same key while the server is unavailable (a
+        restart, or a connection dropped mid-upload), with backoff for up to ``reconnect_seconds``
+        since the last answer: the job is stored once. Returns ``(job id, created, attempts)``;
+        after a retry ``created`` may be False for the job this call's own lost attempt stored. A
+        server that cannot be reached at all fails at once."""
+        self._connect()
+        retry = _Retry(reconnect_seconds)
+        attempts = 0
+        while True:
+            attempts += 1
+            try:
+                job_id, created = self.submit(model, evalset, options, idempotency_key=idempotency_key)
+                return job_id, created, attempts
+            except errors.ServerUnavailableError:
+                retry.wait()
+
     def watch(self, job_id: str, from_event: int = 0) -> Iterator[JobUpdate]:
         """The job's progress events from ``from_event`` as ``(index, event)``, then its final status.
 
@@ -414,18 +439,12 @@ class Connection:
                 (``errors.error_named``), a cancelled one ``pruner.CancelledError``.
         """
         _check_readable(model, evalset)
-        self._connect()  # a server that cannot be reached at all fails at once; later losses are retried
-        key = uuid.uuid4().hex
-        retry = _Retry(reconnect_seconds)
-        while True:
-            try:
-                job_id, _ = self.submit(model, evalset, options, idempotency_key=key)
-                break
-            except JobsUnsupportedError:
-                return self.prune(model, evalset, options, on_progress=on_progress)
-            except errors.ServerUnavailableError:
-                retry.wait()
-        retry.reset()
+        try:
+            job_id, _, _ = self.submit_retrying(
+                model, evalset, options, idempotency_key=uuid.uuid4().hex, reconnect_seconds=reconnect_seconds
+            )
+        except JobsUnsupportedError:
+            return self.prune(model, evalset, options, on_progress=on_progress)
         if on_submitted is not None:
             on_submitted(job_id)
         final = self.follow(job_id, on_progress=on_progress, reconnect_seconds=reconnect_seconds)

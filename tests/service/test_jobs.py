@@ -3,6 +3,7 @@ restarts (SIGKILL), idempotency, crashing and over-limit jobs, and the CLI."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -11,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -221,6 +223,75 @@ def test_a_duplicate_submit_with_the_same_idempotency_key_runs_once(job_server: 
     assert final.state == pb.JOB_STATE_SUCCEEDED and final.attempts == 1
     assert [job.job_id for job in jobs] == [first]
     assert kinds.count(pruner.EventKind.BASELINE) == 1 and kinds.count(pruner.EventKind.DONE) == 1
+
+
+class CuttingProxy:
+    """A TCP proxy to ``target`` on a loopback port that cuts its first connection once the client
+    has sent ``cut_after`` bytes (an upload dropped midway, as by a proxy or a restart); the
+    connections after it pass whole."""
+
+    def __init__(self, target: str, cut_after: int) -> None:
+        host, port = target.rsplit(":", 1)
+        self.target = (host, int(port))
+        self.cut_after = cut_after
+        self.connections = 0
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.connections += 1
+            server = socket.create_connection(self.target)
+            limit = self.cut_after if self.connections == 1 else None
+            threading.Thread(target=self._pump, args=(client, server, limit), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, None), daemon=True).start()
+
+    @staticmethod
+    def _pump(source: socket.socket, sink: socket.socket, limit: int | None) -> None:
+        sent = 0
+        try:
+            while data := source.recv(16384):
+                if limit is not None and sent + len(data) > limit:
+                    break
+                sink.sendall(data)
+                sent += len(data)
+        except OSError:
+            pass
+        for sock in (source, sink):  # one side gone, or the cut: the connection ends both ways
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_submit_cut_off_midway_is_sent_again_with_its_key_and_stored_once(
+    job_server: Callable[..., JobServer],
+) -> None:
+    server = job_server()
+    proxy = CuttingProxy(server.address, cut_after=MLP.stat().st_size // 2)
+    try:
+        submitted = run_cli("submit", MLP, "--eval-set", MLP_EVAL, "--max-evaluations", "3", "--server", proxy.address)
+    finally:
+        proxy.close()
+    assert submitted.returncode == 0, submitted.stderr
+    assert proxy.connections >= 2  # the first was cut, the retry came on a new one
+    assert "submitted before" not in submitted.stderr and "Traceback" not in submitted.stderr
+    job_id = submitted.stdout.strip()
+    with Connection(server.address) as connection:
+        jobs = connection.list_jobs()
+        final = connection.follow(job_id)
+    assert [job.job_id for job in jobs] == [job_id]
+    assert jobs[0].idempotency_key  # the CLI's own key: a retry cannot store a second job
+    assert final.state == pb.JOB_STATE_SUCCEEDED
 
 
 def test_sigkill_of_the_server_mid_job_reruns_it_after_a_restart_and_keeps_finished_results(
