@@ -3,7 +3,7 @@
 // alone (loaded at run time, nothing generated), as `onnx-prune submit/watch/status/cancel/fetch`:
 //
 //   node job.js submit MODEL.onnx EVAL.npz [--idempotency-key KEY] [--mode zero|remove|nm]
-//       [--tolerance 0.01] [--max-evaluations N] [--search-width K]      prints the job id
+//       [--tolerance 0.01] [--max-evaluations N] [--search-width K] [--retries N]   prints the job id
 //   node job.js watch JOB [--from N] [--fail-unchanged] [--retries N]     progress, then the outcome
 //   node job.js status JOB [--json]
 //   node job.js cancel JOB
@@ -13,9 +13,11 @@
 // Every command takes [--address HOST:PORT] [--token TOKEN | --token-file FILE] [--tls-ca CA.pem];
 // the token may also come from ONNX_PRUNER_TOKEN.
 //
-// `watch` and `fetch` outlive a dropped stream: on UNAVAILABLE (a restarted server, a proxy that
-// dropped the stream) they reconnect with backoff (0.5 s doubling to 5 s), at most --retries times
-// (default 8) in a row without progress, and go on from the next event or the next byte. `fetch`
+// `submit`, `watch` and `fetch` outlive a dropped stream: on UNAVAILABLE (a restarted server, a
+// proxy that dropped the stream) they reconnect with backoff (0.5 s doubling to 5 s), at most
+// --retries times (default 8) in a row without progress: `submit` sends the upload again with the
+// same idempotency key (its own random one when none is given), so the job is stored once;
+// `watch` and `fetch` go on from the next event or the next byte. `fetch`
 // writes OUT.part (resuming from its size when it exists, as `onnx-prune fetch` does), checks the
 // size and SHA-256 of the whole file against the server's, then renames it to OUT; it never
 // replaces an existing OUT without --force.
@@ -44,7 +46,7 @@ const STATES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'];
 const CHANNEL_OPTIONS = { 'grpc.initial_reconnect_backoff_ms': 250, 'grpc.max_reconnect_backoff_ms': 2000 };
 
 const COMMAND_OPTIONS = {
-  submit: { ...common.PRUNE_OPTIONS, 'idempotency-key': { type: 'string' } },
+  submit: { ...common.PRUNE_OPTIONS, 'idempotency-key': { type: 'string' }, retries: { type: 'string' } },
   watch: { from: { type: 'string', default: '0' }, 'fail-unchanged': { type: 'boolean' }, retries: { type: 'string' } },
   status: { json: { type: 'boolean' } },
   cancel: {},
@@ -136,17 +138,37 @@ function stateName(state) {
   return String(state).replace('JOB_STATE_', '').toLowerCase();
 }
 
-async function submit(client, args) {
-  const [model, evalset] = args.positionals;
-  const reply = await new Promise((resolve, reject) => {
+function submitOnce(client, args, model, evalset, key) {
+  return new Promise((resolve, reject) => {
     const call = client.SubmitJob(common.metadata(args.connection.token), (err, res) => (err ? reject(err) : resolve(res)));
     const requests = (function* () {
-      if (args.values['idempotency-key']) yield { idempotency_key: args.values['idempotency-key'] };
+      yield { idempotency_key: key };
       for (const prune of common.pruneRequests(args.config, model, evalset)) yield { prune };
     })();
     common.send(call, requests).catch(reject);
   });
-  if (!reply.created) process.stderr.write(`the idempotency key names job ${reply.job_id}, submitted before\n`);
+}
+
+async function submit(client, args) {
+  const [model, evalset] = args.positionals;
+  // a submit cut off by UNAVAILABLE is sent again with the same key (the user's, or one of ours):
+  // the server stores the job once
+  const key = args.values['idempotency-key'] || crypto.randomUUID();
+  const reconnect = new Reconnect('submit', args.retries);
+  let reply = null;
+  let attempts = 0;
+  while (reply === null) {
+    attempts += 1;
+    try {
+      reply = await submitOnce(client, args, model, evalset, key);
+    } catch (error) {
+      await reconnect.after(error, 'the start');
+    }
+  }
+  // after a retry, an existing job may be the one our own cut-off attempt stored
+  if (!reply.created && attempts === 1) {
+    process.stderr.write(`the idempotency key names job ${reply.job_id}, submitted before\n`);
+  }
   console.log(reply.job_id);
   return EXIT.OK;
 }

@@ -354,6 +354,24 @@ def test_a_node_resubmit_with_the_same_idempotency_key_returns_the_same_job(
     assert job.attempts == 1 and len(keyed) == 1  # it ran once
 
 
+def test_a_node_submit_cut_off_midway_is_sent_again_with_its_key_and_stored_once(
+    jobs_server: jobs.JobServer, node: str
+) -> None:
+    with Connection(jobs_server.address) as connection:
+        before = {j.job_id for j in connection.list_jobs()}
+    proxy = jobs.CuttingProxy(jobs_server.address, cut_after=MLP.stat().st_size // 2)
+    try:
+        submitted = run_job(node, proxy.address, "submit", MLP, MLP_EVAL, "--max-evaluations", "3")
+    finally:
+        proxy.close()
+    assert submitted.returncode == 0, submitted.stderr
+    assert proxy.connections >= 2 and "submit: connection lost (UNAVAILABLE" in submitted.stderr
+    assert "submitted before" not in submitted.stderr
+    with Connection(jobs_server.address) as connection:
+        new = [j for j in connection.list_jobs() if j.job_id not in before]
+    assert [j.job_id for j in new] == [submitted.stdout.strip()] and new[0].idempotency_key
+
+
 def test_node_watch_from_n_starts_at_event_n(jobs_server: jobs.JobServer, node: str, finished: Finished) -> None:
     later = run_job(node, jobs_server.address, "watch", finished.job_id, "--from", "3")
     assert later.returncode == 0, later.stderr
