@@ -24,7 +24,7 @@ from ._errors import (
     ResourceLimitError,
     UnsupportedModelError,
 )
-from ._evalset import EvalSet, load_eval_set
+from ._evalset import EvalSet, load_eval_set, verify_eval_set
 from ._metrics import load_metric, metric_plugins, plugin_metric
 from ._model import check_output_path, load_model, save_model
 from ._options import (
@@ -96,4 +96,5 @@ __all__ = [
     "prune",
     "save_model",
     "transfer_plan",
+    "verify_eval_set",
 ]

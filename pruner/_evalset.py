@@ -14,7 +14,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, TypeVar
 
 import numpy as np
 import onnx
@@ -22,7 +22,9 @@ import onnx
 from ._errors import InvalidEvalSetError, ResourceLimitError
 from ._graph import declared_shape
 
-__all__ = ["EvalSet", "InputSpec", "load_eval_set", "model_inputs"]
+__all__ = ["EvalSet", "InputSpec", "load_eval_set", "model_inputs", "verify_eval_set"]
+
+T = TypeVar("T")
 
 LABELS_KEY = "labels"
 _NPY_MAGIC = b"\x93NUMPY"
@@ -74,6 +76,29 @@ def load_eval_set(source: str | os.PathLike[str] | bytes, *, max_bytes: int | No
         ResourceLimitError: the decoded arrays would exceed ``max_bytes`` or the free memory
             (``subject`` is ``"max_eval_bytes"``).
     """
+    arrays = _open_npz(source, max_bytes, _read_arrays)
+    labels = arrays.pop(LABELS_KEY, None)
+    return EvalSet(arrays, labels)
+
+
+def verify_eval_set(source: str | os.PathLike[str] | bytes | bytearray, *, max_bytes: int) -> int:
+    """Check an ``.npz`` as :func:`load_eval_set` does, without keeping its arrays: every member is
+    decompressed a chunk at a time (its length and CRC checked) and dropped, so the memory it takes
+    is a chunk's, whatever the arrays' size. Returns the arrays' decoded bytes.
+
+    Raises:
+        InvalidEvalSetError, ResourceLimitError: as :func:`load_eval_set`.
+    """
+    return _open_npz(source, max_bytes, _verify_members)
+
+
+def _open_npz(
+    source: str | os.PathLike[str] | bytes | bytearray,
+    max_bytes: int | None,
+    read: Callable[[zipfile.ZipFile, list[_Member], str], T],
+) -> T:
+    """``read(archive, members, what)`` on the ``.npz`` ``source`` once its headers passed (see
+    :func:`load_eval_set`); the archive's errors become ``InvalidEvalSetError``."""
     what = "the eval set bytes" if isinstance(source, (bytes, bytearray)) else repr(str(source))
     try:
         if isinstance(source, (bytes, bytearray)):
@@ -96,15 +121,13 @@ def load_eval_set(source: str | os.PathLike[str] | bytes, *, max_bytes: int | No
         try:
             with zipfile.ZipFile(handle) as archive:
                 members = _headers(archive, what, max_bytes)
-                arrays = _read_arrays(archive, members, what)
+                if not members:
+                    raise InvalidEvalSetError(f"{what} holds no arrays")
+                return read(archive, members, what)
         except NotImplementedError as e:  # zipfile: a compression method it does not know
             raise InvalidEvalSetError(f"{what} uses a zip compression numpy cannot read: {e}") from e
         except (OSError, zipfile.BadZipFile, EOFError, ValueError, zlib.error) as e:
             raise InvalidEvalSetError(f"{what} is not a readable .npz archive: {e}") from e
-    if not arrays:
-        raise InvalidEvalSetError(f"{what} holds no arrays")
-    labels = arrays.pop(LABELS_KEY, None)
-    return EvalSet(arrays, labels)
 
 
 @dataclass(frozen=True)
@@ -244,6 +267,26 @@ def _read_array(archive: zipfile.ZipFile, member: _Member, what: str) -> np.ndar
         del array
         raise
     return array
+
+
+def _verify_members(archive: zipfile.ZipFile, members: list[_Member], what: str) -> int:
+    """Decompress every member a chunk at a time, keeping nothing: its data must be as long as its
+    header declares (zipfile checks the CRC at the end). Returns the decoded bytes."""
+    for member in members:
+        with archive.open(member.info) as stream:
+            stream.seek(member.data_offset)
+            done = 0
+            while done < member.nbytes:
+                chunk = stream.read(min(READ_CHUNK, member.nbytes - done))
+                if not chunk:
+                    raise InvalidEvalSetError(
+                        f"{what}: member {member.info.filename!r} ends after {done} of its "
+                        f"{member.nbytes} bytes of data: the archive is truncated"
+                    )
+                done += len(chunk)
+            if stream.read(1):
+                raise InvalidEvalSetError(f"{what}: member {member.info.filename!r} holds more data than declared")
+    return sum(member.nbytes for member in members)
 
 
 def _limit_error(message: str) -> ResourceLimitError:

@@ -462,7 +462,10 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
             )
         buffer += data
 
-    def _receive(self, requests: Iterator[pb.PruneRequest], job: _Job) -> dict[str, Any]:
+    def _receive(self, requests: Iterator[pb.PruneRequest], job: _Job, *, decode: bool = True) -> dict[str, Any]:
+        """The inputs of a ``Prune`` or ``SubmitJob`` stream, checked. ``decode=False`` (a submit,
+        whose job runs elsewhere) checks an ``.npz`` eval set a chunk at a time and leaves
+        ``evalset`` None: the server never holds its decoded arrays."""
         config: pb.PruneConfig | None = None
         model = bytearray()
         npz = bytearray()
@@ -503,11 +506,15 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
             raise _bad("send the eval set as .npz chunks or as tensors, not both", "eval_npz_chunk")
         if not npz and not tensors:
             raise self._missing(job, "no eval set was sent", "eval_npz_chunk")
+        evalset = None
         if tensors:
             evalset = tensors.evalset()
         else:
             try:
-                evalset = pruner.load_eval_set(bytes(npz), max_bytes=limit)
+                if decode:
+                    evalset = pruner.load_eval_set(bytes(npz), max_bytes=limit)
+                else:
+                    pruner.verify_eval_set(npz, max_bytes=limit)
             except pruner.ResourceLimitError as e:
                 e.subject = e.subject or "max_eval_bytes"
                 raise
@@ -724,8 +731,8 @@ class PrunerServicer(pb_grpc.PrunerServiceServicer):
                             raise _bad("a SubmitJobRequest carries nothing", "payload")
 
                 with self._upload():
-                    inputs = self._receive(prune_requests(), job)
-                npz = bytes(inputs["npz"]) if inputs["npz"] else _npz(inputs["evalset"])
+                    inputs = self._receive(prune_requests(), job, decode=False)
+                npz = inputs["npz"] or _npz(inputs["evalset"])  # the upload as it came, not a copy
                 blobs = {
                     "model": store.put_blob([inputs.pop("model")])[0],
                     "eval": store.put_blob([npz])[0],

@@ -247,6 +247,44 @@ def test_a_member_that_decodes_to_other_data_than_declared_is_refused(tmp_path: 
     assert "not a readable .npz" in load_error(bytes(data))
 
 
+def bad_archives(tmp_path: Path) -> dict[str, bytes]:
+    """Archives ``load_eval_set`` refuses, one of each kind."""
+    np.savez(tmp_path / "pickled.npz", x=np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    np.save(tmp_path / "single.npy", seeded((4, 8)))
+    np.savez(tmp_path / "empty.npz")
+    full = write_npz(tmp_path / "full.npz", {"x": np.arange(4096, dtype=np.float64)}).read_bytes()
+    with zipfile.ZipFile(tmp_path / "full.npz") as archive:
+        info = archive.infolist()[0]
+    corrupt = bytearray(full)
+    corrupt[info.header_offset + 30 + len(info.filename) + len(info.extra) + info.compress_size // 2] ^= 0xFF
+    return {
+        "pickled": (tmp_path / "pickled.npz").read_bytes(),
+        "single npy": (tmp_path / "single.npy").read_bytes(),
+        "no arrays": (tmp_path / "empty.npz").read_bytes(),
+        "text": b"x,y\n1,2\n",
+        "truncated": full[: len(full) // 2],
+        "short member": write_claim(tmp_path / "short.npz", (100,), np.zeros(5).tobytes()).read_bytes(),
+        "bad crc": bytes(corrupt),
+        "over the limit": write_claim(tmp_path / "big.npz", (1 << 24,)).read_bytes(),
+    }
+
+
+def test_verify_eval_set_refuses_what_load_eval_set_refuses_with_the_same_message(tmp_path: Path) -> None:
+    for kind, data in bad_archives(tmp_path).items():
+        errors = []
+        for read in (pruner.load_eval_set, pruner.verify_eval_set):
+            with pytest.raises(pruner.PrunerError) as info:
+                read(data, max_bytes=1 << 20)
+            errors.append((type(info.value), str(info.value)))
+        assert errors[0] == errors[1], kind
+
+
+def test_verify_eval_set_keeps_no_array_and_returns_the_decoded_bytes(bomb: Path) -> None:
+    before = peak_rss()
+    assert pruner.verify_eval_set(bomb, max_bytes=2 * GIB) == GIB  # 1 GiB decoded, a chunk at a time
+    assert peak_rss() - before < 64 << 20
+
+
 def test_an_error_mid_archive_leaves_no_array_alive(tmp_path: Path) -> None:
     """The arrays read before a bad member are freed, even while the error is kept (as a server
     logs it): no frame of its traceback holds them."""

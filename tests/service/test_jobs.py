@@ -294,6 +294,35 @@ def test_a_submit_cut_off_midway_is_sent_again_with_its_key_and_stored_once(
     assert final.state == pb.JOB_STATE_SUCCEEDED
 
 
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_a_submit_checks_a_large_eval_set_without_holding_its_arrays(
+    job_server: Callable[..., JobServer], tmp_path: Path
+) -> None:
+    server = job_server()
+    assert server.process is not None
+    rows = 256 * 2**20 // (64 * 4)  # 256 MiB of float32 decoded, a few hundred KiB compressed
+    evalset = tmp_path / "large.npz"
+    np.savez_compressed(evalset, input=np.zeros((rows, 64), np.float32), labels=np.zeros(rows, np.int64))
+    with Connection(server.address) as connection:
+        warm, _ = connection.submit(MLP, MLP_EVAL, QUICK)  # the submit path's code and buffers
+        connection.follow(warm)
+        before = peak_rss_mib(server.process.pid)
+        job_id, created = connection.submit(MLP, evalset, QUICK)
+        after = peak_rss_mib(server.process.pid)
+        connection.cancel_job(job_id)
+        final = connection.follow(job_id)
+    assert created and final.state in (pb.JOB_STATE_CANCELLED, pb.JOB_STATE_SUCCEEDED)
+    # decoding it would take the server's peak up by the arrays' 258 MiB
+    assert after - before < 64, f"the server's peak RSS rose from {before:.0f} to {after:.0f} MiB"
+
+
 def test_sigkill_of_the_server_mid_job_reruns_it_after_a_restart_and_keeps_finished_results(
     job_server: Callable[..., JobServer],
 ) -> None:
