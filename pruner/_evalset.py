@@ -81,7 +81,7 @@ def load_eval_set(source: str | os.PathLike[str] | bytes, *, max_bytes: int | No
     return EvalSet(arrays, labels)
 
 
-def verify_eval_set(source: str | os.PathLike[str] | bytes | bytearray, *, max_bytes: int) -> int:
+def verify_eval_set(source: str | os.PathLike[str] | bytes | bytearray, *, max_bytes: int | None = None) -> int:
     """Check an ``.npz`` as :func:`load_eval_set` does, without keeping its arrays: every member is
     decompressed a chunk at a time (its length and CRC checked) and dropped, so the memory it takes
     is a chunk's, whatever the arrays' size. Returns the arrays' decoded bytes.

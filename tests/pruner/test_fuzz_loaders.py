@@ -350,10 +350,14 @@ def test_mutated_models_end_in_a_documented_error(data: bytes, tmp_path_factory:
 def evalset_outcome(data: bytes) -> str:
     """What ``load_eval_set`` and the validation against each validation model make of ``data``.
 
-    ``"<load>"`` when loading fails, else ``"ok|<validation outcome per model>"``.
+    ``"<load>"`` when loading fails, else ``"ok|<validation outcome per model>"``. The submit
+    path's ``verify_eval_set`` must end as ``load_eval_set`` does (else ``"BUG: ..."``).
     """
     with hang_guard():
         load, evalset = outcome_of(lambda: pruner.load_eval_set(data))
+        verify, _ = outcome_of(lambda: pruner.verify_eval_set(data))
+        if verify != load:
+            return f"BUG: verify_eval_set ends in {verify} where load_eval_set ends in {load}"
         if load != "ok":
             return load
         assert isinstance(evalset, pruner.EvalSet)
