@@ -149,16 +149,30 @@ class Cluster:
         return [pid for node in self.nodes for pid, line in self.descendants(node.pid) if line.startswith(prefix)]
 
 
+def _cpus(address: str, env: dict[str, str]) -> float:
+    """The cluster's CPUs as a driver of its own sees them (0 when it cannot join yet)."""
+    probe = "import ray; ray.init(address=%r, logging_level='ERROR'); print(ray.cluster_resources().get('CPU', 0))"
+    done = subprocess.run(
+        [sys.executable, "-c", probe % address], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    try:
+        return float(done.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return 0.0
+
+
 @contextlib.contextmanager
-def running_cluster(pythonpath: tuple[Path, ...] = ()) -> Iterator[Cluster]:
+def running_cluster(pythonpath: tuple[Path, ...] = (), *, join: bool = True) -> Iterator[Cluster]:
     """Starts a head and a worker node, joins this process to the cluster (``ray.init``) once both
-    CPUs show, and at the end leaves it and stops both nodes."""
+    CPUs show, and at the end leaves it and stops both nodes. ``join=False``: this process does not
+    join (a cluster for drivers of their own, as a second cluster beside the one it joined)."""
     needs_ray()
     import ray
 
     root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))  # short: Ray's socket paths have a length limit
     cluster = Cluster(root, pythonpath)
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    joined = False
     try:
         cluster.start_node(
             "--head",
@@ -178,19 +192,22 @@ def running_cluster(pythonpath: tuple[Path, ...] = ()) -> Iterator[Cluster]:
                 assert time.monotonic() < deadline, f"the Ray head did not listen within {START_SECONDS} s"
                 time.sleep(0.5)
                 continue
+            if not join:
+                break
             try:
                 ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+                joined = True
                 break
             except Exception:  # the head is not up yet
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(1.0)
-        while ray.cluster_resources().get("CPU", 0) < 2:
+        while (ray.cluster_resources().get("CPU", 0) if join else _cpus(cluster.address, cluster.env)) < 2:
             assert time.monotonic() < deadline, f"the worker node did not join within {START_SECONDS} s"
             time.sleep(0.5)
         yield cluster
     finally:
-        if ray.is_initialized():
+        if joined and ray.is_initialized():
             ray.shutdown()
         for node in reversed(cluster.nodes):
             _stop(node)

@@ -419,6 +419,54 @@ def test_a_driver_outside_the_cluster_runs_through_ray_client(cluster: Cluster, 
     assert (tmp_path / "ray.onnx").read_bytes() == (tmp_path / "local.onnx").read_bytes()
 
 
+def test_a_node_lost_mid_run_has_its_pieces_run_on_the_node_left() -> None:
+    """The worker node dies whole (its raylet, object store, agents and the run's worker on it, as a
+    machine lost): the run goes on with the head's worker and returns the local model. A driver
+    process of its own on a cluster of its own, which this process does not join: the module's
+    cluster stays whole."""
+    options = {"batch_size": 1, "max_evaluations": 6}
+    local_sha, _ = _run("mlp", Executor.LOCAL, **options)
+    driver = textwrap.dedent(
+        f"""
+        import hashlib, sys
+        import pruner
+        from pruner import Executor, PruneOptions
+        options = PruneOptions(executor=Executor.RAY, ray_address=sys.argv[1], **{options!r})
+        def show(event):
+            print(event.kind.value, flush=True)
+        model, evalset = {str(FIXTURES / "mlp.onnx")!r}, {str(FIXTURES / "mlp_eval.npz")!r}
+        result = pruner.prune(model, evalset, options, on_progress=show)
+        print("sha256", hashlib.sha256(result.model_bytes).hexdigest(), flush=True)
+        """
+    )
+    with running_cluster(join=False) as own:
+        run = subprocess.Popen(
+            [sys.executable, "-c", driver, own.address],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=own.env,
+        )
+        try:
+            assert run.stdout is not None
+            seen = []
+            for line in run.stdout:  # the first candidate: the search is under way on both nodes
+                seen.append(line)
+                if line.strip() == pruner.EventKind.CANDIDATE.value:
+                    break
+            assert run.poll() is None, "".join(seen)
+            os.killpg(own.nodes[1].pid, signal.SIGKILL)
+            out, err = run.communicate(timeout=600)
+        finally:
+            if run.poll() is None:
+                run.kill()
+                run.wait(30)
+    assert run.returncode == 0, err
+    assert "died" in err and "run again on the 1 left" in err  # the executor's warning
+    assert f"sha256 {local_sha}" in out.splitlines()
+
+
 def test_a_server_job_runs_on_the_cluster_and_gives_the_local_model(cluster: Cluster, tmp_path: Path) -> None:
     """``python -m service --executor ray``: each stored job's process drives the cluster."""
     import grpc
