@@ -28,10 +28,12 @@ import contextlib
 import functools
 import hashlib
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -1215,6 +1217,7 @@ def calibrate(
         layouts=found,
         full={n for n in found if full and n not in wide},
         samples=len(rows),
+        threads=threads or os.cpu_count() or 1,
     )
     executor = None if runs_on is None else runs_on.executor
     if executor is not None and executor.remote and len(batches) > 1:
@@ -1226,7 +1229,9 @@ def calibrate(
         bounds = [round(i * len(batches) / count) for i in range(count + 1)]
         shards = [batches[bounds[i] : bounds[i + 1]] for i in range(count)]
         assert runs_on is not None
-        for part in executor.map_model(runs_on, probe_bytes, functools.partial(_each_batch, collect), shards):
+        # a worker has one CPU: its statistics on one thread (the same bits on any count)
+        each = functools.partial(_each_batch, functools.partial(collect, threads=1))
+        for part in executor.map_model(runs_on, probe_bytes, each, shards):
             for batch_stats in part:
                 check_stop(stop)
                 for name, layer_stats in batch_stats.items():
@@ -1258,20 +1263,36 @@ def _collect(
     samples: int,
     stats: dict[str, LayerStats] | None = None,
     stop: threading.Event | None = None,
+    threads: int = 1,
 ) -> dict[str, LayerStats]:
     """Accumulate every layer's input statistics over ``batches`` (of ``samples`` calibration
-    rows in all) into ``stats`` (new ones when None), and return them. Runs on a worker too."""
+    rows in all) into ``stats`` (new ones when None), and return them. Runs on a worker too.
+
+    The layers' statistics of a batch are computed on ``threads`` threads, a layer at a time each
+    (numpy's copies and its one-thread BLAS let go of the GIL): a layer's sums are made by one
+    thread in batch order, as on one, so the bits do not depend on ``threads``."""
     stats = {name: LayerStats() for name in layouts} if stats is None else stats
-    for batch, real in batches:
-        check_stop(stop)
-        feeds = {k: v[batch] for k, v in evalset.inputs.items()}
-        outputs = dict(zip(wanted, _run_views(session, wanted, feeds), strict=True)) | dict(constants)
-        with one_blas_thread():  # the run holds it too: here for a pass called on its own
-            for name, layout in layouts.items():
-                for use in layout.all_uses:  # a shared weight: the rows of every node it feeds
-                    check_stop(stop)
-                    stats[name].add(_use_rows(layout, use, outputs, real, samples), name in full, layout.groups)
-        del outputs  # before the next run: one batch's layer inputs held at a time, not two
+
+    def add(name: str, outputs: Mapping[str, np.ndarray], real: int) -> None:
+        layout = layouts[name]
+        for use in layout.all_uses:  # a shared weight: the rows of every node it feeds
+            check_stop(stop)
+            stats[name].add(_use_rows(layout, use, outputs, real, samples), name in full, layout.groups)
+
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 and len(layouts) > 1 else None
+        for batch, real in batches:
+            check_stop(stop)
+            feeds = {k: v[batch] for k, v in evalset.inputs.items()}
+            outputs = dict(zip(wanted, _run_views(session, wanted, feeds), strict=True)) | dict(constants)
+            each = functools.partial(add, outputs=outputs, real=real)
+            with one_blas_thread():  # the run holds it too: here for a pass called on its own
+                if pool is None:
+                    for name in layouts:
+                        each(name)
+                else:
+                    list(pool.map(each, layouts))
+            del outputs, each  # before the next run: one batch's layer inputs held at a time, not two
     return stats
 
 

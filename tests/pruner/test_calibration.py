@@ -129,6 +129,33 @@ def test_calibration_is_the_same_to_the_bit_run_twice() -> None:
         np.testing.assert_array_equal(getattr(first.stats["w"], name), getattr(second.stats["w"], name))
 
 
+def test_the_layers_statistics_on_several_threads_are_one_threads_to_the_bit() -> None:
+    """Each layer's sums are made by one thread in batch order whatever the count: a model of
+    several layers (a shared weight among them) gives the same bits on 1 and on 4 threads."""
+    rng = np.random.default_rng(11)
+    weights = {
+        "w1": rng.standard_normal((16, 8, 3, 3)).astype(np.float32),
+        "w2": rng.standard_normal((16, 1, 3, 3)).astype(np.float32),
+        "w3": rng.standard_normal((8, 16, 1, 1)).astype(np.float32),
+    }
+    text = HEADER + (
+        "g (float[N, 8, 12, 12] x) => (float[N, 8, 12, 12] y) {"
+        " a = Conv <pads = [1, 1, 1, 1]> (x, w1) b = Conv <group = 16, pads = [1, 1, 1, 1]> (a, w2)"
+        " c = Conv (b, w3) d = Conv <pads = [1, 1, 1, 1]> (c, w1) e = Conv <group = 16, pads = [1, 1, 1, 1]> (d, w2)"
+        " y = Conv (e, w3) }"
+    )
+    x = rng.standard_normal((SAMPLES, 8, 12, 12)).astype(np.float32)
+    model = parse(text, weights)
+    layers = list(analyze(model).layers)
+    evalset, rows = pruner.EvalSet({"x": x}), np.arange(SAMPLES)
+    options = {"batch_size": 64, "fixed_batch": None, "full": True}
+    runs = [calibrate(model, layers, evalset, rows, threads=threads, **options) for threads in (1, 4)]
+    assert set(runs[0].stats) == {"w1", "w2", "w3"}
+    for name in runs[0].stats:
+        for field in ("gram", "total", "squares"):
+            np.testing.assert_array_equal(getattr(runs[0].stats[name], field), getattr(runs[1].stats[name], field))
+
+
 @pytest.mark.parametrize(("groups", "width"), [(1, 30), (40, 9), (200, 25), (3, 70)])
 def test_grouped_products_of_two_arrays_are_each_groups_own(groups: int, width: int) -> None:
     rng = np.random.default_rng(groups)
