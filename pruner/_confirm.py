@@ -27,6 +27,7 @@ from ._space import Config
 __all__ = [
     "FALLBACK_CANDIDATES",
     "FALLBACK_STEPS",
+    "FALLBACK_WIDTH",
     "MAX_COMPARISONS",
     "Confirmation",
     "HeldOut",
@@ -38,8 +39,11 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FALLBACK_STEPS = 3
-"""Bisection steps between the held-out fallback and the smallest search candidate."""
+FALLBACK_STEPS = 6
+"""Most bisection steps between the held-out fallback and the smallest search candidate."""
+FALLBACK_WIDTH = 0.02
+"""The fallback bisects until the sparsity between its passing and its missing end is at most this:
+a line from the unpruned model to a candidate at 60% is cut 5 times, a line 8 points long twice."""
 FALLBACK_CANDIDATES = 3
 """Passing candidates tried on the held-out split, best first, before bisecting the others."""
 MAX_COMPARISONS = 30
@@ -195,7 +199,8 @@ def confirm_with_fallback(
     list (held-out losses grow with sparsity), the unpruned model when none does. When
     the smallest missed on the held-out split, the search overfitted its split a
     little: rather than stop at the fallback, bisect the line from it to that smallest
-    candidate, every point passing on both splits (``on_search`` judges and records the point).
+    candidate, every point passing on both splits (``on_search`` judges and records the point),
+    until the two ends are at most ``FALLBACK_WIDTH`` of sparsity apart (at most ``FALLBACK_STEPS``).
     The third value is a note when the result is not the smallest search candidate, confirmed.
     """
     if not passing:
@@ -223,7 +228,10 @@ def confirm_with_fallback(
     if chosen == smallest:
         return chosen, runs, None
     start, goal, lo, hi = chosen, space.shares(smallest), 0.0, 1.0
+    length = abs(space.sparsity(smallest) - space.sparsity(start))
     for _ in range(FALLBACK_STEPS):
+        if (hi - lo) * length <= FALLBACK_WIDTH + 1e-9:
+            break
         mid = (lo + hi) / 2
         config = space.blend(start, goal, mid)
         if config == smallest:

@@ -335,7 +335,7 @@ class PruneOptions:
     """What smallest means; None: the mode's default (params in zero mode, bytes in remove mode)."""
     max_evaluations: int = DEFAULT_MAX_EVALUATIONS
     """Candidate evaluations on the search split (the baseline and the confirmation are extra; a held-out
-    miss adds at most 3 fallback evaluations, counted in the report)."""
+    miss adds at most 6 fallback evaluations, counted in the report)."""
     max_seconds: float | None = None
     """Wall-clock budget of the search; the best model found so far is returned."""
     seed: int = 0

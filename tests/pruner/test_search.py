@@ -155,13 +155,21 @@ def trial_at(space: FakeSpace, amount: int) -> Trial:
 @pytest.mark.parametrize(
     ("passing", "holdout_limit", "expected", "runs"),
     [
-        ([60, 20], 45, 45, 2 + 3),  # next passing candidate, then 40 pass, 50 fail, 45 pass
-        ([60], 30, 30, 1 + 3),  # none passes held-out: from the unpruned model 30 passes, 45 and 38 miss
+        # next passing candidate 20, then on 20 -> 60: 40 passes, 50 misses, 45 passes, 48 and 46 miss
+        ([60, 20], 45, 45, 2 + 5),
+        # none passes held-out: from the unpruned model 30 passes, 45, 38, 34 and 32 miss (2 points apart)
+        ([60], 30, 30, 1 + 5),
         ([60, 20], 70, 60, 1),  # the smallest passes: nothing else runs
-        ([60, 50, 40, 20], 25, 25, 3 + 1 + 3),  # three tried, then the rest: 20 passes; 40 and 30 miss, 25 passes
-        # three tried, then the rest bisected (35 passes, 45 and 40 miss); 35 -> 60: 48, 41, 38 miss
-        ([60, 58, 55, 50, 45, 40, 35, 30, 20], 37, 35, 3 + 3 + 3),
-        ([60, 58, 55, 50], 10, 8, 3 + 1 + 3),  # none passes: from the unpruned model 30 and 15 miss, 8 passes
+        # three tried, then the rest: 20 passes; 40 and 30 miss, 25 passes, 28 and 26 miss
+        ([60, 50, 40, 20], 25, 25, 3 + 1 + 5),
+        # three tried, then the rest bisected (35 passes, 45 and 40 miss); 35 -> 60: 48, 41, 38 miss, 37 passes
+        ([60, 58, 55, 50, 45, 40, 35, 30, 20], 37, 37, 3 + 3 + 4),
+        # none passes: from the unpruned model 30 and 15 miss, 8 passes, 11 misses, 9 passes
+        ([60, 58, 55, 50], 10, 9, 3 + 1 + 5),
+        # a long line is cut until its ends are 2 points apart: 30, 45, 38, then 41 passes and 43 misses
+        # (three steps would stop at 38)
+        ([60], 42, 41, 1 + 5),
+        ([44, 36], 38, 38, 2 + 2),  # a short line: 40 misses, 38 passes, 2 points apart after two steps
     ],
 )
 def test_a_held_out_miss_bisects_towards_the_smallest_candidate(
