@@ -15,7 +15,7 @@ EXPECTED = {
     "PruneOptions", "PruneResult", "PrunerError", "PruningPlan", "Recovery", "Report", "ResourceLimitError",
     "SkippedWeight", "SplitMetric", "Tolerance", "UnsupportedModelError", "apply_plan", "check_output_path",
     "check_plan", "inspect", "load_eval_set", "load_metric", "load_model", "metric_plugins", "model_sha256",
-    "plugin_metric", "prune", "save_model", "transfer_plan",
+    "plugin_metric", "prune", "save_model", "transfer_plan", "verify_eval_set",
 }  # fmt: skip
 
 
