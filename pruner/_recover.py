@@ -1490,6 +1490,16 @@ class SequentialRefit:
             self._taps[name] = session, {v.name for v in model.graph.input}
         return self._taps[name]
 
+    def _input(self, weights: Mapping[str, np.ndarray], name: str, batch: np.ndarray, real: int) -> np.ndarray:
+        """The activation ``name`` of one calibration batch, with ``weights`` in the model, through a
+        session of just what it depends on."""
+        if name in self._graph_inputs:
+            return np.asarray(self.evalset.inputs[name][batch])[:real]
+        session, wanted = self._tap(name)
+        feeds = {k: v[batch] for k, v in self.evalset.inputs.items() if k in wanted}
+        feeds.update((k, v) for k, v in weights.items() if k in wanted)
+        return np.asarray(run_session(session, [name], feeds)[0])[:real]
+
     def _inputs(self, weights: Mapping[str, np.ndarray], names: list[str]) -> Iterator[list[np.ndarray]]:
         """The activations ``names`` per calibration batch, with ``weights`` in the model (one name:
         through a session of just what it depends on)."""
@@ -1678,8 +1688,9 @@ class SequentialRefit:
 
 
 STATE_BYTES = 1 << 30
-"""Activations a sequential refit carries from one cut to the next (pruned and unpruned model
-together); past this, the remaining groups' inputs are recomputed from the model inputs."""
+"""Activations a sequential refit keeps at its checkpoint cut (pruned and unpruned model
+together, every calibration batch); a cut whose tensors pass this is not kept, and the groups
+after it are computed from the last cut kept."""
 
 
 class _Segments:
@@ -1763,79 +1774,113 @@ class _Segments:
 
 
 class _Walk:
-    """The pruned model's activations at one cut, per calibration batch, and the unpruned model's
-    (unless its flattened group inputs are cached): one list for both while no pruned layer has run."""
+    """The pruned model's activations at one cut (the checkpoint), per calibration batch, and the
+    unpruned model's (unless its flattened group inputs are cached): one list for both while no
+    pruned layer has run.
+
+    A group's input is computed batch by batch from the checkpoint through the stretches up to
+    its cut, and the checkpoint moves to that cut when every batch's tensors there fit in
+    ``STATE_BYTES`` (pruned and unpruned together); where they do not (wide early feature maps),
+    it stays, and the next groups are computed from it again: only the stretches since the
+    checkpoint are rerun, not the model from its inputs for every group.
+    """
 
     def __init__(self, refit: SequentialRefit, weights: Mapping[str, np.ndarray], pruned_at: int | None, cached: bool):
         self.refit, self.weights, self.cached = refit, weights, cached
         self.pruned_at = len(refit.fed.graph.node) if pruned_at is None else pruned_at
-        batches = list(_batches(refit.calibration.rows, refit.step, refit.fixed))
-        self.real = [real for _, real in batches]
+        self.batches = list(_batches(refit.calibration.rows, refit.step, refit.fixed))
+        self.real = [real for _, real in self.batches]
         self.now: list[dict[str, np.ndarray]] = [
-            {k: v[batch] for k, v in refit.evalset.inputs.items()} for batch, _ in batches
+            {k: v[batch] for k, v in refit.evalset.inputs.items()} for batch, _ in self.batches
         ]
         self.before: list[dict[str, np.ndarray]] = [] if cached else self.now
         self.at = 0
+        self.broken = False
+        """A stretch did not load or run: the remaining groups come from the model inputs."""
 
     def inputs(self, group: _Group) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
         """The group's flattened input per batch, pruned and unpruned; None if it cannot be
-        walked to (past ``STATE_BYTES``, or a tensor on the way that is not an array)."""
+        walked to (an input no node computes, or a stretch on the way that does not load or run)."""
         segments = self.refit.segments
-        if group not in segments.walkable or not self._advance(segments.cut[group]):
+        cut = segments.cut.get(group, -1)
+        if self.broken or group not in segments.walkable or cut < self.at:
             return None
-        flat, name, first = self.refit._flat, group.input, group.layers[0]
-        now = [state[name][:real] for state, real in zip(self.now, self.real, strict=True)]
-        if self.cached:
-            assert self.refit._originals
-            before: Iterable[np.ndarray] = self.refit._originals[group]
-        else:
-            raw = [state[name][:real] for state, real in zip(self.before, self.real, strict=True)]
-            before = (flat(first, x) for x in raw)
-        return zip((flat(first, x) for x in now), before, strict=True)
+        return self._stream(group, cut)
 
-    def _advance(self, cut: int) -> bool:
-        """Run on to ``cut``; whether it stayed within ``STATE_BYTES``."""
-        segments = self.refit.segments
-        while self.at < cut:
-            check_stop(self.refit.stop)
-            end = min(c for c in (*segments.cut.values(), cut) if c > self.at)
-            now = self._run(self.at, end, self.now, self.weights)
-            if self.before is self.now and end <= self.pruned_at:
-                before = now  # nothing pruned has run yet: the same activations
+    def _stream(self, group: _Group, cut: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        refit = self.refit
+        bounds = sorted({c for c in refit.segments.cut.values() if self.at < c < cut} | ({cut} - {self.at}))
+        flat, name, first = refit._flat, group.input, group.layers[0]
+        shared = self.before is self.now
+        kept_now: list[dict[str, np.ndarray]] | None = []
+        kept_before: list[dict[str, np.ndarray]] = []
+        size = 0
+        for i, (batch, real) in enumerate(self.batches):
+            check_stop(refit.stop)
+            now: dict[str, np.ndarray] | None = self.now[i]
+            before: dict[str, np.ndarray] | None = now if shared else (self.before[i] if self.before else None)
+            start = self.at
+            for end in bounds if not self.broken else ():
+                assert now is not None
+                moved = self._run(start, end, now, self.weights)
+                if before is None:
+                    pass
+                elif before is now and end <= self.pruned_at:
+                    before = moved  # nothing pruned has run yet: the same activations
+                else:
+                    before = self._run(start, end, before, refit.original)
+                now, start = moved, end
+                if now is None or (before is None and not self.cached):
+                    self.broken = True
+                    break
+            if self.broken:  # this batch, and the rest, from the model inputs
+                kept_now = None
+                x_now = refit._input(self.weights, name, batch, real)
+                x_before = None if self.cached else refit._input(refit.original, name, batch, real)
             else:
-                before = self._run(self.at, end, self.before, self.refit.original) if self.before else []
-            if now is None or before is None:
-                return False
-            self.now, self.before, self.at = now, before, end
-            states = self.now + ([] if self.before is self.now else self.before)
-            if sum(a.nbytes for state in states for a in state.values()) > STATE_BYTES:
-                return False
-        return True
+                assert now is not None
+                x_now = now[name][:real]
+                x_before = None if before is None else before[name][:real]
+                if kept_now is not None:  # an array both models carry (a model input) counts once
+                    arrays = {id(a): a for a in (*now.values(), *(() if before is None else before.values()))}
+                    size += sum(a.nbytes for a in arrays.values())
+                    if size > STATE_BYTES:
+                        kept_now, kept_before = None, []
+                    else:
+                        kept_now.append(now)
+                        if before is not None:
+                            kept_before.append(before)
+            if x_before is None:
+                assert refit._originals
+                yield flat(first, x_now), refit._originals[group][i]
+            else:
+                yield flat(first, x_now), flat(first, x_before)
+        if kept_now is not None and cut > self.at:  # the checkpoint moves on
+            together = not self.cached and all(b is n for b, n in zip(kept_before, kept_now, strict=True))
+            self.now, self.before = kept_now, (kept_now if together else kept_before)
+            self.at = cut
 
     def _run(
-        self, start: int, end: int, states: list[dict[str, np.ndarray]], weights: Mapping[str, np.ndarray]
-    ) -> list[dict[str, np.ndarray]] | None:
-        """``states`` (one per batch, at cut ``start``) carried to cut ``end``; None if that part of
+        self, start: int, end: int, state: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray] | None:
+        """One batch's ``state`` (at cut ``start``) carried to cut ``end``; None if that part of
         the model does not load or run on its own, or a tensor on the way is not an array (a
         sequence, a map)."""
+        check_stop(self.refit.stop)
         segments = self.refit.segments
-        stretch = segments.stretch(start, end, states[0])
+        stretch = segments.stretch(start, end, state)
         if stretch is None:
             return None
         session, inputs, outputs = stretch
         live = segments.live(end)
-        out = []
-        for state in states:
-            check_stop(self.refit.stop)
-            moved = {n: v for n, v in state.items() if n in live}
-            if outputs:
-                feeds = {n: state[n] if n in state else weights[n] for n in inputs}
-                try:
-                    results = session.run(outputs, feeds)
-                except Exception:  # onnxruntime's own types; the whole model runs: go that way
-                    return None
-                if not all(isinstance(r, np.ndarray) for r in results):
-                    return None
-                moved.update(zip(outputs, results, strict=True))
-            out.append(moved)
-        return out
+        moved = {n: v for n, v in state.items() if n in live}
+        if outputs:
+            feeds = {n: state[n] if n in state else weights[n] for n in inputs}
+            try:
+                results = session.run(outputs, feeds)
+            except Exception:  # onnxruntime's own types; the whole model runs: go that way
+                return None
+            if not all(isinstance(r, np.ndarray) for r in results):
+                return None
+            moved.update(zip(outputs, results, strict=True))
+        return moved

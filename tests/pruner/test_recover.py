@@ -497,16 +497,30 @@ def test_sequential_refit_walks_the_model_once_cut_by_cut(monkeypatch: pytest.Mo
     assert [g.input for g in walking.groups] == ["x", "r", "p", "q"]
     pruned = dict(weights)
     pruned["w1"] = np.where(np.abs(weights["w1"]) < 0.7, 0, weights["w1"]).astype(np.float32)
-    walk = recovery._Walk(walking, pruned, pruned_at=0, cached=False)
-    for group in walking.groups:
-        walked = walk.inputs(group)
-        assert walked is not None
-        first = group.layers[0]
-        now = [walking._flat(first, a) for (a,) in walking._inputs(pruned, [group.input])]
-        before = [walking._flat(first, a) for (a,) in walking._inputs(weights, [group.input])]
-        for (a, b), a_tap, b_tap in zip(walked, now, before, strict=True):
-            np.testing.assert_allclose(a, a_tap, rtol=1e-6, atol=1e-6)
-            np.testing.assert_allclose(b, b_tap, rtol=1e-6, atol=1e-6)
+    cuts = [walking.segments.cut[g] for g in walking.groups]
+    # all cuts kept; none (every group from the model inputs' checkpoint); only the narrower ones:
+    # at r's cut r of both models and m (one array: 3 x 300 x 8 floats), at p's p and q of both
+    # (4 x 300 x 4 floats)
+    for limit, checkpoints in (
+        (1 << 30, cuts),
+        (0, [0] * 4),
+        (4 * 300 * 4 * 4, [0, 0, cuts[2], cuts[2]]),
+        (3 * 300 * 8 * 4, [0, *cuts[1:]]),
+    ):
+        monkeypatch.setattr(recovery, "STATE_BYTES", limit)
+        walk = recovery._Walk(walking, pruned, pruned_at=0, cached=False)
+        for group, checkpoint in zip(walking.groups, checkpoints, strict=True):
+            walked = walk.inputs(group)
+            assert walked is not None
+            first = group.layers[0]
+            now = [walking._flat(first, a) for (a,) in walking._inputs(pruned, [group.input])]
+            before = [walking._flat(first, a) for (a,) in walking._inputs(weights, [group.input])]
+            for (a, b), a_tap, b_tap in zip(walked, now, before, strict=True):
+                np.testing.assert_allclose(a, a_tap, rtol=1e-6, atol=1e-6)
+                np.testing.assert_allclose(b, b_tap, rtol=1e-6, atol=1e-6)
+            assert walk.at == checkpoint
+        assert not walk.broken
+    monkeypatch.undo()
     # the shortcut r and the input m cross the cut before the Split; the Split's outputs the last
     assert walking.segments.live(walking.segments.cut[walking.groups[1]]) == {"m", "r"}
     assert walking.segments.live(walking.segments.cut[walking.groups[2]]) == {"p", "q"}
@@ -516,7 +530,8 @@ def test_sequential_refit_walks_the_model_once_cut_by_cut(monkeypatch: pytest.Mo
 
     masks = {"w1": pruned["w1"] == 0}
     fits = []
-    # walked; past the memory limit; a stretch onnxruntime will not load: the last two from the inputs
+    # walked; past the memory limit (from the checkpoint at the model inputs, stretch by stretch);
+    # a stretch onnxruntime will not load: from the model inputs through per-group sessions
     for way in ("walked", "over the limit", "unloadable"):
         with monkeypatch.context() as patch:
             if way == "over the limit":
@@ -526,7 +541,7 @@ def test_sequential_refit_walks_the_model_once_cut_by_cut(monkeypatch: pytest.Mo
             out, fitter = dict(pruned), refit()
             fitter.refit(out, masks, {"w1": 1})
         fits.append(out)
-        assert bool(fitter._taps) is (way != "walked")  # per-group sessions only when the walk stops
+        assert bool(fitter._taps) is (way == "unloadable")  # per-group sessions only when the walk stops
     for name in weights:
         for fit in fits[1:]:
             np.testing.assert_allclose(fits[0][name], fit[name], rtol=1e-5, atol=1e-6)
