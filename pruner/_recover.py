@@ -674,6 +674,15 @@ def _grams(x: np.ndarray, groups: int, y: np.ndarray | None = None) -> np.ndarra
     return left @ right.transpose(0, 2, 1)
 
 
+def _gram_pair(x: np.ndarray, groups: int, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_grams(x, groups)`` and ``_grams(x, groups, y)``, x's group columns copied out once."""
+    if groups == 1:
+        return (x.T @ x)[None], (x.T @ y)[None]
+    left = np.ascontiguousarray(x.reshape(len(x), groups, -1).transpose(1, 2, 0))
+    right = np.ascontiguousarray(y.reshape(len(y), groups, -1).transpose(1, 2, 0))
+    return left @ left.transpose(0, 2, 1), left @ right.transpose(0, 2, 1)
+
+
 def _damped(gram: np.ndarray) -> np.ndarray:
     """Each group's Gram matrix with dead inputs set to 1 and the diagonal raised by ``DAMPING``."""
     out = gram.copy()
@@ -1453,6 +1462,8 @@ class SequentialRefit:
         self.groups.sort(key=lambda g: (self.segments.cut[g], g.position))
         self.original = dict(split.weights)
         self._originals: dict[_Group, list[np.ndarray]] | None = None
+        self._means: dict[_Group, np.ndarray] = {}
+        """The mean of each group's cached unpruned input rows (made by its first drifted fit)."""
         self._cache: dict[tuple[object, ...], dict[str, np.ndarray]] = {}
         self._cached_bytes = 0
         self._starts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -1463,6 +1474,7 @@ class SequentialRefit:
     def release(self) -> None:
         self.original.clear()
         self._originals = None
+        self._means.clear()
         self._taps.clear()
         self.forget()
 
@@ -1632,18 +1644,24 @@ class SequentialRefit:
             return out
         first = group.layers[0]
         groups = calibration.layouts[first].groups
-        count, gram, cross, mean, mean_now = 0, None, None, None, None
+        # the unpruned inputs' mean is the same for every candidate while they are cached
+        known = self._means.get(group) if self._originals else None
+        count, gram, cross, mean, mean_now = 0, None, None, known, None
         for now, before in pairs:
             check_stop(self.stop)
             count += len(now)
-            batch_gram = _grams(now, groups).astype(np.float64)
-            batch_cross = _grams(now, groups, before).astype(np.float64)
+            batch_gram, batch_cross = (g.astype(np.float64) for g in _gram_pair(now, groups, before))
             gram = batch_gram if gram is None else gram + batch_gram
             cross = batch_cross if cross is None else cross + batch_cross
             mean_now = now.sum(axis=0, dtype=np.float64) + (0 if mean_now is None else mean_now)
-            mean = before.sum(axis=0, dtype=np.float64) + (0 if mean is None else mean)
+            if known is None:
+                mean = before.sum(axis=0, dtype=np.float64) + (0 if mean is None else mean)
         assert gram is not None and cross is not None and mean is not None and mean_now is not None
-        gram, cross, mean, mean_now = gram / count, cross / count, mean / count, mean_now / count
+        gram, cross, mean_now = gram / count, cross / count, mean_now / count
+        if known is None:
+            mean = mean / count
+            if self._originals:
+                self._means[group] = mean
         damped = _damped(gram)
         cross += damped - gram  # the same damping pulls towards the original weights
         for name in group.layers:

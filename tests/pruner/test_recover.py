@@ -451,6 +451,50 @@ def test_sequential_refit_starts_a_layer_from_its_last_fit_of_the_same_mask(monk
     assert not warm._starts
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_a_gram_pair_is_the_two_gram_products(groups: int) -> None:
+    from pruner._recover import _gram_pair, _grams
+
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((2, 50, 12)).astype(np.float32)
+    gram, cross = _gram_pair(x, groups, y)
+    np.testing.assert_array_equal(gram, _grams(x, groups))
+    np.testing.assert_array_equal(cross, _grams(x, groups, y))
+
+
+def test_a_sequential_refit_keeps_the_unpruned_inputs_mean_between_candidates() -> None:
+    """The cached unpruned inputs' mean is summed once per group: a later candidate's fits are
+    exactly those of a refit that never saw another candidate."""
+    from pruner._evaluate import SplitModel
+    from pruner._recover import SequentialRefit
+
+    rng = np.random.default_rng(7)
+    w1, w2 = rng.standard_normal((16, 12)).astype(np.float32), rng.standard_normal((5, 16)).astype(np.float32)
+    b1, b2 = rng.standard_normal(16).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    originals = {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    x = correlated_inputs(256, 12, seed=8)
+    calibration = calibrated(two_gemms(originals), x)
+
+    def new_refit() -> SequentialRefit:
+        split = SplitModel.take(two_gemms(originals), set(originals))
+        return SequentialRefit(calibration, split, pruner.EvalSet({"x": x}), batch_size=64, fixed_batch=None)
+
+    def candidate(refit: SequentialRefit, share: float) -> dict[str, np.ndarray]:
+        mask = np.abs(w1) < np.quantile(np.abs(w1), share)
+        weights = {"w1": np.where(mask, 0, w1), "b1": b1, "w2": w2, "b2": b2}
+        refit.refit(weights, {"w1": mask}, {"w1": round(100 * share), "w2": 0})
+        return weights
+
+    warm = new_refit()
+    candidate(warm, 0.3)
+    assert list(warm._means) == [warm.groups[1]]  # w2's input: the drifted group
+    warm.forget()  # fits and starts dropped; the mean stays
+    assert warm._means
+    second, fresh = candidate(warm, 0.5), candidate(new_refit(), 0.5)
+    for name in originals:
+        np.testing.assert_array_equal(second[name], fresh[name])
+
+
 def branching(weights: dict[str, np.ndarray], subgraph: bool = False) -> onnx.ModelProto:
     """Gemms with a shortcut past a group, a model input read deep (with ``subgraph``, from
     inside an If's branch), and two groups computed by one node (a Split): x, m -> ... -> y."""
