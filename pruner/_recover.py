@@ -678,9 +678,15 @@ def _gram_pair(x: np.ndarray, groups: int, y: np.ndarray) -> tuple[np.ndarray, n
     """``_grams(x, groups)`` and ``_grams(x, groups, y)``, x's group columns copied out once."""
     if groups == 1:
         return (x.T @ x)[None], (x.T @ y)[None]
-    left = np.ascontiguousarray(x.reshape(len(x), groups, -1).transpose(1, 2, 0))
-    right = np.ascontiguousarray(y.reshape(len(y), groups, -1).transpose(1, 2, 0))
+    left, right = _group_columns(x, groups), _group_columns(y, groups)
     return left @ left.transpose(0, 2, 1), left @ right.transpose(0, 2, 1)
+
+
+def _group_columns(x: np.ndarray, groups: int) -> np.ndarray:
+    """[rows, in] as [groups, in / groups, rows] (x.T itself, a view, with one group)."""
+    if groups == 1:
+        return x.T[None]
+    return np.ascontiguousarray(x.reshape(len(x), groups, -1).transpose(1, 2, 0))
 
 
 def _damped(gram: np.ndarray) -> np.ndarray:
@@ -1384,6 +1390,11 @@ FIT_CACHE_BYTES = 256 * 2**20
 """Refit weights kept for candidates that share a prefix of layers (dropped beyond this)."""
 
 
+Unpruned = np.ndarray | tuple[np.ndarray, ...]
+"""What a sequential fit reads of the unpruned model for one batch: a group's flattened input rows
+X, or each of its layers' output rows Y = X W0^T ([groups, rows, out / groups])."""
+
+
 @dataclass(frozen=True)
 class _Group:
     """Layers that read the same activation: one calibration pass serves them all."""
@@ -1461,7 +1472,7 @@ class SequentialRefit:
         # walked in the order their inputs are computed: every layer before a group's input is refit first
         self.groups.sort(key=lambda g: (self.segments.cut[g], g.position))
         self.original = dict(split.weights)
-        self._originals: dict[_Group, list[np.ndarray]] | None = None
+        self._originals: dict[_Group, list[Unpruned]] | None = None
         self._means: dict[_Group, np.ndarray] = {}
         """The mean of each group's cached unpruned input rows (made by its first drifted fit)."""
         self._cache: dict[tuple[object, ...], dict[str, np.ndarray]] = {}
@@ -1526,24 +1537,44 @@ class SequentialRefit:
             yield [np.asarray(x)[:real] for x in run_session(session, names, feeds)]
 
     def _cache_originals(self) -> bool:
-        """Keep every group's flattened input in the unpruned model if all together stay under
-        ``ORIGINAL_CACHE_BYTES`` (one pass); whether they are kept."""
+        """Keep, per group and batch, what the fits need of the unpruned model if all together stay
+        under ``ORIGINAL_CACHE_BYTES`` (one pass); whether they are kept.
+
+        A group keeps its flattened input rows X, or, where they take fewer bytes, each layer's
+        unpruned output rows Y = X W0^T (one per output: a depthwise conv's 25-wide windows give
+        one value): the fit's right-hand side W0 X^T X' is Y^T X'. The mean of X is kept either way.
+        """
         if self._originals is None:
-            kept: dict[_Group, list[np.ndarray]] = {g: [] for g in self.groups}
+            kept: dict[_Group, list[Unpruned]] = {g: [] for g in self.groups}
+            sums: dict[_Group, np.ndarray] = {}
+            counts = dict.fromkeys(self.groups, 0)
             size = 0
             for arrays in self._inputs(self.original, self.tapped):
                 by_name = dict(zip(self.tapped, arrays, strict=True))
                 for g in self.groups:
-                    kept[g].append(self._flat(g.layers[0], by_name[g.input]))
-                    size += kept[g][-1].nbytes
+                    x = self._flat(g.layers[0], by_name[g.input])
+                    total = x.sum(axis=0, dtype=np.float64)
+                    sums[g] = total if g not in sums else total + sums[g]
+                    counts[g] += len(x)
+                    outputs = tuple(self._unpruned_rows(name, x) for name in g.layers)
+                    kept[g].append(outputs if sum(y.nbytes for y in outputs) < x.nbytes else x)
+                    size += sum(a.nbytes for a in kept[g][-1]) if isinstance(kept[g][-1], tuple) else x.nbytes
                 if size > ORIGINAL_CACHE_BYTES:
                     self._originals = {}
                     break
             else:
                 self._originals = kept
+                self._means = {g: total / counts[g] for g, total in sums.items()}
         return bool(self._originals)
 
-    def _original(self, group: _Group) -> Iterator[np.ndarray]:
+    def _unpruned_rows(self, name: str, x: np.ndarray) -> np.ndarray:
+        """Layer ``name``'s unpruned output rows on its flattened input ``x``: [groups, rows, out / groups]."""
+        layout = self.calibration.layouts[name]
+        w0 = layout.grouped(layout.rows(self.original[name].astype(np.float32)))
+        per_group = x.reshape(len(x), layout.groups, -1).transpose(1, 0, 2)
+        return np.ascontiguousarray(per_group @ w0.transpose(0, 2, 1))
+
+    def _original(self, group: _Group) -> Iterator[Unpruned]:
         """The group's flattened input in the unpruned model, per calibration batch (cached, or
         recomputed from the model inputs)."""
         if self._cache_originals():
@@ -1585,7 +1616,7 @@ class SequentialRefit:
             check_stop(self.stop)
             fitted = self._cache.get(cache_key)
             if fitted is None:
-                pairs: Iterable[tuple[np.ndarray, np.ndarray]] = ()
+                pairs: Iterable[tuple[np.ndarray, Unpruned]] = ()
                 if drifted:
                     walked = walk.inputs(group) if walk is not None else None
                     if walked is None:  # past the walk's memory: from the model inputs
@@ -1625,7 +1656,7 @@ class SequentialRefit:
     def _fit(
         self,
         group: _Group,
-        pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+        pairs: Iterable[tuple[np.ndarray, Unpruned]],
         masks: Mapping[str, np.ndarray | None],
         drifted: bool,
     ) -> dict[str, np.ndarray]:
@@ -1644,26 +1675,36 @@ class SequentialRefit:
             return out
         first = group.layers[0]
         groups = calibration.layouts[first].groups
-        # the unpruned inputs' mean is the same for every candidate while they are cached
+        # the unpruned inputs' mean is kept with them (``_cache_originals``), or summed here
         known = self._means.get(group) if self._originals else None
-        count, gram, cross, mean, mean_now = 0, None, None, known, None
+        count, gram, mean, mean_now = 0, None, known, None
+        linear: dict[str, np.ndarray] = {}
+        """Per layer, sum over rows of its unpruned output times the pruned input: W0 X^T X'."""
+        cross = None
+        """X'^T X, when the unpruned rows are X (``linear`` is then made from it after the loop)."""
         for now, before in pairs:
             check_stop(self.stop)
             count += len(now)
-            batch_gram, batch_cross = (g.astype(np.float64) for g in _gram_pair(now, groups, before))
+            if isinstance(before, tuple):  # each layer's unpruned output rows Y: Y^T X'
+                left = _group_columns(now, groups)
+                batch_gram = ((now.T @ now)[None] if groups == 1 else left @ left.transpose(0, 2, 1)).astype(np.float64)
+                for name, y in zip(group.layers, before, strict=True):
+                    product = (left @ y).transpose(0, 2, 1).astype(np.float64)
+                    linear[name] = product if name not in linear else linear[name] + product
+            else:
+                batch_gram, batch_cross = (g.astype(np.float64) for g in _gram_pair(now, groups, before))
+                cross = batch_cross if cross is None else cross + batch_cross
+                if known is None:
+                    mean = before.sum(axis=0, dtype=np.float64) + (0 if mean is None else mean)
             gram = batch_gram if gram is None else gram + batch_gram
-            cross = batch_cross if cross is None else cross + batch_cross
             mean_now = now.sum(axis=0, dtype=np.float64) + (0 if mean_now is None else mean_now)
-            if known is None:
-                mean = before.sum(axis=0, dtype=np.float64) + (0 if mean is None else mean)
-        assert gram is not None and cross is not None and mean is not None and mean_now is not None
-        gram, cross, mean_now = gram / count, cross / count, mean_now / count
+        assert gram is not None and mean is not None and mean_now is not None
+        gram, mean_now = gram / count, mean_now / count
         if known is None:
             mean = mean / count
-            if self._originals:
-                self._means[group] = mean
         damped = _damped(gram)
-        cross += damped - gram  # the same damping pulls towards the original weights
+        if cross is not None:
+            cross = cross / count + (damped - gram)  # the same damping pulls towards the original weights
         for name in group.layers:
             check_stop(self.stop)
             layout, original = calibration.layouts[name], self.original[name]
@@ -1674,9 +1715,11 @@ class SequentialRefit:
             prior = self._starts.get(name)
             if prior is not None and np.array_equal(prior[1], pruned):
                 start = prior[0].astype(np.float64)
-            rows = _fit_rows(
-                layout, start, layout.grouped(w0) @ cross.transpose(0, 2, 1), pruned, damped, stop=self.stop
-            )
+            if cross is not None:
+                right = layout.grouped(w0) @ cross.transpose(0, 2, 1)
+            else:
+                right = linear[name] / count + layout.grouped(w0) @ (damped - gram).transpose(0, 2, 1)
+            rows = _fit_rows(layout, start, right, pruned, damped, stop=self.stop)
             self._keep_start(name, rows, pruned)
             out[name] = layout.unrows(rows, original.shape).astype(original.dtype)
             if layout.bias is not None:
@@ -1816,7 +1859,7 @@ class _Walk:
         self.broken = False
         """A stretch did not load or run: the remaining groups come from the model inputs."""
 
-    def inputs(self, group: _Group) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
+    def inputs(self, group: _Group) -> Iterator[tuple[np.ndarray, Unpruned]] | None:
         """The group's flattened input per batch, pruned and unpruned; None if it cannot be
         walked to (an input no node computes, or a stretch on the way that does not load or run)."""
         segments = self.refit.segments
@@ -1825,7 +1868,7 @@ class _Walk:
             return None
         return self._stream(group, cut)
 
-    def _stream(self, group: _Group, cut: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def _stream(self, group: _Group, cut: int) -> Iterator[tuple[np.ndarray, Unpruned]]:
         refit = self.refit
         bounds = sorted({c for c in refit.segments.cut.values() if self.at < c < cut} | ({cut} - {self.at}))
         flat, name, first = refit._flat, group.input, group.layers[0]

@@ -487,12 +487,57 @@ def test_a_sequential_refit_keeps_the_unpruned_inputs_mean_between_candidates() 
 
     warm = new_refit()
     candidate(warm, 0.3)
-    assert list(warm._means) == [warm.groups[1]]  # w2's input: the drifted group
+    assert set(warm._means) == set(warm.groups)
     warm.forget()  # fits and starts dropped; the mean stays
     assert warm._means
     second, fresh = candidate(warm, 0.5), candidate(new_refit(), 0.5)
     for name in originals:
         np.testing.assert_array_equal(second[name], fresh[name])
+
+
+def test_a_sequential_refit_keeps_the_unpruned_outputs_where_they_are_smaller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 1x1 conv widening 3 -> 8 channels keeps its input rows X (3 wide against 8 outputs); a
+    depthwise 3x3 (72 wide, 8 outputs) and a 1x1 narrowing 8 -> 2 keep their unpruned output
+    rows Y: the fits are those made from X (cache off, the unpruned model walked alongside)."""
+    import pruner._recover as recovery
+    from pruner._evaluate import SplitModel
+
+    rng = np.random.default_rng(11)
+    shapes = {"w1": (8, 3, 1, 1), "w2": (8, 1, 3, 3), "w3": (2, 8, 1, 1)}
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    weights |= {f"b{name[1]}": rng.standard_normal(shape[0]).astype(np.float32) for name, shape in shapes.items()}
+    text = HEADER + (
+        "g (float[N, 3, 6, 6] x) => (float[N, 2, 6, 6] y) {"
+        " h = Conv (x, w1, b1) r = Relu (h) d = Conv <group = 8, pads = [1, 1, 1, 1]> (r, w2, b2)"
+        " s = Relu (d) y = Conv (s, w3, b3) }"
+    )
+    x = rng.standard_normal((120, 3, 6, 6)).astype(np.float32)
+    evalset = pruner.EvalSet({"x": x})
+    model = parse(text, weights)
+    calibration = calibrate(
+        model, list(analyze(model).layers), evalset, np.arange(120), batch_size=32, fixed_batch=None, full=True
+    )
+    mask = np.abs(weights["w1"]) < np.quantile(np.abs(weights["w1"]), 0.5)
+
+    def fitted(cache: int) -> tuple[dict[str, np.ndarray], recovery.SequentialRefit]:
+        monkeypatch.setattr(recovery, "ORIGINAL_CACHE_BYTES", cache)
+        refit = recovery.SequentialRefit(
+            calibration, SplitModel.take(parse(text, weights), set(weights)), evalset, batch_size=32, fixed_batch=None
+        )
+        out = dict(weights, w1=np.where(mask, 0, weights["w1"]).astype(np.float32))
+        refit.refit(out, {"w1": mask}, {"w1": 1})
+        return out, refit
+
+    (from_y, cached), (from_x, walked) = fitted(1 << 30), fitted(0)
+    assert walked._originals == {}
+    assert cached._originals is not None
+    kinds = [type(cached._originals[g][0]) for g in cached.groups]
+    assert kinds == [np.ndarray, tuple, tuple]
+    for name in ("w2", "b2", "w3", "b3"):
+        assert not np.allclose(from_y[name], weights[name])  # refit: its input drifted
+        np.testing.assert_allclose(from_y[name], from_x[name], rtol=1e-4, atol=1e-5)
 
 
 def branching(weights: dict[str, np.ndarray], subgraph: bool = False) -> onnx.ModelProto:
