@@ -676,6 +676,21 @@ def _grams(x: np.ndarray, groups: int, y: np.ndarray | None = None) -> np.ndarra
     return left @ right.transpose(0, 2, 1)
 
 
+def _gram_pair(x: np.ndarray, groups: int, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``_grams(x, groups)`` and ``_grams(x, groups, y)``, x's group columns copied out once."""
+    if groups == 1:
+        return (x.T @ x)[None], (x.T @ y)[None]
+    left, right = _group_columns(x, groups), _group_columns(y, groups)
+    return left @ left.transpose(0, 2, 1), left @ right.transpose(0, 2, 1)
+
+
+def _group_columns(x: np.ndarray, groups: int) -> np.ndarray:
+    """[rows, in] as [groups, in / groups, rows] (x.T itself, a view, with one group)."""
+    if groups == 1:
+        return x.T[None]
+    return np.ascontiguousarray(x.reshape(len(x), groups, -1).transpose(1, 2, 0))
+
+
 def _damped(gram: np.ndarray) -> np.ndarray:
     """Each group's Gram matrix with dead inputs set to 1 and the diagonal raised by ``DAMPING``."""
     out = gram.copy()
@@ -1396,6 +1411,11 @@ FIT_CACHE_BYTES = 256 * 2**20
 """Refit weights kept for candidates that share a prefix of layers (dropped beyond this)."""
 
 
+Unpruned = np.ndarray | tuple[np.ndarray, ...]
+"""What a sequential fit reads of the unpruned model for one batch: a group's flattened input rows
+X, or each of its layers' output rows Y = X W0^T ([groups, rows, out / groups])."""
+
+
 @dataclass(frozen=True)
 class _Group:
     """Layers that read the same activation: one calibration pass serves them all."""
@@ -1473,7 +1493,9 @@ class SequentialRefit:
         # walked in the order their inputs are computed: every layer before a group's input is refit first
         self.groups.sort(key=lambda g: (self.segments.cut[g], g.position))
         self.original = dict(split.weights)
-        self._originals: dict[_Group, list[np.ndarray]] | None = None
+        self._originals: dict[_Group, list[Unpruned]] | None = None
+        self._means: dict[_Group, np.ndarray] = {}
+        """The mean of each group's cached unpruned input rows (made by its first drifted fit)."""
         self._cache: dict[tuple[object, ...], dict[str, np.ndarray]] = {}
         self._cached_bytes = 0
         self._starts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -1484,6 +1506,7 @@ class SequentialRefit:
     def release(self) -> None:
         self.original.clear()
         self._originals = None
+        self._means.clear()
         self._taps.clear()
         self.forget()
 
@@ -1511,6 +1534,16 @@ class SequentialRefit:
             self._taps[name] = session, {v.name for v in model.graph.input}
         return self._taps[name]
 
+    def _input(self, weights: Mapping[str, np.ndarray], name: str, batch: np.ndarray, real: int) -> np.ndarray:
+        """The activation ``name`` of one calibration batch, with ``weights`` in the model, through a
+        session of just what it depends on."""
+        if name in self._graph_inputs:
+            return np.asarray(self.evalset.inputs[name][batch])[:real]
+        session, wanted = self._tap(name)
+        feeds = {k: v[batch] for k, v in self.evalset.inputs.items() if k in wanted}
+        feeds.update((k, v) for k, v in weights.items() if k in wanted)
+        return np.asarray(run_session(session, [name], feeds)[0])[:real]
+
     def _inputs(self, weights: Mapping[str, np.ndarray], names: list[str]) -> Iterator[list[np.ndarray]]:
         """The activations ``names`` per calibration batch, with ``weights`` in the model (one name:
         through a session of just what it depends on)."""
@@ -1525,24 +1558,44 @@ class SequentialRefit:
             yield [np.asarray(x)[:real] for x in run_session(session, names, feeds)]
 
     def _cache_originals(self) -> bool:
-        """Keep every group's flattened input in the unpruned model if all together stay under
-        ``ORIGINAL_CACHE_BYTES`` (one pass); whether they are kept."""
+        """Keep, per group and batch, what the fits need of the unpruned model if all together stay
+        under ``ORIGINAL_CACHE_BYTES`` (one pass); whether they are kept.
+
+        A group keeps its flattened input rows X, or, where they take fewer bytes, each layer's
+        unpruned output rows Y = X W0^T (one per output: a depthwise conv's 25-wide windows give
+        one value): the fit's right-hand side W0 X^T X' is Y^T X'. The mean of X is kept either way.
+        """
         if self._originals is None:
-            kept: dict[_Group, list[np.ndarray]] = {g: [] for g in self.groups}
+            kept: dict[_Group, list[Unpruned]] = {g: [] for g in self.groups}
+            sums: dict[_Group, np.ndarray] = {}
+            counts = dict.fromkeys(self.groups, 0)
             size = 0
             for arrays in self._inputs(self.original, self.tapped):
                 by_name = dict(zip(self.tapped, arrays, strict=True))
                 for g in self.groups:
-                    kept[g].append(self._flat(g.layers[0], by_name[g.input]))
-                    size += kept[g][-1].nbytes
+                    x = self._flat(g.layers[0], by_name[g.input])
+                    total = x.sum(axis=0, dtype=np.float64)
+                    sums[g] = total if g not in sums else total + sums[g]
+                    counts[g] += len(x)
+                    outputs = tuple(self._unpruned_rows(name, x) for name in g.layers)
+                    kept[g].append(outputs if sum(y.nbytes for y in outputs) < x.nbytes else x)
+                    size += sum(a.nbytes for a in kept[g][-1]) if isinstance(kept[g][-1], tuple) else x.nbytes
                 if size > ORIGINAL_CACHE_BYTES:
                     self._originals = {}
                     break
             else:
                 self._originals = kept
+                self._means = {g: total / counts[g] for g, total in sums.items()}
         return bool(self._originals)
 
-    def _original(self, group: _Group) -> Iterator[np.ndarray]:
+    def _unpruned_rows(self, name: str, x: np.ndarray) -> np.ndarray:
+        """Layer ``name``'s unpruned output rows on its flattened input ``x``: [groups, rows, out / groups]."""
+        layout = self.calibration.layouts[name]
+        w0 = layout.grouped(layout.rows(self.original[name].astype(np.float32)))
+        per_group = x.reshape(len(x), layout.groups, -1).transpose(1, 0, 2)
+        return np.ascontiguousarray(per_group @ w0.transpose(0, 2, 1))
+
+    def _original(self, group: _Group) -> Iterator[Unpruned]:
         """The group's flattened input in the unpruned model, per calibration batch (cached, or
         recomputed from the model inputs)."""
         if self._cache_originals():
@@ -1584,7 +1637,7 @@ class SequentialRefit:
             check_stop(self.stop)
             fitted = self._cache.get(cache_key)
             if fitted is None:
-                pairs: Iterable[tuple[np.ndarray, np.ndarray]] = ()
+                pairs: Iterable[tuple[np.ndarray, Unpruned]] = ()
                 if drifted:
                     walked = walk.inputs(group) if walk is not None else None
                     if walked is None:  # past the walk's memory: from the model inputs
@@ -1624,7 +1677,7 @@ class SequentialRefit:
     def _fit(
         self,
         group: _Group,
-        pairs: Iterable[tuple[np.ndarray, np.ndarray]],
+        pairs: Iterable[tuple[np.ndarray, Unpruned]],
         masks: Mapping[str, np.ndarray | None],
         drifted: bool,
     ) -> dict[str, np.ndarray]:
@@ -1643,20 +1696,36 @@ class SequentialRefit:
             return out
         first = group.layers[0]
         groups = calibration.layouts[first].groups
-        count, gram, cross, mean, mean_now = 0, None, None, None, None
+        # the unpruned inputs' mean is kept with them (``_cache_originals``), or summed here
+        known = self._means.get(group) if self._originals else None
+        count, gram, mean, mean_now = 0, None, known, None
+        linear: dict[str, np.ndarray] = {}
+        """Per layer, sum over rows of its unpruned output times the pruned input: W0 X^T X'."""
+        cross = None
+        """X'^T X, when the unpruned rows are X (``linear`` is then made from it after the loop)."""
         for now, before in pairs:
             check_stop(self.stop)
             count += len(now)
-            batch_gram = _grams(now, groups).astype(np.float64)
-            batch_cross = _grams(now, groups, before).astype(np.float64)
+            if isinstance(before, tuple):  # each layer's unpruned output rows Y: Y^T X'
+                left = _group_columns(now, groups)
+                batch_gram = ((now.T @ now)[None] if groups == 1 else left @ left.transpose(0, 2, 1)).astype(np.float64)
+                for name, y in zip(group.layers, before, strict=True):
+                    product = (left @ y).transpose(0, 2, 1).astype(np.float64)
+                    linear[name] = product if name not in linear else linear[name] + product
+            else:
+                batch_gram, batch_cross = (g.astype(np.float64) for g in _gram_pair(now, groups, before))
+                cross = batch_cross if cross is None else cross + batch_cross
+                if known is None:
+                    mean = before.sum(axis=0, dtype=np.float64) + (0 if mean is None else mean)
             gram = batch_gram if gram is None else gram + batch_gram
-            cross = batch_cross if cross is None else cross + batch_cross
             mean_now = now.sum(axis=0, dtype=np.float64) + (0 if mean_now is None else mean_now)
-            mean = before.sum(axis=0, dtype=np.float64) + (0 if mean is None else mean)
-        assert gram is not None and cross is not None and mean is not None and mean_now is not None
-        gram, cross, mean, mean_now = gram / count, cross / count, mean / count, mean_now / count
+        assert gram is not None and mean is not None and mean_now is not None
+        gram, mean_now = gram / count, mean_now / count
+        if known is None:
+            mean = mean / count
         damped = _damped(gram)
-        cross += damped - gram  # the same damping pulls towards the original weights
+        if cross is not None:
+            cross = cross / count + (damped - gram)  # the same damping pulls towards the original weights
         for name in group.layers:
             check_stop(self.stop)
             layout, original = calibration.layouts[name], self.original[name]
@@ -1667,9 +1736,11 @@ class SequentialRefit:
             prior = self._starts.get(name)
             if prior is not None and np.array_equal(prior[1], pruned):
                 start = prior[0].astype(np.float64)
-            rows = _fit_rows(
-                layout, start, layout.grouped(w0) @ cross.transpose(0, 2, 1), pruned, damped, stop=self.stop
-            )
+            if cross is not None:
+                right = layout.grouped(w0) @ cross.transpose(0, 2, 1)
+            else:
+                right = linear[name] / count + layout.grouped(w0) @ (damped - gram).transpose(0, 2, 1)
+            rows = _fit_rows(layout, start, right, pruned, damped, stop=self.stop)
             self._keep_start(name, rows, pruned)
             out[name] = layout.unrows(rows, original.shape).astype(original.dtype)
             if layout.bias is not None:
@@ -1699,8 +1770,9 @@ class SequentialRefit:
 
 
 STATE_BYTES = 1 << 30
-"""Activations a sequential refit carries from one cut to the next (pruned and unpruned model
-together); past this, the remaining groups' inputs are recomputed from the model inputs."""
+"""Activations a sequential refit keeps at its checkpoint cut (pruned and unpruned model
+together, every calibration batch); a cut whose tensors pass this is not kept, and the groups
+after it are computed from the last cut kept."""
 
 
 class _Segments:
@@ -1784,79 +1856,113 @@ class _Segments:
 
 
 class _Walk:
-    """The pruned model's activations at one cut, per calibration batch, and the unpruned model's
-    (unless its flattened group inputs are cached): one list for both while no pruned layer has run."""
+    """The pruned model's activations at one cut (the checkpoint), per calibration batch, and the
+    unpruned model's (unless its flattened group inputs are cached): one list for both while no
+    pruned layer has run.
+
+    A group's input is computed batch by batch from the checkpoint through the stretches up to
+    its cut, and the checkpoint moves to that cut when every batch's tensors there fit in
+    ``STATE_BYTES`` (pruned and unpruned together); where they do not (wide early feature maps),
+    it stays, and the next groups are computed from it again: only the stretches since the
+    checkpoint are rerun, not the model from its inputs for every group.
+    """
 
     def __init__(self, refit: SequentialRefit, weights: Mapping[str, np.ndarray], pruned_at: int | None, cached: bool):
         self.refit, self.weights, self.cached = refit, weights, cached
         self.pruned_at = len(refit.fed.graph.node) if pruned_at is None else pruned_at
-        batches = list(_batches(refit.calibration.rows, refit.step, refit.fixed))
-        self.real = [real for _, real in batches]
+        self.batches = list(_batches(refit.calibration.rows, refit.step, refit.fixed))
+        self.real = [real for _, real in self.batches]
         self.now: list[dict[str, np.ndarray]] = [
-            {k: v[batch] for k, v in refit.evalset.inputs.items()} for batch, _ in batches
+            {k: v[batch] for k, v in refit.evalset.inputs.items()} for batch, _ in self.batches
         ]
         self.before: list[dict[str, np.ndarray]] = [] if cached else self.now
         self.at = 0
+        self.broken = False
+        """A stretch did not load or run: the remaining groups come from the model inputs."""
 
-    def inputs(self, group: _Group) -> Iterator[tuple[np.ndarray, np.ndarray]] | None:
+    def inputs(self, group: _Group) -> Iterator[tuple[np.ndarray, Unpruned]] | None:
         """The group's flattened input per batch, pruned and unpruned; None if it cannot be
-        walked to (past ``STATE_BYTES``, or a tensor on the way that is not an array)."""
+        walked to (an input no node computes, or a stretch on the way that does not load or run)."""
         segments = self.refit.segments
-        if group not in segments.walkable or not self._advance(segments.cut[group]):
+        cut = segments.cut.get(group, -1)
+        if self.broken or group not in segments.walkable or cut < self.at:
             return None
-        flat, name, first = self.refit._flat, group.input, group.layers[0]
-        now = [state[name][:real] for state, real in zip(self.now, self.real, strict=True)]
-        if self.cached:
-            assert self.refit._originals
-            before: Iterable[np.ndarray] = self.refit._originals[group]
-        else:
-            raw = [state[name][:real] for state, real in zip(self.before, self.real, strict=True)]
-            before = (flat(first, x) for x in raw)
-        return zip((flat(first, x) for x in now), before, strict=True)
+        return self._stream(group, cut)
 
-    def _advance(self, cut: int) -> bool:
-        """Run on to ``cut``; whether it stayed within ``STATE_BYTES``."""
-        segments = self.refit.segments
-        while self.at < cut:
-            check_stop(self.refit.stop)
-            end = min(c for c in (*segments.cut.values(), cut) if c > self.at)
-            now = self._run(self.at, end, self.now, self.weights)
-            if self.before is self.now and end <= self.pruned_at:
-                before = now  # nothing pruned has run yet: the same activations
+    def _stream(self, group: _Group, cut: int) -> Iterator[tuple[np.ndarray, Unpruned]]:
+        refit = self.refit
+        bounds = sorted({c for c in refit.segments.cut.values() if self.at < c < cut} | ({cut} - {self.at}))
+        flat, name, first = refit._flat, group.input, group.layers[0]
+        shared = self.before is self.now
+        kept_now: list[dict[str, np.ndarray]] | None = []
+        kept_before: list[dict[str, np.ndarray]] = []
+        size = 0
+        for i, (batch, real) in enumerate(self.batches):
+            check_stop(refit.stop)
+            now: dict[str, np.ndarray] | None = self.now[i]
+            before: dict[str, np.ndarray] | None = now if shared else (self.before[i] if self.before else None)
+            start = self.at
+            for end in bounds if not self.broken else ():
+                assert now is not None
+                moved = self._run(start, end, now, self.weights)
+                if before is None:
+                    pass
+                elif before is now and end <= self.pruned_at:
+                    before = moved  # nothing pruned has run yet: the same activations
+                else:
+                    before = self._run(start, end, before, refit.original)
+                now, start = moved, end
+                if now is None or (before is None and not self.cached):
+                    self.broken = True
+                    break
+            if self.broken:  # this batch, and the rest, from the model inputs
+                kept_now = None
+                x_now = refit._input(self.weights, name, batch, real)
+                x_before = None if self.cached else refit._input(refit.original, name, batch, real)
             else:
-                before = self._run(self.at, end, self.before, self.refit.original) if self.before else []
-            if now is None or before is None:
-                return False
-            self.now, self.before, self.at = now, before, end
-            states = self.now + ([] if self.before is self.now else self.before)
-            if sum(a.nbytes for state in states for a in state.values()) > STATE_BYTES:
-                return False
-        return True
+                assert now is not None
+                x_now = now[name][:real]
+                x_before = None if before is None else before[name][:real]
+                if kept_now is not None:  # an array both models carry (a model input) counts once
+                    arrays = {id(a): a for a in (*now.values(), *(() if before is None else before.values()))}
+                    size += sum(a.nbytes for a in arrays.values())
+                    if size > STATE_BYTES:
+                        kept_now, kept_before = None, []
+                    else:
+                        kept_now.append(now)
+                        if before is not None:
+                            kept_before.append(before)
+            if x_before is None:
+                assert refit._originals
+                yield flat(first, x_now), refit._originals[group][i]
+            else:
+                yield flat(first, x_now), flat(first, x_before)
+        if kept_now is not None and cut > self.at:  # the checkpoint moves on
+            together = not self.cached and all(b is n for b, n in zip(kept_before, kept_now, strict=True))
+            self.now, self.before = kept_now, (kept_now if together else kept_before)
+            self.at = cut
 
     def _run(
-        self, start: int, end: int, states: list[dict[str, np.ndarray]], weights: Mapping[str, np.ndarray]
-    ) -> list[dict[str, np.ndarray]] | None:
-        """``states`` (one per batch, at cut ``start``) carried to cut ``end``; None if that part of
+        self, start: int, end: int, state: Mapping[str, np.ndarray], weights: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray] | None:
+        """One batch's ``state`` (at cut ``start``) carried to cut ``end``; None if that part of
         the model does not load or run on its own, or a tensor on the way is not an array (a
         sequence, a map)."""
+        check_stop(self.refit.stop)
         segments = self.refit.segments
-        stretch = segments.stretch(start, end, states[0])
+        stretch = segments.stretch(start, end, state)
         if stretch is None:
             return None
         session, inputs, outputs = stretch
         live = segments.live(end)
-        out = []
-        for state in states:
-            check_stop(self.refit.stop)
-            moved = {n: v for n, v in state.items() if n in live}
-            if outputs:
-                feeds = {n: state[n] if n in state else weights[n] for n in inputs}
-                try:
-                    results = session.run(outputs, feeds)
-                except Exception:  # onnxruntime's own types; the whole model runs: go that way
-                    return None
-                if not all(isinstance(r, np.ndarray) for r in results):
-                    return None
-                moved.update(zip(outputs, results, strict=True))
-            out.append(moved)
-        return out
+        moved = {n: v for n, v in state.items() if n in live}
+        if outputs:
+            feeds = {n: state[n] if n in state else weights[n] for n in inputs}
+            try:
+                results = session.run(outputs, feeds)
+            except Exception:  # onnxruntime's own types; the whole model runs: go that way
+                return None
+            if not all(isinstance(r, np.ndarray) for r in results):
+                return None
+            moved.update(zip(outputs, results, strict=True))
+        return moved

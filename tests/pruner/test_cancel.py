@@ -125,7 +125,7 @@ def test_the_sequential_refit_walk_stops_between_groups(monkeypatch: pytest.Monk
 def test_a_stop_within_one_sequential_fit_ends_it(monkeypatch: pytest.MonkeyPatch) -> None:
     """Set after the first calibration batch of a drifted group's statistics: its fit never runs."""
     stop = threading.Event()
-    grams = watch(monkeypatch, _recover, "_grams", stop)
+    grams = watch(monkeypatch, _recover, "_gram_pair", stop)
     fits = watch(monkeypatch, _recover, "_fit_rows", stop)
     walk = watch(monkeypatch, _recover._Walk, "inputs", stop, set_after=1)
     options = PruneOptions(recover=Recovery.SEQUENTIAL, target_sparsity=0.3, batch_size=16)

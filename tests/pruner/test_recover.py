@@ -451,6 +451,95 @@ def test_sequential_refit_starts_a_layer_from_its_last_fit_of_the_same_mask(monk
     assert not warm._starts
 
 
+@pytest.mark.parametrize("groups", [1, 4])
+def test_a_gram_pair_is_the_two_gram_products(groups: int) -> None:
+    from pruner._recover import _gram_pair, _grams
+
+    rng = np.random.default_rng(2)
+    x, y = rng.standard_normal((2, 50, 12)).astype(np.float32)
+    gram, cross = _gram_pair(x, groups, y)
+    np.testing.assert_array_equal(gram, _grams(x, groups))
+    np.testing.assert_array_equal(cross, _grams(x, groups, y))
+
+
+def test_a_sequential_refit_keeps_the_unpruned_inputs_mean_between_candidates() -> None:
+    """The cached unpruned inputs' mean is summed once per group: a later candidate's fits are
+    exactly those of a refit that never saw another candidate."""
+    from pruner._evaluate import SplitModel
+    from pruner._recover import SequentialRefit
+
+    rng = np.random.default_rng(7)
+    w1, w2 = rng.standard_normal((16, 12)).astype(np.float32), rng.standard_normal((5, 16)).astype(np.float32)
+    b1, b2 = rng.standard_normal(16).astype(np.float32), rng.standard_normal(5).astype(np.float32)
+    originals = {"w1": w1, "b1": b1, "w2": w2, "b2": b2}
+    x = correlated_inputs(256, 12, seed=8)
+    calibration = calibrated(two_gemms(originals), x)
+
+    def new_refit() -> SequentialRefit:
+        split = SplitModel.take(two_gemms(originals), set(originals))
+        return SequentialRefit(calibration, split, pruner.EvalSet({"x": x}), batch_size=64, fixed_batch=None)
+
+    def candidate(refit: SequentialRefit, share: float) -> dict[str, np.ndarray]:
+        mask = np.abs(w1) < np.quantile(np.abs(w1), share)
+        weights = {"w1": np.where(mask, 0, w1), "b1": b1, "w2": w2, "b2": b2}
+        refit.refit(weights, {"w1": mask}, {"w1": round(100 * share), "w2": 0})
+        return weights
+
+    warm = new_refit()
+    candidate(warm, 0.3)
+    assert set(warm._means) == set(warm.groups)
+    warm.forget()  # fits and starts dropped; the mean stays
+    assert warm._means
+    second, fresh = candidate(warm, 0.5), candidate(new_refit(), 0.5)
+    for name in originals:
+        np.testing.assert_array_equal(second[name], fresh[name])
+
+
+def test_a_sequential_refit_keeps_the_unpruned_outputs_where_they_are_smaller(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A 1x1 conv widening 3 -> 8 channels keeps its input rows X (3 wide against 8 outputs); a
+    depthwise 3x3 (72 wide, 8 outputs) and a 1x1 narrowing 8 -> 2 keep their unpruned output
+    rows Y: the fits are those made from X (cache off, the unpruned model walked alongside)."""
+    import pruner._recover as recovery
+    from pruner._evaluate import SplitModel
+
+    rng = np.random.default_rng(11)
+    shapes = {"w1": (8, 3, 1, 1), "w2": (8, 1, 3, 3), "w3": (2, 8, 1, 1)}
+    weights = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    weights |= {f"b{name[1]}": rng.standard_normal(shape[0]).astype(np.float32) for name, shape in shapes.items()}
+    text = HEADER + (
+        "g (float[N, 3, 6, 6] x) => (float[N, 2, 6, 6] y) {"
+        " h = Conv (x, w1, b1) r = Relu (h) d = Conv <group = 8, pads = [1, 1, 1, 1]> (r, w2, b2)"
+        " s = Relu (d) y = Conv (s, w3, b3) }"
+    )
+    x = rng.standard_normal((120, 3, 6, 6)).astype(np.float32)
+    evalset = pruner.EvalSet({"x": x})
+    model = parse(text, weights)
+    calibration = calibrate(
+        model, list(analyze(model).layers), evalset, np.arange(120), batch_size=32, fixed_batch=None, full=True
+    )
+    mask = np.abs(weights["w1"]) < np.quantile(np.abs(weights["w1"]), 0.5)
+
+    def fitted(cache: int) -> tuple[dict[str, np.ndarray], recovery.SequentialRefit]:
+        monkeypatch.setattr(recovery, "ORIGINAL_CACHE_BYTES", cache)
+        refit = recovery.SequentialRefit(
+            calibration, SplitModel.take(parse(text, weights), set(weights)), evalset, batch_size=32, fixed_batch=None
+        )
+        out = dict(weights, w1=np.where(mask, 0, weights["w1"]).astype(np.float32))
+        refit.refit(out, {"w1": mask}, {"w1": 1})
+        return out, refit
+
+    (from_y, cached), (from_x, walked) = fitted(1 << 30), fitted(0)
+    assert walked._originals == {}
+    assert cached._originals is not None
+    kinds = [type(cached._originals[g][0]) for g in cached.groups]
+    assert kinds == [np.ndarray, tuple, tuple]
+    for name in ("w2", "b2", "w3", "b3"):
+        assert not np.allclose(from_y[name], weights[name])  # refit: its input drifted
+        np.testing.assert_allclose(from_y[name], from_x[name], rtol=1e-4, atol=1e-5)
+
+
 def branching(weights: dict[str, np.ndarray], subgraph: bool = False) -> onnx.ModelProto:
     """Gemms with a shortcut past a group, a model input read deep (with ``subgraph``, from
     inside an If's branch), and two groups computed by one node (a Split): x, m -> ... -> y."""
@@ -497,16 +586,30 @@ def test_sequential_refit_walks_the_model_once_cut_by_cut(monkeypatch: pytest.Mo
     assert [g.input for g in walking.groups] == ["x", "r", "p", "q"]
     pruned = dict(weights)
     pruned["w1"] = np.where(np.abs(weights["w1"]) < 0.7, 0, weights["w1"]).astype(np.float32)
-    walk = recovery._Walk(walking, pruned, pruned_at=0, cached=False)
-    for group in walking.groups:
-        walked = walk.inputs(group)
-        assert walked is not None
-        first = group.layers[0]
-        now = [walking._flat(first, a) for (a,) in walking._inputs(pruned, [group.input])]
-        before = [walking._flat(first, a) for (a,) in walking._inputs(weights, [group.input])]
-        for (a, b), a_tap, b_tap in zip(walked, now, before, strict=True):
-            np.testing.assert_allclose(a, a_tap, rtol=1e-6, atol=1e-6)
-            np.testing.assert_allclose(b, b_tap, rtol=1e-6, atol=1e-6)
+    cuts = [walking.segments.cut[g] for g in walking.groups]
+    # all cuts kept; none (every group from the model inputs' checkpoint); only the narrower ones:
+    # at r's cut r of both models and m (one array: 3 x 300 x 8 floats), at p's p and q of both
+    # (4 x 300 x 4 floats)
+    for limit, checkpoints in (
+        (1 << 30, cuts),
+        (0, [0] * 4),
+        (4 * 300 * 4 * 4, [0, 0, cuts[2], cuts[2]]),
+        (3 * 300 * 8 * 4, [0, *cuts[1:]]),
+    ):
+        monkeypatch.setattr(recovery, "STATE_BYTES", limit)
+        walk = recovery._Walk(walking, pruned, pruned_at=0, cached=False)
+        for group, checkpoint in zip(walking.groups, checkpoints, strict=True):
+            walked = walk.inputs(group)
+            assert walked is not None
+            first = group.layers[0]
+            now = [walking._flat(first, a) for (a,) in walking._inputs(pruned, [group.input])]
+            before = [walking._flat(first, a) for (a,) in walking._inputs(weights, [group.input])]
+            for (a, b), a_tap, b_tap in zip(walked, now, before, strict=True):
+                np.testing.assert_allclose(a, a_tap, rtol=1e-6, atol=1e-6)
+                np.testing.assert_allclose(b, b_tap, rtol=1e-6, atol=1e-6)
+            assert walk.at == checkpoint
+        assert not walk.broken
+    monkeypatch.undo()
     # the shortcut r and the input m cross the cut before the Split; the Split's outputs the last
     assert walking.segments.live(walking.segments.cut[walking.groups[1]]) == {"m", "r"}
     assert walking.segments.live(walking.segments.cut[walking.groups[2]]) == {"p", "q"}
@@ -516,7 +619,8 @@ def test_sequential_refit_walks_the_model_once_cut_by_cut(monkeypatch: pytest.Mo
 
     masks = {"w1": pruned["w1"] == 0}
     fits = []
-    # walked; past the memory limit; a stretch onnxruntime will not load: the last two from the inputs
+    # walked; past the memory limit (from the checkpoint at the model inputs, stretch by stretch);
+    # a stretch onnxruntime will not load: from the model inputs through per-group sessions
     for way in ("walked", "over the limit", "unloadable"):
         with monkeypatch.context() as patch:
             if way == "over the limit":
@@ -526,7 +630,7 @@ def test_sequential_refit_walks_the_model_once_cut_by_cut(monkeypatch: pytest.Mo
             out, fitter = dict(pruned), refit()
             fitter.refit(out, masks, {"w1": 1})
         fits.append(out)
-        assert bool(fitter._taps) is (way != "walked")  # per-group sessions only when the walk stops
+        assert bool(fitter._taps) is (way == "unloadable")  # per-group sessions only when the walk stops
     for name in weights:
         for fit in fits[1:]:
             np.testing.assert_allclose(fits[0][name], fit[name], rtol=1e-5, atol=1e-6)
