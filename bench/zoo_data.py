@@ -5,9 +5,12 @@ Sources: scikit-image's ``skimage/data`` photos (read out of its pinned wheel, n
 its 200 LFW face crops; text from the docstrings of this Python's standard library (sentences and
 words: real English, the same on every machine with the same Python); lines and pages of that text
 rendered in Pillow's bundled font; speech that Debian's espeak-ng synthesises from those sentences
-(``apt-get install espeak-ng``), mixed with noise; the bytes of real files of this Python's
-installation, labelled by their extension. Eval and test sets use different seeds: disjoint
-sentences, words and files, and different crops, jitters, texts and noise of the same photos.
+(``apt-get install espeak-ng``), mixed with noise; the bytes of real files that no pip install
+changes (this Python's standard library without site-packages, CPython's headers, two pinned
+wheels), labelled by their extension, each distinct row once. Eval and test sets use different
+seeds: disjoint sentences, words and files, and different crops, jitters, texts and noise of the
+same photos; no row repeats within a set or between the two (``shared_rows``; bench/zoo.py checks
+it before every run).
 """
 
 from __future__ import annotations
