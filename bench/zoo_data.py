@@ -352,7 +352,12 @@ def fixed_files(suffixes: frozenset[str]) -> Iterator[tuple[str, bytes]]:
     stdlib = Path(paths["stdlib"]).resolve()
     found: list[Path] = []
     for folder, subfolders, names in os.walk(stdlib):
-        subfolders[:] = [d for d in subfolders if (Path(folder) / d).resolve() not in installed]
+        # by name too: in a venv, purelib is the venv's, and the base's site-packages sits in stdlib
+        subfolders[:] = [
+            d
+            for d in subfolders
+            if d not in ("site-packages", "dist-packages") and (Path(folder) / d).resolve() not in installed
+        ]
         found += [Path(folder) / name for name in names if Path(name).suffix.lower() in suffixes]
     include = Path(paths["include"])
     for headers in (include, include / "cpython", include / "internal"):
