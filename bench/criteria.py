@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import table
 from zoo import dataset, evalset, nonzero, outputs, scores
+from zoo_data import version
 from zoo_models import CACHE, MODELS, model_path
 
 import pruner
@@ -44,7 +45,10 @@ BATCH = 64
 
 
 def result_path(key: str, criterion: Criterion, recover: Recovery, tolerance: float) -> Path:
-    return CACHE / "results" / f"criteria_{key}_{criterion.value}_{recover.value}_{tolerance:g}.json"
+    """Where a run's result is cached; ``_d<N>`` for sets past version 1, as in bench/zoo.py."""
+    data = version(MODELS[key].data)
+    tag = f"_d{data}" if data > 1 else ""
+    return CACHE / "results" / f"criteria_{key}_{criterion.value}_{recover.value}_{tolerance:g}{tag}.json"
 
 
 def run(key: str, criterion: Criterion, recover: Recovery, tolerance: float) -> dict[str, Any]:

@@ -44,7 +44,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import table
-from zoo_data import build
+from zoo_data import build, data_name, shared_rows, version
 from zoo_models import CACHE, MODELS, model_path
 
 import pruner
@@ -69,9 +69,10 @@ PEER_PYTHON = Path(os.environ.get("ONNX_PRUNER_PEER_PYTHON", "/tmp/peer/bin/pyth
 
 
 def dataset(key: str, n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """A model's eval (seed 0) or test (seed 1) set, built once and cached as .npz."""
+    """A model's eval (seed 0) or test (seed 1) set, built once and cached as .npz under a name
+    that carries the set's version (``zoo_data.data_name``)."""
     spec = MODELS[key]
-    path = CACHE / "data" / f"{spec.data}_{n}_{seed}.npz"
+    path = CACHE / "data" / f"{data_name(spec.data, n, seed)}.npz"
     if path.exists():
         with np.load(path) as z:
             inputs = {k[2:]: z[k] for k in z.files if k.startswith("i_")}
@@ -163,6 +164,12 @@ def run_job(key: str, mode: Mode, setting: str, tolerance: float, n_eval: int, n
     original = path.read_bytes()
     inputs, labels = dataset(key, n_eval, 0)
     test_inputs, test_labels = dataset(key, n_test, 1)
+    repeated, repeated_test, shared = shared_rows(inputs, test_inputs)
+    if repeated or repeated_test or shared:
+        raise SystemExit(
+            f"{key}'s sets ({spec.data}) repeat rows: {repeated} in the eval set, {repeated_test} in the "
+            f"test set, {shared} test rows equal to eval rows; fix its builder in bench/zoo_data.py"
+        )
     reference = outputs(original, inputs, spec.output)
     test_reference = outputs(original, test_inputs, spec.output)
     data = evalset(key, inputs, labels, reference)
@@ -326,8 +333,12 @@ def onnxsim_prune(original: bytes, mode: Mode, level: float) -> bytes | str:
 
 
 def result_path(key: str, mode: Mode, setting: str, tolerance: float, n_eval: int) -> Path:
+    """Where a run's result is cached; a model whose sets are past version 1 carries ``_d<N>``, so
+    a result on older sets is never read as one on newer sets."""
     tol = f"{tolerance:g}" if setting in ("default", "sequential") else "all"
-    return CACHE / "results" / f"{key}_{mode.value}_{setting}_{tol}_{n_eval}.json"
+    data = version(MODELS[key].data)
+    tag = f"_d{data}" if data > 1 else ""
+    return CACHE / "results" / f"{key}_{mode.value}_{setting}_{tol}_{n_eval}{tag}.json"
 
 
 def ensure(key: str, mode: Mode, setting: str, tolerance: float, n_eval: int, n_test: int) -> dict[str, Any] | None:

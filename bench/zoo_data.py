@@ -5,15 +5,19 @@ Sources: scikit-image's ``skimage/data`` photos (read out of its pinned wheel, n
 its 200 LFW face crops; text from the docstrings of this Python's standard library (sentences and
 words: real English, the same on every machine with the same Python); lines and pages of that text
 rendered in Pillow's bundled font; speech that Debian's espeak-ng synthesises from those sentences
-(``apt-get install espeak-ng``), mixed with noise; the bytes of real files of this Python's
-installation, labelled by their extension. Eval and test sets use different seeds: disjoint
-sentences, words and files, and different crops, jitters, texts and noise of the same photos.
+(``apt-get install espeak-ng``), mixed with noise; the bytes of real files that no pip install
+changes (this Python's standard library without site-packages, CPython's headers, two pinned
+wheels), labelled by their extension, each distinct row once. Eval and test sets use different
+seeds: disjoint sentences, words and files, and different crops, jitters, texts and noise of the
+same photos; no row repeats within a set or between the two (``shared_rows``; bench/zoo.py checks
+it before every run).
 """
 
 from __future__ import annotations
 
 import ast
 import io
+import os
 import re
 import subprocess
 import sys
@@ -22,8 +26,9 @@ import tempfile
 import unicodedata
 import wave
 import zipfile
+from collections.abc import Iterator
 from functools import cache
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFont
@@ -56,24 +61,29 @@ def photos() -> tuple[Image.Image, ...]:
 
 def augmented(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     """A random crop (25-100% of the area), flip and colour jitter of one of the photos; half the
-    draws come from the 21 photos, half from the faces."""
+    draws come from the 21 photos, half from the faces. A crop of one flat colour (dark sky in
+    the Hubble field and the moon photo) is drawn again: every such crop is the same image, and it
+    would repeat within and across the eval and test sets."""
     pool = photos()
-    image = (
-        pool[int(rng.integers(0, len(PHOTOS)))]
-        if rng.random() < 0.5
-        else pool[int(rng.integers(len(PHOTOS), len(pool)))]
-    )
-    w, h = image.size
-    area = rng.uniform(0.25, 1.0) * w * h
-    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
-    cw, ch = min(w, int(np.sqrt(area * aspect))), min(h, int(np.sqrt(area / aspect)))
-    x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-    image = image.crop((x, y, x + cw, y + ch))
-    if rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
-        image = enhance(image).enhance(float(rng.uniform(0.75, 1.25)))
-    return image.resize(size, Image.Resampling.BILINEAR)
+    while True:
+        image = (
+            pool[int(rng.integers(0, len(PHOTOS)))]
+            if rng.random() < 0.5
+            else pool[int(rng.integers(len(PHOTOS), len(pool)))]
+        )
+        w, h = image.size
+        area = rng.uniform(0.25, 1.0) * w * h
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        cw, ch = min(w, int(np.sqrt(area * aspect))), min(h, int(np.sqrt(area / aspect)))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        image = image.crop((x, y, x + cw, y + ch))
+        if rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        for enhance in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
+            image = enhance(image).enhance(float(rng.uniform(0.75, 1.25)))
+        image = image.resize(size, Image.Resampling.BILINEAR)
+        if np.ptp(np.asarray(image).reshape(-1, 3), axis=0).any():
+            return image
 
 
 @cache
@@ -316,45 +326,125 @@ EXTENSIONS = {
 }  # fmt: skip
 
 
+FILE_ROW = 2048
+"""magika's input: 1024 bytes from the beginning, 1024 from the end (its config)."""
+
+
+def file_features(data: bytes) -> np.ndarray:
+    """magika's features of one file: the first 1024 bytes after leading whitespace, the last 1024
+    before trailing whitespace, padded with token 256 (its config: beg_size, end_size,
+    padding_token)."""
+    row = np.full(FILE_ROW, 256, np.int32)
+    begin, end = data.lstrip()[:1024], data.rstrip()[-1024:]
+    row[: len(begin)] = np.frombuffer(begin, np.uint8)
+    row[FILE_ROW - len(end) :] = np.frombuffer(end, np.uint8)
+    return row
+
+
+def fixed_files(suffixes: frozenset[str]) -> Iterator[tuple[str, bytes]]:
+    """(name, bytes) of the real files with one of ``suffixes`` (lower case) that no pip install
+    or removal changes, in a fixed order: this Python's standard library without its
+    site-packages, CPython's own C headers (the include folder's top level, ``cpython/`` and
+    ``internal/``; pip puts package headers in other subfolders), and the members of two
+    hash-pinned wheels (magika's and scikit-image's)."""
+    paths = sysconfig.get_paths()
+    installed = {Path(paths["purelib"]).resolve(), Path(paths["platlib"]).resolve()}
+    stdlib = Path(paths["stdlib"]).resolve()
+    found: list[Path] = []
+    for folder, subfolders, names in os.walk(stdlib):
+        # by name too: in a venv, purelib is the venv's, and the base's site-packages sits in stdlib
+        subfolders[:] = [
+            d
+            for d in subfolders
+            if d not in ("site-packages", "dist-packages") and (Path(folder) / d).resolve() not in installed
+        ]
+        found += [Path(folder) / name for name in names if Path(name).suffix.lower() in suffixes]
+    include = Path(paths["include"])
+    for headers in (include, include / "cpython", include / "internal"):
+        found += [p for p in headers.glob("*") if p.suffix.lower() in suffixes]
+    for path in sorted(found, key=str):
+        if path.is_file():
+            yield str(path), path.read_bytes()
+    for wheel in (MODELS["magika"].wheel, SKIMAGE):
+        with zipfile.ZipFile(wheel_file(wheel)) as archive:
+            for info in sorted(archive.infolist(), key=lambda i: i.filename):
+                if not info.is_dir() and PurePosixPath(info.filename).suffix.lower() in suffixes:
+                    yield info.filename, archive.read(info)
+
+
 @cache
-def labelled_files() -> tuple[tuple[Path, str], ...]:
-    """Files of this Python's installation whose extension names a magika content type."""
+def labelled_rows() -> dict[int, tuple[bytes, ...]]:
+    """magika's features of the fixed files whose extension names one of its content types, at
+    least 64 bytes long, grouped by label (its index in magika's label space), each row once:
+    distinct by content (the model's input, not the path). A row that files of different types
+    share is dropped."""
     import json
 
-    archive = wheel_file(MODELS["magika"].wheel)
-    with zipfile.ZipFile(archive) as opened:
+    with zipfile.ZipFile(wheel_file(MODELS["magika"].wheel)) as opened:
         space = json.loads(opened.read("magika/models/standard_v3_3/config.min.json"))["target_labels_space"]
-    roots = [Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])]
-    out = []
-    for root in roots:
-        for path in sorted(root.rglob("*")):
-            label = EXTENSIONS.get(path.suffix.lower())
-            if label in space and path.is_file() and path.stat().st_size >= 64:
-                out.append((path, str(space.index(label))))
-    return tuple(out)
+    seen: dict[bytes, int] = {}
+    clashes: set[bytes] = set()
+    for name, data in fixed_files(frozenset(EXTENSIONS)):
+        label = EXTENSIONS.get(PurePosixPath(name).suffix.lower())
+        if label not in space or len(data) < 64:
+            continue
+        row = file_features(data).tobytes()
+        index = space.index(label)
+        if seen.setdefault(row, index) != index:
+            clashes.add(row)
+    out: dict[int, list[bytes]] = {}
+    for row, index in seen.items():
+        if row not in clashes:
+            out.setdefault(index, []).append(row)
+    return {index: tuple(rows) for index, rows in sorted(out.items())}
+
+
+def file_pools(seed: int) -> dict[int, list[bytes]]:
+    """The rows a set may draw from, per label: a fixed shuffle of each label's distinct rows, a
+    third of them for even seeds (the eval set), the other two thirds for odd seeds (the test set,
+    twice its size). The two pools share no row."""
+    rng = np.random.default_rng(12345)
+    pools: dict[int, list[bytes]] = {}
+    for index, rows in labelled_rows().items():
+        order = rng.permutation(len(rows))
+        pools[index] = [rows[i] for k, i in enumerate(order) if (k % 3 == 0) == (seed % 2 == 0)]
+    return pools
 
 
 def file_inputs(n: int, seed: int) -> tuple[Inputs, np.ndarray]:
-    """magika's features: the first 1024 bytes after leading whitespace, the last 1024 before
-    trailing whitespace, padded with token 256 (its config: beg_size, end_size, padding_token).
-    Types take turns, so each has about the same share of the set."""
-    files = labelled_files()
-    by_label: dict[str, list[Path]] = {}
-    for row in pick(tuple(f"{p}\t{label}" for p, label in files), len(files) // 2, seed):
-        path, label = row.split("\t")
-        by_label.setdefault(label, []).append(Path(path))
-    order = sorted(by_label)
-    rows = np.full((n, 2048), 256, np.int32)
-    labels = np.zeros(n, np.int64)
-    for i in range(n):
-        label = order[i % len(order)]
-        group = by_label[label]
-        data = group[(i // len(order)) % len(group)].read_bytes()
-        begin, end = data.lstrip()[:1024], data.rstrip()[-1024:]
-        rows[i, : len(begin)] = np.frombuffer(begin, np.uint8)
-        rows[i, 2048 - len(end) :] = np.frombuffer(end, np.uint8)
-        labels[i] = int(label)
-    return {"bytes": rows}, labels
+    """Rows of magika's features (``file_features``) of the fixed files, each row at most once,
+    none shared between seeds 0 (eval) and 1 (test). Types take turns while they last, so the
+    rarer types are all in and the most common (Python source) fills the rest."""
+    pools = file_pools(seed)
+    other = {row for rows in file_pools(seed + 1).values() for row in rows}
+    if any(row in other for rows in pools.values() for row in rows):
+        raise RuntimeError("magika's eval and test pools share a row: fix file_pools")
+    available = sum(len(rows) for rows in pools.values())
+    if n > available:
+        raise ValueError(f"the fixed files give {available} distinct rows for seed {seed}; asked for {n}")
+    taken: list[tuple[bytes, int]] = []
+    depth = 0
+    while len(taken) < n:
+        for index, rows in pools.items():
+            if depth < len(rows) and len(taken) < n:
+                taken.append((rows[depth], index))
+        depth += 1
+    inputs = np.stack([np.frombuffer(row, np.int32) for row, _ in taken])
+    return {"bytes": inputs}, np.array([index for _, index in taken], np.int64)
+
+
+def shared_rows(a: Inputs, b: Inputs) -> tuple[int, int, int]:
+    """(repeated rows in a, repeated rows in b, rows of b equal to a row of a), comparing every
+    input of a sample together, byte for byte."""
+
+    def keys(inputs: Inputs) -> list[bytes]:
+        names = sorted(inputs)
+        count = len(inputs[names[0]])
+        return [b"".join(np.ascontiguousarray(inputs[k][i]).tobytes() for k in names) for i in range(count)]
+
+    ka, kb = keys(a), keys(b)
+    seen = set(ka)
+    return len(ka) - len(seen), len(kb) - len(set(kb)), sum(k in seen for k in kb)
 
 
 BUILDERS = {
@@ -370,6 +460,23 @@ BUILDERS = {
     "words": word_inputs,
     "files": file_inputs,
 }
+
+
+VERSIONS = {"files": 2, "photos_nhwc": 2, "photos_lite": 2, "photos_320": 2}
+"""Kinds whose sets changed since they were first cached, and their version: files 2 draws from
+files no pip install changes, distinct by content; the photo kinds 2 redraw flat crops."""
+
+
+def version(kind: str) -> int:
+    """The version of a kind's sets (1 unless ``VERSIONS`` says otherwise)."""
+    return VERSIONS.get(kind, 1)
+
+
+def data_name(kind: str, n: int, seed: int) -> str:
+    """The cache name of a set: version 1 keeps its first name, later versions carry ``_v<N>``, so
+    sets of different versions never mix."""
+    tag = f"_v{version(kind)}" if version(kind) > 1 else ""
+    return f"{kind}{tag}_{n}_{seed}"
 
 
 def build(kind: str, n: int, seed: int) -> tuple[Inputs, np.ndarray | None]:
