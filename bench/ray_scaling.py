@@ -2,10 +2,12 @@
 
     python bench/ray_scaling.py                      # minilm, 2 repeats, writes bench/results/ray_scaling.txt
     python bench/ray_scaling.py --repeats 1 --max-evaluations 4 --no-write
+    python bench/ray_scaling.py --samples 2400 --append    # a larger eval set, table added
     python bench/ray_scaling.py --cluster local --append   # one local Ray in this session, table added
 
 The zoo's largest model (all-MiniLM-L6-v2, 86 MB: ``bench/zoo.py`` builds and caches it in
-``~/.cache/onnx-pruner-zoo``) and its cached sentence eval sets (both, 600 samples). A Ray cluster
+``~/.cache/onnx-pruner-zoo``) and its cached sentence eval sets (both, 600 samples; ``--samples``
+picks another count of the zoo's sentences: the run's fixed costs stay, its rows grow). A Ray cluster
 of 2 CPUs is started (by default two nodes of one CPU, as ``tests/pruner/test_ray.py`` starts
 them); each run starts its workers (Ray actors, one CPU and one onnxruntime thread each) and
 stops them. Runs alternate 1 and 2 workers, repeated, so that a
@@ -52,8 +54,15 @@ CLUSTERS = {
 }
 
 
-def load_set() -> pruner.EvalSet:
-    """Both cached sentence sets, as ``bench/zoo.py`` reads them (``i_`` prefix stripped)."""
+def load_set(samples: int) -> pruner.EvalSet:
+    """600 samples: both cached sentence sets, as ``bench/zoo.py`` reads them (``i_`` prefix
+    stripped); any other count: that many sentences of the zoo's eval half (built and cached by
+    ``bench/zoo.py``'s ``dataset``)."""
+    if samples != 600:
+        from zoo import dataset
+
+        inputs, _ = dataset("minilm", samples, 0)
+        return pruner.EvalSet(inputs)
     parts: dict[str, list[np.ndarray]] = {}
     for name in SETS:
         with np.load(CACHE / "data" / name) as z:
@@ -139,6 +148,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-evaluations", type=int, default=6)
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=600,
+        help="eval-set size: 600 (the two cached sets, the default) or any other count of the zoo's "
+        "sentences (the fixed costs, such as the workers' start and the driver's steps, do not grow with it)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--append", action="store_true", help="add the table to the results file")
@@ -170,7 +186,7 @@ def main() -> None:
                 sys.exit("the Ray cluster did not show 2 CPUs within 180 s: run the bench again")
             time.sleep(0.5)
     model = (CACHE / "models" / "minilm.onnx").read_bytes()
-    data = load_set()
+    data = load_set(args.samples)
     rows = []
     shas = set()
     finals: set[tuple[float, float | None]] = set()
