@@ -8,6 +8,7 @@ stop was set: a loop that ignored the stop would run its remaining steps first.
 from __future__ import annotations
 
 import gc
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -68,7 +69,9 @@ def test_calibration_stops_between_layers(monkeypatch: pytest.MonkeyPatch) -> No
     stop = threading.Event()
     calls = watch(monkeypatch, _recover.LayerStats, "add", stop, set_after=1)
     cancelled(PruneOptions(recover=Recovery.LSQ), stop)
-    assert calls == [False]
+    # the layers run on the run's threads (one a core): another thread may finish the layer it
+    # checked the stop for just before it was set, and none goes on to a further one
+    assert calls[0] is False and len(calls) <= (os.cpu_count() or 1)
 
 
 @pytest.mark.parametrize("recover", [Recovery.LSQ, Recovery.BIAS])
