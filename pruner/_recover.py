@@ -1166,6 +1166,11 @@ def _unfold(x: np.ndarray, conv: Mapping[str, list[int]], positions: int | None 
     return windows.transpose(order).reshape(n * total, c * window)
 
 
+STATS_THREADS = 4
+"""Most threads a calibration pass computes its layers' statistics on: each holds one layer's rows
+of the batch (an unfolded conv's can be 100+ MiB), so a many-core machine must not hold dozens."""
+
+
 def calibrate(
     model: onnx.ModelProto,
     layers: list[PrunableWeight],
@@ -1232,7 +1237,7 @@ def calibrate(
         layouts=found,
         full={n for n in found if full and n not in wide},
         samples=len(rows),
-        threads=threads or os.cpu_count() or 1,
+        threads=min(threads or os.cpu_count() or 1, STATS_THREADS),
     )
     executor = None if runs_on is None else runs_on.executor
     if executor is not None and executor.remote and len(batches) > 1:
