@@ -91,3 +91,11 @@ def run_cli(*args: str | os.PathLike[str], timeout: float = 300) -> subprocess.C
         timeout=timeout,
         check=False,
     )
+
+
+def status_mib(pid: int, field: str) -> float:
+    """A memory field of ``/proc/PID/status`` in MiB: ``VmRSS`` (now) or ``VmHWM`` (the peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no {field} in /proc/{pid}/status")

@@ -29,7 +29,7 @@ from service import convert, errors
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 from service._gen.onnxpruner.v1 import pruner_pb2_grpc as pb_grpc
 from service.client import Connection, raise_for_job
-from tests.helpers import REPO_ROOT, run_cli
+from tests.helpers import REPO_ROOT, run_cli, status_mib
 
 FIXTURES = REPO_ROOT / "tests" / "fixtures"
 MLP = FIXTURES / "mlp.onnx"
@@ -294,13 +294,6 @@ def test_a_submit_cut_off_midway_is_sent_again_with_its_key_and_stored_once(
     assert final.state == pb.JOB_STATE_SUCCEEDED
 
 
-def peak_rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmHWM")
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 def test_a_submit_checks_a_large_eval_set_without_holding_its_arrays(
     job_server: Callable[..., JobServer], tmp_path: Path
@@ -313,9 +306,9 @@ def test_a_submit_checks_a_large_eval_set_without_holding_its_arrays(
     with Connection(server.address) as connection:
         warm, _ = connection.submit(MLP, MLP_EVAL, QUICK)  # the submit path's code and buffers
         connection.follow(warm)
-        before = peak_rss_mib(server.process.pid)
+        before = status_mib(server.process.pid, "VmHWM")
         job_id, created = connection.submit(MLP, evalset, QUICK)
-        after = peak_rss_mib(server.process.pid)
+        after = status_mib(server.process.pid, "VmHWM")
         connection.cancel_job(job_id)
         final = connection.follow(job_id)
     assert created and final.state in (pb.JOB_STATE_CANCELLED, pb.JOB_STATE_SUCCEEDED)

@@ -26,7 +26,7 @@ import pruner
 from service import convert, server
 from service._gen.onnxpruner.v1 import pruner_pb2 as pb
 from service._gen.onnxpruner.v1 import pruner_pb2_grpc as pb_grpc
-from tests.helpers import tiny_mlp, tiny_mlp_evalset
+from tests.helpers import status_mib, tiny_mlp, tiny_mlp_evalset
 from tests.service import test_server as base
 from tests.service.test_server import GOOD_MODEL, Start, _serving, npz_bytes, start_slow, wait_until
 from tests.service.test_server_limits import CONFIG, Stalling, detail, failure, good_requests, prune, stalled_call
@@ -219,13 +219,6 @@ def spawned() -> Iterator[list[subprocess.Popen[str]]]:
         process.wait(30)
 
 
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
 def test_cancelled_jobs_give_their_memory_back(spawned: list[subprocess.Popen[str]], tmp_path: Path) -> None:
     address, process = spawn("--max-jobs", "1", env={"ONNX_PRUNER_RUNTIME_DIR": str(tmp_path)})
@@ -253,11 +246,11 @@ def test_cancelled_jobs_give_their_memory_back(spawned: list[subprocess.Popen[st
     for _ in range(3):  # warm-up: libraries, arenas, caches
         cancelled_job()
     time.sleep(1)
-    idle = rss_mib(process.pid)
+    idle = status_mib(process.pid, "VmRSS")
     for _ in range(15):
         cancelled_job()
     time.sleep(1)
-    after = rss_mib(process.pid)
+    after = status_mib(process.pid, "VmRSS")
     assert after - idle < 40, f"RSS grew from {idle:.0f} MiB to {after:.0f} MiB over 15 cancelled jobs"
 
 
