@@ -39,6 +39,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from ._analysis import FLOAT_DTYPES
 from ._graph import Attributes, GraphIndex, declared_shape
 from ._ops import OPS, ChannelRule, OpDeclaration, WeightSlot
 
@@ -1008,10 +1009,23 @@ def _recurrent(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | 
 
 
 def _embedding(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | None) -> None:
-    """Gather: an embedding table's features are not a family of their own (yet); what passes
-    through a lookup is the Gather rule's."""
+    """Gather from an embedding table [vocab, features] along axis 0: as a seed, feature k is
+    column k of the table and the last axis's entry k of every looked-up vector (what reads
+    them decides whether they can go); triggered, the Gather rule's (channels pass)."""
     if trigger is not None:
         _gather(builder, i, node, trigger)
+        return
+    table, indices, y = node.input[0], node.input[1], node.output[0]
+    tensor = builder.index.tensor(table)
+    if builder.is_constant(indices) or tensor is None or len(tensor.dims) < 2 or tensor.data_type not in FLOAT_DTYPES:
+        return  # a constant lookup (shape arithmetic) or no table of weights: nothing to seed
+    if Attributes(node).get_int("axis", 0) != 0:
+        return
+    rank_t = _need(builder.rank(table), "table rank")
+    features = _need(builder.dim(table, rank_t - 1), "table features")
+    rank_y = _need(builder.rank(y), "lookup rank")
+    builder.producer_slots.add((table, rank_t - 1))
+    builder.link(y, rank_y - 1, table, rank_t - 1, features)
 
 
 _SEED_RULES: dict[ChannelRule, Rule] = {
