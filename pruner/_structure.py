@@ -912,6 +912,11 @@ def _reduce(builder: _Builder, i: int, node: onnx.NodeProto, trigger: Slot | Non
         # channels after a removal, and its output has none to remove
         why = f"{node.name or node.op_type} (ReduceMean) averages over these channels"
         builder.approximate.setdefault(trigger, why)
+    elif node.op_type == "ReduceSum" and trigger[0] == x and reduced == {rank - 1}:
+        # the same statistic as a sum (jax2tf's LayerNorm: sums times a constant 1 / C): it sums
+        # over the channels left, its constant stays that of the full count
+        why = f"{node.name or node.op_type} (ReduceSum) sums over these channels"
+        builder.approximate.setdefault(trigger, why)
     else:
         raise _Stop(f"{node.op_type} mixes the channels")
 
@@ -1109,7 +1114,8 @@ def mask_norms(model: onnx.ModelProto, structure: Structure) -> tuple[onnx.Model
     With the masks zero at removed channels, zeroing the removed components of this model gives
     what removing them does (the invariant the approximate rules lack): the full-shape model a
     refit is fitted on then behaves like the model that gets written. LayerNormalization over
-    the last axis and ReduceMean over it (keepdims) are rewritten; any other is left alone.
+    the last axis, ReduceMean over it (keepdims) and ReduceSum over it are rewritten; any other
+    is left alone.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -1133,7 +1139,8 @@ def mask_norms(model: onnx.ModelProto, structure: Structure) -> tuple[onnx.Model
         norm = node.op_type == "LayerNormalization" and attrs.get_int("axis", -1) % max(rank, 1) == last
         keepdims = bool(attrs.get_int("keepdims", 1))
         mean = node.op_type == "ReduceMean" and keepdims and _axes(node, index, rank) == {last}
-        if slot is None or slot[1] != last or node.domain not in ("", "ai.onnx") or not (norm or mean):
+        total = node.op_type == "ReduceSum" and _axes(node, index, rank) == {last}
+        if slot is None or slot[1] != last or node.domain not in ("", "ai.onnx") or not (norm or mean or total):
             nodes.append(node)
             continue
         dtype = helper.tensor_dtype_to_np_dtype(types[x].elem_type)
@@ -1141,6 +1148,14 @@ def mask_norms(model: onnx.ModelProto, structure: Structure) -> tuple[onnx.Model
         if mask not in masks:
             graph.initializer.append(numpy_helper.from_array(np.ones(structure.slot_size[slot], dtype), mask))
             masks[mask] = slot
+        if total:  # a sum over the kept channels is the sum of the masked input
+            masked = f"{node.output[0]}__masked{len(nodes)}"
+            nodes.append(helper.make_node("Mul", [x, mask], [masked]))
+            summed = onnx.NodeProto()
+            summed.CopyFrom(node)
+            summed.input[0] = masked
+            nodes.append(summed)
+            continue
         nodes.extend(_masked(node, mask, last, opset, len(nodes), dtype))
     del graph.node[:]
     graph.node.extend(nodes)

@@ -481,6 +481,63 @@ def test_normalized_channels_are_removed_approximately(name: str) -> None:
     np.testing.assert_allclose(run(zeroed, TOKENS), expected, atol=1e-4, rtol=1e-4)
 
 
+# as jax2tf writes a LayerNorm (magika): sums over the channels (keepdims 0) times 1 / C,
+# E[x^2] - E[x]^2, broadcast back by Unsqueeze
+SUMMED_NORM = """
+g (float[N, 5, 6] x, float[6, 8] w1, float[8] s, float[8] b, float[8, 3] w3) => (float[N, 5, 3] y) {
+    h = MatMul (x, w1)
+    last = Constant <value = int64[1] {-1}> ()
+    total = ReduceSum <keepdims = 0> (h, last)
+    sq = Mul (h, h)
+    total_sq = ReduceSum <keepdims = 0> (sq, last)
+    inv = Constant <value = float {0.125}> ()
+    m = Mul (total, inv)
+    m2 = Mul (total_sq, inv)
+    mm = Mul (m, m)
+    v = Sub (m2, mm)
+    eps = Constant <value = float {0.001}> ()
+    ve = Add (v, eps)
+    sd = Sqrt (ve)
+    mu = Unsqueeze (m, last)
+    sdu = Unsqueeze (sd, last)
+    c = Sub (h, mu)
+    z = Div (c, sdu)
+    sz = Mul (z, s)
+    n = Add (sz, b)
+    y = MatMul (n, w3)
+}"""
+
+
+def test_a_norm_written_as_sums_is_removed_approximately() -> None:
+    """A LayerNorm of channel sums (jax2tf's) makes its channels an approximate family: a removal
+    sums over the channels left, its 1 / C constant unchanged; with the sums masked, zeroing the
+    removed channels gives what removing them does."""
+    model = build(SUMMED_NORM)
+    structure = analyze_structure(model)
+    (stream,) = structure.families
+    assert stream.approximate is not None and "sums over these channels" in stream.approximate
+    removed = [int(c) for c in stream.components[[1, 4, 6]]]
+    pruned = remove_components(model, structure, removed)
+    onnx.checker.check_model(pruned, full_check=True)
+    w = weights_for(SUMMED_NORM)
+    kept = np.setdiff1d(np.arange(8), [1, 4, 6])
+    h = TOKENS @ w["w1"][:, kept]
+    mean = h.sum(-1, keepdims=True) / 8
+    var = (h * h).sum(-1, keepdims=True) / 8 - mean * mean
+    expected = ((h - mean) / np.sqrt(var + 1e-3) * w["s"][kept] + w["b"][kept]) @ w["w3"][kept]
+    np.testing.assert_allclose(run(pruned, TOKENS), expected, atol=1e-4, rtol=1e-4)
+    masked, masks = mask_norms(model, structure)
+    onnx.checker.check_model(masked, full_check=True)
+    assert len(masks) == 2  # one per summed tensor: h and h * h
+    np.testing.assert_allclose(run(masked, TOKENS), run(model, TOKENS), atol=1e-5)
+    zeroed = zero_components(masked, structure, removed)
+    for tensor in zeroed.graph.initializer:
+        if tensor.name in masks:
+            keep = ~np.isin(structure.atoms(masks[tensor.name]), removed)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(keep.astype(np.float32), tensor.name))
+    np.testing.assert_allclose(run(zeroed, TOKENS), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_resnet_coverage_is_every_conv_but_the_classifier() -> None:
     model = ARCHITECTURES["resnet18"]()
     structure = analyze_structure(model)
