@@ -43,7 +43,8 @@ def pairwise_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     area_a = np.maximum(ax2 - ax1, 0.0) * np.maximum(ay2 - ay1, 0.0)
     area_b = np.maximum(bx2 - bx1, 0.0) * np.maximum(by2 - by1, 0.0)
     union = area_a + area_b - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    out: np.ndarray = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    return out
 
 
 def decode(
