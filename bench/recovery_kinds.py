@@ -62,7 +62,7 @@ def main() -> None:
     data = evalset(key, inputs, labels, reference)
     metric = Metric(spec.metric)
     base = scores(key, original, test_inputs, test_labels, test_reference)
-    print(f"  test metric unpruned: {base:.4f} ({spec.metric.value}, n={args.n_test})")
+    print(f"  test metric unpruned: {base:.4f} ({metric.name}, n={args.n_test})")
     for method in args.recover.split(","):
         options = PruneOptions(
             metric=spec.metric,

@@ -48,7 +48,7 @@ from zoo_data import build, data_name, shared_rows, version
 from zoo_models import CACHE, MODELS, model_path
 
 import pruner
-from pruner import Allocation, Criterion, Mode, PruneOptions, Recovery, Tolerance
+from pruner import Allocation, Criterion, CustomMetric, Mode, PruneOptions, Recovery, Tolerance
 from pruner._metrics import Metric
 
 TOLERANCES = (0.005, 0.01, 0.02)
@@ -334,10 +334,15 @@ def onnxsim_prune(original: bytes, mode: Mode, level: float) -> bytes | str:
 
 def result_path(key: str, mode: Mode, setting: str, tolerance: float, n_eval: int) -> Path:
     """Where a run's result is cached; a model whose sets are past version 1 carries ``_d<N>``, so
-    a result on older sets is never read as one on newer sets."""
+    a result on older sets is never read as one on newer sets, and a model measured by a task
+    metric of ``zoo_metrics`` carries its name (``yolov8n_..._d2_detection_f1_0.1.json``), so a
+    result under a built-in metric is never read as one under it."""
     tol = f"{tolerance:g}" if setting in ("default", "sequential") else "all"
     data = version(MODELS[key].data)
     tag = f"_d{data}" if data > 1 else ""
+    metric = MODELS[key].metric
+    if isinstance(metric, CustomMetric):
+        tag += f"_{metric.name.replace('@', '_')}"
     return CACHE / "results" / f"{key}_{mode.value}_{setting}_{tol}_{n_eval}{tag}.json"
 
 
@@ -492,7 +497,7 @@ def main() -> None:
         spec = MODELS[key]
         print(
             f"  {key}: {spec.title}; {spec.wheel.requirement}; {spec.task}; "
-            f"metric {spec.metric.value}, {spec.labels} labels"
+            f"metric {Metric(spec.metric).name}, {spec.labels} labels"
         )
 
 

