@@ -1313,12 +1313,15 @@ def _collect(
     (numpy's copies and its one-thread BLAS let go of the GIL): a layer's sums are made by one
     thread in batch order, as on one, so the bits do not depend on ``threads``."""
     stats = {name: LayerStats() for name in layouts} if stats is None else stats
+    seconds: dict[str, float] = {}  # each layer's on the last batch: the longest start first
 
     def add(name: str, outputs: Mapping[str, np.ndarray], real: int) -> None:
+        start = time.perf_counter()
         layout = layouts[name]
         for use in layout.all_uses:  # a shared weight: the rows of every node it feeds
             check_stop(stop)
             stats[name].add(_use_rows(layout, use, outputs, real, samples), name in full, layout.groups)
+        seconds[name] = time.perf_counter() - start
 
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 and len(layouts) > 1 else None
@@ -1331,10 +1334,18 @@ def _collect(
                 if pool is None:
                     for name in layouts:
                         each(name)
-                else:
-                    list(pool.map(each, layouts))
+                else:  # longest first (on the first batch: largest input): no thread ends on a long one alone
+                    cost = seconds.copy() if seconds else {n: _input_size(la, outputs) for n, la in layouts.items()}
+                    order = sorted(layouts, key=lambda n: -cost[n])
+                    list(pool.map(each, order))
             del outputs, each  # before the next run: one batch's layer inputs held at a time, not two
     return stats
+
+
+def _input_size(layout: LayerLayout, values: Mapping[str, np.ndarray]) -> float:
+    """A guess at a layer's share of a batch's statistics before it is timed: the size of what its
+    uses read."""
+    return float(sum(np.size(values[n]) for use in layout.all_uses for n in use.reads() if n in values))
 
 
 def _run_views(session: ort.InferenceSession, names: list[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
