@@ -1330,6 +1330,8 @@ def _collect(
         pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 and len(layouts) > 1 else None
         for batch, real in batches:
             check_stop(stop)
+            # feeds stays referenced while outputs do: a layer input that is a model input comes back as a
+            # view of its feed (an OrtValue made from an array does not keep the array alive)
             feeds = {k: v[batch] for k, v in evalset.inputs.items()}
             outputs = dict(zip(wanted, _run_views(session, wanted, feeds), strict=True)) | dict(constants)
             each = functools.partial(add, outputs=outputs, real=real)
