@@ -1116,6 +1116,34 @@ def _positions(samples: int, total: int, positions: int) -> np.ndarray:
     return picked
 
 
+_ConvKey = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], tuple[int, ...]]
+"""A conv's kernel, strides, dilations and begin pads (hashable)."""
+
+
+@functools.lru_cache(maxsize=64)
+def _window_pixels(
+    samples: int, sizes: tuple[int, ...], out: tuple[int, ...], conv: _ConvKey, positions: int
+) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """The input pixels each of ``_positions``' windows reads, [samples, positions * window] flat
+    indices into a map of ``sizes`` (a padding pixel as pixel 0), and per sample which of them are
+    padding (to be zeroed)."""
+    kernel, strides, dilations, pads = conv
+    window = math.prod(kernel)
+    at = np.unravel_index(_positions(samples, math.prod(out), positions), out)
+    offsets = np.unravel_index(np.arange(window), kernel)
+    inside = np.ones((samples, positions, window), dtype=bool)
+    flat = np.zeros((samples, positions, window), dtype=np.int64)
+    for axis in range(len(kernel)):
+        where = at[axis][:, :, None] * strides[axis] + offsets[axis][None, None, :] * dilations[axis]
+        where -= pads[axis]
+        inside &= (where >= 0) & (where < sizes[axis])
+        flat = flat * sizes[axis] + where
+    pixels = np.where(inside, flat, 0).reshape(samples, positions * window)
+    pixels.flags.writeable = False  # shared through the cache
+    padding = tuple(np.flatnonzero(~sample) for sample in inside.reshape(samples, -1))
+    return pixels, padding
+
+
 def _unfold(x: np.ndarray, conv: Mapping[str, list[int]], positions: int | None = None) -> np.ndarray:
     """im2col: [N, C, spatial...] -> [N * positions, C * kernel size] rows, in the weight's (c, k...)
     order; with ``positions``, only that many output positions of each sample (``_positions``: the
@@ -1133,28 +1161,21 @@ def _unfold(x: np.ndarray, conv: Mapping[str, list[int]], positions: int | None 
     ]
     total, window = math.prod(out), math.prod(kernel)
     if positions is not None and positions < total:
-        picked = _positions(n, total, positions)
-        # the input pixels each picked window reads; outside the image, padding: a zero pixel
-        at = np.unravel_index(picked, out)
-        offsets = np.unravel_index(np.arange(window), kernel)
-        inside = np.ones((n, positions, window), dtype=bool)
-        flat = np.zeros((n, positions, window), dtype=np.int64)
-        for axis in range(spatial):
-            where = at[axis][:, :, None] * strides[axis] + offsets[axis][None, None, :] * dilations[axis]
-            where -= begins[axis]
-            inside &= (where >= 0) & (where < sizes[axis])
-            flat = flat * sizes[axis] + where
-        area = math.prod(sizes)
-        # read straight from x (a padding pixel reads pixel 0, then is zeroed): a padded copy of
-        # the whole map, to read 16 of its 12,544 positions, was most of the unfold's time
-        pixels = np.where(inside, flat, 0).reshape(n, positions, 1, window)
-        image = np.ascontiguousarray(x).reshape(n, c * area)
-        channels = (np.arange(c) * area)[None, :, None]
+        key = (tuple(kernel), tuple(strides), tuple(dilations), tuple(begins))
+        pixels, padding = _window_pixels(n, tuple(sizes), tuple(out), key, positions)
+        # one sample at a time, in cache: the picked windows' pixels read straight from its map
+        # ([c, area]; a padded copy of the whole map, to read 16 of its 12,544 positions, was most
+        # of the time) with one [positions * window] index for all channels, then transposed into
+        # its rows. (An index per channel and window, c times larger, took longer to build than
+        # the gather it served.)
+        gathered = np.empty((c, positions * window), dtype=x.dtype)
         rows = np.empty((n, positions, c, window), dtype=x.dtype)
-        for i in range(n):  # one sample at a time: its index array stays in cache
-            np.take(image[i], pixels[i] + channels, out=rows[i])
-        if not inside.all():
-            np.copyto(rows, 0, where=~inside.reshape(n, positions, 1, window))
+        maps = x.reshape(n, c, math.prod(sizes))
+        for i in range(n):
+            np.take(maps[i], pixels[i], axis=1, out=gathered, mode="clip")  # in range: unbuffered
+            if len(padding[i]):
+                gathered[:, padding[i]] = 0
+            rows[i] = gathered.reshape(c, positions, window).transpose(1, 0, 2)
         return rows.reshape(n * positions, c * window)
     padded = np.pad(x, ((0, 0), (0, 0), *zip(begins, ends, strict=True)))
     spans = tuple(d * (k - 1) + 1 for d, k in zip(dilations, kernel, strict=True))
@@ -1292,28 +1313,43 @@ def _collect(
     (numpy's copies and its one-thread BLAS let go of the GIL): a layer's sums are made by one
     thread in batch order, as on one, so the bits do not depend on ``threads``."""
     stats = {name: LayerStats() for name in layouts} if stats is None else stats
+    seconds: dict[str, float] = {}  # each layer's on the last batch: the longest start first
 
     def add(name: str, outputs: Mapping[str, np.ndarray], real: int) -> None:
+        start = time.perf_counter()
         layout = layouts[name]
         for use in layout.all_uses:  # a shared weight: the rows of every node it feeds
             check_stop(stop)
             stats[name].add(_use_rows(layout, use, outputs, real, samples), name in full, layout.groups)
+        seconds[name] = time.perf_counter() - start
 
     with contextlib.ExitStack() as stack:
+        # a run holds it from start to end; here for a pass called on its own, once for all its
+        # batches (setting the limit and restoring it took 1-4 ms each time)
+        stack.enter_context(one_blas_thread())
         pool = stack.enter_context(ThreadPoolExecutor(threads)) if threads > 1 and len(layouts) > 1 else None
         for batch, real in batches:
             check_stop(stop)
+            # feeds stays referenced while outputs do: a layer input that is a model input comes back as a
+            # view of its feed (an OrtValue made from an array does not keep the array alive)
             feeds = {k: v[batch] for k, v in evalset.inputs.items()}
             outputs = dict(zip(wanted, _run_views(session, wanted, feeds), strict=True)) | dict(constants)
             each = functools.partial(add, outputs=outputs, real=real)
-            with one_blas_thread():  # the run holds it too: here for a pass called on its own
-                if pool is None:
-                    for name in layouts:
-                        each(name)
-                else:
-                    list(pool.map(each, layouts))
+            if pool is None:
+                for name in layouts:
+                    each(name)
+            else:  # longest first (on the first batch: largest input): no thread ends on a long one alone
+                cost = seconds.copy() if seconds else {n: _input_size(la, outputs) for n, la in layouts.items()}
+                order = sorted(layouts, key=lambda n: -cost[n])
+                list(pool.map(each, order))
             del outputs, each  # before the next run: one batch's layer inputs held at a time, not two
     return stats
+
+
+def _input_size(layout: LayerLayout, values: Mapping[str, np.ndarray]) -> float:
+    """A guess at a layer's share of a batch's statistics before it is timed: the size of what its
+    uses read."""
+    return float(sum(np.size(values[n]) for use in layout.all_uses for n in use.reads() if n in values))
 
 
 def _run_views(session: ort.InferenceSession, names: list[str], feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
