@@ -411,8 +411,24 @@ class Batches:
         return np.moveaxis(out, axis, 0)[:n] if axis else out[:n]
 
     def outputs(self, runner: Runner, indices: np.ndarray) -> np.ndarray:
-        """The chosen output for all ``indices``, in order."""
-        return np.concatenate([self.run(runner, batch) for batch in self._batches(indices)])
+        """The chosen output for all ``indices``, in order, written batch by batch into one array
+        (a list of batches joined at the end would hold the outputs twice: 530 MB more on a
+        500-line OCR recognizer's [40, 6625] logits)."""
+        out: np.ndarray | None = None
+        start = 0
+        for batch in self._batches(indices):
+            got = self.run(runner, batch)
+            if out is None:
+                out = np.empty((len(indices), *got.shape[1:]), got.dtype)
+            out[start : start + len(got)] = got
+            start += len(got)
+        assert out is not None, "outputs of no rows"
+        return out
+
+    def each_output(self, runner: Runner, indices: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows, the chosen output for them) a batch at a time: nothing of a batch is kept."""
+        for batch in self._batches(indices):
+            yield batch, self.run(runner, batch)
 
 
 class Evaluator:
