@@ -48,11 +48,14 @@ def watch(
     already set when it was called; with ``set_after``, the stop is set when that call returns."""
     real: Callable[..., Any] = getattr(owner, name)
     calls: list[bool] = []
+    lock = threading.Lock()
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        calls.append(stop.is_set())
+        with lock:  # calls may come from several threads (calibration's layers): number them as they come
+            calls.append(stop.is_set())
+            k = len(calls)
         out = real(*args, **kwargs)
-        if set_after is not None and len(calls) == set_after:
+        if k == set_after:
             stop.set()
         return out
 
@@ -69,9 +72,11 @@ def test_calibration_stops_between_layers(monkeypatch: pytest.MonkeyPatch) -> No
     stop = threading.Event()
     calls = watch(monkeypatch, _recover.LayerStats, "add", stop, set_after=1)
     cancelled(PruneOptions(recover=Recovery.LSQ), stop)
-    # the layers run on the run's threads (one a core): another thread may finish the layer it
-    # checked the stop for just before it was set, and none goes on to a further one
-    assert calls[0] is False and len(calls) <= (os.cpu_count() or 1)
+    # the layers run on the run's threads (one a core): the others may have done other layers while
+    # the first was running, and each may finish the one it checked the stop for just before it was
+    # set; none goes on to a further one
+    threads = min(os.cpu_count() or 1, _recover.STATS_THREADS)
+    assert calls[0] is False and calls.count(True) <= threads - 1
 
 
 @pytest.mark.parametrize("recover", [Recovery.LSQ, Recovery.BIAS])
