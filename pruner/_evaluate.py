@@ -464,8 +464,11 @@ class Evaluator:
         return self.metric.value(reference, labels, reference, None if mask is None else mask[indices])
 
     def per_sample(self, outputs: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        """Per-sample scores of ``outputs`` (the outputs of ``indices``), for the held-out rules."""
-        return self.metric.per_sample(outputs, self._labels(indices), self.reference[indices])
+        """Per-sample scores of ``outputs`` (the outputs of ``indices``), for the held-out rules:
+        the scores whose mean ``evaluate`` gives (the same labels and ``sequence_mask``)."""
+        mask = self.mask
+        labels = self._labels(indices) if self.metric.uses_labels else None
+        return self.metric.per_sample(outputs, labels, self.reference[indices], None if mask is None else mask[indices])
 
     def evaluate(self, indices: np.ndarray, runner: Runner, *, bound: float | None = None) -> EvalOutcome:
         """Metric on ``indices``; stops early once the mean cannot reach ``bound``."""
