@@ -1,0 +1,121 @@
+"""What the run keeps of the unpruned model's output: the metric's summary of it, with results
+identical to keeping it whole."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+import pruner
+from pruner import Criterion, MetricKind, PruneOptions, Tolerance
+from pruner import _evaluate as evaluate_module
+from pruner._evalset import model_inputs
+from pruner._evaluate import Batches, Evaluator, make_session, session_runner
+from pruner._metrics import Metric
+from tests.helpers import parse, seeded
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+TAGGER = """
+<ir_version: 8, opset_import: ["" : 17]>
+tagger (float[N, 4, 8] x) => (float[N, 4, 1000] y) {
+    y = MatMul (x, w)
+}
+"""
+
+
+def _results(report: pruner.Report) -> dict[str, Any]:
+    """The report without what depends on the clock (timings, seconds, the run-strategy note)."""
+    data = report.to_dict()
+    for key in ("timings", "notes", "tool_version", "versions"):
+        data.pop(key)
+    for record in data["trace"]:
+        record.pop("seconds")
+        record.pop("latency")
+    return data
+
+
+def _prune_both(monkeypatch: pytest.MonkeyPatch, name: str, options: PruneOptions) -> tuple[Any, Any]:
+    model = onnx.load(FIXTURES / f"{name}.onnx")
+    compact = pruner.prune(model, FIXTURES / f"{name}_eval.npz", options)
+    monkeypatch.setattr(evaluate_module, "COMPACT_REFERENCE", False)
+    whole = pruner.prune(model, FIXTURES / f"{name}_eval.npz", options)
+    return compact, whole
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("mlp", PruneOptions(metric=MetricKind.AGREEMENT, tolerance=Tolerance(0.02), max_evaluations=8)),
+        ("mlp", PruneOptions(metric=MetricKind.ACCURACY, tolerance=Tolerance(0.02), max_evaluations=8)),
+        ("recurrent", PruneOptions(metric=MetricKind.AGREEMENT, tolerance=Tolerance(0.02), max_evaluations=6)),
+    ],
+    ids=["mlp-agreement", "mlp-accuracy", "recurrent-agreement"],
+)
+def test_a_run_on_the_summary_gives_the_results_of_a_run_on_the_whole_output(
+    monkeypatch: pytest.MonkeyPatch, name: str, options: PruneOptions
+) -> None:
+    compact, whole = _prune_both(monkeypatch, name, options)
+    assert compact.report.trace, "the run evaluated no candidate"
+    assert _results(compact.report) == _results(whole.report)  # every metric to the bit
+    assert compact.model.SerializeToString() == whole.model.SerializeToString()
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("torch", "onnx2torch")),
+    reason="needs the gradient extra: pip install -e '.[gradient]'",
+)
+def test_gradients_read_the_whole_output_of_their_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = PruneOptions(
+        metric=MetricKind.AGREEMENT, criterion=Criterion.GRADIENT, tolerance=Tolerance(0.02), max_evaluations=6
+    )
+    compact, whole = _prune_both(monkeypatch, "mlp", options)
+    assert _results(compact.report) == _results(whole.report)
+
+
+def _measured(metric: Metric, n: int = 300) -> tuple[Evaluator, np.ndarray]:
+    model = parse(TAGGER, {"w": seeded((8, 1000))})
+    data = pruner.EvalSet({"x": seeded((n, 4, 8), seed=1)})
+    batches = Batches(model_inputs(model), "y", data, batch_size=64)
+    runner = session_runner(make_session(model.SerializeToString(), threads=1), "y")
+    everything = np.arange(n)
+    keep = np.arange(0, 256, 2)
+    evaluator = Evaluator.measure(batches, metric, batches.each_output(runner, everything), keep)
+    return evaluator, batches.outputs(runner, everything)
+
+
+def test_an_argmax_metric_keeps_the_ids_and_the_probe_rows_whole() -> None:
+    evaluator, full = _measured(Metric(MetricKind.AGREEMENT))
+    ids = evaluator.reference
+    assert ids.dtype == np.int16 and np.array_equal(ids, full.argmax(-1))
+    assert ids.nbytes * 1000 < full.nbytes  # 8 bytes a sample against 16,000
+    assert evaluator.kept is not None and len(evaluator.kept[0]) == 128
+    rows = np.arange(0, 256, 2)
+    assert np.array_equal(evaluator.full_reference(rows[5:9]), full[rows[5:9]])
+    with pytest.raises(pruner.PrunerError, match=r"rows \[1\] was not kept"):
+        evaluator.full_reference(np.array([1]))
+    everything = np.arange(len(full))
+    assert evaluator.reference_value(everything) == 1.0
+    assert np.array_equal(evaluator.reference_scores(everything), np.ones(len(full)))
+
+
+@pytest.mark.parametrize("kind", [MetricKind.SEQUENCE_MATCH, MetricKind.SEQUENCE_SIMILARITY, MetricKind.AGREEMENT])
+def test_scores_against_the_summary_are_those_against_the_whole_output(kind: MetricKind) -> None:
+    metric = Metric(kind)
+    evaluator, full = _measured(metric)
+    candidate = full + seeded(full.shape, seed=3) * 0.3  # some argmaxes move
+    rows = np.arange(40, 140)
+    against_whole = metric.per_sample(candidate[rows], None, full[rows])
+    assert 0 < against_whole.mean() < 1
+    assert np.array_equal(evaluator.per_sample(candidate[rows], rows), against_whole)
+
+
+def test_a_metric_that_reads_the_whole_output_keeps_it() -> None:
+    evaluator, full = _measured(Metric(MetricKind.COSINE))
+    assert evaluator.kept is None and evaluator.scores is None
+    assert np.array_equal(evaluator.reference, full)
