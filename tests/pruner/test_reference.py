@@ -28,6 +28,13 @@ tagger (float[N, 4, 8] x) => (float[N, 4, 1000] y) {
 }
 """
 
+MASKED = """
+<ir_version: 8, opset_import: ["" : 17]>
+masked (float[N, 4, 8] x, float[N, 4] m) => (float[N, 4, 1000] y) {
+    y = MatMul (x, w)
+}
+"""
+
 
 def _results(report: pruner.Report) -> dict[str, Any]:
     """The report without what depends on the clock (timings, seconds, the run-strategy note)."""
@@ -119,3 +126,23 @@ def test_a_metric_that_reads_the_whole_output_keeps_it() -> None:
     evaluator, full = _measured(Metric(MetricKind.COSINE))
     assert evaluator.kept is None and evaluator.scores is None
     assert np.array_equal(evaluator.reference, full)
+
+
+def test_held_out_scores_read_the_sequence_mask_as_the_metric_does() -> None:
+    n = 200
+    model = parse(MASKED, {"w": seeded((8, 1000))})
+    mask = (np.arange(4)[None, :] < np.arange(n)[:, None] % 5).astype(np.float32)  # 0-4 positions count
+    labels = np.random.default_rng(2).integers(0, 1000, (n, 4))
+    data = pruner.EvalSet({"x": seeded((n, 4, 8), seed=1), "m": mask}, labels)
+    batches = Batches(model_inputs(model), "y", data, batch_size=64)
+    runner = session_runner(make_session(model.SerializeToString(), threads=1), "y")
+    everything = np.arange(n)
+    out = batches.outputs(runner, everything)
+    metric = Metric(MetricKind.ACCURACY, sequence_mask="m")
+    evaluator = Evaluator.measure(batches, metric, batches.each_output(runner, everything), everything[:128])
+    scores = evaluator.per_sample(out, everything)
+    assert np.array_equal(scores, metric.per_sample(out, labels, None, mask))
+    assert np.array_equal(scores[::5], np.ones(n // 5))  # no position counts: 1.0, as evaluate scores them
+    assert evaluator.evaluate(everything, runner).value == pytest.approx(float(scores.mean()), abs=1e-12)
+    assert evaluator.reference_value(everything) == float(scores.mean())
+    assert np.array_equal(evaluator.reference_scores(everything), scores)
