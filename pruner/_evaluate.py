@@ -622,7 +622,20 @@ class Evaluator:
     def deviation(self, indices: np.ndarray, runner: Runner) -> float:
         """Relative squared error of the output vs the unpruned model: a smooth, label-free proxy."""
         batches = self.batches
-        parts = list(batches.executor.outputs(batches, runner, batches.pieces(indices)))
-        out = np.concatenate(parts).astype(np.float64)
         ref = self.full_reference(indices).astype(np.float64)
-        return float(((out - ref) ** 2).sum() / max((ref**2).sum(), 1e-30))
+        # the pieces go straight into one float64 array, and the squares are taken in place: an OCR
+        # recognizer's 128 probe rows are 272 MB in float64, and each temporary was as much again
+        out = np.empty(ref.shape, np.float64)
+        start = 0
+        for part in batches.executor.outputs(batches, runner, batches.pieces(indices)):
+            if part.shape[1:] != ref.shape[1:]:
+                raise UnsupportedModelError(
+                    f"output {batches.output!r} has shape {list(part.shape[1:])} per sample on the probe rows, "
+                    f"not the unpruned model's {list(ref.shape[1:])}"
+                )
+            out[start : start + len(part)] = part
+            start += len(part)
+        out -= ref
+        np.square(out, out=out)
+        np.square(ref, out=ref)
+        return float(out.sum() / max(ref.sum(), 1e-30))
