@@ -14,6 +14,7 @@ import pytest
 import pruner
 from pruner import Criterion, MetricKind, PruneOptions, Tolerance
 from pruner import _evaluate as evaluate_module
+from pruner._candidates import _Agreement, _same_outputs
 from pruner._evalset import model_inputs
 from pruner._evaluate import Batches, Evaluator, make_session, session_runner
 from pruner._metrics import Metric
@@ -146,3 +147,19 @@ def test_held_out_scores_read_the_sequence_mask_as_the_metric_does() -> None:
     assert evaluator.evaluate(everything, runner).value == pytest.approx(float(scores.mean()), abs=1e-12)
     assert evaluator.reference_value(everything) == float(scores.mean())
     assert np.array_equal(evaluator.reference_scores(everything), scores)
+
+
+@pytest.mark.parametrize("noise", [1e-7, 1e-5, 1e-3, 1e-1])
+def test_the_strategy_check_a_batch_at_a_time_decides_as_one_comparison_of_all(noise: float) -> None:
+    ref = seeded((64, 40, 50), seed=4) * 30
+    out = ref + seeded(ref.shape, seed=5) * noise
+    agreement = _Agreement()
+    for i in range(0, 64, 16):
+        agreement.add(out[i : i + 16], ref[i : i + 16])
+    assert agreement.same == _same_outputs(out, ref)
+    ref[3, 2, 1] = out[3, 2, 1] = np.inf
+    agreement.add(out[:16], ref[:16])
+    assert agreement.same == _same_outputs(out, ref)
+    out[0, 0, 0] = np.nan
+    agreement.add(out[:16], ref[:16])
+    assert not agreement.same
