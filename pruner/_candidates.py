@@ -38,6 +38,7 @@ from ._evaluate import (
     session_runner,
 )
 from ._gradient import GradientScores, gradient_scores
+from ._model import session_source
 from ._nm import NMSpace, NMUnit, nm_mask, reduction_axis
 from ._options import AUTO_LSQ_COST, GRADIENT_CRITERIA, REFITTING, Allocation, Criterion, Mode, PruneOptions, Recovery
 from ._plan import LayerPlan, Layout, Replay, element_mask, zero_lowest
@@ -371,7 +372,7 @@ class ChannelCandidates(_Candidates):
         stop = self.stop
         self.remover = Remover(model, options, calibration, sequential, stop=stop)
         if self.remover.static_targets:
-            why = self._static_mismatch(search_idx)
+            why = self._static_mismatch(model, search_idx)
             if why:
                 notes.append(
                     f"Reshape targets computed at run time were left as they are: as constants {why}, "
@@ -447,16 +448,19 @@ class ChannelCandidates(_Candidates):
             bisect(families)
         return found
 
-    def _static_mismatch(self, search_idx: np.ndarray) -> str | None:
-        """Why the model with its computed Reshape targets made constants is not the model on a
-        batch of the eval set (probed at synthetic sizes, a computed dim can look constant)."""
+    def _static_mismatch(self, model: onnx.ModelProto, search_idx: np.ndarray) -> str | None:
+        """Why the model with its computed Reshape targets made constants is not ``model`` (the
+        unpruned one) on a batch of the eval set (probed at synthetic sizes, a computed dim can
+        look constant)."""
         batches = self.evaluator.batches
         sample = search_idx[: batches.batch_size]
         try:
             out = batches.outputs(self.remover.runner(self.remover.space.empty(), batches.output, 1), sample)
         except UnsupportedModelError:
             return "the model did not run on the eval set"
-        if not _same_outputs(out, self.evaluator.reference[sample]):
+        with session_source(model) as source:
+            original = batches.outputs(session_runner(make_session(source, threads=1), batches.output), sample)
+        if not _same_outputs(out, original):
             return "they changed the outputs on the eval set"
         return None
 
@@ -645,33 +649,73 @@ def calibration_rows(search_idx: np.ndarray, samples: int, seed: int) -> np.ndar
     return np.sort(np.random.default_rng(seed).choice(search_idx, count, replace=False))
 
 
-def _same_outputs(out: np.ndarray, ref: np.ndarray, scale: float | None = None) -> bool:
+def _same_outputs(out: np.ndarray, ref: np.ndarray) -> bool:
     """Whether two runs of what should be one model agree up to float reordering (relative 1e-3,
-    absolute 1e-4 of ``scale``: by default the largest reference value)."""
-    if scale is None:
-        scale = float(np.abs(ref).max()) if ref.size else 0.0
+    absolute 1e-4 of the largest reference value)."""
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
     return out.shape == ref.shape and bool(np.allclose(out, ref, rtol=1e-3, atol=1e-4 * max(scale, 1.0)))
 
 
-def _largest(batches: Batches, reference: np.ndarray, rows: np.ndarray) -> float:
-    """The largest |value| of ``reference`` at ``rows``, a piece at a time."""
-    return max((float(np.abs(reference[piece]).max()) for piece in batches.pieces(rows)), default=0.0)
+class _Agreement:
+    """Whether two runs of what should be one model agree, a batch at a time: ``_same_outputs``
+    over all the batches at once (its absolute tolerance from the largest value of them all)."""
+
+    def __init__(self) -> None:
+        self.shapes = True
+        self.equal_nonfinite = True
+        self.excess = 0.0
+        """The largest |out - ref| - 1e-3 |ref| of the finite values."""
+        self.scale = 0.0
+
+    def add(self, out: np.ndarray, ref: np.ndarray) -> None:
+        if out.shape != ref.shape:
+            self.shapes = False
+            return
+        if not ref.size:
+            return
+        finite = np.isfinite(out) & np.isfinite(ref)
+        if not finite.all():  # rare: the slow path, with copies of the finite values
+            self.equal_nonfinite &= bool((out[~finite] == ref[~finite]).all())
+            self.scale = max(self.scale, float(np.abs(ref).max()))
+            out, ref = out[finite], ref[finite]
+        del finite
+        # in place, in the outputs' float type as np.allclose computes: a batch of an OCR
+        # recognizer's logits is 68 MB, and every float64 temporary of it twice that
+        dtype = out.dtype if out.dtype.kind == "f" and out.dtype == ref.dtype else np.dtype(np.float64)
+        gap = np.subtract(out, ref, dtype=dtype)
+        np.abs(gap, out=gap)
+        scaled = np.abs(ref).astype(dtype, copy=False)
+        if scaled.size:
+            self.scale = max(self.scale, float(scaled.max()))
+            scaled *= 1e-3
+            gap -= scaled
+            self.excess = max(self.excess, float(gap.max()))
+
+    @property
+    def same(self) -> bool:
+        return self.shapes and self.equal_nonfinite and self.excess <= 1e-4 * max(self.scale, 1.0)
 
 
-def _timed_run(
-    batches: Batches, runner: Runner, rows: np.ndarray, reference: np.ndarray | None = None, scale: float = 0.0
-) -> tuple[float, bool]:
-    """Seconds ``runner`` takes over ``rows`` (its runs only), and whether its outputs are the
-    reference's (``_same_outputs`` at ``scale``), compared a batch at a time: no output is kept
-    (a whole sample of an OCR recognizer's logits, held three ways, took 2 GiB)."""
-    seconds, same = 0.0, True
-    start = time.perf_counter()
-    for batch, out in batches.each_output(runner, rows):
-        seconds += time.perf_counter() - start
-        if reference is not None and same:
-            same = _same_outputs(out, reference[batch], scale)
-        start = time.perf_counter()
-    return seconds, same
+def _timed_runs(
+    batches: Batches, first: Runner, second: Runner, warm: np.ndarray, rows: np.ndarray
+) -> tuple[float, float, bool]:
+    """Seconds ``first`` and ``second`` take over ``rows`` (their runs only, a batch of each in
+    turn, after one warm-up run of each on ``warm``), and whether their outputs agree (on
+    ``warm`` too). Compared a batch at a time: no output is kept (a whole sample of an OCR
+    recognizer's logits, held three ways, took 2 GiB)."""
+    agreement = _Agreement()
+    agreement.add(batches.run(first, warm), batches.run(second, warm))
+    seconds = [0.0, 0.0]
+    size = batches.batch_size
+    for i in range(0, len(rows), size):
+        batch = rows[i : i + size]
+        outs = []
+        for j, runner in enumerate((first, second)):
+            start = time.perf_counter()
+            outs.append(batches.run(runner, batch))
+            seconds[j] += time.perf_counter() - start
+        agreement.add(*outs)
+    return seconds[0], seconds[1], agreement.same
 
 
 def _choose_strategy(
@@ -712,21 +756,15 @@ def _choose_strategy(
     start = time.perf_counter()
     base = built_now(split.weights)
     created = time.perf_counter() - start
-    fed_runner = fed.runner(split.weights)
-    # each session is warmed up on the first batch and timed on the others; the fed run that
-    # checks the outputs is also the one timed (a second pass over the sample cost as much)
+    # each session is warmed up on the first batch and timed on the others, a batch of each in
+    # turn; the runs that time them also check that the fed run gives the built model's outputs
     warm, rest = sample[: batches.batch_size], sample[batches.batch_size :]
     if not len(rest):
         rest = warm
-    reference = evaluator.reference
-    scale = _largest(batches, reference, sample)
-    _, same = _timed_run(batches, fed_runner, warm, reference, scale)
-    fed_seconds, same_rest = _timed_run(batches, fed_runner, rest, reference if rest is not warm else None, scale)
-    if not (same and same_rest):
+    fed_seconds, built_seconds, same = _timed_runs(batches, fed.runner(split.weights), base, warm, rest)
+    if not same:
         return built, "candidates ran as sessions of the built model (fed weights changed the outputs)"
-    timed = {"fed": fed_seconds}
-    _timed_run(batches, base, warm)
-    timed["built"], _ = _timed_run(batches, base, rest)
+    timed = {"fed": fed_seconds, "built": built_seconds}
     timed = {name: seconds * len(search_idx) / len(rest) for name, seconds in timed.items()}
     logger.debug("per search pass: fed %.3f s, built %.3f s + %.3f s a session", timed["fed"], timed["built"], created)
     if timed["fed"] <= created + timed["built"]:

@@ -77,7 +77,7 @@ class HeldOut:
         rule: AcceptanceRule,
         confidence: float,
     ) -> HeldOut:
-        original = evaluator.per_sample(evaluator.reference[rows], rows)
+        original = evaluator.reference_scores(rows)
         return cls(evaluator, rows, baseline, tolerance.allowed_loss(baseline), original, rule, confidence)
 
     def passes(self, runner: Runner) -> bool:

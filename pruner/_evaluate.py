@@ -24,7 +24,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,13 +33,14 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from ._errors import PrunerError, UnsupportedModelError, check_stop
+from ._errors import InternalError, PrunerError, UnsupportedModelError, check_stop
 from ._evalset import EvalSet, InputSpec
 from ._executor import Executor, LocalExecutor
 from ._metrics import Metric
 from ._model import PROTOBUF_LIMIT, session_source
 
 __all__ = [
+    "COMPACT_REFERENCE",
     "Batches",
     "EvalOutcome",
     "Evaluator",
@@ -431,20 +432,90 @@ class Batches:
             yield batch, self.run(runner, batch)
 
 
+COMPACT_REFERENCE = True
+"""Whether the evaluator keeps only the metric's ``reference_summary`` of the unpruned model's
+output where the metric has one (False: the whole output, for every metric)."""
+
+
 class Evaluator:
     """Batched metric evaluation of candidates against the unpruned model.
 
     Args:
         batches: runs models over the eval set.
         metric: the metric.
-        reference: the unpruned model's output for every sample of the eval set, for
-            label-free metrics and probes.
+        reference: what the metric reads of the unpruned model's output for every sample of the
+            eval set: the output itself, or its ``Metric.reference_summary``.
+        scores: the unpruned model's per-sample scores on every sample (None: computed from
+            ``reference``, which is then the whole output).
+        kept: rows of the eval set (sorted) and the unpruned model's whole output for them: the
+            rows the probes and gradients compare outputs on, when ``reference`` is a summary.
     """
 
-    def __init__(self, batches: Batches, metric: Metric, reference: np.ndarray) -> None:
+    def __init__(
+        self,
+        batches: Batches,
+        metric: Metric,
+        reference: np.ndarray,
+        *,
+        scores: np.ndarray | None = None,
+        kept: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> None:
         self.batches = batches
         self.metric = metric
         self.reference = reference
+        self.scores = scores
+        self.kept = kept
+        self._energies: dict[bytes, float] = {}
+        """The unpruned model's squared output summed over rows, by the rows' bytes (``deviation``)."""
+
+    @classmethod
+    def measure(
+        cls,
+        batches: Batches,
+        metric: Metric,
+        outputs: Iterable[tuple[np.ndarray, np.ndarray]],
+        keep: np.ndarray,
+    ) -> Evaluator:
+        """The evaluator of the unpruned model whose ``outputs`` are (rows, their output) over
+        the whole eval set, a batch or piece at a time.
+
+        Where the metric reads a summary of the output (``Metric.reference_summary``), only the
+        summary of every row is kept, with the unpruned model's per-sample scores, and the whole
+        output of the rows ``keep`` (an OCR recognizer's [40, 6625] logits are 1 MB a sample,
+        their argmax ids 80 bytes); else the whole output of every row.
+        """
+        metric_labels = batches.evalset.labels if metric.uses_labels else None
+        mask_name = metric.sequence_mask
+        mask = None if mask_name is None else batches.evalset.inputs.get(mask_name)
+        count = len(batches.evalset)
+        keep = np.unique(keep)
+        reference: np.ndarray | None = None
+        scores: np.ndarray | None = None
+        kept: np.ndarray | None = None
+        compact: bool | None = None
+        for rows, out in outputs:
+            summary = None
+            if compact is not False and COMPACT_REFERENCE:
+                summary = metric.reference_summary(out, labels=metric_labels is not None)
+            if compact is None:
+                compact = summary is not None
+                held = out if summary is None else summary
+                reference = np.empty((count, *held.shape[1:]), held.dtype)
+                if compact:
+                    scores = np.empty(count, np.float64)
+                    kept = np.empty((len(keep), *out.shape[1:]), out.dtype)
+            assert reference is not None
+            if summary is None:
+                reference[rows] = out
+                continue
+            reference[rows] = summary
+            assert scores is not None and kept is not None
+            labels = None if metric_labels is None else metric_labels[rows]
+            scores[rows] = metric.per_sample(out, labels, summary, None if mask is None else mask[rows])
+            hit = np.isin(rows, keep)
+            kept[np.searchsorted(keep, rows[hit])] = out[hit]
+        assert reference is not None, "outputs of no rows"
+        return cls(batches, metric, reference, scores=scores, kept=None if kept is None else (keep, kept))
 
     @property
     def mask(self) -> np.ndarray | None:
@@ -458,14 +529,40 @@ class Evaluator:
 
     def reference_value(self, indices: np.ndarray) -> float:
         """The unpruned model's metric on ``indices``."""
+        if self.scores is not None:
+            return float(self.scores[indices].mean()) if len(indices) else float("nan")
         mask = self.mask
         labels = self._labels(indices) if self.metric.uses_labels else None
         reference = self.reference[indices]
         return self.metric.value(reference, labels, reference, None if mask is None else mask[indices])
 
+    def reference_scores(self, indices: np.ndarray) -> np.ndarray:
+        """The unpruned model's per-sample scores on ``indices``."""
+        if self.scores is not None:
+            return self.scores[indices]
+        return self.per_sample(self.reference[indices], indices)
+
+    def full_reference(self, indices: np.ndarray) -> np.ndarray:
+        """The unpruned model's whole output for ``indices`` (all of them kept rows, when the
+        evaluator holds a summary). Read it, do not write it: all the kept rows in order are the
+        kept array itself."""
+        if self.kept is None:
+            return self.reference[indices]
+        rows, values = self.kept
+        if np.array_equal(rows, indices):
+            return values
+        at = np.minimum(np.searchsorted(rows, indices), len(rows) - 1)
+        if not len(rows) or not np.array_equal(rows[at], indices):
+            missing = np.setdiff1d(indices, rows)
+            raise InternalError(f"the unpruned model's output of rows {missing[:5].tolist()} was not kept")
+        return values[at]
+
     def per_sample(self, outputs: np.ndarray, indices: np.ndarray) -> np.ndarray:
-        """Per-sample scores of ``outputs`` (the outputs of ``indices``), for the held-out rules."""
-        return self.metric.per_sample(outputs, self._labels(indices), self.reference[indices])
+        """Per-sample scores of ``outputs`` (the outputs of ``indices``), for the held-out rules:
+        the scores whose mean ``evaluate`` gives (the same labels and ``sequence_mask``)."""
+        mask = self.mask
+        labels = self._labels(indices) if self.metric.uses_labels else None
+        return self.metric.per_sample(outputs, labels, self.reference[indices], None if mask is None else mask[indices])
 
     def evaluate(self, indices: np.ndarray, runner: Runner, *, bound: float | None = None) -> EvalOutcome:
         """Metric on ``indices``; stops early once the mean cannot reach ``bound``."""
@@ -530,7 +627,25 @@ class Evaluator:
     def deviation(self, indices: np.ndarray, runner: Runner) -> float:
         """Relative squared error of the output vs the unpruned model: a smooth, label-free proxy."""
         batches = self.batches
-        parts = list(batches.executor.outputs(batches, runner, batches.pieces(indices)))
-        out = np.concatenate(parts).astype(np.float64)
-        ref = self.reference[indices].astype(np.float64)
-        return float(((out - ref) ** 2).sum() / max((ref**2).sum(), 1e-30))
+        ref = self.full_reference(indices)
+        # the pieces go straight into one float64 array, the reference is cast as it is subtracted
+        # and its energy is computed once: an OCR recognizer's 128 probe rows are 272 MB in float64,
+        # and each temporary was as much again
+        out = np.empty(ref.shape, np.float64)
+        start = 0
+        for part in batches.executor.outputs(batches, runner, batches.pieces(indices)):
+            if part.shape[1:] != ref.shape[1:]:
+                raise UnsupportedModelError(
+                    f"output {batches.output!r} has shape {list(part.shape[1:])} per sample on the probe rows, "
+                    f"not the unpruned model's {list(ref.shape[1:])}"
+                )
+            out[start : start + len(part)] = part
+            start += len(part)
+        np.subtract(out, ref, out=out)
+        np.square(out, out=out)
+        key = indices.tobytes()
+        if key not in self._energies:
+            energy = ref.astype(np.float64)
+            np.square(energy, out=energy)
+            self._energies[key] = float(energy.sum())
+        return float(out.sum() / max(self._energies[key], 1e-30))

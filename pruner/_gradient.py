@@ -193,7 +193,7 @@ class _Loss:
     def __init__(self, evaluator: Evaluator, rows: np.ndarray, seed: int) -> None:
         metric = evaluator.metric
         labels = evaluator.batches.evalset.labels
-        reference = evaluator.reference[rows]
+        reference = evaluator.full_reference(rows)
         self.kind = "deviation"
         self.rng = np.random.default_rng(seed)
         self.scale = float(np.sqrt(np.mean(np.square(reference, dtype=np.float64)))) or 1.0
@@ -242,7 +242,7 @@ class _Loss:
             pred = out[..., self.column] if self.column is not None else out
             diff = pred - torch.from_numpy(labels.astype(np.float32))
             return (diff * diff).sum() if self.kind == "squared error" else diff.abs().sum()
-        reference = evaluator.reference[rows].astype(np.float32)
+        reference = evaluator.full_reference(rows).astype(np.float32)
         probe = self.rng.choice(np.array([-self.scale, self.scale], dtype=np.float32), size=reference.shape)
         diff = out - torch.from_numpy(reference + probe)
         return 0.5 * (diff * diff).sum()
@@ -304,7 +304,7 @@ def gradient_scores(
             chunk = rows[i : i + step]
             out = _forward(torch, converted, inputs, position, batches, chunk, criterion)
             if not checked:
-                _check_output(out.detach().numpy(), evaluator.reference[chunk], criterion)
+                _check_output(out.detach().numpy(), evaluator.full_reference(chunk), criterion)
                 checked = True
             for tensor in tensors.values():
                 tensor.grad = None

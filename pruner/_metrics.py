@@ -139,6 +139,27 @@ class Metric:
                 f"sequence_mask {self.sequence_mask!r} is not an array of the eval set; name one of its inputs"
             )
 
+    def reference_summary(self, reference: np.ndarray, *, labels: bool) -> np.ndarray | None:
+        """What ``per_sample`` reads of the unpruned model's output (a batch, sample axis first)
+        when that is much less than the output, else None (it reads the output whole).
+
+        ``labels``: the eval set's labels are the target (``uses_labels`` and the eval set has
+        them). ``agreement`` and the sequence metrics read the argmax ids (as the smallest
+        integer type that holds them); a metric scored against labels reads nothing of it (an
+        array of no columns). ``per_sample`` takes the summary in place of the output.
+        """
+        kind = self.kind
+        if isinstance(kind, CustomMetric) or self.whole_set:
+            return None
+        n = reference.shape[0]
+        if labels and (kind.needs_labels or kind in (MetricKind.DICE, MetricKind.IOU)):
+            return np.zeros((n, 0), np.int8)
+        if kind is MetricKind.AGREEMENT and reference.ndim >= 2:
+            return _narrow(np.argmax(reference, axis=-1), reference.shape[-1], self.pad_id)
+        if kind in SEQUENCE_METRICS and reference.dtype.kind not in "iub":
+            return _narrow(self._ids(reference), reference.shape[-1], self.pad_id, self.ctc_blank)
+        return None
+
     def value(
         self,
         outputs: np.ndarray,
@@ -183,6 +204,8 @@ class Metric:
         """Score of each sample of a batch (``outputs`` has the sample axis first).
 
         ``mask`` holds the rows of the ``sequence_mask`` array, when the metric has one.
+        ``reference`` is the unpruned model's output for the same samples, or its
+        ``reference_summary``.
         """
         kind = self.kind
         if isinstance(kind, CustomMetric):
@@ -194,7 +217,12 @@ class Metric:
         out = outputs.astype(np.float32, copy=False)
         n = out.shape[0]
         if kind in (MetricKind.ACCURACY, MetricKind.AGREEMENT):
-            target = labels if kind is MetricKind.ACCURACY else np.argmax(reference, axis=-1)  # type: ignore[arg-type]
+            if kind is MetricKind.ACCURACY:
+                target = labels
+            else:
+                assert reference is not None
+                # the summary holds the argmax ids already: one axis fewer than the output
+                target = reference if reference.ndim == out.ndim - 1 else np.argmax(reference, axis=-1)
             assert target is not None
             hits = np.argmax(out, axis=-1) == target
             valid = self._valid(target, mask)
@@ -329,6 +357,16 @@ class Metric:
         optimistic = (score_sum + (total - seen) * best) / total
         eps = 1e-9
         return optimistic < bound - eps if self.higher_is_better else optimistic > bound + eps
+
+
+def _narrow(ids: np.ndarray, classes: int, *others: int | None) -> np.ndarray:
+    """``ids`` (in ``[0, classes)``) as the smallest signed integer type that also holds ``others``
+    (the ids it is compared with, as ``pad_id``)."""
+    values = [classes, *(abs(v) + 1 for v in others if v is not None)]
+    for dtype in (np.int8, np.int16, np.int32):
+        if max(values) <= np.iinfo(dtype).max:
+            return ids.astype(dtype)
+    return ids.astype(np.int64)
 
 
 def _share(hits: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -22,7 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from ._analysis import Inspection, SkippedWeight, analyze
-from ._candidates import CandidatePool, Candidates
+from ._candidates import CandidatePool, Candidates, calibration_rows
 from ._confirm import Confirmation, HeldOut
 from ._errors import (
     InternalError,
@@ -55,7 +55,7 @@ from ._evaluate import (
 from ._graph import declared_shape, reads
 from ._metrics import Metric
 from ._model import _check, load_model, session_source
-from ._options import Criterion, MetricKind, Objective, PruneOptions, Recovery, Tolerance
+from ._options import GRADIENT_CRITERIA, Criterion, MetricKind, Objective, PruneOptions, Recovery, Tolerance
 from ._plan import PruningPlan
 from ._report import CandidateRecord, EventKind, ProgressEvent, Report, SplitMetric
 from ._search import Judgement, SearchOutcome, Trial, search
@@ -354,16 +354,24 @@ def measure_baseline(model: onnx.ModelProto, loaded: Loaded, tolerance: Toleranc
     start = time.perf_counter()
     batches, metric = loaded.batches, loaded.metric
     everything = np.arange(len(batches.evalset))
+    # the rows whose whole output the probes (and gradients) compare with, where the metric keeps less
+    keep = loaded.search_idx[:PROBE_SAMPLES]
+    if loaded.options.criterion in GRADIENT_CRITERIA:
+        options = loaded.options
+        keep = np.union1d(keep, calibration_rows(loaded.search_idx, options.calibration_samples, options.seed))
     with session_source(model) as source:
         if batches.executor.remote and isinstance(source, bytes):
             sent = source
             runner = PortableRunner(batches.output, model=lambda: sent)
-            reference = np.concatenate(list(batches.executor.outputs(batches, runner, batches.pieces(everything))))
+            pieces = batches.pieces(everything)
+            outputs = zip(pieces, batches.executor.outputs(batches, runner, pieces), strict=True)
+            evaluator = Evaluator.measure(batches, metric, outputs, keep)
         else:
             session = make_session(source, threads=threads)
-            reference = batches.outputs(session_runner(session, batches.output), everything)
+            evaluator = Evaluator.measure(
+                batches, metric, batches.each_output(session_runner(session, batches.output), everything), keep
+            )
             del session
-    evaluator = Evaluator(batches, metric, reference)
     search_value = evaluator.reference_value(loaded.search_idx)
     hold_value = evaluator.reference_value(loaded.hold_idx) if len(loaded.hold_idx) else None
     for name, value in (("search", search_value), ("holdout", hold_value)):

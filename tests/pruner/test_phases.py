@@ -103,7 +103,9 @@ def test_baseline_builds_one_complete_evaluator_the_final_check_shares() -> None
     loaded, owned = load(tiny_mlp(), data, PruneOptions(metric=MetricKind.AGREEMENT), None)
     baseline = measure_baseline(owned, loaded, Tolerance(0.05), 1)
     evaluator = baseline.evaluator
-    assert evaluator.reference.shape == (40, 4)
+    # agreement reads the argmax ids: one int8 per sample, and the whole output of the probe rows
+    assert evaluator.reference.shape == (40,) and evaluator.reference.dtype == np.int8
+    assert evaluator.full_reference(loaded.search_idx).shape == (len(loaded.search_idx), 4)
     assert baseline.metric.search == 1.0 and baseline.metric.holdout == 1.0  # agreement with itself
     assert baseline.allowed == pytest.approx(0.05) and baseline.bound == pytest.approx(0.95)
     check = FinalCheck(evaluator, loaded.io_names, loaded.search_idx, loaded.hold_idx, 1)

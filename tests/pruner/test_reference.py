@@ -1,0 +1,165 @@
+"""What the run keeps of the unpruned model's output: the metric's summary of it, with results
+identical to keeping it whole."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+import pruner
+from pruner import Criterion, MetricKind, PruneOptions, Tolerance
+from pruner import _evaluate as evaluate_module
+from pruner._candidates import _Agreement, _same_outputs
+from pruner._evalset import model_inputs
+from pruner._evaluate import Batches, Evaluator, make_session, session_runner
+from pruner._metrics import Metric
+from tests.helpers import parse, seeded
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
+
+TAGGER = """
+<ir_version: 8, opset_import: ["" : 17]>
+tagger (float[N, 4, 8] x) => (float[N, 4, 1000] y) {
+    y = MatMul (x, w)
+}
+"""
+
+MASKED = """
+<ir_version: 8, opset_import: ["" : 17]>
+masked (float[N, 4, 8] x, float[N, 4] m) => (float[N, 4, 1000] y) {
+    y = MatMul (x, w)
+}
+"""
+
+
+def _results(report: pruner.Report) -> dict[str, Any]:
+    """The report without what depends on the clock (timings, seconds, the run-strategy note)."""
+    data = report.to_dict()
+    for key in ("timings", "notes", "tool_version", "versions"):
+        data.pop(key)
+    for record in data["trace"]:
+        record.pop("seconds")
+        record.pop("latency")
+    return data
+
+
+def _prune_both(monkeypatch: pytest.MonkeyPatch, name: str, options: PruneOptions) -> tuple[Any, Any]:
+    model = onnx.load(FIXTURES / f"{name}.onnx")
+    compact = pruner.prune(model, FIXTURES / f"{name}_eval.npz", options)
+    monkeypatch.setattr(evaluate_module, "COMPACT_REFERENCE", False)
+    whole = pruner.prune(model, FIXTURES / f"{name}_eval.npz", options)
+    return compact, whole
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("mlp", PruneOptions(metric=MetricKind.AGREEMENT, tolerance=Tolerance(0.02), max_evaluations=8)),
+        ("mlp", PruneOptions(metric=MetricKind.ACCURACY, tolerance=Tolerance(0.02), max_evaluations=8)),
+        ("recurrent", PruneOptions(metric=MetricKind.AGREEMENT, tolerance=Tolerance(0.02), max_evaluations=6)),
+    ],
+    ids=["mlp-agreement", "mlp-accuracy", "recurrent-agreement"],
+)
+def test_a_run_on_the_summary_gives_the_results_of_a_run_on_the_whole_output(
+    monkeypatch: pytest.MonkeyPatch, name: str, options: PruneOptions
+) -> None:
+    compact, whole = _prune_both(monkeypatch, name, options)
+    assert compact.report.trace, "the run evaluated no candidate"
+    assert _results(compact.report) == _results(whole.report)  # every metric to the bit
+    assert compact.model.SerializeToString() == whole.model.SerializeToString()
+
+
+@pytest.mark.skipif(
+    not all(importlib.util.find_spec(m) for m in ("torch", "onnx2torch")),
+    reason="needs the gradient extra: pip install -e '.[gradient]'",
+)
+def test_gradients_read_the_whole_output_of_their_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    options = PruneOptions(
+        metric=MetricKind.AGREEMENT, criterion=Criterion.GRADIENT, tolerance=Tolerance(0.02), max_evaluations=6
+    )
+    compact, whole = _prune_both(monkeypatch, "mlp", options)
+    assert _results(compact.report) == _results(whole.report)
+
+
+def _measured(metric: Metric, n: int = 300) -> tuple[Evaluator, np.ndarray]:
+    model = parse(TAGGER, {"w": seeded((8, 1000))})
+    data = pruner.EvalSet({"x": seeded((n, 4, 8), seed=1)})
+    batches = Batches(model_inputs(model), "y", data, batch_size=64)
+    runner = session_runner(make_session(model.SerializeToString(), threads=1), "y")
+    everything = np.arange(n)
+    keep = np.arange(0, 256, 2)
+    evaluator = Evaluator.measure(batches, metric, batches.each_output(runner, everything), keep)
+    return evaluator, batches.outputs(runner, everything)
+
+
+def test_an_argmax_metric_keeps_the_ids_and_the_probe_rows_whole() -> None:
+    evaluator, full = _measured(Metric(MetricKind.AGREEMENT))
+    ids = evaluator.reference
+    assert ids.dtype == np.int16 and np.array_equal(ids, full.argmax(-1))
+    assert ids.nbytes * 1000 < full.nbytes  # 8 bytes a sample against 16,000
+    assert evaluator.kept is not None and len(evaluator.kept[0]) == 128
+    rows = np.arange(0, 256, 2)
+    assert np.array_equal(evaluator.full_reference(rows[5:9]), full[rows[5:9]])
+    with pytest.raises(pruner.PrunerError, match=r"rows \[1\] was not kept"):
+        evaluator.full_reference(np.array([1]))
+    everything = np.arange(len(full))
+    assert evaluator.reference_value(everything) == 1.0
+    assert np.array_equal(evaluator.reference_scores(everything), np.ones(len(full)))
+
+
+@pytest.mark.parametrize("kind", [MetricKind.SEQUENCE_MATCH, MetricKind.SEQUENCE_SIMILARITY, MetricKind.AGREEMENT])
+def test_scores_against_the_summary_are_those_against_the_whole_output(kind: MetricKind) -> None:
+    metric = Metric(kind)
+    evaluator, full = _measured(metric)
+    candidate = full + seeded(full.shape, seed=3) * 0.3  # some argmaxes move
+    rows = np.arange(40, 140)
+    against_whole = metric.per_sample(candidate[rows], None, full[rows])
+    assert 0 < against_whole.mean() < 1
+    assert np.array_equal(evaluator.per_sample(candidate[rows], rows), against_whole)
+
+
+def test_a_metric_that_reads_the_whole_output_keeps_it() -> None:
+    evaluator, full = _measured(Metric(MetricKind.COSINE))
+    assert evaluator.kept is None and evaluator.scores is None
+    assert np.array_equal(evaluator.reference, full)
+
+
+def test_held_out_scores_read_the_sequence_mask_as_the_metric_does() -> None:
+    n = 200
+    model = parse(MASKED, {"w": seeded((8, 1000))})
+    mask = (np.arange(4)[None, :] < np.arange(n)[:, None] % 5).astype(np.float32)  # 0-4 positions count
+    labels = np.random.default_rng(2).integers(0, 1000, (n, 4))
+    data = pruner.EvalSet({"x": seeded((n, 4, 8), seed=1), "m": mask}, labels)
+    batches = Batches(model_inputs(model), "y", data, batch_size=64)
+    runner = session_runner(make_session(model.SerializeToString(), threads=1), "y")
+    everything = np.arange(n)
+    out = batches.outputs(runner, everything)
+    metric = Metric(MetricKind.ACCURACY, sequence_mask="m")
+    evaluator = Evaluator.measure(batches, metric, batches.each_output(runner, everything), everything[:128])
+    scores = evaluator.per_sample(out, everything)
+    assert np.array_equal(scores, metric.per_sample(out, labels, None, mask))
+    assert np.array_equal(scores[::5], np.ones(n // 5))  # no position counts: 1.0, as evaluate scores them
+    assert evaluator.evaluate(everything, runner).value == pytest.approx(float(scores.mean()), abs=1e-12)
+    assert evaluator.reference_value(everything) == float(scores.mean())
+    assert np.array_equal(evaluator.reference_scores(everything), scores)
+
+
+@pytest.mark.parametrize("noise", [1e-7, 1e-5, 1e-3, 1e-1])
+def test_the_strategy_check_a_batch_at_a_time_decides_as_one_comparison_of_all(noise: float) -> None:
+    ref = seeded((64, 40, 50), seed=4) * 30
+    out = ref + seeded(ref.shape, seed=5) * noise
+    agreement = _Agreement()
+    for i in range(0, 64, 16):
+        agreement.add(out[i : i + 16], ref[i : i + 16])
+    assert agreement.same == _same_outputs(out, ref)
+    ref[3, 2, 1] = out[3, 2, 1] = np.inf
+    agreement.add(out[:16], ref[:16])
+    assert agreement.same == _same_outputs(out, ref)
+    out[0, 0, 0] = np.nan
+    agreement.add(out[:16], ref[:16])
+    assert not agreement.same
