@@ -650,15 +650,17 @@ def calibration_rows(search_idx: np.ndarray, samples: int, seed: int) -> np.ndar
 
 
 def _same_outputs(out: np.ndarray, ref: np.ndarray) -> bool:
-    """Whether two runs of what should be one model agree up to float reordering (relative 1e-3,
-    absolute 1e-4 of the largest reference value)."""
-    scale = float(np.abs(ref).max()) if ref.size else 0.0
-    return out.shape == ref.shape and bool(np.allclose(out, ref, rtol=1e-3, atol=1e-4 * max(scale, 1.0)))
+    """Whether two runs of what should be one model agree up to float reordering (``_Agreement``
+    of one batch)."""
+    agreement = _Agreement()
+    agreement.add(out, ref)
+    return agreement.same
 
 
 class _Agreement:
-    """Whether two runs of what should be one model agree, a batch at a time: ``_same_outputs``
-    over all the batches at once (its absolute tolerance from the largest value of them all)."""
+    """Whether two runs of what should be one model agree up to float reordering, a batch at a
+    time: as ``np.allclose`` of all the batches at once, relative 1e-3 and absolute 1e-4 of the
+    largest reference value of them all (non-finite values must be equal)."""
 
     def __init__(self) -> None:
         self.shapes = True

@@ -149,6 +149,15 @@ def test_held_out_scores_read_the_sequence_mask_as_the_metric_does() -> None:
     assert np.array_equal(evaluator.reference_scores(everything), scores)
 
 
+def one_comparison(out: np.ndarray, ref: np.ndarray) -> bool:
+    """The check as one ``np.allclose`` of all the outputs at once."""
+    scale = float(np.abs(ref).max()) if ref.size else 0.0
+    atol = 1e-4 * max(scale, 1.0)
+    if not np.isfinite(atol):  # an infinite reference value: every finite gap is within it
+        return out.shape == ref.shape and bool(np.array_equal(out[~np.isfinite(ref)], ref[~np.isfinite(ref)]))
+    return out.shape == ref.shape and bool(np.allclose(out, ref, rtol=1e-3, atol=atol))
+
+
 @pytest.mark.parametrize("noise", [1e-7, 1e-5, 1e-3, 1e-1])
 def test_the_strategy_check_a_batch_at_a_time_decides_as_one_comparison_of_all(noise: float) -> None:
     ref = seeded((64, 40, 50), seed=4) * 30
@@ -156,10 +165,10 @@ def test_the_strategy_check_a_batch_at_a_time_decides_as_one_comparison_of_all(n
     agreement = _Agreement()
     for i in range(0, 64, 16):
         agreement.add(out[i : i + 16], ref[i : i + 16])
-    assert agreement.same == _same_outputs(out, ref)
+    assert agreement.same == one_comparison(out, ref) == _same_outputs(out, ref)
     ref[3, 2, 1] = out[3, 2, 1] = np.inf
     agreement.add(out[:16], ref[:16])
-    assert agreement.same == _same_outputs(out, ref)
+    assert agreement.same == one_comparison(out, ref) == _same_outputs(out, ref)
     out[0, 0, 0] = np.nan
     agreement.add(out[:16], ref[:16])
     assert not agreement.same
