@@ -345,6 +345,11 @@ class Baseline:
     seconds: float
 
 
+def probe_rows(search_idx: np.ndarray) -> np.ndarray:
+    """The rows the label-free probes compare outputs on (whose whole output the baseline keeps)."""
+    return search_idx[:PROBE_SAMPLES]
+
+
 def measure_baseline(model: onnx.ModelProto, loaded: Loaded, tolerance: Tolerance, threads: int) -> Baseline:
     """The baseline phase: run the unpruned ``model`` once over the eval set.
 
@@ -355,7 +360,7 @@ def measure_baseline(model: onnx.ModelProto, loaded: Loaded, tolerance: Toleranc
     batches, metric = loaded.batches, loaded.metric
     everything = np.arange(len(batches.evalset))
     # the rows whose whole output the probes (and gradients) compare with, where the metric keeps less
-    keep = loaded.search_idx[:PROBE_SAMPLES]
+    keep = probe_rows(loaded.search_idx)
     if loaded.options.criterion in GRADIENT_CRITERIA:
         options = loaded.options
         keep = np.union1d(keep, calibration_rows(loaded.search_idx, options.calibration_samples, options.seed))
@@ -565,11 +570,11 @@ def run_search(
         baseline.bound,
         options.effective_objective is Objective.LATENCY,
     )
-    probe_rows = rows[:PROBE_SAMPLES]
+    probed = probe_rows(rows)
 
     def probe(config: Config) -> float:
         check_stop(evaluator.batches.stop)
-        return evaluator.deviation(probe_rows, pool.probe_runner(config))
+        return evaluator.deviation(probed, pool.probe_runner(config))
 
     start = time.perf_counter()
     sensitivity, notes = pool.with_probe(probe)
