@@ -19,6 +19,8 @@ so a method that loses more than a point here cannot reach the target on that mo
 
 Methods (criterion, allocation, recovery):
   default       magnitude, normalized, auto        the tool's defaults
+  lamp          magnitude, lamp, auto              layer-adaptive magnitude (Lee et al., 2021)
+  uniform       magnitude, uniform, auto           the same sparsity in every layer
   wanda         activation, uniform, auto          |w| x input norm, the same sparsity per layer
   sparsegpt     magnitude, uniform, sequential     OBS reconstruction on the pruned model's activations
   lamp-seq      magnitude, lamp, sequential        layer-adaptive magnitude, sequential refits
@@ -57,6 +59,8 @@ from pruner._phases import split_rows
 LEVELS = {Mode.ZERO: 0.45, Mode.REMOVE: 0.23}
 METHODS: dict[str, tuple[Criterion | None, Allocation | None, Recovery]] = {
     "default": (None, None, Recovery.AUTO),
+    "lamp": (Criterion.MAGNITUDE, Allocation.LAMP, Recovery.AUTO),
+    "uniform": (Criterion.MAGNITUDE, Allocation.UNIFORM, Recovery.AUTO),
     "wanda": (Criterion.ACTIVATION, Allocation.UNIFORM, Recovery.AUTO),
     "sparsegpt": (Criterion.MAGNITUDE, Allocation.UNIFORM, Recovery.SEQUENTIAL),
     "lamp-seq": (Criterion.MAGNITUDE, Allocation.LAMP, Recovery.SEQUENTIAL),

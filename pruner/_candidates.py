@@ -14,6 +14,7 @@ and returns it with the notes and timings building it made.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -46,7 +47,7 @@ from ._recover import ONE_PASS_STEPS, Calibration, LayerLayout, SequentialRefit,
 from ._remove import Remover
 from ._report import LayerReport
 from ._score import granularity, lowest, unit_scores
-from ._space import PROFILE_LEVELS, Config, ZeroSpace, build_units, sensitivity_sketch
+from ._space import AUTO_CHOICES, PROFILE_LEVELS, Config, ZeroSpace, build_units, sensitivity_sketch
 from ._structure import Family
 
 __all__ = ["CandidatePool", "Candidates", "ChannelCandidates", "NoCandidates", "WeightCandidates", "make_candidates"]
@@ -94,9 +95,14 @@ class _Candidates:
         return self.evaluator.batches.stop
 
     def with_probe(self, probe: Probe) -> tuple[dict[str, list[list[float]]], tuple[str, ...]]:
-        """Finish the space with label-free probes (sensitivity profiles when asked): the profiles and a note."""
-        if self.options.allocation is Allocation.SENSITIVITY and self.units and isinstance(self.space, ZeroSpace):
+        """Finish the space with label-free probes (sensitivity profiles, or the choice of
+        ``Allocation.AUTO``): the profiles and a note."""
+        if not self.units or not isinstance(self.space, ZeroSpace):
+            return {}, ()
+        if self.options.allocation is Allocation.SENSITIVITY:
             return _sensitivity(self.space, probe, self.options.sensitivity or {}, self.stop)
+        if self.options.allocation is Allocation.AUTO:
+            return {}, _choose_allocation(self.space, probe, self.options.target_sparsity, self.stop)
         return {}, ()
 
 
@@ -581,6 +587,29 @@ def _sensitivity(
         u.sketch = sensitivity_sketch(u, profile)
     reused = len(space.layers) - measured // len(PROFILE_LEVELS)
     return profiles, (f"sensitivity profiles: {measured} probes" + (f", {reused} layer(s) reused" if reused else ""),)
+
+
+PILOT_LEVELS = (0.25, 0.5)
+"""Shares of the largest reachable level at which ``Allocation.AUTO`` compares its choices."""
+
+
+def _choose_allocation(
+    space: ZeroSpace, probe: Probe, target: float | None, stop: threading.Event | None
+) -> tuple[str, ...]:
+    """Make the choice of ``AUTO_CHOICES`` with the lowest output deviation (the geometric mean
+    over the pilot levels, or at ``target`` alone) the space's allocation: a note of the choice."""
+    levels = (target,) if target is not None else tuple(p * space.max_level for p in PILOT_LEVELS)
+    measured: dict[Allocation, float] = {}
+    for allocation in AUTO_CHOICES:
+        check_stop(stop)
+        space.use(allocation)
+        deviations = [probe(space.at_level(level)) for level in levels]
+        measured[allocation] = float(np.mean(np.log(np.maximum(deviations, 1e-30))))
+    chosen = min(AUTO_CHOICES, key=lambda a: measured[a])  # the first on a tie
+    space.use(chosen)
+    at = ", ".join(f"{level:.0%}" for level in levels)
+    said = ", ".join(f"{a.value} {math.exp(measured[a]):.3g}" for a in AUTO_CHOICES)
+    return (f"allocation auto: {chosen.value} (output deviation at {at}: {said}; {len(levels) * 3} probes)",)
 
 
 def _shift_bias(weights: dict[str, np.ndarray], layout: LayerLayout, shift: np.ndarray | None) -> None:

@@ -134,6 +134,10 @@ class Allocation(enum.Enum):
     SENSITIVITY = "sensitivity"
     """Per-layer sensitivity profiles (output deviation with only that layer pruned at a few
     levels) decide: sparsity goes where it costs least per weight."""
+    AUTO = "auto"
+    """The default: ``NORMALIZED``, ``LAMP`` or ``UNIFORM``, whichever gives the lowest label-free
+    output deviation at two pilot levels, chosen before the search (zero and remove modes;
+    ``docs/search.md``). Six probes; the report's notes name the one chosen."""
 
 
 class Executor(enum.Enum):
@@ -306,7 +310,7 @@ class PruneOptions:
 
     mode: Mode = Mode.ZERO
     criterion: Criterion = Criterion.MAGNITUDE
-    allocation: Allocation = Allocation.NORMALIZED
+    allocation: Allocation = Allocation.AUTO
     metric: MetricKind | CustomMetric = MetricKind.ACCURACY
     """A built-in metric, or a :class:`CustomMetric` (see ``load_metric`` and ``plugin_metric``)."""
     top_k: int = DEFAULT_TOP_K

@@ -25,7 +25,7 @@ from ._options import REFITTING, Criterion, Objective, PruneOptions, Recovery
 from ._recover import Calibration, SequentialRefit
 from ._report import LayerReport
 from ._score import lowest
-from ._space import SKETCH_POINTS, Config, LayerUnits, ZeroSpace, allocation_scores
+from ._space import SKETCH_POINTS, Config, LayerUnits, ZeroSpace, allocation_sketches
 from ._static import static_reshapes
 from ._structure import (
     Family,
@@ -165,12 +165,14 @@ def _family_units(family: Family, scores: np.ndarray, options: PruneOptions) -> 
     multiple = channel_multiple(units, options)
     keep_at_least = max(1, multiple) if units >= multiple else 1
     cap = min(math.floor(options.layer_cap * units + 1e-9), units - keep_at_least)
+    sketch, sketches = allocation_sketches(sorted_scores, ranks, options.allocation)
     return LayerUnits(
         layer=layer,
         units=units,
         params_per_unit=max(1, total // max(units, 1)),
         max_amount=max(cap, 0),
-        sketch=allocation_scores(sorted_scores, ranks, options.allocation),
+        sketch=sketch,
+        sketches=sketches,
         sketch_ranks=ranks,
         raw_sketch=sorted_scores[ranks].copy(),
         zero_units_nnz=np.concatenate([[0], np.cumsum(params[order])]),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -42,6 +42,23 @@ class LayerUnits:
     """Cumulative nonzero params of the first k units in order (channel units only)."""
     zeros: int
     """Elements that are already zero (element units)."""
+    sketches: dict[Allocation, np.ndarray] = field(default_factory=dict)
+    """With ``Allocation.AUTO``: the sketch of each allocation it chooses between (``ZeroSpace.use``)."""
+
+
+AUTO_CHOICES = (Allocation.NORMALIZED, Allocation.LAMP, Allocation.UNIFORM)
+"""What ``Allocation.AUTO`` chooses between, the first kept on a tie."""
+
+
+def allocation_sketches(
+    sorted_scores: np.ndarray, ranks: np.ndarray, allocation: Allocation
+) -> tuple[np.ndarray, dict[Allocation, np.ndarray]]:
+    """A layer's sketch for ``allocation``, and with ``AUTO`` the sketch of every choice (the sketch
+    is the first choice's until ``ZeroSpace.use`` picks one)."""
+    if allocation is not Allocation.AUTO:
+        return allocation_scores(sorted_scores, ranks, allocation), {}
+    sketches = {a: allocation_scores(sorted_scores, ranks, a) for a in AUTO_CHOICES}
+    return sketches[AUTO_CHOICES[0]], sketches
 
 
 def allocation_scores(sorted_scores: np.ndarray, ranks: np.ndarray, allocation: Allocation) -> np.ndarray:
@@ -80,7 +97,7 @@ def build_units(
         ranks = np.arange(units)
     else:
         ranks = np.unique(np.linspace(0, units - 1, SKETCH_POINTS).astype(np.int64))
-    sketch = allocation_scores(sorted_scores, ranks, allocation)
+    sketch, sketches = allocation_sketches(sorted_scores, ranks, allocation)
     raw_sketch = sorted_scores[ranks].copy()
     del sorted_scores
     nnz_cum = None
@@ -101,6 +118,7 @@ def build_units(
         raw_sketch=raw_sketch,
         zero_units_nnz=nnz_cum,
         zeros=zeros,
+        sketches=sketches,
     )
 
 
@@ -116,6 +134,14 @@ class ZeroSpace:
     @property
     def n_layers(self) -> int:
         return len(self.layers)
+
+    def use(self, allocation: Allocation) -> None:
+        """Make ``allocation``, one of ``AUTO_CHOICES``, the one that maps levels to configs (the
+        layers were built with ``Allocation.AUTO``)."""
+        for u in self.layers:
+            if allocation is not Allocation.UNIFORM:
+                u.sketch = u.sketches[allocation]
+        self.allocation = allocation
 
     @property
     def max_level(self) -> float:

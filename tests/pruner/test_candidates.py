@@ -17,7 +17,7 @@ import pytest
 from onnx import numpy_helper
 
 import pruner
-from pruner import Criterion, Mode, PruneOptions, Recovery, Tolerance
+from pruner import Allocation, Criterion, Mode, PruneOptions, Recovery, Tolerance
 from tests.helpers import parse, seeded
 
 MLP_TEXT = """
@@ -69,7 +69,9 @@ def evalset(model: onnx.ModelProto) -> pruner.EvalSet:
 
 
 def at_level(model: onnx.ModelProto, level: float, **options: object) -> pruner.PruneResult:
-    """The result of the one candidate at ``level``."""
+    """The result of the one candidate at ``level`` (normalized allocation unless given: every layer
+    gets a share of the level)."""
+    options.setdefault("allocation", Allocation.NORMALIZED)
     result = pruner.prune(
         model, evalset(model), PruneOptions(target_sparsity=level, tolerance=EVERYTHING_PASSES, **options)
     )
@@ -208,3 +210,62 @@ def test_nm_mode_keeps_at_most_n_of_every_m_weights_along_the_reduction_axis() -
         gone_max = np.where(groups == 0, np.abs(originals), -np.inf).max(axis=1)
         assert (gone_max <= kept_min).all()
     assert result.report.sparsity == pytest.approx(0.5)
+
+
+def test_auto_allocation_takes_the_choice_whose_probes_deviate_least() -> None:
+    from pruner._analysis import analyze
+    from pruner._candidates import _choose_allocation
+    from pruner._score import Granularity
+    from pruner._space import AUTO_CHOICES, ZeroSpace, build_units
+
+    model = mlp()
+    found = analyze(model)
+    layers = [
+        build_units(layer, weights(model)[layer.name], np.abs(weights(model)[layer.name]).ravel(), Granularity.ELEMENT,
+                    Allocation.AUTO, 0.98)
+        for layer in found.layers
+    ]  # fmt: skip
+    space = ZeroSpace(layers, Allocation.AUTO)
+    configs = {}
+    for allocation in AUTO_CHOICES:
+        space.use(allocation)
+        configs[allocation] = space.at_level(0.4)
+    assert len(set(configs.values())) == len(AUTO_CHOICES)  # three different configs at one level
+    probed: list[tuple[int, ...]] = []
+    for best in AUTO_CHOICES:
+        probed.clear()
+
+        def probe(config: tuple[int, ...], best: Allocation = best) -> float:
+            probed.append(config)
+            return 0.01 if config == configs[best] else 0.1
+
+        (note,) = _choose_allocation(space, probe, 0.4, None)
+        assert space.allocation is best and space.at_level(0.4) == configs[best]
+        assert note.startswith(f"allocation auto: {best.value} (output deviation at 40%")
+        assert probed == list(configs.values())  # with a target, the probes run at it alone
+    probed.clear()
+
+    def flat(config: tuple[int, ...]) -> float:
+        probed.append(config)
+        return 0.5
+
+    (note,) = _choose_allocation(space, flat, None, None)
+    assert space.allocation is AUTO_CHOICES[0]  # a tie keeps the first choice
+    assert len(probed) == 6 and "6 probes" in note  # two pilot levels a choice without a target
+
+
+@pytest.mark.parametrize("recover", [Recovery.NONE, Recovery.AUTO])
+def test_the_default_allocation_gives_the_model_of_the_allocation_it_names(recover: Recovery) -> None:
+    model = mlp()
+    auto = at_level(model, 0.5, allocation=Allocation.AUTO, recover=recover)
+    (note,) = [n for n in auto.report.notes if n.startswith("allocation auto: ")]
+    chosen = Allocation(note.split()[2])
+    assert auto.report.to_dict()["options"]["allocation"] == "auto"
+    same = at_level(model, 0.5, allocation=chosen, recover=recover)
+    if recover is Recovery.NONE:
+        assert auto.model_bytes == same.model_bytes
+    else:  # the same weights are zeroed; a refit starts from the fits the probes made, so ends nearby
+        for name, w in weights(auto.model).items():
+            other = weights(same.model)[name]
+            np.testing.assert_array_equal(w == 0, other == 0)
+            np.testing.assert_allclose(w, other, atol=0.02)

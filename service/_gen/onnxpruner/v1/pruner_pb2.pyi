@@ -42,6 +42,7 @@ class Allocation(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ALLOCATION_LAMP: _ClassVar[Allocation]
     ALLOCATION_UNIFORM: _ClassVar[Allocation]
     ALLOCATION_SENSITIVITY: _ClassVar[Allocation]
+    ALLOCATION_AUTO: _ClassVar[Allocation]
 
 class Metric(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -114,6 +115,7 @@ ALLOCATION_NORMALIZED: Allocation
 ALLOCATION_LAMP: Allocation
 ALLOCATION_UNIFORM: Allocation
 ALLOCATION_SENSITIVITY: Allocation
+ALLOCATION_AUTO: Allocation
 METRIC_UNSPECIFIED: Metric
 METRIC_ACCURACY: Metric
 METRIC_TOPK: Metric
