@@ -18,14 +18,15 @@ file stays at least 0.77 of its bytes (the target is >= 1.3x smaller). Cutting m
 so a method that loses more than a point here cannot reach the target on that model.
 
 Methods (criterion, allocation, recovery):
-  default       magnitude, normalized, auto        the tool's defaults
+  normalized    magnitude, normalized, auto        the defaults before allocation auto
   lamp          magnitude, lamp, auto              layer-adaptive magnitude (Lee et al., 2021)
   uniform       magnitude, uniform, auto           the same sparsity in every layer
   wanda         activation, uniform, auto          |w| x input norm, the same sparsity per layer
   sparsegpt     magnitude, uniform, sequential     OBS reconstruction on the pruned model's activations
   lamp-seq      magnitude, lamp, sequential        layer-adaptive magnitude, sequential refits
   sens-seq      activation, sensitivity, sequential  measured per-layer sensitivity decides the split
-Remove mode uses L2 channel norms instead of magnitude (``default``: the tool's remove defaults).
+Remove mode uses L2 channel norms instead of magnitude. (The tool's default, allocation ``auto``,
+picks one of normalized, lamp and uniform by probes: docs/search.md.)
 
 Each point runs in its own process and is cached as JSON in the zoo cache
 (``results/ceiling_*.json``), on the same eval (500, seed 0) and test (1000, seed 1) sets as
@@ -57,8 +58,8 @@ from pruner._metrics import Metric
 from pruner._phases import split_rows
 
 LEVELS = {Mode.ZERO: 0.45, Mode.REMOVE: 0.23}
-METHODS: dict[str, tuple[Criterion | None, Allocation | None, Recovery]] = {
-    "default": (None, None, Recovery.AUTO),
+METHODS: dict[str, tuple[Criterion, Allocation, Recovery]] = {
+    "normalized": (Criterion.MAGNITUDE, Allocation.NORMALIZED, Recovery.AUTO),
     "lamp": (Criterion.MAGNITUDE, Allocation.LAMP, Recovery.AUTO),
     "uniform": (Criterion.MAGNITUDE, Allocation.UNIFORM, Recovery.AUTO),
     "wanda": (Criterion.ACTIVATION, Allocation.UNIFORM, Recovery.AUTO),
@@ -77,12 +78,11 @@ def options(key: str, mode: Mode, method: str) -> PruneOptions:
     criterion, allocation, recover = METHODS[method]
     if mode is Mode.REMOVE and criterion is Criterion.MAGNITUDE:
         criterion = Criterion.L2
-    base = PruneOptions(mode=mode)
     return PruneOptions(
         mode=mode,
         metric=MODELS[key].metric,
-        criterion=criterion or base.criterion,
-        allocation=allocation or base.allocation,
+        criterion=criterion,
+        allocation=allocation,
         recover=recover,
         target_sparsity=LEVELS[mode],
         tolerance=Tolerance(1e6),  # return the pruned model whatever it loses: it is scored below
