@@ -414,10 +414,15 @@ class Batches:
     def outputs(self, runner: Runner, indices: np.ndarray) -> np.ndarray:
         """The chosen output for all ``indices``, in order, written batch by batch into one array
         (a list of batches joined at the end would hold the outputs twice: 530 MB more on a
-        500-line OCR recognizer's [40, 6625] logits)."""
+        500-line OCR recognizer's [40, 6625] logits). Rows that make one batch (a piece of an
+        evaluation, usually) get the run's own array: a copy would be one more batch of
+        outputs at the search's peak (68 MB of those logits)."""
+        batches = self._batches(indices)
+        if len(batches) == 1:
+            return self.run(runner, batches[0])
         out: np.ndarray | None = None
         start = 0
-        for batch in self._batches(indices):
+        for batch in batches:
             got = self.run(runner, batch)
             if out is None:
                 out = np.empty((len(indices), *got.shape[1:]), got.dtype)
