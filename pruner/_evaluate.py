@@ -47,6 +47,7 @@ __all__ = [
     "FedWeights",
     "ModelBuilder",
     "PortableRunner",
+    "Rerun",
     "Runner",
     "SplitModel",
     "make_session",
@@ -442,6 +443,26 @@ COMPACT_REFERENCE = True
 output where the metric has one (False: the whole output, for every metric)."""
 
 
+@dataclass(frozen=True)
+class Rerun:
+    """How to run the unpruned model again over rows of the eval set, in the very batches the
+    baseline ran them in (so with the same bits): what the evaluator holds instead of the whole
+    output of the rows it keeps, when that is the smaller of the two."""
+
+    nbytes: int
+    """What it holds (the serialized model)."""
+    outputs: Callable[[np.ndarray], Iterable[tuple[np.ndarray, np.ndarray]]]
+    """(rows, the unpruned model's output for them) over the baseline's batches that hold any of the given rows."""
+
+
+def _store_kept(kept: np.ndarray, keep: np.ndarray, rows: np.ndarray, out: np.ndarray) -> int:
+    """Write the outputs ``out`` of ``rows`` that are rows ``keep`` into ``kept`` (``keep``'s order);
+    how many there were."""
+    hit = np.isin(rows, keep)
+    kept[np.searchsorted(keep, rows[hit])] = out[hit]
+    return int(hit.sum())
+
+
 class Evaluator:
     """Batched metric evaluation of candidates against the unpruned model.
 
@@ -454,6 +475,10 @@ class Evaluator:
             ``reference``, which is then the whole output).
         kept: rows of the eval set (sorted) and the unpruned model's whole output for them: the
             rows the probes and gradients compare outputs on, when ``reference`` is a summary.
+        deferred: rows of the eval set (sorted) whose whole output is computed on the first
+            ``full_reference`` (then kept), and how: instead of ``kept``, when the rows' outputs are
+            bigger than the model (an OCR recognizer's 128 probe rows are 136 MB, the model 11 MB,
+            and a run whose evaluations end the search makes no probe).
     """
 
     def __init__(
@@ -464,12 +489,14 @@ class Evaluator:
         *,
         scores: np.ndarray | None = None,
         kept: tuple[np.ndarray, np.ndarray] | None = None,
+        deferred: tuple[np.ndarray, Rerun] | None = None,
     ) -> None:
         self.batches = batches
         self.metric = metric
         self.reference = reference
         self.scores = scores
         self.kept = kept
+        self.deferred = deferred
         self._energies: dict[bytes, float] = {}
         """The unpruned model's squared output summed over rows, by the rows' bytes (``deviation``)."""
 
@@ -480,6 +507,7 @@ class Evaluator:
         metric: Metric,
         outputs: Iterable[tuple[np.ndarray, np.ndarray]],
         keep: np.ndarray,
+        rerun: Rerun | None = None,
     ) -> Evaluator:
         """The evaluator of the unpruned model whose ``outputs`` are (rows, their output) over
         the whole eval set, a batch or piece at a time.
@@ -487,7 +515,8 @@ class Evaluator:
         Where the metric reads a summary of the output (``Metric.reference_summary``), only the
         summary of every row is kept, with the unpruned model's per-sample scores, and the whole
         output of the rows ``keep`` (an OCR recognizer's [40, 6625] logits are 1 MB a sample,
-        their argmax ids 80 bytes); else the whole output of every row.
+        their argmax ids 80 bytes), or ``rerun`` to compute it when first read if that holds
+        less; else the whole output of every row.
         """
         metric_labels = batches.evalset.labels if metric.uses_labels else None
         mask_name = metric.sequence_mask
@@ -497,6 +526,7 @@ class Evaluator:
         reference: np.ndarray | None = None
         scores: np.ndarray | None = None
         kept: np.ndarray | None = None
+        defer = False
         compact: bool | None = None
         for rows, out in outputs:
             summary = None
@@ -508,19 +538,29 @@ class Evaluator:
                 reference = np.empty((count, *held.shape[1:]), held.dtype)
                 if compact:
                     scores = np.empty(count, np.float64)
-                    kept = np.empty((len(keep), *out.shape[1:]), out.dtype)
+                    row_bytes = out[:1].nbytes
+                    defer = rerun is not None and len(keep) * row_bytes > rerun.nbytes
+                    if not defer:
+                        kept = np.empty((len(keep), *out.shape[1:]), out.dtype)
             assert reference is not None
             if summary is None:
                 reference[rows] = out
                 continue
             reference[rows] = summary
-            assert scores is not None and kept is not None
+            assert scores is not None
             labels = None if metric_labels is None else metric_labels[rows]
             scores[rows] = metric.per_sample(out, labels, summary, None if mask is None else mask[rows])
-            hit = np.isin(rows, keep)
-            kept[np.searchsorted(keep, rows[hit])] = out[hit]
+            if kept is not None:
+                _store_kept(kept, keep, rows, out)
         assert reference is not None, "outputs of no rows"
-        return cls(batches, metric, reference, scores=scores, kept=None if kept is None else (keep, kept))
+        return cls(
+            batches,
+            metric,
+            reference,
+            scores=scores,
+            kept=None if kept is None else (keep, kept),
+            deferred=(keep, rerun) if defer and rerun is not None else None,
+        )
 
     @property
     def mask(self) -> np.ndarray | None:
@@ -551,6 +591,8 @@ class Evaluator:
         """The unpruned model's whole output for ``indices`` (all of them kept rows, when the
         evaluator holds a summary). Read it, do not write it: all the kept rows in order are the
         kept array itself."""
+        if self.deferred is not None:
+            self.kept, self.deferred = self._rerun(*self.deferred), None
         if self.kept is None:
             return self.reference[indices]
         rows, values = self.kept
@@ -561,6 +603,21 @@ class Evaluator:
             missing = np.setdiff1d(indices, rows)
             raise InternalError(f"the unpruned model's output of rows {missing[:5].tolist()} was not kept")
         return values[at]
+
+    def _rerun(self, keep: np.ndarray, rerun: Rerun) -> tuple[np.ndarray, np.ndarray]:
+        """The kept rows and their whole output, computed again as the baseline computed them."""
+        start = time.perf_counter()
+        kept: np.ndarray | None = None
+        filled = 0
+        for rows, out in rerun.outputs(keep):
+            if kept is None:
+                kept = np.empty((len(keep), *out.shape[1:]), out.dtype)
+            filled += _store_kept(kept, keep, rows, out)
+        if kept is None or filled != len(keep):
+            raise InternalError(f"running the unpruned model again gave {filled} of {len(keep)} rows")
+        seconds = time.perf_counter() - start
+        logger.debug("the unpruned model's whole output of %d row(s), again, in %.3f s", len(keep), seconds)
+        return keep, kept
 
     def per_sample(self, outputs: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """Per-sample scores of ``outputs`` (the outputs of ``indices``), for the held-out rules:
