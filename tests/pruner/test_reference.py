@@ -4,6 +4,7 @@ identical to keeping it whole."""
 from __future__ import annotations
 
 import importlib.util
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,26 @@ def test_the_outputs_of_one_batch_are_the_runs_own_array() -> None:
     one = batches.outputs(run, rows)
     assert len(returned) == 1 and np.shares_memory(one, returned[0])  # no copy of a batch of outputs
     assert np.array_equal(one, batches.outputs(runner, np.arange(10, 200))[:64])
+
+
+def test_the_memory_a_long_run_freed_goes_back_before_the_next_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = parse(TAGGER, {"w": seeded((8, 1000))})
+    data = pruner.EvalSet({"x": seeded((300, 4, 8), seed=1)})
+    batches = Batches(model_inputs(model), "y", data, batch_size=64)
+    runner = _runner(model.SerializeToString())
+    released: list[int] = []
+    monkeypatch.setattr(evaluate_module, "release_freed_memory", lambda: released.append(1))
+    monkeypatch.setattr(evaluate_module, "TRIM_AFTER_SECONDS", 1.0)
+    quick = batches.outputs(runner, np.arange(300))
+    assert not released  # runs this short free too little to be worth it
+
+    def slow(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        time.sleep(1.0)
+        return runner(feeds)
+
+    batches.run(slow, np.arange(64))
+    assert np.array_equal(batches.outputs(runner, np.arange(300)), quick)
+    assert len(released) == 1  # once, before the run after the slow one
 
 
 def _runner(source: bytes) -> evaluate_module.Runner:
