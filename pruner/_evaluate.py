@@ -34,7 +34,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from ._errors import InternalError, PrunerError, UnsupportedModelError, check_stop
-from ._evalset import EvalSet, InputSpec
+from ._evalset import EvalSet, InputSpec, release_freed_memory
 from ._executor import Executor, LocalExecutor
 from ._metrics import Metric
 from ._model import PROTOBUF_LIMIT, session_source
@@ -47,6 +47,7 @@ __all__ = [
     "FedWeights",
     "ModelBuilder",
     "PortableRunner",
+    "Rerun",
     "Runner",
     "SplitModel",
     "make_session",
@@ -60,6 +61,10 @@ Runner = Callable[[Mapping[str, np.ndarray]], np.ndarray]
 
 METRIC_CHUNK = 64
 """Samples per metric update (and early-abort test) at least."""
+
+TRIM_AFTER_SECONDS = 0.01
+"""A run at least this long is followed, before the next run, by handing freed memory back to the
+system (``release_freed_memory``: about 0.1 ms when there is little to hand back)."""
 
 FEEDABLE = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16}
 """Weight types onnxruntime's Python API accepts as numpy inputs."""
@@ -368,6 +373,8 @@ class Batches:
         self.batch_size = self.fixed_batch or batch_size
         self.executor: Executor = LocalExecutor()
         """Where runs over many rows go (``prune`` sets the run's)."""
+        self._release = False
+        """Whether the last run was long enough that the memory it freed goes back before the next."""
 
     def shippable(self) -> Batches:
         """A copy to send to a worker: no stop event (the driver checks it) and a local executor."""
@@ -395,12 +402,19 @@ class Batches:
         feeds = {name: array[rows] for name, array in self.evalset.inputs.items()}
         for name, axis in self.input_axes.items():
             feeds[name] = np.moveaxis(feeds[name], 0, axis)
+        if self._release:
+            # glibc keeps what the last run freed (its activations, a candidate's refit) in per-thread
+            # arenas that this run's threads do not all reuse: held, a batch of 64 lines of ppocr_rec
+            # peaked 430-510 MiB above its session, released first 232 MiB
+            release_freed_memory()
+        start = time.perf_counter()
         try:
             out = runner(feeds)
         except PrunerError:  # a portable runner builds its model on its first run: cancelled, or not runnable
             raise
         except Exception as e:  # onnxruntime raises its own exception types
             raise UnsupportedModelError(f"onnxruntime failed to run the model: {_first_line(e)}") from e
+        self._release = time.perf_counter() - start >= TRIM_AFTER_SECONDS
         axis = self.output_axis
         if out.ndim <= axis or out.shape[axis] != len(rows):
             where = "first axis" if axis == 0 else f"axis {axis}"
@@ -414,10 +428,15 @@ class Batches:
     def outputs(self, runner: Runner, indices: np.ndarray) -> np.ndarray:
         """The chosen output for all ``indices``, in order, written batch by batch into one array
         (a list of batches joined at the end would hold the outputs twice: 530 MB more on a
-        500-line OCR recognizer's [40, 6625] logits)."""
+        500-line OCR recognizer's [40, 6625] logits). Rows that make one batch (a piece of an
+        evaluation, usually) get the run's own array: a copy would be one more batch of
+        outputs at the search's peak (68 MB of those logits)."""
+        batches = self._batches(indices)
+        if len(batches) == 1:
+            return self.run(runner, batches[0])
         out: np.ndarray | None = None
         start = 0
-        for batch in self._batches(indices):
+        for batch in batches:
             got = self.run(runner, batch)
             if out is None:
                 out = np.empty((len(indices), *got.shape[1:]), got.dtype)
@@ -437,6 +456,26 @@ COMPACT_REFERENCE = True
 output where the metric has one (False: the whole output, for every metric)."""
 
 
+@dataclass(frozen=True)
+class Rerun:
+    """How to run the unpruned model again over rows of the eval set, in the very batches the
+    baseline ran them in (so with the same bits): what the evaluator holds instead of the whole
+    output of the rows it keeps, when that is the smaller of the two."""
+
+    nbytes: int
+    """What it holds (the serialized model)."""
+    outputs: Callable[[np.ndarray], Iterable[tuple[np.ndarray, np.ndarray]]]
+    """(rows, the unpruned model's output for them) over the baseline's batches that hold any of the given rows."""
+
+
+def _store_kept(kept: np.ndarray, keep: np.ndarray, rows: np.ndarray, out: np.ndarray) -> int:
+    """Write the outputs ``out`` of ``rows`` that are rows ``keep`` into ``kept`` (``keep``'s order);
+    how many there were."""
+    hit = np.isin(rows, keep)
+    kept[np.searchsorted(keep, rows[hit])] = out[hit]
+    return int(hit.sum())
+
+
 class Evaluator:
     """Batched metric evaluation of candidates against the unpruned model.
 
@@ -449,6 +488,10 @@ class Evaluator:
             ``reference``, which is then the whole output).
         kept: rows of the eval set (sorted) and the unpruned model's whole output for them: the
             rows the probes and gradients compare outputs on, when ``reference`` is a summary.
+        deferred: rows of the eval set (sorted) whose whole output is computed on the first
+            ``full_reference`` (then kept), and how: instead of ``kept``, when the rows' outputs are
+            bigger than the model (an OCR recognizer's 128 probe rows are 136 MB, the model 11 MB,
+            and a run whose evaluations end the search makes no probe).
     """
 
     def __init__(
@@ -459,12 +502,14 @@ class Evaluator:
         *,
         scores: np.ndarray | None = None,
         kept: tuple[np.ndarray, np.ndarray] | None = None,
+        deferred: tuple[np.ndarray, Rerun] | None = None,
     ) -> None:
         self.batches = batches
         self.metric = metric
         self.reference = reference
         self.scores = scores
         self.kept = kept
+        self.deferred = deferred
         self._energies: dict[bytes, float] = {}
         """The unpruned model's squared output summed over rows, by the rows' bytes (``deviation``)."""
 
@@ -475,6 +520,7 @@ class Evaluator:
         metric: Metric,
         outputs: Iterable[tuple[np.ndarray, np.ndarray]],
         keep: np.ndarray,
+        rerun: Rerun | None = None,
     ) -> Evaluator:
         """The evaluator of the unpruned model whose ``outputs`` are (rows, their output) over
         the whole eval set, a batch or piece at a time.
@@ -482,7 +528,8 @@ class Evaluator:
         Where the metric reads a summary of the output (``Metric.reference_summary``), only the
         summary of every row is kept, with the unpruned model's per-sample scores, and the whole
         output of the rows ``keep`` (an OCR recognizer's [40, 6625] logits are 1 MB a sample,
-        their argmax ids 80 bytes); else the whole output of every row.
+        their argmax ids 80 bytes), or ``rerun`` to compute it when first read if that holds
+        less; else the whole output of every row.
         """
         metric_labels = batches.evalset.labels if metric.uses_labels else None
         mask_name = metric.sequence_mask
@@ -492,6 +539,7 @@ class Evaluator:
         reference: np.ndarray | None = None
         scores: np.ndarray | None = None
         kept: np.ndarray | None = None
+        defer = False
         compact: bool | None = None
         for rows, out in outputs:
             summary = None
@@ -503,19 +551,29 @@ class Evaluator:
                 reference = np.empty((count, *held.shape[1:]), held.dtype)
                 if compact:
                     scores = np.empty(count, np.float64)
-                    kept = np.empty((len(keep), *out.shape[1:]), out.dtype)
+                    row_bytes = out[:1].nbytes
+                    defer = rerun is not None and len(keep) * row_bytes > rerun.nbytes
+                    if not defer:
+                        kept = np.empty((len(keep), *out.shape[1:]), out.dtype)
             assert reference is not None
             if summary is None:
                 reference[rows] = out
                 continue
             reference[rows] = summary
-            assert scores is not None and kept is not None
+            assert scores is not None
             labels = None if metric_labels is None else metric_labels[rows]
             scores[rows] = metric.per_sample(out, labels, summary, None if mask is None else mask[rows])
-            hit = np.isin(rows, keep)
-            kept[np.searchsorted(keep, rows[hit])] = out[hit]
+            if kept is not None:
+                _store_kept(kept, keep, rows, out)
         assert reference is not None, "outputs of no rows"
-        return cls(batches, metric, reference, scores=scores, kept=None if kept is None else (keep, kept))
+        return cls(
+            batches,
+            metric,
+            reference,
+            scores=scores,
+            kept=None if kept is None else (keep, kept),
+            deferred=(keep, rerun) if defer and rerun is not None else None,
+        )
 
     @property
     def mask(self) -> np.ndarray | None:
@@ -546,6 +604,8 @@ class Evaluator:
         """The unpruned model's whole output for ``indices`` (all of them kept rows, when the
         evaluator holds a summary). Read it, do not write it: all the kept rows in order are the
         kept array itself."""
+        if self.deferred is not None:
+            self.kept, self.deferred = self._rerun(*self.deferred), None
         if self.kept is None:
             return self.reference[indices]
         rows, values = self.kept
@@ -556,6 +616,21 @@ class Evaluator:
             missing = np.setdiff1d(indices, rows)
             raise InternalError(f"the unpruned model's output of rows {missing[:5].tolist()} was not kept")
         return values[at]
+
+    def _rerun(self, keep: np.ndarray, rerun: Rerun) -> tuple[np.ndarray, np.ndarray]:
+        """The kept rows and their whole output, computed again as the baseline computed them."""
+        start = time.perf_counter()
+        kept: np.ndarray | None = None
+        filled = 0
+        for rows, out in rerun.outputs(keep):
+            if kept is None:
+                kept = np.empty((len(keep), *out.shape[1:]), out.dtype)
+            filled += _store_kept(kept, keep, rows, out)
+        if kept is None or filled != len(keep):
+            raise InternalError(f"running the unpruned model again gave {filled} of {len(keep)} rows")
+        seconds = time.perf_counter() - start
+        logger.debug("the unpruned model's whole output of %d row(s), again, in %.3f s", len(keep), seconds)
+        return keep, kept
 
     def per_sample(self, outputs: np.ndarray, indices: np.ndarray) -> np.ndarray:
         """Per-sample scores of ``outputs`` (the outputs of ``indices``), for the held-out rules:

@@ -12,7 +12,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -47,6 +47,7 @@ from ._evaluate import (
     Evaluator,
     ModelBuilder,
     PortableRunner,
+    Rerun,
     Runner,
     SplitModel,
     make_session,
@@ -365,16 +366,21 @@ def measure_baseline(model: onnx.ModelProto, loaded: Loaded, tolerance: Toleranc
         options = loaded.options
         keep = np.union1d(keep, calibration_rows(loaded.search_idx, options.calibration_samples, options.seed))
     with session_source(model) as source:
+        # the probe rows' outputs again from the model's bytes, if those are smaller (never the
+        # gradients' rows: they are read right after, and are most of the search split)
+        rerun = None
+        if isinstance(source, bytes) and loaded.options.criterion not in GRADIENT_CRITERIA:
+            rerun = _rerun(batches, source, everything, threads)
         if batches.executor.remote and isinstance(source, bytes):
             sent = source
             runner = PortableRunner(batches.output, model=lambda: sent)
             pieces = batches.pieces(everything)
             outputs = zip(pieces, batches.executor.outputs(batches, runner, pieces), strict=True)
-            evaluator = Evaluator.measure(batches, metric, outputs, keep)
+            evaluator = Evaluator.measure(batches, metric, outputs, keep, rerun)
         else:
             session = make_session(source, threads=threads)
             evaluator = Evaluator.measure(
-                batches, metric, batches.each_output(session_runner(session, batches.output), everything), keep
+                batches, metric, batches.each_output(session_runner(session, batches.output), everything), keep, rerun
             )
             del session
     search_value = evaluator.reference_value(loaded.search_idx)
@@ -392,6 +398,23 @@ def measure_baseline(model: onnx.ModelProto, loaded: Loaded, tolerance: Toleranc
         metric.passing_bound(search_value, allowed),
         seconds,
     )
+
+
+def _rerun(batches: Batches, model: bytes, everything: np.ndarray, threads: int) -> Rerun:
+    """The baseline's run of ``model`` again, over the pieces of ``everything`` that hold given rows:
+    the same batches, sessions made alike (here, or on the executor's workers), so the same bits."""
+
+    def outputs(rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        pieces = [p for p in batches.pieces(everything) if np.isin(p, rows).any()]
+        if batches.executor.remote:
+            runner = PortableRunner(batches.output, model=lambda: model)
+            yield from zip(pieces, batches.executor.outputs(batches, runner, pieces), strict=True)
+            return
+        run = session_runner(make_session(model, threads=threads), batches.output)
+        for piece in pieces:
+            yield from batches.each_output(run, piece)
+
+    return Rerun(len(model), outputs)
 
 
 def held_out_split(loaded: Loaded, baseline: Baseline) -> HeldOut | None:

@@ -4,6 +4,8 @@ identical to keeping it whole."""
 from __future__ import annotations
 
 import importlib.util
+import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,10 @@ import pytest
 import pruner
 from pruner import Criterion, MetricKind, PruneOptions, Tolerance
 from pruner import _evaluate as evaluate_module
+from pruner import _phases as phases_module
 from pruner._candidates import _Agreement, _same_outputs
 from pruner._evalset import model_inputs
-from pruner._evaluate import Batches, Evaluator, make_session, session_runner
+from pruner._evaluate import Batches, Evaluator, Rerun, make_session, session_runner
 from pruner._metrics import Metric
 from tests.helpers import parse, seeded
 
@@ -26,6 +29,15 @@ TAGGER = """
 <ir_version: 8, opset_import: ["" : 17]>
 tagger (float[N, 4, 8] x) => (float[N, 4, 1000] y) {
     y = MatMul (x, w)
+}
+"""
+
+TAGGER2 = """
+<ir_version: 8, opset_import: ["" : 17]>
+tagger2 (float[N, 4, 8] x) => (float[N, 4, 1000] y) {
+    h = MatMul (x, w1)
+    r = Relu (h)
+    y = MatMul (r, w2)
 }
 """
 
@@ -110,6 +122,102 @@ def test_an_argmax_metric_keeps_the_ids_and_the_probe_rows_whole() -> None:
     everything = np.arange(len(full))
     assert evaluator.reference_value(everything) == 1.0
     assert np.array_equal(evaluator.reference_scores(everything), np.ones(len(full)))
+
+
+def test_rows_kept_by_running_the_model_again_are_computed_when_first_read_and_are_the_same() -> None:
+    model = parse(TAGGER, {"w": seeded((8, 1000))})
+    data = pruner.EvalSet({"x": seeded((300, 4, 8), seed=1)})
+    batches = Batches(model_inputs(model), "y", data, batch_size=64)
+    everything = np.arange(300)
+    metric = Metric(MetricKind.AGREEMENT)
+    keep = np.arange(0, 256, 2)
+    source = model.SerializeToString()
+    eager = Evaluator.measure(batches, metric, batches.each_output(_runner(source), everything), keep)
+    reruns: list[np.ndarray] = []
+
+    def outputs(rows: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        reruns.append(rows)
+        pieces = [p for p in batches.pieces(everything) if np.isin(p, rows).any()]
+        return [pair for piece in pieces for pair in batches.each_output(_runner(source), piece)]
+
+    rerun = Rerun(len(source), outputs)
+    assert 128 * 16_000 > rerun.nbytes  # the rows' outputs are bigger than the model: not kept
+    lazy = Evaluator.measure(batches, metric, batches.each_output(_runner(source), everything), keep, rerun)
+    assert lazy.kept is None and lazy.deferred is not None and not reruns
+    assert eager.kept is not None and eager.scores is not None and lazy.scores is not None
+    assert np.array_equal(lazy.reference, eager.reference) and np.array_equal(lazy.scores, eager.scores)
+    assert np.array_equal(lazy.full_reference(keep[5:9]), eager.full_reference(keep[5:9]))
+    assert len(reruns) == 1 and lazy.kept is not None and lazy.deferred is None
+    assert np.array_equal(lazy.kept[0], keep) and np.array_equal(lazy.kept[1], eager.kept[1])
+    lazy.full_reference(keep)
+    assert len(reruns) == 1  # computed once, then kept
+    larger = Rerun(128 * 16_000, outputs)  # a model bigger than the rows' outputs: they are kept
+    kept = Evaluator.measure(batches, metric, batches.each_output(_runner(source), everything), keep, larger)
+    assert kept.deferred is None and kept.kept is not None and np.array_equal(kept.kept[1], eager.kept[1])
+
+
+def test_the_outputs_of_one_batch_are_the_runs_own_array() -> None:
+    model = parse(TAGGER, {"w": seeded((8, 1000))})
+    data = pruner.EvalSet({"x": seeded((300, 4, 8), seed=1)})
+    batches = Batches(model_inputs(model), "y", data, batch_size=64)
+    runner = _runner(model.SerializeToString())
+    returned: list[np.ndarray] = []
+
+    def run(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        returned.append(runner(feeds))
+        return returned[-1]
+
+    rows = np.arange(10, 74)
+    one = batches.outputs(run, rows)
+    assert len(returned) == 1 and np.shares_memory(one, returned[0])  # no copy of a batch of outputs
+    assert np.array_equal(one, batches.outputs(runner, np.arange(10, 200))[:64])
+
+
+def test_the_memory_a_long_run_freed_goes_back_before_the_next_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = parse(TAGGER, {"w": seeded((8, 1000))})
+    data = pruner.EvalSet({"x": seeded((300, 4, 8), seed=1)})
+    batches = Batches(model_inputs(model), "y", data, batch_size=64)
+    runner = _runner(model.SerializeToString())
+    released: list[int] = []
+    monkeypatch.setattr(evaluate_module, "release_freed_memory", lambda: released.append(1))
+    monkeypatch.setattr(evaluate_module, "TRIM_AFTER_SECONDS", 1.0)
+    quick = batches.outputs(runner, np.arange(300))
+    assert not released  # runs this short free too little to be worth it
+
+    def slow(feeds: Mapping[str, np.ndarray]) -> np.ndarray:
+        time.sleep(1.0)
+        return runner(feeds)
+
+    batches.run(slow, np.arange(64))
+    assert np.array_equal(batches.outputs(runner, np.arange(300)), quick)
+    assert len(released) == 1  # once, before the run after the slow one
+
+
+def _runner(source: bytes) -> evaluate_module.Runner:
+    return session_runner(make_session(source, threads=1), "y")
+
+
+def test_a_run_whose_probe_rows_are_computed_again_gives_the_results_of_one_that_keeps_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = parse(TAGGER2, {"w1": seeded((8, 64), seed=2), "w2": seeded((64, 1000), seed=3)})
+    data = pruner.EvalSet({"x": seeded((300, 4, 8), seed=1)})
+    options = PruneOptions(metric=MetricKind.AGREEMENT, tolerance=Tolerance(0.05), max_evaluations=12)
+    reruns: list[int] = []
+    rerun = Evaluator._rerun
+
+    def counted(self: Evaluator, keep: np.ndarray, how: Rerun) -> tuple[np.ndarray, np.ndarray]:
+        reruns.append(len(keep))
+        return rerun(self, keep, how)
+
+    monkeypatch.setattr(Evaluator, "_rerun", counted)
+    lazy = pruner.prune(model, data, options)
+    assert lazy.report.probes > 0, "the run made no probe"
+    assert reruns == [128]  # the probe rows, computed again on the first probe
+    monkeypatch.setattr(phases_module, "_rerun", lambda *args: None)  # the probe rows kept from the baseline
+    kept = pruner.prune(model, data, options)
+    assert _results(lazy.report) == _results(kept.report)  # every metric and probe to the bit
+    assert lazy.model.SerializeToString() == kept.model.SerializeToString()
 
 
 @pytest.mark.parametrize("kind", [MetricKind.SEQUENCE_MATCH, MetricKind.SEQUENCE_SIMILARITY, MetricKind.AGREEMENT])
