@@ -700,6 +700,9 @@ class _Fitter:
         assert self.calibration is not None
         with self.calibration.timed():  # the fits' wall time, as when they ran here
             done, _ = wait(self.futures, return_when=FIRST_EXCEPTION)
+        # the fits' temporaries were freed into the fit threads' own malloc arenas: given back now,
+        # not to stay under the candidate's evaluation (glibc keeps freed blocks for reuse)
+        release_freed_memory()
         for future in done:
             if future.exception() is not None:
                 future.result()
