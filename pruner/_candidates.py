@@ -13,11 +13,15 @@ and returns it with the notes and timings building it made.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,6 +63,9 @@ FED_ALWAYS_BYTES = 64 * 2**20
 fed as inputs (one copy of the weights in memory) and scores are recomputed per candidate."""
 STRATEGY_SAMPLES = 512
 """Samples (at least four batches) timed to choose between fed and built candidates."""
+KEEP_BEST_BYTES = 256 * 2**20
+"""Pruned weights of the search's best candidate kept for its confirmation and write (``WeightCandidates.keep``)."""
+"""Samples (at least four batches) timed to choose between fed and built candidates."""
 
 Probe = Callable[[Config], float]
 
@@ -81,6 +88,10 @@ class _Candidates:
 
     def runner(self, config: Config) -> Runner:
         raise NotImplementedError
+
+    def keep(self, config: Config) -> None:
+        """Told right after ``config``'s runner passed on the search split, while that runner still
+        lives: a pool may keep what it built for it (the confirmation and the write run it again)."""
 
     def probe_runner(self, config: Config) -> Runner:
         """What the search's label-free probes run (a cheaper stand-in is fine: they only rank)."""
@@ -166,8 +177,14 @@ class WeightCandidates(_Candidates):
         self.granularity = granularity(options.criterion)
         self.scores: dict[str, np.ndarray] = {}
         self.keep_scores = self.split.weight_bytes < FED_ALWAYS_BYTES
-        self.recovered: dict[tuple[str, int], tuple[np.ndarray, np.ndarray | None]] = {}
+        self.recovered: dict[tuple[str, int], Fit] = {}
         """Recovered weights by (layer, amount): candidates of a search share most layers' amounts."""
+        self.fit_threads = options.threads or os.cpu_count() or 1
+        """Layers fit at once (``_Fitter``)."""
+        self._last: tuple[Config, dict[str, weakref.ref[np.ndarray]]] | None = None
+        """Large weights: the arrays of the last config ``weights`` made, as long as its runner holds them."""
+        self._best: tuple[Config, dict[str, np.ndarray]] | None = None
+        """Large weights: the weights of the sparsest passing candidate yet (``keep``)."""
         self.nm_masks: dict[str, np.ndarray] = {}
         self.space: ZeroSpace | NMSpace
         self.units: list[Any]
@@ -213,56 +230,101 @@ class WeightCandidates(_Candidates):
         """The weights a config describes (the originals where nothing is pruned), recovered if asked
         (``sequential=False``: a sequential refit done plainly)."""
         options, calibration = self.options, self.calibration
+        if self._best is not None and self._best[0] == config:
+            return dict(self._best[1])
         sequential_fit = self.sequential if sequential else None
         out = dict(self.split.weights)
         masks: dict[str, np.ndarray] = {}
-        for u, amount in zip(self.units, config, strict=True):
-            if not amount:
-                continue
-            check_stop(self.stop)
-            name = u.layer.name
-            layout = None if calibration is None else calibration.layouts.get(name)
-            recover = options.recover is not Recovery.NONE and layout is not None and calibration is not None
-            if recover and sequential_fit is None and layout is not None and layout.bias is None:
-                # nothing to recover without a fit or a bias: plain masking, no extra copies
-                recover = calibration is not None and calibration.hessian(name) is not None
-            if isinstance(self.space, NMSpace):
-                mask = self.nm_masks[name]
-                if not recover:
-                    out[name] = np.where(mask, 0, out[name]).astype(out[name].dtype)
-                    continue
-            else:
-                scores = self.scores[name] if self.keep_scores else None
-                if scores is None:
-                    scores = unit_scores(options.criterion, u.layer, out[name], calibration, self.gradients)
-                hint = (u.sketch_ranks, u.raw_sketch)
-                if not recover:
-                    weight = out[name] if in_place else out[name].copy()
-                    out[name] = zero_lowest(weight, scores, amount, self.granularity, u.layer.channel_axis, hint)
-                    continue
-                mask = element_mask(
-                    out[name].shape, lowest(scores, amount, hint), self.granularity, u.layer.channel_axis
-                )
-            assert calibration is not None and layout is not None
-            if sequential_fit is not None:  # masked here, refit below in graph order
-                masks[name] = mask
-                out[name] = np.where(mask, 0, out[name]).astype(out[name].dtype)
-                continue
-            key = (name, amount)
-            if key not in self.recovered:
-                reconstruct = options.recover in REFITTING
-                # the fit at the nearest amount already made is a close start
-                near = min((k for k in self.recovered if k[0] == name), key=lambda k: abs(k[1] - amount), default=None)
-                start = None if near is None else self.recovered[near][0]
-                result = calibration.recover(name, out[name], mask, reconstruct=reconstruct, start=start)
-                if not self.keep_scores:  # large layers: recompute rather than hold copies
-                    self.recovered.clear()
-                self.recovered[key] = result
-            out[name], shift = self.recovered[key]
+        # the layers' fits are independent: they run on the fit threads while the next masks are
+        # chosen and go in in layer order; every decision (a fit's start, what stays in ``recovered``)
+        # is made here, in layer order, as when the fits ran one after another
+        fits: dict[tuple[str, int], Future[Fit]] = {}
+        recovered: list[tuple[str, Future[Fit] | Fit, LayerLayout]] = []
+        with _Fitter(calibration, self.fit_threads) as fitter:
+            try:
+                for u, amount in zip(self.units, config, strict=True):
+                    if not amount:
+                        continue
+                    check_stop(self.stop)
+                    name = u.layer.name
+                    layout = None if calibration is None else calibration.layouts.get(name)
+                    recover = options.recover is not Recovery.NONE and layout is not None and calibration is not None
+                    if recover and sequential_fit is None and layout is not None and layout.bias is None:
+                        # nothing to recover without a fit or a bias: plain masking, no extra copies
+                        recover = calibration is not None and calibration.hessian(name) is not None
+                    if isinstance(self.space, NMSpace):
+                        mask = self.nm_masks[name]
+                        if not recover:
+                            out[name] = np.where(mask, 0, out[name]).astype(out[name].dtype)
+                            continue
+                    else:
+                        scores = self.scores[name] if self.keep_scores else None
+                        if scores is None:
+                            scores = unit_scores(options.criterion, u.layer, out[name], calibration, self.gradients)
+                        hint = (u.sketch_ranks, u.raw_sketch)
+                        if not recover:
+                            weight = out[name] if in_place else out[name].copy()
+                            out[name] = zero_lowest(
+                                weight, scores, amount, self.granularity, u.layer.channel_axis, hint
+                            )
+                            continue
+                        mask = element_mask(
+                            out[name].shape, lowest(scores, amount, hint), self.granularity, u.layer.channel_axis
+                        )
+                    assert calibration is not None and layout is not None
+                    if sequential_fit is not None:  # masked here, refit below in graph order
+                        masks[name] = mask
+                        out[name] = np.where(mask, 0, out[name]).astype(out[name].dtype)
+                        continue
+                    key = (name, amount)
+                    if key in self.recovered:
+                        recovered.append((name, self.recovered[key], layout))
+                        continue
+                    reconstruct = options.recover in REFITTING
+                    # the fit at the nearest amount already made is a close start
+                    near = min(
+                        (k for k in self.recovered if k[0] == name), key=lambda k: abs(k[1] - amount), default=None
+                    )
+                    start = None if near is None else self.recovered[near][0]
+                    fits[key] = fitter.fit(name, out[name], mask, reconstruct=reconstruct, start=start)
+                    recovered.append((name, fits[key], layout))
+                    if not self.keep_scores:  # large layers: recompute rather than hold copies
+                        self.recovered.clear()
+                    self.recovered[key] = _PENDING  # each layer once a config: no later layer reads it
+                fitter.wait()
+            except BaseException:
+                for key in fits:
+                    self.recovered.pop(key, None)
+                raise
+        for key, fit in fits.items():
+            if key in self.recovered:
+                self.recovered[key] = fit.result()
+        for name, result, layout in recovered:
+            out[name], shift = result.result() if isinstance(result, Future) else result
             _shift_bias(out, layout, shift)
         if sequential_fit is not None and any(config):
             sequential_fit.refit(out, masks, {u.layer.name: a for u, a in zip(self.units, config, strict=True)})
+        elif not self.keep_scores and self.sequential is None:
+            self._last = (config, {name: weakref.ref(array) for name, array in out.items()})
         return out
+
+    def keep(self, config: Config) -> None:
+        """Large weights (whose fits ``recovered`` does not keep): keep the weights of ``config``, a
+        passing candidate sparser than the one kept, up to ``KEEP_BEST_BYTES`` of pruned weights,
+        for the confirmation and the write, which ask for the search's best again (each refit
+        every pruned layer: on all-MiniLM-L6-v2, a quarter of the run's fitting). The arrays are
+        those its runner holds: ``weights`` gives the very arrays the search evaluated."""
+        if self._last is None or self._last[0] != config:
+            return
+        if self._best is not None and self.space.nonzero(self._best[0]) <= self.space.nonzero(config):
+            return
+        arrays = {name: ref() for name, ref in self._last[1].items()}
+        kept = {name: a for name, a in arrays.items() if a is not None}
+        if len(kept) < len(arrays):
+            return
+        extra = sum(a.nbytes for name, a in kept.items() if a is not self.split.weights.get(name))
+        if extra <= KEEP_BEST_BYTES:
+            self._best = (config, kept)
 
     def build(self, config: Config) -> onnx.ModelProto | bytes:
         """The model to write (bytes, or a ModelProto over 2 GB). The candidates are spent afterwards."""
@@ -283,6 +345,7 @@ class WeightCandidates(_Candidates):
         self.split.weights.clear()
         self.scores.clear()
         self.recovered.clear()
+        self._last = self._best = None
         if self.calibration is not None:
             self.calibration.release()
         if self.sequential is not None:
@@ -610,6 +673,68 @@ def _choose_allocation(
     at = ", ".join(f"{level:.0%}" for level in levels)
     said = ", ".join(f"{a.value} {math.exp(measured[a]):.3g}" for a in AUTO_CHOICES)
     return (f"allocation auto: {chosen.value} (output deviation at {at}: {said}; {len(levels) * 3} probes)",)
+
+
+Fit = tuple[np.ndarray, np.ndarray | None]
+"""A layer's recovered weight and the shift its bias needs (``Calibration.recover``)."""
+_PENDING: Fit = (np.zeros(0, dtype=np.float32), None)
+"""``WeightCandidates.recovered``'s entry for a fit still running."""
+
+
+class _Fitter:
+    """Runs the layer fits of a config (``Calibration.recover``), ``threads`` at once; with one thread,
+    each when it is asked for. A fit reads only its own layer's statistics, and every product runs on
+    one BLAS thread whichever thread calls it (``one_blas_thread``, held by the whole run), so the
+    weights are the same to the bit at any thread count; the fits' numpy work (products, element-wise
+    passes) releases the GIL, so two cores fit two layers at once."""
+
+    def __init__(self, calibration: Calibration | None, threads: int) -> None:
+        self.calibration = calibration
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="fit") if threads > 1 else None
+        self.futures: list[Future[Fit]] = []
+
+    def __enter__(self) -> _Fitter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:  # after a failure: what has not started never starts
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def fit(
+        self, name: str, original: np.ndarray, mask: np.ndarray, *, reconstruct: bool, start: np.ndarray | None
+    ) -> Future[Fit]:
+        """The fit of layer ``name`` (its arguments as ``Calibration.recover``'s), running or made."""
+        assert self.calibration is not None
+        recover = functools.partial(
+            self.calibration.recover, name, original, mask, reconstruct=reconstruct, start=start
+        )
+        if self.pool is None:
+            done: Future[Fit] = Future()
+            done.set_result(recover())
+            return done
+        future = self.pool.submit(self._unless_stopped, recover)
+        self.futures.append(future)
+        return future
+
+    def _unless_stopped(self, recover: Callable[[], Fit]) -> Fit:
+        """A queued fit starts only if the run goes on (a cancelled run's queue empties at once)."""
+        assert self.calibration is not None
+        check_stop(self.calibration.stop)
+        return recover()
+
+    def wait(self) -> None:
+        """Wait for every fit; the first failure (a cancellation) is raised, the rest given up."""
+        if not self.futures:
+            return
+        assert self.calibration is not None
+        with self.calibration.timed():  # the fits' wall time, as when they ran here
+            done, _ = wait(self.futures, return_when=FIRST_EXCEPTION)
+        # the fits' temporaries were freed into the fit threads' own malloc arenas: given back now,
+        # not to stay under the candidate's evaluation (glibc keeps freed blocks for reuse)
+        release_freed_memory()
+        for future in done:
+            if future.exception() is not None:
+                future.result()
 
 
 def _shift_bias(weights: dict[str, np.ndarray], layout: LayerLayout, shift: np.ndarray | None) -> None:

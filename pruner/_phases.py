@@ -523,7 +523,10 @@ class SearchJudge:
     def __call__(self, config: Config) -> Judgement:
         check_stop(self.evaluator.batches.stop)
         runner = self.pool.runner(config)
-        return self._verdict(self.evaluator.evaluate(self.rows, runner, bound=self.bound), runner)
+        verdict = self._verdict(self.evaluator.evaluate(self.rows, runner, bound=self.bound), runner)
+        if verdict.passed:
+            self.pool.keep(config)
+        return verdict
 
     def many(self, configs: Sequence[Config]) -> list[Judgement]:
         """Each config's verdict, as :meth:`__call__` gives it, the evaluations run together where

@@ -243,18 +243,25 @@ class Calibration:
     _fit_bytes: int = 0
     _linears: dict[str, np.ndarray] = field(default_factory=dict)
     _timing: int = 0
+    _since: float = 0.0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+    """Guards the timing and the cached fits: a config's layers are fit on several threads."""
 
     @contextlib.contextmanager
     def timed(self) -> Iterator[None]:
-        """Add the block's time to ``seconds`` (nested blocks count once)."""
-        self._timing += 1
-        start = time.perf_counter()
+        """Add the block's time to ``seconds``; blocks that overlap (nested, or on other threads) count
+        once, from the first one's start to the last one's end."""
+        with self._lock:
+            if not self._timing:
+                self._since = time.perf_counter()
+            self._timing += 1
         try:
             yield
         finally:
-            self._timing -= 1
-            if not self._timing:
-                self.seconds += time.perf_counter() - start
+            with self._lock:
+                self._timing -= 1
+                if not self._timing:
+                    self.seconds += time.perf_counter() - self._since
 
     def activation_scores(self, layer: PrunableWeight, weight: np.ndarray) -> np.ndarray | None:
         """Wanda scores |W| * ||x|| for every element of ``weight`` (None without statistics)."""
@@ -306,9 +313,11 @@ class Calibration:
         # the next candidate (the search revisits a wide layer's amounts; without this its pass and
         # steps were paid again for every candidate of a large model)
         key = _fit_key(name, original, mask) if reconstruct and name in self.one_pass else None
-        if key is not None and key in self._fits:
-            self._fits.move_to_end(key)
-            return self._fits[key]
+        if key is not None:
+            with self._lock:
+                if key in self._fits:
+                    self._fits.move_to_end(key)
+                    return self._fits[key]
         with self.timed(), np.errstate(all="ignore"):  # non-finite results are handled below
             new, shift = self._recover(name, original, mask, reconstruct=reconstruct, start=start)
         if not np.isfinite(new).all():  # activations overflowed float32: masking is all that is safe
@@ -316,7 +325,8 @@ class Calibration:
         if shift is not None and not np.isfinite(shift).all():
             shift = None
         if key is not None:
-            self._keep_fit(key, new, shift)
+            with self._lock:
+                self._keep_fit(key, new, shift)
         return new, shift
 
     def _keep_fit(self, key: tuple[str, bytes], new: np.ndarray, shift: np.ndarray | None) -> None:

@@ -84,7 +84,9 @@ def test_the_per_layer_fits_of_a_candidate_stop(monkeypatch: pytest.MonkeyPatch,
     stop = threading.Event()
     calls = watch(monkeypatch, _recover.Calibration, "recover", stop, set_after=1)
     cancelled(PruneOptions(recover=recover, target_sparsity=0.5), stop)
-    assert calls == [False]
+    # a candidate's layers are fit on the run's threads (one a core): the others may have started
+    # theirs while the first was running; none starts once the stop is set
+    assert calls[0] is False and True not in calls
 
 
 def test_conjugate_gradients_stop_between_steps() -> None:
