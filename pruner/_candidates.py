@@ -112,7 +112,9 @@ class _Candidates:
             return {}, ()
         if self.options.allocation is Allocation.SENSITIVITY:
             return _sensitivity(self.space, probe, self.options.sensitivity or {}, self.stop)
-        if self.options.allocation is Allocation.AUTO:
+        if self.options.allocation is Allocation.AUTO and self.options.mode is Mode.ZERO:
+            # remove mode keeps normalized: its pilot levels lie far past what a channel cut survives,
+            # where the ranking misleads (docs/search.md)
             return {}, _choose_allocation(self.space, probe, self.options.target_sparsity, self.stop)
         return {}, ()
 

@@ -136,8 +136,9 @@ class Allocation(enum.Enum):
     levels) decide: sparsity goes where it costs least per weight."""
     AUTO = "auto"
     """The default: ``NORMALIZED``, ``LAMP`` or ``UNIFORM``, whichever gives the lowest label-free
-    output deviation at two pilot levels, chosen before the search (zero and remove modes;
-    ``docs/search.md``). Six probes; the report's notes name the one chosen."""
+    output deviation at two pilot levels, chosen before the search in zero mode
+    (``docs/search.md``; six probes, the report's notes name the one chosen). Remove mode uses
+    ``NORMALIZED``."""
 
 
 class Executor(enum.Enum):

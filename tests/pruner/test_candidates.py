@@ -269,3 +269,13 @@ def test_the_default_allocation_gives_the_model_of_the_allocation_it_names(recov
             other = weights(same.model)[name]
             np.testing.assert_array_equal(w == 0, other == 0)
             np.testing.assert_allclose(w, other, atol=0.02)
+
+
+def test_remove_mode_takes_auto_as_normalized() -> None:
+    model = mlp()
+    auto, normalized = (
+        at_level(model, 0.3, mode=Mode.REMOVE, recover=Recovery.NONE, allocation=allocation)
+        for allocation in (Allocation.AUTO, Allocation.NORMALIZED)
+    )
+    assert auto.model_bytes == normalized.model_bytes
+    assert not [n for n in auto.report.notes if n.startswith("allocation auto")]

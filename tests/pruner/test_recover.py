@@ -743,7 +743,6 @@ def test_a_refit_candidate_is_built_once(monkeypatch: pytest.MonkeyPatch) -> Non
         recover=pruner.Recovery.SEQUENTIAL,
         target_sparsity=0.3,
         tolerance=pruner.Tolerance(1.0),
-        allocation=pruner.Allocation.NORMALIZED,  # auto's probes would build the other choices' removals
     )
     report = pruner.prune(FIXTURES / "mlp.onnx", FIXTURES / "mlp_eval.npz", options).report
     assert report.status == "pruned" and report.confirmations >= 1
