@@ -65,7 +65,6 @@ STRATEGY_SAMPLES = 512
 """Samples (at least four batches) timed to choose between fed and built candidates."""
 KEEP_BEST_BYTES = 256 * 2**20
 """Pruned weights of the search's best candidate kept for its confirmation and write (``WeightCandidates.keep``)."""
-"""Samples (at least four batches) timed to choose between fed and built candidates."""
 
 Probe = Callable[[Config], float]
 
