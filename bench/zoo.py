@@ -217,6 +217,7 @@ def run_job(key: str, mode: Mode, setting: str, tolerance: float, n_eval: int, n
         out["holdout_drop"] = None if base is None or final is None else metric.loss(base, final)
         out["baseline"] = {"search": report.baseline.search, "holdout": report.baseline.holdout}
         out["status"] = report.status
+        out["notes"] = [note[:200] for note in report.notes]
         out.update(measure(result.model_bytes))
     else:
         out["points"] = sweep(key, original, data, mode, setting, metric)
