@@ -72,3 +72,17 @@ def test_bfloat16_weights_cannot_be_fed() -> None:
     split = SplitModel.take(tiny_mlp(), {"w1"})
     split.data_types["w1"] = onnx.TensorProto.BFLOAT16
     assert not FedWeights.possible(split)
+
+
+def test_the_squared_sum_is_the_float64_sum_whatever_the_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pruner import _evaluate
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(7, 5, 3)).astype(np.float32)
+    b = rng.normal(size=(7, 5, 3)).astype(np.float32)
+    exact = float(np.square(a.astype(np.float64) - b.astype(np.float64)).sum())
+    energy = float(np.square(a.astype(np.float64)).sum())
+    for elements in (1, 4, 17, 1 << 21):
+        monkeypatch.setattr(_evaluate, "SQUARED_SUM_ELEMENTS", elements)
+        assert _evaluate._squared_sum(a, b) == pytest.approx(exact, rel=1e-12)
+        assert _evaluate._squared_sum(a, None) == pytest.approx(energy, rel=1e-12)
