@@ -573,3 +573,38 @@ def test_ray_runs_the_candidates_of_a_round_together_each_stopping_on_its_own(cl
         assert not np.array_equal(expected[1], expected[2])  # the premise: different candidates
     finally:
         executor.close()
+
+
+def test_probe_rows_computed_again_on_the_workers_give_the_local_results(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The probe rows' whole outputs are bigger than the model here, so the baseline keeps the model's
+    bytes and runs them again on the first probe (``Evaluator.deferred``): on Ray, through the workers."""
+    from pruner import MetricKind, Tolerance
+    from pruner._evaluate import Evaluator, Rerun
+    from tests.helpers import parse, seeded
+    from tests.pruner.test_reference import TAGGER2
+
+    model = parse(TAGGER2, {"w1": seeded((8, 64), seed=2), "w2": seeded((64, 1000), seed=3)})
+    data = pruner.EvalSet({"x": seeded((300, 4, 8), seed=1)})
+    reruns: list[int] = []
+    rerun = Evaluator._rerun
+
+    def counted(self: Evaluator, keep: np.ndarray, how: Rerun) -> tuple[np.ndarray, np.ndarray]:
+        reruns.append(len(keep))
+        return rerun(self, keep, how)
+
+    monkeypatch.setattr(Evaluator, "_rerun", counted)
+    results = []
+    for executor in (Executor.LOCAL, Executor.RAY):
+        where = {"executor": executor, "ray_address": cluster.address} if executor is Executor.RAY else {}
+        options = PruneOptions(metric=MetricKind.AGREEMENT, tolerance=Tolerance(0.05), **where)
+        result = pruner.prune(model, data, options)
+        figures = json.loads(result.report.to_json())
+        del figures["timings"], figures["options"]
+        for record in figures["trace"]:
+            del record["seconds"]
+        figures["notes"] = [n for n in figures["notes"] if not n.startswith("candidates ran")]
+        results.append((result.model.SerializeToString(), figures))
+    assert reruns == [128, 128]  # each run computed the probe rows again, once
+    assert results[0] == results[1]
