@@ -581,20 +581,10 @@ def test_probe_rows_computed_again_on_the_workers_give_the_local_results(
     """The probe rows' whole outputs are bigger than the model here, so the baseline keeps the model's
     bytes and runs them again on the first probe (``Evaluator.deferred``): on Ray, through the workers."""
     from pruner import MetricKind, Tolerance
-    from pruner._evaluate import Evaluator, Rerun
-    from tests.helpers import parse, seeded
-    from tests.pruner.test_reference import TAGGER2
+    from tests.pruner.test_reference import count_reruns, wide_tagger
 
-    model = parse(TAGGER2, {"w1": seeded((8, 64), seed=2), "w2": seeded((64, 1000), seed=3)})
-    data = pruner.EvalSet({"x": seeded((300, 4, 8), seed=1)})
-    reruns: list[int] = []
-    rerun = Evaluator._rerun
-
-    def counted(self: Evaluator, keep: np.ndarray, how: Rerun) -> tuple[np.ndarray, np.ndarray]:
-        reruns.append(len(keep))
-        return rerun(self, keep, how)
-
-    monkeypatch.setattr(Evaluator, "_rerun", counted)
+    model, data = wide_tagger()
+    reruns = count_reruns(monkeypatch)
     results = []
     for executor in (Executor.LOCAL, Executor.RAY):
         where = {"executor": executor, "ray_address": cluster.address} if executor is Executor.RAY else {}

@@ -197,12 +197,14 @@ def _runner(source: bytes) -> evaluate_module.Runner:
     return session_runner(make_session(source, threads=1), "y")
 
 
-def test_a_run_whose_probe_rows_are_computed_again_gives_the_results_of_one_that_keeps_them(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def wide_tagger() -> tuple[onnx.ModelProto, pruner.EvalSet]:
+    """A model whose 128 probe rows' outputs (2 MB) are bigger than its bytes (about 260 KB), and its eval set."""
     model = parse(TAGGER2, {"w1": seeded((8, 64), seed=2), "w2": seeded((64, 1000), seed=3)})
-    data = pruner.EvalSet({"x": seeded((300, 4, 8), seed=1)})
-    options = PruneOptions(metric=MetricKind.AGREEMENT, tolerance=Tolerance(0.05), max_evaluations=12)
+    return model, pruner.EvalSet({"x": seeded((300, 4, 8), seed=1)})
+
+
+def count_reruns(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The rows of every ``Evaluator._rerun`` from here on, in order."""
     reruns: list[int] = []
     rerun = Evaluator._rerun
 
@@ -211,6 +213,15 @@ def test_a_run_whose_probe_rows_are_computed_again_gives_the_results_of_one_that
         return rerun(self, keep, how)
 
     monkeypatch.setattr(Evaluator, "_rerun", counted)
+    return reruns
+
+
+def test_a_run_whose_probe_rows_are_computed_again_gives_the_results_of_one_that_keeps_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model, data = wide_tagger()
+    options = PruneOptions(metric=MetricKind.AGREEMENT, tolerance=Tolerance(0.05), max_evaluations=12)
+    reruns = count_reruns(monkeypatch)
     lazy = pruner.prune(model, data, options)
     assert lazy.report.probes > 0, "the run made no probe"
     assert reruns == [128]  # the probe rows, computed again on the first probe
