@@ -496,7 +496,8 @@ def test_the_cli_submits_watches_reports_fetches_and_cancels(
     assert run_cli("fetch", job_id, "-o", resumed, *remote).returncode == 0
     assert resumed.read_bytes() == data and not (tmp_path / "resumed.onnx.part").exists()
 
-    slow = run_cli("submit", MLP, "--eval", MLP_EVAL, "--max-evaluations", "50", "--batch-size", "1", *remote)
+    # one second a metric call: the job cannot end before the cancel lands, on any machine
+    slow = run_cli("submit", MLP, "--eval", MLP_EVAL, "--max-evaluations", "20", "--metric-plugin", "sleepy", *remote)
     slow_id = slow.stdout.strip()
     cancelled = run_cli("cancel", slow_id, *remote)
     assert cancelled.returncode == 0 and slow_id in cancelled.stdout
