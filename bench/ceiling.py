@@ -63,6 +63,8 @@ METHODS: dict[str, tuple[Criterion, Allocation, Recovery]] = {
     "lamp": (Criterion.MAGNITUDE, Allocation.LAMP, Recovery.AUTO),
     "uniform": (Criterion.MAGNITUDE, Allocation.UNIFORM, Recovery.AUTO),
     "wanda": (Criterion.ACTIVATION, Allocation.UNIFORM, Recovery.AUTO),
+    "wanda-lamp": (Criterion.ACTIVATION, Allocation.LAMP, Recovery.AUTO),
+    "wanda-norm": (Criterion.ACTIVATION, Allocation.NORMALIZED, Recovery.AUTO),
     "sparsegpt": (Criterion.MAGNITUDE, Allocation.UNIFORM, Recovery.SEQUENTIAL),
     "lamp-seq": (Criterion.MAGNITUDE, Allocation.LAMP, Recovery.SEQUENTIAL),
     "sens-seq": (Criterion.ACTIVATION, Allocation.SENSITIVITY, Recovery.SEQUENTIAL),

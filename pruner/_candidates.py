@@ -22,7 +22,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -618,6 +618,7 @@ def make_candidates(
     if not inspection.layers:
         logger.debug("no prunable layer: no candidates")
         return Candidates(NoCandidates(evaluator, options), (NOTHING_PRUNABLE,))
+    options = replace(options, criterion=options.effective_criterion)  # callers other than ``load``
     kind = ChannelCandidates if options.mode is Mode.REMOVE else WeightCandidates
     pool = kind(model, inspection, search_idx, evaluator, options)
     logger.debug("%d candidate layer(s) built in %s", len(pool.units), _seconds(pool.timings))

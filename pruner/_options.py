@@ -55,6 +55,9 @@ class Mode(enum.Enum):
 class Criterion(enum.Enum):
     """How weights are scored; the lowest scores are pruned first."""
 
+    AUTO = "auto"
+    """Zero mode with recovery: ``activation``, scored from the calibration that recovery runs anyway;
+    otherwise (recovery ``none``, remove and N:M modes) ``magnitude``. ``resolve_criterion`` says which."""
     MAGNITUDE = "magnitude"
     """|w| of each element."""
     L1 = "l1"
@@ -310,7 +313,7 @@ class PruneOptions:
     """Everything that steers a pruning run. All fields have defaults."""
 
     mode: Mode = Mode.ZERO
-    criterion: Criterion = Criterion.MAGNITUDE
+    criterion: Criterion = Criterion.AUTO
     allocation: Allocation = Allocation.AUTO
     metric: MetricKind | CustomMetric = MetricKind.ACCURACY
     """A built-in metric, or a :class:`CustomMetric` (see ``load_metric`` and ``plugin_metric``)."""
@@ -511,7 +514,18 @@ class PruneOptions:
                 out[key] = list(value)
         out["tolerance"] = str(self.tolerance)
         out["objective"] = self.effective_objective.value
+        out["criterion"] = self.effective_criterion.value
         return out
+
+    @property
+    def effective_criterion(self) -> Criterion:
+        """The criterion that scores: ``AUTO`` is ``activation`` in zero mode with recovery (whose
+        calibration gives the input norms at no extra pass), ``magnitude`` otherwise."""
+        if self.criterion is not Criterion.AUTO:
+            return self.criterion
+        if self.mode is Mode.ZERO and self.recover is not Recovery.NONE:
+            return Criterion.ACTIVATION
+        return Criterion.MAGNITUDE
 
     @property
     def effective_objective(self) -> Objective:

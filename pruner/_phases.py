@@ -56,7 +56,7 @@ from ._evaluate import (
 from ._graph import declared_shape, reads
 from ._metrics import Metric
 from ._model import _check, load_model, session_source
-from ._options import GRADIENT_CRITERIA, Criterion, MetricKind, Objective, PruneOptions, Recovery, Tolerance
+from ._options import GRADIENT_CRITERIA, Criterion, MetricKind, Mode, Objective, PruneOptions, Recovery, Tolerance
 from ._plan import PruningPlan
 from ._report import CandidateRecord, EventKind, ProgressEvent, Report, SplitMetric
 from ._search import Judgement, SearchOutcome, Trial, search
@@ -152,6 +152,11 @@ def load(
             "so no eval set can measure what pruning does"
         )
     specs, options, axis_notes = _sample_axes(specs, options)
+    criterion_notes: tuple[str, ...] = ()
+    if options.criterion is Criterion.AUTO:
+        options = replace(options, criterion=options.effective_criterion)
+        if options.mode is Mode.ZERO:  # where auto has a choice to make
+            criterion_notes = (f"criterion auto: {options.criterion.value}",)
     validate_eval_set(data, specs)
     outputs = [o.name for o in original.graph.output]
     output = options.output or outputs[0]
@@ -169,7 +174,7 @@ def load(
     search_idx, hold_idx = split_rows(len(data), options.holdout_fraction, options.seed)
     inspection, constant_notes = _inspect(original, options.include, options.exclude)
     # how candidates would be calibrated or measured is moot when there are none
-    notes = (*axis_notes, *label_notes) if inspection.layers else ()
+    notes = (*criterion_notes, *axis_notes, *label_notes) if inspection.layers else ()
     io_names = ([i.name for i in original.graph.input], list(outputs))
     bytes_before = original.ByteSize()
     # after the analysis: the same layers, but a conv bias written as Reshape(b) -> Add is found

@@ -174,9 +174,12 @@ class PruningPlan:
         """
         try:
             nm = data.get("nm")
+            criterion = Criterion(data["criterion"])
+            if criterion is Criterion.AUTO:
+                raise ValueError("criterion auto: a plan names the criterion that ran")
             return cls(
                 Mode(data["mode"]),
-                Criterion(data["criterion"]),
+                criterion,
                 tuple(
                     LayerPlan(str(la["tensor"]), int(la["amount"]), int(la["units"]), int(la.get("channel_axis", 0)))
                     for la in data["layers"]

@@ -54,6 +54,7 @@ MAX_MESSAGE_BYTES = CHUNK_BYTES + MESSAGE_OVERHEAD
 # library enum <-> proto enum value; UNSPECIFIED (0) means the library's default
 _MODES = {Mode.ZERO: pb.MODE_ZERO, Mode.REMOVE: pb.MODE_REMOVE, Mode.NM: pb.MODE_NM}
 _CRITERIA = {
+    Criterion.AUTO: pb.CRITERION_AUTO,
     Criterion.MAGNITUDE: pb.CRITERION_MAGNITUDE,
     Criterion.L1: pb.CRITERION_L1,
     Criterion.L2: pb.CRITERION_L2,

@@ -279,3 +279,47 @@ def test_remove_mode_takes_auto_as_normalized() -> None:
     )
     assert auto.model_bytes == normalized.model_bytes
     assert not [n for n in auto.report.notes if n.startswith("allocation auto")]
+
+
+@pytest.mark.parametrize(
+    ("mode", "recover", "resolved"),
+    [
+        (Mode.ZERO, Recovery.AUTO, Criterion.ACTIVATION),
+        (Mode.ZERO, Recovery.LSQ, Criterion.ACTIVATION),
+        (Mode.ZERO, Recovery.NONE, Criterion.MAGNITUDE),
+        (Mode.NM, Recovery.AUTO, Criterion.MAGNITUDE),
+        (Mode.REMOVE, Recovery.AUTO, Criterion.MAGNITUDE),
+    ],
+)
+def test_the_default_criterion_is_activation_where_recovery_calibrates(
+    mode: Mode, recover: Recovery, resolved: Criterion
+) -> None:
+    options = PruneOptions(mode=mode, recover=recover)
+    assert options.criterion is Criterion.AUTO and options.effective_criterion is resolved
+    assert options.to_dict()["criterion"] == resolved.value
+    given = PruneOptions(mode=mode, recover=recover, criterion=Criterion.ACTIVATION)
+    assert given.effective_criterion is Criterion.ACTIVATION  # a criterion given is the one that runs
+
+
+@pytest.mark.parametrize(
+    ("mode", "recover", "resolved"),
+    [
+        (Mode.ZERO, Recovery.AUTO, Criterion.ACTIVATION),
+        (Mode.ZERO, Recovery.NONE, Criterion.MAGNITUDE),
+        (Mode.REMOVE, Recovery.AUTO, Criterion.MAGNITUDE),
+    ],
+)
+def test_the_default_criterion_gives_the_model_of_the_criterion_it_resolves_to(
+    mode: Mode, recover: Recovery, resolved: Criterion
+) -> None:
+    model = mlp()
+    auto = at_level(model, 0.3, mode=mode, recover=recover)
+    same = at_level(model, 0.3, mode=mode, recover=recover, criterion=resolved)
+    assert auto.model_bytes == same.model_bytes
+    assert auto.report.to_dict()["options"]["criterion"] == resolved.value
+    said = [n for n in auto.report.notes if n.startswith("criterion auto")]
+    assert said == ([f"criterion auto: {resolved.value}"] if mode is Mode.ZERO else [])  # only where it chooses
+    assert auto.plan.criterion is resolved
+    if resolved is Criterion.ACTIVATION:  # it scores otherwise than magnitude on this model
+        magnitude = at_level(model, 0.3, mode=mode, recover=recover, criterion=Criterion.MAGNITUDE)
+        assert auto.model_bytes != magnitude.model_bytes

@@ -85,7 +85,8 @@ def test_load_returns_the_settings_and_a_model_of_its_own() -> None:
     assert [la.name for la in loaded.inspection.layers] == ["w1", "w2"]
     assert len(loaded.search_idx) + len(loaded.hold_idx) == 40 and len(loaded.hold_idx) == 8
     assert not set(loaded.search_idx.tolist()) & set(loaded.hold_idx.tolist())
-    assert loaded.io_names == (["x"], ["y"]) and loaded.notes == ()
+    assert loaded.io_names == (["x"], ["y"]) and loaded.notes == ("criterion auto: activation",)
+    assert loaded.options.criterion is Criterion.ACTIVATION  # what runs: scoring reads no auto
     assert loaded.batches.output == "y" and loaded.metric.name == "accuracy"
 
 
@@ -93,7 +94,7 @@ def test_load_turns_recovery_off_for_inputs_not_samples_first_and_says_so() -> N
     model = tiny_mlp()
     data = mlp_data()
     loaded, _ = load(model, data, PruneOptions(input_sample_axes={"x": 0}), None)
-    assert loaded.options.recover is Recovery.AUTO and loaded.notes == ()
+    assert loaded.options.recover is Recovery.AUTO and loaded.notes == ("criterion auto: activation",)
     with pytest.raises(pruner.InvalidConfigError, match="input_sample_axes puts the samples of 'x' on axis 2"):
         load(model, data, PruneOptions(input_sample_axes={"x": 2}), None)
 

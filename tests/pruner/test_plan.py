@@ -95,13 +95,17 @@ def weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-@pytest.mark.parametrize("criterion", list(Criterion))
+PLAN_CRITERIA = [c for c in Criterion if c is not Criterion.AUTO]
+"""What a plan can name: the criterion that ran (``auto`` is resolved before scoring)."""
+
+
+@pytest.mark.parametrize("criterion", PLAN_CRITERIA)
 def test_plan_round_trips_through_json(criterion: Criterion) -> None:
     plan = _plan(make_model(), criterion, 0.5)
     assert PruningPlan.from_json(plan.to_json()) == plan
 
 
-@pytest.mark.parametrize("criterion", list(Criterion))
+@pytest.mark.parametrize("criterion", PLAN_CRITERIA)
 def test_transfer_does_not_mutate_and_is_idempotent(criterion: Criterion) -> None:
     model = make_model()
     before = model.SerializeToString()
@@ -116,6 +120,12 @@ def test_transfer_does_not_mutate_and_is_idempotent(criterion: Criterion) -> Non
         criterion is not Criterion.MAGNITUDE
     )
     onnx.checker.check_model(once, full_check=True)
+
+
+def test_a_plan_naming_criterion_auto_is_refused() -> None:
+    data = _plan(make_model(), Criterion.MAGNITUDE, 0.5).to_dict()
+    with pytest.raises(pruner.InvalidInputError, match="a plan names the criterion that ran"):
+        PruningPlan.from_dict({**data, "criterion": "auto"})
 
 
 def test_channel_plans_zero_whole_channels() -> None:

@@ -17,6 +17,7 @@ class Criterion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     CRITERION_ACTIVATION: _ClassVar[Criterion]
     CRITERION_GRADIENT: _ClassVar[Criterion]
     CRITERION_FISHER: _ClassVar[Criterion]
+    CRITERION_AUTO: _ClassVar[Criterion]
 
 class Recovery(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -99,6 +100,7 @@ CRITERION_L2: Criterion
 CRITERION_ACTIVATION: Criterion
 CRITERION_GRADIENT: Criterion
 CRITERION_FISHER: Criterion
+CRITERION_AUTO: Criterion
 RECOVERY_UNSPECIFIED: Recovery
 RECOVERY_NONE: Recovery
 RECOVERY_BIAS: Recovery
