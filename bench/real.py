@@ -49,7 +49,7 @@ WORDS = (
 ).split()
 METHODS = {
     "magnitude": (Criterion.MAGNITUDE, Recovery.NONE),
-    "auto (default)": (Criterion.MAGNITUDE, Recovery.AUTO),
+    "magnitude+auto": (Criterion.MAGNITUDE, Recovery.AUTO),
     "sequential": (Criterion.MAGNITUDE, Recovery.SEQUENTIAL),
 }
 

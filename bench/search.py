@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import fixtures, plain_pass_seconds, repeated, table
 
 import pruner
-from pruner import Allocation, PruneOptions, Tolerance
+from pruner import Allocation, Criterion, PruneOptions, Tolerance
 from pruner._metrics import Metric
 from pruner._phases import split_rows as _split
 
@@ -41,7 +41,8 @@ def sweep(model: Path, evalset: pruner.EvalSet, tolerance: float) -> tuple[float
     passes on the search split and is confirmed on the held-out split. Returns (level, holdout metric, evals)."""
     best, best_hold, evals = 0.0, float("nan"), 0
     for step in range(1, 20):
-        result = _fixed_level(model, evalset, PruneOptions(tolerance=Tolerance(tolerance)), step * 0.05)
+        magnitude = PruneOptions(tolerance=Tolerance(tolerance), criterion=Criterion.MAGNITUDE)
+        result = _fixed_level(model, evalset, magnitude, step * 0.05)
         evals += 1
         if result is not None:
             best, best_hold = step * 0.05, result
@@ -123,7 +124,11 @@ def run_fixtures(tolerance: float, allocations: list[Allocation]) -> None:
                         _sweep_cell(model, evalset, tolerance),
                     )
                 )
-    print(f"\nDefault settings (allocation {PruneOptions().allocation.value}), tolerance {tolerance}")
+    defaults = PruneOptions()
+    print(
+        f"\nDefault settings (criterion {defaults.criterion.value}: {defaults.effective_criterion.value}; "
+        f"allocation {defaults.allocation.value}), tolerance {tolerance}"
+    )
     print(
         table(
             [
@@ -141,7 +146,7 @@ def run_fixtures(tolerance: float, allocations: list[Allocation]) -> None:
             rows,
         )
     )
-    print("\nAllocation comparison (magnitude criterion)")
+    print(f"\nAllocation comparison (the default criterion: {PruneOptions().effective_criterion.value})")
     print(table(["fixture", "allocation", "sparsity", "evals", "wall s"], alloc_rows))
 
 
