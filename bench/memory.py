@@ -38,7 +38,7 @@ from common import run_job, table
 from zoo_models import CACHE, MODELS
 
 import pruner
-from pruner import Mode, PruneOptions, Recovery, Tolerance
+from pruner import Criterion, Mode, PruneOptions, Recovery, Tolerance
 from pruner._evaluate import make_session, session_runner
 from pruner._phases import process_memory
 
@@ -84,7 +84,7 @@ class PhasePeaks(logging.Handler):
             self.mark("calibration")
 
 
-def job(key: str, max_evaluations: int, threads: int) -> dict[str, Any]:
+def job(key: str, max_evaluations: int, threads: int, criterion: Criterion = Criterion.AUTO) -> dict[str, Any]:
     spec = MODELS[key]
     model = (CACHE / "models" / f"{key}.onnx").read_bytes()
     with np.load(data_path(key)) as z:
@@ -92,6 +92,7 @@ def job(key: str, max_evaluations: int, threads: int) -> dict[str, Any]:
         labels = z["labels"] if "labels" in z.files else None
     options = PruneOptions(
         mode=Mode.ZERO,
+        criterion=criterion,
         metric=spec.metric,
         tolerance=Tolerance(0.01),
         recover=Recovery.AUTO,
@@ -191,11 +192,12 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated keys of bench/zoo_models.py (default: all cached)")
     parser.add_argument("--max-evaluations", type=int, default=MAX_EVALUATIONS)
     parser.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: its choice)")
+    parser.add_argument("--criterion", default=Criterion.AUTO.value, choices=[c.value for c in Criterion])
     parser.add_argument("--json", type=Path, help="print the table of the job results saved in this file (one a line)")
     parser.add_argument("--job", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.job:
-        print(json.dumps(job(args.job, args.max_evaluations, args.threads)))
+        print(json.dumps(job(args.job, args.max_evaluations, args.threads, Criterion(args.criterion))))
         return
     rows = []
     if args.json:
@@ -209,13 +211,21 @@ def main() -> None:
             print(f"{key}: model or eval set not in {CACHE}; skipped", file=sys.stderr)
             continue
         print(f"running {key} ...", file=sys.stderr, flush=True)
-        r = run_job(__file__, key, "--max-evaluations", str(args.max_evaluations), "--threads", str(args.threads))
+        r = run_job(
+            __file__,
+            key,
+            *("--max-evaluations", str(args.max_evaluations), "--threads", str(args.threads)),
+            *("--criterion", args.criterion),
+        )
         if r is None:
             continue
         rows.append(row(r))
     load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     print(f"machine: {platform.machine()} cores={os.cpu_count()} load average {load}")
-    print(f"zero mode, default options, tolerance 1 point, batch {BATCH}, max_evaluations {args.max_evaluations}")
+    print(
+        f"zero mode, default options (criterion {args.criterion}), tolerance 1 point, batch {BATCH}, "
+        f"max_evaluations {args.max_evaluations}"
+    )
     print(table(HEADERS, rows))
 
 
