@@ -281,16 +281,17 @@ def test_remove_mode_takes_auto_as_normalized() -> None:
     assert not [n for n in auto.report.notes if n.startswith("allocation auto")]
 
 
-@pytest.mark.parametrize(
-    ("mode", "recover", "resolved"),
-    [
-        (Mode.ZERO, Recovery.AUTO, Criterion.ACTIVATION),
-        (Mode.ZERO, Recovery.LSQ, Criterion.ACTIVATION),
-        (Mode.ZERO, Recovery.NONE, Criterion.MAGNITUDE),
-        (Mode.NM, Recovery.AUTO, Criterion.MAGNITUDE),
-        (Mode.REMOVE, Recovery.AUTO, Criterion.MAGNITUDE),
-    ],
-)
+RESOLVED = [
+    (Mode.ZERO, Recovery.AUTO, Criterion.ACTIVATION),
+    (Mode.ZERO, Recovery.LSQ, Criterion.ACTIVATION),
+    (Mode.ZERO, Recovery.NONE, Criterion.MAGNITUDE),
+    (Mode.NM, Recovery.AUTO, Criterion.MAGNITUDE),
+    (Mode.REMOVE, Recovery.AUTO, Criterion.MAGNITUDE),
+]
+"""(mode, recovery, the criterion ``auto`` resolves to)."""
+
+
+@pytest.mark.parametrize(("mode", "recover", "resolved"), RESOLVED)
 def test_the_default_criterion_is_activation_where_recovery_calibrates(
     mode: Mode, recover: Recovery, resolved: Criterion
 ) -> None:
@@ -301,14 +302,7 @@ def test_the_default_criterion_is_activation_where_recovery_calibrates(
     assert given.effective_criterion is Criterion.ACTIVATION  # a criterion given is the one that runs
 
 
-@pytest.mark.parametrize(
-    ("mode", "recover", "resolved"),
-    [
-        (Mode.ZERO, Recovery.AUTO, Criterion.ACTIVATION),
-        (Mode.ZERO, Recovery.NONE, Criterion.MAGNITUDE),
-        (Mode.REMOVE, Recovery.AUTO, Criterion.MAGNITUDE),
-    ],
-)
+@pytest.mark.parametrize(("mode", "recover", "resolved"), [r for r in RESOLVED if r[0] is not Mode.NM])
 def test_the_default_criterion_gives_the_model_of_the_criterion_it_resolves_to(
     mode: Mode, recover: Recovery, resolved: Criterion
 ) -> None:
