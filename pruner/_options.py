@@ -57,7 +57,7 @@ class Criterion(enum.Enum):
 
     AUTO = "auto"
     """Zero mode with recovery: ``activation``, scored from the calibration that recovery runs anyway;
-    otherwise (recovery ``none``, remove and N:M modes) ``magnitude``. ``resolve_criterion`` says which."""
+    otherwise (recovery ``none``, remove and N:M modes) ``magnitude``: ``PruneOptions.effective_criterion``."""
     MAGNITUDE = "magnitude"
     """|w| of each element."""
     L1 = "l1"
