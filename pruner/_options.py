@@ -56,8 +56,8 @@ class Criterion(enum.Enum):
     """How weights are scored; the lowest scores are pruned first."""
 
     AUTO = "auto"
-    """Zero mode with recovery: ``activation``, scored from the calibration that recovery runs anyway;
-    otherwise (recovery ``none``, remove and N:M modes) ``magnitude``: ``PruneOptions.effective_criterion``."""
+    """Zero and remove modes with recovery: ``activation``, scored from the calibration that recovery runs
+    anyway; otherwise (recovery ``none``, N:M mode) ``magnitude``: ``PruneOptions.effective_criterion``."""
     MAGNITUDE = "magnitude"
     """|w| of each element."""
     L1 = "l1"
@@ -519,11 +519,11 @@ class PruneOptions:
 
     @property
     def effective_criterion(self) -> Criterion:
-        """The criterion that scores: ``AUTO`` is ``activation`` in zero mode with recovery (whose
-        calibration gives the input norms at no extra pass), ``magnitude`` otherwise."""
+        """The criterion that scores: ``AUTO`` is ``activation`` in zero and remove modes with recovery
+        (whose calibration gives the input norms at no extra pass), ``magnitude`` otherwise."""
         if self.criterion is not Criterion.AUTO:
             return self.criterion
-        if self.mode is Mode.ZERO and self.recover is not Recovery.NONE:
+        if self.mode in (Mode.ZERO, Mode.REMOVE) and self.recover is not Recovery.NONE:
             return Criterion.ACTIVATION
         return Criterion.MAGNITUDE
 

@@ -155,7 +155,7 @@ def load(
     criterion_notes: tuple[str, ...] = ()
     if options.criterion is Criterion.AUTO:
         options = replace(options, criterion=options.effective_criterion)
-        if options.mode is Mode.ZERO:  # where auto has a choice to make
+        if options.mode is not Mode.NM:  # where auto has a choice to make
             criterion_notes = (f"criterion auto: {options.criterion.value}",)
     validate_eval_set(data, specs)
     outputs = [o.name for o in original.graph.output]
