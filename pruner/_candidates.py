@@ -182,10 +182,14 @@ class WeightCandidates(_Candidates):
         """Recovered weights by (layer, amount): candidates of a search share most layers' amounts."""
         self.fit_threads = options.threads or os.cpu_count() or 1
         """Layers fit at once (``_Fitter``)."""
-        self._last: tuple[Config, dict[str, weakref.ref[np.ndarray]]] | None = None
-        """Large weights: the arrays of the last config ``weights`` made, as long as its runner holds them."""
+        self._last: tuple[Config, dict[str, weakref.ref[np.ndarray]], dict[str, np.ndarray | None]] | None = None
+        """Large weights: the arrays of the last config ``weights`` made, as long as its runner holds them,
+        and the bias shifts of the layers it recovered."""
         self._best: tuple[Config, dict[str, np.ndarray]] | None = None
         """Large weights: the weights of the sparsest passing candidate yet (``keep``)."""
+        self._best_fits: dict[tuple[str, int], Fit] = {}
+        """Large weights: the fits of ``_best``'s recovered layers by (layer, amount), its own arrays: a
+        candidate near it (a refinement probe pushes one group of layers) refits only what it moves."""
         self.nm_masks: dict[str, np.ndarray] = {}
         self.space: ZeroSpace | NMSpace
         self.units: list[Any]
@@ -273,6 +277,9 @@ class WeightCandidates(_Candidates):
                             out[name].shape, lowest(scores, amount, hint), self.granularity, u.layer.channel_axis
                         )
                     assert calibration is not None and layout is not None
+                    if sequential_fit is None and (name, amount) in self._best_fits:
+                        recovered.append((name, self._best_fits[name, amount], layout))
+                        continue
                     if sequential_fit is not None:  # masked here, refit below in graph order
                         masks[name] = mask
                         out[name] = np.where(mask, 0, out[name]).astype(out[name].dtype)
@@ -300,13 +307,14 @@ class WeightCandidates(_Candidates):
         for key, fit in fits.items():
             if key in self.recovered:
                 self.recovered[key] = fit.result()
+        shifts: dict[str, np.ndarray | None] = {}
         for name, result, layout in recovered:
-            out[name], shift = result.result() if isinstance(result, Future) else result
-            _shift_bias(out, layout, shift)
+            out[name], shifts[name] = result.result() if isinstance(result, Future) else result
+            _shift_bias(out, layout, shifts[name])
         if sequential_fit is not None and any(config):
             sequential_fit.refit(out, masks, {u.layer.name: a for u, a in zip(self.units, config, strict=True)})
         elif not self.keep_scores and self.sequential is None:
-            self._last = (config, {name: weakref.ref(array) for name, array in out.items()})
+            self._last = (config, {name: weakref.ref(array) for name, array in out.items()}, shifts)
         return out
 
     def keep(self, config: Config) -> None:
@@ -326,6 +334,8 @@ class WeightCandidates(_Candidates):
         extra = sum(a.nbytes for name, a in kept.items() if a is not self.split.weights.get(name))
         if extra <= KEEP_BEST_BYTES:
             self._best = (config, kept)
+            amounts = {u.layer.name: a for u, a in zip(self.units, config, strict=True)}
+            self._best_fits = {(name, amounts[name]): (kept[name], shift) for name, shift in self._last[2].items()}
 
     def build(self, config: Config) -> onnx.ModelProto | bytes:
         """The model to write (bytes, or a ModelProto over 2 GB). The candidates are spent afterwards."""
@@ -347,6 +357,7 @@ class WeightCandidates(_Candidates):
         self.scores.clear()
         self.recovered.clear()
         self._last = self._best = None
+        self._best_fits = {}
         if self.calibration is not None:
             self.calibration.release()
         if self.sequential is not None:

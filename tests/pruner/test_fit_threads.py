@@ -109,6 +109,44 @@ def test_the_sparsest_passing_candidate_is_kept_while_its_runner_holds_it(monkey
     assert candidates.recovered == {} and not candidates.split.weights
 
 
+@pytest.mark.parametrize("pushed", range(4))
+def test_a_candidate_near_the_kept_one_refits_only_the_layers_it_moves(
+    monkeypatch: pytest.MonkeyPatch, pushed: int
+) -> None:
+    """A refinement probe pushes one group of layers from the search's best: the other layers' fits
+    (weights and bias shifts) are the kept candidate's own, and the result is what fitting every
+    layer afresh gives."""
+    candidates, fresh = pool(2, large=True), pool(2, large=True)
+    fits: list[str] = []
+    recover = Calibration.recover
+
+    def counted(self: Calibration, name: str, *args: object, **kwargs: object) -> object:
+        fits.append(name)
+        return recover(self, name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Calibration, "recover", counted)
+    best = candidates.space.at_level(0.4)
+    held = candidates.weights(best)
+    candidates.keep(best)
+    near = candidates.space.push(best, [pushed], 0.25)
+    moved = candidates.units[pushed].layer.name
+    assert near != best
+    fits.clear()
+    with one_blas_thread():
+        got = candidates.weights(near)
+        assert fits == [moved]
+        want = fresh.weights(near)
+    assert got.keys() == want.keys()
+    for name in got:
+        if name != moved and name != "b1":
+            assert got[name] is held[name] or got[name] is candidates.split.weights[name], name
+        # the moved layer's conjugate gradients may start from the fit at its nearest amount (as
+        # in every search): the same solution, to the solver's tolerance
+        close = {"rtol": 1e-2, "atol": 1e-3} if name in (moved, "b1") else {"rtol": 1e-6, "atol": 0}
+        np.testing.assert_allclose(got[name], want[name], err_msg=name, **close)  # type: ignore[arg-type]
+    assert not np.array_equal(got["b1"], candidates.split.weights["b1"])  # w1's shift, reused or refit
+
+
 def test_a_pool_whose_fits_are_kept_per_layer_keeps_no_best() -> None:
     candidates = pool(1, large=False)
     config = candidates.space.at_level(0.5)
