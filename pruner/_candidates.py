@@ -20,7 +20,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -128,7 +128,9 @@ class WeightCandidates(_Candidates):
         search_idx: np.ndarray,
         evaluator: Evaluator,
         options: PruneOptions,
+        alternatives: Sequence[Criterion] = (),
     ) -> None:
+        """``alternatives``: criteria the probes weigh against ``options.criterion`` (zero mode)."""
         batches = evaluator.batches
         self.options = options
         self.evaluator = evaluator
@@ -191,25 +193,66 @@ class WeightCandidates(_Candidates):
         """Large weights: the fits of ``_best``'s recovered layers by (layer, amount), its own arrays: a
         candidate near it (a refinement probe pushes one group of layers) refits only what it moves."""
         self.nm_masks: dict[str, np.ndarray] = {}
+        self.alternatives: dict[Criterion, _Scored] = {}
+        """Zero mode: the space, units and kept scores of each criterion the probes weigh against
+        ``options.criterion`` (``_choose_criterion``; dropped once it has chosen)."""
         self.space: ZeroSpace | NMSpace
         self.units: list[Any]
         if options.mode is Mode.NM:
             self.space, self.units, dense = self._nm_space(inspection)
             notes += dense
         else:
-            units = []
-            for layer in inspection.layers:
-                check_stop(self.stop)
-                weight = self.split.weights[layer.name]
-                scores = unit_scores(options.criterion, layer, weight, self.calibration, self.gradients)
-                units.append(
-                    build_units(layer, weight, scores, self.granularity, options.allocation, options.layer_cap)
-                )
-                if self.keep_scores:
-                    self.scores[layer.name] = scores
-            self.space, self.units = ZeroSpace(units, options.allocation), units
+            self.space, self.units, self.scores = self._zero_space(inspection, options.criterion)
+            for criterion in alternatives:
+                self.alternatives[criterion] = self._zero_space(inspection, criterion)
         timings["scoring"] = time.perf_counter() - start
         self.notes = tuple(notes)
+
+    def _zero_space(self, inspection: Inspection, criterion: Criterion) -> _Scored:
+        """Every layer's units under ``criterion``, their space, and their scores where kept."""
+        assert granularity(criterion) is self.granularity  # the choices share the unit (a weight)
+        units, scores = [], {}
+        options = self.options
+        for layer in inspection.layers:
+            check_stop(self.stop)
+            weight = self.split.weights[layer.name]
+            layer_scores = unit_scores(criterion, layer, weight, self.calibration, self.gradients)
+            units.append(
+                build_units(layer, weight, layer_scores, self.granularity, options.allocation, options.layer_cap)
+            )
+            if self.keep_scores:
+                scores[layer.name] = layer_scores
+        return ZeroSpace(units, options.allocation), units, scores
+
+    def _choose_criterion(self, probe: Probe) -> tuple[str, ...]:
+        """Probe the allocations under ``options.criterion`` and each alternative, and keep the
+        criterion and allocation with the lowest output deviation, the first criterion unless
+        another is lower by ``CRITERION_MARGIN``: a note of each choice."""
+        assert isinstance(self.space, ZeroSpace)
+        first = self.options.criterion
+        scored = {first: (self.space, self.units, self.scores), **self.alternatives}
+        measured: dict[Criterion, dict[Allocation, float]] = {}
+        for criterion in scored:
+            self._score_by(criterion, scored[criterion])
+            measured[criterion] = _allocation_deviations(self.space, probe, self.options.target_sparsity, self.stop)
+        lowest = {c: min(m.values()) for c, m in measured.items()}
+        chosen = min(scored, key=lambda c: lowest[c] + (0.0 if c is first else math.log(1 / CRITERION_MARGIN)))
+        self._score_by(chosen, scored[chosen])
+        self.alternatives = {}
+        probes = sum(len(m) for m in measured.values()) * _pilot_count(self.options.target_sparsity)
+        said = ", ".join(f"{c.value} {math.exp(lowest[c]):.3g}" for c in scored)
+        return (
+            f"criterion auto: {chosen.value} (lowest output deviation: {said}; {first.value} unless another "
+            f"is below {CRITERION_MARGIN:g}x; {probes} probes)",
+            _allocation_note(self.space, measured[chosen], self.options.target_sparsity),
+        )
+
+    def _score_by(self, criterion: Criterion, scored: _Scored) -> None:
+        """Make ``criterion`` the one candidates are pruned by (its units, scores and space)."""
+        self.space, self.units, self.scores = scored
+        self.options = replace(self.options, criterion=criterion)
+        self.recovered.clear()  # fits are cached by (layer, amount): each criterion masks its own way
+        self._last = None
 
     @property
     def refinable(self) -> bool:
@@ -229,6 +272,8 @@ class WeightCandidates(_Candidates):
             space = self.space
             space.rank(lambda i: probe(space.one(i)))
             return {}, (f"N:M layers ranked by one label-free probe each ({space.n_layers} probes)",)
+        if self.alternatives and self.options.allocation is Allocation.AUTO:
+            return {}, self._choose_criterion(probe)
         return super().with_probe(probe)
 
     def weights(self, config: Config, *, in_place: bool = False, sequential: bool = True) -> dict[str, np.ndarray]:
@@ -417,7 +462,9 @@ class ChannelCandidates(_Candidates):
         search_idx: np.ndarray,
         evaluator: Evaluator,
         options: PruneOptions,
+        alternatives: Sequence[Criterion] = (),
     ) -> None:
+        """``alternatives``: criteria the probes weigh against ``options.criterion`` (zero mode)."""
         batches = evaluator.batches
         self.options = options
         self.evaluator = evaluator
@@ -621,17 +668,27 @@ class Candidates:
 
 
 def make_candidates(
-    model: onnx.ModelProto, inspection: Inspection, search_idx: np.ndarray, evaluator: Evaluator, options: PruneOptions
+    model: onnx.ModelProto,
+    inspection: Inspection,
+    search_idx: np.ndarray,
+    evaluator: Evaluator,
+    options: PruneOptions,
+    *,
+    criteria: Sequence[Criterion] = (),
 ) -> Candidates:
     """The candidates phase: the kind of candidates ``options.mode`` asks for, built from ``model``
     (taken apart: pass a copy to keep it). Nothing is calibrated or timed when nothing is prunable,
-    and then the only note says so."""
+    and then the only note says so. ``criteria``: those the probes choose from (``Loaded.criteria``)."""
     if not inspection.layers:
         logger.debug("no prunable layer: no candidates")
         return Candidates(NoCandidates(evaluator, options), (NOTHING_PRUNABLE,))
     options = replace(options, criterion=options.effective_criterion)  # callers other than ``load``
-    kind = ChannelCandidates if options.mode is Mode.REMOVE else WeightCandidates
-    pool = kind(model, inspection, search_idx, evaluator, options)
+    pool: CandidatePool
+    if options.mode is Mode.REMOVE:
+        pool = ChannelCandidates(model, inspection, search_idx, evaluator, options)
+    else:
+        alternatives = [c for c in criteria if c is not options.criterion]
+        pool = WeightCandidates(model, inspection, search_idx, evaluator, options, alternatives)
     logger.debug("%d candidate layer(s) built in %s", len(pool.units), _seconds(pool.timings))
     if not pool.units:
         return Candidates(pool, (*pool.notes, NOTHING_REMOVABLE), pool.timings)
@@ -669,23 +726,52 @@ PILOT_LEVELS = (0.25, 0.5)
 """Shares of the largest reachable level at which ``Allocation.AUTO`` compares its choices."""
 
 
-def _choose_allocation(
+CRITERION_MARGIN = 0.8
+"""``Criterion.AUTO`` leaves ``activation`` for another criterion only where that one's lowest
+output deviation is below this share of activation's (docs/criteria.md)."""
+
+_Scored = tuple[ZeroSpace, list[Any], dict[str, np.ndarray]]
+"""A criterion's space, units, and kept scores by layer (``WeightCandidates._zero_space``)."""
+
+
+def _pilot_levels(space: ZeroSpace, target: float | None) -> tuple[float, ...]:
+    return (target,) if target is not None else tuple(p * space.max_level for p in PILOT_LEVELS)
+
+
+def _pilot_count(target: float | None) -> int:
+    return 1 if target is not None else len(PILOT_LEVELS)
+
+
+def _allocation_deviations(
     space: ZeroSpace, probe: Probe, target: float | None, stop: threading.Event | None
-) -> tuple[str, ...]:
+) -> dict[Allocation, float]:
     """Make the choice of ``AUTO_CHOICES`` with the lowest output deviation (the geometric mean
-    over the pilot levels, or at ``target`` alone) the space's allocation: a note of the choice."""
-    levels = (target,) if target is not None else tuple(p * space.max_level for p in PILOT_LEVELS)
+    over the pilot levels, or at ``target`` alone) the space's allocation: each choice's log deviation."""
+    levels = _pilot_levels(space, target)
     measured: dict[Allocation, float] = {}
     for allocation in AUTO_CHOICES:
         check_stop(stop)
         space.use(allocation)
         deviations = [probe(space.at_level(level)) for level in levels]
         measured[allocation] = float(np.mean(np.log(np.maximum(deviations, 1e-30))))
-    chosen = min(AUTO_CHOICES, key=lambda a: measured[a])  # the first on a tie
-    space.use(chosen)
+    space.use(min(AUTO_CHOICES, key=lambda a: measured[a]))  # the first on a tie
+    return measured
+
+
+def _allocation_note(space: ZeroSpace, measured: Mapping[Allocation, float], target: float | None) -> str:
+    levels = _pilot_levels(space, target)
     at = ", ".join(f"{level:.0%}" for level in levels)
     said = ", ".join(f"{a.value} {math.exp(measured[a]):.3g}" for a in AUTO_CHOICES)
-    return (f"allocation auto: {chosen.value} (output deviation at {at}: {said}; {len(levels) * 3} probes)",)
+    probes = len(levels) * len(AUTO_CHOICES)
+    return f"allocation auto: {space.allocation.value} (output deviation at {at}: {said}; {probes} probes)"
+
+
+def _choose_allocation(
+    space: ZeroSpace, probe: Probe, target: float | None, stop: threading.Event | None
+) -> tuple[str, ...]:
+    """Make the choice of ``AUTO_CHOICES`` with the lowest output deviation the space's allocation
+    (``_allocation_deviations``): a note of the choice."""
+    return (_allocation_note(space, _allocation_deviations(space, probe, target, stop), target),)
 
 
 Fit = tuple[np.ndarray, np.ndarray | None]

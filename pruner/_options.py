@@ -528,6 +528,21 @@ class PruneOptions:
         return Criterion.MAGNITUDE
 
     @property
+    def criterion_choices(self) -> tuple[Criterion, ...]:
+        """The criteria the run may score by, the one it starts from first: ``AUTO`` in zero mode
+        with recovery and allocation ``auto`` also probes ``magnitude`` against ``activation``,
+        with the allocations, before the search (``docs/criteria.md``); otherwise the effective one."""
+        effective = self.effective_criterion
+        if (
+            self.criterion is Criterion.AUTO
+            and self.mode is Mode.ZERO
+            and effective is Criterion.ACTIVATION
+            and self.allocation is Allocation.AUTO
+        ):
+            return (Criterion.ACTIVATION, Criterion.MAGNITUDE)
+        return (effective,)
+
+    @property
     def effective_objective(self) -> Objective:
         if self.objective is not None:
             return self.objective

@@ -128,6 +128,9 @@ class Loaded:
     bytes_before: int
     notes: tuple[str, ...]
     seconds: float
+    criteria: tuple[Criterion, ...] = ()
+    """The criteria the candidates' probes choose from (``PruneOptions.criterion_choices``); empty:
+    ``options.criterion`` alone."""
 
 
 def load(
@@ -152,10 +155,12 @@ def load(
             "so no eval set can measure what pruning does"
         )
     specs, options, axis_notes = _sample_axes(specs, options)
+    criteria = options.criterion_choices
     criterion_notes: tuple[str, ...] = ()
     if options.criterion is Criterion.AUTO:
-        options = replace(options, criterion=options.effective_criterion)
-        if options.mode is not Mode.NM:  # where auto has a choice to make
+        options = replace(options, criterion=criteria[0])
+        # where auto has a choice to make; with several, the candidates' probes make it and say so
+        if options.mode is not Mode.NM and len(criteria) == 1:
             criterion_notes = (f"criterion auto: {options.criterion.value}",)
     validate_eval_set(data, specs)
     outputs = [o.name for o in original.graph.output]
@@ -205,6 +210,7 @@ def load(
         bytes_before,
         (*notes, *constant_notes),
         seconds,
+        criteria,
     )
     return loaded, owned
 
@@ -858,7 +864,7 @@ def make_report(
     return Report(
         tool_version=tool_version(),
         versions=_versions(),
-        options=loaded.options.to_dict(),
+        options=replace(loaded.options, criterion=pool.options.criterion).to_dict(),  # the one the probes chose
         metric=metric.name,
         higher_is_better=metric.higher_is_better,
         output=loaded.batches.output,

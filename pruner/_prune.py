@@ -125,7 +125,9 @@ def _prune(
         baseline = measure_baseline(owned, loaded, options.tolerance, options.threads)
         _phase_done("baseline")
         progress.baseline(baseline.metric.search)
-        candidates = make_candidates(owned, loaded.inspection, loaded.search_idx, baseline.evaluator, options)
+        candidates = make_candidates(
+            owned, loaded.inspection, loaded.search_idx, baseline.evaluator, options, criteria=loaded.criteria
+        )
         del owned  # taken apart by the candidates: its memory goes with it
         _phase_done("candidates")
         pool = candidates.pool
@@ -164,7 +166,7 @@ def _plan(options: PruneOptions, pool: CandidatePool, chosen: Config) -> Pruning
     """The plan of the written model (every layer at amount 0 when the original is returned)."""
     return PruningPlan(
         options.mode,
-        options.criterion,
+        pool.options.criterion,  # the one the candidates' probes chose, where they chose
         pool.plan_layers(chosen),
         options.nm if options.mode is Mode.NM else None,
         options.recover,

@@ -10,6 +10,8 @@ and an onnxruntime run.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -17,8 +19,13 @@ import pytest
 from onnx import numpy_helper
 
 import pruner
-from pruner import Allocation, Criterion, Mode, PruneOptions, Recovery, Tolerance
+from pruner import Allocation, Criterion, MetricKind, Mode, PruneOptions, Recovery, Tolerance
+from pruner._candidates import CRITERION_MARGIN, WeightCandidates, make_candidates
+from pruner._phases import load, measure_baseline
+from pruner._score import unit_scores
 from tests.helpers import parse, seeded
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 MLP_TEXT = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -260,8 +267,9 @@ def test_the_default_allocation_gives_the_model_of_the_allocation_it_names(recov
     auto = at_level(model, 0.5, allocation=Allocation.AUTO, recover=recover)
     (note,) = [n for n in auto.report.notes if n.startswith("allocation auto: ")]
     chosen = Allocation(note.split()[2])
-    assert auto.report.to_dict()["options"]["allocation"] == "auto"
-    same = at_level(model, 0.5, allocation=chosen, recover=recover)
+    options = auto.report.to_dict()["options"]
+    assert options["allocation"] == "auto"
+    same = at_level(model, 0.5, allocation=chosen, recover=recover, criterion=Criterion(options["criterion"]))
     if recover is Recovery.NONE:
         assert auto.model_bytes == same.model_bytes
     else:  # the same weights are zeroed; a refit starts from the fits the probes made, so ends nearby
@@ -318,3 +326,81 @@ def test_the_default_criterion_gives_the_model_of_the_criterion_it_resolves_to(
     if resolved is Criterion.ACTIVATION:  # it scores otherwise than magnitude on this model
         magnitude = at_level(model, 0.3, mode=mode, recover=recover, criterion=Criterion.MAGNITUDE)
         assert auto.model_bytes != magnitude.model_bytes
+
+
+CHOICES = [
+    ({}, (Criterion.ACTIVATION, Criterion.MAGNITUDE)),
+    ({"recover": Recovery.LSQ}, (Criterion.ACTIVATION, Criterion.MAGNITUDE)),
+    ({"allocation": Allocation.LAMP}, (Criterion.ACTIVATION,)),  # no allocation probes to weigh it with
+    ({"recover": Recovery.NONE}, (Criterion.MAGNITUDE,)),
+    ({"mode": Mode.REMOVE}, (Criterion.ACTIVATION,)),
+    ({"mode": Mode.NM}, (Criterion.MAGNITUDE,)),
+    ({"criterion": Criterion.ACTIVATION}, (Criterion.ACTIVATION,)),  # a criterion given is the one that runs
+]
+
+
+@pytest.mark.parametrize(("given", "choices"), CHOICES)
+def test_the_default_criterion_chooses_by_probes_where_the_allocation_is_probed(
+    given: dict[str, object], choices: tuple[Criterion, ...]
+) -> None:
+    assert PruneOptions(**given).criterion_choices == choices  # type: ignore[arg-type]
+
+
+def choice_pool(margin: float) -> tuple[WeightCandidates, list[Criterion]]:
+    """Candidates of ``mlp()`` choosing between activation and magnitude, and a probe under which
+    magnitude's deviation is ``margin`` times activation's: the pool, and the criteria probed."""
+    model = mlp()
+    options = PruneOptions(metric=MetricKind.ACCURACY, tolerance=EVERYTHING_PASSES)
+    loaded, owned = load(model, evalset(model), options, None)
+    baseline = measure_baseline(owned, loaded, options.tolerance, 1)
+    candidates = make_candidates(
+        owned, loaded.inspection, loaded.search_idx, baseline.evaluator, loaded.options, criteria=loaded.criteria
+    )
+    pool = candidates.pool
+    assert isinstance(pool, WeightCandidates) and set(pool.alternatives) == {Criterion.MAGNITUDE}
+    probed: list[Criterion] = []
+
+    def probe(config: tuple[int, ...]) -> float:
+        pool.runner(config)  # the weights of the criterion being probed
+        probed.append(pool.options.criterion)
+        return 0.01 * (margin if pool.options.criterion is Criterion.MAGNITUDE else 1.0)
+
+    _, notes = pool.with_probe(probe)
+    assert len(notes) == 2 and notes[1].startswith("allocation auto: ")
+    assert notes[0].startswith(f"criterion auto: {pool.options.criterion.value} (lowest output deviation: ")
+    assert notes[0].endswith("12 probes)") and not pool.alternatives
+    return pool, probed
+
+
+@pytest.mark.parametrize(("margin", "chosen"), [(0.9, Criterion.ACTIVATION), (0.7, Criterion.MAGNITUDE)])
+def test_auto_leaves_activation_only_for_a_criterion_clearly_lower(margin: float, chosen: Criterion) -> None:
+    assert 0.7 < CRITERION_MARGIN < 0.9
+    pool, probed = choice_pool(margin)
+    assert probed == [Criterion.ACTIVATION] * 6 + [Criterion.MAGNITUDE] * 6
+    assert pool.options.criterion is chosen and pool.recovered == {}  # no fit of the other's masks stays
+    # the space and the weights are the chosen criterion's
+    config = pool.space.at_level(0.4)
+    layer = pool.units[0].layer
+    kept = pool.weights(config)[layer.name] != 0
+    scores = unit_scores(chosen, layer, pool.split.weights[layer.name], pool.calibration)
+    assert (kept.sum(), scores[~kept.ravel()].max() <= scores[kept.ravel()].min()) == (kept.size - config[0], True)
+
+
+def test_the_default_gives_the_model_of_the_criterion_its_probes_chose() -> None:
+    model, data = FIXTURES / "mlp.onnx", pruner.load_eval_set(FIXTURES / "mlp_eval.npz")
+    auto = pruner.prune(model, data, PruneOptions(target_sparsity=0.5, tolerance=EVERYTHING_PASSES))
+    said = [n for n in auto.report.notes if n.startswith("criterion auto: ")]
+    assert len(said) == 1 and said[0].startswith("criterion auto: magnitude (")  # this fixture's choice
+    assert auto.report.options["criterion"] == "magnitude" and auto.plan.criterion is Criterion.MAGNITUDE
+    (note,) = [n for n in auto.report.notes if n.startswith("allocation auto: ")]
+    given = PruneOptions(
+        target_sparsity=0.5,
+        tolerance=EVERYTHING_PASSES,
+        criterion=Criterion.MAGNITUDE,
+        allocation=Allocation(note.split()[2]),
+    )
+    same = pruner.prune(model, data, given)
+    for name, w in weights(auto.model).items():  # the same weights zeroed; the refits end nearby
+        other = weights(same.model)[name]
+        np.testing.assert_array_equal(w == 0, other == 0)
+        np.testing.assert_allclose(w, other, atol=0.02)

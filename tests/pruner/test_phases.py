@@ -85,8 +85,9 @@ def test_load_returns_the_settings_and_a_model_of_its_own() -> None:
     assert [la.name for la in loaded.inspection.layers] == ["w1", "w2"]
     assert len(loaded.search_idx) + len(loaded.hold_idx) == 40 and len(loaded.hold_idx) == 8
     assert not set(loaded.search_idx.tolist()) & set(loaded.hold_idx.tolist())
-    assert loaded.io_names == (["x"], ["y"]) and loaded.notes == ("criterion auto: activation",)
-    assert loaded.options.criterion is Criterion.ACTIVATION  # what runs: scoring reads no auto
+    assert loaded.io_names == (["x"], ["y"]) and loaded.notes == ()  # the candidates' probes choose and say so
+    assert loaded.options.criterion is Criterion.ACTIVATION  # what runs first: scoring reads no auto
+    assert loaded.criteria == (Criterion.ACTIVATION, Criterion.MAGNITUDE)
     assert loaded.batches.output == "y" and loaded.metric.name == "accuracy"
 
 
@@ -94,7 +95,7 @@ def test_load_turns_recovery_off_for_inputs_not_samples_first_and_says_so() -> N
     model = tiny_mlp()
     data = mlp_data()
     loaded, _ = load(model, data, PruneOptions(input_sample_axes={"x": 0}), None)
-    assert loaded.options.recover is Recovery.AUTO and loaded.notes == ("criterion auto: activation",)
+    assert loaded.options.recover is Recovery.AUTO and loaded.notes == ()
     with pytest.raises(pruner.InvalidConfigError, match="input_sample_axes puts the samples of 'x' on axis 2"):
         load(model, data, PruneOptions(input_sample_axes={"x": 2}), None)
 
@@ -219,8 +220,9 @@ def test_remove_mode_with_no_removable_channel_says_why_and_nothing_about_runnin
     x = np.random.default_rng(4).standard_normal((64, 4, 2, 320)).astype(np.float32)
     options = PruneOptions(mode=Mode.REMOVE, metric=MetricKind.COSINE, recover=Recovery.LSQ, tolerance=Tolerance(1.0))
     report = pruner.prune(strided_heads(128), EvalSet({"x": x}), options).report
-    assert len(report.notes) == 2 and report.notes[0].startswith("Reshape targets computed at run time were left")
-    assert report.notes[1] == "no channel can be removed: the model is returned unchanged"
+    assert len(report.notes) == 3 and report.notes[0] == "criterion auto: activation"
+    assert report.notes[1].startswith("Reshape targets computed at run time were left")
+    assert report.notes[2] == "no channel can be removed: the model is returned unchanged"
     assert report.status == "unchanged" and report.evaluations == 0
 
 
