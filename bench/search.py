@@ -113,6 +113,7 @@ def run_fixtures(tolerance: float, allocations: list[Allocation]) -> None:
                 rows.append(
                     (
                         name,
+                        r.options["criterion"],
                         f"{r.sparsity:.1%}",
                         r.evaluations,
                         r.probes,
@@ -126,13 +127,15 @@ def run_fixtures(tolerance: float, allocations: list[Allocation]) -> None:
                 )
     defaults = PruneOptions()
     print(
-        f"\nDefault settings (criterion {defaults.criterion.value}: {defaults.effective_criterion.value}; "
+        f"\nDefault settings (criterion {defaults.criterion.value}: "
+        f"{' or '.join(c.value for c in defaults.criterion_choices)}, chosen by probes; "
         f"allocation {defaults.allocation.value}), tolerance {tolerance}"
     )
     print(
         table(
             [
                 "fixture",
+                "criterion",
                 "sparsity",
                 "evals",
                 "probes",
@@ -146,7 +149,10 @@ def run_fixtures(tolerance: float, allocations: list[Allocation]) -> None:
             rows,
         )
     )
-    print(f"\nAllocation comparison (the default criterion: {PruneOptions().effective_criterion.value})")
+    print(
+        f"\nAllocation comparison (criterion {PruneOptions().effective_criterion.value}: "
+        "with an allocation given, auto has no choice to make)"
+    )
     print(table(["fixture", "allocation", "sparsity", "evals", "wall s"], alloc_rows))
 
 

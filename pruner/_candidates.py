@@ -196,6 +196,8 @@ class WeightCandidates(_Candidates):
         self.alternatives: dict[Criterion, _Scored] = {}
         """Zero mode: the space, units and kept scores of each criterion the probes weigh against
         ``options.criterion`` (``_choose_criterion``; dropped once it has chosen)."""
+        self._fits_by: dict[Criterion, dict[tuple[str, int], Fit]] = {}
+        """While the probes choose: the fits (``recovered``) of the criteria not being probed."""
         self.space: ZeroSpace | NMSpace
         self.units: list[Any]
         if options.mode is Mode.NM:
@@ -238,7 +240,7 @@ class WeightCandidates(_Candidates):
         lowest = {c: min(m.values()) for c, m in measured.items()}
         chosen = min(scored, key=lambda c: lowest[c] + (0.0 if c is first else math.log(1 / CRITERION_MARGIN)))
         self._score_by(chosen, scored[chosen])
-        self.alternatives = {}
+        self.alternatives, self._fits_by = {}, {}
         probes = sum(len(m) for m in measured.values()) * _pilot_count(self.options.target_sparsity)
         said = ", ".join(f"{c.value} {math.exp(lowest[c]):.3g}" for c in scored)
         return (
@@ -248,10 +250,12 @@ class WeightCandidates(_Candidates):
         )
 
     def _score_by(self, criterion: Criterion, scored: _Scored) -> None:
-        """Make ``criterion`` the one candidates are pruned by (its units, scores and space)."""
+        """Make ``criterion`` the one candidates are pruned by: its units, scores, space and fits (a
+        fit is cached by layer and amount, and each criterion masks its own way)."""
+        self._fits_by[self.options.criterion] = self.recovered
         self.space, self.units, self.scores = scored
         self.options = replace(self.options, criterion=criterion)
-        self.recovered.clear()  # fits are cached by (layer, amount): each criterion masks its own way
+        self.recovered = self._fits_by.pop(criterion, {})
         self._last = None
 
     @property
