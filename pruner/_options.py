@@ -57,7 +57,9 @@ class Criterion(enum.Enum):
 
     AUTO = "auto"
     """Zero and remove modes with recovery: ``activation``, scored from the calibration that recovery runs
-    anyway; otherwise (recovery ``none``, N:M mode) ``magnitude``: ``PruneOptions.effective_criterion``."""
+    anyway, and in zero mode with allocation ``auto`` ``magnitude`` instead where the allocation probes find
+    it clearly better (``PruneOptions.criterion_choices``); otherwise (recovery ``none``, N:M mode)
+    ``magnitude``: ``PruneOptions.effective_criterion``. The report and the plan name the one that ran."""
     MAGNITUDE = "magnitude"
     """|w| of each element."""
     L1 = "l1"
