@@ -80,8 +80,8 @@ def test_fits_on_two_threads_give_the_weights_of_fits_one_after_another(large: b
     assert any(a.any() for a in one.weights(levels(one)[0]).values())
 
 
-def test_the_sparsest_passing_candidate_is_kept_while_its_runner_holds_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    candidates = pool(2, large=True)
+def counted_fits(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the layers fit from here on, in order (``Calibration.recover`` counted)."""
     fits: list[str] = []
     recover = Calibration.recover
 
@@ -90,6 +90,12 @@ def test_the_sparsest_passing_candidate_is_kept_while_its_runner_holds_it(monkey
         return recover(self, name, *args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Calibration, "recover", counted)
+    return fits
+
+
+def test_the_sparsest_passing_candidate_is_kept_while_its_runner_holds_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    candidates = pool(2, large=True)
+    fits = counted_fits(monkeypatch)
     low, high = candidates.space.at_level(0.3), candidates.space.at_level(0.6)
     held = candidates.weights(low)
     candidates.keep(low)
@@ -117,14 +123,7 @@ def test_a_candidate_near_the_kept_one_refits_only_the_layers_it_moves(
     (weights and bias shifts) are the kept candidate's own, and the result is what fitting every
     layer afresh gives."""
     candidates, fresh = pool(2, large=True), pool(2, large=True)
-    fits: list[str] = []
-    recover = Calibration.recover
-
-    def counted(self: Calibration, name: str, *args: object, **kwargs: object) -> object:
-        fits.append(name)
-        return recover(self, name, *args, **kwargs)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(Calibration, "recover", counted)
+    fits = counted_fits(monkeypatch)
     best = candidates.space.at_level(0.4)
     held = candidates.weights(best)
     candidates.keep(best)
