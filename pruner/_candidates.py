@@ -466,9 +466,7 @@ class ChannelCandidates(_Candidates):
         search_idx: np.ndarray,
         evaluator: Evaluator,
         options: PruneOptions,
-        alternatives: Sequence[Criterion] = (),
     ) -> None:
-        """``alternatives``: criteria the probes weigh against ``options.criterion`` (zero mode)."""
         batches = evaluator.batches
         self.options = options
         self.evaluator = evaluator
