@@ -241,7 +241,7 @@ class WeightCandidates(_Candidates):
         chosen = min(scored, key=lambda c: lowest[c] + (0.0 if c is first else math.log(1 / CRITERION_MARGIN)))
         self._score_by(chosen, scored[chosen])
         self.alternatives, self._fits_by = {}, {}
-        probes = sum(len(m) for m in measured.values()) * _pilot_count(self.options.target_sparsity)
+        probes = sum(len(m) for m in measured.values()) * len(_pilot_levels(self.space, self.options.target_sparsity))
         said = ", ".join(f"{c.value} {math.exp(lowest[c]):.3g}" for c in scored)
         return (
             f"criterion auto: {chosen.value} (lowest output deviation: {said}; {first.value} unless another "
@@ -738,10 +738,6 @@ _Scored = tuple[ZeroSpace, list[Any], dict[str, np.ndarray]]
 
 def _pilot_levels(space: ZeroSpace, target: float | None) -> tuple[float, ...]:
     return (target,) if target is not None else tuple(p * space.max_level for p in PILOT_LEVELS)
-
-
-def _pilot_count(target: float | None) -> int:
-    return 1 if target is not None else len(PILOT_LEVELS)
 
 
 def _allocation_deviations(
